@@ -1,0 +1,63 @@
+"""fastsafetensors: load safetensors checkpoints into CPU and GPU memory as fast as the hardware
+allows. Loading only; save with ``safetensors``.
+
+>>> from fastsafetensors import FastSafetensorsFile
+>>> fsf = FastSafetensorsFile("model.safetensors")    # doctest: +SKIP
+>>> fsf.get_tensors()                                 # metadata only
+>>> fsf["lm_head.weight"]                             # reads this tensor
+"""
+
+from __future__ import annotations
+
+from . import config, errors
+from .api import load_file, loads, safe_open
+from .config import configure
+from .errors import (
+    BackendUnavailableError,
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+    ClosedFileError,
+    ConfigError,
+    FastSafetensorsError,
+    FrameworkNotInstalledError,
+    HeaderError,
+    NoGPUError,
+    ReadError,
+    TensorNotFoundError,
+    UnsupportedDTypeError,
+)
+from .file import FastSafetensorsFile
+from .format import TensorInfo
+from .lazy_tensor_factory import LazyTensor, LazyTensorFactory
+
+__version__ = "0.6.0"
+
+__all__ = [
+    "__version__",
+    "FastSafetensorsFile",
+    "LazyTensor",
+    "LazyTensorFactory",
+    "TensorInfo",
+    "load_file",
+    "loads",
+    "safe_open",
+    "configure",
+    "config",
+    "errors",
+    "FastSafetensorsError",
+    "HeaderError",
+    "CheckpointIndexError",
+    "TensorNotFoundError",
+    "CheckpointNotFoundError",
+    "FrameworkNotInstalledError",
+    "UnsupportedDTypeError",
+    "ClosedFileError",
+    "ConfigError",
+    "ReadError",
+    "NoGPUError",
+    "BackendUnavailableError",
+]
+
+import logging as _logging
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

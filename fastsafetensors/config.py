@@ -1,0 +1,103 @@
+"""Options, resolved as: explicit argument > ``configure(...)`` block > environment > default.
+
+This is the one module that reads ``FASTSAFETENSORS_*`` variables, and it reads them at call time
+(not import time), so a test or a launcher can set them late.
+
+>>> import fastsafetensors
+>>> with fastsafetensors.configure(threads=4, io="buffered"):
+...     fastsafetensors.config.get("threads")
+4
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from .errors import ConfigError
+
+__all__ = ["configure", "get", "OPTIONS"]
+
+MiB = 1 << 20
+
+
+def _default_threads() -> int:
+    # Reads release the GIL, so more threads than cores keep more requests in flight; past 16
+    # the anchors show no gain and each thread costs staging memory on the GPU path.
+    return max(2, min(16, 2 * (os.cpu_count() or 1)))
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Callable[[], Any]
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+    @property
+    def env(self) -> str:
+        return f"FASTSAFETENSORS_{self.name.upper()}"
+
+    def check(self, value: Any) -> Any:
+        if self.choices:
+            if value not in self.choices:
+                raise ConfigError(self.name, value, self.choices)
+            return value
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(self.name, value, ["a positive integer"]) from None
+        if value <= 0:
+            raise ConfigError(self.name, value, ["a positive integer"])
+        return value
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("threads", _default_threads, help="reader threads per load"),
+    Option("io", lambda: "auto", ("auto", "buffered", "direct"),
+           "page-cache policy: auto picks per file from page-cache residency"),
+    Option("backend", lambda: "auto", ("auto", "gds", "posix"),
+           "GPU I/O backend: gds (kvikio/cuFile) or posix reads plus copies"),
+    Option("chunk_bytes", lambda: 16 * MiB, help="largest single read"),
+    Option("staging_bytes", lambda: 256 * MiB,
+           help="pinned host staging in total, for device loads"),
+)}
+
+_overrides: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "fastsafetensors_config", default={})
+
+
+def _option(name: str) -> Option:
+    try:
+        return OPTIONS[name]
+    except KeyError:
+        raise ConfigError("option", name, OPTIONS) from None
+
+
+def get(name: str, explicit: Any = None) -> Any:
+    """The value of option ``name``: ``explicit`` if not None, else the innermost configure
+    block, else ``FASTSAFETENSORS_<NAME>``, else the default."""
+    option = _option(name)
+    if explicit is not None:
+        return option.check(explicit)
+    overrides = _overrides.get()
+    if name in overrides:
+        return overrides[name]
+    env = os.environ.get(option.env)
+    if env:
+        return option.check(env)
+    return option.default()
+
+
+@contextlib.contextmanager
+def configure(**options: Any) -> Iterator[None]:
+    """Set options for the code inside the ``with`` block (this thread and context only)."""
+    checked = {name: _option(name).check(value) for name, value in options.items()}
+    token = _overrides.set({**_overrides.get(), **checked})
+    try:
+        yield
+    finally:
+        _overrides.reset(token)

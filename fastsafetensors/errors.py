@@ -1,0 +1,211 @@
+"""Every exception fastsafetensors raises.
+
+Each one subclasses the builtin that users already catch, so ``except KeyError`` or
+``except FileNotFoundError`` keeps working, and :class:`FastSafetensorsError` catches them all::
+
+    FastSafetensorsError(Exception)
+    ├── HeaderError(ValueError)                 the file breaks the safetensors format
+    │   └── CheckpointIndexError                a sharded index or weight map is unsafe or wrong
+    ├── TensorNotFoundError(KeyError)           no tensor of that name (close matches listed)
+    ├── CheckpointNotFoundError(FileNotFoundError)
+    ├── FrameworkNotInstalledError(ModuleNotFoundError)   says the pip command
+    ├── UnsupportedDTypeError(TypeError)        the framework has no such dtype (numpy and BF16)
+    ├── ClosedFileError(ValueError)             use after close()
+    ├── ConfigError(ValueError)                 unknown option name or value; lists the valid ones
+    ├── ReadError(OSError)                      a read came back short (file changed under us)
+    ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
+    └── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
+
+All of them pickle (multi-GPU loads carry errors across processes): ``__reduce__`` rebuilds an
+error from the keyword arguments it was made with.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import os
+from typing import Any, Iterable
+
+__all__ = [
+    "FastSafetensorsError",
+    "HeaderError",
+    "CheckpointIndexError",
+    "TensorNotFoundError",
+    "CheckpointNotFoundError",
+    "FrameworkNotInstalledError",
+    "UnsupportedDTypeError",
+    "ClosedFileError",
+    "ConfigError",
+    "ReadError",
+    "NoGPUError",
+    "BackendUnavailableError",
+]
+
+
+class FastSafetensorsError(Exception):
+    """Root of every error this package raises."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {field: getattr(self, field) for field in self._fields}
+        return (_rebuild, (type(self), kwargs))
+
+    def __str__(self) -> str:
+        return self.message  # type: ignore[attr-defined,no-any-return]
+
+
+def _rebuild(cls: type[FastSafetensorsError], kwargs: dict[str, Any]) -> FastSafetensorsError:
+    return cls(**kwargs)
+
+
+class HeaderError(FastSafetensorsError, ValueError):
+    """The file is not a valid safetensors file.
+
+    ``path`` is the file, ``reason`` the rule it broke, ``tensor`` the tensor concerned (or None).
+    """
+
+    _fields = ("path", "reason", "tensor")
+
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str, tensor: str | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self.reason = reason
+        self.tensor = tensor
+        where = os.path.basename(self.path) if self.path else "<bytes>"
+        subject = f"tensor {tensor!r}: " if tensor is not None else ""
+        self.message = f"{where}: {subject}{reason}"
+        super().__init__(self.message)
+
+
+class CheckpointIndexError(HeaderError):
+    """A sharded checkpoint's index is inconsistent with its shards, or points outside them."""
+
+
+class TensorNotFoundError(FastSafetensorsError, KeyError):
+    """No tensor of that name; the message lists up to five close matches."""
+
+    _fields = ("name", "path", "available")
+
+    def __init__(self, name: str, path: str | os.PathLike[str] | None = None,
+                 available: Iterable[str] = ()):
+        self.name = name
+        self.path = None if path is None else os.fspath(path)
+        self.available = tuple(available)
+        where = os.path.basename(self.path) if self.path else "the checkpoint"
+        close = difflib.get_close_matches(name, self.available, n=5, cutoff=0.6)
+        hint = (f"; close matches: {', '.join(repr(c) for c in close)}" if close
+                else "; list the names with get_tensors() or keys()")
+        self.message = f"{name!r} is not in {where} ({len(self.available)} tensors){hint}"
+        super().__init__(self.message)
+
+
+class CheckpointNotFoundError(FastSafetensorsError, FileNotFoundError):
+    """The file or checkpoint does not exist. ``str()`` starts like the builtin's."""
+
+    _fields = ("path", "hint")
+
+    def __init__(self, path: str | os.PathLike[str], hint: str = "check the path"):
+        self.path = os.fspath(path)
+        self.hint = hint
+        super().__init__(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
+        self.message = f"[Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: {self.path!r} ({hint})"
+
+
+class FrameworkNotInstalledError(FastSafetensorsError, ModuleNotFoundError):
+    """A framework asked for (torch, numpy) is not installed; says how to install it."""
+
+    _fields = ("module", "framework", "install")
+
+    def __init__(self, module: str, framework: str, install: str):
+        self.module = module
+        self.framework = framework
+        self.install = install
+        self.message = (f"No module named {module!r}: framework={framework!r} needs it. "
+                        f"Install it with: {install}")
+        super().__init__(self.message, name=module)
+
+
+class UnsupportedDTypeError(FastSafetensorsError, TypeError):
+    """The chosen framework cannot represent a dtype stored in the file."""
+
+    _fields = ("dtype", "framework", "tensor")
+
+    def __init__(self, dtype: str, framework: str, tensor: str | None = None):
+        self.dtype = dtype
+        self.framework = framework
+        self.tensor = tensor
+        subject = f"tensor {tensor!r} has dtype" if tensor else "dtype"
+        self.message = (f"{subject} {dtype} which framework={framework!r} cannot represent; "
+                        f"load it with framework='pt' (PyTorch) instead")
+        super().__init__(self.message)
+
+
+class ClosedFileError(FastSafetensorsError, ValueError):
+    """The file handle was used after close()."""
+
+    _fields = ("path",)
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self.message = (f"{os.path.basename(self.path)}: the file is closed; open it again "
+                        f"(or keep using it inside its 'with' block)")
+        super().__init__(self.message)
+
+
+class ConfigError(FastSafetensorsError, ValueError):
+    """An unknown option name or value; lists the valid ones."""
+
+    _fields = ("option", "value", "valid")
+
+    def __init__(self, option: str, value: Any, valid: Iterable[str]):
+        self.option = option
+        self.value = value
+        self.valid = tuple(valid)
+        self.message = (f"{option}={value!r} is not valid; expected one of: "
+                        f"{', '.join(self.valid)}")
+        super().__init__(self.message)
+
+
+class ReadError(FastSafetensorsError, OSError):
+    """A read returned fewer bytes than the header promised (the file shrank while loading)."""
+
+    _fields = ("path", "offset", "expected", "got")
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, expected: int, got: int):
+        self.path = os.fspath(path)
+        self.offset = offset
+        self.expected = expected
+        self.got = got
+        self.message = (f"{os.path.basename(self.path)}: read of {expected} bytes at offset "
+                        f"{offset} returned {got}; the file was truncated or changed while it "
+                        f"was being loaded (re-download or re-save it)")
+        super().__init__(errno.EIO, self.message)
+
+
+class NoGPUError(FastSafetensorsError, RuntimeError):
+    """A CUDA device was asked for where none can be used."""
+
+    _fields = ("device", "detail")
+
+    def __init__(self, device: str, detail: str = ""):
+        self.device = device
+        self.detail = detail
+        extra = f" ({detail})" if detail else ""
+        self.message = (f"No CUDA GPUs are available: device={device!r} was requested{extra}. "
+                        f"Load to device='cpu', or install a CUDA build of PyTorch and check "
+                        f"that nvidia-smi lists a GPU and CUDA_VISIBLE_DEVICES is not empty")
+        super().__init__(self.message)
+
+
+class BackendUnavailableError(FastSafetensorsError, RuntimeError):
+    """An I/O backend asked for by name cannot be used here; says why."""
+
+    _fields = ("backend", "reason")
+
+    def __init__(self, backend: str, reason: str):
+        self.backend = backend
+        self.reason = reason
+        self.message = (f"backend={backend!r} cannot be used: {reason}. "
+                        f"Use backend='auto' to fall back to plain reads")
+        super().__init__(self.message)

@@ -1,0 +1,216 @@
+"""FastSafetensorsFile: one safetensors file, opened lazily.
+
+Opening reads only the header. ``get_tensors()`` is metadata; ``fsf[name]`` reads exactly that
+tensor's bytes with positioned reads (no mmap, no whole-file buffer); ``get_slice(name)[a:b]``
+reads only rows ``a`` to ``b``. The handle is safe to share between threads: reads are
+positioned (no shared file offset), and ``close()`` waits for reads in flight before it closes
+the descriptor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterator
+
+from . import config
+from .errors import ClosedFileError, TensorNotFoundError
+from .format import Header, TensorInfo, open_readonly, read_header_fd
+from .frameworks import get_framework, resolve_device
+from .lazy_tensor_factory import LazyTensor, row_bytes, rows_for_index
+from .loader.plan import split_range
+from .loader.posix import pread_into
+
+__all__ = ["FastSafetensorsFile"]
+
+
+class FastSafetensorsFile:
+    """One safetensors file: a mapping of names to tensors, read on access.
+
+    >>> fsf = FastSafetensorsFile("model.safetensors")          # doctest: +SKIP
+    >>> fsf.get_tensors()["lm_head.weight"]                      # metadata only
+    TensorInfo(dtype='BF16', shape=(32000, 4096), data_offsets=(0, 262144000), nbytes=262144000)
+    >>> fsf["lm_head.weight"].shape                              # reads this tensor only
+    torch.Size([32000, 4096])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, device: str = "cpu",
+                 framework: str = "pt"):
+        self._path = os.fspath(path)
+        self._framework = get_framework(framework)
+        self._device = resolve_device(device, framework)
+        self._lock = threading.Condition()
+        self._users = 0
+        self._closed = True
+        self._fd = open_readonly(self._path)
+        try:
+            self._header = read_header_fd(self._fd, self._path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+        self.bytes_read = 0
+
+    # -- metadata -------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def header(self) -> Header:
+        return self._header
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def get_tensors(self) -> dict[str, TensorInfo]:
+        """``{name: TensorInfo}`` in file order. Reads nothing: the header is already parsed."""
+        return dict(self._header.tensors)
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (as ``safetensors.safe_open.keys()`` returns them)."""
+        return sorted(self._header.tensors)
+
+    def offset_keys(self) -> list[str]:
+        """Tensor names in the order their bytes appear in the file."""
+        return list(self._header.tensors)
+
+    def metadata(self) -> dict[str, str] | None:
+        return None if self._header.metadata is None else dict(self._header.metadata)
+
+    def __len__(self) -> int:
+        return len(self._header.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._header.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self._header.tensors[name]
+        except (KeyError, TypeError):
+            raise TensorNotFoundError(str(name), self._path, self._header.tensors) from None
+
+    def _dtype_of(self, info: TensorInfo) -> Any:
+        return self._framework.dtype(info.dtype, info.name)
+
+    # -- data -----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        return self.get_tensor(name)
+
+    def get_tensor(self, name: str, *, device: str | None = None, dtype: Any = None) -> Any:
+        """Read tensor ``name`` (only its bytes) onto ``device`` (default: the file's device),
+        cast to ``dtype`` when given."""
+        info = self._info(name)
+        target = self._device if device is None else resolve_device(device, self._framework.name)
+        buffer = self._read_range(info.data_offsets[0], info.nbytes)
+        tensor = self._framework.view(buffer, 0, info)
+        return self._framework.convert(tensor, device=None if target == "cpu" else target,
+                                       dtype=dtype)
+
+    def get_slice(self, name: str) -> LazyTensor:
+        """A lazy handle: ``fsf.get_slice(name)[a:b]`` reads rows ``a`` to ``b`` only."""
+        return LazyTensor(self, self._info(name))
+
+    def read_bytes(self, info: TensorInfo) -> memoryview:
+        """The raw little-endian bytes of one tensor, in fresh host memory."""
+        buffer = self._read_range(info.data_offsets[0], info.nbytes)
+        array = buffer.numpy() if self._framework.name == "pt" else buffer
+        return memoryview(array).cast("B")
+
+    def _read_index(self, info: TensorInfo, index: Any) -> Any:
+        per_row = row_bytes(info)
+        if per_row is None:
+            # 0-d and packed 4-bit tensors: read all, index in the framework's own shape.
+            whole = self._framework.view(self._read_range(info.data_offsets[0], info.nbytes), 0,
+                                         info)
+            return self._finish(whole[index])
+        lo, hi, local = rows_for_index(info.shape, index)
+        part = TensorInfo(info.name, info.dtype, (hi - lo, *info.shape[1:]),
+                          (info.data_offsets[0] + lo * per_row, info.data_offsets[0] + hi * per_row))
+        tensor = self._framework.view(self._read_range(part.data_offsets[0], part.nbytes), 0, part)
+        return self._finish(tensor[local])
+
+    def _finish(self, tensor: Any) -> Any:
+        if self._framework.name == "pt":
+            tensor = tensor.contiguous()
+        else:
+            import numpy as np
+
+            tensor = np.ascontiguousarray(tensor)
+        if self._device != "cpu":
+            tensor = self._framework.convert(tensor, device=self._device, dtype=None)
+        return tensor
+
+    def _read_range(self, begin: int, length: int) -> Any:
+        """Bytes ``[begin, begin + length)`` of the data region, read into fresh host memory;
+        large ranges are split across reader threads."""
+        buffer, view = self._framework.alloc(length)
+        if length == 0:
+            return buffer
+        offset = self._header.data_start + begin
+        chunk = config.get("chunk_bytes")
+        pieces = split_range(offset, offset + length, chunk, align=4096)
+        with self._in_use() as fd:
+            if len(pieces) == 1:
+                pread_into(fd, view, offset, path=self._path)
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+
+                threads = min(config.get("threads"), len(pieces))
+                with ThreadPoolExecutor(threads, thread_name_prefix="fastsafetensors-read") as pool:
+                    list(pool.map(lambda p: pread_into(fd, view[p[0] - offset:p[1] - offset],
+                                                       p[0], path=self._path), pieces))
+        with self._lock:
+            self.bytes_read += length
+        return buffer
+
+    # -- lifetime -------------------------------------------------------------------------
+    def _in_use(self) -> _InUse:
+        return _InUse(self)
+
+    def close(self) -> None:
+        """Close the file. Idempotent; waits for reads in flight on other threads."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._users:
+                self._lock.wait()
+            os.close(self._fd)
+
+    def __enter__(self) -> FastSafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) is False:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self)} tensors"
+        return f"FastSafetensorsFile({self._path!r}, device={self._device!r}, {state})"
+
+
+class _InUse:
+    """Holds the descriptor open for one read; close() waits until every holder has left."""
+
+    def __init__(self, owner: FastSafetensorsFile):
+        self.owner = owner
+
+    def __enter__(self) -> int:
+        with self.owner._lock:
+            if self.owner._closed:
+                raise ClosedFileError(self.owner._path)
+            self.owner._users += 1
+        return self.owner._fd
+
+    def __exit__(self, *exc: object) -> None:
+        with self.owner._lock:
+            self.owner._users -= 1
+            self.owner._lock.notify_all()

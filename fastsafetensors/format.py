@@ -1,0 +1,274 @@
+"""The safetensors format: dtypes, TensorInfo and the header parser. Pure Python, no torch.
+
+A file is ``[u64 little-endian N][N bytes of UTF-8 JSON][data]``. The JSON object maps tensor names
+to ``{"dtype", "shape", "data_offsets": [begin, end]}`` with offsets relative to the data region,
+plus an optional ``"__metadata__"`` of string to string. Every rule safetensors enforces is checked
+here, so the loaders behind it can trust a :class:`Header` completely.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import CheckpointNotFoundError, HeaderError
+
+__all__ = ["DType", "DTYPES", "TensorInfo", "Header", "parse_header", "read_header",
+           "MAX_HEADER_SIZE"]
+
+#: safetensors refuses headers above 100 MB; so do we (a hostile length must not allocate GBs).
+MAX_HEADER_SIZE = 100_000_000
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class DType:
+    """One safetensors dtype: its width in bits and the names frameworks give it (None: lacking)."""
+
+    name: str
+    bits: int
+    torch: str | None
+    numpy: str | None
+
+
+DTYPES: dict[str, DType] = {d.name: d for d in (
+    DType("BOOL", 8, "bool", "bool"),
+    DType("U8", 8, "uint8", "uint8"),
+    DType("I8", 8, "int8", "int8"),
+    DType("U16", 16, "uint16", "uint16"),
+    DType("I16", 16, "int16", "int16"),
+    DType("U32", 32, "uint32", "uint32"),
+    DType("I32", 32, "int32", "int32"),
+    DType("U64", 64, "uint64", "uint64"),
+    DType("I64", 64, "int64", "int64"),
+    DType("F16", 16, "float16", "float16"),
+    DType("BF16", 16, "bfloat16", None),
+    DType("F32", 32, "float32", "float32"),
+    DType("F64", 64, "float64", "float64"),
+    DType("C64", 64, "complex64", "complex64"),
+    DType("F8_E4M3", 8, "float8_e4m3fn", None),
+    DType("F8_E5M2", 8, "float8_e5m2", None),
+    DType("F8_E4M3FNUZ", 8, "float8_e4m3fnuz", None),
+    DType("F8_E5M2FNUZ", 8, "float8_e5m2fnuz", None),
+    DType("F8_E8M0", 8, "float8_e8m0fnu", None),
+    # Two 4-bit values a byte; torch's float4_e2m1fn_x2 holds a pair, so its last dim is halved.
+    DType("F4", 4, "float4_e2m1fn_x2", None),
+)}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Where one tensor lives in a file. ``data_offsets`` are relative to the data region.
+
+    >>> TensorInfo("w", "F32", (2, 3), (0, 24)).nbytes
+    24
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes of one addressable element (1 for the packed 4-bit type)."""
+        return max(1, DTYPES[self.dtype].bits // 8)
+
+    def __repr__(self) -> str:
+        return (f"TensorInfo(dtype={self.dtype!r}, shape={self.shape}, "
+                f"data_offsets={self.data_offsets}, nbytes={self.nbytes})")
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header. ``tensors`` is in file order (by data offset); offsets are relative to
+    ``data_start``, the absolute file offset of the data region."""
+
+    path: str | None
+    header_size: int
+    file_size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None = None
+    data_start: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_start", 8 + self.header_size)
+
+    @property
+    def data_size(self) -> int:
+        return self.file_size - self.data_start
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderError(path, f"entry must be an object with dtype, shape and data_offsets, "
+                                f"got {type(entry).__name__}", name)
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise HeaderError(path, f"entry lacks {', '.join(missing)}", name)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise HeaderError(path, f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}", name)
+    if not _int_list(shape) or any(d < 0 for d in shape):
+        raise HeaderError(path, f"shape must be a list of non-negative integers, got {shape!r}",
+                          name)
+    if not _int_list(offsets) or len(offsets) != 2:
+        raise HeaderError(path, f"data_offsets must be two integers [begin, end], got "
+                                f"{offsets!r}", name)
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise HeaderError(path, f"data_offsets [{begin}, {end}] must satisfy 0 <= begin <= end",
+                          name)
+    # Python ints do not overflow: a hostile shape gives a huge product, caught by this comparison.
+    bits = math.prod(shape) * DTYPES[dtype].bits
+    if bits % 8:
+        raise HeaderError(path, f"shape {shape} of {dtype} is {bits} bits, not a whole number of "
+                                f"bytes", name)
+    if bits // 8 != end - begin:
+        raise HeaderError(path, f"shape {shape} of {dtype} needs {bits // 8} bytes but "
+                                f"data_offsets [{begin}, {end}] hold {end - begin}", name)
+    return TensorInfo(name, dtype, tuple(shape), (begin, end))
+
+
+def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | None = None
+                 ) -> Header:
+    """Parse and validate the JSON header bytes (without the 8-byte length) of a file whose total
+    size is ``file_size``. Raises :class:`HeaderError` naming the rule broken."""
+    spath = None if path is None else os.fspath(path)
+    data_size = file_size - 8 - len(raw)
+    if data_size < 0:
+        raise HeaderError(spath, f"header of {len(raw)} bytes does not fit in a file of "
+                                 f"{file_size} bytes (truncated file?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(spath, f"header is not valid UTF-8 ({exc.reason} at byte "
+                                 f"{exc.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _Duplicate as dup:
+        raise HeaderError(spath, "the header names this key twice", str(dup)) from None
+    except json.JSONDecodeError as exc:
+        raise HeaderError(spath, f"header is not valid JSON ({exc.msg} at char {exc.pos})"
+                          ) from None
+    if not isinstance(obj, dict):
+        raise HeaderError(spath, f"header must be a JSON object, got {type(obj).__name__}")
+    metadata = obj.pop(METADATA_KEY, None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise HeaderError(spath, "__metadata__ must map strings to strings")
+    infos = sorted((_tensor(spath, name, entry) for name, entry in obj.items()),
+                   key=lambda t: t.data_offsets)
+    position = 0
+    for info in infos:
+        begin, end = info.data_offsets
+        if begin != position:
+            rule = "overlaps the previous tensor" if begin < position else "leaves a gap"
+            raise HeaderError(spath, f"data_offsets [{begin}, {end}] {rule} (expected it to "
+                                     f"start at {position}); tensors must tile the data region",
+                              info.name)
+        position = end
+    if position != data_size:
+        if position > data_size:
+            last = infos[-1]
+            raise HeaderError(spath, f"ends at byte {position} but the file has {data_size} data "
+                                     f"bytes (truncated download? re-download the file)",
+                              last.name)
+        raise HeaderError(spath, f"tensors cover {position} bytes but the file has {data_size} "
+                                 f"data bytes (trailing bytes after the last tensor)")
+    return Header(spath, len(raw), file_size, {t.name: t for t in infos}, metadata)
+
+
+def header_size_from_prefix(prefix: bytes, *, file_size: int,
+                            path: str | os.PathLike[str] | None = None) -> int:
+    """Decode and bound-check the 8-byte little-endian header length."""
+    spath = None if path is None else os.fspath(path)
+    if len(prefix) < 8:
+        raise HeaderError(spath, f"file has {file_size} bytes; a safetensors file starts with an "
+                                 f"8-byte header length")
+    size = int.from_bytes(prefix[:8], "little")
+    if size > MAX_HEADER_SIZE:
+        raise HeaderError(spath, f"header length {size} exceeds the {MAX_HEADER_SIZE}-byte limit "
+                                 f"(not a safetensors file, or a corrupt one)")
+    if 8 + size > file_size:
+        raise HeaderError(spath, f"header length {size} runs past the end of the file "
+                                 f"({file_size} bytes; truncated file?)")
+    return size
+
+
+def read_header_fd(fd: int, path: str | os.PathLike[str] | None = None) -> Header:
+    """Read and validate the header of an open file (positioned reads; the offset is untouched)."""
+    file_size = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
+    size = header_size_from_prefix(prefix, file_size=file_size, path=path)
+    raw = os.pread(fd, size, 8)
+    if len(raw) != size:
+        raise HeaderError(path, f"header of {size} bytes could only be read in part "
+                                f"({len(raw)} bytes; the file changed?)")
+    return parse_header(raw, file_size=file_size, path=path)
+
+
+def open_readonly(path: str | os.PathLike[str]) -> int:
+    """Open a regular file for reading. A missing path raises CheckpointNotFoundError; a folder,
+    FIFO or device raises HeaderError (O_NONBLOCK keeps a FIFO from hanging the open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(path, "check the path; a safetensors file was expected "
+                                            "there") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise HeaderError(path, f"is {kind}, not a .safetensors file (load a folder with "
+                                f"fastsafetensors.load)")
+    return fd
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read and validate the header of the file at ``path``."""
+    fd = open_readonly(path)
+    try:
+        return read_header_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def header_from_bytes(data: bytes | bytearray | memoryview) -> Header:
+    """Validate the header of a whole file held in memory."""
+    view = memoryview(data)
+    size = header_size_from_prefix(bytes(view[:8]), file_size=len(view))
+    return parse_header(bytes(view[8:8 + size]), file_size=len(view))
+
+
+def metadata_view(info: TensorInfo) -> Mapping[str, Any]:
+    """The dict safetensors itself would show for a tensor (for reprs and interop)."""
+    return {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}

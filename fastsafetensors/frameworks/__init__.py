@@ -1,0 +1,77 @@
+"""Framework adapters: bytes in host memory -> framework tensors. Only this package imports
+torch or numpy, and only when that framework is asked for."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..errors import ConfigError, FrameworkNotInstalledError
+from ..format import TensorInfo
+
+__all__ = ["Framework", "get_framework", "FRAMEWORKS"]
+
+#: accepted spellings -> canonical name (safetensors uses "pt"/"np"; people write "torch" too)
+FRAMEWORKS = {"pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np"}
+
+
+class Framework(Protocol):
+    """What the loaders need from a framework."""
+
+    name: str
+
+    def alloc(self, nbytes: int, *, align: int = 64) -> tuple[Any, memoryview]:
+        """A fresh 1-D uint8 array of ``nbytes`` whose first byte is ``align``-aligned, and a
+        writable memoryview of it."""
+
+    def dtype(self, dtype: str, tensor: str | None = None) -> Any:
+        """The framework's dtype object for a file dtype string; UnsupportedDTypeError if none."""
+
+    def view(self, buffer: Any, start: int, info: TensorInfo) -> Any:
+        """``buffer[start:start + info.nbytes]`` as a tensor of the file's dtype and shape.
+        The caller guarantees ``start`` is a multiple of ``info.itemsize`` (or copies first)."""
+
+    def convert(self, tensor: Any, *, device: str | None, dtype: Any) -> Any:
+        """Cast and move, without a copy when nothing changes."""
+
+
+def get_framework(name: str) -> Framework:
+    canonical = FRAMEWORKS.get(name)
+    if canonical is None:
+        raise ConfigError("framework", name, FRAMEWORKS)
+    if canonical == "pt":
+        try:
+            from . import torch as module
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch":
+                raise
+            raise FrameworkNotInstalledError(
+                "torch", name, "pip install torch  (or: pip install 'fastsafetensors[torch]')"
+            ) from None
+        return module.TORCH
+    from . import numpy as np_module
+
+    return np_module.NUMPY
+
+
+def resolve_device(device: Any, framework: str = "pt") -> str:
+    """Normalise a device name; ``cuda`` without a usable GPU raises NoGPUError here, before
+    any file is opened or byte read."""
+    name = str(device) if device is not None else "cpu"
+    if name == "cpu":
+        return name
+    if FRAMEWORKS.get(framework) != "pt":
+        raise ConfigError("device", name, ["cpu (numpy arrays live in host memory)"])
+    if not name.startswith("cuda"):
+        raise ConfigError("device", name, ["cpu", "cuda", "cuda:N"])
+    import torch
+
+    from ..errors import NoGPUError
+
+    if not torch.cuda.is_available():
+        detail = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
+                  else "the CUDA driver reports no device")
+        raise NoGPUError(name, detail)
+    index = torch.device(name).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise NoGPUError(name, f"only {torch.cuda.device_count()} GPU(s) are visible")
+    return name

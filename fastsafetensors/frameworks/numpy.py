@@ -1,0 +1,50 @@
+"""NumPy arrays from host bytes. NumPy lacks BF16, the F8 and F4 types: those raise
+UnsupportedDTypeError, which points to framework='pt'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, UnsupportedDTypeError
+from ..format import DTYPES, TensorInfo
+
+__all__ = ["NUMPY"]
+
+
+def numpy_dtype(dtype: str, tensor: str | None = None) -> np.dtype[Any]:
+    name = DTYPES[dtype].numpy
+    if name is None:
+        raise UnsupportedDTypeError(dtype, "np", tensor)
+    return np.dtype(name).newbyteorder("<")
+
+
+class NumpyFramework:
+    name = "np"
+
+    def alloc(self, nbytes: int, *, align: int = 64) -> tuple[np.ndarray, memoryview]:
+        raw = np.empty(nbytes + align, dtype=np.uint8)
+        skip = -raw.ctypes.data % align
+        buffer = raw[skip:skip + nbytes]
+        return buffer, memoryview(buffer).cast("B")
+
+    def dtype(self, dtype: str, tensor: str | None = None) -> Any:
+        return numpy_dtype(dtype, tensor)
+
+    def view(self, buffer: np.ndarray, start: int, info: TensorInfo) -> np.ndarray:
+        dtype = numpy_dtype(info.dtype, info.name)
+        if info.nbytes == 0:
+            return np.empty(info.shape, dtype=dtype)
+        return buffer[start:start + info.nbytes].view(dtype).reshape(info.shape)
+
+    def convert(self, array: np.ndarray, *, device: str | None, dtype: Any) -> np.ndarray:
+        if device not in (None, "cpu"):
+            raise ConfigError("device", device, ["cpu (numpy arrays live in host memory)"])
+        if dtype is None:
+            return array
+        target = numpy_dtype(dtype) if isinstance(dtype, str) and dtype in DTYPES else dtype
+        return array.astype(target, copy=False)
+
+
+NUMPY = NumpyFramework()

@@ -1,0 +1,59 @@
+"""PyTorch tensors from host bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedDTypeError
+from ..format import DTYPES, TensorInfo
+
+__all__ = ["TORCH", "torch_dtype"]
+
+
+def torch_dtype(dtype: str, tensor: str | None = None) -> torch.dtype:
+    name = DTYPES[dtype].torch
+    found = getattr(torch, name, None) if name else None
+    if found is None:
+        raise UnsupportedDTypeError(dtype, f"pt (torch {torch.__version__})", tensor)
+    return found  # type: ignore[no-any-return]
+
+
+def torch_shape(info: TensorInfo) -> tuple[int, ...]:
+    if info.dtype != "F4":
+        return info.shape
+    # float4_e2m1fn_x2 packs two values per element: the file counts 4-bit values, torch pairs.
+    if not info.shape or info.shape[-1] % 2:
+        raise UnsupportedDTypeError("F4 with an odd last dimension", "pt", info.name)
+    return (*info.shape[:-1], info.shape[-1] // 2)
+
+
+class TorchFramework:
+    name = "pt"
+
+    def alloc(self, nbytes: int, *, align: int = 64) -> tuple[torch.Tensor, memoryview]:
+        raw = torch.empty(nbytes + align, dtype=torch.uint8)
+        skip = -raw.data_ptr() % align
+        buffer = raw[skip:skip + nbytes]
+        return buffer, memoryview(buffer.numpy()).cast("B")
+
+    def dtype(self, dtype: str, tensor: str | None = None) -> Any:
+        return torch_dtype(dtype, tensor)
+
+    def view(self, buffer: torch.Tensor, start: int, info: TensorInfo) -> torch.Tensor:
+        dtype = torch_dtype(info.dtype, info.name)
+        shape = torch_shape(info)
+        if info.nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return buffer[start:start + info.nbytes].view(dtype).view(shape)
+
+    def convert(self, tensor: torch.Tensor, *, device: str | None, dtype: Any) -> torch.Tensor:
+        if isinstance(dtype, str):
+            dtype = torch_dtype(dtype) if dtype in DTYPES else getattr(torch, dtype)
+        if device is None and dtype is None:
+            return tensor
+        return tensor.to(device=device, dtype=dtype)
+
+
+TORCH = TorchFramework()

@@ -1,0 +1,187 @@
+"""Whole files into host memory: a thread pool reads a plan straight into one buffer per file,
+then tensors are views of that buffer (copies only for tensors whose offset is misaligned).
+
+Reads go straight into the memory the returned tensors use: no staging and no second copy. The
+page faults of that fresh memory are taken by the reader threads in parallel, which on virtual
+machines is most of the cost of a warm load (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .. import config
+from ..format import Header, TensorInfo, open_readonly, read_header_fd
+from ..frameworks import Framework
+from .pagecache import resident_map
+from .plan import Extent, Read, plan_extent, plan_reads
+from .posix import DIRECT_ALIGN, open_direct, pread_into
+
+__all__ = ["FileJob", "load_host", "IOPolicy", "tensors_from_buffer"]
+
+logger = logging.getLogger(__name__)
+
+#: Under auto, a read goes through the page cache when at least this share of its pages is
+#: cached: copying cached pages beats the disk even when a few must still be fetched.
+CACHED_ENOUGH = 0.5
+
+
+@dataclass
+class FileJob:
+    """One file to load: its path, its validated header and the tensors wanted (None: all)."""
+
+    path: str
+    header: Header
+    tensors: Sequence[TensorInfo] | None = None
+    fd: int = -1
+    direct_fd: int | None = None
+    extent: Extent | None = field(default=None, repr=False)
+
+    def wanted(self) -> Sequence[TensorInfo]:
+        return list(self.header.tensors.values()) if self.tensors is None else self.tensors
+
+
+@dataclass(frozen=True)
+class IOPolicy:
+    """Which reads bypass the page cache. ``mode`` is the io option: auto, buffered or direct."""
+
+    mode: str
+
+    def resident(self, job: FileJob) -> bytes | None:
+        if self.mode != "auto" or job.direct_fd is None or job.extent is None:
+            return None
+        return resident_map(job.fd, job.extent.base, job.extent.size)
+
+    def direct(self, job: FileJob, read: Read, resident: bytes | None) -> bool:
+        if job.direct_fd is None or not read.direct:
+            return False
+        if self.mode == "direct":
+            return True
+        if resident is None:
+            return False
+        assert job.extent is not None
+        first = (read.offset - job.extent.base) // DIRECT_ALIGN
+        last = -(-(read.end - job.extent.base) // DIRECT_ALIGN)
+        pages = resident[first:last]
+        return bool(pages) and 1.0 - pages.count(0) / len(pages) < CACHED_ENOUGH
+
+
+def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None) -> FileJob:
+    """Open ``path``, validate its header and pick the tensors named (None: all)."""
+    fd = open_readonly(path)
+    try:
+        header = read_header_fd(fd, path)
+        infos = None
+        if tensors is not None:
+            from ..errors import TensorNotFoundError
+
+            missing = [n for n in tensors if n not in header.tensors]
+            if missing:
+                raise TensorNotFoundError(missing[0], path, header.tensors)
+            infos = [header.tensors[n] for n in tensors]
+        return FileJob(os.fspath(path), header, infos, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def close_job(job: FileJob) -> None:
+    for fd in (job.fd, job.direct_fd):
+        if fd is not None and fd >= 0:
+            os.close(fd)
+    job.fd, job.direct_fd = -1, None
+
+
+def tensors_from_buffer(framework: Framework, buffer: Any, job: FileJob) -> dict[str, Any]:
+    """Views of ``buffer`` (which mirrors ``job.extent``) for each wanted tensor. A tensor whose
+    start is not a multiple of its element size is copied into fresh aligned memory, so no
+    tensor ever has a misaligned data pointer."""
+    assert job.extent is not None
+    base = job.header.data_start - job.extent.base
+    out: dict[str, Any] = {}
+    source: memoryview | None = None
+    for info in job.wanted():
+        start = base + info.data_offsets[0]
+        if start % info.itemsize:
+            if source is None:
+                source = _byte_view(framework, buffer)
+            fresh, view = framework.alloc(info.nbytes)
+            view[:] = source[start:start + info.nbytes]
+            out[info.name] = framework.view(fresh, 0, info)
+        else:
+            out[info.name] = framework.view(buffer, start, info)
+    return out
+
+
+def _byte_view(framework: Framework, buffer: Any) -> memoryview:
+    array = buffer.numpy() if framework.name == "pt" else buffer
+    return memoryview(array).cast("B")
+
+
+def load_host(jobs: Sequence[FileJob], framework: Framework, *, threads: int | None = None,
+              io: str | None = None, chunk: int | None = None) -> list[dict[str, Any]]:
+    """Read every job's tensors into host memory; one dict of tensors per job, in job order.
+    Either everything is returned or an error is raised (no partial result)."""
+    policy = IOPolicy(config.get("io", io))
+    nthreads = config.get("threads", threads)
+    chunk_bytes = config.get("chunk_bytes", chunk)
+    started = time.perf_counter()
+    buffers: list[Any] = []
+    work: list[tuple[FileJob, Read, memoryview, bool]] = []
+    for job in jobs:
+        if policy.mode != "buffered" and job.direct_fd is None:
+            job.direct_fd = open_direct(job.path)
+            if job.direct_fd is None and policy.mode == "direct":
+                logger.warning("%s: O_DIRECT is not supported here; reading through the page "
+                               "cache", job.path)
+        direct = job.direct_fd is not None
+        job.extent = plan_extent(job.header, job.tensors, align=DIRECT_ALIGN)
+        buffer, view = framework.alloc(job.extent.size, align=DIRECT_ALIGN)
+        buffers.append(buffer)
+        resident = policy.resident(job)
+        for read in plan_reads(0, job.header, job.tensors, chunk=chunk_bytes, direct=direct):
+            dest = view[read.offset - job.extent.base:read.end - job.extent.base]
+            work.append((job, read, dest, policy.direct(job, read, resident)))
+    total = _run(work, nthreads)
+    out = [tensors_from_buffer(framework, buf, job) for buf, job in zip(buffers, jobs)]
+    seconds = time.perf_counter() - started
+    logger.info("loaded %d files, %.1f MB in %.3f s (%.2f GB/s), %d threads, io=%s, %d direct "
+                "reads of %d", len(jobs), total / 1e6, seconds, total / 1e9 / max(seconds, 1e-9),
+                nthreads, policy.mode, sum(w[3] for w in work), len(work))
+    return out
+
+
+def _read_one(job: FileJob, read: Read, dest: memoryview, direct: bool) -> int:
+    fd = job.direct_fd if direct else job.fd
+    assert fd is not None
+    # Reads widened to block boundaries may run past the end of the file; the header was
+    # validated against the file size, so only the bytes after the last tensor can be missing.
+    tail = read.end > job.header.file_size
+    got = pread_into(fd, dest, read.offset, path=job.path, direct=direct, allow_eof=tail)
+    if tail and read.offset + got < job.header.file_size:
+        from ..errors import ReadError
+
+        raise ReadError(job.path, read.offset, job.header.file_size - read.offset, got)
+    return got
+
+
+def _run(work: list[tuple[FileJob, Read, memoryview, bool]], threads: int) -> int:
+    if len(work) <= 1 or threads <= 1:
+        return sum(_read_one(*w) for w in work)
+    with ThreadPoolExecutor(max_workers=min(threads, len(work)),
+                            thread_name_prefix="fastsafetensors-read") as pool:
+        futures = [pool.submit(_read_one, *w) for w in work]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        # Leaving the with-block waits for reads already running, so no thread writes into a
+        # buffer (or uses a descriptor) after we return or raise.
+        errors = [f.exception() for f in done if f.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+    return sum(f.result() for f in futures)

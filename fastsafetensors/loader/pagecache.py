@@ -1,0 +1,63 @@
+"""How much of a file range sits in the page cache, from mincore(2) on a throwaway mapping.
+
+This decides buffered against O_DIRECT reads: cached pages are copied by the kernel at memory
+speed (O_DIRECT would go back to the disk), uncached ones stream faster without the cache.
+Where mincore is unavailable the answer is None and callers read buffered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+
+__all__ = ["resident_fraction", "resident_map"]
+
+_PAGE = mmap.PAGESIZE
+_libc = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_long]
+        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        _libc = None
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def resident_map(fd: int, offset: int, length: int) -> bytes | None:
+    """One byte per page of ``[offset, offset + length)`` (rounded out to pages): bit 0 set
+    where the page is cached. None where mincore cannot be used."""
+    if _libc is None or length <= 0:
+        return None
+    start = offset - offset % _PAGE
+    span = offset + length - start
+    # A PROT_READ, MAP_SHARED mapping of a file costs no I/O and faults nothing in.
+    addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        return None
+    try:
+        vec = ctypes.create_string_buffer((span + _PAGE - 1) // _PAGE)
+        if _libc.mincore(ctypes.c_void_p(addr), span, vec) != 0:
+            return None
+        return vec.raw
+    finally:
+        _libc.munmap(ctypes.c_void_p(addr), span)
+
+
+def resident_fraction(fd: int, offset: int = 0, length: int | None = None) -> float | None:
+    """Fraction of the range's pages in the page cache, or None where unknown."""
+    if length is None:
+        length = os.fstat(fd).st_size - offset
+    pages = resident_map(fd, offset, length)
+    if pages is None:
+        return None
+    if not pages:
+        return 1.0
+    # Only bit 0 is defined (the rest are reserved and zero), so a count of zeros is exact.
+    return 1.0 - pages.count(0) / len(pages)
