@@ -28,7 +28,10 @@ from .errors import (
 )
 from .file import FastSafetensorsFile
 from .format import TensorInfo
+from .hub import Checkpoint, inspect, resolve
 from .lazy_tensor_factory import LazyTensor, LazyTensorFactory
+from .loader.gds import gds_available
+from .loading import iter_tensors, load
 
 __version__ = "0.6.0"
 
@@ -41,6 +44,12 @@ __all__ = [
     "load_file",
     "loads",
     "safe_open",
+    "resolve",
+    "inspect",
+    "Checkpoint",
+    "load",
+    "iter_tensors",
+    "gds_available",
     "configure",
     "config",
     "errors",

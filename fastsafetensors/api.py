@@ -27,13 +27,15 @@ def load_file(path: str | os.PathLike[str], *, device: str = "cpu", framework: s
     """
     fw = get_framework(framework)
     target = resolve_device(device, framework)
+    if target != "cpu":
+        from .loading import load
+
+        return load([path], device=target, framework=framework, threads=threads, io=io)
     job = open_job(path)
     try:
         (tensors,) = load_host([job], fw, threads=threads, io=io)
     finally:
         close_job(job)
-    if target != "cpu":
-        tensors = {k: fw.convert(v, device=target, dtype=None) for k, v in tensors.items()}
     return tensors
 
 

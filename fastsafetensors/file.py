@@ -15,13 +15,17 @@ from typing import Any, Iterator
 
 from . import config
 from .errors import ClosedFileError, TensorNotFoundError
-from .format import Header, TensorInfo, open_readonly, read_header_fd
+from .format import DTYPES, Header, TensorInfo, open_readonly, read_header_fd
 from .frameworks import get_framework, resolve_device
-from .lazy_tensor_factory import LazyTensor, row_bytes, rows_for_index
+from .lazy_tensor_factory import LazyTensor, plan_index, row_bytes, rows_for_index
 from .loader.plan import split_range
 from .loader.posix import pread_into
 
 __all__ = ["FastSafetensorsFile"]
+
+#: Tensors from this size up go to a device through the streaming engine (threads, pinned
+#: staging, async copies); smaller ones through one pinned bounce buffer.
+DEVICE_STREAM_BYTES = 32 << 20
 
 
 class FastSafetensorsFile:
@@ -106,14 +110,30 @@ class FastSafetensorsFile:
         cast to ``dtype`` when given."""
         info = self._info(name)
         target = self._device if device is None else resolve_device(device, self._framework.name)
+        if target != "cpu" and info.nbytes >= DEVICE_STREAM_BYTES:
+            # Large tensors stream through pinned staging straight into device memory.
+            from .loading import iter_tensors
+
+            with self._in_use():
+                ((_, tensor),) = iter_tensors([self._path], device=target, tensors=[name],
+                                              framework=self._framework.name)
+            with self._lock:
+                self.bytes_read += info.nbytes
+            return self._framework.convert(tensor, device=None, dtype=dtype)
         buffer = self._read_range(info.data_offsets[0], info.nbytes)
         tensor = self._framework.view(buffer, 0, info)
-        return self._framework.convert(tensor, device=None if target == "cpu" else target,
-                                       dtype=dtype)
+        if target != "cpu":
+            from .loader.cuda import TorchCudaSink
+
+            tensor = TorchCudaSink.pinned_copy(tensor, target)
+        return self._framework.convert(tensor, device=None, dtype=dtype)
 
     def get_slice(self, name: str) -> LazyTensor:
         """A lazy handle: ``fsf.get_slice(name)[a:b]`` reads rows ``a`` to ``b`` only."""
-        return LazyTensor(self, self._info(name))
+        info = self._info(name)
+        if self._closed:
+            raise ClosedFileError(self._path)
+        return LazyTensor(self, info)
 
     def read_bytes(self, info: TensorInfo) -> memoryview:
         """The raw little-endian bytes of one tensor, in fresh host memory."""
@@ -128,11 +148,40 @@ class FastSafetensorsFile:
             whole = self._framework.view(self._read_range(info.data_offsets[0], info.nbytes), 0,
                                          info)
             return self._finish(whole[index])
-        lo, hi, local = rows_for_index(info.shape, index)
-        part = TensorInfo(info.name, info.dtype, (hi - lo, *info.shape[1:]),
-                          (info.data_offsets[0] + lo * per_row, info.data_offsets[0] + hi * per_row))
-        tensor = self._framework.view(self._read_range(part.data_offsets[0], part.nbytes), 0, part)
-        return self._finish(tensor[local])
+        bits = DTYPES[info.dtype].bits
+        if bits < 8:
+            # Packed sub-byte dtypes: plan whole rows only; the rest is indexed in memory.
+            lo, hi, local = rows_for_index(info.shape, index)
+            part = TensorInfo(info.name, info.dtype, (hi - lo, *info.shape[1:]),
+                              (info.data_offsets[0] + lo * per_row,
+                               info.data_offsets[0] + hi * per_row))
+            tensor = self._framework.view(self._read_range(part.data_offsets[0], part.nbytes), 0,
+                                          part)
+            return self._finish(tensor[local])
+        # Only the bytes the index touches: one run per selected row when columns are sliced
+        # (what a tensor-parallel rank asks for), read back to back into one block.
+        runs, block, local = plan_index(info.shape, bits // 8, index)
+        total = sum(length for _, length in runs)
+        part = TensorInfo(info.name, info.dtype, block, (0, total))
+        if len(runs) == 1:
+            buffer = self._read_range(info.data_offsets[0] + runs[0][0], total)
+        else:
+            buffer = self._read_runs(info.data_offsets[0], runs, total)
+        return self._finish(self._framework.view(buffer, 0, part)[local])
+
+    def _read_runs(self, begin: int, runs: list[tuple[int, int]], total: int) -> Any:
+        """Several ranges of the data region (offsets relative to ``begin``), back to back in
+        fresh host memory."""
+        buffer, view = self._framework.alloc(total)
+        base = self._header.data_start + begin
+        with self._in_use() as fd:
+            at = 0
+            for offset, length in runs:
+                pread_into(fd, view[at:at + length], base + offset, path=self._path)
+                at += length
+        with self._lock:
+            self.bytes_read += total
+        return buffer
 
     def _finish(self, tensor: Any) -> Any:
         if self._framework.name == "pt":
@@ -140,7 +189,8 @@ class FastSafetensorsFile:
         else:
             import numpy as np
 
-            tensor = np.ascontiguousarray(tensor)
+            # not ascontiguousarray: it turns 0-d results (arr[i] of a 1-D array) into shape (1,)
+            tensor = np.asarray(tensor, order="C")
         if self._device != "cpu":
             tensor = self._framework.convert(tensor, device=self._device, dtype=None)
         return tensor
@@ -150,7 +200,8 @@ class FastSafetensorsFile:
         large ranges are split across reader threads."""
         buffer, view = self._framework.alloc(length)
         if length == 0:
-            return buffer
+            with self._in_use():  # nothing to read, but a closed file still refuses
+                return buffer
         offset = self._header.data_start + begin
         chunk = config.get("chunk_bytes")
         pieces = split_range(offset, offset + length, chunk, align=4096)

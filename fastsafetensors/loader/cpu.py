@@ -60,14 +60,17 @@ class IOPolicy:
     def direct(self, job: FileJob, read: Read, resident: bytes | None) -> bool:
         if job.direct_fd is None or not read.direct:
             return False
+        assert job.extent is not None
+        return self.direct_range(resident, job.extent.base, read.offset, read.end)
+
+    def direct_range(self, resident: bytes | None, base: int, begin: int, end: int) -> bool:
+        """Whether bytes ``[begin, end)`` should bypass the page cache, given the residency map
+        of the file from ``base`` (page-aligned)."""
         if self.mode == "direct":
             return True
-        if resident is None:
+        if resident is None or self.mode != "auto":
             return False
-        assert job.extent is not None
-        first = (read.offset - job.extent.base) // DIRECT_ALIGN
-        last = -(-(read.end - job.extent.base) // DIRECT_ALIGN)
-        pages = resident[first:last]
+        pages = resident[(begin - base) // DIRECT_ALIGN:-(-(end - base) // DIRECT_ALIGN)]
         return bool(pages) and 1.0 - pages.count(0) / len(pages) < CACHED_ENOUGH
 
 

@@ -1,0 +1,78 @@
+"""The CUDA side of the streaming engine, on PyTorch: device memory from torch's caching
+allocator, pinned staging, one copy stream per worker, events for completion.
+
+Stream hazards handled here:
+* tensors are allocated on the consumer's current stream (captured when the load starts), so
+  when the consumer frees one, the allocator reuses that memory in the consumer's stream order;
+* the consumer's stream waits on the copy events of a tensor before the tensor is yielded, so a
+  kernel launched on it afterwards sees complete data without a host synchronisation;
+* a staging buffer is overwritten only after the event recorded after its last copy completed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..format import TensorInfo
+from ..frameworks.torch import torch_dtype, torch_shape
+from .posix import DIRECT_ALIGN
+
+__all__ = ["TorchCudaSink"]
+
+
+class TorchCudaSink:
+    """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.consumer = torch.cuda.current_stream(self.device)
+
+    def alloc(self, info: TensorInfo) -> torch.Tensor:
+        with torch.cuda.stream(self.consumer):
+            return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+
+    def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
+        skip = -raw.data_ptr() % DIRECT_ALIGN  # O_DIRECT reads need an aligned buffer
+        buffer = raw[skip:skip + nbytes]
+        return buffer, memoryview(buffer.numpy()).cast("B")
+
+    def new_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
+
+    def copy(self, dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int,
+             length: int, stream: torch.cuda.Stream) -> None:
+        with torch.cuda.stream(stream):
+            dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length],
+                                                      non_blocking=True)
+
+    def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def host_wait(self, event: torch.cuda.Event) -> None:
+        event.synchronize()
+
+    def consumer_wait(self, events: list[torch.cuda.Event]) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        for event in set(events):
+            stream.wait_event(event)
+
+    def finish(self, flat: torch.Tensor | None, info: TensorInfo) -> torch.Tensor:
+        dtype = torch_dtype(info.dtype, info.name)
+        shape = torch_shape(info)
+        if flat is None:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return flat.view(dtype).view(shape)
+
+    @staticmethod
+    def pinned_copy(host: Any, device: str) -> torch.Tensor:
+        """A host tensor onto ``device`` through pinned memory, ordered on the current stream."""
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        return pinned.to(device, non_blocking=True)

@@ -1,0 +1,124 @@
+"""GPUDirect Storage through kvikio (extra ``[gds]``): probing, selection and the fallback rule.
+
+``backend="auto"`` probes once per process and falls back to posix reads with one warning that
+says why; ``backend="gds"`` raises BackendUnavailableError instead of falling back.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+from .. import config
+from ..errors import BackendUnavailableError
+from ..format import TensorInfo
+
+if TYPE_CHECKING:
+    from .stream import Sink, Source
+
+__all__ = ["gds_available", "gds_status", "select_backend", "stream_gds"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def gds_status() -> tuple[bool, str]:
+    """(usable, reason). Probed once: kvikio importable, not in compatibility mode (which is
+    plain POSIX reads in disguise), and the cuFile driver reports GDS support."""
+    try:
+        kvikio = importlib.import_module("kvikio")
+    except ImportError as exc:
+        return False, f"kvikio is not installed ({exc}); pip install 'fastsafetensors[gds]'"
+    try:
+        if kvikio.defaults.compat_mode():
+            return False, "kvikio runs in compatibility mode (no cuFile/nvidia-fs on this machine)"
+        props = kvikio.DriverProperties()
+        if not props.is_gds_available:
+            return False, "the cuFile driver reports GDS unavailable (nvidia-fs not loaded?)"
+    except Exception as exc:  # noqa: BLE001 - any probe failure means "not usable", with why
+        return False, f"probing kvikio failed: {type(exc).__name__}: {exc}"
+    return True, "GDS available through kvikio"
+
+
+def gds_available() -> bool:
+    """Whether GPUDirect Storage can be used in this process (probed once)."""
+    return gds_status()[0]
+
+
+_warned = False
+
+
+def select_backend(backend: str | None = None, *, device: str = "cuda") -> str:
+    """Resolve ``backend`` ("auto", "gds", "posix") to the one used: "gds" or "posix"."""
+    global _warned
+    choice = config.get("backend", backend)
+    if choice == "posix" or device == "cpu":
+        return "posix"
+    usable, reason = gds_status()
+    if choice == "gds":
+        if not usable:
+            raise BackendUnavailableError("gds", reason)
+        return "gds"
+    if not usable:
+        if not _warned:
+            _warned = True
+            warnings.warn(f"fastsafetensors: GPUDirect Storage not used, reading with posix "
+                          f"reads and pinned copies instead: {reason}", RuntimeWarning,
+                          stacklevel=3)
+        logger.debug("backend auto -> posix: %s", reason)
+        return "posix"
+    return "gds"
+
+
+def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
+               max_device_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
+    """File -> device with cuFile reads (no staging), one read per tensor, yielded in file order.
+
+    kvikio's ``CuFile.pread`` returns a future; once ``get()`` returned, the bytes are in device
+    memory, so the consumer may use the tensor on any stream.
+    """
+    from ..format import read_header
+    from ..errors import TensorNotFoundError
+
+    if kvikio is None:
+        kvikio = importlib.import_module("kvikio")
+    for path, header, names in sources:
+        header = header or read_header(path)
+        if names is None:
+            infos = list(header.tensors.values())
+        else:
+            missing = [n for n in names if n not in header.tensors]
+            if missing:
+                raise TensorNotFoundError(missing[0], path, header.tensors)
+            infos = sorted((header.tensors[n] for n in names), key=lambda t: t.data_offsets)
+        handle = kvikio.CuFile(path, "r")
+        try:
+            batch: list[tuple[TensorInfo, Any, Any]] = []
+            held = 0
+            for info in infos:
+                flat = sink.alloc(info) if info.nbytes else None
+                future = (handle.pread(flat, info.nbytes, header.data_start + info.data_offsets[0])
+                          if info.nbytes else None)
+                batch.append((info, flat, future))
+                held += info.nbytes
+                if max_device_bytes is not None and held >= max_device_bytes:
+                    yield from _complete(batch, sink, path)
+                    batch, held = [], 0
+            yield from _complete(batch, sink, path)
+        finally:
+            handle.close()
+
+
+def _complete(batch: list[tuple[TensorInfo, Any, Any]], sink: Sink, path: str
+              ) -> Iterator[tuple[str, Any]]:
+    for info, flat, future in batch:
+        if future is not None:
+            got = future.get()
+            if got != info.nbytes:
+                from ..errors import ReadError
+
+                raise ReadError(path, info.data_offsets[0], info.nbytes, got)
+        yield info.name, sink.finish(flat, info)

@@ -1,0 +1,385 @@
+"""The device streaming engine: files -> pinned staging -> device tensors, yielded in file order.
+
+Three kinds of thread work together:
+
+* the planner (one thread) walks the wanted tensors in file order, allocates each tensor's final
+  device storage (holding it to the memory budget) and groups tensor bytes into chunks of at most
+  one staging buffer;
+* workers (``threads`` of them) each own two pinned staging buffers and one copy stream: a worker
+  waits until the buffer's previous copies finished, reads a chunk into it (buffered or O_DIRECT
+  by page-cache residency), then queues one asynchronous copy per tensor piece on its stream and
+  records an event;
+* the caller's thread runs the generator: it waits until every piece of the next tensor was
+  queued, makes the caller's current stream wait on those events (no host sync) and yields.
+
+No whole-shard device buffer exists: the device holds the tensors themselves and nothing else.
+Device work goes through a :class:`Sink`, so the pipeline is tested on the CPU with a fake
+asynchronous device (tests/test_stream.py) and runs on CUDA with ``cuda.TorchCudaSink``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Protocol
+
+from ..format import Header, TensorInfo, open_readonly, read_header_fd
+from .cpu import CACHED_ENOUGH, IOPolicy  # noqa: F401  (CACHED_ENOUGH documents the rule)
+from .pagecache import resident_map
+from .posix import DIRECT_ALIGN, open_direct, pread_into
+
+__all__ = ["Sink", "StreamOptions", "stream_tensors", "Source"]
+
+logger = logging.getLogger(__name__)
+
+#: (path, header or None to read it here, tensor names wanted or None for all)
+Source = tuple[str, "Header | None", "list[str] | None"]
+
+
+class Sink(Protocol):
+    """The device side of the pipeline. Events are opaque; streams are per worker."""
+
+    def alloc(self, info: TensorInfo) -> Any:
+        """Final storage of one tensor: a flat uint8 device tensor of ``info.nbytes``."""
+
+    def staging(self, nbytes: int) -> tuple[Any, memoryview]:
+        """A pinned host buffer (4096-aligned) and a writable view of it."""
+
+    def new_stream(self) -> Any: ...
+
+    def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, length: int,
+             stream: Any) -> None:
+        """Queue ``dst[dst_offset:+length] = src[src_offset:+length]`` on ``stream``."""
+
+    def record(self, stream: Any) -> Any:
+        """An event completed once everything queued on ``stream`` so far has run."""
+
+    def host_wait(self, event: Any) -> None:
+        """Block this thread until ``event`` completed (staging may then be overwritten)."""
+
+    def consumer_wait(self, events: list[Any]) -> None:
+        """Make the consumer's current stream wait for ``events`` (without blocking the host)."""
+
+    def finish(self, flat: Any, info: TensorInfo) -> Any:
+        """The flat storage viewed with the tensor's dtype and shape."""
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    threads: int
+    staging_bytes: int
+    io: str = "auto"
+    max_device_bytes: int | None = None
+    max_gap: int = 1 << 20
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Size of each of a worker's two staging buffers (chunks never exceed it)."""
+        per = self.staging_bytes // (2 * self.threads)
+        per -= per % DIRECT_ALIGN
+        return max(per, 2 * DIRECT_ALIGN)
+
+
+@dataclass
+class _Tensor:
+    info: TensorInfo
+    flat: Any = None
+    # Pieces not yet queued for copy, plus one held by the planner until it has counted them
+    # all: without that guard a worker could finish the first piece before the second exists.
+    pieces: int = 1
+    events: list[Any] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Piece:
+    tensor: _Tensor
+    tensor_offset: int            # where in the tensor
+    file_offset: int
+    length: int
+
+
+@dataclass
+class _Chunk:
+    file: _File
+    offset: int                   # file offset of the first byte wanted
+    end: int
+    pieces: list[_Piece]
+
+
+@dataclass
+class _File:
+    path: str
+    header: Header
+    fd: int
+    direct_fd: int | None
+    resident: bytes | None
+
+
+class _Budget:
+    """Device bytes allocated but not yet yielded, held under ``limit`` (None: unbounded)."""
+
+    def __init__(self, limit: int | None, cancelled: threading.Event):
+        self.limit = limit
+        self.used = 0
+        self.cancelled = cancelled
+        self.cond = threading.Condition()
+
+    def would_block(self, nbytes: int) -> bool:
+        with self.cond:
+            return self.limit is not None and self.used > 0 and self.used + nbytes > self.limit
+
+    def acquire(self, nbytes: int) -> None:
+        with self.cond:
+            # A tensor larger than the whole budget still goes when nothing else is held.
+            while (self.limit is not None and self.used > 0 and self.used + nbytes > self.limit
+                   and not self.cancelled.is_set()):
+                self.cond.wait(0.1)
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self.cond:
+            self.used -= nbytes
+            self.cond.notify_all()
+
+
+_COUNT_LOCK = threading.Lock()
+
+
+def _piece_done(t: _Tensor) -> None:
+    with _COUNT_LOCK:
+        t.pieces -= 1
+        last = t.pieces == 0
+    if last:
+        t.done.set()
+
+
+def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
+                   ) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, tensor)`` for every wanted tensor of ``sources``, in file order, each one
+    complete and ordered before later work on the consumer's current stream."""
+    cancelled = threading.Event()
+    budget = _Budget(options.max_device_bytes, cancelled)
+    work: queue.Queue[_Chunk | None] = queue.Queue(maxsize=4 * options.threads)
+    ready: queue.Queue[_Tensor | BaseException | None] = queue.Queue()
+    errors: list[BaseException] = []
+    files: list[_File] = []
+    stats = {"bytes": 0, "direct": 0, "chunks": 0}
+    stats_lock = threading.Lock()
+    policy = IOPolicy(options.io)
+
+    def fail(exc: BaseException) -> None:
+        errors.append(exc)
+        cancelled.set()
+        ready.put(exc)
+
+    def plan() -> None:
+        try:
+            for path, header, names in sources:
+                if cancelled.is_set():
+                    break
+                f = _open(path, header, policy)
+                files.append(f)
+                _plan_file(f, names, sink, options, budget, work, ready, cancelled)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            fail(exc)
+        finally:
+            for _ in range(options.threads):
+                work.put(None)
+            ready.put(None)
+
+    def worker() -> None:
+        stream = sink.new_stream()
+        buffers = [sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN) for _ in range(2)]
+        pending: list[Any] = [None, None]
+        turn = 0
+        try:
+            while True:
+                chunk = work.get()
+                if chunk is None or cancelled.is_set():
+                    return
+                if pending[turn] is not None:
+                    sink.host_wait(pending[turn])
+                src, view = buffers[turn]
+                skew, got, direct = _read_chunk(chunk, view, policy)
+                for piece in chunk.pieces:
+                    sink.copy(piece.tensor.flat, piece.tensor_offset, src,
+                              skew + piece.file_offset - chunk.offset, piece.length, stream)
+                event = sink.record(stream)
+                pending[turn] = event
+                turn ^= 1
+                with stats_lock:
+                    stats["bytes"] += got
+                    stats["direct"] += direct
+                    stats["chunks"] += 1
+                for piece in chunk.pieces:
+                    with _COUNT_LOCK:
+                        piece.tensor.events.append(event)
+                    _piece_done(piece.tensor)
+        except BaseException as exc:  # noqa: BLE001
+            fail(exc)
+        finally:
+            # Staging must outlive the copies reading from it.
+            for event in pending:
+                if event is not None:
+                    sink.host_wait(event)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=plan, name="fastsafetensors-plan", daemon=True)]
+    threads += [threading.Thread(target=worker, name=f"fastsafetensors-io-{i}", daemon=True)
+                for i in range(options.threads)]
+    for t in threads:
+        t.start()
+    count = 0
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            while not item.done.wait(0.05):
+                if errors:
+                    raise errors[0]
+            if errors:
+                raise errors[0]
+            sink.consumer_wait(item.events)
+            tensor = sink.finish(item.flat, item.info)
+            item.flat = None
+            budget.release(item.info.nbytes)
+            count += 1
+            yield item.info.name, tensor
+        if errors:
+            raise errors[0]
+    finally:
+        cancelled.set()
+        _drain(work)
+        for t in threads:
+            t.join()
+        for f in files:
+            _close(f)
+        seconds = time.perf_counter() - started
+        logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
+                    "threads, io=%s, %d of %d chunks direct", count, stats["bytes"] / 1e6,
+                    len(files), seconds, stats["bytes"] / 1e9 / max(seconds, 1e-9),
+                    options.threads, options.io, stats["direct"], stats["chunks"])
+
+
+def _drain(work: queue.Queue[Any]) -> None:
+    # Unblock a planner waiting on a full queue; workers see `cancelled` and leave.
+    try:
+        while True:
+            work.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _open(path: str, header: Header | None, policy: IOPolicy) -> _File:
+    fd = open_readonly(path)
+    try:
+        if header is None:
+            header = read_header_fd(fd, path)
+        direct_fd = open_direct(path) if policy.mode != "buffered" else None
+        resident = (resident_map(fd, 0, header.file_size)
+                    if policy.mode == "auto" and direct_fd is not None else None)
+        return _File(os.fspath(path), header, fd, direct_fd, resident)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _close(f: _File) -> None:
+    for fd in (f.fd, f.direct_fd):
+        if fd is not None and fd >= 0:
+            os.close(fd)
+    f.fd, f.direct_fd = -1, None
+
+
+def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOptions,
+               budget: _Budget, work: queue.Queue[_Chunk | None],
+               ready: queue.Queue[_Tensor | BaseException | None],
+               cancelled: threading.Event) -> None:
+    """Allocate the file's wanted tensors in order and queue chunks covering their bytes."""
+    from ..errors import TensorNotFoundError
+
+    header = f.header
+    if names is None:
+        infos = list(header.tensors.values())
+    else:
+        missing = [n for n in names if n not in header.tensors]
+        if missing:
+            raise TensorNotFoundError(missing[0], f.path, header.tensors)
+        infos = sorted((header.tensors[n] for n in names), key=lambda t: t.data_offsets)
+    limit = options.buffer_bytes
+    chunk: _Chunk | None = None
+
+    def flush() -> None:
+        nonlocal chunk
+        if chunk is not None and chunk.pieces:
+            _put(work, chunk, cancelled)
+        chunk = None
+
+    for info in infos:
+        if cancelled.is_set():
+            return
+        if budget.would_block(info.nbytes):
+            flush()  # let the tensors already planned complete, so the consumer frees budget
+        budget.acquire(info.nbytes)
+        t = _Tensor(info, sink.alloc(info) if info.nbytes else None)
+        start = header.data_start + info.data_offsets[0]
+        end = start + info.nbytes
+        position = start
+        while position < end:
+            if chunk is not None and (position - chunk.end > options.max_gap
+                                      or chunk.end - chunk.offset >= limit):
+                flush()
+            if chunk is None:
+                chunk = _Chunk(f, position, position, [])
+            take = min(end - position, limit - (position - chunk.offset))
+            if take <= 0:
+                flush()
+                continue
+            with _COUNT_LOCK:
+                t.pieces += 1
+            chunk.pieces.append(_Piece(t, position - start, position, take))
+            chunk.end = position + take
+            position += take
+        _piece_done(t)  # the planner's guard
+        ready.put(t)
+    flush()
+
+
+def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk, cancelled: threading.Event) -> None:
+    while not cancelled.is_set():
+        try:
+            work.put(chunk, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int, int, bool]:
+    """Read the chunk into ``view``; returns (skew, bytes read, direct) where the chunk's first
+    byte sits at ``view[skew]``."""
+    f = chunk.file
+    direct = f.direct_fd is not None and policy.direct_range(f.resident, 0, chunk.offset,
+                                                             chunk.end)
+    if direct:
+        begin = chunk.offset - chunk.offset % DIRECT_ALIGN
+        end = -(-chunk.end // DIRECT_ALIGN) * DIRECT_ALIGN
+        assert f.direct_fd is not None
+        got = pread_into(f.direct_fd, view[:end - begin], begin, path=f.path, direct=True,
+                         allow_eof=end > f.header.file_size)
+        if begin + got < chunk.end:
+            from ..errors import ReadError
+
+            raise ReadError(f.path, begin, chunk.end - begin, got)
+        return chunk.offset - begin, got, True
+    got = pread_into(f.fd, view[:chunk.end - chunk.offset], chunk.offset, path=f.path)
+    return 0, got, False
+
+

@@ -1,0 +1,120 @@
+"""Whole-checkpoint verbs: ``load`` (a dict) and ``iter_tensors`` (a stream of ``(name, tensor)``).
+
+A source is a ``.safetensors`` file, a list of files, a folder, a Hub repo id or a resolved
+:class:`~fastsafetensors.hub.Checkpoint`. The target picks the engine: host memory goes through
+the threaded CPU loader (one buffer per file, tensors are views), a CUDA device through the
+streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+from . import config
+from .errors import TensorNotFoundError
+from .format import read_header
+from .frameworks import get_framework, resolve_device
+
+__all__ = ["load", "iter_tensors"]
+
+PathLike = str | os.PathLike[str]
+
+
+def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
+                 ) -> list[tuple[str, Any, list[str] | None]]:
+    if tensors is None:
+        return [(os.fspath(p), None, None) for p in paths]
+    wanted = set(tensors)
+    out = []
+    for p in paths:
+        header = read_header(p)
+        names = [n for n in header.tensors if n in wanted]
+        wanted.difference_update(names)
+        if names:
+            out.append((os.fspath(p), header, names))
+    if wanted:
+        raise TensorNotFoundError(sorted(wanted)[0], None, [])
+    return out
+
+
+def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_options: Any
+               ) -> Iterable[tuple[str, Any, list[str] | None]]:
+    """``(path, header or None, names or None)`` per file to load, lazily where the source is
+    downloaded (so loading can start while later shards still download)."""
+    if hasattr(source, "wanted") and hasattr(source, "headers"):  # a resolved Checkpoint
+        return [(path, source.headers.get(path), names) for path, names in source.wanted().items()]
+    if isinstance(source, (list, tuple)):
+        return _local_files(source, tensors)
+    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
+        return _local_files([source], tensors)
+    from . import hub
+
+    return hub.stream(source, tensors=list(tensors) if tensors is not None else None,
+                      **hub_options)
+
+
+def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framework: str = "pt",
+                 tensors: Sequence[str] | None = None, threads: int | None = None,
+                 io: str | None = None, backend: str | None = None,
+                 staging_bytes: int | None = None, max_device_bytes: int | None = None,
+                 **hub_options: Any) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, tensor)`` as soon as each tensor is complete, in file order.
+
+    On a CUDA device each tensor is safe to use on the caller's current stream when yielded.
+    ``max_device_bytes`` bounds the device memory held by tensors read but not yet yielded
+    (staging is separate, ``staging_bytes`` in total). ``hub_options`` (revision, subfolder,
+    variant, cache_dir, token, local_files_only) apply to Hub repo ids.
+
+    >>> for name, t in fastsafetensors.iter_tensors("model.safetensors", device="cuda:0"):  # doctest: +SKIP
+    ...     model.load_param(name, t)
+    """
+    fw = get_framework(framework)
+    target = resolve_device(device, framework)
+    files = sources_of(source, tensors=tensors, **hub_options)
+    if target == "cpu":
+        stream = _host_stream(files, fw, threads=threads, io=io)
+    else:
+        stream = _device_stream(files, target, threads=threads, io=io, backend=backend,
+                                staging_bytes=staging_bytes, max_device_bytes=max_device_bytes)
+    for name, tensor in stream:
+        yield name, tensor if dtype is None else fw.convert(tensor, device=None, dtype=dtype)
+
+
+def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
+         ) -> dict[str, Any]:
+    """Every tensor of a checkpoint (file, files, folder or Hub repo id): ``{name: tensor}``.
+
+    >>> state = fastsafetensors.load("org/model", device="cuda:0")   # doctest: +SKIP
+    """
+    return dict(iter_tensors(source, device=device, dtype=dtype, **options))
+
+
+def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,
+                 threads: int | None, io: str | None) -> Iterator[tuple[str, Any]]:
+    from .loader.cpu import close_job, load_host, open_job
+
+    for path, _header, names in files:
+        job = open_job(path, names)
+        try:
+            (tensors,) = load_host([job], fw, threads=threads, io=io)
+        finally:
+            close_job(job)
+        yield from tensors.items()
+
+
+def _device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: str, *,
+                   threads: int | None, io: str | None, backend: str | None,
+                   staging_bytes: int | None, max_device_bytes: int | None
+                   ) -> Iterator[tuple[str, Any]]:
+    from .loader.cuda import TorchCudaSink
+    from .loader.gds import select_backend, stream_gds
+    from .loader.stream import StreamOptions, stream_tensors
+
+    sink = TorchCudaSink(device)
+    if select_backend(backend, device=device) == "gds":
+        return stream_gds(files, sink, max_device_bytes=max_device_bytes)
+    options = StreamOptions(threads=config.get("threads", threads),
+                            staging_bytes=config.get("staging_bytes", staging_bytes),
+                            io=config.get("io", io), max_device_bytes=max_device_bytes)
+    return stream_tensors(files, sink, options)

@@ -1,0 +1,92 @@
+"""A fake asynchronous device for testing the streaming engine on the CPU.
+
+Each stream is one worker thread that runs queued copies late (after a random delay), so an
+engine that reuses a staging buffer before its copies ran, or hands out a tensor before its
+copies completed, produces wrong bytes that the tests catch. Events are futures.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from fastsafetensors.format import TensorInfo
+from fastsafetensors.frameworks.torch import torch_dtype, torch_shape
+
+
+class FakeSink:
+    def __init__(self, *, delay: float = 0.002, seed: int = 0):
+        self.delay = delay
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.streams: list[ThreadPoolExecutor] = []
+        self.outstanding = 0          # bytes allocated and not yet handed to the consumer
+        self.peak_outstanding = 0
+        self.allocations = 0
+        self.copies = 0
+
+    def alloc(self, info: TensorInfo) -> torch.Tensor:
+        with self.lock:
+            self.allocations += 1
+            self.outstanding += info.nbytes
+            self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
+        # Poisoned, so a copy that never ran shows up as wrong data.
+        return torch.full((info.nbytes,), 0xA5, dtype=torch.uint8)
+
+    def consumed(self, nbytes: int) -> None:
+        with self.lock:
+            self.outstanding -= nbytes
+
+    def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
+        skip = -raw.data_ptr() % 4096
+        buf = raw[skip:skip + nbytes]
+        return buf, memoryview(buf.numpy()).cast("B")
+
+    def new_stream(self) -> ThreadPoolExecutor:
+        stream = ThreadPoolExecutor(1, thread_name_prefix="fake-stream")
+        with self.lock:
+            self.streams.append(stream)
+        return stream
+
+    def copy(self, dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int,
+             length: int, stream: ThreadPoolExecutor) -> None:
+        delay = self.rng.random() * self.delay
+        with self.lock:
+            self.copies += 1
+
+        def run() -> None:
+            time.sleep(delay)
+            dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length])
+
+        stream.submit(run)
+
+    def record(self, stream: ThreadPoolExecutor) -> Future[None]:
+        return stream.submit(lambda: None)
+
+    def host_wait(self, event: Future[None]) -> None:
+        event.result()
+
+    def consumer_wait(self, events: list[Future[None]]) -> None:
+        # The consumer here is the host, so "its stream waits" means waiting for the events.
+        for event in events:
+            event.result()
+
+    def finish(self, flat: torch.Tensor | None, info: TensorInfo) -> torch.Tensor:
+        dtype, shape = torch_dtype(info.dtype), torch_shape(info)
+        if flat is None:
+            return torch.empty(shape, dtype=dtype)
+        return flat.view(dtype).view(shape)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.shutdown(wait=True)
+
+
+def as_bytes(t: Any) -> torch.Tensor:
+    return t.reshape(-1).contiguous().view(torch.uint8)

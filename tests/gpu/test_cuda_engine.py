@@ -1,0 +1,138 @@
+"""The engine on a real CUDA device. Skipped (with the remedy) where no NVIDIA GPU is usable."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+import fastsafetensors
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+          torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+          torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+          torch.uint16, torch.uint32, torch.uint64]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).contiguous().view(torch.uint8).cpu()
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    raw = torch.randint(0, 256, (int(torch.tensor(shape).prod()) * torch.empty(
+        (), dtype=dtype).element_size(),), dtype=torch.uint8, generator=g)
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape)
+
+
+@pytest.fixture
+def every_dtype(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t_{str(d).split('.')[-1]}": _random(d, (257, 129), g) for d in DTYPES}
+    tensors["empty"] = torch.zeros(0, 3)
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["e8m0"] = _random(torch.uint8, (64,), g).view(torch.float8_e8m0fnu)
+    tensors["f4"] = _random(torch.uint8, (8, 16), g).view(torch.float4_e2m1fn_x2)
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
+def test_every_dtype_bit_for_bit(every_dtype, io):
+    got = fastsafetensors.load_file(every_dtype, device="cuda:0", io=io)
+    want = st_load_file(every_dtype)
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].device.type == "cuda"
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape
+        assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
+
+
+def test_single_tensor_reads_go_to_the_device(every_dtype):
+    with fastsafetensors.FastSafetensorsFile(every_dtype, device="cuda:0") as fsf:
+        t = fsf["t_float32"]
+        assert t.device.type == "cuda"
+        assert torch.equal(t.cpu(), st_load_file(every_dtype)["t_float32"])
+
+
+def test_many_tensors_and_misaligned(tmp_path):
+    many = {f"t{i}": torch.full((3,), float(i)) for i in range(20_000)}
+    path = tmp_path / "many.safetensors"
+    save_file(many, str(path))
+    got = fastsafetensors.load([str(path)], device="cuda:0")
+    assert all(torch.equal(got[f"t{i}"].cpu(), many[f"t{i}"]) for i in range(0, 20_000, 101))
+
+    header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "b": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]}}
+    raw = json.dumps(header).encode()
+    mis = tmp_path / "mis.safetensors"
+    mis.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x07" + struct.pack("<3f", 1, 2, 3))
+    got = fastsafetensors.load_file(str(mis), device="cuda:0")
+    assert got["b"].cpu().tolist() == [1.0, 2.0, 3.0]
+
+
+def test_two_loads_at_once(every_dtype):
+    results: list[dict[str, torch.Tensor]] = [{}, {}]
+
+    def run(i: int) -> None:
+        results[i] = fastsafetensors.load([every_dtype], device="cuda:0")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = st_load_file(every_dtype)
+    for got in results:
+        assert all(torch.equal(_bytes(got[k]), _bytes(v)) for k, v in want.items())
+
+
+def test_consumer_on_another_stream_sees_complete_data(tmp_path):
+    big = {f"w{i}": torch.full((1024, 1024), float(i)) for i in range(8)}
+    path = tmp_path / "big.safetensors"
+    save_file(big, str(path))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        sums = []
+        for name, tensor in fastsafetensors.iter_tensors([str(path)], device="cuda:0"):
+            sums.append((name, tensor.sum()))  # launched on `side` with no host sync between
+    torch.cuda.synchronize()
+    for name, total in sums:
+        assert total.item() == big[name].sum().item(), name
+
+
+def test_peak_device_memory_is_tensors_plus_slack(tmp_path):
+    tensors = {f"w{i}": torch.randn(2048, 2048) for i in range(16)}  # 256 MiB
+    path = tmp_path / "peak.safetensors"
+    save_file(tensors, str(path))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = fastsafetensors.load([str(path)], device="cuda:0")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    nbytes = sum(t.numel() * t.element_size() for t in got.values())
+    assert peak <= nbytes + 256 * 2**20
+
+
+def test_budget_bounds_iter_tensors(tmp_path):
+    tensors = {f"w{i}": torch.randn(1024, 1024) for i in range(16)}  # 4 MiB each
+    path = tmp_path / "budget.safetensors"
+    save_file(tensors, str(path))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _name, tensor in fastsafetensors.iter_tensors([str(path)], device="cuda:0",
+                                                      max_device_bytes=16 * 2**20):
+        del tensor
+    assert torch.cuda.max_memory_allocated() - base <= 16 * 2**20 + 4 * 2**20

@@ -1,0 +1,143 @@
+"""Backend selection: GPUDirect Storage through kvikio, and the fallback to posix reads."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+from fake_device import FakeSink, as_bytes
+from fastsafetensors.errors import BackendUnavailableError, ConfigError
+from fastsafetensors.loader import gds
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe(monkeypatch):
+    gds.gds_status.cache_clear()
+    monkeypatch.setattr(gds, "_warned", False)
+    yield
+    gds.gds_status.cache_clear()
+
+
+def _fake_kvikio(*, compat=False, available=True, broken=False) -> types.ModuleType:
+    module = types.ModuleType("kvikio")
+
+    class Defaults:
+        @staticmethod
+        def compat_mode():
+            if broken:
+                raise RuntimeError("cuFile driver failed to initialise")
+            return compat
+
+    class DriverProperties:
+        is_gds_available = available
+
+    module.defaults = Defaults  # type: ignore[attr-defined]
+    module.DriverProperties = DriverProperties  # type: ignore[attr-defined]
+    return module
+
+
+def test_missing_kvikio_is_reported_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", None)
+    usable, reason = gds.gds_status()
+    assert not usable and "fastsafetensors[gds]" in reason
+    assert gds.gds_available() is False
+
+
+def test_auto_falls_back_to_posix_with_one_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert gds.select_backend("auto", device="cuda:0") == "posix"
+        assert gds.select_backend("auto", device="cuda:0") == "posix"
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "kvikio is not installed" in messages[0]
+
+
+def test_gds_by_name_raises_typed_error_when_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", None)
+    with pytest.raises(BackendUnavailableError) as info:
+        gds.select_backend("gds", device="cuda:0")
+    assert isinstance(info.value, RuntimeError) and "kvikio" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"compat": True}, "compatibility mode"),
+    ({"available": False}, "reports GDS unavailable"),
+    ({"broken": True}, "cuFile driver failed"),
+])
+def test_present_but_failing_kvikio(monkeypatch, kwargs, fragment):
+    monkeypatch.setitem(sys.modules, "kvikio", _fake_kvikio(**kwargs))
+    usable, reason = gds.gds_status()
+    assert not usable and fragment in reason
+    with pytest.raises(BackendUnavailableError, match=fragment):
+        gds.select_backend("gds", device="cuda:0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert gds.select_backend("auto", device="cuda:0") == "posix"
+
+
+def test_working_kvikio_is_selected(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", _fake_kvikio())
+    assert gds.gds_available()
+    assert gds.select_backend("auto", device="cuda:0") == "gds"
+    assert gds.select_backend("posix", device="cuda:0") == "posix"
+    assert gds.select_backend("auto", device="cpu") == "posix"
+
+
+def test_backend_option_is_validated():
+    with pytest.raises(ConfigError, match="auto, gds, posix"):
+        gds.select_backend("nvme")
+
+
+def test_env_variable_selects_backend(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", _fake_kvikio())
+    monkeypatch.setenv("FASTSAFETENSORS_BACKEND", "posix")
+    assert gds.select_backend(None, device="cuda:0") == "posix"
+
+
+class _IOFuture:
+    """kvikio's IOFuture: get() blocks until the read finished and returns the bytes read."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+
+    def get(self) -> int:
+        return self.nbytes
+
+
+class _CuFile:
+    """cuFile stand-in: reads into a (CPU) tensor and returns a finished future."""
+
+    opened: list[str] = []
+
+    def __init__(self, path, mode):
+        self.fd = os.open(path, os.O_RDONLY)
+        _CuFile.opened.append(path)
+
+    def pread(self, buf, size, file_offset):
+        data = os.pread(self.fd, size, file_offset)
+        buf[:len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return _IOFuture(len(data))
+
+    def close(self):
+        os.close(self.fd)
+
+
+def test_stream_gds_reads_every_tensor_bit_for_bit(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = {"a": torch.randn(33, 7), "b": torch.arange(10, dtype=torch.int64),
+               "e": torch.zeros(0), "h": torch.randn(5).to(torch.bfloat16)}
+    save_file(tensors, str(path))
+    kvikio = types.SimpleNamespace(CuFile=_CuFile)
+    got = dict(gds.stream_gds([(str(path), None, None)], FakeSink(delay=0), kvikio=kvikio))
+    want = st_load_file(str(path))
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(as_bytes(got[name]), as_bytes(want[name])), name

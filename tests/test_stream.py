@@ -1,0 +1,187 @@
+"""The streaming engine (fastsafetensors.loader.stream) on a fake asynchronous device."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+from fake_device import FakeSink, as_bytes
+from fastsafetensors.errors import ReadError, TensorNotFoundError
+from fastsafetensors.loader.posix import STATS
+from fastsafetensors.loader.stream import StreamOptions, stream_tensors
+
+
+def _mixed(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(12):
+        rows = [1, 7, 300, 2048][i % 4]
+        out[f"layer.{i}.weight"] = torch.randn(rows, 33, generator=g).to(
+            [torch.float32, torch.bfloat16, torch.float16][i % 3])
+    out["empty"] = torch.zeros(0, 5)
+    out["scalar"] = torch.tensor(3.5)
+    out["flags"] = torch.rand(999, generator=g) > 0.5
+    out["ids"] = torch.randint(-2**40, 2**40, (513,), generator=g)
+    out["f8"] = torch.randn(77, 3, generator=g).to(torch.float8_e4m3fn)
+    return out
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    paths = []
+    for shard in range(3):
+        path = tmp_path / f"model-{shard}.safetensors"
+        save_file({f"s{shard}.{k}": v for k, v in _mixed(shard).items()}, str(path))
+        paths.append(str(path))
+    return paths
+
+
+def _run(paths, sink, *, names=None, **opts):
+    options = StreamOptions(threads=opts.pop("threads", 3), staging_bytes=opts.pop(
+        "staging_bytes", 6 * 16384), **opts)
+    sources = [(p, None, names) for p in paths]
+    out = {}
+    for name, tensor in stream_tensors(sources, sink, options):
+        out[name] = tensor
+        sink.consumed(tensor.numel() * tensor.element_size() if tensor.dtype != torch.bool
+                      else tensor.numel())
+    return out
+
+
+def _expected(paths):
+    out = {}
+    for p in paths:
+        out.update(st_load_file(p))
+    return out
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
+def test_stream_equals_safetensors_bit_for_bit(checkpoint, io):
+    sink = FakeSink(delay=0.003)
+    # 16 KiB staging buffers: big tensors span several chunks, small ones share chunks.
+    got = _run(checkpoint, sink, io=io)
+    sink.close()
+    want = _expected(checkpoint)
+    assert list(got) == [n for p in checkpoint for n in _order(p)]
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
+    assert sink.copies > sink.allocations  # tensors really were split across chunks
+
+
+def _order(path):
+    from fastsafetensors.format import read_header
+
+    return list(read_header(path).tensors)
+
+
+def test_direct_io_reads_with_o_direct(checkpoint):
+    STATS.reset()
+    _run(checkpoint, FakeSink(delay=0), io="direct")
+    assert STATS.snapshot()[2] > 0
+
+
+def test_budget_bounds_memory_held_before_yield(tmp_path):
+    tensors = {f"w{i}": torch.full((64, 256), float(i)) for i in range(20)}  # 64 KiB each
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0.001)
+    budget = 3 * 65536
+    got = _run([str(path)], sink, max_device_bytes=budget)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    # Allocated-but-unconsumed bytes stay within the budget, plus the one tensor in hand-off.
+    assert sink.peak_outstanding <= budget + 65536
+
+
+def test_unbounded_allocates_ahead(tmp_path):
+    tensors = {f"w{i}": torch.full((64, 256), float(i)) for i in range(20)}
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0.001)
+    _run([str(path)], sink)
+    assert sink.allocations == 20
+
+
+def test_subset_reads_only_wanted_tensors(checkpoint):
+    STATS.reset()
+    sink = FakeSink(delay=0)
+    got = _run(checkpoint[:1], sink, names=["s0.scalar", "s0.f8"])
+    assert set(got) == {"s0.scalar", "s0.f8"}
+    want = st_load_file(checkpoint[0])
+    assert torch.equal(as_bytes(got["s0.f8"]), as_bytes(want["s0.f8"]))
+    nbytes = sum(as_bytes(want[n]).numel() for n in ("s0.scalar", "s0.f8"))
+    # One coalesced range: the wanted bytes plus at most the small tensors in between.
+    assert STATS.snapshot()[0] < os.path.getsize(checkpoint[0])
+    assert STATS.snapshot()[0] >= nbytes
+
+
+def test_unknown_name_raises_and_cleans_up(checkpoint):
+    before = _fd_count()
+    with pytest.raises(TensorNotFoundError):
+        _run(checkpoint, FakeSink(delay=0), names=["nope"])
+    assert _fd_count() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+
+
+def test_truncated_file_raises_read_error_without_partial_result(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(4096), "b": torch.ones(4096)}, str(path))
+    from fastsafetensors.format import read_header
+
+    header = read_header(path)  # validated while whole; the file then shrinks under us
+    os.truncate(path, os.path.getsize(path) - 100)
+    before = _fd_count()
+    with pytest.raises(ReadError):
+        list(stream_tensors([(str(path), header, None)], FakeSink(delay=0),
+                            StreamOptions(threads=2, staging_bytes=4 * 8192, io="buffered")))
+    assert _fd_count() == before
+
+
+def test_early_close_stops_threads_and_closes_files(checkpoint):
+    before = _fd_count()
+    gen = stream_tensors([(p, None, None) for p in checkpoint], FakeSink(delay=0.002),
+                         StreamOptions(threads=3, staging_bytes=6 * 8192))
+    next(gen)
+    gen.close()
+    assert _fd_count() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+
+
+def test_misaligned_tensors_stream_correctly(tmp_path):
+    import json
+    import struct
+
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "b": {"dtype": "F32", "shape": [5], "data_offsets": [3, 23]},
+              "c": {"dtype": "F64", "shape": [2], "data_offsets": [23, 39]}}
+    raw = json.dumps(header).encode()
+    a = bytes([1, 2, 3])
+    b = struct.pack("<5f", 1.5, -2.0, 3.25, 0.0, 7.0)
+    c = struct.pack("<2d", 1e300, -5.5)
+    path = tmp_path / "mis.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + a + b + c)
+    got = _run([str(path)], FakeSink(delay=0))
+    assert got["b"].tolist() == [1.5, -2.0, 3.25, 0.0, 7.0]
+    assert got["c"].tolist() == [1e300, -5.5]
+    assert all(t.data_ptr() % t.element_size() == 0 for t in got.values())
+
+
+def test_many_small_tensors_use_few_reads(tmp_path):
+    tensors = {f"t{i}": torch.full((4,), float(i)) for i in range(20_000)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    STATS.reset()
+    got = _run([str(path)], FakeSink(delay=0), staging_bytes=2 * 3 * (1 << 20))
+    assert len(got) == 20_000
+    assert all(torch.equal(got[f"t{i}"], tensors[f"t{i}"]) for i in range(0, 20_000, 997))
+    # 320 KB of data: a handful of chunk reads, not one read per tensor.
+    assert STATS.snapshot()[1] <= 4
