@@ -120,12 +120,12 @@ class FastSafetensorsFile:
             with self._lock:
                 self.bytes_read += info.nbytes
             return self._framework.convert(tensor, device=None, dtype=dtype)
-        buffer = self._read_range(info.data_offsets[0], info.nbytes)
+        buffer = self._read_range(info.data_offsets[0], info.nbytes, pinned=target != "cpu")
         tensor = self._framework.view(buffer, 0, info)
         if target != "cpu":
-            from .loader.cuda import TorchCudaSink
-
-            tensor = TorchCudaSink.pinned_copy(tensor, target)
+            # From pinned memory the copy is a DMA queued on the caller's current stream, so
+            # the tensor is ready for that stream without a host sync.
+            tensor = tensor.to(target, non_blocking=True)
         return self._framework.convert(tensor, device=None, dtype=dtype)
 
     def get_slice(self, name: str) -> LazyTensor:
@@ -195,10 +195,15 @@ class FastSafetensorsFile:
             tensor = self._framework.convert(tensor, device=self._device, dtype=None)
         return tensor
 
-    def _read_range(self, begin: int, length: int) -> Any:
+    def _read_range(self, begin: int, length: int, *, pinned: bool = False) -> Any:
         """Bytes ``[begin, begin + length)`` of the data region, read into fresh host memory;
         large ranges are split across reader threads."""
-        buffer, view = self._framework.alloc(length)
+        if pinned:
+            from .loader.cuda import TorchCudaSink
+
+            buffer, view = TorchCudaSink.pinned(length)
+        else:
+            buffer, view = self._framework.alloc(length)
         if length == 0:
             with self._in_use():  # nothing to read, but a closed file still refuses
                 return buffer

@@ -13,6 +13,7 @@ safetensors' slice protocol (``get_shape()``, ``get_dtype()``, ``[...]``), so co
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -120,6 +121,106 @@ def row_bytes(info: TensorInfo) -> int | None:
     return None if bits % 8 else bits // 8
 
 
+#: Runs of a strided read closer than this many bytes are read as one span: copying a gap this
+#: small costs less than the extra system call that skipping it needs.
+MERGE_GAP = 512
+
+
+def plan_index(shape: tuple[int, ...], itemsize: int,
+               index: Any) -> tuple[list[tuple[int, int]], tuple[int, ...], tuple[Any, ...]]:
+    """The byte runs ``(offset in the tensor, length)`` that ``index`` touches, the shape of the
+    block they form when read back to back, and the index that turns that block into the result.
+
+    Pure: no file, no framework. ``index`` is what ``LazyTensor[...]`` received (integers,
+    positive-step slices, ``...``). A column slice of a row-major matrix is one run per row, so a
+    tensor-parallel rank reads only its columns; runs closer than :data:`MERGE_GAP` are merged by
+    reading the whole of the innermost partly-selected dimension instead.
+
+    >>> plan_index((4, 8), 4, (slice(None), slice(4, 8)))[0]     # 4 rows of 4 F32 values each
+    [(16, 16), (48, 16), (80, 16), (112, 16)]
+    """
+    sel = _normalize_index(shape, index)
+    ndim = len(shape)
+    stride = [math.prod(shape[d + 1:]) * itemsize for d in range(ndim)]
+
+    def full(d: int) -> bool:
+        start, count, step, is_int = sel[d]
+        return not is_int and start == 0 and step == 1 and count == shape[d]
+
+    def span(d: int) -> int:
+        start, count, step, _ = sel[d]
+        return 0 if count == 0 else (count - 1) * step + 1
+
+    k = ndim - 1   # the innermost dimension that is not read whole
+    while k >= 0 and full(k):
+        k -= 1
+    while k > 0:
+        outer_runs = math.prod(sel[d][1] for d in range(k))
+        if outer_runs <= 1 or stride[k - 1] - span(k) * stride[k] >= MERGE_GAP:
+            break
+        k -= 1
+
+    post: list[Any] = []
+    block: list[int] = []
+    for d in range(ndim):
+        start, count, step, is_int = sel[d]
+        if d < k:        # outer: exactly the selected entries are read
+            block.append(count)
+            post.append(0 if is_int else slice(None))
+        elif d == k:     # the run: a contiguous span, stepped through afterwards
+            block.append(span(d))
+            post.append(0 if is_int else slice(None, None, step))
+        else:            # read whole, indexed afterwards (the merged dimensions)
+            block.append(shape[d])
+            post.append(start if is_int else slice(start, start + span(d), step))
+    if math.prod(block) == 0:
+        return [], tuple(block), tuple(post)
+    if k < 0:
+        return [(0, math.prod(shape) * itemsize)], tuple(block), tuple(post)
+    run = span(k) * stride[k]
+    base = sel[k][0] * stride[k]
+    outer = [range(s, s + c * st, st) for s, c, st, _ in sel[:k]]
+    runs: list[tuple[int, int]] = []
+    for entry in itertools.product(*outer):
+        offset = base + sum(i * stride[d] for d, i in enumerate(entry))
+        if runs and runs[-1][0] + runs[-1][1] == offset:
+            runs[-1] = (runs[-1][0], runs[-1][1] + run)
+        else:
+            runs.append((offset, run))
+    return runs, tuple(block), tuple(post)
+
+
+def _normalize_index(shape: tuple[int, ...],
+                     index: Any) -> list[tuple[int, int, int, bool]]:
+    """Per dimension ``(start, count, step, is_int)``; raises IndexError like the frameworks."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if sum(i is Ellipsis for i in index) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        fill = len(shape) - (len(index) - 1)
+        index = index[:at] + (slice(None),) * fill + index[at + 1:]
+    if len(index) > len(shape):
+        raise IndexError(f"too many indices ({len(index)}) for a tensor of {len(shape)} dims")
+    index = index + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for d, (entry, size) in enumerate(zip(index, shape)):
+        if isinstance(entry, slice):
+            start, stop, step = entry.indices(size)
+            if step <= 0:
+                raise IndexError("slice steps must be positive")
+            out.append((start, len(range(start, stop, step)), step, False))
+            continue
+        if isinstance(entry, bool) or not hasattr(entry, "__index__"):
+            raise IndexError(f"only integers, slices and ... are supported, got {entry!r}")
+        i = entry.__index__()
+        if not -size <= i < size:
+            raise IndexError(f"index {i} is out of bounds for dimension {d} with size {size}")
+        out.append((i % size, 1, 1, True))
+    return out
+
+
 class LazyTensorFactory:
     """Lazy handles over the tensors of one or several files, and custom creation.
 
@@ -132,7 +233,8 @@ class LazyTensorFactory:
                  device: str = "cpu", creator: Creator | None = None):
         from .file import FastSafetensorsFile
 
-        if isinstance(sources, (str, os.PathLike)):
+        if isinstance(sources, (str, os.PathLike, FastSafetensorsFile)):
+            # one source, not an iterable of them (iterating a file would yield tensor names)
             sources = [sources]
         self.creator = creator
         self._files: list[FastSafetensorsFile] = []

@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""End-to-end ``from_pretrained``: transformers' stock loader against ``loader="fastsafetensors"``.
+
+A Llama-shaped bf16 checkpoint of ``--size-gb`` (default 8, for GPU machines; use 1-2 on a small
+CPU VM) is written once (benchmarks/_common.py ``build_checkpoint``), then every round loads it
+with each loader, warm (files in the page cache) and cold (fdatasync + POSIX_FADV_DONTNEED per
+file, checked with mincore), interleaved so a noisy neighbour hurts both alike. Each load runs in
+a fresh child process, which measures:
+
+* seconds: ``AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+  device_map=DEVICE[, loader="fastsafetensors"])``, imports excluded;
+* peak RSS above the child's baseline (``ru_maxrss``: anonymous memory plus the mapped file pages
+  the stock loader touches), and peak anonymous RSS (``RssAnon`` of /proc/self/status sampled
+  every 5 ms: the memory a loader allocates, without page-cache-backed mappings);
+* first touch: one read per 4 KiB page of every parameter afterwards (the stock CPU path hands
+  out tensors that still point into its memory map, so its reads happen there), timed apart;
+* a checksum of a sample of every parameter's bits, so both loaders build the same model.
+
+    python benchmarks/bench_transformers.py --size-gb 2 --repeat 3 --json bench-tf.json
+    python benchmarks/bench_transformers.py --device cuda          # on a GPU machine
+
+GB = 1e9 bytes. Medians of ``--repeat`` rounds are printed; nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+MODES = ("stock", "fastsafetensors")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class AnonPeak:
+    """Samples RssAnon every ``interval`` seconds on a thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _status_kib("RssAnon") * 1024)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One timed load; prints one JSON line."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import fastsafetensors.integrations.transformers  # noqa: F401  (installs the hook)
+
+    hf_logging.disable_progress_bar()
+    folder = Path(args.folder)
+    paths = [str(p) for p in sorted(folder.glob("*.safetensors"))]
+    state = C.prepare(paths, args.cache)
+    kwargs: dict[str, Any] = {} if args.mode == "stock" else {"loader": "fastsafetensors"}
+    base_rss = _status_kib("VmRSS") * 1024
+    base_anon = _status_kib("RssAnon") * 1024
+    with AnonPeak() as anon:
+        started = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                     device_map=args.device, **kwargs)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # First touch: one element per 4 KiB page of every parameter. The stock CPU path returns
+    # tensors that still point into its memory map, so its reads happen here.
+    started = time.perf_counter()
+    for p in model.parameters():
+        flat = p.detach().reshape(-1).view(torch.int16)
+        int(flat[::2048].sum(dtype=torch.int64))
+    touch = time.perf_counter() - started
+    checksum = 0
+    for p in model.parameters():
+        flat = p.detach().reshape(-1).view(torch.int16)
+        checksum += int(flat[::97].sum(dtype=torch.int64))
+    result = {"mode": args.mode, "cache": args.cache, "seconds": seconds,
+              "gb_per_s": args.tensor_bytes / 1e9 / seconds, "touch_seconds": touch,
+              "peak_rss_above_base": peak_rss - base_rss, "peak_anon_above_base":
+              anon.peak - base_anon, "peak_rss_after_touch_above_base":
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss,
+              "checksum": checksum, "loadavg_1min": os.getloadavg()[0], **state}
+    if args.device.startswith("cuda"):
+        result["peak_cuda"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gb", type=float, default=8.0, help="checkpoint size (GB = 1e9 B)")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="device_map: cpu, cuda, auto, ...")
+    ap.add_argument("--cache", choices=("warm", "cold", "both"), default="both")
+    ap.add_argument("--dir", default=None,
+                    help="where the checkpoint is written (default: a folder under /tmp)")
+    ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--tensor-bytes", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    folder = Path(args.dir or Path(tempfile.gettempdir()) / f"fst-bench-tf-{args.size_gb:g}gb")
+    info = C.build_checkpoint(folder, args.size_gb, shards=args.shards)
+    caches = ("warm", "cold") if args.cache == "both" else (args.cache,)
+    results: list[dict[str, Any]] = []
+    for round_ in range(args.repeat):
+        for cache in caches:
+            for mode in MODES:
+                cmd = [sys.executable, __file__, "--child", "--mode", mode, "--cache", cache,
+                       "--folder", str(folder), "--device", args.device,
+                       "--tensor-bytes", str(info["tensor_bytes"])]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1]) | {"round": round_}
+                results.append(row)
+                print(f"round {round_} {cache:4} {mode:15} {row['seconds']:7.2f} s "
+                      f"(+{row['touch_seconds']:.2f} s first touch) "
+                      f"{row['gb_per_s']:6.2f} GB/s  "
+                      f"peak RSS +{row['peak_rss_above_base'] / 1e9:.2f} GB"
+                      f"  peak anon +{row['peak_anon_above_base'] / 1e9:.2f} GB"
+                      f"  load {row['loadavg_1min']:.1f}", flush=True)
+    checksums = {r["checksum"] for r in results}
+    summary: dict[str, Any] = {}
+    for cache in caches:
+        for mode in MODES:
+            rows = [r for r in results if r["cache"] == cache and r["mode"] == mode]
+            summary[f"{cache}/{mode}"] = {
+                "seconds": C.median([r["seconds"] for r in rows]),
+                "seconds_with_first_touch": C.median([r["seconds"] + r["touch_seconds"]
+                                                      for r in rows]),
+                "gb_per_s": C.median([r["gb_per_s"] for r in rows]),
+                "peak_rss_above_base_gb": C.median([r["peak_rss_above_base"] for r in rows]) / 1e9,
+                "peak_anon_above_base_gb":
+                    C.median([r["peak_anon_above_base"] for r in rows]) / 1e9,
+                "state_ok": all(r["state_ok"] for r in rows)}
+        stock, ours = summary[f"{cache}/stock"], summary[f"{cache}/fastsafetensors"]
+        summary[f"{cache}/speedup"] = stock["seconds"] / ours["seconds"]
+        summary[f"{cache}/speedup_with_first_touch"] = (stock["seconds_with_first_touch"]
+                                                       / ours["seconds_with_first_touch"])
+    print(f"\n{info['tensor_bytes'] / 1e9:.2f} GB, {len(info['files'])} shards, device_map="
+          f"{args.device!r}; medians of {args.repeat}; same model both ways: {len(checksums) == 1}")
+    for key, value in summary.items():
+        if "speedup" in key:
+            print(f"  {key:26} {value:.2f}x")
+        else:
+            print(f"  {key:26} {value['seconds']:7.2f} s "
+                  f"({value['seconds_with_first_touch']:.2f} s with first touch) "
+                  f"{value['gb_per_s']:6.2f} GB/s  "
+                  f"peak RSS +{value['peak_rss_above_base_gb']:.2f} GB  "
+                  f"peak anon +{value['peak_anon_above_base_gb']:.2f} GB")
+    if args.json:
+        import transformers
+
+        Path(args.json).write_text(json.dumps({
+            "machine": C.machine(), "filesystem": C.filesystem(str(folder)),
+            "transformers": transformers.__version__, "device_map": args.device,
+            "checkpoint": info, "same_model_both_ways": len(checksums) == 1,
+            "summary": summary, "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

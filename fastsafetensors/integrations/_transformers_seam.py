@@ -1,0 +1,442 @@
+"""The seam between transformers' ``from_pretrained`` and this package (internal).
+
+transformers 5 reads every safetensors shard through a module-level ``safe_open`` name and
+materializes each tensor with ``slice[...]`` (or ``slice[rows, cols]`` under tensor parallelism)
+in a small thread pool. Three replacements, made once at install time, route those reads here:
+
+1. ``PreTrainedModel.from_pretrained`` is wrapped: the wrapper pops the keyword-only ``loader`` and
+   ``loader_options`` arguments and records the load in a ContextVar for the duration of the call.
+2. Each module-level ``safe_open`` is replaced by a dispatcher that returns a
+   :class:`TransformersFile` while a load is recorded in the calling context, and calls the
+   original ``safe_open`` otherwise. Swapping the globals per call would race between threads;
+   a ContextVar does not.
+3. ``core_model_loading._materialize_copy`` reads one of our slices whose target is a CUDA device
+   straight onto it (this package's pinned staging), instead of into host memory first; any other
+   tensor or device goes to the original.
+
+transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
+gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
+that tensor (or of this rank's rows or columns) into memory the result owns, so there is no file
+buffer to release and no view can outlive its handle; the data in flight is bounded by
+transformers' own materialization pool (a few tensors), whatever the number of shards.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import inspect
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from .. import config
+from ..errors import ConfigError, FastSafetensorsError, FrameworkNotInstalledError
+from ..file import FastSafetensorsFile
+from ..lazy_tensor_factory import LazyTensor
+
+logger = logging.getLogger("fastsafetensors.integrations.transformers")
+
+#: Names accepted by ``from_pretrained(loader=...)``; None and "safetensors" mean the stock path.
+LOADERS = ("fastsafetensors", "safetensors", None)
+#: The transformers releases this seam is written and tested for.
+SUPPORTED = "transformers>=5.0,<6"
+
+#: Modules whose ``safe_open`` global transformers calls while loading. The first is the main
+#: path and must exist; the others (disk offload, multi-token-prediction heads, torchao
+#: pre-quantized checkpoints) are replaced where present.
+SAFE_OPEN_SITES = (
+    "transformers.modeling_utils",
+    "transformers.integrations.accelerate",
+    "transformers.modeling_layers",
+    "transformers.quantizers.quantizer_torchao",
+)
+
+#: Private functions whose parameters the seam relies on: (module, qualified name, parameters).
+#: Materialization must still call ``tensor[...]`` on what ``safe_open(...).get_slice()`` returns,
+#: so a change here is the first sign that the seam no longer fits.
+PRIVATE_SIGNATURES = (
+    ("transformers.modeling_utils", "PreTrainedModel._load_pretrained_model",
+     ("model", "state_dict", "checkpoint_files", "load_config")),
+    ("transformers.modeling_utils", "load_state_dict", ("checkpoint_file", "map_location")),
+    ("transformers.core_model_loading", "spawn_materialize",
+     ("thread_pool", "tensor", "device", "dtype")),
+    ("transformers.core_model_loading", "_materialize_copy", ("tensor", "device", "dtype")),
+    ("transformers.distributed.sharding_utils", "DtensorShardOperation.shard_tensor",
+     ("source", "tensor_idx", "device", "dtype")),
+)
+
+
+class IncompatibleVersionError(FastSafetensorsError, ImportError):
+    """The installed library is outside the range an integration supports, or a private function
+    it relies on changed. Raised by ``install()`` (so also by importing the integration)."""
+
+    _fields = ("library", "version", "supported", "detail")
+
+    def __init__(self, library: str, version: str, supported: str, detail: str):
+        self.library = library
+        self.version = version
+        self.supported = supported
+        self.detail = detail
+        self.message = (f"{library} {version} is not supported by "
+                        f"fastsafetensors.integrations.{library}: {detail}. It supports "
+                        f"{supported}; install one (pip install '{supported}') or load without "
+                        f"loader='fastsafetensors'")
+        super().__init__(self.message, name=f"fastsafetensors.integrations.{library}")
+
+
+# -- the handles transformers gets --------------------------------------------------------------
+
+class TransformersSlice(LazyTensor):
+    """A :class:`LazyTensor` that reads under its load's options on whichever thread indexes it
+    (transformers materializes in a thread pool, where ContextVars set by the caller are unset)."""
+
+    __slots__ = ("_load",)
+
+    def __init__(self, file: FastSafetensorsFile, info: Any, load: Load):
+        super().__init__(file, info)
+        self._load = load
+
+    def __getitem__(self, index: Any) -> Any:
+        with self._load.configured():
+            tensor = super().__getitem__(index)
+        self._load.count_read()
+        return tensor
+
+
+class TransformersFile(FastSafetensorsFile):
+    """What ``safe_open`` returns to transformers during a fastsafetensors load."""
+
+    def __init__(self, path: str | os.PathLike[str], load: Load):
+        super().__init__(path, device="cpu", framework="pt")
+        self._load = load
+
+    def get_slice(self, name: str) -> TransformersSlice:
+        return TransformersSlice(self, super().get_slice(name).info, self._load)
+
+    def get_tensor(self, name: str, *, device: str | None = None, dtype: Any = None) -> Any:
+        with self._load.configured():
+            tensor = super().get_tensor(name, device=device, dtype=dtype)
+        self._load.count_read()
+        return tensor
+
+
+class Load:
+    """One ``from_pretrained`` call routed through this package: its options, the files it
+    opened and what was read, for the one INFO line at the end."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+        self.files: list[TransformersFile] = []
+        self.reads = 0
+        self.devices: set[str] = set()   # devices read to directly (CUDA targets)
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def configured(self) -> Any:
+        return config.configure(**self.options)
+
+    def open(self, path: str | os.PathLike[str]) -> TransformersFile:
+        handle = TransformersFile(path, self)
+        with self._lock:
+            self.files.append(handle)
+        return handle
+
+    def count_read(self) -> None:
+        with self._lock:
+            self.reads += 1
+
+    def close(self) -> None:
+        """Close every handle (transformers closes the main ones; a few are only dropped)."""
+        for handle in self.files:
+            handle.close()
+
+    def summary(self) -> str:
+        seconds = time.perf_counter() - self.started
+        nbytes = sum(f.bytes_read for f in self.files)
+        paths = {f.path for f in self.files}
+        direct = f", straight to {', '.join(sorted(self.devices))}" if self.devices else ""
+        return (f"read {_size(nbytes)} ({self.reads} tensor reads, {len(paths)} files) with "
+                f"fastsafetensors (posix reads{direct}); from_pretrained took {seconds:.2f} s, "
+                f"{nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+_ACTIVE: contextvars.ContextVar[Load | None] = contextvars.ContextVar(
+    "fastsafetensors_transformers_load", default=None)
+_DEFAULT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "fastsafetensors_transformers_default", default=None)
+
+
+# -- the dispatcher that replaces safe_open ----------------------------------------------------
+
+def make_dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``safe_open`` replacement: our handle during a fastsafetensors load, else ``original``."""
+
+    def safe_open(filename: Any, framework: str = "pt", device: Any = "cpu", **kwargs: Any) -> Any:
+        load = _ACTIVE.get()
+        if load is None or framework not in ("pt", "torch") or str(device) != "cpu":
+            return original(filename, framework=framework, device=device, **kwargs)
+        return load.open(filename)
+
+    safe_open.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
+    safe_open.__doc__ = "fastsafetensors dispatcher in place of safetensors.safe_open"
+    return safe_open
+
+
+# -- straight to the device: the replacement of _materialize_copy -------------------------------
+
+#: Where transformers turns a slice into a tensor on its device; looked up as a global at call
+#: time, so replacing it once reaches every load.
+MATERIALIZE_SITE = ("transformers.core_model_loading", "_materialize_copy")
+
+
+def make_materializer(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``_materialize_copy`` that reads one of our slices straight onto a CUDA device (pinned
+    staging and asynchronous copies), where the stock code would read it into host memory and
+    then copy it; everything else goes to ``original``."""
+
+    def _materialize_copy(tensor: Any, device: Any = None, dtype: Any = None) -> Any:
+        if isinstance(tensor, TransformersSlice) and device is not None:
+            import torch
+
+            target = torch.device(device)
+            if target.type == "cuda":
+                tensor._load.devices.add(str(target))
+                return tensor.materialize(device=str(target), dtype=dtype)
+        return original(tensor, device, dtype)
+
+    _materialize_copy.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
+    return _materialize_copy
+
+
+# -- the wrapper around from_pretrained ----------------------------------------------------------
+
+_UNSET: Any = object()
+
+
+def stock_reason(kwargs: dict[str, Any]) -> str | None:
+    """Why a load must stay on transformers' own path, or None."""
+    if kwargs.get("gguf_file"):
+        return f"gguf_file={kwargs['gguf_file']!r} is a GGUF checkpoint"
+    if kwargs.get("state_dict") is not None:
+        return "the caller passed state_dict="
+    if kwargs.get("use_safetensors") is False:
+        return "use_safetensors=False asks for .bin weights"
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return None
+    if is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3 partitions the weights while they load"
+    return None
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Unknown option names or values raise ConfigError listing the valid ones."""
+    if not isinstance(options, dict):
+        raise ConfigError("loader_options", options, ["a dict of fastsafetensors options: "
+                                                      + ", ".join(config.OPTIONS)])
+    with config.configure(**options):
+        pass
+    return dict(options)
+
+
+def wrap_from_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` is the function under ``PreTrainedModel.from_pretrained``'s classmethod."""
+
+    @functools.wraps(original)
+    def from_pretrained(cls: Any, *args: Any, loader: Any = _UNSET,
+                        loader_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        if loader is _UNSET:
+            if loader_options is not None:
+                raise ConfigError("loader_options", loader_options,
+                                  ["None unless loader='fastsafetensors' is given too"])
+            default = _DEFAULT.get()
+            if _ACTIVE.get() is not None or default is None:
+                # Stock call, or a nested call (a composite model loading a part): as the caller.
+                return original(cls, *args, **kwargs)
+            options = default
+        elif loader is None or loader == "safetensors":
+            if loader_options is not None:
+                raise ConfigError("loader_options", loader_options,
+                                  ["None unless loader='fastsafetensors' is given too"])
+            if _ACTIVE.get() is None:
+                return original(cls, *args, **kwargs)
+            token = _ACTIVE.set(None)
+            try:
+                return original(cls, *args, **kwargs)
+            finally:
+                _ACTIVE.reset(token)
+        elif loader == "fastsafetensors":
+            options = check_options(loader_options or {})
+        else:
+            raise ConfigError("loader", loader, [repr(name) for name in LOADERS])
+
+        what = f"{getattr(cls, '__name__', cls)}.from_pretrained"
+        reason = stock_reason(kwargs)
+        if reason is not None:
+            logger.info("%s: %s; transformers loads it with its own loader", what, reason)
+            token = _ACTIVE.set(None)
+            try:
+                return original(cls, *args, **kwargs)
+            finally:
+                _ACTIVE.reset(token)
+        if kwargs.get("disable_mmap"):
+            # transformers would read whole files into memory instead of mapping them; this
+            # package never maps files, so the request is already met by positioned reads.
+            kwargs["disable_mmap"] = False
+        load = Load(options)
+        token = _ACTIVE.set(load)
+        try:
+            model = original(cls, *args, **kwargs)
+        finally:
+            _ACTIVE.reset(token)
+            load.close()
+        if load.reads == 0:
+            logger.info("%s: no safetensors weights were read through fastsafetensors (.bin "
+                        "weights, an MPS device_map, or files transformers reads whole, e.g. on "
+                        "hf-mount); transformers loaded them with its own loader", what)
+        else:
+            logger.info("%s: %s", what, load.summary())
+        return model
+
+    from_pretrained.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
+    return from_pretrained
+
+
+# -- version and signature checks ----------------------------------------------------------------
+
+def _resolve(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "__fastsafetensors_original__", obj)
+
+
+def check_transformers() -> None:
+    """Raise IncompatibleVersionError unless transformers is 5.x and the private functions the
+    seam relies on still take the parameters it expects."""
+    try:
+        import transformers
+    except ModuleNotFoundError as exc:
+        if exc.name != "transformers":
+            raise
+        raise FrameworkNotInstalledError(
+            "transformers", "transformers",
+            "pip install 'fastsafetensors[transformers]'  (transformers>=5,<6)") from None
+
+    version = str(transformers.__version__)
+    try:
+        from packaging.version import Version
+
+        major = Version(version).release[0]
+    except Exception:  # an unparsable version string is as unsupported as a wrong one
+        major = -1
+    if major != 5:
+        raise IncompatibleVersionError("transformers", version, SUPPORTED,
+                                       "the seam is written for the transformers 5 line")
+    from transformers import modeling_utils
+
+    problems = []
+    if not isinstance(modeling_utils.PreTrainedModel.__dict__.get("from_pretrained"),
+                      classmethod):
+        problems.append("PreTrainedModel.from_pretrained is no longer a classmethod")
+    if not callable(getattr(modeling_utils, "safe_open", None)):
+        problems.append("transformers.modeling_utils no longer imports safe_open")
+    for module, qualname, expected in PRIVATE_SIGNATURES:
+        try:
+            function = _resolve(module, qualname)
+        except (ImportError, AttributeError):
+            problems.append(f"{module}.{qualname} is gone")
+            continue
+        params = inspect.signature(function).parameters
+        missing = [p for p in expected if p not in params]
+        if missing:
+            problems.append(f"{module}.{qualname}{inspect.signature(function)} lacks "
+                            f"parameter(s) {', '.join(missing)}")
+    if problems:
+        raise IncompatibleVersionError("transformers", version, SUPPORTED, "; ".join(problems))
+
+
+# -- install / uninstall -------------------------------------------------------------------------
+
+_install_lock = threading.Lock()
+
+
+def install() -> None:
+    with _install_lock:
+        check_transformers()
+        from transformers import modeling_utils
+
+        for name in SAFE_OPEN_SITES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            current = getattr(module, "safe_open", None)
+            if current is None or hasattr(current, "__fastsafetensors_original__"):
+                continue
+            module.safe_open = make_dispatcher(current)  # type: ignore[attr-defined]
+        module_name, attr = MATERIALIZE_SITE
+        module = importlib.import_module(module_name)
+        current = getattr(module, attr)
+        if not hasattr(current, "__fastsafetensors_original__"):
+            setattr(module, attr, make_materializer(current))
+        cls = modeling_utils.PreTrainedModel
+        method = cls.__dict__["from_pretrained"]
+        if not hasattr(method.__func__, "__fastsafetensors_original__"):
+            setattr(cls, "from_pretrained", classmethod(wrap_from_pretrained(method.__func__)))
+
+
+def uninstall() -> None:
+    with _install_lock:
+        import sys
+
+        for name in SAFE_OPEN_SITES:
+            module = sys.modules.get(name)
+            current = getattr(module, "safe_open", None)
+            original = getattr(current, "__fastsafetensors_original__", None)
+            if original is not None:
+                module.safe_open = original  # type: ignore[union-attr]
+        module_name, attr = MATERIALIZE_SITE
+        module = sys.modules.get(module_name)
+        original = getattr(getattr(module, attr, None), "__fastsafetensors_original__", None)
+        if original is not None:
+            setattr(module, attr, original)
+        modeling_utils = sys.modules.get("transformers.modeling_utils")
+        if modeling_utils is None:
+            return
+        cls = modeling_utils.PreTrainedModel
+        method = cls.__dict__.get("from_pretrained")
+        original = getattr(getattr(method, "__func__", None), "__fastsafetensors_original__", None)
+        if original is not None:
+            cls.from_pretrained = classmethod(original)
+
+
+def is_installed() -> bool:
+    """Whether ``from_pretrained`` currently accepts ``loader=``."""
+    import sys
+
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is None:
+        return False
+    method = modeling_utils.PreTrainedModel.__dict__.get("from_pretrained")
+    return hasattr(getattr(method, "__func__", None), "__fastsafetensors_original__")
+
+
+def set_default(options: dict[str, Any] | None) -> contextvars.Token[dict[str, Any] | None]:
+    return _DEFAULT.set(options)
+
+
+def reset_default(token: contextvars.Token[dict[str, Any] | None]) -> None:
+    _DEFAULT.reset(token)

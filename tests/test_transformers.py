@@ -1,0 +1,669 @@
+"""transformers' ``from_pretrained(..., loader="fastsafetensors")``, checked against stock.
+
+Every load test asserts that every parameter and buffer is ``torch.equal`` (same dtype, device and
+type) to what transformers' own loader produces from the same files, and proves the bytes went
+through this package by counting them (fastsafetensors.loader.posix.STATS) and counting the
+handles each path opened. Tiny checkpoints are built in a temporary folder; no network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytestmark = pytest.mark.transformers
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tf_models  # noqa: E402  (tests/ is on sys.path via conftest)
+
+import fastsafetensors.integrations.transformers as ft  # noqa: E402
+from fastsafetensors.errors import ConfigError  # noqa: E402
+from fastsafetensors.integrations import _transformers_seam as seam  # noqa: E402
+from fastsafetensors.loader.posix import STATS  # noqa: E402
+
+LOGGER = "fastsafetensors.integrations.transformers"
+IDS = [[1, 5, 9, 17, 33, 65]]
+
+
+# -- checkpoints and helpers ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tf")
+    return {
+        "llama": tf_models.build("llama", root / "llama", shard="400KB"),
+        "mixtral": tf_models.build("mixtral", root / "mixtral", shard="100KB"),
+        "bert": tf_models.build("bert", root / "bert", shard="100KB"),
+        "llama_bf16_config": tf_models.build("llama", root / "llama_bf16", shard="1MB",
+                                             config_dtype="bfloat16"),
+        "llama_no_dtype": tf_models.build("llama", root / "llama_nodtype", shard="1MB",
+                                          config_dtype=None),
+        "llama_bin": tf_models.build("llama", root / "llama_bin", shard="1MB", safe=False),
+    }
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(tf_models.weight_bytes(folder).values())
+
+
+def assert_same(model: Any, reference: Any) -> int:
+    """Every parameter and buffer of ``model`` equals ``reference``'s; returns how many."""
+    mine = dict(model.named_parameters()) | dict(model.named_buffers())
+    ref = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert mine.keys() == ref.keys()
+    for name, expected in ref.items():
+        got = mine[name]
+        assert type(got) is type(expected), name
+        assert got.dtype == expected.dtype and got.device == expected.device, name
+        if expected.device.type == "meta":   # offloaded to disk: compared through its files
+            assert got.shape == expected.shape, name
+            continue
+        assert torch.equal(got, expected), f"{name} differs from the stock loader's"
+    assert ref, "nothing compared"
+    return len(ref)
+
+
+def logits(model: Any) -> Any:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(IDS)).logits
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """Counts ``stock`` safe_open calls (safetensors' own) and ``ours`` (handles of this
+    package), and resets the byte counter."""
+    counts: Counter[str] = Counter()
+    ft.uninstall()
+    for name in seam.SAFE_OPEN_SITES:
+        module = importlib.import_module(name)
+
+        def spy(*args: Any, _real: Any = module.safe_open, **kwargs: Any) -> Any:
+            counts["stock"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "safe_open", spy)
+    real_open = seam.Load.open
+
+    def open_spy(self: Any, path: Any) -> Any:
+        counts["ours"] += 1
+        return real_open(self, path)
+
+    monkeypatch.setattr(seam.Load, "open", open_spy)
+    ft.install()
+    STATS.reset()
+    yield counts
+    ft.uninstall()
+    monkeypatch.undo()
+    ft.install()
+
+
+def our_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOGGER]
+
+
+# -- install, uninstall, version checks ---------------------------------------------------------
+
+def test_import_installs_and_install_is_idempotent() -> None:
+    import safetensors
+    from transformers import PreTrainedModel, modeling_utils
+
+    assert ft.is_installed()
+    wrapper = PreTrainedModel.__dict__["from_pretrained"]
+    dispatcher = modeling_utils.safe_open
+    ft.install()
+    ft.install()
+    assert PreTrainedModel.__dict__["from_pretrained"] is wrapper
+    assert modeling_utils.safe_open is dispatcher
+    ft.uninstall()
+    ft.uninstall()
+    try:
+        assert not ft.is_installed()
+        for name in seam.SAFE_OPEN_SITES:
+            assert importlib.import_module(name).safe_open is safetensors.safe_open, name
+        assert not hasattr(PreTrainedModel.__dict__["from_pretrained"].__func__,
+                           "__fastsafetensors_original__")
+        from transformers import core_model_loading
+
+        assert not hasattr(core_model_loading._materialize_copy, "__fastsafetensors_original__")
+    finally:
+        ft.install()
+    assert ft.is_installed()
+
+
+def test_importing_the_package_does_not_import_transformers() -> None:
+    code = ("import sys, fastsafetensors, fastsafetensors.integrations; "
+            "assert 'transformers' not in sys.modules, 'imported transformers'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_without_transformers_the_import_says_what_to_install() -> None:
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from fastsafetensors.errors import FrameworkNotInstalledError\n"
+            "try:\n    import fastsafetensors.integrations.transformers\n"
+            "except FrameworkNotInstalledError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert "No module named 'transformers'" in out and "fastsafetensors[transformers]" in out
+
+
+@pytest.mark.parametrize("version", ["4.57.1", "6.0.0", "not-a-version"])
+def test_unsupported_version_names_the_supported_range(monkeypatch: pytest.MonkeyPatch,
+                                                      version: str) -> None:
+    # The module object transformers registers (it may replace itself in sys.modules).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    with pytest.raises(ft.IncompatibleVersionError) as info:
+        ft.install()
+    err = info.value
+    assert isinstance(err, ImportError)
+    assert "transformers>=5.0,<6" in str(err) and version in str(err)
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and str(again) == str(err)
+
+
+def test_changed_private_signature_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import core_model_loading
+
+    def _materialize_copy(tensor: Any) -> Any:  # lost its device and dtype parameters
+        return tensor
+
+    monkeypatch.setattr(core_model_loading, "_materialize_copy", _materialize_copy)
+    with pytest.raises(ft.IncompatibleVersionError, match=r"_materialize_copy.*device, dtype"):
+        ft.install()
+
+
+# -- loads compared with the stock loader --------------------------------------------------------
+
+def test_sharded_llama_with_index(models: dict[str, Path], calls: Counter[str],
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import LlamaForCausalLM
+
+    folder = models["llama"]
+    assert len(shards(folder)) >= 6 and (folder / "model.safetensors.index.json").exists()
+    reference = LlamaForCausalLM.from_pretrained(folder)
+    assert calls["stock"] == len(shards(folder)) and calls["ours"] == 0 and STATS.bytes_read == 0
+    calls.clear()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = LlamaForCausalLM.from_pretrained(folder, loader="fastsafetensors")
+    assert assert_same(model, reference) >= 20
+    assert torch.equal(logits(model), logits(reference))
+    # Every weight byte, exactly once, came through this package; safetensors opened nothing.
+    assert calls == Counter(ours=len(shards(folder)))
+    assert STATS.bytes_read == weight_bytes(folder)
+    (line,) = our_records(caplog)
+    assert "LlamaForCausalLM.from_pretrained: read" in line
+    assert f"{len(shards(folder))} files" in line
+
+
+def test_parameters_own_exactly_their_memory(models: dict[str, Path]) -> None:
+    """dtype and device already match: each parameter is the tensor that was read (no second
+    copy, no view into a file-sized buffer)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
+    for name, p in model.named_parameters():
+        assert p.untyped_storage().nbytes() <= p.numel() * p.element_size() + 64, name
+
+
+def test_mixtral_weight_converters(models: dict[str, Path], calls: Counter[str]) -> None:
+    from transformers import MixtralForCausalLM
+
+    folder = models["mixtral"]
+    reference = MixtralForCausalLM.from_pretrained(folder)
+    calls.clear()
+    model = MixtralForCausalLM.from_pretrained(folder, loader="fastsafetensors")
+    # The checkpoint stores one tensor per expert; the model holds fused expert tensors.
+    assert "model.layers.0.mlp.experts.gate_up_proj" in dict(model.named_parameters())
+    assert assert_same(model, reference) > 0
+    assert torch.equal(logits(model), logits(reference))
+    assert calls == Counter(ours=len(shards(folder)))
+    assert STATS.bytes_read == weight_bytes(folder)
+
+
+def test_bert_encoder(models: dict[str, Path], calls: Counter[str]) -> None:
+    from transformers import BertForMaskedLM
+
+    folder = models["bert"]
+    reference = BertForMaskedLM.from_pretrained(folder)
+    calls.clear()
+    model = BertForMaskedLM.from_pretrained(folder, loader="fastsafetensors")
+    assert assert_same(model, reference) > 0
+    assert calls["stock"] == 0 and calls["ours"] == len(shards(folder))
+    assert STATS.bytes_read == weight_bytes(folder)
+
+
+def test_auto_model_classes(models: dict[str, Path], calls: Counter[str]) -> None:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModel, AutoModelForCausalLM):   # AutoModel drops the "model." prefix
+        reference = auto.from_pretrained(models["llama"])
+        calls.clear()
+        model = auto.from_pretrained(models["llama"], loader="fastsafetensors")
+        assert type(model) is type(reference)
+        assert assert_same(model, reference) > 0
+        assert calls["stock"] == 0 and calls["ours"] == len(shards(models["llama"]))
+
+
+def test_pipeline_model_kwargs(models: dict[str, Path], tmp_path: Path,
+                               calls: Counter[str]) -> None:
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    folder = tmp_path / "llama_pipe"
+    shutil.copytree(models["llama"], folder)
+    vocab = {f"w{i}": i for i in range(1, 128)} | {"[UNK]": 0}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="w1",
+                            pad_token="w2").save_pretrained(folder)
+    stock = pipeline("text-generation", model=str(folder))
+    calls.clear()
+    ours = pipeline("text-generation", model=str(folder),
+                    model_kwargs={"loader": "fastsafetensors", "loader_options": {"threads": 2}})
+    assert assert_same(ours.model, stock.model) > 0
+    assert calls["stock"] == 0 and calls["ours"] == len(shards(folder))
+    prompt = "w3 w4 w5"
+    assert (ours(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+            == stock(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"])
+
+
+def test_hub_repo_id(models: dict[str, Path], hub_server: Any, tmp_path: Path,
+                     calls: Counter[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repo id on the loopback Hub: huggingface_hub downloads into an empty cache, then this
+    package reads the cached shards."""
+    from transformers import AutoModelForCausalLM
+
+    commit = hub_server.add_folder("org/tiny-llama", models["llama"])
+    opened: list[str] = []
+    real_open = seam.Load.open   # the calls fixture's counting spy
+
+    def record(self: Any, path: Any) -> Any:
+        opened.append(os.fspath(path))
+        return real_open(self, path)
+
+    monkeypatch.setattr(seam.Load, "open", record)
+    model = AutoModelForCausalLM.from_pretrained("org/tiny-llama", loader="fastsafetensors")
+    names = sorted(p.name for p in shards(models["llama"]))
+    assert sorted(Path(p).name for p in opened) == names
+    assert all(Path(p).is_relative_to(tmp_path / "hf") and commit in p for p in opened)
+    assert set(names) | {"config.json", "model.safetensors.index.json"} <= set(
+        hub_server.fetched())
+    assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models["llama"])
+    assert_same(model, AutoModelForCausalLM.from_pretrained(models["llama"]))
+
+
+def test_model_class_overriding_from_pretrained(models: dict[str, Path],
+                                                calls: Counter[str]) -> None:
+    from transformers import LlamaForCausalLM
+
+    class Custom(LlamaForCausalLM):
+        seen: list[Any] = []
+
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+            cls.seen.append(kwargs.get("loader"))
+            return super().from_pretrained(*args, **kwargs)
+
+    reference = Custom.from_pretrained(models["llama"])
+    calls.clear()
+    model = Custom.from_pretrained(models["llama"], loader="fastsafetensors")
+    assert Custom.seen == [None, "fastsafetensors"] and type(model) is Custom
+    assert assert_same(model, reference) > 0
+    assert calls["stock"] == 0 and calls["ours"] == len(shards(models["llama"]))
+
+
+def test_device_map_cpu(models: dict[str, Path], calls: Counter[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"], device_map="cpu")
+    calls.clear()
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], device_map="cpu",
+                                                 loader="fastsafetensors")
+    assert assert_same(model, reference) > 0
+    assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models["llama"])
+
+
+def test_device_map_auto_with_disk_offload(models: dict[str, Path], tmp_path: Path,
+                                           calls: Counter[str]) -> None:
+    """Everything offloaded: the fused expert tensors are converted, then written to the
+    offload folder; the files written must match the stock loader's byte for byte."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def load(folder: Path, **kwargs: Any) -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            models["mixtral"], device_map="auto", max_memory={"cpu": "300KB"},
+            offload_folder=folder, **kwargs)
+
+    reference = load(tmp_path / "stock")
+    calls.clear()
+    model = load(tmp_path / "ours", loader="fastsafetensors")
+    assert calls["ours"] >= len(shards(models["mixtral"])) and calls["stock"] == 0
+    assert STATS.bytes_read == weight_bytes(models["mixtral"])
+    assert any(p.device.type == "meta" for p in model.parameters())   # really on disk
+    assert_same(model, reference)
+    written = sorted(p.name for p in (tmp_path / "stock").glob("*.safetensors"))
+    assert written and written == sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors"))
+    for name in written:
+        a, b = load_file(tmp_path / "ours" / name), load_file(tmp_path / "stock" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(logits(model), logits(reference))
+
+
+def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replaced _materialize_copy asks this package for CUDA targets (its pinned staging),
+    and leaves every other device, and safetensors' own slices, to transformers."""
+    from transformers import core_model_loading
+
+    asked: list[tuple[str, Any]] = []
+
+    def fake_get_tensor(self: Any, name: str, *, device: Any = None, dtype: Any = None) -> Any:
+        asked.append((device, dtype))
+        return torch.zeros(1)
+
+    path = shards(models["llama"])[0]
+    load = seam.Load({})
+    handle = load.open(path)
+    name = handle.keys()[0]
+    materialize: Any = core_model_loading._materialize_copy
+    monkeypatch.setattr(seam.FastSafetensorsFile, "get_tensor", fake_get_tensor)
+    materialize(handle.get_slice(name), torch.device("cuda", 1), torch.float16)
+    materialize(handle.get_slice(name), "cuda:0", None)
+    assert asked == [("cuda:1", torch.float16), ("cuda:0", None)]
+    monkeypatch.undo()
+    on_meta = materialize(handle.get_slice(name), "meta", None)   # host read, then .to("meta")
+    assert on_meta.device.type == "meta" and asked == [("cuda:1", torch.float16), ("cuda:0", None)]
+    plain = torch.ones(3)
+    assert materialize(plain, None, None).data_ptr() == plain.data_ptr()   # stock: a view
+    load.close()
+
+
+@pytest.mark.gpu
+def test_device_map_cuda(models: dict[str, Path], calls: Counter[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    for kind in ("llama", "mixtral"):
+        reference = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda")
+        calls.clear()
+        model = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda",
+                                                     loader="fastsafetensors")
+        assert all(p.device.type == "cuda" for p in model.parameters())
+        assert assert_same(model, reference) > 0
+        assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models[kind])
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "auto-from-config", "auto-probe"])
+def test_dtype_casts(models: dict[str, Path], calls: Counter[str], case: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder, dtype = {
+        "bfloat16": (models["llama"], torch.bfloat16),
+        "float16": (models["llama"], torch.float16),
+        "auto-from-config": (models["llama_bf16_config"], "auto"),  # F32 files, bf16 config
+        "auto-probe": (models["llama_no_dtype"], "auto"),   # reads the first shard's dtype
+    }[case]
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    calls.clear()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, loader="fastsafetensors")
+    assert model.dtype == reference.dtype
+    if case == "auto-from-config":
+        assert model.dtype == torch.bfloat16
+    assert assert_same(model, reference) > 0
+    probe = 1 if case == "auto-probe" else 0   # the dtype probe opens the first shard too
+    assert calls == Counter(ours=len(shards(folder)) + probe)
+
+
+def test_loader_options_apply_on_transformers_worker_threads(models: dict[str, Path],
+                                                             calls: Counter[str]) -> None:
+    """transformers reads in its own thread pool, where the caller's configure() is unset:
+    a small chunk_bytes must still split the reads."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    STATS.reset()
+    AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
+    default_reads = STATS.reads
+    STATS.reset()
+    model = AutoModelForCausalLM.from_pretrained(
+        models["llama"], loader="fastsafetensors",
+        loader_options={"chunk_bytes": 16384, "threads": 2})
+    assert STATS.reads >= 2 * default_reads
+    assert STATS.bytes_read == weight_bytes(models["llama"])
+    assert_same(model, reference)
+
+
+def test_disable_mmap_is_met_by_positioned_reads(models: dict[str, Path],
+                                                 calls: Counter[str]) -> None:
+    """disable_mmap=True would make transformers read whole files itself; this package never
+    maps files, so it keeps the load."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"], disable_mmap=True)
+    calls.clear()
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], disable_mmap=True,
+                                                 loader="fastsafetensors")
+    assert_same(model, reference)
+    assert calls == Counter(ours=len(shards(models["llama"])))
+    assert STATS.bytes_read == weight_bytes(models["llama"])
+
+
+def test_enabled_block(models: dict[str, Path], calls: Counter[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    calls.clear()
+    with ft.enabled(threads=2):
+        model = AutoModelForCausalLM.from_pretrained(models["llama"])
+        assert calls["ours"] == len(shards(models["llama"]))
+        AutoModelForCausalLM.from_pretrained(models["llama"], loader="safetensors")
+        assert calls["stock"] == len(shards(models["llama"]))
+    assert_same(model, reference)
+    calls.clear()
+    AutoModelForCausalLM.from_pretrained(models["llama"])
+    assert calls == Counter(stock=len(shards(models["llama"])))
+    with pytest.raises(ConfigError, match="option='nope'"):
+        with ft.enabled(nope=1):
+            pass
+
+
+def test_concurrent_loads_in_threads_stay_apart(models: dict[str, Path],
+                                                calls: Counter[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    calls.clear()
+    results: dict[str, list[Any]] = {"fastsafetensors": [], "safetensors": []}
+    errors: list[BaseException] = []
+
+    def run(loader: str) -> None:
+        try:
+            for _ in range(3):
+                results[loader].append(AutoModelForCausalLM.from_pretrained(models["llama"],
+                                                                           loader=loader))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    n = len(shards(models["llama"]))
+    assert calls == Counter(ours=3 * n, stock=3 * n)
+    assert STATS.bytes_read == 3 * weight_bytes(models["llama"])
+    for model in results["fastsafetensors"] + results["safetensors"]:
+        assert_same(model, reference)
+
+
+# -- the stock path and its fallbacks ------------------------------------------------------------
+
+@pytest.mark.parametrize("loader", [None, "safetensors"])
+def test_stock_loader_untouched(models: dict[str, Path], calls: Counter[str],
+                                caplog: pytest.LogCaptureFixture, loader: Any) -> None:
+    from transformers import AutoModelForCausalLM
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], loader=loader)
+    assert_same(model, reference)
+    assert calls == Counter(stock=2 * len(shards(models["llama"])))
+    assert STATS.bytes_read == 0 and our_records(caplog) == []
+
+
+def test_unknown_loader_lists_the_valid_names(models: dict[str, Path],
+                                              calls: Counter[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError) as info:
+        AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensor")
+    assert isinstance(info.value, ConfigError)
+    assert "'fastsafetensors', 'safetensors', None" in str(info.value)
+    with pytest.raises(ConfigError, match="option='threadz'"):
+        AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors",
+                                             loader_options={"threadz": 4})
+    with pytest.raises(ConfigError, match="loader_options"):
+        AutoModelForCausalLM.from_pretrained(models["llama"], loader_options={"threads": 4})
+    assert not calls   # refused before anything was opened
+
+
+def _fallback(caplog: pytest.LogCaptureFixture, calls: Counter[str], reason: str) -> None:
+    """The load went through safetensors (or torch.load), not here, and said why once."""
+    assert calls["ours"] == 0 and STATS.bytes_read == 0
+    (line,) = our_records(caplog)
+    assert reason in line and "own loader" in line
+
+
+def test_fallback_bin_weights(models: dict[str, Path], calls: Counter[str],
+                              caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = models["llama_bin"]
+    assert not shards(folder) and list(folder.glob("*.bin"))
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = AutoModelForCausalLM.from_pretrained(folder, loader="fastsafetensors")
+    assert_same(model, reference)
+    _fallback(caplog, calls, "no safetensors weights were read")
+
+
+def test_fallback_user_state_dict(models: dict[str, Path], calls: Counter[str],
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    state: dict[str, Any] = {}
+    for path in shards(models["llama"]):
+        state.update(load_file(path))
+    config = tf_models.llama_config()
+    reference = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state,
+                                             loader="fastsafetensors")
+    assert_same(model, reference)
+    _fallback(caplog, calls, "state_dict=")
+
+
+def test_fallback_gguf(models: dict[str, Path], calls: Counter[str], tmp_path: Path,
+                       caplog: pytest.LogCaptureFixture) -> None:
+    """GGUF goes to transformers untouched: whatever it does with the file (here: reject it),
+    it does the same with and without the loader."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    folder = tmp_path / "gguf"
+    shutil.copytree(models["llama"], folder)
+    (folder / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))   # not a valid GGUF file
+    config = AutoConfig.from_pretrained(folder)
+
+    def attempt(**kwargs: Any) -> str:
+        try:
+            LlamaForCausalLM.from_pretrained(folder, config=config, gguf_file="tiny.gguf",
+                                             **kwargs)
+        except Exception as exc:  # the stock outcome, compared below
+            return f"{type(exc).__name__}: {exc}"
+        return "loaded"
+
+    expected = attempt()
+    calls.clear()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert attempt(loader="fastsafetensors") == expected
+    _fallback(caplog, calls, "GGUF")
+
+
+def test_fallback_deepspeed_zero3(models: dict[str, Path], calls: Counter[str],
+                                  caplog: pytest.LogCaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.integrations.deepspeed as ds
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    calls.clear()
+    # Only the seam's view of ZeRO-3 is switched on (modeling_utils holds its own binding).
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
+    assert_same(model, reference)
+    assert calls["stock"] == len(shards(models["llama"]))
+    _fallback(caplog, calls, "DeepSpeed ZeRO-3")
+
+
+# -- tensor parallelism over 2 processes ---------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tensor_parallel_two_ranks_read_their_half(models: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("tp_worker.py")
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        args = [sys.executable, str(worker)]
+        for kind in ("llama", "mixtral"):
+            args += [str(models[kind]), str(tmp_path / f"{kind}-{rank}.json")]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for proc in procs:
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out[-3000:]
+    for rank in range(2):
+        llama = json.loads((tmp_path / f"llama-{rank}.json").read_text())
+        mixtral = json.loads((tmp_path / f"mixtral-{rank}.json").read_text())
+        for result in (llama, mixtral):
+            assert result["rank"] == rank
+            assert result["mismatched"] == [] and result["compared"] > 0
+            assert result["logits_equal"]
+        # Llama's rows are wide enough that every column split is read exactly: this rank's
+        # half of every sharded tensor plus the replicated norms, nothing else.
+        total = weight_bytes(models["llama"])
+        assert llama["sharded_bytes"] + llama["replicated_bytes"] == total
+        assert llama["bytes_read"] == llama["local_bytes"]
+        assert llama["bytes_read"] <= llama["sharded_bytes"] // 2 + llama["replicated_bytes"]
+        assert llama["bytes_read"] < 0.51 * total
+        # Mixtral's 64-wide rows are narrower than MERGE_GAP, so its column splits read whole
+        # rows; the experts and the row splits still halve.
+        assert mixtral["bytes_read"] < 0.7 * weight_bytes(models["mixtral"])
