@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable
 
 from .. import config
-from ..errors import ConfigError, FastSafetensorsError, FrameworkNotInstalledError
+from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersionError
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
 
@@ -68,24 +68,6 @@ PRIVATE_SIGNATURES = (
     ("transformers.distributed.sharding_utils", "DtensorShardOperation.shard_tensor",
      ("source", "tensor_idx", "device", "dtype")),
 )
-
-
-class IncompatibleVersionError(FastSafetensorsError, ImportError):
-    """The installed library is outside the range an integration supports, or a private function
-    it relies on changed. Raised by ``install()`` (so also by importing the integration)."""
-
-    _fields = ("library", "version", "supported", "detail")
-
-    def __init__(self, library: str, version: str, supported: str, detail: str):
-        self.library = library
-        self.version = version
-        self.supported = supported
-        self.detail = detail
-        self.message = (f"{library} {version} is not supported by "
-                        f"fastsafetensors.integrations.{library}: {detail}. It supports "
-                        f"{supported}; install one (pip install '{supported}') or load without "
-                        f"loader='fastsafetensors'")
-        super().__init__(self.message, name=f"fastsafetensors.integrations.{library}")
 
 
 # -- the handles transformers gets --------------------------------------------------------------

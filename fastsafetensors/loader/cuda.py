@@ -71,8 +71,7 @@ class TorchCudaSink:
         return flat.view(dtype).view(shape)
 
     @staticmethod
-    def pinned_copy(host: Any, device: str) -> torch.Tensor:
-        """A host tensor onto ``device`` through pinned memory, ordered on the current stream."""
-        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        pinned.copy_(host)
-        return pinned.to(device, non_blocking=True)
+    def pinned(nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        """Page-locked host memory for one read, from torch's caching pinned allocator."""
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return buffer, memoryview(buffer.numpy()).cast("B")

@@ -79,7 +79,10 @@ class StreamOptions:
     @property
     def buffer_bytes(self) -> int:
         """Size of each of a worker's two staging buffers (chunks never exceed it)."""
-        per = self.staging_bytes // (2 * self.threads)
+        # Each buffer also carries 3 blocks of slack (O_DIRECT widening at both ends, and
+        # alignment), so that the pinned allocation is exactly staging_bytes / (2 * threads):
+        # torch's pinned allocator rounds requests up to a power of two.
+        per = self.staging_bytes // (2 * self.threads) - 3 * DIRECT_ALIGN
         per -= per % DIRECT_ALIGN
         return max(per, 2 * DIRECT_ALIGN)
 
@@ -189,7 +192,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             fail(exc)
         finally:
             for _ in range(options.threads):
-                work.put(None)
+                _put(work, None, cancelled)
             ready.put(None)
 
     def worker() -> None:
@@ -199,7 +202,14 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         turn = 0
         try:
             while True:
-                chunk = work.get()
+                try:
+                    chunk = work.get(timeout=0.1)
+                except queue.Empty:
+                    # The consumer may have drained the queue (stop markers included) when it
+                    # cancelled, so an idle worker must notice cancellation by itself.
+                    if cancelled.is_set():
+                        return
+                    continue
                 if chunk is None or cancelled.is_set():
                     return
                 if pending[turn] is not None:
@@ -353,7 +363,8 @@ def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOpt
     flush()
 
 
-def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk, cancelled: threading.Event) -> None:
+def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk | None, cancelled: threading.Event
+         ) -> None:
     while not cancelled.is_set():
         try:
             work.put(chunk, timeout=0.1)
