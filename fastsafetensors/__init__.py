@@ -21,6 +21,7 @@ from .errors import (
     FastSafetensorsError,
     FrameworkNotInstalledError,
     HeaderError,
+    IncompatibleVersionError,
     NoGPUError,
     ReadError,
     TensorNotFoundError,
@@ -65,6 +66,7 @@ __all__ = [
     "ReadError",
     "NoGPUError",
     "BackendUnavailableError",
+    "IncompatibleVersionError",
 ]
 
 import logging as _logging

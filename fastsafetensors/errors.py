@@ -6,6 +6,7 @@ Each one subclasses the builtin that users already catch, so ``except KeyError``
     FastSafetensorsError(Exception)
     ├── HeaderError(ValueError)                 the file breaks the safetensors format
     │   └── CheckpointIndexError                a sharded index or weight map is unsafe or wrong
+    │                                           (.path: the index, .shard: the shard)
     ├── TensorNotFoundError(KeyError)           no tensor of that name (close matches listed)
     ├── CheckpointNotFoundError(FileNotFoundError)
     ├── FrameworkNotInstalledError(ModuleNotFoundError)   says the pip command
@@ -14,7 +15,8 @@ Each one subclasses the builtin that users already catch, so ``except KeyError``
     ├── ConfigError(ValueError)                 unknown option name or value; lists the valid ones
     ├── ReadError(OSError)                      a read came back short (file changed under us)
     ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
-    └── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
+    ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
+    └── IncompatibleVersionError(ImportError)   an integration's library is outside its range
 
 All of them pickle (multi-GPU loads carry errors across processes): ``__reduce__`` rebuilds an
 error from the keyword arguments it was made with.
@@ -40,6 +42,7 @@ __all__ = [
     "ReadError",
     "NoGPUError",
     "BackendUnavailableError",
+    "IncompatibleVersionError",
 ]
 
 
@@ -49,11 +52,14 @@ class FastSafetensorsError(Exception):
     _fields: tuple[str, ...] = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if not self._fields:  # raised with a plain message, like any Exception
+            return (type(self), self.args)
         kwargs = {field: getattr(self, field) for field in self._fields}
         return (_rebuild, (type(self), kwargs))
 
     def __str__(self) -> str:
-        return self.message  # type: ignore[attr-defined,no-any-return]
+        message = getattr(self, "message", None)
+        return super().__str__() if message is None else str(message)
 
 
 def _rebuild(cls: type[FastSafetensorsError], kwargs: dict[str, Any]) -> FastSafetensorsError:
@@ -79,7 +85,18 @@ class HeaderError(FastSafetensorsError, ValueError):
 
 
 class CheckpointIndexError(HeaderError):
-    """A sharded checkpoint's index is inconsistent with its shards, or points outside them."""
+    """A sharded checkpoint's index is inconsistent with its shards, or points outside them.
+
+    ``path`` is the index file, ``shard`` the shard concerned (or None); ``reason`` and ``tensor``
+    as for :class:`HeaderError`. The message names both files.
+    """
+
+    _fields = ("path", "reason", "tensor", "shard")
+
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str, tensor: str | None = None,
+                 shard: str | None = None):
+        self.shard = shard
+        super().__init__(path, reason, tensor)
 
 
 class TensorNotFoundError(FastSafetensorsError, KeyError):
@@ -209,3 +226,21 @@ class BackendUnavailableError(FastSafetensorsError, RuntimeError):
         self.message = (f"backend={backend!r} cannot be used: {reason}. "
                         f"Use backend='auto' to fall back to plain reads")
         super().__init__(self.message)
+
+
+class IncompatibleVersionError(FastSafetensorsError, ImportError):
+    """The installed library is outside the range an integration supports, or a private function
+    it relies on changed. Raised by ``install()`` (so also by importing the integration)."""
+
+    _fields = ("library", "version", "supported", "detail")
+
+    def __init__(self, library: str, version: str, supported: str, detail: str):
+        self.library = library
+        self.version = version
+        self.supported = supported
+        self.detail = detail
+        self.message = (f"{library} {version} is not supported by "
+                        f"fastsafetensors.integrations.{library}: {detail}. It supports "
+                        f"{supported}; install one (pip install '{supported}') or load without "
+                        f"loader='fastsafetensors'")
+        super().__init__(self.message, name=f"fastsafetensors.integrations.{library}")
