@@ -112,11 +112,13 @@ class Header:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
+    out = dict(pairs)  # built in C; a length mismatch is the rare duplicate, found below
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
     return out
 
 
@@ -124,11 +126,45 @@ class _Duplicate(Exception):
     pass
 
 
+class _NotJSON(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON (and safetensors' parser) does not.
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
 def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int for v in value)
 
 
+_BITS = {name: d.bits for name, d in DTYPES.items()}
+
+
 def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
+    """One entry, validated. The fast path returns only when every rule holds; anything odd
+    goes to the checker below, which names the rule broken (20,000-tensor headers stay fast)."""
+    try:
+        shape = entry["shape"]
+        begin, end = offsets = entry["data_offsets"]
+        bits = _BITS[entry["dtype"]]
+    except (KeyError, TypeError, ValueError):
+        return _checked_tensor(path, name, entry)
+    if (type(shape) is list and type(offsets) is list and type(begin) is int
+            and type(end) is int and 0 <= begin <= end):
+        count = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                break
+            count *= dim
+        else:
+            if count * bits == (end - begin) * 8:
+                return TensorInfo(name, entry["dtype"], tuple(shape), (begin, end))
+    return _checked_tensor(path, name, entry)
+
+
+def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError(path, f"entry must be an object with dtype, shape and data_offsets, "
                                 f"got {type(entry).__name__}", name)
@@ -174,12 +210,19 @@ def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | N
         raise HeaderError(spath, f"header is not valid UTF-8 ({exc.reason} at byte "
                                  f"{exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates)
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates,
+                         parse_constant=_reject_constant)
     except _Duplicate as dup:
-        raise HeaderError(spath, "the header names this key twice", str(dup)) from None
+        # The hook cannot tell a tensor name from a field name, so name only the key.
+        raise HeaderError(spath, f"the key {str(dup)!r} appears twice in one JSON object of the "
+                                 f"header (duplicate keys are ambiguous)") from None
     except json.JSONDecodeError as exc:
         raise HeaderError(spath, f"header is not valid JSON ({exc.msg} at char {exc.pos})"
                           ) from None
+    except (_NotJSON, ValueError, RecursionError) as exc:
+        # NaN/Infinity, and Python's own limits: integers of more than 4300 digits, nesting
+        # deeper than the stack.
+        raise HeaderError(spath, f"header is not valid JSON ({str(exc)[:120]})") from None
     if not isinstance(obj, dict):
         raise HeaderError(spath, f"header must be a JSON object, got {type(obj).__name__}")
     metadata = obj.pop(METADATA_KEY, None)

@@ -1,0 +1,247 @@
+"""safetensors' verbs (load_file, loads, safe_open) and configure(): signatures, results equal
+to safetensors', and the precedence explicit > configure block > environment > default."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+import safetensors.torch
+import torch
+from builders import assert_bitwise_equal, open_fds, small_tensors, write_file
+
+import fastsafetensors
+from fastsafetensors import ConfigError, FastSafetensorsFile, config, configure
+from fastsafetensors.loader.posix import STATS, open_direct
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    tensors = small_tensors()
+    tensors["odd"] = torch.arange(4097, dtype=torch.uint8)  # ends off a 4 KiB boundary
+    return write_file(tmp_path / "model.safetensors", tensors, {"format": "pt"}), tensors
+
+
+# -- load_file ---------------------------------------------------------------------------------
+
+def test_load_file(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    reference = safetensors.torch.load_file(path)
+    for source in (path, str(path)):
+        ours = fastsafetensors.load_file(source)
+        assert set(ours) == set(tensors)
+        for name in tensors:
+            assert_bitwise_equal(ours[name], reference[name])
+
+
+def test_load_file_owns_its_memory(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """Fully read tensors, not a mapping: rewriting the file afterwards changes nothing."""
+    path, tensors = ckpt
+    ours = fastsafetensors.load_file(path)
+    path.write_bytes(b"\0" * path.stat().st_size)
+    for name in tensors:
+        assert_bitwise_equal(ours[name], tensors[name])
+    ours["big_write"] = ours["lm_head.weight"].add_(1)  # writable
+    assert torch.equal(ours["big_write"], tensors["lm_head.weight"] + 1)
+
+
+def test_load_file_numpy(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    del tensors["model.layers.0.mlp.up_proj.weight"]  # BF16
+    path = write_file(path.with_name("np.safetensors"), tensors)
+    ours = fastsafetensors.load_file(path, framework="np")
+    reference = safetensors.numpy.load_file(path)
+    for name in tensors:
+        assert isinstance(ours[name], np.ndarray)
+        assert ours[name].dtype == reference[name].dtype
+        assert ours[name].shape == reference[name].shape
+        assert ours[name].tobytes() == reference[name].tobytes()
+
+
+@pytest.mark.parametrize("call", ["load_file", "loads"])
+def test_options_are_keyword_only(ckpt: tuple[Path, dict[str, torch.Tensor]], call: str) -> None:
+    path, _ = ckpt
+    arg = path if call == "load_file" else path.read_bytes()
+    with pytest.raises(TypeError):
+        getattr(fastsafetensors, call)(arg, "cpu")
+    with pytest.raises(TypeError):
+        FastSafetensorsFile(path, "cpu")  # type: ignore[misc]
+
+
+def test_load_file_logs_one_info_line(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    path, _ = ckpt
+    with caplog.at_level(logging.DEBUG, logger="fastsafetensors"):
+        fastsafetensors.load_file(path)
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(infos) == 1 and "GB/s" in infos[0].getMessage()
+    assert infos[0].name.startswith("fastsafetensors")
+
+
+def test_package_logging_is_quiet() -> None:
+    handlers = logging.getLogger("fastsafetensors").handlers
+    assert all(isinstance(h, logging.NullHandler) for h in handlers)
+
+
+# -- loads -----------------------------------------------------------------------------------
+
+def test_loads_bytes_like(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    data = path.read_bytes()
+    reference = safetensors.torch.load(data)
+    for blob in (data, bytearray(data), memoryview(data)):
+        ours = fastsafetensors.loads(blob)
+        assert set(ours) == set(tensors)
+        for name in tensors:
+            assert_bitwise_equal(ours[name], reference[name])
+
+
+def test_loads_copies_the_data(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    blob = bytearray(path.read_bytes())
+    ours = fastsafetensors.loads(blob)
+    blob[:] = b"\xff" * len(blob)
+    del blob
+    for name in tensors:
+        assert_bitwise_equal(ours[name], tensors[name])
+
+
+def test_loads_numpy(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    data = safetensors.torch.save(tensors)
+    ours = fastsafetensors.loads(data, framework="np")
+    for name in tensors:
+        assert ours[name].tobytes() == tensors[name].numpy().tobytes()
+
+
+# -- safe_open -------------------------------------------------------------------------------
+
+def test_safe_open_matches_safetensors(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    with fastsafetensors.safe_open(path, framework="pt", device="cpu") as ours, \
+            safetensors.safe_open(path, framework="pt", device="cpu") as ref:
+        assert ours.keys() == ref.keys()
+        assert ours.offset_keys() == ref.offset_keys()
+        assert ours.metadata() == ref.metadata()
+        for name in ref.keys():
+            assert_bitwise_equal(ours.get_tensor(name), ref.get_tensor(name))
+            assert ours.get_slice(name).get_shape() == ref.get_slice(name).get_shape()
+            assert ours.get_slice(name).get_dtype() == ref.get_slice(name).get_dtype()
+    # positional framework, like safetensors.safe_open(path, "pt"); backend accepted
+    with fastsafetensors.safe_open(str(path), "pt", backend="pread") as f:
+        assert f.keys() == sorted(ckpt[1])
+    with fastsafetensors.safe_open(path, "numpy") as f:
+        assert isinstance(f.get_tensor("odd"), np.ndarray)
+
+
+# -- configure -------------------------------------------------------------------------------
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for option in config.OPTIONS.values():
+        monkeypatch.delenv(option.env, raising=False)
+    return monkeypatch
+
+
+def test_config_precedence(clean_env: pytest.MonkeyPatch) -> None:
+    assert config.get("io") == "auto"
+    assert config.get("threads") == config.OPTIONS["threads"].default()
+    clean_env.setenv("FASTSAFETENSORS_IO", "buffered")
+    clean_env.setenv("FASTSAFETENSORS_THREADS", "3")
+    assert config.get("io") == "buffered" and config.get("threads") == 3  # env, read late
+    with configure(io="direct", threads=5):
+        assert config.get("io") == "direct" and config.get("threads") == 5  # block > env
+        assert config.get("io", "auto") == "auto"  # explicit > block
+        assert config.get("threads", 7) == 7
+        with configure(threads=6):
+            assert config.get("threads") == 6 and config.get("io") == "direct"
+        assert config.get("threads") == 5
+    assert config.get("io") == "buffered"
+    clean_env.delenv("FASTSAFETENSORS_IO")
+    assert config.get("io") == "auto"
+
+
+def test_configure_block_is_restored_after_an_error(clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(RuntimeError):
+        with configure(io="buffered"):
+            raise RuntimeError("boom")
+    assert config.get("io") == "auto"
+
+
+def test_configure_is_local_to_its_thread(clean_env: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    with configure(io="buffered"):
+        worker = threading.Thread(target=lambda: seen.append(config.get("io")))
+        worker.start()
+        worker.join()
+    assert seen == ["auto"]
+
+
+@pytest.mark.parametrize("options,fragments", [
+    ({"bogus": 1}, ["bogus", "threads", "io", "chunk_bytes"]),
+    ({"io": "fast"}, ["io='fast'", "auto", "buffered", "direct"]),
+    ({"backend": "cufile"}, ["auto", "gds", "posix"]),
+    ({"threads": 0}, ["a positive integer"]),
+    ({"threads": "many"}, ["a positive integer"]),
+    ({"chunk_bytes": -1}, ["a positive integer"]),
+])
+def test_configure_rejects_unknown(options: dict[str, object], fragments: list[str],
+                                   clean_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        with configure(**options):
+            pass
+    assert isinstance(excinfo.value, ValueError)
+    for fragment in fragments:
+        assert fragment in str(excinfo.value)
+
+
+def test_bad_environment_value(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("FASTSAFETENSORS_IO", "turbo")
+    with pytest.raises(ConfigError, match="buffered"):
+        config.get("io")
+    with pytest.raises(ConfigError, match="valid"):
+        config.get("no_such_option")
+
+
+def test_bad_arguments_release_everything(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                          clean_env: pytest.MonkeyPatch) -> None:
+    path, _ = ckpt
+    before = open_fds()
+    with pytest.raises(ConfigError, match="direct"):
+        fastsafetensors.load_file(path, io="fast")
+    with pytest.raises(ConfigError, match="positive"):
+        fastsafetensors.load_file(path, threads=0)
+    with pytest.raises(ConfigError):
+        fastsafetensors.load_file(path, framework="tf")
+    assert open_fds() == before
+
+
+def test_precedence_reaches_the_loader(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                       clean_env: pytest.MonkeyPatch) -> None:
+    """Whether reads bypass the page cache follows the resolved io option."""
+    path, tensors = ckpt
+    fd = open_direct(str(path))
+    if fd is None:
+        pytest.skip("this filesystem refuses O_DIRECT, so io=direct cannot be observed")
+    os.close(fd)
+
+    def direct_reads(**kwargs: object) -> int:
+        before = STATS.snapshot()[2]
+        out = fastsafetensors.load_file(path, **kwargs)  # type: ignore[arg-type]
+        for name in tensors:
+            assert_bitwise_equal(out[name], tensors[name])
+        return STATS.snapshot()[2] - before
+
+    assert direct_reads(io="buffered") == 0
+    clean_env.setenv("FASTSAFETENSORS_IO", "direct")
+    assert direct_reads() > 0
+    with configure(io="buffered"):
+        assert direct_reads() == 0
+        assert direct_reads(io="direct") > 0

@@ -1,0 +1,265 @@
+"""The CPU loader (fastsafetensors.loader.cpu): io modes, page-cache policy, one buffer per
+file, misaligned copies, short reads, and read counts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from builders import (
+    assert_aligned,
+    assert_bitwise_equal,
+    misaligned_entries,
+    open_fds,
+    write_file,
+    write_raw,
+)
+
+import fastsafetensors
+import fastsafetensors.api
+from fastsafetensors import ReadError, TensorNotFoundError
+from fastsafetensors.frameworks import get_framework
+from fastsafetensors.loader.cpu import close_job, load_host, open_job
+from fastsafetensors.loader.pagecache import resident_fraction, resident_map
+from fastsafetensors.loader.posix import STATS, open_direct, pread_into
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """About 6 MB: big tensors, small ones, odd sizes, a BF16 and an empty one."""
+    gen = torch.Generator().manual_seed(4)
+    tensors = {
+        "a": torch.randn(512, 1024, generator=gen),                      # 2 MiB
+        "b": torch.randn(1000, 1000, generator=gen).bfloat16(),          # 2 MB, not 4K-aligned
+        "c": torch.arange(333, dtype=torch.int16),
+        "d": torch.randn(700, 1024, generator=gen).half(),
+        "e": torch.zeros(0, 8),
+        "f": torch.tensor(3.5, dtype=torch.float64),
+        "g": torch.randint(0, 255, (4099,), generator=gen, dtype=torch.uint8),
+    }
+    return write_file(tmp_path / "model.safetensors", tensors), tensors
+
+
+def _direct_ok(path: Path) -> bool:
+    fd = open_direct(str(path))
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _evict(path: Path) -> float | None:
+    """Drop the file's pages from the page cache; returns the share still resident."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return resident_fraction(fd)
+    finally:
+        os.close(fd)
+
+
+def _delta(before: tuple[int, int, int]) -> tuple[int, int, int]:
+    now = STATS.snapshot()
+    return now[0] - before[0], now[1] - before[1], now[2] - before[2]
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
+def test_io_modes_give_identical_tensors(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                         io: str) -> None:
+    path, tensors = ckpt
+    reference = safetensors.torch.load_file(path)
+    before = STATS.snapshot()
+    ours = fastsafetensors.load_file(path, io=io)
+    nbytes, reads, _ = _delta(before)
+    assert set(ours) == set(reference)
+    for name in tensors:
+        assert_bitwise_equal(ours[name], reference[name])
+        assert_aligned(ours[name])
+    header = fastsafetensors.format.read_header(path)
+    assert nbytes >= header.data_size
+    # whole 16 MiB chunks at most, not one read per tensor
+    assert 1 <= reads <= 2 + header.data_size // (16 * MiB)
+
+
+def test_direct_reads_bypass_the_cache(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    if not _direct_ok(path):
+        pytest.skip("this filesystem refuses O_DIRECT (tmpfs?); io=direct falls back there")
+    before = STATS.snapshot()
+    ours = fastsafetensors.load_file(path, io="direct")
+    _, reads, direct = _delta(before)
+    assert direct > 0 and direct == reads
+    for name in tensors:
+        assert_bitwise_equal(ours[name], tensors[name])
+
+
+def test_auto_reads_a_cached_file_through_the_cache(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, os.path.getsize(path), 0)  # make sure every page is cached
+        cached = resident_fraction(fd)
+    finally:
+        os.close(fd)
+    assert cached is None or cached == 1.0
+    before = STATS.snapshot()
+    ours = fastsafetensors.load_file(path, io="auto")
+    _, reads, direct = _delta(before)
+    assert reads > 0 and direct == 0
+    for name in tensors:
+        assert_bitwise_equal(ours[name], tensors[name])
+
+
+def test_auto_reads_an_evicted_file_directly(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    if not _direct_ok(path):
+        pytest.skip("this filesystem refuses O_DIRECT, so auto can only read buffered")
+    left = _evict(path)
+    if left is None or left > 0.1:
+        pytest.skip(f"page-cache eviction is not observable here (resident share after "
+                    f"POSIX_FADV_DONTNEED: {left})")
+    before = STATS.snapshot()
+    ours = fastsafetensors.load_file(path, io="auto")
+    _, reads, direct = _delta(before)
+    assert direct > 0
+    for name in tensors:
+        assert_bitwise_equal(ours[name], tensors[name])
+
+
+def test_resident_map_and_fraction(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, os.path.getsize(path), 0)
+        pages = resident_map(fd, 0, os.path.getsize(path))
+        if pages is None:
+            pytest.skip("mincore is not available on this platform")
+        assert len(pages) == -(-os.path.getsize(path) // os.sysconf("SC_PAGE_SIZE"))
+        assert resident_fraction(fd) == 1.0
+        assert resident_map(fd, 0, 0) is None
+        assert resident_fraction(fd, 100, 10) == 1.0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+def test_many_threads_and_small_chunks(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                       io: str) -> None:
+    path, tensors = ckpt
+    header = fastsafetensors.format.read_header(path)
+    reference = {}
+    for threads in (1, 3, 8):
+        before = STATS.snapshot()
+        jobs = [open_job(path)]
+        try:
+            (out,) = load_host(jobs, get_framework("pt"), threads=threads, io=io, chunk=MiB)
+        finally:
+            close_job(jobs[0])
+        _, reads, _ = _delta(before)
+        assert reads >= header.data_size // MiB
+        for name in tensors:
+            assert_bitwise_equal(out[name], tensors[name])
+        reference[threads] = out
+    assert all(torch.equal(reference[1]["a"], r["a"]) for r in reference.values())
+
+
+def test_aligned_tensors_are_views_of_one_buffer(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    ours = fastsafetensors.load_file(path)
+    storages = {t.untyped_storage().data_ptr() for t in ours.values() if t.numel()}
+    assert len(storages) == 1
+
+
+def test_misaligned_tensors_are_copied_to_aligned_memory(tmp_path: Path) -> None:
+    entries, data, expected = misaligned_entries()
+    path = write_raw(tmp_path / "mis.safetensors", entries, data)
+    for io in ("buffered", "direct", "auto"):
+        ours = fastsafetensors.load_file(path, io=io)
+        shared = ours["a.u8"].untyped_storage().data_ptr()
+        for name, tensor in expected.items():
+            assert_bitwise_equal(ours[name], tensor)
+            assert_aligned(ours[name])
+        # a misaligned F32 cannot be a view of the file buffer; a U8 can
+        assert ours["b.f32"].untyped_storage().data_ptr() != shared
+        assert ours["d.u8"].untyped_storage().data_ptr() == shared
+
+
+def test_subset_of_tensors_reads_only_their_range(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    job = open_job(path, ["c", "f"])
+    try:
+        before = STATS.snapshot()
+        (out,) = load_host([job], get_framework("pt"), io="buffered")
+        nbytes, _, _ = _delta(before)
+    finally:
+        close_job(job)
+    assert set(out) == {"c", "f"}
+    assert_bitwise_equal(out["c"], tensors["c"])
+    assert_bitwise_equal(out["f"], tensors["f"])
+    assert nbytes < 2 * MiB  # not the 6 MB of the whole file
+    with pytest.raises(TensorNotFoundError, match="'cc'"):
+        open_job(path, ["c", "cc"])
+
+
+def test_several_files_in_one_load(tmp_path: Path) -> None:
+    paths = [write_file(tmp_path / f"{i}.safetensors", {f"t{i}": torch.full((100,), i)})
+             for i in range(3)]
+    jobs = [open_job(p) for p in paths]
+    try:
+        results = load_host(jobs, get_framework("pt"), threads=4)
+    finally:
+        for job in jobs:
+            close_job(job)
+    assert [list(r) for r in results] == [["t0"], ["t1"], ["t2"]]
+    assert [int(r[f"t{i}"][0]) for i, r in enumerate(results)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
+@pytest.mark.parametrize("keep", ["mid_data", "header_only"])
+def test_file_truncated_after_header_raises_read_error(
+        ckpt: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch,
+        io: str, keep: str) -> None:
+    path, _ = ckpt
+    real_open_job = fastsafetensors.api.open_job
+    header = fastsafetensors.format.read_header(path)
+    size = header.data_start + (header.data_size // 2 if keep == "mid_data" else 0)
+
+    def open_then_truncate(*args: Any, **kwargs: Any) -> Any:
+        job = real_open_job(*args, **kwargs)
+        os.truncate(path, size)
+        return job
+
+    monkeypatch.setattr(fastsafetensors.api, "open_job", open_then_truncate)
+    before = open_fds()
+    with pytest.raises(ReadError) as excinfo:
+        fastsafetensors.load_file(path, io=io)
+    assert open_fds() == before
+    error = excinfo.value
+    assert isinstance(error, OSError) and error.path == str(path)
+    assert path.name in str(error) and "truncated" in str(error)
+
+
+def test_pread_into_short_file(tmp_path: Path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"0123456789")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(8)
+        assert pread_into(fd, memoryview(buf), 2, path=str(path)) == 8
+        assert bytes(buf) == b"23456789"
+        with pytest.raises(ReadError) as excinfo:
+            pread_into(fd, memoryview(bytearray(8)), 5, path=str(path))
+        assert (excinfo.value.offset, excinfo.value.expected, excinfo.value.got) == (5, 8, 5)
+        assert pread_into(fd, memoryview(bytearray(8)), 5, path=str(path), allow_eof=True) == 5
+    finally:
+        os.close(fd)

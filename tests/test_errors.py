@@ -1,0 +1,225 @@
+"""The exception tree: builtin bases, messages, pickling, and the errors raised for a missing
+framework and for device='cuda' without a GPU."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import open_fds, write_file
+
+import fastsafetensors
+import fastsafetensors.errors as errors_module
+from fastsafetensors import (
+    BackendUnavailableError,
+    CheckpointIndexError,
+    CheckpointNotFoundError,
+    ClosedFileError,
+    ConfigError,
+    FastSafetensorsError,
+    FastSafetensorsFile,
+    FrameworkNotInstalledError,
+    HeaderError,
+    LazyTensorFactory,
+    NoGPUError,
+    ReadError,
+    TensorNotFoundError,
+    UnsupportedDTypeError,
+)
+
+BUILTIN_BASES = {
+    HeaderError: ValueError, CheckpointIndexError: ValueError, TensorNotFoundError: KeyError,
+    CheckpointNotFoundError: FileNotFoundError, FrameworkNotInstalledError: ModuleNotFoundError,
+    UnsupportedDTypeError: TypeError, ClosedFileError: ValueError, ConfigError: ValueError,
+    ReadError: OSError, NoGPUError: RuntimeError, BackendUnavailableError: RuntimeError,
+}
+
+
+def _examples() -> list[FastSafetensorsError]:
+    return [
+        FastSafetensorsError("something went wrong"),
+        HeaderError("/ckpt/model.safetensors", "data_offsets [0, 4] leave a gap", "w"),
+        HeaderError(None, "header is not valid JSON"),
+        CheckpointIndexError("/ckpt/model.safetensors.index.json", "names a missing shard", "w"),
+        TensorNotFoundError("lm_head.weigth", "/ckpt/m.safetensors",
+                            ["lm_head.weight", "model.norm.weight"]),
+        TensorNotFoundError("x"),
+        CheckpointNotFoundError("/ckpt/missing.safetensors"),
+        CheckpointNotFoundError("/ckpt/missing.safetensors", "download it first"),
+        FrameworkNotInstalledError("torch", "pt", "pip install torch"),
+        UnsupportedDTypeError("BF16", "np", "w"),
+        UnsupportedDTypeError("F8_E4M3", "np"),
+        ClosedFileError("/ckpt/m.safetensors"),
+        ConfigError("io", "fast", ["auto", "buffered", "direct"]),
+        ReadError("/ckpt/m.safetensors", 4096, 8192, 100),
+        NoGPUError("cuda:1", "only 1 GPU(s) are visible"),
+        NoGPUError("cuda"),
+        BackendUnavailableError("gds", "kvikio is not installed"),
+    ]
+
+
+ERROR_CLASSES = [getattr(errors_module, n) for n in errors_module.__all__]
+
+
+def _generic(cls: type[FastSafetensorsError]) -> FastSafetensorsError:
+    """An instance of a class this file has no hand-made example for (one added later): every
+    field gets a placeholder string."""
+    return cls(**{field: f"<{field}>" for field in cls._fields})
+
+
+def _all_examples() -> list[FastSafetensorsError]:
+    examples = _examples()
+    covered = {type(e) for e in examples}
+    return examples + [_generic(c) for c in ERROR_CLASSES if c not in covered]
+
+
+def test_every_error_class_is_exercised() -> None:
+    assert set(ERROR_CLASSES) == {type(e) for e in _all_examples()}
+    assert {type(e) for e in _examples()} >= set(BUILTIN_BASES)
+
+
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__name__)
+def test_hierarchy(cls: type[Exception]) -> None:
+    assert issubclass(cls, FastSafetensorsError) and issubclass(cls, Exception)
+    if cls in BUILTIN_BASES:
+        assert issubclass(cls, BUILTIN_BASES[cls])
+    elif cls is not FastSafetensorsError:
+        # a class added later still subclasses a builtin users already catch
+        assert any(base.__module__ == "builtins" and base not in (Exception, BaseException)
+                   for base in cls.__mro__), cls
+    # the tree is drawn in the module docstring
+    assert cls.__name__ in (errors_module.__doc__ or "")
+    assert cls.__doc__
+
+
+@pytest.mark.parametrize("error", _all_examples(), ids=lambda e: type(e).__name__)
+def test_errors_pickle(error: FastSafetensorsError) -> None:
+    message = str(error)
+    assert message == getattr(error, "message", message) and len(message) > 10
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        copy = pickle.loads(pickle.dumps(error, protocol=protocol))
+        assert type(copy) is type(error)
+        assert str(copy) == message
+        for field in type(error)._fields:
+            assert getattr(copy, field) == getattr(error, field)
+    with pytest.raises(type(error)):
+        raise pickle.loads(pickle.dumps(error))
+
+
+def test_messages() -> None:
+    e = HeaderError("/x/model-00002.safetensors", "ends at byte 9 but the file has 5", "lm_head")
+    assert str(e) == "model-00002.safetensors: tensor 'lm_head': ends at byte 9 but the file has 5"
+    assert (e.path, e.reason, e.tensor) == ("/x/model-00002.safetensors",
+                                            "ends at byte 9 but the file has 5", "lm_head")
+    nf = CheckpointNotFoundError("/x/missing.safetensors")
+    assert str(nf).startswith("[Errno 2] No such file or directory: '/x/missing.safetensors'")
+    assert nf.errno == errno.ENOENT and nf.filename == "/x/missing.safetensors"
+    rd = ReadError("/x/m.safetensors", 10, 20, 5)
+    assert rd.errno == errno.EIO and "10" in str(rd) and "20" in str(rd)
+    tn = TensorNotFoundError("w", None, [f"w{i}" for i in range(20)])
+    assert str(tn).count("'w") <= 6  # the name and at most five matches
+    cfg = ConfigError("io", "fast", ["auto", "buffered"])
+    assert "auto" in str(cfg) and "buffered" in str(cfg) and "'fast'" in str(cfg)
+    assert str(NoGPUError("cuda")).startswith("No CUDA GPUs are available")
+
+
+def test_builtin_except_clauses_catch_them(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        FastSafetensorsFile(tmp_path / "missing.safetensors")
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.zeros(1)})
+    with FastSafetensorsFile(path) as fsf:
+        with pytest.raises(KeyError):
+            fsf["b"]
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 3)
+    with pytest.raises(ValueError):
+        fastsafetensors.load_file(tmp_path / "bad.safetensors")
+    with pytest.raises(FastSafetensorsError):
+        fastsafetensors.load_file(tmp_path / "bad.safetensors")
+
+
+# -- missing framework -----------------------------------------------------------------------
+
+def test_missing_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastsafetensors.frameworks as frameworks
+
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "fastsafetensors.frameworks.torch", raising=False)
+    monkeypatch.delattr(frameworks, "torch", raising=False)
+    before = open_fds()
+    for attempt in (lambda: FastSafetensorsFile(path), lambda: fastsafetensors.load_file(path),
+                    lambda: fastsafetensors.loads(path.read_bytes()),
+                    lambda: fastsafetensors.safe_open(path, "pt"),
+                    lambda: LazyTensorFactory(path)):
+        with pytest.raises(FrameworkNotInstalledError) as excinfo:
+            attempt()
+        error = excinfo.value
+        assert isinstance(error, ModuleNotFoundError) and error.name == "torch"
+        assert "pip install" in str(error) and "torch" in str(error)
+    assert open_fds() == before
+    # numpy needs no torch
+    assert fastsafetensors.load_file(path, framework="np")["a"].tolist() == [0.0, 1.0, 2.0]
+    with FastSafetensorsFile(path, framework="np") as fsf:
+        assert fsf.get_slice("a")[1:].tolist() == [1.0, 2.0]
+
+
+def test_import_error_inside_framework_is_not_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a missing torch becomes FrameworkNotInstalledError; other import failures are
+    real bugs and propagate unchanged."""
+    import fastsafetensors.frameworks as frameworks
+
+    real_import = builtins.__import__
+
+    def broken(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "torch":
+            raise ModuleNotFoundError("No module named 'torch._C'", name="torch._C")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "fastsafetensors.frameworks.torch", raising=False)
+    monkeypatch.delattr(frameworks, "torch", raising=False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(ModuleNotFoundError) as excinfo:
+        frameworks.get_framework("pt")
+    assert type(excinfo.value) is ModuleNotFoundError
+
+
+# -- device='cuda' without a GPU ---------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    before = open_fds()
+    with FastSafetensorsFile(path) as fsf:
+        attempts = [
+            lambda: FastSafetensorsFile(path, device=device),
+            lambda: fastsafetensors.load_file(path, device=device),
+            lambda: fastsafetensors.loads(path.read_bytes(), device=device),
+            lambda: fastsafetensors.safe_open(path, "pt", device=device),
+            lambda: LazyTensorFactory(path, device=device),
+            lambda: fsf.get_tensor("a", device=device),
+            lambda: fsf.get_slice("a").materialize(device=device),
+        ]
+        for attempt in attempts:
+            with pytest.raises(NoGPUError) as excinfo:
+                attempt()
+            assert isinstance(excinfo.value, RuntimeError)
+            message = str(excinfo.value)
+            assert message.startswith("No CUDA GPUs are available")
+            assert device in message and "device='cpu'" in message
+        assert fsf.bytes_read == 0
+    assert open_fds() == before
+
+
+def test_bad_device_names(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    with pytest.raises(ConfigError, match="cuda"):
+        FastSafetensorsFile(path, device="tpu")
+    with pytest.raises(ConfigError, match="numpy"):
+        FastSafetensorsFile(path, framework="np", device="cuda")

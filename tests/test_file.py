@@ -1,0 +1,581 @@
+"""FastSafetensorsFile: the mapping API, laziness proven by bytes counted, get_slice semantics,
+lifetime (close, use after close) and thread safety."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+from builders import assert_aligned, assert_bitwise_equal, small_tensors, write_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastsafetensors
+from fastsafetensors import (
+    ClosedFileError,
+    ConfigError,
+    FastSafetensorsFile,
+    LazyTensor,
+    ReadError,
+    TensorInfo,
+    TensorNotFoundError,
+)
+from fastsafetensors.loader.posix import STATS
+
+ROWS, COLS = 256, 1024  # "big": 1 MiB of F32, rows of 4 KiB
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    tensors = small_tensors()
+    tensors["big"] = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(9))
+    tensors["cube"] = torch.arange(4 * 6 * 8, dtype=torch.int32).reshape(4, 6, 8)
+    tensors["empty"] = torch.zeros(0, 3)
+    path = write_file(tmp_path / "model.safetensors", tensors, {"format": "pt", "step": "7"})
+    return path, tensors
+
+
+# -- metadata ---------------------------------------------------------------------------------
+
+def test_get_tensors_is_metadata_only(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    before = STATS.snapshot()
+    with FastSafetensorsFile(path) as fsf:
+        infos = fsf.get_tensors()
+        assert fsf.bytes_read == 0
+        assert STATS.snapshot() == before
+    assert set(infos) == set(tensors)
+    for name, info in infos.items():
+        assert isinstance(info, TensorInfo) and info.name == name
+        assert info.shape == tuple(tensors[name].shape) and isinstance(info.shape, tuple)
+        assert info.nbytes == tensors[name].numel() * tensors[name].element_size()
+        assert info.data_offsets[1] - info.data_offsets[0] == info.nbytes
+    assert infos["big"].dtype == "F32" and infos["model.layers.0.mlp.up_proj.weight"].dtype == \
+        "BF16"
+    text = repr(infos["big"])
+    assert "F32" in text and "(256, 1024)" in text and "nbytes=1048576" in text
+
+
+def test_mapping_api_matches_safetensors(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf, safetensors.safe_open(path, "pt") as ref:
+        assert fsf.keys() == ref.keys() == sorted(tensors)
+        assert fsf.offset_keys() == [n for n in ref.offset_keys()]
+        assert fsf.offset_keys() == list(fsf.get_tensors())
+        assert fsf.metadata() == ref.metadata() == {"format": "pt", "step": "7"}
+        assert len(fsf) == len(tensors)
+        assert list(fsf) == sorted(tensors)
+        assert "big" in fsf and "nope" not in fsf and 3 not in fsf
+        assert fsf.path == str(path) and fsf.device == "cpu"
+        assert "tensors" in repr(fsf) and path.name in repr(fsf)
+        assert fsf.header.data_size == sum(i.nbytes for i in fsf.get_tensors().values())
+        for name in tensors:
+            assert_bitwise_equal(fsf[name], ref.get_tensor(name))
+            assert_bitwise_equal(fsf.get_tensor(name), tensors[name])
+
+
+def test_metadata_none_and_copies(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.ones(2)})
+    with FastSafetensorsFile(str(path)) as fsf:
+        assert fsf.metadata() is None
+    path = write_file(tmp_path / "n.safetensors", {"a": torch.ones(2)}, {"k": "v"})
+    with FastSafetensorsFile(path) as fsf:
+        fsf.metadata()["k"] = "changed"  # type: ignore[index]
+        fsf.get_tensors().clear()
+        assert fsf.metadata() == {"k": "v"} and len(fsf.get_tensors()) == 1
+
+
+def test_file_without_tensors(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "none.safetensors", {})
+    with FastSafetensorsFile(path) as fsf:
+        assert len(fsf) == 0 and fsf.keys() == [] and fsf.get_tensors() == {}
+    assert fastsafetensors.load_file(path) == {}
+
+
+def test_framework_names(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    for name in ("pt", "torch", "pytorch"):
+        with FastSafetensorsFile(path, framework=name) as fsf:
+            assert isinstance(fsf["big"], torch.Tensor)
+    with pytest.raises(ConfigError) as excinfo:
+        FastSafetensorsFile(path, framework="jax")
+    assert "'pt'" in str(excinfo.value) or "pt" in excinfo.value.valid
+    assert "np" in str(excinfo.value)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def test_get_tensor_casts(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        half = fsf.get_tensor("big", dtype=torch.float16)
+        assert half.dtype == torch.float16
+        assert torch.equal(half, tensors["big"].to(torch.float16))
+        same = fsf.get_tensor("big", device="cpu", dtype=torch.float32)
+        assert_bitwise_equal(same, tensors["big"])
+        assert fsf.get_tensor("step", dtype=torch.float64).item() == 7.0
+
+
+def test_unknown_name_lists_close_matches(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        with pytest.raises(TensorNotFoundError) as excinfo:
+            fsf["model.norm.weigth"]
+        with pytest.raises(KeyError):
+            fsf.get_tensor("nope")
+        with pytest.raises(TensorNotFoundError):
+            fsf.get_slice("model.norm")
+    error = excinfo.value
+    assert isinstance(error, KeyError) and error.name == "model.norm.weigth"
+    message = str(error)
+    assert "'model.norm.weigth'" in message and path.name in message
+    assert "'model.norm.weight'" in message
+
+
+def test_close_matches_are_at_most_five(tmp_path: Path) -> None:
+    tensors = {f"layer.{i}.weight": torch.zeros(1) for i in range(12)}
+    path = write_file(tmp_path / "m.safetensors", tensors)
+    with FastSafetensorsFile(path) as fsf:
+        with pytest.raises(TensorNotFoundError) as excinfo:
+            fsf["layer.1.weights"]
+    listed = [n for n in tensors if repr(n) in str(excinfo.value)]
+    assert 1 <= len(listed) <= 5 and "layer.1.weight" in listed
+
+
+def test_reading_one_tensor_reads_only_its_bytes(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        for name in ("model.norm.weight", "big", "step", "empty"):
+            before, start = STATS.snapshot(), fsf.bytes_read
+            t = fsf[name]
+            nbytes = fsf.get_tensors()[name].nbytes
+            assert fsf.bytes_read - start == nbytes
+            assert STATS.snapshot()[0] - before[0] == nbytes
+            assert_bitwise_equal(t, tensors[name])
+            assert_aligned(t)
+
+
+def _row_bytes(fsf: FastSafetensorsFile, name: str) -> int:
+    info = fsf.get_tensors()[name]
+    return info.nbytes // info.shape[0]
+
+
+def test_get_slice_reads_only_the_rows(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    full = tensors["big"]
+    with FastSafetensorsFile(path) as fsf:
+        row = _row_bytes(fsf, "big")
+        assert row == COLS * 4
+        sl = fsf.get_slice("big")
+        assert fsf.bytes_read == 0
+
+        start = fsf.bytes_read
+        assert_bitwise_equal(sl[10:20], full[10:20])
+        assert fsf.bytes_read - start == 10 * row
+
+        start = fsf.bytes_read
+        assert_bitwise_equal(sl[7], full[7])
+        assert fsf.bytes_read - start == row
+
+        start = fsf.bytes_read
+        assert_bitwise_equal(sl[-1], full[-1])
+        assert fsf.bytes_read - start == row
+
+        start, stats = fsf.bytes_read, STATS.snapshot()
+        block = sl[100:104, 8:24]
+        assert_bitwise_equal(block, full[100:104, 8:24])
+        read = fsf.bytes_read - start
+        assert 4 * 16 * 4 <= read <= 4 * row  # rows 100..104 at most
+        assert STATS.snapshot()[0] - stats[0] == read
+
+        start = fsf.bytes_read
+        assert_bitwise_equal(sl[5:5], full[5:5])
+        assert fsf.bytes_read - start == 0
+
+
+INDEXES_2D: list[Any] = [
+    slice(3, 9), 4, -1, -ROWS, (slice(2, 5), slice(10, 30)), (Ellipsis, slice(0, 7)),
+    slice(None, None, 2), slice(None), Ellipsis, (slice(1, 40, 3), slice(None, None, 5)),
+    (3, 5), (slice(-3, None),), slice(9, 2), (slice(None), -1), (-2, slice(4, 8)),
+    (slice(0, 1000),), (slice(250, 300), 0), (), (Ellipsis, 3), (0, Ellipsis),
+]
+INDEXES_3D: list[Any] = [
+    (1, slice(None), slice(2, 4)), (Ellipsis, 0), (0, Ellipsis, 1), slice(1, 3),
+    (slice(None), 2, slice(None, None, 3)), (-1, -1, -1), (slice(0, 4, 2), slice(1, 5), 7),
+]
+
+
+@pytest.mark.parametrize("index", INDEXES_2D, ids=repr)
+def test_get_slice_matches_torch_indexing_2d(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                             index: Any) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        got = fsf.get_slice("big")[index]
+    expected = tensors["big"][index]
+    assert_bitwise_equal(got, expected.contiguous())
+    assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("index", INDEXES_3D, ids=repr)
+def test_get_slice_matches_torch_indexing_3d(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                             index: Any) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        got = fsf.get_slice("cube")[index]
+    assert_bitwise_equal(got, tensors["cube"][index].contiguous())
+
+
+@pytest.mark.parametrize("index", [slice(1, 3), 2, -1, (slice(None), slice(1, 2)),
+                                   (Ellipsis, slice(0, 3)), slice(None, None, 2)], ids=repr)
+def test_get_slice_matches_safetensors(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                       index: Any) -> None:
+    path, _ = ckpt
+    with fastsafetensors.safe_open(path, "pt") as fsf, safetensors.safe_open(path, "pt") as ref:
+        for name in ("big", "cube", "model.layers.0.mlp.up_proj.weight"):
+            assert_bitwise_equal(fsf.get_slice(name)[index], ref.get_slice(name)[index])
+
+
+def test_get_slice_scalar_and_empty(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        scalar = fsf.get_slice("step")
+        assert scalar.get_shape() == [] and scalar.get_dtype() == "I64"
+        assert_bitwise_equal(scalar[...], tensors["step"])
+        assert_bitwise_equal(scalar[()], tensors["step"])
+        with pytest.raises(TypeError):
+            len(scalar)
+        empty = fsf.get_slice("empty")
+        assert_bitwise_equal(empty[:], tensors["empty"])
+        assert_bitwise_equal(empty[..., 1:], tensors["empty"][..., 1:])
+
+
+@pytest.mark.parametrize("index", [ROWS, -ROWS - 1, 10 ** 9, (0, COLS), (0, -COLS - 1),
+                                   (0, 0, 0), 1.5, "a", None, [1, 2], slice(None, None, -1),
+                                   (Ellipsis, Ellipsis)], ids=repr)
+def test_get_slice_bad_index_raises_index_error(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                                index: Any) -> None:
+    path, _ = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        with pytest.raises(IndexError):
+            fsf.get_slice("big")[index]
+
+
+def test_slice_handle_protocol(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    with FastSafetensorsFile(path) as fsf, safetensors.safe_open(path, "pt") as ref:
+        for name in fsf.keys():
+            ours, theirs = fsf.get_slice(name), ref.get_slice(name)
+            assert isinstance(ours, LazyTensor)
+            assert ours.get_shape() == theirs.get_shape()
+            assert isinstance(ours.get_shape(), list)
+            assert ours.get_dtype() == theirs.get_dtype()
+            assert ours.dtype == fsf[name].dtype
+            assert ours.shape == tuple(fsf[name].shape)
+            assert ours.get_ndim() == len(theirs.get_shape())
+        assert len(fsf.get_slice("big")) == ROWS
+        assert "big" in repr(fsf.get_slice("big"))
+
+
+# -- lifetime ---------------------------------------------------------------------------------
+
+def test_context_manager_and_idempotent_close(ckpt: tuple[Path, dict[str, torch.Tensor]]
+                                              ) -> None:
+    path, _ = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        assert fsf["step"].item() == 7
+    assert "closed" in repr(fsf)
+    fsf.close()
+    fsf.close()
+    other = FastSafetensorsFile(path)
+    other.close()
+    other.close()
+
+
+def test_use_after_close_raises(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    fsf = FastSafetensorsFile(path)
+    handle = fsf.get_slice("big")
+    info = fsf.get_tensors()["big"]
+    fsf.close()
+    attempts = {
+        "getitem": lambda: fsf["big"],
+        "get_tensor": lambda: fsf.get_tensor("big"),
+        "empty tensor": lambda: fsf["empty"],
+        "slice": lambda: handle[0:2],
+        "empty slice": lambda: handle[3:3],
+        "materialize": lambda: handle.materialize(),
+        "get_slice": lambda: fsf.get_slice("big")[0],
+        "read_bytes": lambda: fsf.read_bytes(info),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(ClosedFileError) as excinfo:
+            attempt()
+        assert isinstance(excinfo.value, ValueError), what
+        assert path.name in str(excinfo.value) and "closed" in str(excinfo.value)
+    with pytest.raises(ClosedFileError):
+        fsf.get_slice("big")
+    # an unknown name is still reported as such
+    with pytest.raises(TensorNotFoundError):
+        fsf["nope"]
+
+
+def test_close_releases_the_descriptor(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    from builders import open_fds
+
+    path, _ = ckpt
+    before = open_fds()
+    fsf = FastSafetensorsFile(path)
+    assert len(open_fds() - before) == 1
+    fsf.close()
+    assert open_fds() == before
+    fsf = FastSafetensorsFile(path)
+    del fsf
+    assert open_fds() == before
+
+
+def test_file_truncated_after_open_raises_read_error(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    with FastSafetensorsFile(path) as fsf:
+        infos = fsf.get_tensors()
+        last = fsf.offset_keys()[-1]
+        first = fsf.offset_keys()[0]
+        os.truncate(path, fsf.header.data_start + infos[last].data_offsets[0] + 1)
+        with pytest.raises(ReadError) as excinfo:
+            fsf[last]
+        assert isinstance(excinfo.value, OSError) and path.name in str(excinfo.value)
+        assert "truncated" in str(excinfo.value)
+        assert_bitwise_equal(fsf[first], tensors[first])  # what is still there reads fine
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [None, "65536"])
+def test_threads_share_one_handle(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                  monkeypatch: pytest.MonkeyPatch, chunk: str | None) -> None:
+    """8 threads read different and the same tensors at once (with small chunks, each read of
+    "big" also fans out to reader threads of its own)."""
+    if chunk:
+        monkeypatch.setenv("FASTSAFETENSORS_CHUNK_BYTES", chunk)
+    path, tensors = ckpt
+    names = sorted(tensors)
+    barrier = threading.Barrier(8)
+    failures: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for k in range(12):
+                name = "big" if k % 3 == 0 else names[(i + k) % len(names)]
+                assert_bitwise_equal(fsf[name], tensors[name])
+                lo = (i * 7 + k) % (ROWS - 4)
+                assert_bitwise_equal(fsf.get_slice("big")[lo:lo + 4, 3:9],
+                                     tensors["big"][lo:lo + 4, 3:9])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+
+    with FastSafetensorsFile(path) as fsf:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures, failures[0]
+
+
+def test_close_waits_for_reads_in_flight(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read in progress when close() is called completes correctly; close() returns after it;
+    reads that start later raise ClosedFileError."""
+    import fastsafetensors.file as file_module
+
+    path, tensors = ckpt
+    real = file_module.pread_into
+    entered, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def gated(*args: Any, **kwargs: Any) -> int:
+        entered.set()
+        assert release.wait(60), "test never released the read"
+        got = real(*args, **kwargs)
+        order.append("read done")
+        return got
+
+    monkeypatch.setattr(file_module, "pread_into", gated)
+    fsf = FastSafetensorsFile(path)
+    result: dict[str, Any] = {}
+
+    def reader() -> None:
+        try:
+            result["tensor"] = fsf["big"]
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    def closer() -> None:
+        fsf.close()
+        order.append("closed")
+
+    t_read = threading.Thread(target=reader)
+    t_read.start()
+    assert entered.wait(60)
+    t_close = threading.Thread(target=closer)
+    t_close.start()
+    # close() marks the handle closed before it waits for the reader: new reads now fail
+    for _ in range(6000):
+        if "closed" in repr(fsf):
+            break
+        threading.Event().wait(0.01)
+    with pytest.raises(ClosedFileError):
+        fsf["model.norm.weight"]
+    assert "closed" not in order
+    release.set()
+    t_read.join(60)
+    t_close.join(60)
+    assert "error" not in result, result.get("error")
+    assert_bitwise_equal(result["tensor"], tensors["big"])
+    assert order == ["read done", "closed"]
+
+
+def test_close_during_many_reads(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """Whenever close() lands, every read either returns the right tensor or ClosedFileError."""
+    path, tensors = ckpt
+    fsf = FastSafetensorsFile(path)
+    started = threading.Barrier(5)
+    outcomes: list[Any] = []
+
+    def work() -> None:
+        started.wait()
+        for _ in range(50):
+            try:
+                outcomes.append(("ok", fsf["big"]))
+            except ClosedFileError:
+                outcomes.append(("closed", None))
+                return
+            except BaseException as exc:  # noqa: BLE001
+                outcomes.append(("error", exc))
+                return
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    fsf.close()
+    for t in threads:
+        t.join()
+    assert not [o for o in outcomes if o[0] == "error"], outcomes
+    assert sum(o[0] == "closed" for o in outcomes) >= 1 or len(outcomes) == 200
+    for kind, tensor in outcomes:
+        if kind == "ok":
+            assert_bitwise_equal(tensor, tensors["big"])
+
+
+# -- get_slice against torch indexing, property-based -------------------------------------------
+
+SHAPES_FOR_SLICING = {"v": (7,), "m": (5, 6), "c": (3, 4, 5), "h": (2, 1, 3, 4), "z": (0, 3),
+                      "w": (4, 0), "r": (9, 2)}
+DTYPES_FOR_SLICING = {"v": torch.float64, "m": torch.float32, "c": torch.int16,
+                      "h": torch.uint8, "z": torch.float32, "w": torch.int64,
+                      "r": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def sliceable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(11)
+    tensors = {name: (torch.randn(shape, generator=gen) * 100).to(DTYPES_FOR_SLICING[name])
+               for name, shape in SHAPES_FOR_SLICING.items()}
+    path = tmp_path_factory.mktemp("slicing") / "s.safetensors"
+    return write_file(path, tensors), tensors
+
+
+@st.composite
+def name_and_index(draw: st.DrawFn) -> tuple[str, Any]:
+    name = draw(st.sampled_from(sorted(SHAPES_FOR_SLICING)))
+    shape = SHAPES_FOR_SLICING[name]
+    ndim = draw(st.integers(0, len(shape)))
+    parts: list[Any] = []
+    for size in shape[:ndim]:
+        slices = st.slices(size).filter(lambda s: s.step is None or s.step > 0)
+        parts.append(draw(slices | st.integers(-size, size - 1)) if size else draw(slices))
+    if draw(st.booleans()):
+        parts.insert(draw(st.integers(0, len(parts))), Ellipsis)
+    if len(parts) == 1 and draw(st.booleans()):
+        return name, parts[0]
+    return name, tuple(parts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(name_and_index())
+def test_get_slice_equals_torch_indexing(sliceable: tuple[Path, dict[str, torch.Tensor]],
+                                         case: tuple[str, Any]) -> None:
+    path, tensors = sliceable
+    name, index = case
+    full = tensors[name]
+    try:
+        expected = full[index]
+    except IndexError:  # e.g. "..." moved an integer onto an empty dimension
+        with FastSafetensorsFile(path) as fsf, pytest.raises(IndexError):
+            fsf.get_slice(name)[index]
+        return
+    with FastSafetensorsFile(path) as fsf:
+        got = fsf.get_slice(name)[index]
+        read = fsf.bytes_read
+        row = fsf.get_tensors()[name].nbytes // max(1, full.shape[0])
+    assert_bitwise_equal(got, expected.contiguous())
+    # never more than the span of rows (first-dim entries) from the first to the last touched
+    parts = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in parts and len(parts) - 1 < full.dim() and parts.index(Ellipsis) == 0:
+        parts = (slice(None),)
+    first = parts[0] if parts and parts[0] is not Ellipsis else slice(None)
+    touched = range(full.shape[0])[first]
+    rows = (touched[-1] - touched[0] + 1 if touched else 0) if isinstance(first, slice) else 1
+    assert read <= rows * row
+
+
+def test_f4_slices_index_the_torch_shape(tmp_path: Path) -> None:
+    """F4 files count 4-bit values; slicing indexes the float4_e2m1fn_x2 tensor (pairs)."""
+    from builders import random_tensor
+
+    tensors = {"q": random_tensor("F4", (4, 8)), "p": random_tensor("F4", (6,))}
+    path = write_file(tmp_path / "f4.safetensors", tensors)
+    with FastSafetensorsFile(path) as fsf:
+        for name, indexes in {"q": [slice(1, 3), 2, -1, (slice(None), slice(0, 2)), Ellipsis],
+                              "p": [slice(0, 2), 1, -1, Ellipsis]}.items():
+            full = fsf[name]
+            assert_bitwise_equal(full, tensors[name])
+            for index in indexes:
+                assert_bitwise_equal(fsf.get_slice(name)[index], full[index].contiguous())
+
+
+@pytest.mark.parametrize("index", [2, -1, Ellipsis, slice(1, 3), (1, 2), (slice(None), 1),
+                                   (Ellipsis, slice(0, 2))], ids=repr)
+def test_numpy_slices_match_safetensors(tmp_path: Path, index: Any) -> None:
+    """Integer indexes give 0-d arrays (not shape (1,)), as numpy and safetensors do."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays = {"v": np.arange(5, dtype=np.float32), "m": np.arange(12, dtype=np.int32).reshape(3, 4),
+              "s": np.array(3, dtype=np.int64)}
+    path = tmp_path / "n.safetensors"
+    save_file(arrays, str(path))
+    with FastSafetensorsFile(path, framework="np") as fsf, \
+            safetensors.safe_open(path, "np") as ref:
+        for name, array in arrays.items():
+            try:
+                expected = array[index]
+            except IndexError:
+                with pytest.raises(IndexError):
+                    fsf.get_slice(name)[index]
+                continue
+            got = fsf.get_slice(name)[index]
+            assert isinstance(got, np.ndarray) and got.flags["C_CONTIGUOUS"]
+            assert got.shape == np.shape(expected) and got.dtype == array.dtype
+            assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
+            if name != "s" or index is Ellipsis:
+                assert got.shape == ref.get_slice(name)[index].shape
