@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any
 
 from .errors import ConfigError
 
@@ -66,8 +68,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="pinned host staging in total, for device loads"),
 )}
 
-_overrides: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
-    "fastsafetensors_config", default={})
+# Read-only, since the default is one object shared by every context; configure() sets a new one.
+_overrides: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "fastsafetensors_config", default=MappingProxyType({}))
 
 
 def _option(name: str) -> Option:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import difflib
 import errno
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "FastSafetensorsError",
@@ -72,7 +73,8 @@ class HeaderError(FastSafetensorsError, ValueError):
     ``path`` is the file, ``reason`` the rule it broke, ``tensor`` the tensor concerned (or None).
     """
 
-    _fields = ("path", "reason", "tensor")
+    # Widened so that CheckpointIndexError can add a field.
+    _fields: tuple[str, ...] = ("path", "reason", "tensor")
 
     def __init__(self, path: str | os.PathLike[str] | None, reason: str, tensor: str | None = None):
         self.path = None if path is None else os.fspath(path)

@@ -12,8 +12,9 @@ import json
 import math
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import CheckpointNotFoundError, HeaderError
 

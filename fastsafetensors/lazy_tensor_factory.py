@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointIndexError, TensorNotFoundError
 from .format import DTYPES, TensorInfo

@@ -9,7 +9,8 @@ streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from . import config
 from .errors import TensorNotFoundError
@@ -26,7 +27,7 @@ def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
     if tensors is None:
         return [(os.fspath(p), None, None) for p in paths]
     wanted = set(tensors)
-    out = []
+    out: list[tuple[str, Any, list[str] | None]] = []
     for p in paths:
         header = read_header(p)
         names = [n for n in header.tensors if n in wanted]
@@ -66,7 +67,8 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     (staging is separate, ``staging_bytes`` in total). ``hub_options`` (revision, subfolder,
     variant, cache_dir, token, local_files_only) apply to Hub repo ids.
 
-    >>> for name, t in fastsafetensors.iter_tensors("model.safetensors", device="cuda:0"):  # doctest: +SKIP
+    >>> for name, t in fastsafetensors.iter_tensors(  # doctest: +SKIP
+    ...         "model.safetensors", device="cuda:0"):
     ...     model.load_param(name, t)
     """
     fw = get_framework(framework)

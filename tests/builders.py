@@ -17,8 +17,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from fastsafetensors.format import DTYPES
 

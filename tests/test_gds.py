@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
+from fake_device import FakeSink, as_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
-from fake_device import FakeSink, as_bytes
 from fastsafetensors.errors import BackendUnavailableError, ConfigError
 from fastsafetensors.loader import gds
 

@@ -8,8 +8,9 @@ Llama backed by a sparse file; and one real ~300 MB file (``slow``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest

@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from builders import layout, open_fds, raw_bytes

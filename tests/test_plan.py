@@ -68,7 +68,7 @@ def test_split_range_properties(begin: int, length: int, chunk: int, align: int)
     pieces = split_range(begin, end, chunk, align=align)
     limit = max(align, chunk - chunk % align)
     assert (pieces[0][0], pieces[-1][1]) == (begin, end) if pieces else length == 0
-    for (b1, e1), (b2, _) in zip(pieces, pieces[1:]):
+    for (_, e1), (b2, _) in zip(pieces, pieces[1:]):
         assert e1 == b2 and e1 % align == 0  # contiguous; inner boundaries aligned
     for b, e in pieces:
         assert 0 < e - b <= limit

@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
+from fake_device import FakeSink, as_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
-from fake_device import FakeSink, as_bytes
 from fastsafetensors.errors import ReadError, TensorNotFoundError
 from fastsafetensors.loader.posix import STATS
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -264,7 +265,8 @@ def test_auto_model_classes(models: dict[str, Path], calls: Counter[str]) -> Non
 
 def test_pipeline_model_kwargs(models: dict[str, Path], tmp_path: Path,
                                calls: Counter[str]) -> None:
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast, pipeline
 
     folder = tmp_path / "llama_pipe"

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import ConfigError, UnsupportedDTypeError
 from ..format import DTYPES, TensorInfo
+from .memory import advise_huge_pages
 
 __all__ = ["NUMPY"]
 
@@ -25,9 +26,11 @@ class NumpyFramework:
 
     def alloc(self, nbytes: int, *, align: int = 64) -> tuple[np.ndarray, memoryview]:
         raw = np.empty(nbytes + align, dtype=np.uint8)
+        advise_huge_pages(raw.ctypes.data, nbytes + align)
         skip = -raw.ctypes.data % align
         buffer = raw[skip:skip + nbytes]
-        return buffer, memoryview(buffer).cast("B")
+        # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
+        return buffer, buffer.data.cast("B")
 
     def dtype(self, dtype: str, tensor: str | None = None) -> Any:
         return numpy_dtype(dtype, tensor)

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import UnsupportedDTypeError
 from ..format import DTYPES, TensorInfo
+from .memory import advise_huge_pages
 
 __all__ = ["TORCH", "torch_dtype"]
 
@@ -17,7 +18,7 @@ def torch_dtype(dtype: str, tensor: str | None = None) -> torch.dtype:
     found = getattr(torch, name, None) if name else None
     if found is None:
         raise UnsupportedDTypeError(dtype, f"pt (torch {torch.__version__})", tensor)
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def torch_shape(info: TensorInfo) -> tuple[int, ...]:
@@ -34,9 +35,11 @@ class TorchFramework:
 
     def alloc(self, nbytes: int, *, align: int = 64) -> tuple[torch.Tensor, memoryview]:
         raw = torch.empty(nbytes + align, dtype=torch.uint8)
+        advise_huge_pages(raw.data_ptr(), nbytes + align)
         skip = -raw.data_ptr() % align
         buffer = raw[skip:skip + nbytes]
-        return buffer, memoryview(buffer.numpy()).cast("B")
+        # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
+        return buffer, buffer.numpy().data.cast("B")
 
     def dtype(self, dtype: str, tensor: str | None = None) -> Any:
         return torch_dtype(dtype, tensor)

@@ -31,7 +31,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .. import config
 from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersionError
@@ -377,7 +378,9 @@ def install() -> None:
         cls = modeling_utils.PreTrainedModel
         method = cls.__dict__["from_pretrained"]
         if not hasattr(method.__func__, "__fastsafetensors_original__"):
-            setattr(cls, "from_pretrained", classmethod(wrap_from_pretrained(method.__func__)))
+            # setattr because mypy rejects assigning a classmethod object over a method.
+            setattr(cls, "from_pretrained",  # noqa: B010
+                    classmethod(wrap_from_pretrained(method.__func__)))
 
 
 def uninstall() -> None:

@@ -34,7 +34,8 @@ private functions the seam relies on, and raises :class:`IncompatibleVersionErro
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ._transformers_seam import (
     LOADERS,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .. import config
 from ..format import Header, TensorInfo, open_readonly, read_header_fd

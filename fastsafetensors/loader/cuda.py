@@ -11,8 +11,6 @@ Stream hazards handled here:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..format import TensorInfo
@@ -39,7 +37,8 @@ class TorchCudaSink:
         raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
         skip = -raw.data_ptr() % DIRECT_ALIGN  # O_DIRECT reads need an aligned buffer
         buffer = raw[skip:skip + nbytes]
-        return buffer, memoryview(buffer.numpy()).cast("B")
+        # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
+        return buffer, buffer.numpy().data.cast("B")
 
     def new_stream(self) -> torch.cuda.Stream:
         return torch.cuda.Stream(self.device)
@@ -74,4 +73,4 @@ class TorchCudaSink:
     def pinned(nbytes: int) -> tuple[torch.Tensor, memoryview]:
         """Page-locked host memory for one read, from torch's caching pinned allocator."""
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        return buffer, memoryview(buffer.numpy()).cast("B")
+        return buffer, buffer.numpy().data.cast("B")

@@ -10,7 +10,8 @@ import functools
 import importlib
 import logging
 import warnings
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .. import config
 from ..errors import BackendUnavailableError
@@ -80,8 +81,8 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
     kvikio's ``CuFile.pread`` returns a future; once ``get()`` returned, the bytes are in device
     memory, so the consumer may use the tensor on any stream.
     """
-    from ..format import read_header
     from ..errors import TensorNotFoundError
+    from ..format import read_header
 
     if kvikio is None:
         kvikio = importlib.import_module("kvikio")

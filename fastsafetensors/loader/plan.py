@@ -9,8 +9,8 @@ mirrors the file from ``Extent.base``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from ..format import Header, TensorInfo
 

@@ -24,8 +24,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, open_readonly, read_header_fd
 from .cpu import CACHED_ENOUGH, IOPolicy  # noqa: F401  (CACHED_ENOUGH documents the rule)
