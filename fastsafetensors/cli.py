@@ -2,7 +2,8 @@
 
 ``fastsafetensors demo`` makes a small synthetic checkpoint in a temporary folder, loads it with
 this package and with safetensors, checks the tensors are equal bit for bit and prints GB/s for
-both. ``fastsafetensors inspect PATH`` prints a file's tensors without reading their data.
+both. ``fastsafetensors inspect SOURCE`` prints the tensors of a file, folder or Hub repo id
+without reading their data.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["main"]
 
@@ -64,12 +65,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .format import read_header
+    from .hub import inspect
 
-    header = read_header(args.path)
-    for name, info in header.tensors.items():
+    summary = inspect(args.path, revision=args.revision, subfolder=args.subfolder,
+                      variant=args.variant, local_files_only=args.offline or None)
+    for name, info in summary.tensors.items():
         print(f"{name}\t{info.dtype}\t{list(info.shape)}\t{info.nbytes}")
-    print(f"{len(header.tensors)} tensors, {header.data_size} data bytes", file=sys.stderr)
+    print(summary, file=sys.stderr)
+    print(f"{len(summary.tensors)} tensors, {summary.total_bytes} data bytes", file=sys.stderr)
     return 0
 
 
@@ -80,8 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="load a synthetic checkpoint both ways and compare")
     demo.add_argument("--size-mb", type=int, default=256, help="checkpoint size (default 256)")
     demo.set_defaults(run=_demo)
-    inspect = sub.add_parser("inspect", help="list a file's tensors (header only)")
-    inspect.add_argument("path")
+    inspect = sub.add_parser("inspect", help="list the tensors of a file, folder or Hub repo "
+                                             "(headers only)")
+    inspect.add_argument("path", help="a .safetensors file, a folder or a Hub repo id")
+    inspect.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    inspect.add_argument("--subfolder", help="e.g. unet for a diffusers pipeline")
+    inspect.add_argument("--variant", help="e.g. fp16 for model.fp16.safetensors")
+    inspect.add_argument("--offline", action="store_true",
+                         help="use the Hugging Face cache only (like HF_HUB_OFFLINE=1)")
     inspect.set_defaults(run=_inspect)
     args = parser.parse_args(argv)
     try:

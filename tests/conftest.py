@@ -38,3 +38,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     checked[marker] = probe()
                 if not checked[marker]:
                     item.add_marker(pytest.mark.skip(reason=remedy))
+
+
+from hub_server import hub_server  # noqa: F401,E402

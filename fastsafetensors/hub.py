@@ -1,0 +1,542 @@
+"""Repo id or path -> :class:`Checkpoint`: the files to load, checked, from a folder or the Hub.
+
+A source is a ``.safetensors`` file, an index ``.json``, a folder (``model.safetensors`` or
+``model.safetensors.index.json``, a ``variant`` such as ``model.fp16.safetensors``, a
+``subfolder`` such as diffusers' ``unet/``) or a Hub repo id with a branch, tag or commit.
+
+For the Hub everything goes through ``huggingface_hub`` (its cache, token, offline mode and fast
+transfer backends): the revision is pinned to a commit once, the folder is listed, the index is
+fetched, then only the shards that hold the requested tensors. :func:`stream` hands out each
+shard as soon as it is on disk while the next ones download (``max_downloads`` at a time), so
+loading overlaps the download. Offline (``local_files_only=True`` or ``HF_HUB_OFFLINE=1``) the
+cached snapshot is read as a local folder and nothing touches the network.
+
+>>> ckpt = fastsafetensors.resolve("org/model", revision="v1.0")      # doctest: +SKIP
+>>> print(fastsafetensors.inspect("org/model"))  # headers only       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointSummary,
+    WeightFiles,
+    check_inside,
+    check_requested,
+    check_shard,
+    choose_weights,
+    human_bytes,
+    read_index,
+    requested,
+)
+from .errors import CheckpointNotFoundError, ConfigError
+from .format import Header, header_size_from_prefix, parse_header, read_header
+
+__all__ = ["Checkpoint", "CheckpointSummary", "resolve", "stream", "inspect"]
+
+logger = logging.getLogger(__name__)
+
+#: (file name, progress bar class or None) -> local path of the file, downloading it if need be
+Fetch = Callable[[str, Any], str]
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass
+class _Plan:
+    """What to load and how to get each file, before any shard is fetched."""
+
+    source: str
+    commit: str | None
+    folder: str                            # where the weights are (or will be) on disk
+    root: str | None                       # files must stay inside it (None: the user's file)
+    fetch: Fetch
+    remote: bool                           # fetch downloads (worth doing in parallel)
+    missing: str                           # hint for a file that is not there
+    weights: WeightFiles
+    tensors: list[str] | None = None
+    index: str | None = None               # local path of the index
+    weight_map: dict[str, str] | None = None
+    shards: list[str] | None = None        # names to load, in order
+    wanted: dict[str, list[str] | None] | None = None
+    listed: dict[str, list[str]] | None = None
+    remote_header: Callable[[str], Header] | None = None
+
+    def path(self, name: str, bar: Any = None) -> str:
+        path = self.fetch(name, bar)
+        if self.root is None:
+            return path
+        return check_inside(path, self.root, index=self.index, shard=name, hint=self.missing)
+
+    def check(self, name: str, header: Header) -> None:
+        assert self.wanted is not None
+        if self.weight_map is None or self.index is None:
+            names = self.wanted[name]
+            if names:
+                check_requested(names, header.tensors, header.path or name)
+            return
+        assert self.listed is not None
+        check_shard(self.index, name, header, self.listed.get(name, []), self.weight_map)
+
+    def follow_index(self, present: Iterable[str] | None) -> None:
+        """Read the index (if any) and pick the shards holding the requested tensors.
+        ``present``: the folder's complete listing, to refuse missing files before fetching."""
+        if not self.weights.is_index:
+            self.shards = [self.weights.name]
+            self.wanted = {self.weights.name: self.tensors}
+            return
+        self.index = self.path(self.weights.name)
+        self.weight_map = read_index(self.index)
+        listed: dict[str, list[str]] = {}
+        for tensor, shard in self.weight_map.items():
+            listed.setdefault(shard, []).append(tensor)
+        if present is not None:
+            names = set(present)
+            for shard, tensors in listed.items():
+                if shard not in names:
+                    raise CheckpointNotFoundError(
+                        os.path.join(self.folder, shard),
+                        f"{self.weights.name} lists it (for {tensors[0]!r}) but {self.source} "
+                        f"has no such file")
+        self.listed = listed
+        if self.tensors is None:
+            self.shards = sorted(listed)
+            self.wanted = dict.fromkeys(self.shards)
+            return
+        check_requested(self.tensors, self.weight_map, self.index)
+        wanted: dict[str, list[str]] = {}
+        for tensor in self.tensors:
+            wanted.setdefault(self.weight_map[tensor], []).append(tensor)
+        self.shards = sorted(wanted)
+        self.wanted = {shard: wanted[shard] for shard in self.shards}
+
+
+def resolve(repo_or_path: str | os.PathLike[str], *, revision: str | None = None,
+            subfolder: str | None = None, variant: str | None = None,
+            cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+            local_files_only: bool | None = None, tensors: Iterable[str] | None = None,
+            max_downloads: int = 4) -> Checkpoint:
+    """Find, fetch (for the Hub) and check the files of a checkpoint.
+
+    Only the shards holding ``tensors`` (all by default) are fetched. ``local_files_only=None``
+    follows ``HF_HUB_OFFLINE``. Hub errors are huggingface_hub's (``RepositoryNotFoundError``,
+    ``RevisionNotFoundError``, ...); a missing file is :class:`CheckpointNotFoundError`, an
+    unsafe or inconsistent index :class:`CheckpointIndexError`.
+
+    >>> ckpt = fastsafetensors.resolve("org/model", tensors=["lm_head.weight"])  # doctest: +SKIP
+    >>> ckpt.files, ckpt.commit, ckpt.total_bytes                          # doctest: +SKIP
+    """
+    _check_downloads(max_downloads)
+    started = time.perf_counter()
+    plan = _plan(repo_or_path, revision=revision, subfolder=subfolder, variant=variant,
+                 cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                 tensors=tensors)
+    paths: dict[str, str] = {}
+    headers: dict[str, Header] = {}
+    with contextlib.closing(_shards(plan, max_downloads)) as shards:
+        for name, path, header in shards:
+            paths[name] = path
+            headers[path] = header
+    assert plan.shards is not None
+    files = [paths[name] for name in plan.shards]
+    if plan.weight_map is not None:
+        weight_map = {t: paths[s] for t, s in plan.weight_map.items() if s in paths}
+    else:
+        weight_map = dict.fromkeys(headers[files[0]].tensors, files[0])
+    ckpt = Checkpoint(plan.source, plan.commit, plan.folder, files, weight_map, headers,
+                      plan.tensors, plan.index)
+    logger.info("resolved %s%s: %d files, %s to load, in %.2f s", plan.source,
+                f"@{plan.commit[:12]}" if plan.commit else "", len(files),
+                human_bytes(ckpt.total_bytes), time.perf_counter() - started)
+    return ckpt
+
+
+def stream(repo_or_path: str | os.PathLike[str], *, revision: str | None = None,
+           subfolder: str | None = None, variant: str | None = None,
+           cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+           local_files_only: bool | None = None, tensors: Iterable[str] | None = None,
+           max_downloads: int = 4
+           ) -> Generator[tuple[str, Header, list[str] | None], None, None]:
+    """Yield ``(local path, header, tensor names wanted or None)`` for each needed shard as soon
+    as it is complete on disk, while later shards keep downloading (``max_downloads`` at a
+    time). Local sources yield in order. Closing the generator stops the downloads: queued ones
+    never start, running ones stop at their next chunk, and the cache keeps no partial file.
+
+    >>> for path, header, names in fastsafetensors.hub.stream("org/model"):  # doctest: +SKIP
+    ...     load_shard(path, names)
+    """
+    _check_downloads(max_downloads)
+    plan = _plan(repo_or_path, revision=revision, subfolder=subfolder, variant=variant,
+                 cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                 tensors=tensors)
+    assert plan.wanted is not None
+    with contextlib.closing(_shards(plan, max_downloads)) as shards:
+        for name, path, header in shards:
+            yield path, header, plan.wanted[name]
+
+
+def inspect(repo_or_path: str | os.PathLike[str], *, revision: str | None = None,
+            subfolder: str | None = None, variant: str | None = None,
+            cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+            local_files_only: bool | None = None) -> CheckpointSummary:
+    """Every shard's header, without tensor data: for the Hub, two small HTTP Range reads per
+    shard not yet cached (the length, then the header). ``print()`` the result for a table of
+    shards, dtypes, shapes and parameter counts.
+
+    >>> print(fastsafetensors.inspect("org/model"))                         # doctest: +SKIP
+    """
+    plan = _plan(repo_or_path, revision=revision, subfolder=subfolder, variant=variant,
+                 cache_dir=cache_dir, token=token, local_files_only=local_files_only,
+                 tensors=None, header_only=True)
+    assert plan.shards is not None
+
+    def header_of(name: str) -> Header:
+        cached = os.path.join(plan.folder, name)
+        if plan.remote_header is not None and not os.path.isfile(cached):
+            return plan.remote_header(name)
+        return read_header(plan.path(name))
+
+    workers = max(1, min(8, len(plan.shards)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="fastsafetensors-inspect") as pool:
+        headers = dict(zip(plan.shards, pool.map(header_of, plan.shards), strict=True))
+    for name in plan.shards:
+        plan.check(name, headers[name])
+    return CheckpointSummary(plan.source, plan.commit, plan.shards, headers, plan.index)
+
+
+# --- where the files are -------------------------------------------------------------------
+
+
+def _plan(source: str | os.PathLike[str], *, revision: str | None, subfolder: str | None,
+          variant: str | None, cache_dir: str | os.PathLike[str] | None,
+          token: str | bool | None, local_files_only: bool | None,
+          tensors: Iterable[str] | None, header_only: bool = False) -> _Plan:
+    names = requested(tensors)
+    sub = _subfolder(subfolder)
+    if isinstance(source, os.PathLike) or not _is_repo_id(source):
+        # Like transformers, a local path ignores revision= (callers pass revision="main").
+        return _local_plan(os.fspath(source), sub, variant, names)
+    return _hub_plan(source, revision=revision, subfolder=sub, variant=variant,
+                     cache_dir=cache_dir, token=token, offline=_offline(local_files_only),
+                     tensors=names, header_only=header_only)
+
+
+def _is_repo_id(source: str) -> bool:
+    """A string is a repo id when no such path exists and it has the shape of one (transformers'
+    rule), so a typo in a path does not turn into a network request."""
+    if os.path.exists(source) or source.startswith(("/", ".", "~", "\\")) or "\\" in source:
+        return False
+    if source.endswith((".safetensors", ".json")) or source.count("/") > 1 or ":" in source:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _subfolder(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.rstrip("/")
+    parts = value.split("/")
+    if value.startswith("/") or "\\" in value or ":" in value or any(
+            p in ("", ".", "..") for p in parts):
+        raise ValueError(f"subfolder={value!r} must be a relative folder inside the checkpoint, "
+                         f"such as 'unet' or 'text_encoder'")
+    return value
+
+
+def _offline(local_files_only: bool | None) -> bool:
+    if local_files_only is not None:
+        return bool(local_files_only)
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import; honour it when it is set later too.
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
+def _root_of(folder: str) -> str:
+    """The folder a checkpoint's files must stay in: the folder itself, or for a snapshot in the
+    Hugging Face cache (whose files are symlinks to ``../../blobs``) the repo's cache folder."""
+    head = folder
+    while (parent := os.path.dirname(head)) != head:
+        repo = os.path.dirname(parent)
+        if (os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(repo, "blobs"))
+                and os.path.basename(repo).startswith(("models--", "datasets--", "spaces--"))):
+            return repo
+        head = parent
+    return folder
+
+
+def _local_plan(path: str, subfolder: str | None, variant: str | None,
+                tensors: list[str] | None) -> _Plan:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(path, "no such file or folder (a Hub repo id looks like "
+                                            "'org/name')")
+    missing = "the checkpoint lists it but it is not there (incomplete copy?)"
+    if not os.path.isdir(path):
+        if subfolder is not None or variant is not None:
+            raise ValueError(f"subfolder= and variant= apply to folders and repo ids, not to the "
+                             f"file {path!r}")
+        folder, name = os.path.split(path)
+        is_index = name.endswith(".json")
+
+        def fetch_file(name: str, bar: Any = None) -> str:
+            return path if name == os.path.basename(path) else os.path.join(folder, name)
+
+        plan = _Plan(path, None, folder, folder if is_index else None, fetch_file, False, missing,
+                     WeightFiles(name, is_index), tensors)
+        plan.follow_index(os.listdir(folder) if is_index else None)
+        return plan
+    folder = os.path.join(path, *subfolder.split("/")) if subfolder else path
+    if not os.path.isdir(folder):
+        raise CheckpointNotFoundError(folder, f"{path} has no subfolder {subfolder!r}")
+    names = os.listdir(folder)
+    weights = choose_weights(names, variant=variant, where=folder)
+
+    def fetch(name: str, bar: Any = None) -> str:
+        return os.path.join(folder, name)
+
+    plan = _Plan(path, None, folder, _root_of(path), fetch, False, missing, weights, tensors)
+    plan.follow_index(names)
+    return plan
+
+
+def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, variant: str | None,
+              cache_dir: str | os.PathLike[str] | None, token: str | bool | None, offline: bool,
+              tensors: list[str] | None, header_only: bool) -> _Plan:
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = str(Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve())
+    storage = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
+    api = HfApi()
+    commit = _pin(api, repo_id, revision, cache, offline, token)
+    where = f"{repo_id}@{commit[:12]}" + (f"/{subfolder}" if subfolder else "")
+    parts = subfolder.split("/") if subfolder else []
+    folder = os.path.join(storage, "snapshots", commit, *parts)
+    present: list[str] | None = None
+    if not offline:
+        try:
+            present = _listing(api, repo_id, subfolder, commit, token)
+        except _network_errors() as exc:
+            logger.warning("%s: cannot list the repo (%s); using the cached snapshot", where, exc)
+            offline = True
+    if offline:
+        if not os.path.isdir(folder):
+            raise CheckpointNotFoundError(folder, f"{where} is not in the Hugging Face cache and "
+                                                  f"downloads are off (local_files_only=True or "
+                                                  f"HF_HUB_OFFLINE=1); load it once online")
+        names = os.listdir(folder)
+        missing = (f"{where} is in the cache without this file and downloads are off "
+                   f"(local_files_only=True or HF_HUB_OFFLINE=1); load it once online")
+    else:
+        assert present is not None
+        names = present
+        missing = "huggingface_hub returned a path that does not exist (cache changed?)"
+    weights = choose_weights(names, variant=variant, where=where)
+
+    def download(name: str, bar: Any = None) -> str:
+        import fastsafetensors
+
+        extra = {} if bar is None else {"tqdm_class": bar}
+        return str(hf_hub_download(repo_id, name, subfolder=subfolder, revision=commit,
+                                   cache_dir=cache, token=token, library_name="fastsafetensors",
+                                   library_version=fastsafetensors.__version__, **extra))
+
+    def cached(name: str, bar: Any = None) -> str:
+        return os.path.join(folder, name)
+
+    plan = _Plan(repo_id, commit, folder, storage, cached if offline else download, not offline,
+                 missing, weights, tensors)
+    if header_only and not offline:
+        path_in_repo = f"{subfolder}/" if subfolder else ""
+        plan.remote_header = lambda name: _remote_header(repo_id, path_in_repo + name, commit,
+                                                         token)
+    plan.follow_index(None if offline else names)
+    return plan
+
+
+def _pin(api: Any, repo_id: str, revision: str | None, cache: str, offline: bool,
+         token: str | bool | None) -> str:
+    """The commit a branch, tag or commit names, asked once (or read from the cache's refs)."""
+    from huggingface_hub.errors import RevisionResolutionError
+
+    try:
+        resolved = api.resolve_revision(repo_id, revision=revision, cache_dir=cache,
+                                        local_files_only=offline, token=token)
+    except RevisionResolutionError as exc:
+        raise CheckpointNotFoundError(f"{repo_id}@{revision or 'main'}",
+                                      f"not in the Hugging Face cache ({cache}) and the Hub "
+                                      f"cannot be asked: {exc}") from exc
+    return str(resolved.resolved)
+
+
+def _listing(api: Any, repo_id: str, subfolder: str | None, commit: str,
+             token: str | bool | None) -> list[str]:
+    """The file names in the folder at ``commit``. Model info lists every file in one request
+    without retries (the tree API retries a dead connection for half a minute before the cache
+    fallback could start)."""
+    siblings = api.model_info(repo_id, revision=commit, token=token).siblings
+    if siblings is None:  # a mirror without it: the tree API
+        from huggingface_hub.hf_api import RepoFile
+
+        return [entry.path.rsplit("/", 1)[-1] for entry in
+                api.list_repo_tree(repo_id, path_in_repo=subfolder, revision=commit, token=token)
+                if isinstance(entry, RepoFile)]
+    prefix = f"{subfolder}/" if subfolder else ""
+    return [s.rfilename[len(prefix):] for s in siblings
+            if s.rfilename.startswith(prefix) and "/" not in s.rfilename[len(prefix):]]
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    for module in ("httpx2", "httpx"):  # whichever HTTP client this huggingface_hub uses
+        if module in sys.modules:
+            errors.append(sys.modules[module].TransportError)
+    return tuple(errors)
+
+
+def _check_downloads(max_downloads: int) -> None:
+    if type(max_downloads) is not int or max_downloads < 1:
+        raise ConfigError("max_downloads", max_downloads, ["a positive integer"])
+
+
+# --- fetching -------------------------------------------------------------------------------
+
+
+def _shards(plan: _Plan, max_downloads: int) -> Generator[tuple[str, str, Header], None, None]:
+    """``(name, local path, checked header)`` per needed shard: in order for local files, in
+    completion order for downloads."""
+    assert plan.shards is not None
+    if not plan.remote or len(plan.shards) == 1:
+        for name in plan.shards:
+            path = plan.path(name)
+            header = read_header(path)
+            plan.check(name, header)
+            yield name, path, header
+        return
+    with _Downloads(plan, max_downloads) as downloads:
+        for name, path in downloads:
+            header = read_header(path)
+            plan.check(name, header)
+            yield name, path, header
+
+
+class _Cancelled(Exception):
+    """Raised inside a download whose stream was closed (never escapes this module)."""
+
+
+def _stoppable_bar(stop: threading.Event) -> type:
+    """huggingface_hub's progress bar, raising at the next chunk once ``stop`` is set: the only
+    hook into a running ``hf_hub_download``, which then deletes its temporary file."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class StoppableBar(hf_tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            if stop.is_set():
+                raise _Cancelled("the stream was closed")
+            return super().update(n)
+
+    return StoppableBar
+
+
+class _Downloads:
+    """Shards downloading ``workers`` at a time, handed out as each completes."""
+
+    def __init__(self, plan: _Plan, workers: int):
+        assert plan.shards is not None
+        self._plan = plan
+        self._stop = threading.Event()
+        self._bar = _stoppable_bar(self._stop)
+        self._pool = ThreadPoolExecutor(min(workers, len(plan.shards)),
+                                        thread_name_prefix="fastsafetensors-download")
+        self._futures: dict[Future[str], str] = {
+            self._pool.submit(self._fetch, name): name for name in plan.shards}
+
+    def _fetch(self, name: str) -> str:
+        if self._stop.is_set():
+            raise _Cancelled(name)
+        started = time.perf_counter()
+        path = self._plan.path(name, self._bar)
+        logger.debug("%s: %s ready in %.2f s", self._plan.source, name,
+                     time.perf_counter() - started)
+        return path
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for future in as_completed(self._futures):
+            yield self._futures[future], future.result()
+
+    def close(self) -> None:
+        """Stop queued and running downloads and wait for the workers: once this returns no
+        thread writes into the cache on our behalf."""
+        self._stop.set()
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> _Downloads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remote_header(repo_id: str, filename: str, commit: str, token: str | bool | None
+                   ) -> Header:
+    """A shard's header through two HTTP Range reads (8 bytes, then the header): no tensor
+    data crosses the network."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    import fastsafetensors
+
+    url = hf_hub_url(repo_id, filename, revision=commit)
+    headers = build_hf_headers(token=token, library_name="fastsafetensors",
+                               library_version=fastsafetensors.__version__)
+    prefix, size = _get_range(url, headers, 0, 8)
+    length = header_size_from_prefix(prefix, file_size=size, path=filename)
+    raw = _get_range(url, headers, 8, length)[0] if length else b""
+    return parse_header(raw, file_size=size, path=filename)
+
+
+def _get_range(url: str, headers: dict[str, str], start: int, length: int) -> tuple[bytes, int]:
+    """``length`` bytes from ``start`` and the file's size, through huggingface_hub's session
+    (which follows the Hub's redirect to its CDN)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    ranged = {**headers, "Range": f"bytes={start}-{start + length - 1}"}
+    with get_session().stream("GET", url, headers=ranged,
+                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        content_range = response.headers.get("Content-Range", "")
+        if response.status_code == 206 and "/" in content_range:
+            size, skip = int(content_range.rsplit("/", 1)[1]), 0
+        else:  # the server ignored Range: read the start of the whole file, then hang up
+            size, skip = int(response.headers.get("Content-Length", 0)), start
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) >= skip + length:
+                break
+    return bytes(body[skip:skip + length]), size
