@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointIndexError, CheckpointNotFoundError, TensorNotFoundError
-from .format import MAX_HEADER_SIZE, Header, TensorInfo
+from .format import MAX_HEADER_SIZE, DuplicateKey, Header, TensorInfo, reject_duplicate_keys
 
 __all__ = ["Checkpoint", "CheckpointSummary", "WeightFiles", "choose_weights", "parse_index",
            "check_inside", "variant_name"]
@@ -81,19 +81,6 @@ def choose_weights(names: Collection[str], *, variant: str | None, where: str) -
     raise CheckpointNotFoundError(where, hint)
 
 
-class _Duplicate(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
-
-
 def check_shard_name(name: Any, index: str, tensor: str) -> str:
     """A shard name from a weight map must be a plain ``.safetensors`` file name beside the index:
     no path, no drive, no way out of the folder."""
@@ -124,8 +111,8 @@ def parse_index(raw: bytes, index: str) -> dict[str, str]:
     """The weight map of an index file's bytes, every shard name checked. A tensor listed twice
     (which JSON would silently keep once) is an error."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _Duplicate as dup:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except DuplicateKey as dup:
         raise CheckpointIndexError(index, "the index names this key twice (a tensor may be "
                                           "listed, and stored, once only)", str(dup)) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -112,19 +112,19 @@ class Header:
         return self.file_size - self.data_start
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)  # built in C; a length mismatch is the rare duplicate, found below
     if len(out) != len(pairs):
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Duplicate(key)
+                raise DuplicateKey(key)
             seen.add(key)
     return out
 
 
-class _Duplicate(Exception):
-    pass
+class DuplicateKey(Exception):
+    """Raised by :func:`reject_duplicate_keys`; callers turn it into their typed error."""
 
 
 class _NotJSON(Exception):
@@ -211,9 +211,9 @@ def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | N
         raise HeaderError(spath, f"header is not valid UTF-8 ({exc.reason} at byte "
                                  f"{exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates,
+        obj = json.loads(text, object_pairs_hook=reject_duplicate_keys,
                          parse_constant=_reject_constant)
-    except _Duplicate as dup:
+    except DuplicateKey as dup:
         # The hook cannot tell a tensor name from a field name, so name only the key.
         raise HeaderError(spath, f"the key {str(dup)!r} appears twice in one JSON object of the "
                                  f"header (duplicate keys are ambiguous)") from None

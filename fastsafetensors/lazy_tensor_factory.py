@@ -81,17 +81,26 @@ class LazyTensor:
                 f"file={os.path.basename(self._file.path)!r})")
 
 
-def rows_for_index(shape: tuple[int, ...], index: Any) -> tuple[int, int, tuple[Any, ...]]:
-    """Which rows (first-dim entries) ``index`` touches, and the index rewritten relative to
-    the first row read. Raises IndexError like the frameworks do."""
+def _expand_ellipsis(shape: tuple[int, ...], index: Any) -> tuple[Any, ...]:
+    """``index`` as a tuple with its ``...`` replaced by full slices; IndexError when it has
+    more than one ``...`` or more entries than ``shape`` has dims."""
     if not isinstance(index, tuple):
         index = (index,)
+    if sum(i is Ellipsis for i in index) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
     if any(i is Ellipsis for i in index):
         at = index.index(Ellipsis)
         fill = len(shape) - (len(index) - 1)
         index = index[:at] + (slice(None),) * fill + index[at + 1:]
     if len(index) > len(shape):
         raise IndexError(f"too many indices ({len(index)}) for a tensor of {len(shape)} dims")
+    return index
+
+
+def rows_for_index(shape: tuple[int, ...], index: Any) -> tuple[int, int, tuple[Any, ...]]:
+    """Which rows (first-dim entries) ``index`` touches, and the index rewritten relative to
+    the first row read. Raises IndexError like the frameworks do."""
+    index = _expand_ellipsis(shape, index)
     if not shape:
         return 0, 1, ()
     first, rest = (index[0], index[1:]) if index else (slice(None), ())
@@ -194,16 +203,7 @@ def plan_index(shape: tuple[int, ...], itemsize: int,
 def _normalize_index(shape: tuple[int, ...],
                      index: Any) -> list[tuple[int, int, int, bool]]:
     """Per dimension ``(start, count, step, is_int)``; raises IndexError like the frameworks."""
-    if not isinstance(index, tuple):
-        index = (index,)
-    if sum(i is Ellipsis for i in index) > 1:
-        raise IndexError("an index can only have a single ellipsis ('...')")
-    if any(i is Ellipsis for i in index):
-        at = index.index(Ellipsis)
-        fill = len(shape) - (len(index) - 1)
-        index = index[:at] + (slice(None),) * fill + index[at + 1:]
-    if len(index) > len(shape):
-        raise IndexError(f"too many indices ({len(index)}) for a tensor of {len(shape)} dims")
+    index = _expand_ellipsis(shape, index)
     index = index + (slice(None),) * (len(shape) - len(index))
     out = []
     for d, (entry, size) in enumerate(zip(index, shape)):

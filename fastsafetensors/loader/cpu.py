@@ -21,7 +21,7 @@ from ..format import Header, TensorInfo, open_readonly, read_header_fd
 from ..frameworks import Framework
 from .pagecache import resident_map
 from .plan import Extent, Read, plan_extent, plan_reads
-from .posix import DIRECT_ALIGN, open_direct, pread_into
+from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
 __all__ = ["FileJob", "load_host", "IOPolicy", "tensors_from_buffer"]
 
@@ -95,9 +95,7 @@ def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None)
 
 
 def close_job(job: FileJob) -> None:
-    for fd in (job.fd, job.direct_fd):
-        if fd is not None and fd >= 0:
-            os.close(fd)
+    close_fds(job.fd, job.direct_fd)
     job.fd, job.direct_fd = -1, None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import ReadError
 
-__all__ = ["IOStats", "STATS", "pread_into", "open_direct", "DIRECT_ALIGN"]
+__all__ = ["IOStats", "STATS", "pread_into", "open_direct", "close_fds", "DIRECT_ALIGN"]
 
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical block size;
 #: 4096 covers every disk and filesystem we expect (512-byte sectors included).
@@ -76,3 +76,10 @@ def open_direct(path: str) -> int | None:
         return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return None
+
+
+def close_fds(*fds: int | None) -> None:
+    """Close each open descriptor; None and negative values (already closed) are skipped."""
+    for fd in fds:
+        if fd is not None and fd >= 0:
+            os.close(fd)

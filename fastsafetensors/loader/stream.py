@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from ..format import Header, TensorInfo, open_readonly, read_header_fd
 from .cpu import CACHED_ENOUGH, IOPolicy  # noqa: F401  (CACHED_ENOUGH documents the rule)
 from .pagecache import resident_map
-from .posix import DIRECT_ALIGN, open_direct, pread_into
+from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
 __all__ = ["Sink", "StreamOptions", "stream_tensors", "Source"]
 
@@ -304,9 +304,7 @@ def _open(path: str, header: Header | None, policy: IOPolicy) -> _File:
 
 
 def _close(f: _File) -> None:
-    for fd in (f.fd, f.direct_fd):
-        if fd is not None and fd >= 0:
-            os.close(fd)
+    close_fds(f.fd, f.direct_fd)
     f.fd, f.direct_fd = -1, None
 
 
