@@ -66,6 +66,12 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("chunk_bytes", lambda: 16 * MiB, help="largest single read"),
     Option("staging_bytes", lambda: 256 * MiB,
            help="pinned host staging in total, for device loads"),
+    Option("direct_threads", lambda: 8,
+           help="reader threads when most reads bypass the page cache (a disk serves more "
+                "requests in flight; cached data does not need them)"),
+    Option("huge_pages", lambda: "off", ("off", "on"),
+           help="advise transparent huge pages for fresh host buffers: fewer page faults, but "
+                "on VMs that hand free memory back to the host a first load can get slower"),
 )}
 
 # Read-only, since the default is one object shared by every context; configure() sets a new one.

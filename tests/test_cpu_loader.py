@@ -263,3 +263,39 @@ def test_pread_into_short_file(tmp_path: Path) -> None:
         assert pread_into(fd, memoryview(bytearray(8)), 5, path=str(path), allow_eof=True) == 5
     finally:
         os.close(fd)
+
+
+def test_huge_page_advice_is_opt_in(monkeypatch):
+    from fastsafetensors.frameworks import get_framework, memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_madvise", lambda addr, n, advice: calls.append(n) or 0)
+    fw = get_framework("pt")
+    fw.alloc(8 << 20)
+    assert calls == []  # off by default
+    with fastsafetensors.configure(huge_pages="on"):
+        fw.alloc(8 << 20)
+        fw.alloc(1 << 20)  # below HUGE_MIN: no advice
+    assert len(calls) == 1 and calls[0] >= 4 << 20
+
+
+def test_direct_plans_use_direct_threads(tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "d.safetensors"
+    save_file({f"w{i}": torch.full((256, 1024), float(i)) for i in range(8)}, str(path))
+    fd = open_direct(str(path))
+    if fd is None:
+        pytest.skip("this filesystem refuses O_DIRECT, so no plan is direct")
+    os.close(fd)
+    with caplog.at_level(logging.INFO, logger="fastsafetensors.loader.cpu"):
+        with fastsafetensors.configure(chunk_bytes=1 << 20, direct_threads=5):
+            fastsafetensors.load_file(path, io="direct")
+            fastsafetensors.load_file(path, io="buffered")
+            fastsafetensors.load_file(path, io="direct", threads=3)
+    lines = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert "5 threads, io=direct" in lines[0]
+    assert "5 threads" not in lines[1]
+    assert "3 threads, io=direct" in lines[2]  # an explicit threads= wins

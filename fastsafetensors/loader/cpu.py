@@ -149,12 +149,16 @@ def load_host(jobs: Sequence[FileJob], framework: Framework, *, threads: int | N
         for read in plan_reads(0, job.header, job.tensors, chunk=chunk_bytes, direct=direct):
             dest = view[read.offset - job.extent.base:read.end - job.extent.base]
             work.append((job, read, dest, policy.direct(job, read, resident)))
+    direct_reads = sum(w[3] for w in work)
+    if threads is None and direct_reads * 2 > len(work):
+        # A disk keeps more requests in flight than cached data needs threads.
+        nthreads = config.get("direct_threads")
     total = _run(work, nthreads)
     out = [tensors_from_buffer(framework, buf, job) for buf, job in zip(buffers, jobs)]
     seconds = time.perf_counter() - started
     logger.info("loaded %d files, %.1f MB in %.3f s (%.2f GB/s), %d threads, io=%s, %d direct "
                 "reads of %d", len(jobs), total / 1e6, seconds, total / 1e9 / max(seconds, 1e-9),
-                nthreads, policy.mode, sum(w[3] for w in work), len(work))
+                nthreads, policy.mode, direct_reads, len(work))
     return out
 
 
