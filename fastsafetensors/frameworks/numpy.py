@@ -3,6 +3,7 @@ UnsupportedDTypeError, which points to framework='pt'."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,9 @@ class NumpyFramework:
         if info.nbytes == 0:
             return np.empty(info.shape, dtype=dtype)
         return buffer[start:start + info.nbytes].view(dtype).reshape(info.shape)
+
+    def viewer(self, buffer: np.ndarray) -> Callable[[int, TensorInfo], np.ndarray]:
+        return lambda start, info: self.view(buffer, start, info)
 
     def convert(self, array: np.ndarray, *, device: str | None, dtype: Any) -> np.ndarray:
         if device not in (None, "cpu"):

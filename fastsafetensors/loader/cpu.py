@@ -107,6 +107,7 @@ def tensors_from_buffer(framework: Framework, buffer: Any, job: FileJob) -> dict
     base = job.header.data_start - job.extent.base
     out: dict[str, Any] = {}
     source: memoryview | None = None
+    view_of = framework.viewer(buffer)
     for info in job.wanted():
         start = base + info.data_offsets[0]
         if start % info.itemsize:
@@ -116,7 +117,7 @@ def tensors_from_buffer(framework: Framework, buffer: Any, job: FileJob) -> dict
             view[:] = source[start:start + info.nbytes]
             out[info.name] = framework.view(fresh, 0, info)
         else:
-            out[info.name] = framework.view(buffer, start, info)
+            out[info.name] = view_of(start, info)
     return out
 
 
