@@ -60,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"safetensors.load_file + clone        {nbytes / 1e9 / theirs_s:6.2f} GB/s "
               f"({theirs_s:.3f} s)")
         print(f"tensors equal bit for bit: {same}  (warm page cache; "
-              f"benchmarks/bench_cpu.py measures cold reads too)")
+              f"benchmarks/bench_load.py measures cold reads and the limits)")
         return 0 if same else 1
 
 
