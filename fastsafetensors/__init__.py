@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import config, errors
 from .api import load_file, loads, safe_open
+from .compat import SafeTensorsFileLoader, SingleGroup
 from .config import configure
 from .errors import (
     BackendUnavailableError,
@@ -33,6 +34,7 @@ from .hub import Checkpoint, inspect, resolve
 from .lazy_tensor_factory import LazyTensor, LazyTensorFactory
 from .loader.gds import gds_available
 from .loading import iter_tensors, load
+from .parallel_loader import ParallelLoader
 
 __version__ = "0.6.0"
 
@@ -67,6 +69,9 @@ __all__ = [
     "NoGPUError",
     "BackendUnavailableError",
     "IncompatibleVersionError",
+    "SafeTensorsFileLoader",
+    "SingleGroup",
+    "ParallelLoader",
 ]
 
 import logging as _logging

@@ -1,0 +1,453 @@
+"""The upstream-compatible API used by vLLM and SGLang (``--load-format fastsafetensors``).
+
+vLLM and SGLang call the API of the original ``fastsafetensors`` project (foundation-model-stack):
+a loader that is given ``{rank: [files]}``, reads each rank's own files, and hands back a buffer
+from which every rank takes tensors in the same order::
+
+    loader = SafeTensorsFileLoader(pg, device, nogds=True)
+    loader.add_filenames({0: ["a.safetensors"], 1: ["b.safetensors"]})
+    fb = loader.copy_files_to_device()          # rank r reads only the files given to rank r
+    for name in list(fb.key_to_rank_lidx):      # same order on every rank
+        tensor = fb.get_tensor(name)            # broadcast from the rank that read it
+    fb.close()
+    loader.close()
+
+Here that API runs on this package's loaders: the threaded CPU loader for host memory, the
+streaming engine (or GDS) for CUDA. Tensors own their memory, so unlike upstream they stay valid
+after ``fb.close()``. With a ``torch.distributed`` group of more than one rank, the tensors move
+with collectives (broadcast, scatter, send/recv) on their raw bytes, so every dtype works with
+gloo as well as NCCL. See docs/compat.md for what is supported, ignored and missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from .errors import ClosedFileError, ConfigError, HeaderError, TensorNotFoundError
+from .format import DTYPES, Header, TensorInfo, read_header
+from .frameworks import FRAMEWORKS, resolve_device
+
+__all__ = ["ProcessGroupLike", "SingleGroup", "SafeTensorsFileLoader", "FilesBufferOnDevice"]
+
+logger = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+class ProcessGroupLike(Protocol):
+    """What a process group must offer: its size and this process's rank in it."""
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
+
+
+class SingleGroup:
+    """The process group of a single process (rank 0 of 1), for loads without torch.distributed.
+
+    >>> SingleGroup().rank(), SingleGroup().size()
+    (0, 1)
+    """
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return "SingleGroup()"
+
+
+class _Group:
+    """A resolved ``pg``: this rank, the world size and, when there are several ranks, the
+    ``torch.distributed`` group the collectives run on."""
+
+    def __init__(self, pg: Any):
+        self.pg: Any = None
+        self.rank, self.size = 0, 1
+        if pg is None or isinstance(pg, SingleGroup):
+            return
+        rank, size = int(pg.rank()), int(pg.size())
+        if size == 1:
+            return
+        import torch.distributed as dist
+
+        if not isinstance(pg, dist.ProcessGroup):
+            raise ConfigError("pg", type(pg).__name__,
+                              ["None", "SingleGroup()", "a torch.distributed.ProcessGroup"])
+        self.pg, self.rank, self.size = pg, rank, size
+
+    def _global(self, group_rank: int) -> int:
+        # Collectives name peers by global rank; on a subgroup that is not a prefix of the
+        # world, group rank r is a different process than global rank r.
+        import torch.distributed as dist
+
+        return int(dist.get_global_rank(self.pg, group_rank))
+
+    def broadcast(self, tensor: Any, owner: int) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast(_raw(tensor), src=self._global(owner), group=self.pg)
+
+    def scatter(self, out: Any, parts: list[Any] | None, owner: int) -> None:
+        import torch.distributed as dist
+
+        dist.scatter(_raw(out), None if parts is None else [_raw(p) for p in parts],
+                     src=self._global(owner), group=self.pg)
+
+    def send(self, tensor: Any, dst: int) -> None:
+        import torch.distributed as dist
+
+        dist.send(_raw(tensor), dst=self._global(dst), group=self.pg)
+
+    def recv(self, tensor: Any, src: int) -> None:
+        import torch.distributed as dist
+
+        dist.recv(_raw(tensor), src=self._global(src), group=self.pg)
+
+
+def _raw(tensor: Any) -> Any:
+    """A contiguous tensor's bytes as a flat uint8 view: collectives then move any dtype (gloo
+    has no float8, bool or float4 reductions, and a byte copy needs none)."""
+    import torch
+
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _device_name(device: Any) -> str:
+    """``"cuda:0"``, ``torch.device("cuda:0")`` or upstream's ``Device`` (``as_str()``)."""
+    as_str = getattr(device, "as_str", None)
+    return str(as_str() if callable(as_str) else device)
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    """None, a torch dtype, a file dtype name ("BF16"), a torch name ("bfloat16") or upstream's
+    ``DType`` enum (whose ``AUTO`` means: keep the file's dtype)."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(dtype, "value", dtype)
+    if value == "AUTO":
+        return None
+    if isinstance(value, str):
+        if value in DTYPES:
+            from .frameworks.torch import torch_dtype
+
+            return torch_dtype(value)
+        found = getattr(torch, value, None)
+        if isinstance(found, torch.dtype):
+            return found
+    raise ConfigError("dtype", dtype, ["None", "a torch.dtype", *DTYPES])
+
+
+def _empty(shape: Sequence[int], info: TensorInfo, device: str) -> Any:
+    import torch
+
+    from .frameworks.torch import torch_dtype
+
+    return torch.empty(tuple(shape), dtype=torch_dtype(info.dtype, info.name), device=device)
+
+
+def _native_shape(info: TensorInfo) -> tuple[int, ...]:
+    from .frameworks.torch import torch_shape
+
+    return torch_shape(info)
+
+
+class SafeTensorsFileLoader:
+    """Upstream's loader: register files per rank, then read this rank's files in one go.
+
+    ``pg`` is None, :class:`SingleGroup` or a ``torch.distributed.ProcessGroup``. ``device`` is a
+    string, a ``torch.device`` or upstream's ``Device``. ``max_threads`` sets the reader threads.
+    ``nogds=True`` forces plain positioned reads; ``nogds=False`` uses GPUDirect Storage where it
+    works and falls back to plain reads with one warning (upstream raises instead).
+    ``bbuf_size_kb``, ``set_numa``, ``disable_cache``, ``debug_log`` and any other upstream-only
+    keyword (``**kwargs``) are accepted and ignored: staging is sized by
+    ``configure(staging_bytes=...)``, and logs go to the ``fastsafetensors`` logger.
+    ``framework`` must name PyTorch ("pytorch", "pt" or "torch"); paddle is not supported.
+
+    >>> loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)   # doctest: +SKIP
+    >>> loader.add_filenames({0: ["model.safetensors"]})
+    >>> fb = loader.copy_files_to_device()
+    >>> fb.get_tensor("lm_head.weight")
+    """
+
+    def __init__(self, pg: ProcessGroupLike | Any, device: Any = "cpu",
+                 bbuf_size_kb: int = 16 * 1024, max_threads: int = 16, nogds: bool = False,
+                 set_numa: bool = True, disable_cache: bool = True, debug_log: bool = False,
+                 framework: str = "pytorch", **kwargs: Any):
+        if FRAMEWORKS.get(framework) != "pt":
+            raise ConfigError("framework", framework, ["pytorch", "pt", "torch"])
+        self.pg: Any = SingleGroup() if pg is None else pg
+        self._group = _Group(pg)
+        self.device = resolve_device(_device_name(device), "pt")
+        self.max_threads = max_threads
+        self.nogds = nogds
+        if kwargs:
+            logger.debug("SafeTensorsFileLoader: ignoring upstream-only options %s", sorted(kwargs))
+        self.meta: dict[str, tuple[Header, int]] = {}
+        self.frames: dict[str, TensorInfo] = {}
+        self._owner: dict[str, str] = {}
+        self._closed = False
+
+    # -- registration ---------------------------------------------------------------------
+    def add_filenames(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
+        """Register ``{rank: [files]}``: rank r will read those files. Every rank reads the
+        headers of all files (to know shapes and owners), and only headers."""
+        self._check_open()
+        for rank, paths in filenames.items():
+            if not 0 <= rank < self._group.size:
+                raise ConfigError("rank", rank, [str(r) for r in range(self._group.size)])
+            for p in paths:
+                path = os.fspath(p)
+                header = read_header(path)
+                for name, info in header.tensors.items():
+                    other = self._owner.get(name)
+                    if other is not None and other != path:
+                        raise HeaderError(path, f"is also in {other}; each tensor name must be "
+                                          f"in one file only (pass each shard once)", name)
+                    self._owner[name] = path
+                    self.frames[name] = info
+                self.meta[path] = (header, rank)
+
+    def get_keys(self) -> list[str]:
+        return list(self.frames)
+
+    def get_shape(self, tensor_name: str) -> list[int]:
+        try:
+            return list(self.frames[tensor_name].shape)
+        except KeyError:
+            raise TensorNotFoundError(tensor_name, None, self.frames) from None
+
+    # -- reading --------------------------------------------------------------------------
+    def copy_files_to_device(self, dtype: Any = None, use_buf_register: bool = True,
+                             max_copy_block_size: int = 16 * _GIB) -> FilesBufferOnDevice:
+        """Read this rank's files onto the device; no collective runs here.
+
+        ``dtype`` casts every tensor as upstream does (None or ``DType.AUTO``: keep the file's
+        dtype). ``use_buf_register`` and ``max_copy_block_size`` are accepted and ignored: our
+        engine bounds its pinned staging itself."""
+        self._check_open()
+        target = _torch_dtype(dtype)
+        files = sorted(((path, header, rank) for path, (header, rank) in self.meta.items()),
+                       key=lambda f: (f[2], f[0]))
+        own = [path for path, _, rank in files if rank == self._group.rank]
+        return FilesBufferOnDevice(files, self._read(own), self._group, self.device, pg=self.pg,
+                                   dtype=target)
+
+    def _read(self, paths: list[str]) -> dict[str, Any]:
+        if not paths:
+            return {}
+        if self.device != "cpu":
+            from .loading import iter_tensors
+
+            return dict(iter_tensors(paths, device=self.device, threads=self.max_threads,
+                                     backend="posix" if self.nogds else None))
+        from .frameworks import get_framework
+        from .loader.cpu import close_job, load_host, open_job
+
+        jobs = []
+        try:
+            for path in paths:
+                jobs.append(open_job(path))
+            out: dict[str, Any] = {}
+            for part in load_host(jobs, get_framework("pt"), threads=self.max_threads):
+                out.update(part)
+            return out
+        finally:
+            for job in jobs:
+                close_job(job)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the registered files, to register another set."""
+        self.meta, self.frames, self._owner = {}, {}, {}
+
+    def close(self) -> None:
+        """Idempotent. Buffers already returned stay usable."""
+        self.reset()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedFileError("SafeTensorsFileLoader")
+
+    def __enter__(self) -> SafeTensorsFileLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FilesBufferOnDevice:
+    """The tensors of one ``copy_files_to_device()``, handed out by name.
+
+    With several ranks every rank must call these methods in the same order (they run
+    collectives). ``get_tensor`` gives every rank the whole tensor; ``get_sharded(name, dim)``
+    gives rank r its part of ``dim`` cut in ``ceil(n / world)`` blocks (``dim=-1``: the whole
+    tensor); ``push_tensor`` sends one tensor to one rank. ``device``/``dtype`` arguments move and
+    cast the result. An unknown name raises :class:`~fastsafetensors.TensorNotFoundError`.
+    """
+
+    def __init__(self, files: Sequence[tuple[str, Header, int]], tensors: dict[str, Any],
+                 group: _Group, device: str, *, pg: Any = None, dtype: Any = None):
+        self.pg: Any = SingleGroup() if pg is None else pg
+        # Cast when a tensor is handed out, after any collective: ranks exchange the file's
+        # bytes, which every rank can size from the headers alone.
+        self._dtype = dtype
+        self._group = group
+        self._device = device
+        self._tensors = tensors
+        self._infos: dict[str, tuple[TensorInfo, str]] = {}
+        self.key_to_rank_lidx: dict[str, tuple[int, int]] = {}
+        count: dict[int, int] = {}
+        for path, header, rank in files:
+            lidx = count.get(rank, 0)
+            count[rank] = lidx + 1
+            for name, info in header.tensors.items():
+                self.key_to_rank_lidx[name] = (rank, lidx)
+                self._infos[name] = (info, path)
+        self._label = files[0][0] if files else "FilesBufferOnDevice"
+        self._closed = False
+
+    def keys(self) -> list[str]:
+        """Tensor names in the order every rank must ask for them."""
+        return list(self.key_to_rank_lidx)
+
+    def get_filename(self, tensor_name: str) -> str:
+        """The file holding ``tensor_name``, or "" (as upstream) when no file has it."""
+        found = self._infos.get(tensor_name)
+        return "" if found is None else found[1]
+
+    def get_shape(self, tensor_name: str) -> list[int]:
+        return list(self._info(tensor_name)[0].shape)
+
+    def _info(self, name: str) -> tuple[TensorInfo, int]:
+        found = self._infos.get(name)
+        if found is None:
+            raise TensorNotFoundError(str(name), None, self._infos)
+        if self._closed:
+            raise ClosedFileError(self._label)
+        return found[0], self.key_to_rank_lidx[name][0]
+
+    def _finish(self, tensor: Any, device: Any, dtype: Any) -> Any:
+        target = None if device is None else resolve_device(_device_name(device), "pt")
+        cast = _torch_dtype(dtype)
+        cast = self._dtype if cast is None else cast
+        if target is None and cast is None:
+            return tensor
+        return tensor.to(device=target, dtype=cast)
+
+    # -- whole tensors --------------------------------------------------------------------
+    def get_tensor(self, tensor_name: str, device: Any = None, dtype: Any = None) -> Any:
+        """The whole tensor on every rank (broadcast from the rank that read it)."""
+        info, owner = self._info(tensor_name)
+        g = self._group
+        if g.size == 1 or g.rank == owner:
+            tensor = self._tensors[tensor_name]
+        else:
+            tensor = _empty(_native_shape(info), info, self._device)
+        if g.size > 1 and info.nbytes:
+            g.broadcast(tensor, owner)
+        return self._finish(tensor, device, dtype)
+
+    def push_tensor(self, tensor_name: str, dst_rank: int, device: Any = None,
+                    dtype: Any = None) -> Any | None:
+        """Send the tensor to ``dst_rank`` only; there it is returned, elsewhere None."""
+        info, owner = self._info(tensor_name)
+        g = self._group
+        if g.size == 1:
+            return self._finish(self._tensors[tensor_name], device, dtype)
+        if g.rank not in (owner, dst_rank):
+            return None
+        if g.rank == owner == dst_rank:
+            return self._finish(self._tensors[tensor_name].clone(), device, dtype)
+        if g.rank == owner:
+            if info.nbytes:
+                g.send(self._tensors[tensor_name], dst_rank)
+            return None
+        tensor = _empty(_native_shape(info), info, self._device)
+        if info.nbytes:
+            g.recv(tensor, owner)
+        return self._finish(tensor, device, dtype)
+
+    # -- shards ---------------------------------------------------------------------------
+    def get_sharded(self, tensor_name: str, dim: int, device: Any = None,
+                    dtype: Any = None) -> Any:
+        """This rank's block of ``dim`` (``dim=-1``: the whole tensor, like get_tensor)."""
+        if dim == -1:
+            return self.get_tensor(tensor_name, device, dtype)
+        return self._finish(self._shard(tensor_name, dim), device, dtype)
+
+    def _shard(self, name: str, dim: int) -> Any:
+        info, owner = self._info(name)
+        g = self._group
+        shape = _native_shape(info)
+        axis = dim + len(shape) if dim < 0 else dim
+        if not 0 <= axis < len(shape):
+            raise ConfigError("dim", dim, [str(d) for d in range(-len(shape), len(shape))])
+        block = math.ceil(shape[axis] / g.size)
+        spans = [(min(r * block, shape[axis]), min((r + 1) * block, shape[axis]))
+                 for r in range(g.size)]
+        parts = None
+        if g.rank == owner:
+            whole = self._tensors[name]
+            parts = [whole.narrow(axis, lo, hi - lo).contiguous() for lo, hi in spans]
+            if g.size == 1:
+                return parts[0]
+        lo, hi = spans[g.rank]
+        mine = _empty((*shape[:axis], hi - lo, *shape[axis + 1:]), info, self._device)
+        if not info.nbytes:
+            return mine
+        if len({hi - lo for lo, hi in spans}) == 1:
+            g.scatter(mine, parts, owner)
+            return mine
+        # Uneven blocks (the last rank gets fewer rows): scatter needs equal sizes, so the
+        # owner sends each block on its own.
+        if parts is not None:
+            for rank, part in enumerate(parts):
+                if rank != owner and part.numel():
+                    g.send(part, rank)
+            return parts[owner]
+        if mine.numel():
+            g.recv(mine, owner)
+        return mine
+
+    def get_multi_cols(self, tensor_names: Sequence[str], dim: int, device: Any = None,
+                       dtype: Any = None) -> Any:
+        """This rank's blocks of several tensors, concatenated along ``dim``; grouped by file
+        (ordered by owner rank and file) as upstream does."""
+        import torch
+
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name in tensor_names:
+            self._info(name)
+            groups.setdefault(self.key_to_rank_lidx[name], []).append(name)
+        parts = [self._shard(name, dim) for key in sorted(groups) for name in groups[key]]
+        return self._finish(torch.cat(parts, dim=dim), device, dtype)
+
+    def as_dict(self, tensor_shard_dim: Mapping[str, int]) -> dict[str, Any]:
+        """``{name: get_sharded(name, dim)}`` for each ``name: dim`` given."""
+        return {name: self.get_sharded(name, dim) for name, dim in tensor_shard_dim.items()}
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop this buffer's references to the tensors; idempotent. Tensors already returned
+        own their memory and stay valid (upstream's become invalid)."""
+        self._tensors = {}
+        self._closed = True
+
+    def __enter__(self) -> FilesBufferOnDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())

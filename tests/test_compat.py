@@ -1,0 +1,370 @@
+"""The upstream-compatible API (fastsafetensors.compat, fastsafetensors.parallel_loader) driven the
+way vLLM and SGLang drive it, checked bit for bit against safetensors; and the same on two gloo
+ranks, where each rank must read only its own files."""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import (
+    all_dtype_tensors,
+    assert_bitwise_equal,
+    sharded_checkpoint,
+    small_tensors,
+    write_file,
+)
+from safetensors.torch import load_file
+
+import fastsafetensors
+from fastsafetensors import (
+    ClosedFileError,
+    ConfigError,
+    HeaderError,
+    SafeTensorsFileLoader,
+    SingleGroup,
+    TensorNotFoundError,
+)
+from fastsafetensors.compat import FilesBufferOnDevice
+from fastsafetensors.parallel_loader import ParallelLoader
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> list[str]:
+    """Three shards (small tensors, every dtype and shape) plus what safetensors reads."""
+    write_file(tmp_path / "model-00001-of-00003.safetensors", small_tensors())
+    write_file(tmp_path / "model-00002-of-00003.safetensors", all_dtype_tensors())
+    write_file(tmp_path / "model-00003-of-00003.safetensors",
+               {"odd.rows": torch.arange(35, dtype=torch.int32).reshape(5, 7)})
+    return sorted(str(p) for p in tmp_path.glob("*.safetensors"))
+
+
+def expected(files: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in files:
+        out.update(load_file(path))
+    return out
+
+
+def assert_same(got: dict[str, Any], files: list[str]) -> None:
+    want = expected(files)
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].device.type == "cpu"
+        assert_bitwise_equal(got[name], tensor)
+
+
+# -- the call sequences of the engines ------------------------------------------------------
+
+def vllm_weights_iterator(files: list[str]) -> Any:
+    """vLLM's fastsafetensors iterator before ParallelLoader: one loader per batch of
+    ``pg.size()`` files, file i of a batch read by rank i, every tensor via get_tensor."""
+    pg = torch.distributed.group.WORLD if torch.distributed.is_initialized() else SingleGroup()
+    device = torch.device("cpu")
+    for start in range(0, len(files), pg.size()):
+        batch = files[start:start + pg.size()]
+        loader = SafeTensorsFileLoader(pg, device, nogds=pg.size() > 1)
+        loader.add_filenames({rank: [path] for rank, path in enumerate(batch)})
+        try:
+            fb = loader.copy_files_to_device()
+            try:
+                for name in list(fb.key_to_rank_lidx.keys()):
+                    yield name, fb.get_tensor(name)
+            finally:
+                fb.close()
+        finally:
+            loader.close()
+
+
+def sglang_weights_iterator(files: list[str]) -> Any:
+    """SGLang's variant: GDS first, and on a RuntimeError mentioning gds a fresh loader with
+    nogds=True (never taken here: we fall back to plain reads ourselves)."""
+    pg = SingleGroup()
+    device = torch.device("cpu")
+    nogds = False
+    for start in range(0, len(files), pg.size()):
+        batch = files[start:start + pg.size()]
+        loader = SafeTensorsFileLoader(pg, device, nogds=nogds)
+        loader.add_filenames({i: [f] for i, f in enumerate(batch)})
+        try:
+            try:
+                fb = loader.copy_files_to_device()
+            except RuntimeError as exc:  # pragma: no cover - the engines' retry path
+                if "gds" not in str(exc):
+                    raise
+                loader.close()
+                nogds = True
+                loader = SafeTensorsFileLoader(pg, device, nogds=nogds)
+                loader.add_filenames({i: [f] for i, f in enumerate(batch)})
+                fb = loader.copy_files_to_device()
+            try:
+                for name in list(fb.key_to_rank_lidx.keys()):
+                    yield name, fb.get_tensor(name)
+            finally:
+                fb.close()
+        finally:
+            loader.close()
+
+
+def test_vllm_call_sequence(shards: list[str]) -> None:
+    assert_same(dict(vllm_weights_iterator(shards)), shards)
+
+
+def test_sglang_call_sequence(shards: list[str]) -> None:
+    assert_same(dict(sglang_weights_iterator(shards)), shards)
+
+
+@pytest.mark.parametrize("queue_size", [-1, 0, 2])
+def test_vllm_parallel_loader_sequence(shards: list[str], queue_size: int) -> None:
+    # Recent vLLM: ParallelLoader built with keywords, iterate_weights(), close() in finally.
+    loader = ParallelLoader(pg=SingleGroup(), hf_weights_files=shards, queue_size=queue_size,
+                            use_tqdm_on_load=False, device=str(torch.device("cpu")),
+                            nogds=False)
+    try:
+        got = dict(loader.iterate_weights())
+    finally:
+        loader.close()
+    assert_same(got, shards)
+
+
+def test_parallel_loader_stopped_early_leaves_no_thread(shards: list[str]) -> None:
+    import threading
+
+    before = set(threading.enumerate())
+    loader = ParallelLoader(None, shards, queue_size=1, use_tqdm_on_load=False)
+    stream = loader.iterate_weights()
+    next(stream)
+    stream.close()
+    loader.close()
+    assert set(threading.enumerate()) <= before
+
+
+def test_upstream_examples_reset_and_reuse(shards: list[str]) -> None:
+    # Upstream's README: one loader, reset() between file sets, get_keys(), get_shape().
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True, debug_log=True,
+                                   max_threads=4, bbuf_size_kb=1024, framework="pytorch")
+    got: dict[str, Any] = {}
+    for path in shards:
+        loader.add_filenames({0: [path]})
+        assert loader.get_shape(loader.get_keys()[0]) == list(load_file(path)[
+            loader.get_keys()[0]].shape)
+        fb = loader.copy_files_to_device(use_buf_register=False, max_copy_block_size=1 << 20)
+        got.update((k, fb.get_tensor(k)) for k in fb.key_to_rank_lidx)
+        fb.close()
+        loader.reset()
+    loader.close()
+    assert_same(got, shards)
+
+
+def test_exports_and_pg_none(shards: list[str]) -> None:
+    assert fastsafetensors.SafeTensorsFileLoader is SafeTensorsFileLoader
+    assert fastsafetensors.SingleGroup is SingleGroup
+    assert {"SafeTensorsFileLoader", "SingleGroup"} <= set(fastsafetensors.__all__)
+    loader = SafeTensorsFileLoader(None, "cpu")   # newer upstream: None means one process
+    loader.add_filenames({0: shards[:1]})
+    fb = loader.copy_files_to_device()
+    assert fb.get_filename("lm_head.weight") == shards[0]
+    assert fb.get_filename("nope") == ""
+    assert fb.get_shape("lm_head.weight") == [64, 16]
+
+
+# -- shards, push, dict, dtype --------------------------------------------------------------
+
+def test_single_process_shard_ops_return_whole_tensors(shards: list[str]) -> None:
+    want = expected(shards)
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: shards})
+    with loader, loader.copy_files_to_device() as fb:
+        assert_bitwise_equal(fb.get_sharded("odd.rows", 0), want["odd.rows"])
+        assert_bitwise_equal(fb.get_sharded("odd.rows", 1), want["odd.rows"])
+        assert_bitwise_equal(fb.push_tensor("lm_head.weight", 0), want["lm_head.weight"])
+        both = fb.as_dict({"odd.rows": 0, "model.norm.weight": -1})
+        assert_bitwise_equal(both["model.norm.weight"], want["model.norm.weight"])
+        cols = fb.get_multi_cols(["lm_head.weight", "model.embed_tokens.weight"], 1)
+        assert_bitwise_equal(cols, torch.cat([want["lm_head.weight"],
+                                              want["model.embed_tokens.weight"]], 1))
+
+
+class UpstreamDType(enum.Enum):
+    """Stand-in for upstream's st_types.DType (an enum of file dtype names plus AUTO)."""
+
+    AUTO = "AUTO"
+    F16 = "F16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "F16", UpstreamDType.F16])
+def test_dtype_argument_casts_like_upstream(shards: list[str], dtype: Any) -> None:
+    want = load_file(shards[0])
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: shards[:1]})
+    fb = loader.copy_files_to_device(dtype=dtype)
+    for name, tensor in want.items():
+        assert_bitwise_equal(fb.get_tensor(name), tensor.to(torch.float16))
+    # per call: device and dtype, as upstream's get_tensor(name, device, dtype)
+    got = fb.get_tensor("lm_head.weight", device="cpu", dtype=torch.bfloat16)
+    assert_bitwise_equal(got, want["lm_head.weight"].to(torch.bfloat16))
+
+
+def test_dtype_auto_keeps_file_dtype(shards: list[str]) -> None:
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: shards[:1]})
+    fb = loader.copy_files_to_device(dtype=UpstreamDType.AUTO)
+    assert fb.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.bfloat16
+    with pytest.raises(ConfigError):
+        loader.copy_files_to_device(dtype="float42")
+
+
+# -- errors and lifetime ----------------------------------------------------------------------
+
+def test_unknown_key_is_tensor_not_found(shards: list[str]) -> None:
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: shards[:1]})
+    fb = loader.copy_files_to_device()
+    for call in (lambda: fb.get_tensor("lm_head.weigth"), lambda: fb.get_sharded("x", 0),
+                 lambda: fb.push_tensor("x", 0), lambda: fb.get_shape("x"),
+                 lambda: loader.get_shape("x")):
+        with pytest.raises(TensorNotFoundError) as info:
+            call()
+        assert isinstance(info.value, KeyError)
+    with pytest.raises(KeyError, match="lm_head.weight"):   # close matches are listed
+        fb.get_tensor("lm_head.weigth")
+
+
+def test_close_is_idempotent_and_tensors_outlive_it(shards: list[str]) -> None:
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: shards[:1]})
+    fb = loader.copy_files_to_device()
+    kept = fb.get_tensor("lm_head.weight")
+    fb.close()
+    fb.close()
+    loader.close()
+    loader.close()
+    assert_bitwise_equal(kept, load_file(shards[0])["lm_head.weight"])
+    with pytest.raises(ClosedFileError):
+        fb.get_tensor("lm_head.weight")
+    with pytest.raises(ClosedFileError):
+        loader.copy_files_to_device()
+    parallel = ParallelLoader(None, shards, use_tqdm_on_load=False)
+    parallel.close()
+    parallel.close()
+
+
+def test_bad_arguments_raise_with_the_valid_choices(shards: list[str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pytorch"):
+        SafeTensorsFileLoader(SingleGroup(), "cpu", framework="paddle")
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    with pytest.raises(ConfigError, match="rank=1"):
+        loader.add_filenames({1: shards[:1]})
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(Path(shards[0]).read_bytes())
+    with pytest.raises(HeaderError, match="one file only"):
+        loader.add_filenames({0: [shards[0], str(copy)]})
+    with pytest.raises(ConfigError, match="max_concurrent_producers"):
+        ParallelLoader(None, shards, max_concurrent_producers=2)
+
+    class NotAGroup:
+        def rank(self) -> int:
+            return 0
+
+        def size(self) -> int:
+            return 2
+
+    with pytest.raises(ConfigError, match="ProcessGroup"):
+        SafeTensorsFileLoader(NotAGroup(), "cpu")
+
+
+def test_buffer_keys_follow_rank_then_file_order(shards: list[str]) -> None:
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: list(reversed(shards))})
+    fb = loader.copy_files_to_device()
+    assert isinstance(fb, FilesBufferOnDevice)
+    assert fb.key_to_rank_lidx["lm_head.weight"] == (0, 0)
+    assert fb.key_to_rank_lidx["odd.rows"] == (0, 2)
+    assert fb.keys() == list(fb.key_to_rank_lidx)
+
+
+# -- two ranks over gloo ------------------------------------------------------------------------
+
+def _rank_main(rank: int, store: str, files: list[str]) -> None:
+    """One rank: load {0: [a], 1: [b]}, count the bytes read, then take every tensor whole,
+    sharded (even and uneven), pushed and column-concatenated; then ParallelLoader."""
+    import torch.distributed as dist
+
+    from fastsafetensors.loader.posix import STATS
+
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
+    try:
+        a, b, c = files
+        want = expected(files)
+        pg = dist.group.WORLD
+        loader = SafeTensorsFileLoader(pg, torch.device("cpu"), nogds=True)
+        loader.add_filenames({0: [a], 1: [b]})
+        STATS.reset()
+        fb = loader.copy_files_to_device()
+        read = STATS.snapshot()[0]
+        own, other = (a, b) if rank == 0 else (b, a)
+        own_data = sum(t.nbytes for t in load_file(own).values())
+        other_data = sum(t.nbytes for t in load_file(other).values())
+        # all of this rank's file (reads round to 4 KiB blocks), none of the other's
+        assert own_data <= read <= os.path.getsize(own) + 4096 < own_data + other_data, (
+            rank, read, own_data, other_data)
+
+        for name in list(fb.key_to_rank_lidx):
+            assert_bitwise_equal(fb.get_tensor(name), want[name])
+        for name, dim in [("big.b", 0), ("big.b", 1), ("odd.b", 0), ("odd.b", 1),
+                          ("lm_head.weight", 0), ("u8.3x4", 1), ("f4.3x8", 0)]:
+            whole = want[name]
+            block = -(-whole.shape[dim] // 2)
+            part = whole.narrow(dim, min(rank * block, whole.shape[dim]),
+                                max(0, min(block, whole.shape[dim] - rank * block)))
+            assert_bitwise_equal(fb.get_sharded(name, dim), part)
+        assert_bitwise_equal(fb.get_sharded("bf16.3x4", -1), want["bf16.3x4"])
+        pushed = fb.push_tensor("big.b", 0)
+        if rank == 0:
+            assert_bitwise_equal(pushed, want["big.b"])
+        else:
+            assert pushed is None
+        names = ["lm_head.weight", "model.embed_tokens.weight"]
+        cols = fb.get_multi_cols(names, 0)
+        assert_bitwise_equal(cols, torch.cat([want[n].narrow(0, rank * 32, 32) for n in names]))
+        fb.close()
+        loader.close()
+
+        # ParallelLoader: batches [a, b] and [c]; in the second, rank 1 reads nothing.
+        parallel = ParallelLoader(pg, files, queue_size=0, use_tqdm_on_load=False, nogds=True)
+        try:
+            got = dict(parallel.iterate_weights())
+        finally:
+            parallel.close()
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert_bitwise_equal(got[name], tensor)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_gloo(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = write_file(tmp_path / "a.safetensors",
+                   {**all_dtype_tensors(), "big.a": torch.randn(128, 128, generator=gen)})
+    b = write_file(tmp_path / "b.safetensors",
+                   {**small_tensors(), "big.b": torch.randn(128, 256, generator=gen),
+                    "odd.b": torch.randn(5, 7, generator=gen).bfloat16()})
+    c = write_file(tmp_path / "c.safetensors", {"c.only": torch.arange(10)})
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_rank_main, args=(store, [str(a), str(b), str(c)]), nprocs=2,
+                                join=True)
+
+
+def test_sharded_checkpoint_fixture_loads_through_parallel_loader(tmp_path: Path) -> None:
+    _index, paths = sharded_checkpoint(tmp_path / "ckpt", small_tensors(), shards=3)
+    files = [str(p) for p in paths]
+    loader = ParallelLoader(None, files, use_tqdm_on_load=False)
+    got = dict(loader.iterate_weights())
+    loader.close()
+    assert_same(got, files)
