@@ -40,6 +40,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -606,7 +607,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    folder = Path(args.dir or f"/tmp/fastsafetensors-bench/llama-{args.size_gb:g}gb")
+    folder = Path(args.dir or Path(tempfile.gettempdir()) / "fastsafetensors-bench"
+                  / f"llama-{args.size_gb:g}gb")
     print(f"checkpoint: {folder} ({args.size_gb:g} GB, building if missing)", flush=True)
     info = C.build_checkpoint(folder, args.size_gb)
     files = [str(folder / f) for f in info["files"]]
@@ -914,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = _cuda_available()
     ap.add_argument("--size-gb", type=float, default=8.0 if gpu else 2.0)
     ap.add_argument("--dir", help="checkpoint folder (built once, reused); default "
-                                  "/tmp/fastsafetensors-bench/llama-<size>gb")
+                                  "<temp dir>/fastsafetensors-bench/llama-<size>gb")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case and mode (median)")
     ap.add_argument("--threads", type=int, default=4 if not gpu else 8,
                     help="thread count of the raw-read limits besides 1 and 2")
