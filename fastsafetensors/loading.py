@@ -27,15 +27,18 @@ def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
     if tensors is None:
         return [(os.fspath(p), None, None) for p in paths]
     wanted = set(tensors)
+    available: list[str] = []
     out: list[tuple[str, Any, list[str] | None]] = []
     for p in paths:
         header = read_header(p)
+        available.extend(header.tensors)
         names = [n for n in header.tensors if n in wanted]
         wanted.difference_update(names)
         if names:
             out.append((os.fspath(p), header, names))
     if wanted:
-        raise TensorNotFoundError(sorted(wanted)[0], None, [])
+        where = os.fspath(paths[0]) if len(paths) == 1 else None
+        raise TensorNotFoundError(sorted(wanted)[0], where, available)
     return out
 
 

@@ -245,3 +245,18 @@ def test_precedence_reaches_the_loader(ckpt: tuple[Path, dict[str, torch.Tensor]
     with configure(io="buffered"):
         assert direct_reads() == 0
         assert direct_reads(io="direct") > 0
+
+
+def test_load_unknown_tensor_names_close_matches(tmp_path):
+    from safetensors.torch import save_file
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"s{i}.safetensors"
+        save_file({f"layer{i}.weight": torch.zeros(2)}, str(path))
+        paths.append(str(path))
+    with pytest.raises(fastsafetensors.TensorNotFoundError) as info:
+        fastsafetensors.load(paths, tensors=["layer1.weight", "layer9.weight"])
+    message = str(info.value)
+    assert "'layer9.weight'" in message and "(2 tensors)" in message
+    assert "'layer1.weight'" in message  # a close match, from the files' own names
