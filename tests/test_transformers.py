@@ -669,3 +669,91 @@ def test_tensor_parallel_two_ranks_read_their_half(models: dict[str, Path],
         # Mixtral's 64-wide rows are narrower than MERGE_GAP, so its column splits read whole
         # rows; the experts and the row splits still halve.
         assert mixtral["bytes_read"] < 0.7 * weight_bytes(models["mixtral"])
+
+
+# -- pre-quantized checkpoints -------------------------------------------------------------------
+
+#: compressed-tensors formats that transformers loads on the CPU: (format, weight arguments).
+#: Between them: int8 weights with float scales and int8 zero points, int4 weights packed into
+#: int32 with their original shape stored beside them, and float8_e4m3fn weights.
+QUANTIZED = {
+    "naive-int8-asym": ("naive-quantized", dict(num_bits=8, type="int", strategy="group",
+                                                group_size=32, symmetric=False)),
+    "pack-int4": ("pack-quantized", dict(num_bits=4, type="int", strategy="group",
+                                         group_size=32, symmetric=True)),
+    "fp8": ("float-quantized", dict(num_bits=8, type="float", strategy="channel",
+                                    symmetric=True)),
+}
+
+
+def build_compressed_tensors(folder: Path, fmt: str, weights: dict[str, Any]) -> Path:
+    """A tiny Llama (hidden 64, 2 layers) quantized and saved by compressed-tensors itself, as
+    llm-compressor would: min/max qparams per group or channel, compressed, save_pretrained."""
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tf_models.llama_config(hidden_size=64,
+                                                    intermediate_size=128)).eval()
+    args = QuantizationArgs(**weights)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme},
+                                                        ignore=["lm_head"],
+                                                        quantization_status="initialized"))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):
+                w = module.weight
+                groups = w.reshape(w.shape[0], -1, args.group_size or w.shape[1])
+                scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+                module.weight_scale.copy_(scale)
+                if not args.symmetric:
+                    module.weight_zero_point.copy_(zero_point)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(folder, max_shard_size="40KB")
+    compressor.update_config(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED))
+def test_pre_quantized_compressed_tensors_pass_through(case: str, tmp_path: Path,
+                                                       calls: Counter[str]) -> None:
+    """A pre-quantized checkpoint is read as stored: the quantized weights, scales and zero
+    points reach transformers' compressed-tensors quantizer unchanged, exactly as from stock."""
+    pytest.importorskip("compressed_tensors", minversion="0.15",
+                        reason="needs compressed-tensors>=0.15 (pip install compressed-tensors)")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    fmt, weights = QUANTIZED[case]
+    folder = build_compressed_tensors(tmp_path / case, fmt, weights)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == fmt
+    stored: dict[str, Any] = {}
+    for path in shards(folder):
+        stored.update(load_file(path))
+    quantized_dtypes = {t.dtype for t in stored.values()} - {torch.float32, torch.int64}
+    assert quantized_dtypes, "the checkpoint holds no quantized tensors"
+    calls.clear()
+    reference = AutoModelForCausalLM.from_pretrained(folder)
+    assert calls == Counter(stock=len(shards(folder))) and STATS.bytes_read == 0
+    calls.clear()
+    model = AutoModelForCausalLM.from_pretrained(folder, loader="fastsafetensors")
+    assert calls == Counter(ours=len(shards(folder)))
+    assert STATS.bytes_read == weight_bytes(folder)
+    assert type(model.hf_quantizer) is type(reference.hf_quantizer)
+    assert assert_same(model, reference) > len(stored) // 2
+    # Still compressed, and every stored tensor is in the model as it is in the file.
+    mine = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in stored.items():
+        assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
+    assert {mine[name].dtype for name in stored} >= quantized_dtypes
+    assert torch.equal(logits(model), logits(reference))
+    assert_same(model, reference)   # and identical once the forward pass decompressed both
