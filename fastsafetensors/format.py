@@ -12,11 +12,11 @@ import json
 import math
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointNotFoundError, HeaderError
+from .errors import CheckpointNotFoundError, HeaderError, TensorNotFoundError
 
 __all__ = ["DType", "DTYPES", "TensorInfo", "Header", "parse_header", "read_header",
            "MAX_HEADER_SIZE"]
@@ -110,6 +110,16 @@ class Header:
     @property
     def data_size(self) -> int:
         return self.file_size - self.data_start
+
+    def select(self, names: Sequence[str] | None) -> list[TensorInfo]:
+        """The tensors ``names`` (None: all), in file order; an unknown name raises
+        TensorNotFoundError listing close matches."""
+        if names is None:
+            return list(self.tensors.values())
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise TensorNotFoundError(missing[0], self.path, self.tensors)
+        return sorted((self.tensors[n] for n in names), key=lambda t: t.data_offsets)
 
 
 def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -99,8 +99,8 @@ def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,
                  threads: int | None, io: str | None) -> Iterator[tuple[str, Any]]:
     from .loader.cpu import close_job, load_host, open_job
 
-    for path, _header, names in files:
-        job = open_job(path, names)
+    for path, header, names in files:
+        job = open_job(path, names, header)
         try:
             (tensors,) = load_host([job], fw, threads=threads, io=io)
         finally:

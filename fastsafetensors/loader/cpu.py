@@ -75,19 +75,15 @@ class IOPolicy:
         return bool(pages) and 1.0 - pages.count(0) / len(pages) < CACHED_ENOUGH
 
 
-def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None) -> FileJob:
-    """Open ``path``, validate its header and pick the tensors named (None: all)."""
+def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None,
+             header: Header | None = None) -> FileJob:
+    """Open ``path``, validate its header (unless the caller already holds it) and pick the
+    tensors named (None: all)."""
     fd = open_readonly(path)
     try:
-        header = read_header_fd(fd, path)
-        infos = None
-        if tensors is not None:
-            from ..errors import TensorNotFoundError
-
-            missing = [n for n in tensors if n not in header.tensors]
-            if missing:
-                raise TensorNotFoundError(missing[0], path, header.tensors)
-            infos = [header.tensors[n] for n in tensors]
+        if header is None:
+            header = read_header_fd(fd, path)
+        infos = None if tensors is None else header.select(tensors)
         return FileJob(os.fspath(path), header, infos, fd)
     except BaseException:
         os.close(fd)

@@ -81,20 +81,13 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
     kvikio's ``CuFile.pread`` returns a future; once ``get()`` returned, the bytes are in device
     memory, so the consumer may use the tensor on any stream.
     """
-    from ..errors import TensorNotFoundError
     from ..format import read_header
 
     if kvikio is None:
         kvikio = importlib.import_module("kvikio")
     for path, header, names in sources:
         header = header or read_header(path)
-        if names is None:
-            infos = list(header.tensors.values())
-        else:
-            missing = [n for n in names if n not in header.tensors]
-            if missing:
-                raise TensorNotFoundError(missing[0], path, header.tensors)
-            infos = sorted((header.tensors[n] for n in names), key=lambda t: t.data_offsets)
+        infos = header.select(names)
         handle = kvikio.CuFile(path, "r")
         try:
             batch: list[tuple[TensorInfo, Any, Any]] = []

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, open_readonly, read_header_fd
-from .cpu import CACHED_ENOUGH, IOPolicy  # noqa: F401  (CACHED_ENOUGH documents the rule)
+from .cpu import IOPolicy
 from .pagecache import resident_map
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
@@ -313,16 +313,8 @@ def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOpt
                ready: queue.Queue[_Tensor | BaseException | None],
                cancelled: threading.Event) -> None:
     """Allocate the file's wanted tensors in order and queue chunks covering their bytes."""
-    from ..errors import TensorNotFoundError
-
     header = f.header
-    if names is None:
-        infos = list(header.tensors.values())
-    else:
-        missing = [n for n in names if n not in header.tensors]
-        if missing:
-            raise TensorNotFoundError(missing[0], f.path, header.tensors)
-        infos = sorted((header.tensors[n] for n in names), key=lambda t: t.data_offsets)
+    infos = header.select(names)
     limit = options.buffer_bytes
     chunk: _Chunk | None = None
 
