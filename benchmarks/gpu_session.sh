@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU check and timing of this repository in one call on a lent NVIDIA machine, sized to
+# fit the 10-minute limit of one call: GPU tests, the loading benchmark against the peers, and
+# transformers' from_pretrained with device_map="cuda". Everything it prints lands in $OUT too.
+#
+#   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
+#   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 600)
+#
+# Each step has its own time limit, so one that hangs leaves time and output for the others.
+set -u -o pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1
+export PYTHONUNBUFFERED=1
+size=${SIZE_GB:-8}          # GB of bf16 in the synthetic checkpoint (the issues ask >= 8)
+ckpt=/tmp/fst-bench/llama-${size}gb   # built once, shared by both benchmarks
+started=$SECONDS
+step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max \
+    --format=csv || true
+nproc; free -g | head -2; df -h /tmp | tail -1
+python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
+    "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+
+# transformers as pinned in .ci/run (the image's may be older); peers stay out of PYTHONPATH:
+# bench_load.py installs each into its own folder, from .whl/ since there is no network.
+site=/tmp/site
+if ls .whl/transformers-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/transformers-*.whl
+fi
+export PYTHONPATH=$PWD:$site
+export PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.whl
+python3 -c 'import transformers, safetensors, fastsafetensors as f;
+print("transformers", transformers.__version__, "safetensors", safetensors.__version__,
+      "fastsafetensors", f.__version__, f.__file__)'
+
+step "GPU tests"
+timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
+    tests/test_transformers.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+
+step "checkpoint: $size GB in $ckpt"
+timeout 90 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C, pathlib;
+print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
+
+step "bench_load: $size GB, warm and cold, peers"
+timeout 260 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
+    --dir "$ckpt" --peers-dir /tmp/fst-peers --logs /tmp/fst-bench/logs \
+    --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|_cuda|instanttensor' \
+    --skip-many --json "$OUT/bench-load.json"
+# The children's stderr, in one file ($OUT brings back at most 8).
+tail -n 20 /tmp/fst-bench/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
+
+step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
+timeout 120 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --json "$OUT/bench-transformers.json"
+
+step "done"
