@@ -3,6 +3,11 @@
 Each stream is one worker thread that runs queued copies late (after a random delay), so an
 engine that reuses a staging buffer before its copies ran, or hands out a tensor before its
 copies completed, produces wrong bytes that the tests catch. Events are futures.
+
+The consumer's stream is the host here, so memory that a real allocator hands out while the
+consumer's kernels still read it cannot be simulated; instead every write into a tensor checks
+that the writer was ordered after the tensor's allocation (``alloc_event`` waited for on the
+copy's stream, or on the host before a DMA), and raises AssertionError otherwise.
 """
 
 from __future__ import annotations
@@ -29,14 +34,35 @@ class FakeSink:
         self.peak_outstanding = 0
         self.allocations = 0
         self.copies = 0
+        self.born: dict[int, int] = {}       # id of a tensor -> its allocation number
+        self.ordered: dict[Any, int] = {}    # stream -> allocations it was ordered after
+        self.host_ordered = 0                # allocations the host waited for
 
     def alloc(self, info: TensorInfo) -> torch.Tensor:
+        # Poisoned, so a copy that never ran shows up as wrong data.
+        flat = torch.full((info.nbytes,), 0xA5, dtype=torch.uint8)
         with self.lock:
             self.allocations += 1
+            self.born[id(flat)] = self.allocations
             self.outstanding += info.nbytes
             self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
-        # Poisoned, so a copy that never ran shows up as wrong data.
-        return torch.full((info.nbytes,), 0xA5, dtype=torch.uint8)
+        return flat
+
+    def alloc_event(self) -> Future[int]:
+        event: Future[int] = Future()
+        with self.lock:
+            event.set_result(self.allocations)
+        return event
+
+    def stream_wait(self, stream: ThreadPoolExecutor, event: Future[int]) -> None:
+        with self.lock:
+            self.ordered[stream] = max(self.ordered.get(stream, 0), event.result())
+
+    def _check_ordered(self, flat: torch.Tensor, upto: int) -> None:
+        born = self.born.get(id(flat), 0)
+        if born > upto:
+            raise AssertionError(f"allocation {born} written before the writer was ordered "
+                                 f"after it (only up to {upto})")
 
     def consumed(self, nbytes: int) -> None:
         with self.lock:
@@ -59,6 +85,7 @@ class FakeSink:
         delay = self.rng.random() * self.delay
         with self.lock:
             self.copies += 1
+            self._check_ordered(dst, self.ordered.get(stream, 0))
 
         def run() -> None:
             time.sleep(delay)
@@ -69,8 +96,11 @@ class FakeSink:
     def record(self, stream: ThreadPoolExecutor) -> Future[None]:
         return stream.submit(lambda: None)
 
-    def host_wait(self, event: Future[None]) -> None:
-        event.result()
+    def host_wait(self, event: Future[Any]) -> None:
+        allocations = event.result()
+        if allocations is not None:  # an alloc_event: later DMA into those tensors is ordered
+            with self.lock:
+                self.host_ordered = max(self.host_ordered, allocations)
 
     def consumer_wait(self, events: list[Future[None]]) -> None:
         # The consumer here is the host, so "its stream waits" means waiting for the events.
@@ -81,6 +111,8 @@ class FakeSink:
         dtype, shape = torch_dtype(info.dtype), torch_shape(info)
         if flat is None:
             return torch.empty(shape, dtype=dtype)
+        with self.lock:  # written by copies on some stream, or by a DMA ordered by the host
+            self._check_ordered(flat, max(self.host_ordered, *self.ordered.values(), 0))
         return flat.view(dtype).view(shape)
 
     def close(self) -> None:

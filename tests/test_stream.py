@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -185,3 +186,77 @@ def test_many_small_tensors_use_few_reads(tmp_path):
     assert all(torch.equal(got[f"t{i}"], tensors[f"t{i}"]) for i in range(0, 20_000, 997))
     # 320 KB of data: a handful of chunk reads, not one read per tensor.
     assert STATS.snapshot()[1] <= 4
+
+
+def test_copies_are_ordered_after_the_allocation_of_their_tensors(tmp_path):
+    # On CUDA the memory of a new tensor may be the memory of one the consumer just freed, still
+    # read by its kernels; the copy stream must wait for the consumer's stream first. FakeSink
+    # raises on a copy into a tensor allocated after the last alloc_event its stream waited for.
+    tensors = {f"w{i}": torch.full((64, 256), float(i)) for i in range(20)}
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0.001)
+    got = _run([str(path)], sink, max_device_bytes=2 * 65536)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert max(sink.ordered.values()) == sink.allocations
+
+
+class _NoPinnedMemory(FakeSink):
+    def staging(self, nbytes):
+        raise RuntimeError("CUDA error: out of memory (pinned)")
+
+
+def test_worker_that_cannot_start_raises_instead_of_hanging(checkpoint):
+    outcome: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            _run(checkpoint, _NoPinnedMemory(delay=0))
+        except BaseException as exc:  # noqa: BLE001
+            outcome.append(exc)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "the consumer hangs when no worker could start"
+    assert isinstance(outcome[0], RuntimeError) and "pinned" in str(outcome[0])
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+
+
+def test_gds_stopped_early_waits_for_reads_in_flight(tmp_path):
+    # cuFile reads are DMA into the tensors' memory: closing the handle or freeing the memory
+    # while one is in flight corrupts whatever gets that memory next.
+    import types
+
+    from fastsafetensors.loader.gds import stream_gds
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": torch.full((8,), float(i)) for i in range(6)}, str(path))
+    pending: list[Any] = []
+
+    class Future:
+        def __init__(self, nbytes: int):
+            self.nbytes, self.waited = nbytes, False
+            pending.append(self)
+
+        def get(self) -> int:
+            assert not self.waited, "kvikio futures can be waited for once"
+            self.waited = True
+            return self.nbytes
+
+    class CuFile:
+        def __init__(self, path, mode):
+            self.closed = False
+
+        def pread(self, buf, size, offset):
+            return Future(size)
+
+        def close(self):
+            assert all(f.waited for f in pending), "handle closed with reads in flight"
+            self.closed = True
+
+    gen = stream_gds([(str(path), None, None)], FakeSink(delay=0),
+                     kvikio=types.SimpleNamespace(CuFile=CuFile))
+    next(gen)
+    gen.close()
+    assert len(pending) == 6 and all(f.waited for f in pending)

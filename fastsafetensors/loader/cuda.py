@@ -4,6 +4,10 @@ allocator, pinned staging, one copy stream per worker, events for completion.
 Stream hazards handled here:
 * tensors are allocated on the consumer's current stream (captured when the load starts), so
   when the consumer frees one, the allocator reuses that memory in the consumer's stream order;
+  the copy streams, which write that memory, first wait for an event recorded on the consumer's
+  stream after the allocation (the memory's previous tensor may still be read there);
+* a tensor used on a stream other than the one it was allocated on is recorded on that stream
+  (``record_stream``), so that freeing it does not hand its memory out under that stream's work;
 * the consumer's stream waits on the copy events of a tensor before the tensor is yielded, so a
   kernel launched on it afterwards sees complete data without a host synchronisation;
 * a staging buffer is overwritten only after the event recorded after its last copy completed.
@@ -40,8 +44,16 @@ class TorchCudaSink:
         # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
         return buffer, buffer.numpy().data.cast("B")
 
+    def alloc_event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(self.consumer)
+        return event
+
     def new_stream(self) -> torch.cuda.Stream:
         return torch.cuda.Stream(self.device)
+
+    def stream_wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        stream.wait_event(event)
 
     def copy(self, dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int,
              length: int, stream: torch.cuda.Stream) -> None:
@@ -67,6 +79,11 @@ class TorchCudaSink:
         shape = torch_shape(info)
         if flat is None:
             return torch.empty(shape, dtype=dtype, device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        if current != self.consumer:
+            # The consumer switched streams since the load started: the allocator only knows
+            # the allocation stream, so without this it could reuse the memory too early.
+            flat.record_stream(current)
         return flat.view(dtype).view(shape)
 
     @staticmethod

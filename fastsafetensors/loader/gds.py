@@ -10,6 +10,7 @@ import functools
 import importlib
 import logging
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +80,9 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
     """File -> device with cuFile reads (no staging), one read per tensor, yielded in file order.
 
     kvikio's ``CuFile.pread`` returns a future; once ``get()`` returned, the bytes are in device
-    memory, so the consumer may use the tensor on any stream.
+    memory, so the consumer may use the tensor on any stream. cuFile's DMA is not ordered on any
+    stream, so before a read the host waits until work queued on the allocation stream (which may
+    still read the memory's previous tensor) has finished.
     """
     from ..format import read_header
 
@@ -89,26 +92,39 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
         header = header or read_header(path)
         infos = header.select(names)
         handle = kvikio.CuFile(path, "r")
+        batch: deque[tuple[TensorInfo, Any, Any]] = deque()
         try:
-            batch: list[tuple[TensorInfo, Any, Any]] = []
             held = 0
             for info in infos:
-                flat = sink.alloc(info) if info.nbytes else None
-                future = (handle.pread(flat, info.nbytes, header.data_start + info.data_offsets[0])
-                          if info.nbytes else None)
+                flat = future = None
+                if info.nbytes:
+                    flat = sink.alloc(info)
+                    sink.host_wait(sink.alloc_event())
+                    future = handle.pread(flat, info.nbytes,
+                                          header.data_start + info.data_offsets[0])
                 batch.append((info, flat, future))
                 held += info.nbytes
                 if max_device_bytes is not None and held >= max_device_bytes:
                     yield from _complete(batch, sink, path)
-                    batch, held = [], 0
+                    held = 0
             yield from _complete(batch, sink, path)
         finally:
+            # Stopped early or failed: reads still in flight write into memory freed next and
+            # use the handle closed next, so they must finish first.
+            for _, _, future in batch:
+                if future is not None:
+                    try:
+                        future.get()
+                    except Exception:  # noqa: BLE001 - the error that stopped us matters more
+                        pass
             handle.close()
 
 
-def _complete(batch: list[tuple[TensorInfo, Any, Any]], sink: Sink, path: str
+def _complete(batch: deque[tuple[TensorInfo, Any, Any]], sink: Sink, path: str
               ) -> Iterator[tuple[str, Any]]:
-    for info, flat, future in batch:
+    """Wait for and yield the batch's tensors, taking each off ``batch`` before its wait."""
+    while batch:
+        info, flat, future = batch.popleft()
         if future is not None:
             got = future.get()
             if got != info.nbytes:

@@ -7,8 +7,9 @@ Three kinds of thread work together:
   one staging buffer;
 * workers (``threads`` of them) each own two pinned staging buffers and one copy stream: a worker
   waits until the buffer's previous copies finished, reads a chunk into it (buffered or O_DIRECT
-  by page-cache residency), then queues one asynchronous copy per tensor piece on its stream and
-  records an event;
+  by page-cache residency), makes its stream wait until the chunk's tensors were allocated
+  (their memory may still be read by the consumer's earlier kernels), then queues one
+  asynchronous copy per tensor piece on its stream and records an event;
 * the caller's thread runs the generator: it waits until every piece of the next tensor was
   queued, makes the caller's current stream wait on those events (no host sync) and yields.
 
@@ -50,7 +51,16 @@ class Sink(Protocol):
     def staging(self, nbytes: int) -> tuple[Any, memoryview]:
         """A pinned host buffer (4096-aligned) and a writable view of it."""
 
+    def alloc_event(self) -> Any:
+        """An event on the stream ``alloc`` allocates on, recorded after the allocations so far.
+
+        The allocator may hand out memory whose previous tensor is still read by work queued on
+        that stream; writes from another stream (or by DMA) must wait for this event first."""
+
     def new_stream(self) -> Any: ...
+
+    def stream_wait(self, stream: Any, event: Any) -> None:
+        """Make later work on ``stream`` wait for ``event`` (without blocking the host)."""
 
     def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, length: int,
              stream: Any) -> None:
@@ -113,6 +123,7 @@ class _Chunk:
     offset: int                   # file offset of the first byte wanted
     end: int
     pieces: list[_Piece]
+    allocated: Any = None         # alloc_event() after its tensors were allocated
 
 
 @dataclass
@@ -197,11 +208,13 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             ready.put(None)
 
     def worker() -> None:
-        stream = sink.new_stream()
-        buffers = [sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN) for _ in range(2)]
         pending: list[Any] = [None, None]
         turn = 0
         try:
+            # Inside the try: a worker that dies without fail() (pinned memory exhausted, a
+            # CUDA error) would leave the consumer waiting forever for its tensors.
+            stream = sink.new_stream()
+            buffers = [sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN) for _ in range(2)]
             while True:
                 try:
                     chunk = work.get(timeout=0.1)
@@ -217,6 +230,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     sink.host_wait(pending[turn])
                 src, view = buffers[turn]
                 skew, got, direct = _read_chunk(chunk, view, policy)
+                # The tensors' memory may have been freed by the consumer just before, with its
+                # kernels still reading it on the consumer's stream: copy only after those.
+                sink.stream_wait(stream, chunk.allocated)
                 for piece in chunk.pieces:
                     sink.copy(piece.tensor.flat, piece.tensor_offset, src,
                               skew + piece.file_offset - chunk.offset, piece.length, stream)
@@ -321,6 +337,7 @@ def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOpt
     def flush() -> None:
         nonlocal chunk
         if chunk is not None and chunk.pieces:
+            chunk.allocated = sink.alloc_event()  # every tensor of the chunk is allocated by now
             _put(work, chunk, cancelled)
         chunk = None
 
