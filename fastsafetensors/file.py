@@ -115,9 +115,13 @@ class FastSafetensorsFile:
             # Large tensors stream through pinned staging straight into device memory.
             from .loading import iter_tensors
 
+            # No more staging than the tensor itself: transformers reads many tensors at once
+            # from its thread pool, and each read takes staging of its own.
+            staging = min(config.get("staging_bytes"), 1 << (info.nbytes - 1).bit_length())
             with self._in_use():
                 ((_, tensor),) = iter_tensors([self._path], device=target, tensors=[name],
-                                              framework=self._framework.name)
+                                              framework=self._framework.name,
+                                              staging_bytes=staging)
             with self._lock:
                 self.bytes_read += info.nbytes
             return self._framework.convert(tensor, device=None, dtype=dtype)

@@ -80,18 +80,21 @@ class FakeSink:
             self.streams.append(stream)
         return stream
 
-    def copy(self, dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int,
-             length: int, stream: ThreadPoolExecutor) -> None:
-        delay = self.rng.random() * self.delay
-        with self.lock:
-            self.copies += 1
-            self._check_ordered(dst, self.ordered.get(stream, 0))
+    def copy(self, stream: ThreadPoolExecutor, src: torch.Tensor,
+             pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
+        for dst, dst_offset, src_offset, length in pieces:
+            delay = self.rng.random() * self.delay
+            with self.lock:
+                self.copies += 1
+                self._check_ordered(dst, self.ordered.get(stream, 0))
 
-        def run() -> None:
-            time.sleep(delay)
-            dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length])
+            def run(dst: torch.Tensor = dst, dst_offset: int = dst_offset,
+                    src_offset: int = src_offset, length: int = length,
+                    delay: float = delay) -> None:
+                time.sleep(delay)
+                dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length])
 
-        stream.submit(run)
+            stream.submit(run)
 
     def record(self, stream: ThreadPoolExecutor) -> Future[None]:
         return stream.submit(lambda: None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -579,3 +580,30 @@ def test_numpy_slices_match_safetensors(tmp_path: Path, index: Any) -> None:
             assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
             if name != "s" or index is Ellipsis:
                 assert got.shape == ref.get_slice(name)[index].shape
+
+
+@pytest.mark.parametrize(("nbytes", "staging"), [(3000, 4096), (4096, 4096), (40 << 20, 64 << 20),
+                                                  (900 << 20, 256 << 20)])
+def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nbytes: int, staging: int) -> None:
+    # transformers reads many tensors at once from its thread pool; each large tensor read to a
+    # GPU streams with staging of its own, which must not be the whole default 256 MiB.
+    import fastsafetensors.file as file_module
+    import fastsafetensors.loading as loading
+
+    path = tmp_path / "one.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(16, dtype=torch.uint8)}, str(path))
+    asked: list[dict[str, Any]] = []
+
+    def fake_iter_tensors(files: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        yield "w", torch.zeros(16, dtype=torch.uint8)
+
+    monkeypatch.setattr(file_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(file_module, "DEVICE_STREAM_BYTES", 0)
+    monkeypatch.setattr(loading, "iter_tensors", fake_iter_tensors)
+    with FastSafetensorsFile(path) as fsf:
+        large = SimpleNamespace(name="w", nbytes=nbytes)   # as if the tensor were this large
+        monkeypatch.setattr(fsf, "_info", lambda name: large)
+        fsf.get_tensor("w", device="cuda:0")
+    assert asked[0]["device"] == "cuda:0" and asked[0]["staging_bytes"] == staging

@@ -55,11 +55,12 @@ class TorchCudaSink:
     def stream_wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
         stream.wait_event(event)
 
-    def copy(self, dst: torch.Tensor, dst_offset: int, src: torch.Tensor, src_offset: int,
-             length: int, stream: torch.cuda.Stream) -> None:
+    def copy(self, stream: torch.cuda.Stream, src: torch.Tensor,
+             pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
         with torch.cuda.stream(stream):
-            dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length],
-                                                      non_blocking=True)
+            for dst, dst_offset, src_offset, length in pieces:
+                dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length],
+                                                          non_blocking=True)
 
     def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         event = torch.cuda.Event()

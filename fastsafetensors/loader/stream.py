@@ -62,9 +62,10 @@ class Sink(Protocol):
     def stream_wait(self, stream: Any, event: Any) -> None:
         """Make later work on ``stream`` wait for ``event`` (without blocking the host)."""
 
-    def copy(self, dst: Any, dst_offset: int, src: Any, src_offset: int, length: int,
-             stream: Any) -> None:
-        """Queue ``dst[dst_offset:+length] = src[src_offset:+length]`` on ``stream``."""
+    def copy(self, stream: Any, src: Any, pieces: list[tuple[Any, int, int, int]]) -> None:
+        """Queue ``dst[dst_offset:+length] = src[src_offset:+length]`` on ``stream`` for each
+        ``(dst, dst_offset, src_offset, length)`` of ``pieces`` (one call per chunk: switching
+        streams costs more than a small copy)."""
 
     def record(self, stream: Any) -> Any:
         """An event completed once everything queued on ``stream`` so far has run."""
@@ -233,9 +234,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 # The tensors' memory may have been freed by the consumer just before, with its
                 # kernels still reading it on the consumer's stream: copy only after those.
                 sink.stream_wait(stream, chunk.allocated)
-                for piece in chunk.pieces:
-                    sink.copy(piece.tensor.flat, piece.tensor_offset, src,
-                              skew + piece.file_offset - chunk.offset, piece.length, stream)
+                sink.copy(stream, src, [(p.tensor.flat, p.tensor_offset,
+                                         skew + p.file_offset - chunk.offset, p.length)
+                                        for p in chunk.pieces])
                 event = sink.record(stream)
                 pending[turn] = event
                 turn ^= 1
