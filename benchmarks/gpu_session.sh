@@ -13,20 +13,21 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1
 size=${SIZE_GB:-8}          # GB of bf16 in the synthetic checkpoint (the issues ask >= 8)
-ckpt=/tmp/fst-bench/llama-${size}gb   # built once, shared by both benchmarks
+work=$(mktemp -d)           # checkpoint, peers, the children's logs: on the machine's disk
+ckpt=$work/llama-${size}gb  # built once, shared by both benchmarks
 started=$SECONDS
 step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max \
     --format=csv || true
-nproc; free -g | head -2; df -h /tmp | tail -1
+nproc; free -g | head -2; df -h "$work" | tail -1
 python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
     "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'
 
 # transformers as pinned in .ci/run (the image's may be older); peers stay out of PYTHONPATH:
 # bench_load.py installs each into its own folder, from .whl/ since there is no network.
-site=/tmp/site
+site=$work/site
 if ls .whl/transformers-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/transformers-*.whl
@@ -47,11 +48,11 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 
 step "bench_load: $size GB, warm and cold, peers"
 timeout 260 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
-    --dir "$ckpt" --peers-dir /tmp/fst-peers --logs /tmp/fst-bench/logs \
+    --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|_cuda|instanttensor' \
     --skip-many --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
-tail -n 20 /tmp/fst-bench/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
+tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
 timeout 120 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
