@@ -39,7 +39,7 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
       "fastsafetensors", f.__version__, f.__file__)'
 
 step "GPU tests"
-timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
+timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
 step "checkpoint: $size GB in $ckpt"
@@ -47,7 +47,7 @@ timeout 90 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _com
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout 260 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
+timeout 240 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|_cuda|instanttensor' \
     --skip-many --json "$OUT/bench-load.json"
@@ -55,7 +55,7 @@ timeout 260 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --thre
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
-timeout 120 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+timeout 150 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --json "$OUT/bench-transformers.json"
 
 step "done"
