@@ -59,3 +59,4 @@ timeout 150 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --json "$OUT/bench-transformers.json"
 
 step "done"
+sleep 1   # lets tee flush session.log before $OUT is collected
