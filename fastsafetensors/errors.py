@@ -244,5 +244,5 @@ class IncompatibleVersionError(FastSafetensorsError, ImportError):
         self.message = (f"{library} {version} is not supported by "
                         f"fastsafetensors.integrations.{library}: {detail}. It supports "
                         f"{supported}; install one (pip install '{supported}') or load without "
-                        f"loader='fastsafetensors'")
+                        f"fastsafetensors.integrations.{library}")
         super().__init__(self.message, name=f"fastsafetensors.integrations.{library}")

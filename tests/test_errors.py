@@ -191,8 +191,12 @@ def test_import_error_inside_framework_is_not_masked(monkeypatch: pytest.MonkeyP
 
 # -- device='cuda' without a GPU ---------------------------------------------------------------
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
-def test_cuda_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
+@pytest.mark.parametrize("device, shown", [
+    ("cuda", "cuda"), ("cuda:0", "cuda:0"), ("cuda:3", "cuda:3"),
+    (1, "cuda:1"), (torch.device("cuda", 2), "cuda:2"),   # as safetensors takes them
+])
+def test_cuda_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: Any,
+                          shown: str) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
     before = open_fds()
@@ -212,7 +216,7 @@ def test_cuda_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devic
             assert isinstance(excinfo.value, RuntimeError)
             message = str(excinfo.value)
             assert message.startswith("No CUDA GPUs are available")
-            assert device in message and "device='cpu'" in message
+            assert shown in message and "device='cpu'" in message
         assert fsf.bytes_read == 0
     assert open_fds() == before
 

@@ -60,13 +60,15 @@ def get_framework(name: str) -> Framework:
 def resolve_device(device: Any, framework: str = "pt") -> str:
     """Normalise a device name; ``cuda`` without a usable GPU raises NoGPUError here, before
     any file is opened or byte read."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"   # a bare index means a CUDA device, as in safetensors
     name = str(device) if device is not None else "cpu"
     if name == "cpu":
         return name
     if FRAMEWORKS.get(framework) != "pt":
         raise ConfigError("device", name, ["cpu (numpy arrays live in host memory)"])
     if not name.startswith("cuda"):
-        raise ConfigError("device", name, ["cpu", "cuda", "cuda:N"])
+        raise ConfigError("device", name, ["cpu", "cuda", "cuda:N", "N (an int, meaning cuda:N)"])
     import torch
 
     from ..errors import NoGPUError

@@ -3,10 +3,16 @@
 Importing this package imports none of those libraries; import the integration you need::
 
     import fastsafetensors.integrations.transformers   # from_pretrained(loader="fastsafetensors")
+    from fastsafetensors.integrations.accelerate import enabled   # load_checkpoint_and_dispatch
 
 | module | library | what it adds |
 | --- | --- | --- |
 | ``transformers`` | transformers >= 5.0, < 6 | ``from_pretrained(..., loader="fastsafetensors")`` |
+| ``accelerate`` | accelerate >= 1.0, < 2 | ``enabled()``, ``install()``: its checkpoint reads |
+
+vLLM and SGLang need no hook: their ``--load-format fastsafetensors`` imports this package and
+calls the upstream-compatible API in :mod:`fastsafetensors.compat` and
+:mod:`fastsafetensors.parallel_loader` (docs/compat.md).
 """
 
 from __future__ import annotations
