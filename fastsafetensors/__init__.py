@@ -15,6 +15,7 @@ from .compat import SafeTensorsFileLoader, SingleGroup
 from .config import configure
 from .errors import (
     BackendUnavailableError,
+    BudgetInfeasibleError,
     CheckpointIndexError,
     CheckpointNotFoundError,
     ClosedFileError,
@@ -68,6 +69,7 @@ __all__ = [
     "ReadError",
     "NoGPUError",
     "BackendUnavailableError",
+    "BudgetInfeasibleError",
     "IncompatibleVersionError",
     "SafeTensorsFileLoader",
     "SingleGroup",

@@ -16,6 +16,8 @@ Each one subclasses the builtin that users already catch, so ``except KeyError``
     ├── ReadError(OSError)                      a read came back short (file changed under us)
     ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
     ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
+    ├── BudgetInfeasibleError(ValueError)       a load cannot fit ParallelLoader's
+    │                                           device_memory_budget (upstream's name)
     └── IncompatibleVersionError(ImportError)   an integration's library is outside its range
 
 All of them pickle (multi-GPU loads carry errors across processes): ``__reduce__`` rebuilds an
@@ -43,6 +45,7 @@ __all__ = [
     "ReadError",
     "NoGPUError",
     "BackendUnavailableError",
+    "BudgetInfeasibleError",
     "IncompatibleVersionError",
 ]
 
@@ -228,6 +231,21 @@ class BackendUnavailableError(FastSafetensorsError, RuntimeError):
         self.message = (f"backend={backend!r} cannot be used: {reason}. "
                         f"Use backend='auto' to fall back to plain reads")
         super().__init__(self.message)
+
+
+class BudgetInfeasibleError(FastSafetensorsError, ValueError):
+    """``ParallelLoader(device_memory_budget=...)`` cannot keep the load within the budget;
+    raised when the loader is built, before any byte is read. Upstream's name, which vLLM
+    imports and raises itself with a message alone; ``budget`` and ``needed`` are in bytes when
+    this package raises it."""
+
+    _fields = ("message", "budget", "needed")
+
+    def __init__(self, message: str, budget: int | None = None, needed: int | None = None):
+        self.message = message
+        self.budget = budget
+        self.needed = needed
+        super().__init__(message)
 
 
 class IncompatibleVersionError(FastSafetensorsError, ImportError):

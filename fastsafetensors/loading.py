@@ -9,7 +9,7 @@ streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import config
@@ -62,7 +62,7 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
                  tensors: Sequence[str] | None = None, threads: int | None = None,
                  io: str | None = None, backend: str | None = None,
                  staging_bytes: int | None = None, max_device_bytes: int | None = None,
-                 **hub_options: Any) -> Iterator[tuple[str, Any]]:
+                 **hub_options: Any) -> Generator[tuple[str, Any], None, None]:
     """Yield ``(name, tensor)`` as soon as each tensor is complete, in file order.
 
     On a CUDA device each tensor is safe to use on the caller's current stream when yielded.

@@ -1,36 +1,55 @@
 """Upstream's ``ParallelLoader``, as recent vLLM imports it (``fastsafetensors.parallel_loader``).
 
-Files are taken in batches of one file per rank: rank r reads file r of each batch, then every
-rank yields every tensor of the batch (broadcast from its reader). A background thread reads the
-next batch while the current one is yielded; it only reads local files, so every collective runs
-on the caller's thread, in the same order on every rank.
+With one rank (``pg`` None, a ``SingleGroup`` or a group of one) or ``all_local=True`` (every rank
+reads every file itself), the files stream through :func:`fastsafetensors.iter_tensors`: each
+tensor is yielded as soon as it is on the device, and ``device_memory_budget`` bounds what the
+engine holds. With several ranks, files are taken in batches of one file per rank: rank r reads
+file r of each batch, then every rank yields every tensor of the batch (broadcast from its
+reader). A background thread reads the next batch while the current one is yielded; it only reads
+local files, so every collective runs on the caller's thread, in the same order on every rank.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup
-from .errors import ConfigError
+from .errors import BudgetInfeasibleError, ConfigError
+from .format import TensorInfo, read_header
 
 __all__ = ["ParallelLoader"]
 
 logger = logging.getLogger(__name__)
 
+_MIB = 1 << 20
+
 
 class ParallelLoader:
     """Iterate ``(name, tensor)`` over ``hf_weights_files``, pipelined, on one or many ranks.
 
-    ``queue_size`` is how far reading runs ahead: -1 reads a batch only after the previous one
-    was yielded (one batch in memory), 0 reads one batch ahead (two in memory), n > 0 reads n
-    ahead. ``max_concurrent_producers`` must be 1, as upstream. ``use_tqdm_on_load`` shows a
-    progress bar on rank 0 when tqdm is installed. The loader options (``device``,
+    ``queue_size`` is how far reading runs ahead under several ranks: -1 reads a batch only after
+    the previous one was yielded (one batch in memory), 0 reads one batch ahead (two in memory),
+    n > 0 reads n ahead. ``max_concurrent_producers`` must be 1, as upstream. ``use_tqdm_on_load``
+    shows a progress bar on rank 0 when tqdm is installed. The loader options (``device``,
     ``max_threads``, ``nogds``, ...) are :class:`~fastsafetensors.SafeTensorsFileLoader`'s,
     with the same accepted-and-ignored ones.
+
+    Upstream's fit-planner options, as vLLM passes them:
+
+    * ``all_local=True``: every rank reads every file itself (no broadcast).
+    * ``tensor_filter(name) -> bool``: read and yield only those tensors (one rank or
+      ``all_local`` only, as upstream).
+    * ``device_memory_budget`` (bytes): the load's device footprint, the tensors the consumer
+      keeps included, stays within it; checked from the headers when the loader is built, which
+      raises :class:`~fastsafetensors.BudgetInfeasibleError` when it cannot.
+      ``accumulate_resident=True`` (the default) means the consumer keeps every yielded tensor;
+      False, that it copies each one into memory of its own before asking for the next.
+    * ``max_batch_bytes``: with one rank, at most this many bytes of tensors are read ahead of
+      the consumer; with several, whole files are read (not split), and it is ignored.
 
     >>> loader = ParallelLoader(None, ["model.safetensors"], device="cpu")   # doctest: +SKIP
     >>> for name, tensor in loader.iterate_weights():
@@ -42,23 +61,98 @@ class ParallelLoader:
                  queue_size: int = 0, use_tqdm_on_load: bool = True, device: Any = "cpu",
                  bbuf_size_kb: int = 16 * 1024, max_threads: int = 16, nogds: bool = False,
                  set_numa: bool = True, debug_log: bool = False, framework: str = "pytorch",
-                 **kwargs: Any):
+                 *, all_local: bool = False, tensor_filter: Callable[[str], bool] | None = None,
+                 device_memory_budget: int | None = None, max_batch_bytes: int | None = None,
+                 accumulate_resident: bool = True, **kwargs: Any):
         if max_concurrent_producers != 1:
             raise ConfigError("max_concurrent_producers", max_concurrent_producers, ["1"])
         self.pg: Any = SingleGroup() if pg is None else pg
+        # all_local: each rank a group of its own, so nothing is broadcast.
+        group_pg = SingleGroup() if all_local else pg
         self._options: dict[str, Any] = dict(
             device=device, bbuf_size_kb=bbuf_size_kb, max_threads=max_threads, nogds=nogds,
             set_numa=set_numa, debug_log=debug_log, framework=framework, **kwargs)
         # Built now so that a bad device, framework or group fails here, not mid-iteration.
-        self.loader = SafeTensorsFileLoader(pg, **self._options)
-        size = self.loader._group.size
+        self.loader = SafeTensorsFileLoader(group_pg, **self._options)
+        self._group_pg = group_pg
+        self._local = self.loader._group.size == 1
+        if tensor_filter is not None and not self._local:
+            raise ConfigError("tensor_filter", tensor_filter,
+                              ["None when several ranks share the files (get_tensor broadcasts "
+                               "what one rank read); pass all_local=True to filter per rank"])
         files = list(hf_weights_files)
+        size = self.loader._group.size
         self.weight_files_batches = [files[i:i + size] for i in range(0, len(files), size)]
         self.queue_size = queue_size
         self.use_tqdm_on_load = use_tqdm_on_load
+        self._tensor_filter = tensor_filter
+        self._kept: list[tuple[str, list[TensorInfo]]] | None = None
+        if self._local or device_memory_budget is not None:
+            # Headers only: what to read, how much of it, and where each file ends.
+            self._kept = []
+            for path in files:
+                infos = list(read_header(path).tensors.values())
+                if tensor_filter is not None:
+                    infos = [i for i in infos if tensor_filter(i.name)]
+                self._kept.append((path, infos))
+        self._read_ahead = max_batch_bytes if self._local else None
+        if device_memory_budget is not None:
+            assert self._kept is not None
+            self._fit(device_memory_budget, accumulate_resident)
+
+    def _fit(self, budget: int, accumulate_resident: bool) -> None:
+        """Check the budget against the headers; set how far reading may run ahead."""
+        assert self._kept is not None
+        sizes = [info.nbytes for _, infos in self._kept for info in infos]
+        kept, largest = sum(sizes), max(sizes, default=0)
+        # Kept by the consumer: every yielded tensor, or only the one it is copying from.
+        held = kept if accumulate_resident else largest
+        what = ("every tensor it yields (accumulate_resident=True)" if accumulate_resident
+                else "the tensor being consumed (accumulate_resident=False)")
+        if self._local:
+            if accumulate_resident:
+                # What is read ahead is kept too, so the kept bytes bound everything held.
+                if budget < kept:
+                    raise self._infeasible(budget, kept, f"{_mib(kept)} for {what}", True)
+                return
+            # The tensor being consumed, plus room to read at least the largest one ahead.
+            needed = 2 * largest
+            if budget < needed:
+                raise self._infeasible(budget, needed, f"{_mib(largest)} for {what} and "
+                                       f"{_mib(largest)} to read the largest tensor ahead",
+                                       False)
+            ahead = budget - largest
+            if self._read_ahead is None or self._read_ahead > ahead:
+                self._read_ahead = ahead
+            return
+        # Several ranks: this rank holds whole files of the batches in flight.
+        per_file = max((sum(i.nbytes for i in infos) for _, infos in self._kept), default=0)
+        depth = 1 if self.queue_size < 0 else max(1, self.queue_size) + 1
+        while depth > 1 and held + depth * per_file > budget:
+            depth -= 1
+        needed = held + depth * per_file
+        if budget < needed:
+            raise self._infeasible(budget, needed, f"{_mib(held)} for {what} and "
+                                   f"{_mib(per_file)} for the largest file a rank reads whole",
+                                   accumulate_resident)
+        if depth == 1 and self.queue_size >= 0:
+            logger.info("ParallelLoader: device_memory_budget=%s fits one batch of files at a "
+                        "time; reading ahead is off (queue_size=-1)", _mib(budget))
+        self.queue_size = depth - 1 if depth > 1 else -1
+
+    @staticmethod
+    def _infeasible(budget: int, needed: int, parts: str, accumulate_resident: bool
+                    ) -> BudgetInfeasibleError:
+        fixes = ["a budget of at least that", "device_memory_budget=None"]
+        if accumulate_resident:
+            fixes.insert(1, "accumulate_resident=False if each tensor is copied into memory of "
+                            "its own before the next one is asked for")
+        return BudgetInfeasibleError(
+            f"device_memory_budget={budget} ({_mib(budget)}) cannot hold this load: it needs at "
+            f"least {needed} bytes ({parts}). Pass {', or '.join(fixes)}", budget, needed)
 
     def _load(self, batch: list[str], *, background: bool) -> FilesBufferOnDevice:
-        loader = SafeTensorsFileLoader(self.pg, **self._options)
+        loader = SafeTensorsFileLoader(self._group_pg, **self._options)
         try:
             loader.add_filenames({rank: [path] for rank, path in enumerate(batch)})
             fb = loader.copy_files_to_device()
@@ -73,7 +167,7 @@ class ParallelLoader:
         return fb
 
     def _progress(self) -> Any:
-        if not self.use_tqdm_on_load or self.loader._group.rank != 0:
+        if not self.use_tqdm_on_load or int(self.pg.rank()) != 0:
             return None
         try:
             from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -84,6 +178,9 @@ class ParallelLoader:
 
     def iterate_weights(self) -> Iterator[tuple[str, Any]]:
         """Yield every tensor of every file, in the same order on every rank."""
+        if self._local:
+            yield from self._stream()
+            return
         batches = self.weight_files_batches
         ahead = 0 if self.queue_size < 0 else max(1, self.queue_size)
         bar = self._progress()
@@ -115,6 +212,33 @@ class ParallelLoader:
             if bar is not None:
                 bar.close()
 
+    def _stream(self) -> Iterator[tuple[str, Any]]:
+        from .loading import iter_tensors
+
+        assert self._kept is not None
+        kept = [(path, infos) for path, infos in self._kept if infos]
+        names = None
+        if self._tensor_filter is not None:
+            names = [info.name for _, infos in kept for info in infos]
+        ends = {infos[-1].name for _, infos in kept}   # a file is done after its last tensor
+        if not kept:
+            return
+        device = self.loader.device
+        stream = iter_tensors([path for path, _ in kept], device=device, tensors=names,
+                              threads=self.loader.max_threads,
+                              backend="posix" if self.loader.nogds else None,
+                              max_device_bytes=self._read_ahead if device != "cpu" else None)
+        bar = self._progress()
+        try:
+            for name, tensor in stream:
+                yield name, tensor
+                if bar is not None and name in ends:
+                    bar.update(1)
+        finally:
+            stream.close()
+            if bar is not None:
+                bar.close()
+
     @staticmethod
     def _drain(fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:
         try:
@@ -134,3 +258,7 @@ class ParallelLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / _MIB:.1f} MiB"

@@ -131,6 +131,122 @@ def test_vllm_parallel_loader_sequence(shards: list[str], queue_size: int) -> No
     assert_same(got, shards)
 
 
+def newest_vllm_weights_iterator(files: list[str], *, budget: int | None,
+                                 accumulate_resident: bool = False, device: str = "cpu") -> Any:
+    """vLLM's iterator with upstream's fit planner: BudgetInfeasibleError imported from the top
+    level first, ParallelLoader built with the planner's keywords (max_batch_bytes twice the
+    largest tensor when a budget is set), the error re-raised with vLLM's own message."""
+    from safetensors import safe_open
+
+    from fastsafetensors import BudgetInfeasibleError
+    from fastsafetensors.parallel_loader import ParallelLoader as PL
+
+    pg = torch.distributed.group.WORLD if torch.distributed.is_initialized() else SingleGroup()
+    largest = 0
+    for path in files:
+        with safe_open(path, "pt") as f:
+            largest = max([largest] + [f.get_tensor(k).nbytes for k in f.keys()])
+    try:
+        loader = PL(pg=pg, hf_weights_files=sorted(files), queue_size=0,
+                    use_tqdm_on_load=False, device=device,
+                    nogds=pg.size() > 1 or budget is not None, all_local=False,
+                    accumulate_resident=accumulate_resident,
+                    **({} if budget is None else {"device_memory_budget": budget,
+                                                  "max_batch_bytes": 2 * largest}))
+    except BudgetInfeasibleError as exc:
+        raise BudgetInfeasibleError(f"the model does not fit the budget: {exc}") from exc
+    try:
+        yield from loader.iterate_weights()
+    finally:
+        loader.close()
+
+
+@pytest.fixture
+def mib_checkpoint(tmp_path: Path) -> list[str]:
+    """Two files, 5.5 MiB of tensors; the largest is 2 MiB."""
+    gen = torch.Generator().manual_seed(5)
+    a = write_file(tmp_path / "a.safetensors", {
+        "embed": torch.randn(512, 1024, generator=gen),                 # 2 MiB
+        "norm": torch.randn(1024, generator=gen).bfloat16()})
+    b = write_file(tmp_path / "b.safetensors", {
+        f"layer{i}": torch.randn(256, 1024, generator=gen) for i in range(3)})  # 1 MiB each
+    return [str(a), str(b)]
+
+
+@pytest.mark.parametrize("accumulate_resident", [True, False])
+def test_newest_vllm_sequence_with_a_budget(mib_checkpoint: list[str],
+                                            accumulate_resident: bool) -> None:
+    got = dict(newest_vllm_weights_iterator(mib_checkpoint, budget=64 << 20,
+                                            accumulate_resident=accumulate_resident))
+    assert_same(got, mib_checkpoint)
+    assert_same(dict(newest_vllm_weights_iterator(mib_checkpoint, budget=None)), mib_checkpoint)
+
+
+@pytest.mark.parametrize("accumulate_resident, budget", [
+    (True, 5 << 20),    # every tensor kept: 5.5 MiB needed
+    (False, 3 << 20),   # one tensor consumed and one read ahead: 2 x 2 MiB needed
+    (False, 1 << 20),   # vLLM's own test: a 1 MiB budget
+])
+def test_infeasible_budget_raises_before_reading(mib_checkpoint: list[str],
+                                                 accumulate_resident: bool, budget: int) -> None:
+    import pickle
+
+    from fastsafetensors import BudgetInfeasibleError
+    from fastsafetensors.loader.posix import STATS
+
+    STATS.reset()
+    with pytest.raises(BudgetInfeasibleError, match="does not fit the budget") as info:
+        next(newest_vllm_weights_iterator(mib_checkpoint, budget=budget,
+                                          accumulate_resident=accumulate_resident))
+    cause = info.value.__cause__
+    assert isinstance(cause, BudgetInfeasibleError) and isinstance(cause, ValueError)
+    assert cause.budget == budget and cause.needed > budget
+    assert f"device_memory_budget={budget}" in str(cause) and str(cause.needed) in str(cause)
+    assert str(pickle.loads(pickle.dumps(cause))) == str(cause)
+    assert STATS.bytes_read == 0
+
+
+def test_budget_bounds_what_is_held_on_the_device(mib_checkpoint: list[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake CUDA device (copies run late on worker threads) counts the bytes allocated and not
+    # yet consumed; the consumer copies each tensor away, as vLLM's weight loaders do.
+    from fake_device import FakeSink
+
+    import fastsafetensors.compat as compat_module
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loading as loading_module
+
+    sink = FakeSink(delay=0.001)
+    monkeypatch.setattr(compat_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(loading_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device: sink)
+    budget = (4 << 20) + (512 << 10)   # the 2 MiB tensor being consumed + 2.5 MiB read ahead
+    got = {}
+    for name, tensor in newest_vllm_weights_iterator(mib_checkpoint, budget=budget,
+                                                     device="cuda:0"):
+        got[name] = tensor.clone()
+        sink.consumed(tensor.nbytes)
+    sink.close()
+    assert_same(got, mib_checkpoint)
+    assert (2 << 20) < sink.peak_outstanding <= budget
+
+
+def test_tensor_filter_reads_only_the_kept_tensors(mib_checkpoint: list[str]) -> None:
+    from fastsafetensors.loader.posix import STATS
+
+    STATS.reset()
+    loader = ParallelLoader(None, mib_checkpoint, use_tqdm_on_load=False,
+                            tensor_filter=lambda name: name.startswith("layer"), all_local=True)
+    got = dict(loader.iterate_weights())
+    loader.close()
+    want = {k: v for k, v in expected(mib_checkpoint).items() if k.startswith("layer")}
+    assert list(got) == ["layer0", "layer1", "layer2"]
+    for name, tensor in want.items():
+        assert_bitwise_equal(got[name], tensor)
+    # all of b in one read (its header with it), nothing of a
+    assert STATS.snapshot()[:2] == (os.path.getsize(mib_checkpoint[1]), 1)
+
+
 def test_parallel_loader_stopped_early_leaves_no_thread(shards: list[str]) -> None:
     import threading
 
@@ -343,6 +459,35 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
         assert set(got) == set(want)
         for name, tensor in want.items():
             assert_bitwise_equal(got[name], tensor)
+
+        # A device_memory_budget that holds one file at a time turns reading ahead off.
+        per_file = max(sum(t.nbytes for t in load_file(p).values()) for p in files)
+        largest = max(t.nbytes for t in want.values())
+        fitted = ParallelLoader(pg, files, queue_size=2, use_tqdm_on_load=False, nogds=True,
+                                device_memory_budget=per_file + largest,
+                                accumulate_resident=False)
+        assert fitted.queue_size == -1
+        got = dict(fitted.iterate_weights())
+        fitted.close()
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert_bitwise_equal(got[name], tensor)
+        with pytest.raises(fastsafetensors.BudgetInfeasibleError):
+            ParallelLoader(pg, files, device_memory_budget=per_file, accumulate_resident=False)
+        # A filter needs each rank to read what it yields; all_local does that.
+        with pytest.raises(ConfigError, match="all_local"):
+            ParallelLoader(pg, files, tensor_filter=lambda name: True)
+        STATS.reset()
+        local = ParallelLoader(pg, files, all_local=True, use_tqdm_on_load=False,
+                               tensor_filter=lambda name: name.startswith("big"))
+        got = dict(local.iterate_weights())
+        local.close()
+        assert sorted(got) == ["big.a", "big.b"]
+        kept = want["big.a"].nbytes + want["big.b"].nbytes
+        # each rank reads both files' kept ranges itself (rounded out to 4 KiB at each end)
+        assert kept <= STATS.bytes_read <= kept + 2 * 2 * 4096
+        for name in got:
+            assert_bitwise_equal(got[name], want[name])
         dist.barrier()
     finally:
         dist.destroy_process_group()

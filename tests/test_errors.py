@@ -18,6 +18,7 @@ import fastsafetensors
 import fastsafetensors.errors as errors_module
 from fastsafetensors import (
     BackendUnavailableError,
+    BudgetInfeasibleError,
     CheckpointIndexError,
     CheckpointNotFoundError,
     ClosedFileError,
@@ -38,6 +39,7 @@ BUILTIN_BASES = {
     CheckpointNotFoundError: FileNotFoundError, FrameworkNotInstalledError: ModuleNotFoundError,
     UnsupportedDTypeError: TypeError, ClosedFileError: ValueError, ConfigError: ValueError,
     ReadError: OSError, NoGPUError: RuntimeError, BackendUnavailableError: RuntimeError,
+    BudgetInfeasibleError: ValueError,
 }
 
 
@@ -61,6 +63,8 @@ def _examples() -> list[FastSafetensorsError]:
         NoGPUError("cuda:1", "only 1 GPU(s) are visible"),
         NoGPUError("cuda"),
         BackendUnavailableError("gds", "kvikio is not installed"),
+        BudgetInfeasibleError("device_memory_budget=1 MiB is too small", 1 << 20, 3 << 20),
+        BudgetInfeasibleError("raised by vLLM with a message alone"),
     ]
 
 
