@@ -40,7 +40,7 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
 
 step "GPU tests"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
-    tests/test_transformers.py tests/test_accelerate.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    tests/test_transformers.py tests/test_accelerate.py tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
 step "checkpoint: $size GB in $ckpt"
 timeout 90 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C, pathlib;

@@ -108,20 +108,22 @@ class ParallelLoader:
         # Kept by the consumer: every yielded tensor, or only the one it is copying from.
         held = kept if accumulate_resident else largest
         what = ("every tensor it yields (accumulate_resident=True)" if accumulate_resident
-                else "the tensor being consumed (accumulate_resident=False)")
+                else "the tensors being handed over (accumulate_resident=False)")
         if self._local:
             if accumulate_resident:
                 # What is read ahead is kept too, so the kept bytes bound everything held.
                 if budget < kept:
                     raise self._infeasible(budget, kept, f"{_mib(kept)} for {what}", True)
                 return
-            # The tensor being consumed, plus room to read at least the largest one ahead.
-            needed = 2 * largest
+            # While the consumer asks for the next tensor it still holds the last one (the loop
+            # variable), and the next one leaves the read-ahead count when it is handed over:
+            # two tensors outside the read-ahead, which must itself hold the largest one.
+            needed = 3 * largest
             if budget < needed:
-                raise self._infeasible(budget, needed, f"{_mib(largest)} for {what} and "
+                raise self._infeasible(budget, needed, f"{_mib(2 * largest)} for {what} and "
                                        f"{_mib(largest)} to read the largest tensor ahead",
                                        False)
-            ahead = budget - largest
+            ahead = budget - 2 * largest
             if self._read_ahead is None or self._read_ahead > ahead:
                 self._read_ahead = ahead
             return
