@@ -126,7 +126,11 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                           "fst", {"device": dev}))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",
                           "fst_load", {"device": dev}))
+        cases.append(Case("vllm_cuda", "vLLM's ParallelLoader sequence -> cuda", "ours", "vllm",
+                          {"device": dev}))
         if not args.no_peers:
+            cases.append(Case("upstream_vllm_cuda", "upstream: vLLM's ParallelLoader sequence",
+                              "peer", "vllm", {"device": dev}, peer="upstream"))
             cases.append(Case("upstream_cuda", "upstream fastsafetensors -> cuda (nogds)",
                               "peer", "upstream", {"device": dev}, peer="upstream"))
             cases.append(Case("instanttensor_buffered", "InstantTensor BUFFERED -> cuda",
@@ -260,6 +264,33 @@ class UpstreamRunner(Runner):
         return out
 
 
+class VllmSequenceRunner(Runner):
+    """vLLM's fastsafetensors iterator on one GPU: ParallelLoader with its keywords, every tensor
+    kept (as ``load`` does). The same code runs ours or upstream, whichever the child imports."""
+
+    def __init__(self, files: list[str], p: dict[str, Any]) -> None:
+        import fastsafetensors
+        from fastsafetensors.parallel_loader import ParallelLoader
+
+        peer = os.environ.get("BENCH_PEER_DIR")
+        if peer and not fastsafetensors.__file__.startswith(peer):
+            raise Unavailable(f"imported the wrong fastsafetensors: {fastsafetensors.__file__}")
+        self.files, self.Loader = files, ParallelLoader
+        self.device = p.get("device", "cpu")
+        self.version = fastsafetensors.__version__
+
+    def load(self) -> Any:
+        loader = self.Loader(pg=None, hf_weights_files=sorted(self.files), queue_size=0,
+                             use_tqdm_on_load=False, device=self.device, nogds=True,
+                             all_local=False, accumulate_resident=True)
+        try:
+            out = dict(loader.iterate_weights())
+        finally:
+            loader.close()
+        _sync(self.device)
+        return out
+
+
 class RunaiRunner(Runner):
     def __init__(self, files: list[str], p: dict[str, Any]) -> None:
         import importlib.metadata
@@ -386,6 +417,8 @@ def child(case: str, spec: dict[str, Any]) -> None:
             runner = OursRunner(files, p, whole=kind == "fst_load")
         elif kind == "upstream":
             runner = UpstreamRunner(files, p)
+        elif kind == "vllm":
+            runner = VllmSequenceRunner(files, p)
         elif kind == "runai":
             runner = RunaiRunner(files, p)
         elif kind == "instanttensor":
