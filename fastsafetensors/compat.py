@@ -119,8 +119,11 @@ def _raw(tensor: Any) -> Any:
     return tensor.reshape(-1).view(torch.uint8)
 
 
-def _device_name(device: Any) -> str:
-    """``"cuda:0"``, ``torch.device("cuda:0")`` or upstream's ``Device`` (``as_str()``)."""
+def _device_name(device: Any) -> Any:
+    """``"cuda:0"``, ``torch.device("cuda:0")``, an int (``cuda:N``) or upstream's ``Device``
+    (``as_str()``)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        return device   # resolve_device reads it as cuda:N
     as_str = getattr(device, "as_str", None)
     return str(as_str() if callable(as_str) else device)
 

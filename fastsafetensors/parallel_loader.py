@@ -77,7 +77,7 @@ class ParallelLoader:
         self._group_pg = group_pg
         self._local = self.loader._group.size == 1
         if tensor_filter is not None and not self._local:
-            raise ConfigError("tensor_filter", tensor_filter,
+            raise ConfigError("tensor_filter", repr(tensor_filter),   # a lambda does not pickle
                               ["None when several ranks share the files (get_tensor broadcasts "
                                "what one rank read); pass all_local=True to filter per rank"])
         files = list(hf_weights_files)
@@ -95,9 +95,19 @@ class ParallelLoader:
                 if tensor_filter is not None:
                     infos = [i for i in infos if tensor_filter(i.name)]
                 self._kept.append((path, infos))
-        self._read_ahead = max_batch_bytes if self._local else None
-        if device_memory_budget is not None:
+        self._read_ahead: int | None = None
+        if self._local:
             assert self._kept is not None
+            # As many files ahead as queue_size asks for under several ranks (the pipeline
+            # holds whole files there), unless max_batch_bytes or the budget says less.
+            per_file = max((sum(i.nbytes for i in infos) for _, infos in self._kept), default=0)
+            files_ahead = 1 if queue_size < 0 else max(1, queue_size) + 1
+            self._read_ahead = max(files_ahead * per_file, 1)
+            if max_batch_bytes is not None:
+                self._read_ahead = min(self._read_ahead, max_batch_bytes)
+        if device_memory_budget is not None:
+            # Checked for a CPU target too (host memory then), where files are read one at a
+            # time whatever the budget.
             self._fit(device_memory_budget, accumulate_resident)
 
     def _fit(self, budget: int, accumulate_resident: bool) -> None:
@@ -105,8 +115,9 @@ class ParallelLoader:
         assert self._kept is not None
         sizes = [info.nbytes for _, infos in self._kept for info in infos]
         kept, largest = sum(sizes), max(sizes, default=0)
-        # Kept by the consumer: every yielded tensor, or only the one it is copying from.
-        held = kept if accumulate_resident else largest
+        # Kept by the consumer: every yielded tensor, or, while it asks for the next one, the
+        # last one (still bound to its loop variable) and the one being handed over.
+        held = kept if accumulate_resident else 2 * largest
         what = ("every tensor it yields (accumulate_resident=True)" if accumulate_resident
                 else "the tensors being handed over (accumulate_resident=False)")
         if self._local:
@@ -115,15 +126,14 @@ class ParallelLoader:
                 if budget < kept:
                     raise self._infeasible(budget, kept, f"{_mib(kept)} for {what}", True)
                 return
-            # While the consumer asks for the next tensor it still holds the last one (the loop
-            # variable), and the next one leaves the read-ahead count when it is handed over:
-            # two tensors outside the read-ahead, which must itself hold the largest one.
-            needed = 3 * largest
+            # The two tensors held stay outside the read-ahead (a tensor leaves it when it is
+            # handed over), which must itself hold the largest one.
+            needed = held + largest
             if budget < needed:
-                raise self._infeasible(budget, needed, f"{_mib(2 * largest)} for {what} and "
+                raise self._infeasible(budget, needed, f"{_mib(held)} for {what} and "
                                        f"{_mib(largest)} to read the largest tensor ahead",
                                        False)
-            ahead = budget - 2 * largest
+            ahead = budget - held
             if self._read_ahead is None or self._read_ahead > ahead:
                 self._read_ahead = ahead
             return
@@ -168,14 +178,14 @@ class ParallelLoader:
             torch.cuda.current_stream(loader.device).synchronize()
         return fb
 
-    def _progress(self) -> Any:
+    def _progress(self, total: int) -> Any:
         if not self.use_tqdm_on_load or int(self.pg.rank()) != 0:
             return None
         try:
             from tqdm.auto import tqdm  # type: ignore[import-untyped]
         except ImportError:
             return None
-        return tqdm(total=len(self.weight_files_batches),
+        return tqdm(total=total,
                     desc="Loading safetensors using fastsafetensors")
 
     def iterate_weights(self) -> Iterator[tuple[str, Any]]:
@@ -185,7 +195,7 @@ class ParallelLoader:
             return
         batches = self.weight_files_batches
         ahead = 0 if self.queue_size < 0 else max(1, self.queue_size)
-        bar = self._progress()
+        bar = self._progress(len(batches))
         try:
             if ahead == 0:
                 for batch in batches:
@@ -230,7 +240,7 @@ class ParallelLoader:
                               threads=self.loader.max_threads,
                               backend="posix" if self.loader.nogds else None,
                               max_device_bytes=self._read_ahead if device != "cpu" else None)
-        bar = self._progress()
+        bar = self._progress(len(kept))
         try:
             for name, tensor in stream:
                 yield name, tensor

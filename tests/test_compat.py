@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -189,8 +190,6 @@ def test_newest_vllm_sequence_with_a_budget(mib_checkpoint: list[str],
 ])
 def test_infeasible_budget_raises_before_reading(mib_checkpoint: list[str],
                                                  accumulate_resident: bool, budget: int) -> None:
-    import pickle
-
     from fastsafetensors import BudgetInfeasibleError
     from fastsafetensors.loader.posix import STATS
 
@@ -212,14 +211,8 @@ def test_budget_bounds_what_is_held_on_the_device(mib_checkpoint: list[str],
     # yet consumed; the consumer copies each tensor away, as vLLM's weight loaders do.
     from fake_device import FakeSink
 
-    import fastsafetensors.compat as compat_module
-    import fastsafetensors.loader.cuda as cuda_module
-    import fastsafetensors.loading as loading_module
-
     sink = FakeSink(delay=0.001)
-    monkeypatch.setattr(compat_module, "resolve_device", lambda device, framework: "cuda:0")
-    monkeypatch.setattr(loading_module, "resolve_device", lambda device, framework: "cuda:0")
-    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device: sink)
+    fake_cuda(monkeypatch, sink)
     largest = 2 << 20
     budget = 2 * largest + (5 << 19)   # two tensors handed over + 2.5 MiB read ahead
     got = {}
@@ -254,6 +247,71 @@ def test_newest_vllm_sequence_on_cuda_stays_within_budget(mib_checkpoint: list[s
     assert torch.cuda.max_memory_allocated() - base <= budget
     for name, tensor in want.items():
         assert_bitwise_equal(params[name].cpu(), tensor)
+
+
+def fake_cuda(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
+    import fastsafetensors.compat as compat_module
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loading as loading_module
+
+    monkeypatch.setattr(compat_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(loading_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device: sink)
+
+
+@pytest.mark.parametrize("queue_size, files_ahead", [(-1, 1), (0, 2), (2, 3)])
+def test_one_rank_reads_ahead_as_far_as_queue_size_says(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue_size: int,
+        files_ahead: int) -> None:
+    # Without a budget, one rank streams; a slow consumer must not let the whole checkpoint
+    # pile up on the device: at most as many files' bytes as the batch pipeline would hold.
+    import time
+
+    from fake_device import FakeSink
+
+    gen = torch.Generator().manual_seed(7)
+    files = [str(write_file(tmp_path / f"m{i}.safetensors",
+                            {f"m{i}.w{j}": torch.randn(256, 256, generator=gen)
+                             for j in range(4)}))
+             for i in range(5)]          # 1 MiB per file in 256 KiB tensors
+    sink = FakeSink(delay=0)
+    fake_cuda(monkeypatch, sink)
+    loader = ParallelLoader(None, files, queue_size=queue_size, use_tqdm_on_load=False,
+                            device="cuda:0", nogds=True)
+    got = {}
+    for name, tensor in loader.iterate_weights():
+        time.sleep(0.005)
+        got[name] = tensor.clone()
+        sink.consumed(tensor.nbytes)
+    loader.close()
+    sink.close()
+    assert_same(got, files)
+    # the files read ahead, and the tensor being handed over (counted until consumed)
+    assert sink.peak_outstanding <= files_ahead * (1 << 20) + (256 << 10)
+
+
+def test_progress_bar_counts_every_file_it_reads(mib_checkpoint: list[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    bars: list[dict[str, int]] = []
+
+    class Bar:
+        def __init__(self, total: int, desc: str) -> None:
+            bars.append({"total": total, "done": 0, "closed": 0})
+
+        def update(self, n: int) -> None:
+            bars[-1]["done"] += n
+
+        def close(self) -> None:
+            bars[-1]["closed"] += 1
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", types.SimpleNamespace(tqdm=Bar))
+    loader = ParallelLoader(None, mib_checkpoint, tensor_filter=lambda name: name == "norm")
+    assert list(dict(loader.iterate_weights())) == ["norm"]
+    loader.close()
+    assert bars == [{"total": 1, "done": 1, "closed": 1}]   # b has no kept tensor
 
 
 def test_tensor_filter_reads_only_the_kept_tensors(mib_checkpoint: list[str]) -> None:
@@ -406,6 +464,9 @@ def test_bad_arguments_raise_with_the_valid_choices(shards: list[str], tmp_path:
         loader.add_filenames({0: [shards[0], str(copy)]})
     with pytest.raises(ConfigError, match="max_concurrent_producers"):
         ParallelLoader(None, shards, max_concurrent_producers=2)
+    if not torch.cuda.is_available():   # an int names a CUDA device, as torch.device(0) does
+        with pytest.raises(fastsafetensors.NoGPUError, match="cuda:0"):
+            SafeTensorsFileLoader(SingleGroup(), 0)
 
     class NotAGroup:
         def rank(self) -> int:
@@ -489,7 +550,7 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
         per_file = max(sum(t.nbytes for t in load_file(p).values()) for p in files)
         largest = max(t.nbytes for t in want.values())
         fitted = ParallelLoader(pg, files, queue_size=2, use_tqdm_on_load=False, nogds=True,
-                                device_memory_budget=per_file + largest,
+                                device_memory_budget=per_file + 2 * largest,
                                 accumulate_resident=False)
         assert fitted.queue_size == -1
         got = dict(fitted.iterate_weights())
@@ -498,10 +559,12 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
         for name, tensor in want.items():
             assert_bitwise_equal(got[name], tensor)
         with pytest.raises(fastsafetensors.BudgetInfeasibleError):
-            ParallelLoader(pg, files, device_memory_budget=per_file, accumulate_resident=False)
+            ParallelLoader(pg, files, device_memory_budget=per_file + largest,
+                           accumulate_resident=False)
         # A filter needs each rank to read what it yields; all_local does that.
-        with pytest.raises(ConfigError, match="all_local"):
+        with pytest.raises(ConfigError, match="all_local") as info:
             ParallelLoader(pg, files, tensor_filter=lambda name: True)
+        assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
         STATS.reset()
         local = ParallelLoader(pg, files, all_local=True, use_tqdm_on_load=False,
                                tensor_filter=lambda name: name.startswith("big"))

@@ -84,17 +84,24 @@ class _File(FastSafetensorsFile):
     def __init__(self, path: Any, device: str, options: dict[str, Any]):
         super().__init__(path, device=device, framework="pt")
         self._options = options
-        self._opened = time.perf_counter()
+        self._seconds = 0.0         # spent reading, for the INFO line
+        self._reported = False
 
     def get_tensor(self, name: str, *, device: str | None = None, dtype: Any = None) -> Any:
+        started = time.perf_counter()
         with config.configure(**self._options):
-            return super().get_tensor(name, device=device, dtype=dtype)
+            tensor = super().get_tensor(name, device=device, dtype=dtype)
+        with self._lock:
+            self._seconds += time.perf_counter() - started
+        return tensor
 
     def close(self) -> None:
-        report = self.bytes_read > 0 and not self._closed
         super().close()
+        with self._lock:
+            report = self.bytes_read > 0 and not self._reported
+            self._reported = True
         if report:
-            _report(self.path, self.bytes_read, time.perf_counter() - self._opened, self.device)
+            _report(self.path, self.bytes_read, self._seconds, self.device)
 
 
 def _report(path: Any, nbytes: int, seconds: float, device: str) -> None:
@@ -122,12 +129,19 @@ def _make_load_file(original: Callable[..., Any]) -> Callable[..., Any]:
         target = _target(device)
         if options is None or target is None:
             return original(filename, device=device)
+        if target == "cpu":
+            # One read per tensor, into memory of its own, as safetensors returns them: views
+            # of one file buffer would tie every parameter to the whole shard (saving one
+            # parameter would write the shard; dropping one would free nothing).
+            with _File(filename, target, options) as handle:
+                return {name: handle.get_tensor(name) for name in handle.offset_keys()}
         from ..api import load_file
 
         started = time.perf_counter()
         with config.configure(**options):
-            tensors = load_file(filename, device=target)
-        _report(filename, os.path.getsize(filename), time.perf_counter() - started, target)
+            tensors = load_file(filename, device=target)   # one device allocation per tensor
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        _report(filename, nbytes, time.perf_counter() - started, target)
         return tensors
 
     safe_load_file.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
