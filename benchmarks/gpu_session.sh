@@ -32,6 +32,9 @@ if ls .whl/transformers-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/transformers-*.whl
 fi
+if [ -d "$site" ] && ! PYTHONPATH=$site python3 -c 'import transformers' 2>/dev/null; then
+    echo "transformers from .whl does not import here; using the image's"; rm -rf "$site"
+fi
 export PYTHONPATH=$PWD:$site
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.whl
 python3 -c 'import transformers, safetensors, fastsafetensors as f;
