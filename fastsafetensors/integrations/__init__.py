@@ -18,3 +18,14 @@ calls the upstream-compatible API in :mod:`fastsafetensors.compat` and
 from __future__ import annotations
 
 __all__: list[str] = []
+
+
+def major_version(version: str) -> int:
+    """The major release of a library's version string; -1 when it does not parse (as
+    unsupported as a wrong one)."""
+    try:
+        from packaging.version import Version
+
+        return Version(version).release[0]
+    except Exception:
+        return -1

@@ -38,6 +38,7 @@ from .. import config
 from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersionError
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
+from . import major_version
 
 logger = logging.getLogger("fastsafetensors.integrations.transformers")
 
@@ -319,13 +320,7 @@ def check_transformers() -> None:
             "pip install 'fastsafetensors[transformers]'  (transformers>=5,<6)") from None
 
     version = str(transformers.__version__)
-    try:
-        from packaging.version import Version
-
-        major = Version(version).release[0]
-    except Exception:  # an unparsable version string is as unsupported as a wrong one
-        major = -1
-    if major != 5:
+    if major_version(version) != 5:
         raise IncompatibleVersionError("transformers", version, SUPPORTED,
                                        "the seam is written for the transformers 5 line")
     from transformers import modeling_utils

@@ -41,6 +41,7 @@ from typing import Any
 from .. import config
 from ..errors import FrameworkNotInstalledError, IncompatibleVersionError
 from ..file import FastSafetensorsFile
+from . import major_version
 from ._transformers_seam import _size
 
 __all__ = ["install", "uninstall", "enabled", "is_installed", "SUPPORTED",
@@ -167,13 +168,7 @@ def _check_accelerate() -> Any:
         raise FrameworkNotInstalledError("accelerate", "accelerate",
                                          f"pip install '{SUPPORTED}'") from None
     version = str(accelerate.__version__)
-    try:
-        from packaging.version import Version
-
-        major = Version(version).release[0]
-    except Exception:  # an unparsable version string is as unsupported as a wrong one
-        major = -1
-    if major != 1:
+    if major_version(version) != 1:
         raise IncompatibleVersionError("accelerate", version, SUPPORTED,
                                        "this module is written for the accelerate 1 line")
     modeling = importlib.import_module(SITE)
