@@ -508,6 +508,16 @@ def many_child(spec: dict[str, Any]) -> None:
     timed("fst_load_file", lambda: fastsafetensors.load_file(path))
     timed("st_load_file_lazy", lambda: st_load(path))
     timed("st_load_file_clone", lambda: {k: v.clone() for k, v in st_load(path).items()})
+    if torch.cuda.is_available():
+        # Per-tensor cost on the device path: an allocation, copies and events per tensor.
+        def to_cuda(load: Callable[[], Any]) -> Any:
+            out = load()
+            torch.cuda.synchronize()
+            return out
+
+        timed("fst_load_file_cuda", lambda: to_cuda(
+            lambda: fastsafetensors.load_file(path, device="cuda:0")))
+        timed("st_load_file_cuda", lambda: to_cuda(lambda: st_load(path, device="cuda:0")))
     # Where fastsafetensors' time goes, through its internals (skipped if they moved).
     try:
         from fastsafetensors.frameworks import get_framework

@@ -42,23 +42,27 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
       "fastsafetensors", f.__version__, f.__file__)'
 
 step "GPU tests"
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
+timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py tests/test_accelerate.py tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
 step "checkpoint: $size GB in $ckpt"
-timeout 90 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C, pathlib;
+timeout 70 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C, pathlib;
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout 240 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
+timeout 230 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|^(st|fst|fst_load|vllm|upstream|runai)_cuda|instanttensor' \
     --skip-many --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
+step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"
+timeout 45 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --only '^$' \
+    --no-peers --repeat 3 --logs "$work/logs-many" --json "$OUT/bench-many.json"
+
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
-timeout 150 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+timeout 140 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --json "$OUT/bench-transformers.json"
 
 step "done"
