@@ -107,7 +107,6 @@ class _Tensor:
     # all: without that guard a worker could finish the first piece before the second exists.
     pieces: int = 1
     events: list[Any] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -146,10 +145,14 @@ class _Budget:
         self.cond = threading.Condition()
 
     def would_block(self, nbytes: int) -> bool:
+        if self.limit is None:
+            return False
         with self.cond:
-            return self.limit is not None and self.used > 0 and self.used + nbytes > self.limit
+            return self.used > 0 and self.used + nbytes > self.limit
 
     def acquire(self, nbytes: int) -> None:
+        if self.limit is None:   # nothing to hold to: no lock per tensor
+            return
         with self.cond:
             # A tensor larger than the whole budget still goes when nothing else is held.
             while (self.limit is not None and self.used > 0 and self.used + nbytes > self.limit
@@ -158,20 +161,46 @@ class _Budget:
             self.used += nbytes
 
     def release(self, nbytes: int) -> None:
+        if self.limit is None:
+            return
         with self.cond:
             self.used -= nbytes
             self.cond.notify_all()
 
 
-_COUNT_LOCK = threading.Lock()
+class _Completion:
+    """When each tensor of one load has all its pieces queued for copy: one condition for every
+    tensor, notified once per chunk. (An Event per tensor costs more to create than planning
+    the tensor does, which shows with tens of thousands of small tensors.)"""
 
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
 
-def _piece_done(t: _Tensor) -> None:
-    with _COUNT_LOCK:
-        t.pieces -= 1
-        last = t.pieces == 0
-    if last:
-        t.done.set()
+    def add_piece(self, t: _Tensor) -> None:
+        with self.cond:
+            t.pieces += 1
+
+    def planned(self, t: _Tensor) -> None:
+        """The planner drops its guard: every piece of ``t`` exists."""
+        with self.cond:
+            t.pieces -= 1
+            if t.pieces == 0:
+                self.cond.notify_all()
+
+    def queued(self, pieces: list[_Piece], event: Any) -> None:
+        """A worker queued the copies of one chunk, ``event`` marking their end."""
+        with self.cond:
+            for piece in pieces:
+                piece.tensor.events.append(event)
+                piece.tensor.pieces -= 1
+            self.cond.notify_all()
+
+    def wait(self, t: _Tensor, errors: list[BaseException]) -> None:
+        if t.pieces == 0:   # only ever decreases, so no lock is needed to see it reach 0
+            return
+        with self.cond:
+            while t.pieces and not errors:
+                self.cond.wait(0.05)
 
 
 def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
@@ -187,6 +216,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     stats = {"bytes": 0, "direct": 0, "chunks": 0}
     stats_lock = threading.Lock()
     policy = IOPolicy(options.io)
+    completion = _Completion()
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -200,7 +230,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     break
                 f = _open(path, header, policy)
                 files.append(f)
-                _plan_file(f, names, sink, options, budget, work, ready, cancelled)
+                _plan_file(f, names, sink, options, budget, work, ready, cancelled, completion)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
         finally:
@@ -244,10 +274,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     stats["bytes"] += got
                     stats["direct"] += direct
                     stats["chunks"] += 1
-                for piece in chunk.pieces:
-                    with _COUNT_LOCK:
-                        piece.tensor.events.append(event)
-                    _piece_done(piece.tensor)
+                completion.queued(chunk.pieces, event)
         except BaseException as exc:  # noqa: BLE001
             fail(exc)
         finally:
@@ -270,9 +297,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 break
             if isinstance(item, BaseException):
                 raise item
-            while not item.done.wait(0.05):
-                if errors:
-                    raise errors[0]
+            completion.wait(item, errors)
             if errors:
                 raise errors[0]
             sink.consumer_wait(item.events)
@@ -328,7 +353,7 @@ def _close(f: _File) -> None:
 def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOptions,
                budget: _Budget, work: queue.Queue[_Chunk | None],
                ready: queue.Queue[_Tensor | BaseException | None],
-               cancelled: threading.Event) -> None:
+               cancelled: threading.Event, completion: _Completion) -> None:
     """Allocate the file's wanted tensors in order and queue chunks covering their bytes."""
     header = f.header
     infos = header.select(names)
@@ -362,12 +387,11 @@ def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOpt
             if take <= 0:
                 flush()
                 continue
-            with _COUNT_LOCK:
-                t.pieces += 1
+            completion.add_piece(t)
             chunk.pieces.append(_Piece(t, position - start, position, take))
             chunk.end = position + take
             position += take
-        _piece_done(t)  # the planner's guard
+        completion.planned(t)  # the planner's guard
         ready.put(t)
     flush()
 

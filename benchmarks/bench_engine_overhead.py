@@ -1,0 +1,103 @@
+"""Per-tensor cost of the device streaming engine itself, without a device.
+
+The engine (fastsafetensors/loader/stream.py) runs a planner thread, reader threads and the
+caller's generator; each tensor costs Python work in all three (allocation, chunk pieces,
+completion, hand-over). This runs the engine over one warm file of many small tensors with a
+host-memory sink whose copies are plain synchronous memcpys, so what is timed is the engine's
+own overhead plus those copies: the floor under a GPU load of the same file, where each tensor
+also costs a device allocation, a copy launch and event calls.
+
+    python benchmarks/bench_engine_overhead.py --tensors 20000 --threads 1 2 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+from fastsafetensors.format import TensorInfo  # noqa: E402
+from fastsafetensors.frameworks.torch import torch_dtype, torch_shape  # noqa: E402
+from fastsafetensors.loader.posix import DIRECT_ALIGN  # noqa: E402
+from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa: E402
+
+
+class HostSink:
+    """The Sink protocol on host memory: no streams, no events, synchronous copies."""
+
+    def alloc(self, info: TensorInfo) -> Any:
+        return torch.empty(info.nbytes, dtype=torch.uint8)
+
+    def staging(self, nbytes: int) -> tuple[Any, memoryview]:
+        raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % DIRECT_ALIGN
+        buffer = raw[skip:skip + nbytes]
+        return buffer, buffer.numpy().data.cast("B")
+
+    def alloc_event(self) -> None:
+        return None
+
+    def new_stream(self) -> None:
+        return None
+
+    def stream_wait(self, stream: Any, event: Any) -> None:
+        pass
+
+    def copy(self, stream: Any, src: Any, pieces: list[tuple[Any, int, int, int]]) -> None:
+        for dst, dst_offset, src_offset, length in pieces:
+            dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length])
+
+    def record(self, stream: Any) -> None:
+        return None
+
+    def host_wait(self, event: Any) -> None:
+        pass
+
+    def consumer_wait(self, events: list[Any]) -> None:
+        pass
+
+    def finish(self, flat: Any, info: TensorInfo) -> Any:
+        dtype, shape = torch_dtype(info.dtype, info.name), torch_shape(info)
+        if flat is None:
+            return torch.empty(shape, dtype=dtype)
+        return flat.view(dtype).view(shape)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tensors", type=int, default=20_000)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 8])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where the file is written (default: /tmp)")
+    args = ap.parse_args()
+    folder = Path(args.dir or "/tmp/fastsafetensors-bench")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"many-{args.tensors}.safetensors"
+    info = C.build_many(path, args.tensors)
+    C.warm([str(path)])
+    print(f"{info['count']} tensors, {info['tensor_bytes'] / 1e6:.0f} MB, warm; median of "
+          f"{args.repeat}")
+    for threads in args.threads:
+        times = []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            count = sum(1 for _ in stream_tensors([(str(path), None, None)], HostSink(),
+                                                  StreamOptions(threads=threads,
+                                                                staging_bytes=256 << 20)))
+            times.append(time.perf_counter() - started)
+        assert count == info["count"]
+        median = statistics.median(times)
+        print(f"  threads={threads:<3} {median * 1e3:7.0f} ms  "
+              f"{median / count * 1e6:5.1f} us per tensor")
+
+
+if __name__ == "__main__":
+    main()
