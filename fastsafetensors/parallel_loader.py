@@ -31,9 +31,10 @@ _MIB = 1 << 20
 class ParallelLoader:
     """Iterate ``(name, tensor)`` over ``hf_weights_files``, pipelined, on one or many ranks.
 
-    ``queue_size`` is how far reading runs ahead under several ranks: -1 reads a batch only after
-    the previous one was yielded (one batch in memory), 0 reads one batch ahead (two in memory),
-    n > 0 reads n ahead. ``max_concurrent_producers`` must be 1, as upstream. ``use_tqdm_on_load``
+    ``queue_size`` is how far reading runs ahead: -1 reads a batch only after the previous one
+    was yielded (one batch in memory), 0 reads one batch ahead (two in memory), n > 0 reads n
+    ahead; with one rank, where tensors stream one by one, the same number of files' bytes.
+    ``max_concurrent_producers`` must be 1, as upstream. ``use_tqdm_on_load``
     shows a progress bar on rank 0 when tqdm is installed. The loader options (``device``,
     ``max_threads``, ``nogds``, ...) are :class:`~fastsafetensors.SafeTensorsFileLoader`'s,
     with the same accepted-and-ignored ones.
