@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,10 @@ def main() -> None:
     ap.add_argument("--tensors", type=int, default=20_000)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 8])
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--dir", default=None, help="where the file is written (default: /tmp)")
+    ap.add_argument("--dir", default=None,
+                    help="where the file is written (default: <temp dir>/fastsafetensors-bench)")
     args = ap.parse_args()
-    folder = Path(args.dir or "/tmp/fastsafetensors-bench")
+    folder = Path(args.dir or Path(tempfile.gettempdir()) / "fastsafetensors-bench")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"many-{args.tensors}.safetensors"
     info = C.build_many(path, args.tensors)
