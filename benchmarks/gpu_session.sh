@@ -52,7 +52,7 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 step "bench_load: $size GB, warm and cold, peers"
 timeout 230 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|^(st|fst|fst_load|vllm|upstream|runai)_cuda|instanttensor' \
+    --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|^(st|fst|fst_load|vllm|upstream)_cuda|instanttensor_buffered' \
     --skip-many --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
