@@ -29,3 +29,11 @@ def major_version(version: str) -> int:
         return Version(version).release[0]
     except Exception:
         return -1
+
+
+def human_size(nbytes: int) -> str:
+    """``83.9 MB``: sizes in the integrations' INFO lines (GB = 1e9 bytes)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

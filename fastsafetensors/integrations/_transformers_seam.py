@@ -38,7 +38,7 @@ from .. import config
 from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersionError
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
-from . import major_version
+from . import human_size, major_version
 
 logger = logging.getLogger("fastsafetensors.integrations.transformers")
 
@@ -143,16 +143,9 @@ class Load:
         nbytes = sum(f.bytes_read for f in self.files)
         paths = {f.path for f in self.files}
         direct = f", straight to {', '.join(sorted(self.devices))}" if self.devices else ""
-        return (f"read {_size(nbytes)} ({self.reads} tensor reads, {len(paths)} files) with "
+        return (f"read {human_size(nbytes)} ({self.reads} tensor reads, {len(paths)} files) with "
                 f"fastsafetensors (posix reads{direct}); from_pretrained took {seconds:.2f} s, "
                 f"{nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s")
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 _ACTIVE: contextvars.ContextVar[Load | None] = contextvars.ContextVar(

@@ -41,8 +41,7 @@ from typing import Any
 from .. import config
 from ..errors import FrameworkNotInstalledError, IncompatibleVersionError
 from ..file import FastSafetensorsFile
-from . import major_version
-from ._transformers_seam import _size
+from . import human_size, major_version
 
 __all__ = ["install", "uninstall", "enabled", "is_installed", "SUPPORTED",
            "IncompatibleVersionError"]
@@ -107,7 +106,7 @@ class _File(FastSafetensorsFile):
 
 def _report(path: Any, nbytes: int, seconds: float, device: str) -> None:
     logger.info("%s: read %s to %s with fastsafetensors in %.2f s (%.2f GB/s)",
-                os.path.basename(str(path)), _size(nbytes), device, seconds,
+                os.path.basename(str(path)), human_size(nbytes), device, seconds,
                 nbytes / 1e9 / max(seconds, 1e-9))
 
 
