@@ -142,21 +142,30 @@ def main() -> None:
     info = C.build_checkpoint(folder, args.size_gb, shards=args.shards)
     caches = ("warm", "cold") if args.cache == "both" else (args.cache,)
     results: list[dict[str, Any]] = []
+    # The children import this checkout whether or not it is installed (the GPU machine gets
+    # the working tree only); a PYTHONPATH set by the caller (a carried transformers) stays.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(C.REPO), os.environ.get("PYTHONPATH")) if p))
     for round_ in range(args.repeat):
         for cache in caches:
             for mode in MODES:
                 cmd = [sys.executable, __file__, "--child", "--mode", mode, "--cache", cache,
                        "--folder", str(folder), "--device", args.device,
                        "--tensor-bytes", str(info["tensor_bytes"])]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                row = json.loads(out.strip().splitlines()[-1]) | {"round": round_}
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                if done.returncode:
+                    sys.exit(f"{mode} ({cache}) failed with exit status {done.returncode}:\n"
+                             f"{done.stderr[-4000:]}")
+                row = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_}
                 results.append(row)
                 print(f"round {round_} {cache:4} {mode:15} {row['seconds']:7.2f} s "
                       f"(+{row['touch_seconds']:.2f} s first touch) "
                       f"{row['gb_per_s']:6.2f} GB/s  "
                       f"peak RSS +{row['peak_rss_above_base'] / 1e9:.2f} GB"
                       f"  peak anon +{row['peak_anon_above_base'] / 1e9:.2f} GB"
-                      f"  load {row['loadavg_1min']:.1f}", flush=True)
+                      + (f"  peak cuda {row['peak_cuda'] / 1e9:.2f} GB" if "peak_cuda" in row
+                         else "")
+                      + f"  load {row['loadavg_1min']:.1f}", flush=True)
     checksums = {r["checksum"] for r in results}
     summary: dict[str, Any] = {}
     for cache in caches:
@@ -170,7 +179,12 @@ def main() -> None:
                 "peak_rss_above_base_gb": C.median([r["peak_rss_above_base"] for r in rows]) / 1e9,
                 "peak_anon_above_base_gb":
                     C.median([r["peak_anon_above_base"] for r in rows]) / 1e9,
+                "peak_rss_after_touch_above_base_gb":
+                    C.median([r["peak_rss_after_touch_above_base"] for r in rows]) / 1e9,
                 "state_ok": all(r["state_ok"] for r in rows)}
+            if all("peak_cuda" in r for r in rows):
+                summary[f"{cache}/{mode}"]["peak_cuda_gb"] = max(r["peak_cuda"]
+                                                                 for r in rows) / 1e9
         stock, ours = summary[f"{cache}/stock"], summary[f"{cache}/fastsafetensors"]
         summary[f"{cache}/speedup"] = stock["seconds"] / ours["seconds"]
         summary[f"{cache}/speedup_with_first_touch"] = (stock["seconds_with_first_touch"]
@@ -184,8 +198,11 @@ def main() -> None:
             print(f"  {key:26} {value['seconds']:7.2f} s "
                   f"({value['seconds_with_first_touch']:.2f} s with first touch) "
                   f"{value['gb_per_s']:6.2f} GB/s  "
-                  f"peak RSS +{value['peak_rss_above_base_gb']:.2f} GB  "
-                  f"peak anon +{value['peak_anon_above_base_gb']:.2f} GB")
+                  f"peak RSS +{value['peak_rss_above_base_gb']:.2f} GB "
+                  f"(+{value['peak_rss_after_touch_above_base_gb']:.2f} GB after first touch)  "
+                  f"peak anon +{value['peak_anon_above_base_gb']:.2f} GB"
+                  + (f"  peak cuda {value['peak_cuda_gb']:.2f} GB (highest round)"
+                     if "peak_cuda_gb" in value else ""))
     if args.json:
         import transformers
 
