@@ -25,21 +25,50 @@ def fresh_probe(monkeypatch):
     gds.gds_status.cache_clear()
 
 
-def _fake_kvikio(*, compat=False, available=True, broken=False) -> types.ModuleType:
+#: kvikio's probing API changed twice; the fakes model each generation.
+GENERATIONS = ("24.10", "24.12", "26.10")
+
+
+class _CompatMode:
+    """kvikio.CompatMode (24.12 on): AUTO is the default and, being 2, is truthy."""
+    OFF, ON, AUTO = 0, 1, 2
+
+
+def _fake_kvikio(monkeypatch, *, generation="26.10", compat=False, available=True,
+                 broken=False) -> types.ModuleType:
+    """A kvikio module of ``generation``, installed in sys.modules (with its cufile_driver
+    submodule where that generation has one)."""
     module = types.ModuleType("kvikio")
 
-    class Defaults:
-        @staticmethod
-        def compat_mode():
-            if broken:
-                raise RuntimeError("cuFile driver failed to initialise")
-            return compat
+    def fail_if_broken():
+        if broken:
+            raise RuntimeError("cuFile driver failed to initialise")
 
     class DriverProperties:
-        is_gds_available = available
+        @property
+        def is_gds_available(self):
+            fail_if_broken()
+            return available
 
-    module.defaults = Defaults  # type: ignore[attr-defined]
-    module.DriverProperties = DriverProperties  # type: ignore[attr-defined]
+    defaults = types.SimpleNamespace()
+    if generation == "24.10":
+        defaults.compat_mode = lambda: fail_if_broken() or compat
+        module.DriverProperties = DriverProperties  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "kvikio.cufile_driver", None)
+    else:
+        driver = types.ModuleType("kvikio.cufile_driver")
+        module.cufile_driver = driver  # type: ignore[attr-defined]
+        module.CompatMode = _CompatMode  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "kvikio.cufile_driver", driver)
+        if generation == "24.12":
+            mode = _CompatMode.ON if compat else _CompatMode.AUTO
+            defaults.compat_mode = lambda: fail_if_broken() or mode
+            driver.DriverProperties = DriverProperties  # type: ignore[attr-defined]
+        else:   # 25.04 on; compat_mode() itself is gone in 26.02
+            defaults.is_compat_mode_preferred = lambda: fail_if_broken() or compat
+            driver.properties = DriverProperties()  # type: ignore[attr-defined]
+    module.defaults = defaults  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "kvikio", module)
     return module
 
 
@@ -67,13 +96,14 @@ def test_gds_by_name_raises_typed_error_when_missing(monkeypatch):
     assert isinstance(info.value, RuntimeError) and "kvikio" in str(info.value)
 
 
+@pytest.mark.parametrize("generation", GENERATIONS)
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"compat": True}, "compatibility mode"),
     ({"available": False}, "reports GDS unavailable"),
     ({"broken": True}, "cuFile driver failed"),
 ])
-def test_present_but_failing_kvikio(monkeypatch, kwargs, fragment):
-    monkeypatch.setitem(sys.modules, "kvikio", _fake_kvikio(**kwargs))
+def test_present_but_failing_kvikio(monkeypatch, generation, kwargs, fragment):
+    _fake_kvikio(monkeypatch, generation=generation, **kwargs)
     usable, reason = gds.gds_status()
     assert not usable and fragment in reason
     with pytest.raises(BackendUnavailableError, match=fragment):
@@ -83,8 +113,11 @@ def test_present_but_failing_kvikio(monkeypatch, kwargs, fragment):
         assert gds.select_backend("auto", device="cuda:0") == "posix"
 
 
-def test_working_kvikio_is_selected(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kvikio", _fake_kvikio())
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_working_kvikio_is_selected(monkeypatch, generation):
+    # 24.12's default compat mode is AUTO, a truthy enum: it must not read as "compat mode on".
+    _fake_kvikio(monkeypatch, generation=generation)
+    assert gds.gds_status() == (True, "GDS available through kvikio")
     assert gds.gds_available()
     assert gds.select_backend("auto", device="cuda:0") == "gds"
     assert gds.select_backend("posix", device="cuda:0") == "posix"
@@ -97,7 +130,7 @@ def test_backend_option_is_validated():
 
 
 def test_env_variable_selects_backend(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kvikio", _fake_kvikio())
+    _fake_kvikio(monkeypatch)
     monkeypatch.setenv("FASTSAFETENSORS_BACKEND", "posix")
     assert gds.select_backend(None, device="cuda:0") == "posix"
 

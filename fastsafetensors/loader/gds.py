@@ -33,16 +33,43 @@ def gds_status() -> tuple[bool, str]:
     try:
         kvikio = importlib.import_module("kvikio")
     except ImportError as exc:
-        return False, f"kvikio is not installed ({exc}); pip install 'fastsafetensors[gds]'"
+        return False, (f"kvikio is not installed ({exc}); pip install 'fastsafetensors[gds]' "
+                       f"(CUDA 12) or 'fastsafetensors[gds-cu13]' (CUDA 13)")
     try:
-        if kvikio.defaults.compat_mode():
+        if _compat_mode(kvikio):
             return False, "kvikio runs in compatibility mode (no cuFile/nvidia-fs on this machine)"
-        props = kvikio.DriverProperties()
-        if not props.is_gds_available:
+        if not _driver_properties(kvikio).is_gds_available:
             return False, "the cuFile driver reports GDS unavailable (nvidia-fs not loaded?)"
     except Exception as exc:  # noqa: BLE001 - any probe failure means "not usable", with why
         return False, f"probing kvikio failed: {type(exc).__name__}: {exc}"
     return True, "GDS available through kvikio"
+
+
+def _compat_mode(kvikio: Any) -> bool:
+    """Whether kvikio would read with POSIX calls instead of cuFile. Three generations of its
+    API: ``is_compat_mode_preferred()`` (25.04 on; ``compat_mode()`` is gone in 26.02), a
+    ``CompatMode`` enum whose default AUTO is truthy (24.12, 25.02), and a bool (24.10 and
+    earlier)."""
+    defaults = kvikio.defaults
+    if hasattr(defaults, "is_compat_mode_preferred"):
+        return bool(defaults.is_compat_mode_preferred())
+    mode = defaults.compat_mode()
+    if hasattr(kvikio, "CompatMode"):
+        # AUTO falls back only where cuFile is missing, which the driver check below catches.
+        return bool(mode == kvikio.CompatMode.ON)
+    return bool(mode)
+
+
+def _driver_properties(kvikio: Any) -> Any:
+    """The cuFile driver's properties: ``kvikio.cufile_driver.properties`` (25.04 on),
+    ``kvikio.cufile_driver.DriverProperties()`` (24.12, 25.02), ``kvikio.DriverProperties()``."""
+    try:
+        driver = importlib.import_module("kvikio.cufile_driver")
+    except ImportError:
+        return kvikio.DriverProperties()
+    if hasattr(driver, "properties"):
+        return driver.properties
+    return driver.DriverProperties()
 
 
 def gds_available() -> bool:
