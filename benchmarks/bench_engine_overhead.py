@@ -34,6 +34,9 @@ from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa:
 class HostSink:
     """The Sink protocol on host memory: no streams, no events, synchronous copies."""
 
+    def enter_thread(self) -> None:
+        pass
+
     def alloc(self, info: TensorInfo) -> Any:
         return torch.empty(info.nbytes, dtype=torch.uint8)
 

@@ -7,7 +7,9 @@ copies completed, produces wrong bytes that the tests catch. Events are futures.
 The consumer's stream is the host here, so memory that a real allocator hands out while the
 consumer's kernels still read it cannot be simulated; instead every write into a tensor checks
 that the writer was ordered after the tensor's allocation (``alloc_event`` waited for on the
-copy's stream, or on the host before a DMA), and raises AssertionError otherwise.
+copy's stream, or on the host before a DMA), and raises AssertionError otherwise. Likewise a
+thread the engine started must call ``enter_thread`` before it uses the device (on CUDA that makes
+the target device current there; a new thread starts on device 0).
 """
 
 from __future__ import annotations
@@ -37,8 +39,19 @@ class FakeSink:
         self.born: dict[int, int] = {}       # id of a tensor -> its allocation number
         self.ordered: dict[Any, int] = {}    # stream -> allocations it was ordered after
         self.host_ordered = 0                # allocations the host waited for
+        self.entered: set[int] = set()       # engine threads that called enter_thread
+
+    def enter_thread(self) -> None:
+        with self.lock:
+            self.entered.add(threading.get_ident())
+
+    def _check_thread(self) -> None:
+        thread = threading.current_thread()
+        if thread.name.startswith("fastsafetensors-") and thread.ident not in self.entered:
+            raise AssertionError(f"{thread.name} used the device before enter_thread()")
 
     def alloc(self, info: TensorInfo) -> torch.Tensor:
+        self._check_thread()
         # Poisoned, so a copy that never ran shows up as wrong data.
         flat = torch.full((info.nbytes,), 0xA5, dtype=torch.uint8)
         with self.lock:
@@ -49,6 +62,7 @@ class FakeSink:
         return flat
 
     def alloc_event(self) -> Future[int]:
+        self._check_thread()
         event: Future[int] = Future()
         with self.lock:
             event.set_result(self.allocations)
@@ -69,12 +83,14 @@ class FakeSink:
             self.outstanding -= nbytes
 
     def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        self._check_thread()
         raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
         skip = -raw.data_ptr() % 4096
         buf = raw[skip:skip + nbytes]
         return buf, memoryview(buf.numpy()).cast("B")
 
     def new_stream(self) -> ThreadPoolExecutor:
+        self._check_thread()
         stream = ThreadPoolExecutor(1, thread_name_prefix="fake-stream")
         with self.lock:
             self.streams.append(stream)
@@ -82,6 +98,7 @@ class FakeSink:
 
     def copy(self, stream: ThreadPoolExecutor, src: torch.Tensor,
              pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
+        self._check_thread()
         for dst, dst_offset, src_offset, length in pieces:
             delay = self.rng.random() * self.delay
             with self.lock:
@@ -97,6 +114,7 @@ class FakeSink:
             stream.submit(run)
 
     def record(self, stream: ThreadPoolExecutor) -> Future[None]:
+        self._check_thread()
         return stream.submit(lambda: None)
 
     def host_wait(self, event: Future[Any]) -> None:

@@ -33,6 +33,12 @@ class TorchCudaSink:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.consumer = torch.cuda.current_stream(self.device)
 
+    def enter_thread(self) -> None:
+        # A new thread starts on device 0. Leaving a ``torch.cuda.stream(...)`` block there
+        # restores device 0's stream, which makes device 0 current and creates a CUDA context
+        # on it: several hundred MiB on GPU 0 for every rank that loads to its own GPU.
+        torch.cuda.set_device(self.device)
+
     def alloc(self, info: TensorInfo) -> torch.Tensor:
         with torch.cuda.stream(self.consumer):
             return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)

@@ -45,6 +45,9 @@ Source = tuple[str, "Header | None", "list[str] | None"]
 class Sink(Protocol):
     """The device side of the pipeline. Events are opaque; streams are per worker."""
 
+    def enter_thread(self) -> None:
+        """Called first on each thread the engine starts, before any other call there."""
+
     def alloc(self, info: TensorInfo) -> Any:
         """Final storage of one tensor: a flat uint8 device tensor of ``info.nbytes``."""
 
@@ -225,6 +228,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
 
     def plan() -> None:
         try:
+            sink.enter_thread()
             for path, header, names in sources:
                 if cancelled.is_set():
                     break
@@ -244,6 +248,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         try:
             # Inside the try: a worker that dies without fail() (pinned memory exhausted, a
             # CUDA error) would leave the consumer waiting forever for its tensors.
+            sink.enter_thread()
             stream = sink.new_stream()
             buffers = [sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN) for _ in range(2)]
             while True:
