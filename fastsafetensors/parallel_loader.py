@@ -75,6 +75,8 @@ class ParallelLoader:
             set_numa=set_numa, debug_log=debug_log, framework=framework, **kwargs)
         # Built now so that a bad device, framework or group fails here, not mid-iteration.
         self.loader = SafeTensorsFileLoader(group_pg, **self._options)
+        # Batches load on a thread of their own, where a bare "cuda" would mean cuda:0.
+        self._options["device"] = self.loader.device
         self._group_pg = group_pg
         self._local = self.loader._group.size == 1
         if tensor_filter is not None and not self._local:

@@ -259,6 +259,31 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
     monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device: sink)
 
 
+def test_bare_cuda_means_the_callers_device_on_every_thread(
+        shards: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The caller chose cuda:1; a thread that ParallelLoader starts is on device 0, so "cuda"
+    # must be resolved where the caller made the loader, not where a batch is loaded.
+    import threading
+
+    from fastsafetensors.frameworks import resolve_device
+
+    caller = threading.get_ident()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device",
+                        lambda: 1 if threading.get_ident() == caller else 0)
+    assert resolve_device("cuda") == "cuda:1"
+    assert resolve_device("cuda:0") == "cuda:0"
+    loader = ParallelLoader(None, shards, use_tqdm_on_load=False, device="cuda", nogds=True)
+    seen: list[str] = []
+    worker = threading.Thread(target=lambda: seen.append(
+        SafeTensorsFileLoader(SingleGroup(), **loader._options).device))
+    worker.start()
+    worker.join()
+    assert loader.loader.device == "cuda:1" and seen == ["cuda:1"]
+    loader.close()
+
+
 @pytest.mark.parametrize("queue_size, files_ahead", [(-1, 1), (0, 2), (2, 3)])
 def test_one_rank_reads_ahead_as_far_as_queue_size_says(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue_size: int,

@@ -59,7 +59,9 @@ def get_framework(name: str) -> Framework:
 
 def resolve_device(device: Any, framework: str = "pt") -> str:
     """Normalise a device name; ``cuda`` without a usable GPU raises NoGPUError here, before
-    any file is opened or byte read."""
+    any file is opened or byte read. A bare ``cuda`` becomes ``cuda:N`` for the caller's current
+    device: the engine and ParallelLoader work on threads of their own, where the current
+    device is 0 whatever the caller chose."""
     if isinstance(device, int) and not isinstance(device, bool):
         device = f"cuda:{device}"   # a bare index means a CUDA device, as in safetensors
     name = str(device) if device is not None else "cpu"
@@ -78,6 +80,8 @@ def resolve_device(device: Any, framework: str = "pt") -> str:
                   else "the CUDA driver reports no device")
         raise NoGPUError(name, detail)
     index = torch.device(name).index
-    if index is not None and index >= torch.cuda.device_count():
+    if index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    if index >= torch.cuda.device_count():
         raise NoGPUError(name, f"only {torch.cuda.device_count()} GPU(s) are visible")
     return name
