@@ -189,7 +189,12 @@ def make_materializer(original: Callable[..., Any]) -> Callable[..., Any]:
             target = torch.device(device)
             if target.type == "cuda":
                 tensor._load.devices.add(str(target))
-                return tensor.materialize(device=str(target), dtype=dtype)
+                result = tensor.materialize(device=str(target), dtype=dtype)
+                # The copies are ordered on this pool thread's current stream only, and the
+                # caller's thread may use the tensor on another stream: wait for them here
+                # (the tail of this tensor's copies; the reads are done by now).
+                torch.cuda.current_stream(target).synchronize()
+                return result
         return original(tensor, device, dtype)
 
     _materialize_copy.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
