@@ -13,7 +13,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from fastsafetensors.errors import ReadError, TensorNotFoundError
-from fastsafetensors.loader.posix import STATS
+from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
 
 
@@ -260,3 +260,13 @@ def test_gds_stopped_early_waits_for_reads_in_flight(tmp_path):
     next(gen)
     gen.close()
     assert len(pending) == 6 and all(f.waited for f in pending)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 6, 8, 10, 12, 14, 16])
+def test_pinned_staging_stays_within_staging_bytes(threads: int) -> None:
+    # torch's pinned allocator rounds each request up to a power of two: the request must be
+    # one already, or 12 threads would pin 384 MiB of a 256 MiB budget.
+    options = StreamOptions(threads=threads, staging_bytes=256 << 20)
+    request = options.buffer_bytes + 3 * DIRECT_ALIGN   # what each staging buffer pins
+    assert request & (request - 1) == 0
+    assert 2 * threads * request <= options.staging_bytes < 4 * threads * request
