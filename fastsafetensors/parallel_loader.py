@@ -20,6 +20,7 @@ from typing import Any
 from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup
 from .errors import BudgetInfeasibleError, ConfigError
 from .format import TensorInfo, read_header
+from .loader.stream import device_bytes
 
 __all__ = ["ParallelLoader"]
 
@@ -103,7 +104,7 @@ class ParallelLoader:
             assert self._kept is not None
             # As many files ahead as queue_size asks for under several ranks (the pipeline
             # holds whole files there), unless max_batch_bytes or the budget says less.
-            per_file = max((sum(i.nbytes for i in infos) for _, infos in self._kept), default=0)
+            per_file = self._largest_file()
             files_ahead = 1 if queue_size < 0 else max(1, queue_size) + 1
             self._read_ahead = max(files_ahead * per_file, 1)
             if max_batch_bytes is not None:
@@ -113,10 +114,16 @@ class ParallelLoader:
             # time whatever the budget.
             self._fit(device_memory_budget, accumulate_resident)
 
+    def _largest_file(self) -> int:
+        """Device bytes of the kept tensors of the largest file."""
+        assert self._kept is not None
+        return max((sum(device_bytes(i.nbytes) for i in infos) for _, infos in self._kept),
+                   default=0)
+
     def _fit(self, budget: int, accumulate_resident: bool) -> None:
         """Check the budget against the headers; set how far reading may run ahead."""
         assert self._kept is not None
-        sizes = [info.nbytes for _, infos in self._kept for info in infos]
+        sizes = [device_bytes(info.nbytes) for _, infos in self._kept for info in infos]
         kept, largest = sum(sizes), max(sizes, default=0)
         # Kept by the consumer: every yielded tensor, or, while it asks for the next one, the
         # last one (still bound to its loop variable) and the one being handed over.
@@ -141,7 +148,7 @@ class ParallelLoader:
                 self._read_ahead = ahead
             return
         # Several ranks: this rank holds whole files of the batches in flight.
-        per_file = max((sum(i.nbytes for i in infos) for _, infos in self._kept), default=0)
+        per_file = self._largest_file()
         depth = 1 if self.queue_size < 0 else max(1, self.queue_size) + 1
         while depth > 1 and held + depth * per_file > budget:
             depth -= 1

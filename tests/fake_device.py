@@ -24,6 +24,7 @@ import torch
 
 from fastsafetensors.format import TensorInfo
 from fastsafetensors.frameworks.torch import torch_dtype, torch_shape
+from fastsafetensors.loader.stream import device_bytes
 
 
 class FakeSink:
@@ -57,7 +58,7 @@ class FakeSink:
         with self.lock:
             self.allocations += 1
             self.born[id(flat)] = self.allocations
-            self.outstanding += info.nbytes
+            self.outstanding += device_bytes(info.nbytes)   # as torch's allocator rounds
             self.peak_outstanding = max(self.peak_outstanding, self.outstanding)
         return flat
 
@@ -80,7 +81,7 @@ class FakeSink:
 
     def consumed(self, nbytes: int) -> None:
         with self.lock:
-            self.outstanding -= nbytes
+            self.outstanding -= device_bytes(nbytes)
 
     def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         self._check_thread()

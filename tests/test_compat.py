@@ -31,6 +31,7 @@ from fastsafetensors import (
     TensorNotFoundError,
 )
 from fastsafetensors.compat import FilesBufferOnDevice
+from fastsafetensors.loader.stream import device_bytes
 from fastsafetensors.parallel_loader import ParallelLoader
 
 
@@ -571,9 +572,10 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
         for name, tensor in want.items():
             assert_bitwise_equal(got[name], tensor)
 
-        # A device_memory_budget that holds one file at a time turns reading ahead off.
-        per_file = max(sum(t.nbytes for t in load_file(p).values()) for p in files)
-        largest = max(t.nbytes for t in want.values())
+        # A device_memory_budget that holds one file at a time turns reading ahead off. Budgets
+        # count what the allocator hands out: multiples of 512 bytes.
+        per_file = max(sum(device_bytes(t.nbytes) for t in load_file(p).values()) for p in files)
+        largest = max(device_bytes(t.nbytes) for t in want.values())
         fitted = ParallelLoader(pg, files, queue_size=2, use_tqdm_on_load=False, nogds=True,
                                 device_memory_budget=per_file + 2 * largest,
                                 accumulate_resident=False)

@@ -174,3 +174,18 @@ def test_stream_gds_reads_every_tensor_bit_for_bit(tmp_path):
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(as_bytes(got[name]), as_bytes(want[name])), name
+
+
+def test_stream_gds_holds_no_more_than_the_budget(tmp_path):
+    # Reads in flight are handed over before the next allocation would pass the budget.
+    path = tmp_path / "m.safetensors"
+    tensors = {f"w{i}": torch.full((64, 64), float(i)) for i in range(12)}   # 16 KiB each
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0)
+    kvikio = types.SimpleNamespace(CuFile=_CuFile)
+    budget = 40 << 10
+    for name, tensor in gds.stream_gds([(str(path), None, None)], sink, kvikio=kvikio,
+                                       max_device_bytes=budget):
+        assert torch.equal(tensor, tensors[name])
+        sink.consumed(tensor.nbytes)
+    assert sink.peak_outstanding <= budget

@@ -103,6 +103,18 @@ def test_budget_bounds_memory_held_before_yield(tmp_path):
     assert sink.peak_outstanding <= budget + 65536
 
 
+def test_budget_counts_what_the_allocator_hands_out(tmp_path):
+    # 4-byte scales (FP8 checkpoints have thousands) take 512 bytes each on the device.
+    tensors = {f"scale{i}": torch.tensor([float(i)]) for i in range(2000)}
+    path = tmp_path / "scales.safetensors"
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0)
+    budget = 64 << 10
+    got = _run([str(path)], sink, max_device_bytes=budget)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert sink.peak_outstanding <= budget
+
+
 def test_unbounded_allocates_ahead(tmp_path):
     tensors = {f"w{i}": torch.full((64, 256), float(i)) for i in range(20)}
     path = tmp_path / "big.safetensors"

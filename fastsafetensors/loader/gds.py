@@ -112,6 +112,7 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
     still read the memory's previous tensor) has finished.
     """
     from ..format import read_header
+    from .stream import device_bytes
 
     if kvikio is None:
         kvikio = importlib.import_module("kvikio")
@@ -123,6 +124,12 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
         try:
             held = 0
             for info in infos:
+                footprint = device_bytes(info.nbytes)
+                if (max_device_bytes is not None and batch
+                        and held + footprint > max_device_bytes):
+                    # Hand over what is in flight before allocating past the budget.
+                    yield from _complete(batch, sink, path)
+                    held = 0
                 flat = future = None
                 if info.nbytes:
                     flat = sink.alloc(info)
@@ -130,10 +137,7 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
                     future = handle.pread(flat, info.nbytes,
                                           header.data_start + info.data_offsets[0])
                 batch.append((info, flat, future))
-                held += info.nbytes
-                if max_device_bytes is not None and held >= max_device_bytes:
-                    yield from _complete(batch, sink, path)
-                    held = 0
+                held += footprint
             yield from _complete(batch, sink, path)
         finally:
             # Stopped early or failed: reads still in flight write into memory freed next and

@@ -34,12 +34,21 @@ from .cpu import IOPolicy
 from .pagecache import resident_map
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
-__all__ = ["Sink", "StreamOptions", "stream_tensors", "Source"]
+__all__ = ["Sink", "StreamOptions", "stream_tensors", "Source", "device_bytes"]
 
 logger = logging.getLogger(__name__)
 
 #: (path, header or None to read it here, tensor names wanted or None for all)
 Source = tuple[str, "Header | None", "list[str] | None"]
+
+#: torch's CUDA caching allocator hands out multiples of 512 bytes.
+ALLOC_GRANULE = 512
+
+
+def device_bytes(nbytes: int) -> int:
+    """Device memory a tensor of ``nbytes`` takes, as ``torch.cuda.memory_allocated`` counts
+    it: memory budgets count this, not ``nbytes`` (thousands of 4-byte scales take 512 each)."""
+    return -(-nbytes // ALLOC_GRANULE) * ALLOC_GRANULE
 
 
 class Sink(Protocol):
@@ -311,7 +320,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             sink.consumer_wait(item.events)
             tensor = sink.finish(item.flat, item.info)
             item.flat = None
-            budget.release(item.info.nbytes)
+            budget.release(device_bytes(item.info.nbytes))
             count += 1
             yield item.info.name, tensor
         if errors:
@@ -378,9 +387,10 @@ def _plan_file(f: _File, names: list[str] | None, sink: Sink, options: StreamOpt
     for info in infos:
         if cancelled.is_set():
             return
-        if budget.would_block(info.nbytes):
+        footprint = device_bytes(info.nbytes)
+        if budget.would_block(footprint):
             flush()  # let the tensors already planned complete, so the consumer frees budget
-        budget.acquire(info.nbytes)
+        budget.acquire(footprint)
         t = _Tensor(info, sink.alloc(info) if info.nbytes else None)
         start = header.data_start + info.data_offsets[0]
         end = start + info.nbytes
