@@ -27,7 +27,13 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from .errors import ClosedFileError, ConfigError, HeaderError, TensorNotFoundError
+from .errors import (
+    ClosedFileError,
+    ConfigError,
+    HeaderError,
+    PeerLoadError,
+    TensorNotFoundError,
+)
 from .format import DTYPES, Header, TensorInfo, read_header
 from .frameworks import FRAMEWORKS, resolve_device
 
@@ -109,6 +115,33 @@ class _Group:
         import torch.distributed as dist
 
         dist.recv(_raw(tensor), src=self._global(src), group=self.pg)
+
+    def failed_ranks(self, failed: bool, device: str) -> list[int]:
+        """Every rank says whether it failed; all learn which did (one all_reduce, on the
+        device: NCCL moves device memory only)."""
+        if self.pg is None:
+            return []
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.size, dtype=torch.int32, device=device)
+        flags[self.rank] = int(failed)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.pg)
+        return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+
+
+def check_peers(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str]], *,
+                failed: bool = False, fb: FilesBufferOnDevice | None = None) -> None:
+    """After each rank read its files: every rank says whether it failed (one all_reduce, which
+    every rank must reach). A rank that failed raises its own error after this; the others
+    raise PeerLoadError here (closing ``fb``) instead of waiting in their next collective for
+    tensors that never come, until the group's timeout."""
+    ranks = group.failed_ranks(failed, device)
+    if failed or not ranks:
+        return
+    if fb is not None:
+        fb.close()
+    raise PeerLoadError(ranks, [path for rank in ranks for path in files_by_rank.get(rank, ())])
 
 
 def _raw(tensor: Any) -> Any:
@@ -231,11 +264,24 @@ class SafeTensorsFileLoader:
     # -- reading --------------------------------------------------------------------------
     def copy_files_to_device(self, dtype: Any = None, use_buf_register: bool = True,
                              max_copy_block_size: int = 16 * _GIB) -> FilesBufferOnDevice:
-        """Read this rank's files onto the device; no collective runs here.
+        """Read this rank's files onto the device, then check with one all_reduce that every
+        rank did: where one failed, it raises its own error and every other rank
+        :class:`~fastsafetensors.PeerLoadError` (instead of waiting in ``get_tensor``).
 
         ``dtype`` casts every tensor as upstream does (None or ``DType.AUTO``: keep the file's
         dtype). ``use_buf_register`` and ``max_copy_block_size`` are accepted and ignored: our
         engine bounds its pinned staging itself."""
+        try:
+            fb = self._copy(dtype)
+        except Exception:
+            check_peers(self._group, self.device, self._files_by_rank(), failed=True)
+            raise   # this rank's own error, once the others know
+        check_peers(self._group, self.device, self._files_by_rank(), fb=fb)
+        return fb
+
+    def _copy(self, dtype: Any = None) -> FilesBufferOnDevice:
+        """copy_files_to_device without the check that every rank read its files (ParallelLoader
+        reads batches on a thread where no collective may run, and checks on the caller's)."""
         self._check_open()
         target = _torch_dtype(dtype)
         files = sorted(((path, header, rank) for path, (header, rank) in self.meta.items()),
@@ -243,6 +289,12 @@ class SafeTensorsFileLoader:
         own = [path for path, _, rank in files if rank == self._group.rank]
         return FilesBufferOnDevice(files, self._read(own), self._group, self.device, pg=self.pg,
                                    dtype=target)
+
+    def _files_by_rank(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for path, (_, rank) in self.meta.items():
+            out.setdefault(rank, []).append(path)
+        return out
 
     def _read(self, paths: list[str]) -> dict[str, Any]:
         if not paths:

@@ -18,6 +18,8 @@ Each one subclasses the builtin that users already catch, so ``except KeyError``
     ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
     ├── BudgetInfeasibleError(ValueError)       a load cannot fit ParallelLoader's
     │                                           device_memory_budget (upstream's name)
+    ├── PeerLoadError(RuntimeError)             another rank failed to read its files, so this
+    │                                           one stops instead of waiting in a collective
     └── IncompatibleVersionError(ImportError)   an integration's library is outside its range
 
 All of them pickle (multi-GPU loads carry errors across processes): ``__reduce__`` rebuilds an
@@ -46,6 +48,7 @@ __all__ = [
     "NoGPUError",
     "BackendUnavailableError",
     "BudgetInfeasibleError",
+    "PeerLoadError",
     "IncompatibleVersionError",
 ]
 
@@ -246,6 +249,24 @@ class BudgetInfeasibleError(FastSafetensorsError, ValueError):
         self.budget = budget
         self.needed = needed
         super().__init__(message)
+
+
+class PeerLoadError(FastSafetensorsError, RuntimeError):
+    """Raised on every rank of a process group whose other ranks failed to read their files
+    (their own errors say why); without it this rank would wait in its next collective for
+    tensors that never come, until the group's timeout."""
+
+    _fields = ("ranks", "files")
+
+    def __init__(self, ranks: Iterable[int], files: Iterable[str]):
+        self.ranks = tuple(ranks)
+        self.files = tuple(files)
+        names = ", ".join(os.path.basename(f) for f in self.files) or "no file"
+        self.message = (f"rank(s) {', '.join(map(str, self.ranks))} of the process group failed "
+                        f"to read their files ({names}); this rank stops instead of waiting for "
+                        f"their tensors. The cause is in the error and log of those ranks; fix "
+                        f"it there and load again")
+        super().__init__(self.message)
 
 
 class IncompatibleVersionError(FastSafetensorsError, ImportError):

@@ -15,9 +15,10 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
-from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup
+from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, check_peers
 from .errors import BudgetInfeasibleError, ConfigError
 from .format import TensorInfo, read_header
 from .loader.stream import device_bytes
@@ -173,19 +174,36 @@ class ParallelLoader:
             f"device_memory_budget={budget} ({_mib(budget)}) cannot hold this load: it needs at "
             f"least {needed} bytes ({parts}). Pass {', or '.join(fixes)}", budget, needed)
 
-    def _load(self, batch: list[str], *, background: bool) -> FilesBufferOnDevice:
+    def _load(self, batch: list[str], stream: Any = None) -> FilesBufferOnDevice:
+        """Read this rank's file of ``batch``; on the prefetch thread, ``stream`` is the
+        caller's CUDA stream, which the reads are allocated and ordered on as if the caller
+        had made them (vLLM loads on a stream of its own: were they on this thread's default
+        stream instead, memory the caller frees would be handed out again while the caller's
+        copies out of it still run)."""
         loader = SafeTensorsFileLoader(self._group_pg, **self._options)
         try:
             loader.add_filenames({rank: [path] for rank, path in enumerate(batch)})
-            fb = loader.copy_files_to_device()
-        finally:
-            loader.close()
-        if background and loader.device != "cpu":
+            if stream is None:
+                return loader._copy()
             import torch
 
-            # The tensors are ready on this thread's current stream; the consumer's may be
-            # another one, so finish here rather than hand over work in flight.
-            torch.cuda.current_stream(loader.device).synchronize()
+            with torch.cuda.device(loader.device), torch.cuda.stream(stream):
+                return loader._copy()
+        finally:
+            loader.close()
+
+    def _checked(self, batch: list[str], load: Callable[[], FilesBufferOnDevice]
+                 ) -> FilesBufferOnDevice:
+        """``load()``, then, on the caller's thread, the check that every rank read its file
+        of ``batch`` (collectives never run on the prefetch thread)."""
+        files = {rank: [path] for rank, path in enumerate(batch)}
+        device = self.loader.device
+        try:
+            fb = load()
+        except Exception:
+            check_peers(self.loader._group, device, files, failed=True)
+            raise
+        check_peers(self.loader._group, device, files, fb=fb)
         return fb
 
     def _progress(self, total: int) -> Any:
@@ -209,25 +227,32 @@ class ParallelLoader:
         try:
             if ahead == 0:
                 for batch in batches:
-                    yield from self._drain(self._load(batch, background=False), bar)
+                    yield from self._drain(self._checked(batch, partial(self._load, batch)),
+                                           bar)
                 return
+            stream = None
+            if self.loader.device != "cpu":
+                import torch
+
+                stream = torch.cuda.current_stream(self.loader.device)
             with ThreadPoolExecutor(1, thread_name_prefix="fastsafetensors-prefetch") as pool:
-                pending: deque[Future[FilesBufferOnDevice]] = deque()
+                pending: deque[tuple[list[str], Future[FilesBufferOnDevice]]] = deque()
                 queued = 0
                 try:
                     while True:
                         while queued < len(batches) and len(pending) <= ahead:
-                            pending.append(pool.submit(self._load, batches[queued],
-                                                       background=True))
+                            batch = batches[queued]
+                            pending.append((batch, pool.submit(self._load, batch, stream)))
                             queued += 1
                         if not pending:
                             break
-                        yield from self._drain(pending.popleft().result(), bar)
+                        batch, future = pending.popleft()
+                        yield from self._drain(self._checked(batch, future.result), bar)
                 finally:
                     # Stopped early or failed: drop reads not started, free those done.
-                    for future in pending:
+                    for _, future in pending:
                         future.cancel()
-                    for future in pending:
+                    for _, future in pending:
                         if not future.cancelled() and future.exception() is None:
                             future.result().close()
         finally:

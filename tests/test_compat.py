@@ -285,6 +285,48 @@ def test_bare_cuda_means_the_callers_device_on_every_thread(
     loader.close()
 
 
+def test_prefetched_batches_are_read_on_the_callers_stream(
+        shards: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM loads on a stream of its own. A batch read on the prefetch thread must be allocated
+    # and ordered on that stream, not on the prefetch thread's default stream: memory the
+    # caller frees would otherwise be handed out again under its copies still running.
+    import contextlib
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fastsafetensors.loader.cuda as cuda_module
+    from fake_device import FakeSink
+
+    current = threading.local()      # each thread's current stream, as CUDA keeps it
+
+    @contextlib.contextmanager
+    def stream(s: str) -> Any:
+        before = getattr(current, "stream", "default")
+        current.stream = s
+        try:
+            yield
+        finally:
+            current.stream = before
+
+    sink = FakeSink(delay=0)
+    fake_cuda(monkeypatch, sink)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: getattr(current, "stream", "default"))
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    sinks_made_on: list[str] = []
+    monkeypatch.setattr(cuda_module, "TorchCudaSink",
+                        lambda device: sinks_made_on.append(torch.cuda.current_stream()) or sink)
+    loader = ParallelLoader(None, shards, use_tqdm_on_load=False, device="cuda:0", nogds=True)
+    with stream("caller's"), ThreadPoolExecutor(1) as prefetch:
+        fb = prefetch.submit(loader._load, [shards[0]], torch.cuda.current_stream()).result()
+    assert sinks_made_on == ["caller's"]
+    assert set(fb.keys()) == set(load_file(shards[0]))
+    fb.close()
+    loader.close()
+    sink.close()
+
+
 @pytest.mark.parametrize("queue_size, files_ahead", [(-1, 1), (0, 2), (2, 3)])
 def test_one_rank_reads_ahead_as_far_as_queue_size_says(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue_size: int,
@@ -618,6 +660,58 @@ def test_two_ranks_gloo(tmp_path: Path) -> None:
     c = write_file(tmp_path / "c.safetensors", {"c.only": torch.arange(10)})
     store = f"file://{tmp_path / 'store'}"
     torch.multiprocessing.spawn(_rank_main, args=(store, [str(a), str(b), str(c)]), nprocs=2,
+                                join=True)
+
+
+def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
+    """Rank 1 cannot read its files: every rank must raise (rank 1 its own error, rank 0
+    PeerLoadError), none may wait in a broadcast for tensors that never come."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fastsafetensors import PeerLoadError, ReadError
+
+    # A short timeout: a regression fails with gloo's timeout error instead of hanging CI.
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        if rank == 1:
+            def unreadable(self: Any, paths: list[str]) -> dict[str, Any]:
+                if not paths:
+                    return {}
+                raise ReadError(paths[0], 0, 4096, 0)
+
+            SafeTensorsFileLoader._read = unreadable  # type: ignore[method-assign]
+        a, b = files
+        pg = dist.group.WORLD
+        expected_error = ReadError if rank == 1 else PeerLoadError
+
+        loader = SafeTensorsFileLoader(pg, "cpu", nogds=True)
+        loader.add_filenames({0: [a], 1: [b]})
+        with pytest.raises(expected_error) as info:
+            loader.copy_files_to_device()
+        if rank == 0:
+            assert info.value.ranks == (1,) and info.value.files == (b,)
+            assert "b.safetensors" in str(info.value)
+        loader.close()
+
+        for queue_size in (-1, 0, 2):   # on the caller's thread, then prefetched
+            parallel = ParallelLoader(pg, [a, b], queue_size=queue_size, use_tqdm_on_load=False,
+                                      nogds=True)
+            with pytest.raises(expected_error):
+                dict(parallel.iterate_weights())
+            parallel.close()
+        dist.barrier()   # both ranks got here: neither waited for the other's tensors
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_cannot_read_stops_every_rank(tmp_path: Path) -> None:
+    a = write_file(tmp_path / "a.safetensors", small_tensors())
+    b = write_file(tmp_path / "b.safetensors", {"b.only": torch.arange(10)})
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_failing_rank_main, args=(store, [str(a), str(b)]), nprocs=2,
                                 join=True)
 
 

@@ -29,6 +29,7 @@ from fastsafetensors import (
     HeaderError,
     LazyTensorFactory,
     NoGPUError,
+    PeerLoadError,
     ReadError,
     TensorNotFoundError,
     UnsupportedDTypeError,
@@ -65,6 +66,7 @@ def _examples() -> list[FastSafetensorsError]:
         BackendUnavailableError("gds", "kvikio is not installed"),
         BudgetInfeasibleError("device_memory_budget=1 MiB is too small", 1 << 20, 3 << 20),
         BudgetInfeasibleError("raised by vLLM with a message alone"),
+        PeerLoadError([1, 3], ["/ckpt/b.safetensors", "/ckpt/d.safetensors"]),
     ]
 
 
