@@ -152,6 +152,14 @@ def _raw(tensor: Any) -> Any:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def _as_bytes(tensor: Any) -> Any:
+    """A tensor of a one-byte dtype as uint8 (same shape and bytes), any other as it is: torch
+    has no cat kernel for float4, and copy kernels for the 8-bit floats differ by device."""
+    import torch
+
+    return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
+
+
 def _device_name(device: Any) -> Any:
     """``"cuda:0"``, ``torch.device("cuda:0")``, an int (``cuda:N``) or upstream's ``Device``
     (``as_str()``)."""
@@ -453,7 +461,8 @@ class FilesBufferOnDevice:
         parts = None
         if g.rank == owner:
             whole = self._tensors[name]
-            parts = [whole.narrow(axis, lo, hi - lo).contiguous() for lo, hi in spans]
+            parts = [_as_bytes(whole).narrow(axis, lo, hi - lo).contiguous().view(whole.dtype)
+                     for lo, hi in spans]
             if g.size == 1:
                 return parts[0]
         lo, hi = spans[g.rank]
@@ -469,7 +478,9 @@ class FilesBufferOnDevice:
             for rank, part in enumerate(parts):
                 if rank != owner and part.numel():
                     g.send(part, rank)
-            return parts[owner]
+            own = parts[owner]
+            # A block of dim 0 is a view of the whole tensor: kept, it would keep all of it.
+            return own.clone() if own.untyped_storage().nbytes() > own.nbytes else own
         if mine.numel():
             g.recv(mine, owner)
         return mine
@@ -485,7 +496,8 @@ class FilesBufferOnDevice:
             self._info(name)
             groups.setdefault(self.key_to_rank_lidx[name], []).append(name)
         parts = [self._shard(name, dim) for key in sorted(groups) for name in groups[key]]
-        return self._finish(torch.cat(parts, dim=dim), device, dtype)
+        joined = torch.cat([_as_bytes(p) for p in parts], dim=dim).view(parts[0].dtype)
+        return self._finish(joined, device, dtype)
 
     def as_dict(self, tensor_shard_dim: Mapping[str, int]) -> dict[str, Any]:
         """``{name: get_sharded(name, dim)}`` for each ``name: dim`` given."""

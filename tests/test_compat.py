@@ -591,8 +591,15 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
             block = -(-whole.shape[dim] // 2)
             part = whole.narrow(dim, min(rank * block, whole.shape[dim]),
                                 max(0, min(block, whole.shape[dim] - rank * block)))
-            assert_bitwise_equal(fb.get_sharded(name, dim), part)
+            got = fb.get_sharded(name, dim)
+            assert_bitwise_equal(got, part)
+            # memory of its own: a view would keep the whole tensor alive on the owner
+            assert got.untyped_storage().nbytes() == got.nbytes, (name, dim)
         assert_bitwise_equal(fb.get_sharded("bf16.3x4", -1), want["bf16.3x4"])
+        # float4 has no cat kernel in torch: the blocks are joined as bytes
+        assert_bitwise_equal(fb.get_multi_cols(["f4.3x8"], 1),
+                             want["f4.3x8"].view(torch.uint8).narrow(1, rank * 2, 2)
+                             .view(want["f4.3x8"].dtype))
         pushed = fb.push_tensor("big.b", 0)
         if rank == 0:
             assert_bitwise_equal(pushed, want["big.b"])
