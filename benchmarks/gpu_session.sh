@@ -42,7 +42,7 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
       "fastsafetensors", f.__version__, f.__file__)'
 
 step "GPU tests"
-timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
+timeout 95 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py tests/test_accelerate.py tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
 step "checkpoint: $size GB in $ckpt"
@@ -62,7 +62,7 @@ timeout 45 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --on
     --no-peers --repeat 3 --logs "$work/logs-many" --json "$OUT/bench-many.json"
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
-timeout 140 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+timeout 125 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --json "$OUT/bench-transformers.json"
 
 step "done"

@@ -722,6 +722,48 @@ def test_a_rank_that_cannot_read_stops_every_rank(tmp_path: Path) -> None:
                                 join=True)
 
 
+def _side_stream_rank_main(rank: int, store: str, files: list[str]) -> None:
+    """Both ranks on GPU 0 over gloo (which moves CUDA tensors through the host), each loading
+    on a stream of its own as vLLM does; batches are prefetched on another thread."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
+    try:
+        torch.cuda.set_device(0)
+        side = torch.cuda.Stream()
+        want = expected(files)
+        with torch.cuda.stream(side):
+            parallel = ParallelLoader(dist.group.WORLD, files, queue_size=1,
+                                      use_tqdm_on_load=False, device="cuda", nogds=True)
+            got = {}
+            for name, tensor in parallel.iterate_weights():
+                # a kernel on the caller's stream, as vLLM's param.copy_ is; then drop it
+                got[name] = tensor.clone()
+                del tensor
+            parallel.close()
+            torch.cuda.current_stream().synchronize()
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert got[name].device == torch.device("cuda", 0)
+            assert_bitwise_equal(got[name].cpu(), tensor)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_two_ranks_prefetch_on_the_callers_stream_on_a_gpu(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU and a CUDA build of torch")
+    gen = torch.Generator().manual_seed(5)
+    files = [str(write_file(tmp_path / f"m{i}.safetensors",
+                            {f"m{i}.w{j}": torch.randn(512, 512, generator=gen)
+                             for j in range(4)}))
+             for i in range(6)]
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_side_stream_rank_main, args=(store, files), nprocs=2,
+                                join=True)
+
+
 def test_sharded_checkpoint_fixture_loads_through_parallel_loader(tmp_path: Path) -> None:
     _index, paths = sharded_checkpoint(tmp_path / "ckpt", small_tensors(), shards=3)
     files = [str(p) for p in paths]
