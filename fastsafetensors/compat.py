@@ -230,7 +230,8 @@ class SafeTensorsFileLoader:
             raise ConfigError("framework", framework, ["pytorch", "pt", "torch"])
         self.pg: Any = SingleGroup() if pg is None else pg
         self._group = _Group(pg)
-        self.device = resolve_device(_device_name(device), "pt")
+        # ParallelLoader reads batches on a thread of its own: "cuda" must mean the caller's GPU.
+        self.device = resolve_device(_device_name(device), "pt", pin_index=True)
         self.max_threads = max_threads
         self.nogds = nogds
         if kwargs:
@@ -243,7 +244,21 @@ class SafeTensorsFileLoader:
     # -- registration ---------------------------------------------------------------------
     def add_filenames(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
         """Register ``{rank: [files]}``: rank r will read those files. Every rank reads the
-        headers of all files (to know shapes and owners), and only headers."""
+        headers of all files (to know shapes and owners), and only headers; with several
+        ranks, one all_reduce then checks that every rank could (as copy_files_to_device does:
+        a shard missing on one node must not leave the others waiting)."""
+        every = [os.fspath(p) for paths in filenames.values() for p in paths]
+        headers = {rank: every for rank in range(self._group.size)}
+        try:
+            self._add(filenames)
+        except Exception:
+            check_peers(self._group, self.device, headers, failed=True)
+            raise
+        check_peers(self._group, self.device, headers)
+
+    def _add(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
+        """add_filenames without the check (ParallelLoader's prefetch thread runs no
+        collective; it checks on the caller's thread)."""
         self._check_open()
         for rank, paths in filenames.items():
             if not 0 <= rank < self._group.size:

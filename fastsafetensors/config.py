@@ -65,7 +65,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "GPU I/O backend: gds (kvikio/cuFile) or posix reads plus copies"),
     Option("chunk_bytes", lambda: 16 * MiB, help="largest single read"),
     Option("staging_bytes", lambda: 256 * MiB,
-           help="pinned host staging in total (at most), for device loads"),
+           help="pinned host staging in total, for device loads: at most this, but at least "
+                "64 KiB per reader thread"),
     Option("direct_threads", lambda: 8,
            help="reader threads when most reads bypass the page cache (a disk serves more "
                 "requests in flight; cached data does not need them)"),

@@ -182,7 +182,7 @@ class ParallelLoader:
         copies out of it still run)."""
         loader = SafeTensorsFileLoader(self._group_pg, **self._options)
         try:
-            loader.add_filenames({rank: [path] for rank, path in enumerate(batch)})
+            loader._add({rank: [path] for rank, path in enumerate(batch)})
             if stream is None:
                 return loader._copy()
             import torch

@@ -255,8 +255,8 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
     import fastsafetensors.loader.cuda as cuda_module
     import fastsafetensors.loading as loading_module
 
-    monkeypatch.setattr(compat_module, "resolve_device", lambda device, framework: "cuda:0")
-    monkeypatch.setattr(loading_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(compat_module, "resolve_device", lambda device, framework, **_: "cuda:0")
+    monkeypatch.setattr(loading_module, "resolve_device", lambda device, framework, **_: "cuda:0")
     monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device: sink)
 
 
@@ -273,8 +273,9 @@ def test_bare_cuda_means_the_callers_device_on_every_thread(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device",
                         lambda: 1 if threading.get_ident() == caller else 0)
-    assert resolve_device("cuda") == "cuda:1"
-    assert resolve_device("cuda:0") == "cuda:0"
+    assert resolve_device("cuda", pin_index=True) == "cuda:1"
+    assert resolve_device("cuda:0", pin_index=True) == "cuda:0"
+    assert resolve_device("cuda") == "cuda"   # initialises nothing: resolved where it is read
     loader = ParallelLoader(None, shards, use_tqdm_on_load=False, device="cuda", nogds=True)
     seen: list[str] = []
     worker = threading.Thread(target=lambda: seen.append(
@@ -292,7 +293,6 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     # caller frees would otherwise be handed out again under its copies still running.
     import contextlib
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     import fastsafetensors.loader.cuda as cuda_module
     from fake_device import FakeSink
@@ -317,14 +317,17 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     sinks_made_on: list[str] = []
     monkeypatch.setattr(cuda_module, "TorchCudaSink",
                         lambda device: sinks_made_on.append(torch.cuda.current_stream()) or sink)
-    loader = ParallelLoader(None, shards, use_tqdm_on_load=False, device="cuda:0", nogds=True)
-    with stream("caller's"), ThreadPoolExecutor(1) as prefetch:
-        fb = prefetch.submit(loader._load, [shards[0]], torch.cuda.current_stream()).result()
-    assert sinks_made_on == ["caller's"]
-    assert set(fb.keys()) == set(load_file(shards[0]))
-    fb.close()
+    loader = ParallelLoader(None, shards, queue_size=1, use_tqdm_on_load=False,
+                            device="cuda:0", nogds=True)
+    # One rank streams; the batch pipeline (with its prefetch thread) is what several ranks
+    # run, and it runs the same with a group of one.
+    loader._local = False
+    with stream("caller's"):
+        got = dict(loader.iterate_weights())
     loader.close()
     sink.close()
+    assert_same(got, shards)
+    assert sinks_made_on == ["caller's"] * len(shards)   # one batch per file, all prefetched
 
 
 @pytest.mark.parametrize("queue_size, files_ahead", [(-1, 1), (0, 2), (2, 3)])
@@ -683,6 +686,26 @@ def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     try:
+        import fastsafetensors.compat as compat_module
+
+        a, b = files
+        pg = dist.group.WORLD
+        # A shard that only rank 1 cannot open (missing on its node): the header reads.
+        if rank == 1:
+            def missing(path: str) -> Any:
+                raise FileNotFoundError(2, "No such file or directory", path)
+
+            compat_module.read_header, read_header = missing, compat_module.read_header
+        loader = SafeTensorsFileLoader(pg, "cpu", nogds=True)
+        with pytest.raises(FileNotFoundError if rank == 1 else PeerLoadError) as missed:
+            loader.add_filenames({0: [a], 1: [b]})
+        if rank == 0:
+            assert missed.value.ranks == (1,) and set(missed.value.files) == {a, b}
+        else:
+            compat_module.read_header = read_header
+        loader.close()
+
+        # Rank 1 cannot read the data of its files.
         if rank == 1:
             def unreadable(self: Any, paths: list[str]) -> dict[str, Any]:
                 if not paths:
@@ -690,8 +713,6 @@ def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
                 raise ReadError(paths[0], 0, 4096, 0)
 
             SafeTensorsFileLoader._read = unreadable  # type: ignore[method-assign]
-        a, b = files
-        pg = dist.group.WORLD
         expected_error = ReadError if rank == 1 else PeerLoadError
 
         loader = SafeTensorsFileLoader(pg, "cpu", nogds=True)
@@ -737,7 +758,11 @@ def _side_stream_rank_main(rank: int, store: str, files: list[str]) -> None:
                                       use_tqdm_on_load=False, device="cuda", nogds=True)
             got = {}
             for name, tensor in parallel.iterate_weights():
-                # a kernel on the caller's stream, as vLLM's param.copy_ is; then drop it
+                # Keep the caller's stream busy, then read the tensor there (as vLLM's
+                # param.copy_ does) and drop it: were the next batches allocated and ordered
+                # on another stream, they could reuse and overwrite its memory before the
+                # clone has read it.
+                torch.cuda._sleep(20_000_000)
                 got[name] = tensor.clone()
                 del tensor
             parallel.close()

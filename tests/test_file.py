@@ -599,7 +599,7 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
         asked.append(kwargs)
         yield "w", torch.zeros(16, dtype=torch.uint8)
 
-    monkeypatch.setattr(file_module, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(file_module, "resolve_device", lambda device, framework, **_: "cuda:0")
     monkeypatch.setattr(file_module, "DEVICE_STREAM_BYTES", 0)
     monkeypatch.setattr(loading, "iter_tensors", fake_iter_tensors)
     with FastSafetensorsFile(path) as fsf:

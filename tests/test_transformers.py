@@ -377,9 +377,11 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
     from transformers import core_model_loading
 
     asked: list[tuple[str, Any]] = []
+    steps: list[str] = []
 
     def fake_get_tensor(self: Any, name: str, *, device: Any = None, dtype: Any = None) -> Any:
         asked.append((device, dtype))
+        steps.append(f"read to {device}")
         return torch.zeros(1)
 
     path = shards(models["llama"])[0]
@@ -387,14 +389,13 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
     handle = load.open(path)
     name = handle.keys()[0]
     materialize: Any = core_model_loading._materialize_copy
-    synced: list[str] = []
 
     class Stream:
         def __init__(self, device: Any):
             self.device = str(device)
 
         def synchronize(self) -> None:
-            synced.append(self.device)
+            steps.append(f"wait on {self.device}")
 
     monkeypatch.setattr(seam.FastSafetensorsFile, "get_tensor", fake_get_tensor)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
@@ -402,7 +403,7 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
     materialize(handle.get_slice(name), "cuda:0", None)
     assert asked == [("cuda:1", torch.float16), ("cuda:0", None)]
     # complete before transformers' thread gets it: the copies ran on the pool thread's stream
-    assert synced == ["cuda:1", "cuda:0"]
+    assert steps == ["read to cuda:1", "wait on cuda:1", "read to cuda:0", "wait on cuda:0"]
     monkeypatch.undo()
     on_meta = materialize(handle.get_slice(name), "meta", None)   # host read, then .to("meta")
     assert on_meta.device.type == "meta" and asked == [("cuda:1", torch.float16), ("cuda:0", None)]

@@ -57,11 +57,11 @@ def get_framework(name: str) -> Framework:
     return np_module.NUMPY
 
 
-def resolve_device(device: Any, framework: str = "pt") -> str:
+def resolve_device(device: Any, framework: str = "pt", *, pin_index: bool = False) -> str:
     """Normalise a device name; ``cuda`` without a usable GPU raises NoGPUError here, before
-    any file is opened or byte read. A bare ``cuda`` becomes ``cuda:N`` for the caller's current
-    device: the engine and ParallelLoader work on threads of their own, where the current
-    device is 0 whatever the caller chose."""
+    any file is opened or byte read. ``pin_index``: a bare ``cuda`` becomes ``cuda:N`` for the
+    caller's current device, for loaders that read on threads of their own, where the current
+    device is 0 whatever the caller chose (it initialises CUDA, so only they ask for it)."""
     if isinstance(device, int) and not isinstance(device, bool):
         device = f"cuda:{device}"   # a bare index means a CUDA device, as in safetensors
     name = str(device) if device is not None else "cpu"
@@ -81,7 +81,7 @@ def resolve_device(device: Any, framework: str = "pt") -> str:
         raise NoGPUError(name, detail)
     index = torch.device(name).index
     if index is None:
-        return f"cuda:{torch.cuda.current_device()}"
+        return f"cuda:{torch.cuda.current_device()}" if pin_index else name
     if index >= torch.cuda.device_count():
         raise NoGPUError(name, f"only {torch.cuda.device_count()} GPU(s) are visible")
     return name
