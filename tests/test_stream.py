@@ -282,3 +282,30 @@ def test_pinned_staging_stays_within_staging_bytes(threads: int) -> None:
     request = options.buffer_bytes + 3 * DIRECT_ALIGN   # what each staging buffer pins
     assert request & (request - 1) == 0
     assert 2 * threads * request <= options.staging_bytes < 4 * threads * request
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_workers_leave_at_once_when_a_load_ends(checkpoint, monkeypatch, stop_early):
+    # Per-tensor reads to a device run one load per tensor: a worker that noticed the end only
+    # by its idle poll would add that poll to every tensor. With the poll set to an hour, the
+    # load must still end (stop markers reach every worker, also after an early stop).
+    import fastsafetensors.loader.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "WORKER_POLL", 3600.0)
+    done = threading.Event()
+
+    def load() -> None:
+        gen = stream_tensors([(p, None, None) for p in checkpoint], FakeSink(delay=0),
+                             StreamOptions(threads=8, staging_bytes=16 * 16384))
+        if stop_early:
+            next(gen)
+            gen.close()
+        else:
+            for _ in gen:
+                pass
+        done.set()
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert done.is_set(), "a worker waited for its idle poll after the load ended"

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 #: (path, header or None to read it here, tensor names wanted or None for all)
 Source = tuple[str, "Header | None", "list[str] | None"]
 
+#: How often an idle worker looks at ``cancelled`` (seconds). Only a fallback: a load that ends
+#: hands each worker a stop marker.
+WORKER_POLL = 0.1
+
 #: torch's CUDA caching allocator hands out multiples of 512 bytes.
 ALLOC_GRANULE = 512
 
@@ -265,7 +269,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             buffers = [sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN) for _ in range(2)]
             while True:
                 try:
-                    chunk = work.get(timeout=0.1)
+                    chunk = work.get(timeout=WORKER_POLL)
                 except queue.Empty:
                     # The consumer may have drained the queue (stop markers included) when it
                     # cancelled, so an idle worker must notice cancellation by itself.
@@ -328,6 +332,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     finally:
         cancelled.set()
         _drain(work)
+        # The drain may have taken the planner's stop markers: give each worker one back, or
+        # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
+        # ones: per-tensor reads to a device run one load per tensor).
+        _wake(work, options.threads)
         for t in threads:
             t.join()
         for f in files:
@@ -346,6 +354,16 @@ def _drain(work: queue.Queue[Any]) -> None:
             work.get_nowait()
     except queue.Empty:
         pass
+
+
+def _wake(work: queue.Queue[Any], workers: int) -> None:
+    """Put up to ``workers`` stop markers without blocking (a planner still running may have
+    filled the queue again; the workers then notice ``cancelled`` on their next poll)."""
+    for _ in range(workers):
+        try:
+            work.put_nowait(None)
+        except queue.Full:
+            return
 
 
 def _open(path: str, header: Header | None, policy: IOPolicy) -> _File:
