@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from fastsafetensors.errors import ReadError, TensorNotFoundError
 from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS
+from fastsafetensors.loader import threads as pool
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
 
 
@@ -52,6 +53,12 @@ def _run(paths, sink, *, names=None, **opts):
         sink.consumed(tensor.numel() * tensor.element_size() if tensor.dtype != torch.bool
                       else tensor.numel())
     return out
+
+
+def _engine_threads_running():
+    """Threads still working for a load (the pool keeps finished ones, idle, for the next)."""
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith("fastsafetensors-") and not t.name.startswith(pool.IDLE_NAME)]
 
 
 def _expected(paths):
@@ -142,7 +149,7 @@ def test_unknown_name_raises_and_cleans_up(checkpoint):
     with pytest.raises(TensorNotFoundError):
         _run(checkpoint, FakeSink(delay=0), names=["nope"])
     assert _fd_count() == before
-    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+    assert _engine_threads_running() == []
 
 
 def test_truncated_file_raises_read_error_without_partial_result(tmp_path):
@@ -166,7 +173,7 @@ def test_early_close_stops_threads_and_closes_files(checkpoint):
     next(gen)
     gen.close()
     assert _fd_count() == before
-    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+    assert _engine_threads_running() == []
 
 
 def test_misaligned_tensors_stream_correctly(tmp_path):
@@ -232,7 +239,7 @@ def test_worker_that_cannot_start_raises_instead_of_hanging(checkpoint):
     thread.join(timeout=20)
     assert not thread.is_alive(), "the consumer hangs when no worker could start"
     assert isinstance(outcome[0], RuntimeError) and "pinned" in str(outcome[0])
-    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+    assert _engine_threads_running() == []
 
 
 def test_gds_stopped_early_waits_for_reads_in_flight(tmp_path):

@@ -1,6 +1,7 @@
 """The device streaming engine: files -> pinned staging -> device tensors, yielded in file order.
 
-Three kinds of thread work together:
+Three kinds of thread work together (the engine's own come from a pool kept across loads,
+loader/threads.py):
 
 * the planner (one thread) walks the wanted tensors in file order, allocates each tensor's final
   device storage (holding it to the memory budget) and groups tensor bytes into chunks of at most
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, open_readonly, read_header_fd
+from . import threads as pool
 from .cpu import IOPolicy
 from .pagecache import resident_map
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
@@ -305,11 +307,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     sink.host_wait(event)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=plan, name="fastsafetensors-plan", daemon=True)]
-    threads += [threading.Thread(target=worker, name=f"fastsafetensors-io-{i}", daemon=True)
-                for i in range(options.threads)]
-    for t in threads:
-        t.start()
+    finished = [pool.start(plan, "fastsafetensors-plan")]
+    finished += [pool.start(worker, f"fastsafetensors-io-{i}") for i in range(options.threads)]
     count = 0
     try:
         while True:
@@ -336,8 +335,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
         # ones: per-tensor reads to a device run one load per tensor).
         _wake(work, options.threads)
-        for t in threads:
-            t.join()
+        for done in finished:
+            done.wait()
         for f in files:
             _close(f)
         seconds = time.perf_counter() - started

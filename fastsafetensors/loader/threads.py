@@ -1,0 +1,97 @@
+"""Threads kept across loads for the streaming engine.
+
+Starting a Python thread waits until the new thread runs, about 60 us here, and a load starts a
+planner and up to 16 readers. A load to a device of a single tensor, which is what
+transformers asks for tensor by tensor, would pay that on every tensor. So the engine's
+threads come from this pool: a thread that finished its task waits ``IDLE_SECONDS`` for the next
+one and then ends. The pool is unbounded, because a load's planner and readers must all run at
+once (a reader waits for its planner's chunks), so a bounded pool shared by concurrent loads
+could deadlock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+__all__ = ["start", "busy", "started", "IDLE_SECONDS"]
+
+#: How long an idle thread waits for another task before it ends.
+IDLE_SECONDS = 10.0
+#: The name of a thread waiting for a task; a running one is named after its task.
+IDLE_NAME = "fastsafetensors-idle"
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+_idle = 0        # threads waiting in _tasks.get(), each owed at most one task
+_busy = 0        # threads running a task
+_started = 0
+
+
+def start(task: Callable[[], None], name: str) -> threading.Event:
+    """Run ``task`` on a pooled thread (renamed ``name`` while it runs); the event is set when
+    it returned. The engine's tasks report their errors themselves; anything else a task raises
+    is logged, so that the thread stays in the pool."""
+    global _idle, _busy, _started
+    done = threading.Event()
+
+    def run() -> None:
+        global _busy, _idle
+        threading.current_thread().name = name
+        try:
+            task()
+        except BaseException:  # noqa: BLE001 - a thread the pool counts as idle must not die
+            logger.exception("a pooled task raised")
+        finally:
+            threading.current_thread().name = IDLE_NAME
+            with _lock:
+                _busy -= 1
+                _idle += 1   # before done: whoever waits for it may hand this thread more
+            done.set()
+
+    with _lock:
+        _busy += 1
+        if _idle:
+            _idle -= 1
+            _tasks.put(run)   # under the lock: a thread timing out sees it (see _serve)
+            return done
+        _started += 1
+        number = _started
+    threading.Thread(target=_serve, args=(run,), name=f"{IDLE_NAME}-{number}",
+                     daemon=True).start()
+    return done
+
+
+def busy() -> int:
+    """Threads running a task now (tests check that a finished load leaves none)."""
+    with _lock:
+        return _busy
+
+
+def started() -> int:
+    """Threads started since import (tests check that finished ones are reused)."""
+    with _lock:
+        return _started
+
+
+def _serve(run: Callable[[], None]) -> None:
+    global _idle
+    while True:
+        run()
+        try:
+            run = _tasks.get(timeout=IDLE_SECONDS)
+            continue
+        except queue.Empty:
+            pass
+        with _lock:
+            # A task handed to an idle thread is put while the lock is held, so any task
+            # counted on this thread is in the queue by now.
+            try:
+                run = _tasks.get_nowait()
+            except queue.Empty:
+                _idle -= 1
+                return

@@ -1,0 +1,68 @@
+"""The engine's thread pool (fastsafetensors/loader/threads.py): threads are reused across
+loads, every task of a load runs at once however many there are, and idle threads end."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from fastsafetensors.loader import threads as pool
+
+
+def _run_all(tasks: int, task) -> None:
+    done = [pool.start(task, f"fastsafetensors-test-{i}") for i in range(tasks)]
+    for event in done:
+        assert event.wait(timeout=20), "a pooled task never ran"
+
+
+def test_finished_threads_run_the_next_tasks() -> None:
+    _run_all(4, threading.Barrier(4, timeout=20).wait)   # four threads at once, idle after
+    before = pool.started()
+    for _ in range(20):
+        _run_all(4, lambda: None)
+    assert pool.started() == before
+    assert pool.busy() == 0
+
+
+def test_tasks_that_wait_for_each_other_all_run() -> None:
+    # A load's readers wait for its planner: tasks started together must run together.
+    barrier = threading.Barrier(40, timeout=20)
+    _run_all(40, barrier.wait)
+    assert pool.busy() == 0
+
+
+def test_a_running_task_carries_its_name() -> None:
+    names: list[str] = []
+    _run_all(1, lambda: names.append(threading.current_thread().name))
+    assert names == ["fastsafetensors-test-0"]
+    assert not [t for t in threading.enumerate() if t.name == "fastsafetensors-test-0"]
+
+
+def test_idle_threads_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "IDLE_SECONDS", 0.01)
+    mine: list[threading.Thread] = []
+    _run_all(3, lambda: mine.append(threading.current_thread()))
+    for thread in mine:
+        thread.join(timeout=20)
+        assert not thread.is_alive()
+
+
+def test_tasks_handed_over_while_threads_time_out_all_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # An idle thread may time out just as a task is handed to it: the task must still run.
+    monkeypatch.setattr(pool, "IDLE_SECONDS", 0.0005)
+    for _ in range(300):
+        _run_all(2, lambda: None)
+    assert pool.busy() == 0
+
+
+def test_a_task_that_raises_leaves_its_thread_in_the_pool(caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    _run_all(1, broken)
+    assert "a pooled task raised" in caplog.text
+    _run_all(8, lambda: None)   # counted idle threads are all alive to take tasks
+    assert pool.busy() == 0
