@@ -3,6 +3,7 @@ loads, every task of a load runs at once however many there are, and idle thread
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -66,3 +67,14 @@ def test_a_task_that_raises_leaves_its_thread_in_the_pool(caplog: pytest.LogCapt
     assert "a pooled task raised" in caplog.text
     _run_all(8, lambda: None)   # counted idle threads are all alive to take tasks
     assert pool.busy() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_threads_of_its_own() -> None:
+    _run_all(2, threading.Barrier(2, timeout=20).wait)   # idle threads in this process
+    pid = os.fork()
+    if pid == 0:   # the child: the parent's idle threads do not exist here
+        ran = pool.start(lambda: None, "fastsafetensors-test-child").wait(timeout=10)
+        os._exit(0 if ran else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

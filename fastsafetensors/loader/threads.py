@@ -12,6 +12,7 @@ could deadlock.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -95,3 +96,16 @@ def _serve(run: Callable[[], None]) -> None:
             except queue.Empty:
                 _idle -= 1
                 return
+
+
+def _after_fork() -> None:
+    # A forked child has none of the parent's threads: counted as idle, they would be handed
+    # tasks that nobody runs.
+    global _lock, _tasks, _idle, _busy
+    _lock = threading.Lock()
+    _tasks = queue.SimpleQueue()
+    _idle = _busy = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
