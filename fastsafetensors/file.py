@@ -113,15 +113,15 @@ class FastSafetensorsFile:
         target = self._device if device is None else resolve_device(device, self._framework.name)
         if target != "cpu" and info.nbytes >= DEVICE_STREAM_BYTES:
             # Large tensors stream through pinned staging straight into device memory.
-            from .loading import iter_tensors
+            from .loading import device_stream
 
             # No more staging than the tensor itself: transformers reads many tensors at once
-            # from its thread pool, and each read takes staging of its own.
+            # from its thread pool, and each read takes staging of its own. The header is the
+            # one this file holds (not read and parsed again per tensor).
             staging = min(config.get("staging_bytes"), 1 << (info.nbytes - 1).bit_length())
             with self._in_use():
-                ((_, tensor),) = iter_tensors([self._path], device=target, tensors=[name],
-                                              framework=self._framework.name,
-                                              staging_bytes=staging)
+                ((_, tensor),) = device_stream([(self._path, self._header, [name])], target,
+                                               staging_bytes=staging)
             with self._lock:
                 self.bytes_read += info.nbytes
             return self._framework.convert(tensor, device=None, dtype=dtype)

@@ -80,8 +80,8 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     if target == "cpu":
         stream = _host_stream(files, fw, threads=threads, io=io)
     else:
-        stream = _device_stream(files, target, threads=threads, io=io, backend=backend,
-                                staging_bytes=staging_bytes, max_device_bytes=max_device_bytes)
+        stream = device_stream(files, target, threads=threads, io=io, backend=backend,
+                               staging_bytes=staging_bytes, max_device_bytes=max_device_bytes)
     for name, tensor in stream:
         yield name, tensor if dtype is None else fw.convert(tensor, device=None, dtype=dtype)
 
@@ -108,10 +108,12 @@ def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,
         yield from tensors.items()
 
 
-def _device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: str, *,
-                   threads: int | None, io: str | None, backend: str | None,
-                   staging_bytes: int | None, max_device_bytes: int | None
-                   ) -> Iterator[tuple[str, Any]]:
+def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: str, *,
+                  threads: int | None = None, io: str | None = None,
+                  backend: str | None = None, staging_bytes: int | None = None,
+                  max_device_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
+    """``(path, header or None, names or None)`` sources to a resolved CUDA ``device``, with
+    the engine (or GDS); options not given come from the configuration."""
     from .loader.cuda import TorchCudaSink
     from .loader.gds import select_backend, stream_gds
     from .loader.stream import StreamOptions, stream_tensors

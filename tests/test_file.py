@@ -595,15 +595,17 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
     safetensors.torch.save_file({"w": torch.zeros(16, dtype=torch.uint8)}, str(path))
     asked: list[dict[str, Any]] = []
 
-    def fake_iter_tensors(files: Any, **kwargs: Any) -> Any:
-        asked.append(kwargs)
+    def fake_device_stream(files: Any, device: str, **kwargs: Any) -> Any:
+        asked.append({"files": files, "device": device, **kwargs})
         yield "w", torch.zeros(16, dtype=torch.uint8)
 
     monkeypatch.setattr(file_module, "resolve_device", lambda device, framework, **_: "cuda:0")
     monkeypatch.setattr(file_module, "DEVICE_STREAM_BYTES", 0)
-    monkeypatch.setattr(loading, "iter_tensors", fake_iter_tensors)
+    monkeypatch.setattr(loading, "device_stream", fake_device_stream)
     with FastSafetensorsFile(path) as fsf:
         large = SimpleNamespace(name="w", nbytes=nbytes)   # as if the tensor were this large
         monkeypatch.setattr(fsf, "_info", lambda name: large)
         fsf.get_tensor("w", device="cuda:0")
+        # the header this file holds, not one read again for the tensor
+        assert asked[0]["files"] == [(str(path), fsf.header, ["w"])]
     assert asked[0]["device"] == "cuda:0" and asked[0]["staging_bytes"] == staging
