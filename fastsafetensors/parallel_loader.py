@@ -201,6 +201,10 @@ class ParallelLoader:
         try:
             fb = load()
         except Exception:
+            # load may be a prefetch future's result(): the future holds the exception, whose
+            # traceback holds this frame. Left in place, that cycle keeps the loader and its
+            # process group alive until the interpreter exits (and gloo aborts there).
+            del load
             check_peers(self.loader._group, device, files, failed=True)
             raise
         check_peers(self.loader._group, device, files, fb=fb)
@@ -249,6 +253,7 @@ class ParallelLoader:
                         batch, future = pending.popleft()
                         yield from self._drain(self._checked(batch, future.result), bar)
                 finally:
+                    future = None   # a failed one: see _checked
                     # Stopped early or failed: drop reads not started, free those done.
                     for _, future in pending:
                         future.cancel()

@@ -330,6 +330,40 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     assert sinks_made_on == ["caller's"] * len(shards)   # one batch per file, all prefetched
 
 
+@pytest.mark.parametrize("queue_size", [-1, 1])
+def test_a_failed_batch_leaves_no_reference_cycle(shards: list[str], queue_size: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cycle (exception -> traceback -> frame -> prefetch future -> exception) would keep the
+    # loader, and with it the process group, alive until the interpreter exits, where gloo
+    # aborts the process when the group is destroyed that late.
+    import gc
+
+    from fastsafetensors import ReadError
+
+    def unreadable(self: Any, paths: list[str]) -> dict[str, Any]:
+        raise ReadError(paths[0], 0, 4096, 0)
+
+    monkeypatch.setattr(SafeTensorsFileLoader, "_read", unreadable)
+    loader = ParallelLoader(None, shards, queue_size=queue_size, use_tqdm_on_load=False)
+    loader._local = False   # the batch pipeline that several ranks run, here with one
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(ReadError):
+            dict(loader.iterate_weights())
+        loader.close()
+        del loader
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        leaked = [type(o).__name__ for o in gc.garbage
+                  if isinstance(o, (SafeTensorsFileLoader, ParallelLoader, ReadError))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leaked == []
+
+
 @pytest.mark.parametrize("queue_size, files_ahead", [(-1, 1), (0, 2), (2, 3)])
 def test_one_rank_reads_ahead_as_far_as_queue_size_says(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue_size: int,
@@ -704,6 +738,9 @@ def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
         else:
             compat_module.read_header = read_header
         loader.close()
+        # Its traceback holds this frame, which holds it: a cycle that keeps the process group
+        # alive until the interpreter exits, where destroying it after finalization aborts.
+        del missed
 
         # Rank 1 cannot read the data of its files.
         if rank == 1:
@@ -723,6 +760,7 @@ def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
             assert info.value.ranks == (1,) and info.value.files == (b,)
             assert "b.safetensors" in str(info.value)
         loader.close()
+        del info
 
         for queue_size in (-1, 0, 2):   # on the caller's thread, then prefetched
             parallel = ParallelLoader(pg, [a, b], queue_size=queue_size, use_tqdm_on_load=False,
