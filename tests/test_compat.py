@@ -294,8 +294,9 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     import contextlib
     import threading
 
-    import fastsafetensors.loader.cuda as cuda_module
     from fake_device import FakeSink
+
+    import fastsafetensors.loader.cuda as cuda_module
 
     current = threading.local()      # each thread's current stream, as CUDA keeps it
 

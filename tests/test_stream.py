@@ -13,8 +13,8 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from fastsafetensors.errors import ReadError, TensorNotFoundError
-from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS
 from fastsafetensors.loader import threads as pool
+from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
 
 

@@ -78,3 +78,16 @@ def test_a_forked_child_starts_threads_of_its_own() -> None:
         os._exit(0 if ran else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_idle_thread_keeps_nothing_of_its_last_task() -> None:
+    import weakref
+
+    class State:
+        pass
+
+    state = State()
+    alive = weakref.ref(state)
+    _run_all(1, lambda state=state: None)
+    del state
+    assert alive() is None, "an idle thread still holds the last task's state"

@@ -79,23 +79,30 @@ def started() -> int:
         return _started
 
 
-def _serve(run: Callable[[], None]) -> None:
-    global _idle
-    while True:
+def _serve(first: Callable[[], None]) -> None:
+    run: Callable[[], None] | None = first
+    while run is not None:
         run()
+        run = None   # its closure holds the finished load's state: not kept while idle
+        run = _next()
+
+
+def _next() -> Callable[[], None] | None:
+    """The next task for an idle thread, or None when none came in IDLE_SECONDS (the thread
+    then ends, no longer counted as idle)."""
+    global _idle
+    try:
+        return _tasks.get(timeout=IDLE_SECONDS)
+    except queue.Empty:
+        pass
+    with _lock:
+        # A task handed to an idle thread is put while the lock is held, so any task counted
+        # on this thread is in the queue by now.
         try:
-            run = _tasks.get(timeout=IDLE_SECONDS)
-            continue
+            return _tasks.get_nowait()
         except queue.Empty:
-            pass
-        with _lock:
-            # A task handed to an idle thread is put while the lock is held, so any task
-            # counted on this thread is in the queue by now.
-            try:
-                run = _tasks.get_nowait()
-            except queue.Empty:
-                _idle -= 1
-                return
+            _idle -= 1
+            return None
 
 
 def _after_fork() -> None:
