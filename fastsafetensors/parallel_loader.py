@@ -250,10 +250,11 @@ class ParallelLoader:
                             queued += 1
                         if not pending:
                             break
-                        batch, future = pending.popleft()
-                        yield from self._drain(self._checked(batch, future.result), bar)
+                        batch = pending[0][0]
+                        # The future is not kept in a variable of this frame: see _checked.
+                        yield from self._drain(
+                            self._checked(batch, pending.popleft()[1].result), bar)
                 finally:
-                    future = None   # a failed one: see _checked
                     # Stopped early or failed: drop reads not started, free those done.
                     for _, future in pending:
                         future.cancel()
