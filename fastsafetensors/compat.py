@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from .errors import (
     ClosedFileError,
@@ -42,6 +42,7 @@ __all__ = ["ProcessGroupLike", "SingleGroup", "SafeTensorsFileLoader", "FilesBuf
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+_T = TypeVar("_T")
 
 
 class ProcessGroupLike(Protocol):
@@ -152,6 +153,23 @@ def _raw(tensor: Any) -> Any:
     return tensor.reshape(-1).view(torch.uint8)
 
 
+def checked(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str]],
+            read: Callable[[], _T]) -> _T:
+    """``read()``, then check_peers: every rank stops if any rank's read failed."""
+    try:
+        result = read()
+    except Exception:
+        # read may be a prefetch future's result(): the future holds the exception, whose
+        # traceback holds this frame. Left in place, that cycle keeps the loader and its
+        # process group alive until the interpreter exits (and gloo aborts there).
+        del read
+        check_peers(group, device, files_by_rank, failed=True)
+        raise   # this rank's own error, once the others know
+    check_peers(group, device, files_by_rank,
+                fb=result if isinstance(result, FilesBufferOnDevice) else None)
+    return result
+
+
 def _as_bytes(tensor: Any) -> Any:
     """A tensor of a one-byte dtype as uint8 (same shape and bytes), any other as it is: torch
     has no cat kernel for float4, and copy kernels for the 8-bit floats differ by device."""
@@ -249,12 +267,7 @@ class SafeTensorsFileLoader:
         a shard missing on one node must not leave the others waiting)."""
         every = [os.fspath(p) for paths in filenames.values() for p in paths]
         headers = {rank: every for rank in range(self._group.size)}
-        try:
-            self._add(filenames)
-        except Exception:
-            check_peers(self._group, self.device, headers, failed=True)
-            raise
-        check_peers(self._group, self.device, headers)
+        checked(self._group, self.device, headers, lambda: self._add(filenames))
 
     def _add(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
         """add_filenames without the check (ParallelLoader's prefetch thread runs no
@@ -294,13 +307,8 @@ class SafeTensorsFileLoader:
         ``dtype`` casts every tensor as upstream does (None or ``DType.AUTO``: keep the file's
         dtype). ``use_buf_register`` and ``max_copy_block_size`` are accepted and ignored: our
         engine bounds its pinned staging itself."""
-        try:
-            fb = self._copy(dtype)
-        except Exception:
-            check_peers(self._group, self.device, self._files_by_rank(), failed=True)
-            raise   # this rank's own error, once the others know
-        check_peers(self._group, self.device, self._files_by_rank(), fb=fb)
-        return fb
+        return checked(self._group, self.device, self._files_by_rank(),
+                       lambda: self._copy(dtype))
 
     def _copy(self, dtype: Any = None) -> FilesBufferOnDevice:
         """copy_files_to_device without the check that every rank read its files (ParallelLoader

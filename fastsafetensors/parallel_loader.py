@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, check_peers
+from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, checked
 from .errors import BudgetInfeasibleError, ConfigError
 from .format import TensorInfo, read_header
 from .loader.stream import device_bytes
@@ -192,23 +192,10 @@ class ParallelLoader:
         finally:
             loader.close()
 
-    def _checked(self, batch: list[str], load: Callable[[], FilesBufferOnDevice]
-                 ) -> FilesBufferOnDevice:
-        """``load()``, then, on the caller's thread, the check that every rank read its file
-        of ``batch`` (collectives never run on the prefetch thread)."""
-        files = {rank: [path] for rank, path in enumerate(batch)}
-        device = self.loader.device
-        try:
-            fb = load()
-        except Exception:
-            # load may be a prefetch future's result(): the future holds the exception, whose
-            # traceback holds this frame. Left in place, that cycle keeps the loader and its
-            # process group alive until the interpreter exits (and gloo aborts there).
-            del load
-            check_peers(self.loader._group, device, files, failed=True)
-            raise
-        check_peers(self.loader._group, device, files, fb=fb)
-        return fb
+    def _group_of(self, batch: list[str]) -> tuple[Any, str, dict[int, list[str]]]:
+        """What compat.checked needs to check a batch: group, device, files by rank."""
+        return (self.loader._group, self.loader.device,
+                {rank: [path] for rank, path in enumerate(batch)})
 
     def _progress(self, total: int) -> Any:
         if not self.use_tqdm_on_load or int(self.pg.rank()) != 0:
@@ -231,8 +218,8 @@ class ParallelLoader:
         try:
             if ahead == 0:
                 for batch in batches:
-                    yield from self._drain(self._checked(batch, partial(self._load, batch)),
-                                           bar)
+                    yield from self._drain(checked(*self._group_of(batch),
+                                                   partial(self._load, batch)), bar)
                 return
             stream = None
             if self.loader.device != "cpu":
@@ -250,10 +237,10 @@ class ParallelLoader:
                             queued += 1
                         if not pending:
                             break
-                        batch = pending[0][0]
-                        # The future is not kept in a variable of this frame: see _checked.
-                        yield from self._drain(
-                            self._checked(batch, pending.popleft()[1].result), bar)
+                        # The future is not kept in a variable of this frame: see
+                        # compat.checked. Collectives run here, never on the prefetch thread.
+                        yield from self._drain(checked(*self._group_of(pending[0][0]),
+                                                       pending.popleft()[1].result), bar)
                 finally:
                     # Stopped early or failed: drop reads not started, free those done.
                     for _, future in pending:
