@@ -127,6 +127,14 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
         for io in ("buffered", "direct"):   # the fixed modes io="auto" must keep up with
             cases.append(Case(f"fst_cuda_{io}", f"fastsafetensors.load_file(cuda:0) io={io}",
                               "ours", "fst", {"device": dev, "io": io}))
+        # Warm-only tuning rows: would another setting than the defaults (16 threads on 8+
+        # cores, 256 MiB of staging, spinning event waits) be faster on this machine?
+        for key, label, env in (
+                ("block", "event_wait=block", {"FASTSAFETENSORS_EVENT_WAIT": "block"}),
+                ("t8", "threads=8", {"FASTSAFETENSORS_THREADS": "8"}),
+                ("s1g", "staging_bytes=1 GiB", {"FASTSAFETENSORS_STAGING_BYTES": str(1 << 30)})):
+            cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
+                              "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",
                           "fst_load", {"device": dev}))
         cases.append(Case("vllm_cuda", "vLLM's ParallelLoader sequence -> cuda", "ours", "vllm",
@@ -143,6 +151,10 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                               "runai", {"device": dev}, peer="runai"))
     if args.only:
         cases = [c for c in cases if re.search(args.only, c.name)]
+    if args.warm_only:
+        for c in cases:
+            if re.search(args.warm_only, c.name):
+                c.modes = tuple(m for m in c.modes if m == "warm")
     return cases
 
 
@@ -486,6 +498,14 @@ def child(case: str, spec: dict[str, Any]) -> None:
             del tensors
         runner.release(out)
         del out
+        if cuda:
+            import torch
+
+            # Give the freed device memory back: every case keeps its child alive, and 8 GB
+            # cached by each of a dozen children does not fit one GPU. It also makes each
+            # timed run pay for its device memory, as a load in a fresh process does.
+            gc.collect()
+            torch.cuda.empty_cache()
         _emit(reply)
 
 
@@ -655,6 +675,8 @@ def start_child(case: Case, spec: dict[str, Any], args: argparse.Namespace,
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    started = time.monotonic()
+
     cuda = torch.cuda.is_available()
     folder = Path(args.dir or Path(tempfile.gettempdir()) / "fastsafetensors-bench"
                   / f"llama-{args.size_gb:g}gb")
@@ -686,6 +708,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     children: dict[str, Child] = {}
     specs: dict[str, dict[str, Any]] = {}
     load_before = os.getloadavg()
+    skipped = 0     # timed runs not started because the deadline passed
 
     def open_child(case: Case) -> Child | None:
         """A ready child for ``case``, or None (the row then says why)."""
@@ -736,10 +759,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for case in order:
                     if case.name not in children or mode not in case.modes:
                         continue
+                    if args.deadline and time.monotonic() - started > args.deadline:
+                        skipped += 1    # leave time for the checks and the report
+                        continue
                     child = children[case.name] or open_child(case)
                     if child is None:
                         continue
-                    reply = child.ask(f"run {mode}", timeout=args.timeout)
+                    # The first warm run of a loader is also its check (the comparison runs
+                    # after the clock stops), so no extra load is needed for it at the end.
+                    check = (mode == "warm" and case.group != "limit"
+                             and "check" not in results[case.name])
+                    reply = child.ask(f"{'check' if check else 'run'} {mode}",
+                                      timeout=args.timeout)
+                    if check:
+                        _keep_check(results[case.name], reply)
                     if args.process_per_run:
                         record_peak(case, child)
                         child.close()
@@ -760,6 +793,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row["cuda_peak"] = max(row.get("cuda_peak", 0), reply["cuda_peak"])
                     print(f"  round {r + 1} {mode:4} {case.name:24} "
                           f"{nbytes / 1e9 / reply['seconds']:6.2f} GB/s", flush=True)
+        if skipped:
+            print(f"deadline of {args.deadline:g} s passed: {skipped} timed runs skipped",
+                  flush=True)
         for case in cases:
             if case.name not in children:
                 continue
@@ -770,13 +806,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = results[case.name]
             if not args.process_per_run:
                 record_peak(case, child)
-            if case.group != "limit":
-                reply = child.ask("check warm", timeout=args.timeout)
-                row["check"] = reply.get("check") or reply.get("error")
-                if "materialized" in reply:
-                    row["materialized"] = reply["materialized"]
-                if "on_device" in reply:
-                    row["on_device"] = reply["on_device"]
+            if case.group != "limit" and "check" not in row:
+                _keep_check(row, child.ask("check warm", timeout=args.timeout))
             child.tell("quit")
     finally:
         for child in children.values():
@@ -814,11 +845,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": {"folder": str(folder), **info},
         "repeat": args.repeat, "threads": args.threads, "chunk_mib": args.chunk_mb,
         "process_per_run": args.process_per_run, "idle_before": args.idle_before,
+        "deadline": args.deadline, "runs_skipped_at_deadline": skipped,
         "malloc_default": args.malloc_default,
         "loadavg": {"start": load_before, "end": os.getloadavg()},
         "cases": results, "many": many,
         "targets": targets(results) + gpu_targets(results, info["tensor_bytes"]),
     }
+
+
+def _keep_check(row: dict[str, Any], reply: dict[str, Any]) -> None:
+    row["check"] = reply.get("check") or reply.get("error")
+    for key in ("materialized", "on_device"):
+        if key in reply:
+            row[key] = reply[key]
 
 
 # --------------------------------------------------------------------------- report
@@ -985,7 +1024,10 @@ def summary(report: dict[str, Any]) -> str:
            f"kernel {m['kernel']}, {m['filesystem']}, torch {m['torch']}"
            + (f", {m['cuda']}" if m.get("cuda") else ""),
            (f"checkpoint: {ck['tensor_bytes'] / 1e9:.2f} GB bf16, {ck['tensors']} tensors in "
-           f"{len(ck['files'])} shards; median of {report['repeat']}; GB = 1e9 bytes; "
+           f"{len(ck['files'])} shards; median of {report['repeat']}"
+           + (f" ({report['runs_skipped_at_deadline']} runs skipped at the deadline)"
+              if report.get("runs_skipped_at_deadline") else "")
+           + "; GB = 1e9 bytes; "
            f"B = best fresh-memory raw preadv of the same mode (4 KiB or huge pages); "
            f"load average "
            f"{report['loadavg']['start'][0]:.1f} at start, "
@@ -1050,6 +1092,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="do not pin MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in children")
     ap.add_argument("--many-tensors", type=int, default=20_000)
     ap.add_argument("--skip-many", action="store_true")
+    ap.add_argument("--warm-only", help="regex: cases whose key matches run warm only")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from the start after which no timed run starts (the checks "
+                         "and the report still run): a run cut short by a time limit keeps "
+                         "its report")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per child command")
     ap.add_argument("--logs", help="children's stderr (default <dir>/logs)")
     ap.add_argument("--json", help="write the full report here")

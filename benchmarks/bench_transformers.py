@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--dir", default=None,
                     help="where the checkpoint is written (default: a folder under /tmp)")
     ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from the start after which no run starts; the summary and "
+                         "the JSON still cover the runs done")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -138,6 +141,7 @@ def main() -> None:
         child(args)
         return
 
+    started = time.monotonic()
     folder = Path(args.dir or Path(tempfile.gettempdir()) / f"fst-bench-tf-{args.size_gb:g}gb")
     info = C.build_checkpoint(folder, args.size_gb, shards=args.shards)
     caches = ("warm", "cold") if args.cache == "both" else (args.cache,)
@@ -146,9 +150,13 @@ def main() -> None:
     # the working tree only); a PYTHONPATH set by the caller (a carried transformers) stays.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(C.REPO), os.environ.get("PYTHONPATH")) if p))
+    skipped = 0
     for round_ in range(args.repeat):
         for cache in caches:
             for mode in MODES:
+                if args.deadline and time.monotonic() - started > args.deadline:
+                    skipped += 1
+                    continue
                 cmd = [sys.executable, __file__, "--child", "--mode", mode, "--cache", cache,
                        "--folder", str(folder), "--device", args.device,
                        "--tensor-bytes", str(info["tensor_bytes"])]
@@ -166,11 +174,15 @@ def main() -> None:
                       + (f"  peak cuda {row['peak_cuda'] / 1e9:.2f} GB" if "peak_cuda" in row
                          else "")
                       + f"  load {row['loadavg_1min']:.1f}", flush=True)
+    if skipped:
+        print(f"deadline of {args.deadline:g} s passed: {skipped} runs skipped", flush=True)
     checksums = {r["checksum"] for r in results}
     summary: dict[str, Any] = {}
     for cache in caches:
         for mode in MODES:
             rows = [r for r in results if r["cache"] == cache and r["mode"] == mode]
+            if not rows:
+                continue
             summary[f"{cache}/{mode}"] = {
                 "seconds": C.median([r["seconds"] for r in rows]),
                 "seconds_with_first_touch": C.median([r["seconds"] + r["touch_seconds"]
@@ -185,6 +197,8 @@ def main() -> None:
             if all("peak_cuda" in r for r in rows):
                 summary[f"{cache}/{mode}"]["peak_cuda_gb"] = max(r["peak_cuda"]
                                                                  for r in rows) / 1e9
+        if f"{cache}/stock" not in summary or f"{cache}/fastsafetensors" not in summary:
+            continue
         stock, ours = summary[f"{cache}/stock"], summary[f"{cache}/fastsafetensors"]
         summary[f"{cache}/speedup"] = stock["seconds"] / ours["seconds"]
         summary[f"{cache}/speedup_with_first_touch"] = (stock["seconds_with_first_touch"]
@@ -210,6 +224,7 @@ def main() -> None:
             "machine": C.machine(), "filesystem": C.filesystem(str(folder)),
             "transformers": transformers.__version__, "device_map": args.device,
             "checkpoint": info, "same_model_both_ways": len(checksums) == 1,
+            "runs_skipped_at_deadline": skipped,
             "summary": summary, "runs": results}, indent=2))
 
 

@@ -6,7 +6,9 @@
 #   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
 #   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 600)
 #
-# Each step has its own time limit, so one that hangs leaves time and output for the others.
+# Each step has its own time limit, so one that hangs leaves time and output for the others;
+# the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
+# checks, summaries and JSON are written whatever the machine's speed.
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -53,7 +55,7 @@ step "bench_load: $size GB, warm and cold, peers"
 timeout 230 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|^(st|fst|fst_load|vllm|upstream)_cuda|instanttensor_buffered' \
-    --skip-many --json "$OUT/bench-load.json"
+    --warm-only 'fst_load_cuda|vllm_cuda' --deadline 165 --skip-many --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
@@ -63,7 +65,7 @@ timeout 45 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --on
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
 timeout 125 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
-    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --json "$OUT/bench-transformers.json"
+    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --json "$OUT/bench-transformers.json"
 
 step "done"
 sleep 1   # lets tee flush session.log before $OUT is collected

@@ -70,6 +70,10 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("direct_threads", lambda: 8,
            help="reader threads when most reads bypass the page cache (a disk serves more "
                 "requests in flight; cached data does not need them)"),
+    Option("event_wait", lambda: "spin", ("spin", "block"),
+           help="how a reader thread waits for the GPU to finish copying out of its staging "
+                "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
+                "(frees the core for other readers, costs a wake-up)"),
     Option("huge_pages", lambda: "off", ("off", "on"),
            help="advise transparent huge pages for fresh host buffers: fewer page faults, but "
                 "on VMs that hand free memory back to the host a first load can get slower"),

@@ -118,7 +118,7 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     from .loader.gds import select_backend, stream_gds
     from .loader.stream import StreamOptions, stream_tensors
 
-    sink = TorchCudaSink(device)
+    sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     options = StreamOptions(threads=config.get("threads", threads),

@@ -257,7 +257,7 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
 
     monkeypatch.setattr(compat_module, "resolve_device", lambda device, framework, **_: "cuda:0")
     monkeypatch.setattr(loading_module, "resolve_device", lambda device, framework, **_: "cuda:0")
-    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device: sink)
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, **_: sink)
 
 
 def test_bare_cuda_means_the_callers_device_on_every_thread(
@@ -317,7 +317,7 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     sinks_made_on: list[str] = []
     monkeypatch.setattr(cuda_module, "TorchCudaSink",
-                        lambda device: sinks_made_on.append(torch.cuda.current_stream()) or sink)
+                        lambda device, **_: sinks_made_on.append(torch.cuda.current_stream()) or sink)
     loader = ParallelLoader(None, shards, queue_size=1, use_tqdm_on_load=False,
                             device="cuda:0", nogds=True)
     # One rank streams; the batch pipeline (with its prefetch thread) is what several ranks

@@ -372,3 +372,25 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     got = _run([path], FakeSink(delay=0), names=["w5"], io="auto")
     assert torch.equal(got["w5"], tensors["w5"])
     assert asked == [tensors["w5"].nbytes]
+
+
+@pytest.mark.parametrize("wait", ["spin", "block"])
+def test_event_wait_option_reaches_the_cuda_sink(checkpoint, monkeypatch, wait):
+    import fastsafetensors
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    from fastsafetensors.loading import device_stream
+
+    made: list[bool] = []
+
+    def sink(device: str, *, blocking: bool = False) -> FakeSink:
+        made.append(blocking)
+        return FakeSink()
+
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
+    with fastsafetensors.configure(event_wait=wait):
+        got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
+    assert made == [wait == "block"]
+    want = _expected(checkpoint)
+    assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())

@@ -27,8 +27,11 @@ __all__ = ["TorchCudaSink"]
 class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 
-    def __init__(self, device: str | torch.device):
+    def __init__(self, device: str | torch.device, *, blocking: bool = False):
         self.device = torch.device(device)
+        # Only the staging events are waited on from the host (host_wait), so only they
+        # take the flag; the consumer's stream waits on the device either way.
+        self.blocking = blocking
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.consumer = torch.cuda.current_stream(self.device)
@@ -71,7 +74,7 @@ class TorchCudaSink:
                                                           non_blocking=True)
 
     def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=self.blocking)
         event.record(stream)
         return event
 

@@ -85,6 +85,27 @@ def test_many_tensors_and_misaligned(tmp_path):
     assert got["b"].cpu().tolist() == [1.0, 2.0, 3.0]
 
 
+def test_blocking_event_waits_give_the_same_data(tmp_path, monkeypatch):
+    """event_wait="block": staging events take the blocking flag, the data stays exact."""
+    tensors = {f"w{i}": torch.randn(512, 1024) for i in range(16)}  # 2 MiB each
+    path = tmp_path / "block.safetensors"
+    save_file(tensors, str(path))
+    flags: list[bool] = []
+
+    class Recorded(torch.cuda.Event):
+        def __new__(cls, enable_timing=False, blocking=False, interprocess=False):
+            flags.append(blocking)
+            return super().__new__(cls, enable_timing=enable_timing, blocking=blocking,
+                                   interprocess=interprocess)
+
+    monkeypatch.setattr(torch.cuda, "Event", Recorded)
+    # 2 threads with 1 MiB of staging each: every buffer is reused, so readers wait on events.
+    with fastsafetensors.configure(event_wait="block", threads=2, staging_bytes=4 << 20):
+        got = fastsafetensors.load([str(path)], device="cuda:0")
+    assert any(flags), "no staging event was created with blocking=True"
+    assert all(torch.equal(got[k].cpu(), v) for k, v in tensors.items())
+
+
 def test_two_loads_at_once(every_dtype):
     results: list[dict[str, torch.Tensor]] = [{}, {}]
 
