@@ -18,7 +18,7 @@ from . import config
 from .errors import ClosedFileError, TensorNotFoundError
 from .format import DTYPES, Header, TensorInfo, open_readonly, read_header_fd
 from .frameworks import get_framework, resolve_device
-from .lazy_tensor_factory import LazyTensor, plan_index, row_bytes, rows_for_index
+from .lazy_tensor_factory import LazyTensor, is_basic_index, plan_index, row_bytes, rows_for_index
 from .loader.plan import split_range
 from .loader.posix import pread_into
 
@@ -148,8 +148,9 @@ class FastSafetensorsFile:
 
     def _read_index(self, info: TensorInfo, index: Any) -> Any:
         per_row = row_bytes(info)
-        if per_row is None:
-            # 0-d and packed 4-bit tensors: read all, index in the framework's own shape.
+        if per_row is None or not is_basic_index(index):
+            # 0-d and packed 4-bit tensors, and indices beyond integers and slices (None,
+            # bools, lists, tensors): read all, index in the framework's own shape.
             whole = self._framework.view(self._read_range(info.data_offsets[0], info.nbytes), 0,
                                          info)
             return self._finish(whole[index])

@@ -151,6 +151,8 @@ def _int_list(value: Any) -> bool:
 
 
 _BITS = {name: d.bits for name, d in DTYPES.items()}
+#: Sizes are int64 in the frameworks.
+MAX_DIM = 1 << 63
 
 
 def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
@@ -166,7 +168,7 @@ def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
             and type(end) is int and 0 <= begin <= end):
         count = 1
         for dim in shape:
-            if type(dim) is not int or dim < 0:
+            if type(dim) is not int or not 0 <= dim < MAX_DIM:
                 break
             count *= dim
         else:
@@ -188,6 +190,10 @@ def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
     if not _int_list(shape) or any(d < 0 for d in shape):
         raise HeaderError(path, f"shape must be a list of non-negative integers, got {shape!r}",
                           name)
+    if any(d >= MAX_DIM for d in shape):
+        # With a 0 elsewhere in the shape the byte count is 0 and would pass the size check;
+        # no framework can make a tensor with such a dimension.
+        raise HeaderError(path, f"shape {shape!r} has a dimension of 2**63 or more", name)
     if not _int_list(offsets) or len(offsets) != 2:
         raise HeaderError(path, f"data_offsets must be two integers [begin, end], got "
                                 f"{offsets!r}", name)
@@ -318,7 +324,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
 def header_from_bytes(data: bytes | bytearray | memoryview) -> Header:
     """Validate the header of a whole file held in memory."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # a view of wider items counts items, not bytes
     size = header_size_from_prefix(bytes(view[:8]), file_size=len(view))
     return parse_header(bytes(view[8:8 + size]), file_size=len(view))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,12 @@ Creator = Callable[[memoryview, TensorInfo], Any]
 
 
 class LazyTensor:
-    """A tensor of a file that is read only when indexed or materialized."""
+    """A tensor of a file that is read only when indexed or materialized.
+
+    Integers, slices and ``...`` read only the bytes they select; other indices (``None``,
+    bools, lists, tensors) read the whole tensor and index it in the framework. ``get_shape()``
+    is the file's shape; for F4, whose values the frameworks pack two to a byte, an index
+    applies to the packed shape (the last dimension halved), as on the loaded tensor."""
 
     __slots__ = ("_file", "info")
 
@@ -79,6 +85,21 @@ class LazyTensor:
     def __repr__(self) -> str:
         return (f"LazyTensor({self.info.name!r}, dtype={self.info.dtype}, shape={self.info.shape}, "
                 f"file={os.path.basename(self._file.path)!r})")
+
+
+def is_basic_index(index: Any) -> bool:
+    """Whether ``index`` can be planned as byte runs: integers, slices and ``...`` (anything
+    else but the kinds below raises IndexError there). ``None``, bools, lists, tensors and
+    arrays are not: they are applied by the framework to the whole tensor, with its own
+    semantics, as safetensors' slices do.
+
+    A bool or a one-element tensor has ``__index__`` too, but means something else as an index
+    (a new axis, or a kept dimension), so it must not be read as an integer.
+    """
+    entries = index if isinstance(index, tuple) else (index,)
+    return not any(e is None or isinstance(e, (bool, list))
+                   or (hasattr(e, "shape") and not isinstance(e, numbers.Integral))
+                   for e in entries)
 
 
 def _expand_ellipsis(shape: tuple[int, ...], index: Any) -> tuple[Any, ...]:

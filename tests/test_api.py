@@ -260,3 +260,24 @@ def test_load_unknown_tensor_names_close_matches(tmp_path):
     message = str(info.value)
     assert "'layer9.weight'" in message and "(2 tensors)" in message
     assert "'layer1.weight'" in message  # a close match, from the files' own names
+
+
+def test_loads_counts_bytes_of_a_view_of_wider_items(tmp_path: Path) -> None:
+    # len() of a memoryview counts its items: a view of 8-byte items read as a file of 1/8 size.
+    tensors = {"a": torch.arange(8, dtype=torch.float32), "b": torch.ones(2, 3)}
+    data = safetensors.torch.save(tensors)
+    assert len(data) % 8 == 0   # safetensors pads its header to 8 bytes
+    ours = fastsafetensors.loads(memoryview(data).cast("Q"))
+    for name, tensor in tensors.items():
+        assert_bitwise_equal(ours[name], tensor)
+
+
+@pytest.mark.parametrize("framework", ["pt", "np"])
+@pytest.mark.parametrize("dtype", ["nonsense", "zeros"])
+def test_unknown_dtype_name_is_a_config_error(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                              framework: str, dtype: str) -> None:
+    path, tensors = ckpt
+    name = next(n for n, t in tensors.items() if t.dtype == torch.float32)
+    with FastSafetensorsFile(path, framework=framework) as f, \
+            pytest.raises(ConfigError, match=f"dtype='{dtype}' is not valid"):
+        f.get_tensor(name, dtype=dtype)

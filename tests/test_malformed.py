@@ -137,6 +137,13 @@ CASES: dict[str, tuple[bytes, type[Exception], str]] = {
         HeaderError, "needs 18446744073709551616 bytes"),
     "huge_shape": (_one({"dtype": "F32", "shape": [2 ** 32] * 3, "data_offsets": [0, 8]}),
                    HeaderError, "needs 316912650057057350374175801344 bytes"),
+    # Zero bytes, so the size check passes; no framework makes such a tensor.
+    "huge_dim_of_empty_tensor": (_one({"dtype": "F32", "shape": [2 ** 64, 0],
+                                       "data_offsets": [0, 0]}, b""),
+                                 HeaderError, "dimension of 2**63 or more"),
+    "dim_2_63_of_empty_tensor": (_one({"dtype": "U8", "shape": [0, 2 ** 63],
+                                       "data_offsets": [0, 0]}, b""),
+                                 HeaderError, "dimension of 2**63 or more"),
 }
 
 

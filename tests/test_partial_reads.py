@@ -99,3 +99,32 @@ def test_column_half_reads_half_the_bytes(tmp_path: Path) -> None:
             part = f.get_slice("w")[:, rank * 256:(rank + 1) * 256]
             assert torch.equal(part, weight[:, rank * 256:(rank + 1) * 256])
             assert f.bytes_read - before == weight.numel() * 4 // 2
+
+
+ADVANCED = [None, (None,), (slice(None), None), (1, None), True, False, [0, 2],
+            (slice(None), [0, 1]), torch.tensor([0, 1]), torch.tensor(True), torch.tensor(False),
+            torch.tensor([1]), (slice(None), torch.tensor(True)), torch.tensor(1),
+            torch.tensor([True, False, True, False])]
+
+
+@pytest.mark.parametrize("index", ADVANCED, ids=repr)
+def test_indices_beyond_slices_follow_the_framework(tmp_path: Path, index: Any) -> None:
+    # A bool or a one-element tensor has __index__, but as an index it adds or keeps a
+    # dimension: treating it as an integer returned other rows, silently.
+    import numpy as np
+    from safetensors import safe_open
+
+    weight = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    half = weight.to(torch.bfloat16)
+    save_file({"w": weight, "h": half}, str(tmp_path / "w.safetensors"))
+    with FastSafetensorsFile(tmp_path / "w.safetensors") as f, \
+            safe_open(str(tmp_path / "w.safetensors"), framework="pt") as st:
+        for name, whole in (("w", weight), ("h", half)):
+            got = f.get_slice(name)[index]
+            assert got.shape == whole[index].shape and torch.equal(got, whole[index])
+            try:
+                theirs = st.get_slice(name)[index]
+            except Exception:  # noqa: BLE001  (safetensors refuses some of these)
+                continue
+            assert got.shape == theirs.shape and torch.equal(got, theirs)
+        assert torch.equal(f.get_slice("w")[np.int64(2)], weight[2])  # a NumPy integer is one

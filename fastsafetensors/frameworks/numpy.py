@@ -51,6 +51,11 @@ class NumpyFramework:
         if dtype is None:
             return array
         target = numpy_dtype(dtype) if isinstance(dtype, str) and dtype in DTYPES else dtype
+        try:
+            target = np.dtype(target)
+        except TypeError:
+            raise ConfigError("dtype", dtype, ["a NumPy dtype or its name ('float32')",
+                                               "a safetensors dtype ('F32', ...)"]) from None
         return array.astype(target, copy=False)
 
 

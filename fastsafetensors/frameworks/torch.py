@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedDTypeError
+from ..errors import ConfigError, UnsupportedDTypeError
 from ..format import DTYPES, TensorInfo
 from .memory import advise_huge_pages
 
@@ -79,7 +79,12 @@ class TorchFramework:
 
     def convert(self, tensor: torch.Tensor, *, device: str | None, dtype: Any) -> torch.Tensor:
         if isinstance(dtype, str):
-            dtype = torch_dtype(dtype) if dtype in DTYPES else getattr(torch, dtype)
+            name = dtype
+            dtype = torch_dtype(name) if name in DTYPES else getattr(torch, name, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError("dtype", name, ["a torch dtype or its name (torch.bfloat16, "
+                                                  "'bfloat16', 'half')", "a safetensors dtype "
+                                                  "('BF16', 'F32', ...)"])
         if device is None and dtype is None:
             return tensor
         return tensor.to(device=device, dtype=dtype)
