@@ -18,7 +18,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointIndexError, CheckpointNotFoundError, TensorNotFoundError
+from .errors import CheckpointIndexError, CheckpointNotFoundError, ConfigError, TensorNotFoundError
 from .format import MAX_HEADER_SIZE, DuplicateKey, Header, TensorInfo, reject_duplicate_keys
 
 __all__ = ["Checkpoint", "CheckpointSummary", "WeightFiles", "choose_weights", "parse_index",
@@ -124,7 +124,7 @@ def parse_index(raw: bytes, index: str) -> dict[str, str]:
                                           "file (not a safetensors index?)")
     seen: set[str] = set()
     for tensor, shard in weight_map.items():
-        if shard not in seen:
+        if not isinstance(shard, str) or shard not in seen:  # a list is not hashable
             check_shard_name(shard, index, tensor)
             seen.add(shard)
     return weight_map
@@ -181,7 +181,7 @@ def requested(tensors: Iterable[str] | None) -> list[str] | None:
     if tensors is None:
         return None
     if isinstance(tensors, str):
-        raise TypeError(f"tensors= takes a list of names, not the string {tensors!r}")
+        raise ConfigError("tensors", tensors, [f"a list of tensor names, such as [{tensors!r}]"])
     return list(dict.fromkeys(tensors))
 
 

@@ -93,8 +93,9 @@ class _Plan:
         """Read the index (if any) and pick the shards holding the requested tensors.
         ``present``: the folder's complete listing, to refuse missing files before fetching."""
         if not self.weights.is_index:
-            self.shards = [self.weights.name]
-            self.wanted = {self.weights.name: self.tensors}
+            # tensors=[]: nothing to fetch, as with an index
+            self.shards = [] if self.tensors == [] else [self.weights.name]
+            self.wanted = {name: self.tensors for name in self.shards}
             return
         self.index = self.path(self.weights.name)
         self.weight_map = read_index(self.index)
@@ -153,7 +154,7 @@ def resolve(repo_or_path: str | os.PathLike[str], *, revision: str | None = None
     if plan.weight_map is not None:
         weight_map = {t: paths[s] for t, s in plan.weight_map.items() if s in paths}
     else:
-        weight_map = dict.fromkeys(headers[files[0]].tensors, files[0])
+        weight_map = dict.fromkeys(headers[files[0]].tensors, files[0]) if files else {}
     ckpt = Checkpoint(plan.source, plan.commit, plan.folder, files, weight_map, headers,
                       plan.tensors, plan.index)
     logger.info("resolved %s%s: %d files, %s to load, in %.2f s", plan.source,
@@ -255,17 +256,19 @@ def _subfolder(value: str | None) -> str | None:
     parts = value.split("/")
     if value.startswith("/") or "\\" in value or ":" in value or any(
             p in ("", ".", "..") for p in parts):
-        raise ValueError(f"subfolder={value!r} must be a relative folder inside the checkpoint, "
-                         f"such as 'unet' or 'text_encoder'")
+        raise ConfigError("subfolder", value, ["a relative folder inside the checkpoint, such "
+                                               "as 'unet' or 'text_encoder'"])
     return value
 
 
 def _offline(local_files_only: bool | None) -> bool:
-    if local_files_only is not None:
-        return bool(local_files_only)
+    if local_files_only:
+        return True
     from huggingface_hub import constants
 
-    # huggingface_hub reads HF_HUB_OFFLINE at import; honour it when it is set later too.
+    # HF_HUB_OFFLINE wins over local_files_only=False (transformers' default, often passed
+    # explicitly), as it does in huggingface_hub and transformers. huggingface_hub reads it at
+    # import; honour it when it is set later too.
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
@@ -291,15 +294,19 @@ def _local_plan(path: str, subfolder: str | None, variant: str | None,
     missing = "the checkpoint lists it but it is not there (incomplete copy?)"
     if not os.path.isdir(path):
         if subfolder is not None or variant is not None:
-            raise ValueError(f"subfolder= and variant= apply to folders and repo ids, not to the "
-                             f"file {path!r}")
+            given = "subfolder" if subfolder is not None else "variant"
+            raise ConfigError(given, subfolder if subfolder is not None else variant,
+                              [f"None: {given}= applies to folders and repo ids, not to the "
+                               f"file {path!r}"])
         folder, name = os.path.split(path)
         is_index = name.endswith(".json")
 
         def fetch_file(name: str, bar: Any = None) -> str:
             return path if name == os.path.basename(path) else os.path.join(folder, name)
 
-        plan = _Plan(path, None, folder, folder if is_index else None, fetch_file, False, missing,
+        # An index file in the Hugging Face cache has shards that link into ../../blobs.
+        root = _root_of(os.path.realpath(folder)) if is_index else None
+        plan = _Plan(path, None, folder, root, fetch_file, False, missing,
                      WeightFiles(name, is_index), tensors)
         plan.follow_index(os.listdir(folder) if is_index else None)
         return plan
@@ -312,7 +319,9 @@ def _local_plan(path: str, subfolder: str | None, variant: str | None,
     def fetch(name: str, bar: Any = None) -> str:
         return os.path.join(folder, name)
 
-    plan = _Plan(path, None, folder, _root_of(path), fetch, False, missing, weights, tensors)
+    # Symlinks followed first: a link to a snapshot in the Hugging Face cache is that snapshot.
+    plan = _Plan(path, None, folder, _root_of(os.path.realpath(path)), fetch, False, missing,
+                 weights, tensors)
     plan.follow_index(names)
     return plan
 
@@ -423,9 +432,11 @@ def _check_downloads(max_downloads: int) -> None:
 
 
 def _shards(plan: _Plan, max_downloads: int) -> Generator[tuple[str, str, Header], None, None]:
-    """``(name, local path, checked header)`` per needed shard: in order for local files, in
-    completion order for downloads."""
+    """``(name, local path, checked header)`` per needed shard: in order for local files; for
+    downloads, the shards already cached first, in order, then the others as each completes."""
     assert plan.shards is not None
+    if not plan.shards:
+        return
     if not plan.remote or len(plan.shards) == 1:
         for name in plan.shards:
             path = plan.path(name)
@@ -468,8 +479,13 @@ class _Downloads:
         self._bar = _stoppable_bar(self._stop)
         self._pool = ThreadPoolExecutor(min(workers, len(plan.shards)),
                                         thread_name_prefix="fastsafetensors-download")
+        # Cached shards are submitted first and handed out in order, so a fully cached repo
+        # loads in the same order every time (their fetch is a cache hit, nothing to wait for).
+        cached = [n for n in plan.shards if os.path.isfile(os.path.join(plan.folder, n))]
+        self._cached = len(cached)
+        order = cached + [n for n in plan.shards if n not in cached]
         self._futures: dict[Future[str], str] = {
-            self._pool.submit(self._fetch, name): name for name in plan.shards}
+            self._pool.submit(self._fetch, name): name for name in order}
 
     def _fetch(self, name: str) -> str:
         if self._stop.is_set():
@@ -481,7 +497,10 @@ class _Downloads:
         return path
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        for future in as_completed(self._futures):
+        futures = list(self._futures)
+        for future in futures[:self._cached]:
+            yield self._futures[future], future.result()
+        for future in as_completed(futures[self._cached:]):
             yield self._futures[future], future.result()
 
     def close(self) -> None:

@@ -63,7 +63,8 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
                  io: str | None = None, backend: str | None = None,
                  staging_bytes: int | None = None, max_device_bytes: int | None = None,
                  **hub_options: Any) -> Generator[tuple[str, Any], None, None]:
-    """Yield ``(name, tensor)`` as soon as each tensor is complete, in file order.
+    """Yield ``(name, tensor)`` as soon as each tensor is complete, in file order (for a Hub
+    repo id: shards already cached first, in order, then the others as their downloads end).
 
     On a CUDA device each tensor is safe to use on the caller's current stream when yielded.
     ``max_device_bytes`` bounds the device memory held by tensors read but not yet yielded

@@ -316,8 +316,9 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     sinks_made_on: list[str] = []
-    monkeypatch.setattr(cuda_module, "TorchCudaSink",
-                        lambda device, **_: sinks_made_on.append(torch.cuda.current_stream()) or sink)
+    monkeypatch.setattr(
+        cuda_module, "TorchCudaSink",
+        lambda device, **_: sinks_made_on.append(torch.cuda.current_stream()) or sink)
     loader = ParallelLoader(None, shards, queue_size=1, use_tqdm_on_load=False,
                             device="cuda:0", nogds=True)
     # One rank streams; the batch pipeline (with its prefetch thread) is what several ranks

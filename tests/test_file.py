@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 import torch
 from builders import assert_aligned, assert_bitwise_equal, small_tensors, write_file
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import fastsafetensors
@@ -524,6 +524,8 @@ def test_get_slice_equals_torch_indexing(sliceable: tuple[Path, dict[str, torch.
         with FastSafetensorsFile(path) as fsf, pytest.raises(IndexError):
             fsf.get_slice(name)[index]
         return
+    except RuntimeError:  # torch's own limit: a step near 2**63 on an empty dimension
+        assume(False)
     with FastSafetensorsFile(path) as fsf:
         got = fsf.get_slice(name)[index]
         read = fsf.bytes_read

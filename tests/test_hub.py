@@ -132,7 +132,7 @@ def test_diffusers_subfolder(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="subfolder="):
         fastsafetensors.resolve(tmp_path)
     for bad in ("../x", "/etc", "a/../b", "C:x"):
-        with pytest.raises(ValueError, match="subfolder"):
+        with pytest.raises(ConfigError, match="subfolder"):
             fastsafetensors.resolve(tmp_path, subfolder=bad)
 
 
@@ -146,8 +146,11 @@ def test_tensors_subset_reads_needed_shards_only(tmp_path: Path) -> None:
     assert ckpt.total_bytes == 4 + 16 + 16
     with pytest.raises(TensorNotFoundError, match="layers.0.weight"):
         fastsafetensors.resolve(tmp_path, tensors=["layers.0.weigth"])
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="a list of tensor names"):
         fastsafetensors.resolve(tmp_path, tensors="layers.0.weight")
+    for variant in ({"subfolder": "unet"}, {"variant": "fp16"}):
+        with pytest.raises(ConfigError, match="not to the file"):
+            fastsafetensors.resolve(tmp_path / shard_name(0, 3), **variant)
 
 
 def test_stream_local_in_order(tmp_path: Path) -> None:
@@ -201,6 +204,24 @@ def test_unsafe_shard_names(tmp_path: Path, entry: str, why: str) -> None:
     assert info.value.path == str(tmp_path / "ckpt" / INDEX)
     assert info.value.tensor == "layers.1.weight" and info.value.shard == entry
     assert INDEX in str(info.value)
+
+
+@pytest.mark.parametrize("entry", [["x.safetensors"], {"a": 1}, 3, None])
+def test_shard_name_that_is_not_a_string(tmp_path: Path, entry: Any) -> None:
+    write_sharded(tmp_path / "ckpt", 2)
+    edit_index(tmp_path / "ckpt", lambda wm: wm.update({"layers.1.weight": entry}))
+    with pytest.raises(CheckpointIndexError, match="not a file name"):
+        fastsafetensors.resolve(tmp_path / "ckpt")
+
+
+def test_no_tensors_wanted_is_an_empty_checkpoint(tmp_path: Path) -> None:
+    write_sharded(tmp_path / "sharded", 2)
+    write_single(tmp_path / "single")
+    for source in (tmp_path / "sharded", tmp_path / "single",
+                   tmp_path / "single" / "model.safetensors"):
+        ckpt = fastsafetensors.resolve(source, tensors=[])
+        assert ckpt.files == [] and ckpt.weight_map == {}
+        assert fastsafetensors.load(source, tensors=[]) == {}
 
 
 def test_symlink_leaving_the_folder(tmp_path: Path) -> None:
@@ -319,6 +340,42 @@ def test_hub_fetches_the_index_then_the_shards(hub_server: Any, repo: Any) -> No
                if r.server == "hub" and "/resolve/" in r.path)
     # A snapshot folder of the cache is a valid local source (its symlinks point into blobs/).
     assert fastsafetensors.resolve(ckpt.folder).files == ckpt.files
+
+
+def test_cache_snapshot_by_index_file_or_symlink(hub_server: Any, repo: Any,
+                                                 tmp_path: Path) -> None:
+    # Its shards are symlinks into ../../blobs: still inside the repo's cache folder.
+    ckpt = fastsafetensors.resolve(repo[0])
+    assert fastsafetensors.resolve(os.path.join(ckpt.folder, INDEX)).files == ckpt.files
+    link = tmp_path / "my-model"
+    link.symlink_to(ckpt.folder)
+    assert [os.path.basename(f) for f in fastsafetensors.resolve(link).files] == [
+        os.path.basename(f) for f in ckpt.files]
+
+
+def test_hub_no_tensors_wanted_downloads_nothing(hub_server: Any, repo: Any,
+                                                 tmp_path: Path) -> None:
+    write_single(tmp_path / "one")
+    hub_server.add_folder("org/one", tmp_path / "one")
+    for repo_id in (repo[0], "org/one"):
+        assert fastsafetensors.resolve(repo_id, tensors=[]).files == []
+        assert fastsafetensors.load(repo_id, tensors=[]) == {}
+    assert shard_requests(hub_server) == []
+
+
+def test_hub_load_order_is_file_order_once_cached(hub_server: Any, repo: Any) -> None:
+    local = list(fastsafetensors.load(fastsafetensors.resolve(repo[0]).folder))
+    for _ in range(5):
+        assert list(fastsafetensors.load(repo[0])) == local
+
+
+def test_hub_offline_variable_wins_over_local_files_only_false(
+        hub_server: Any, repo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    fastsafetensors.resolve(repo[0])
+    hub_server.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert len(fastsafetensors.resolve(repo[0], local_files_only=False).files) == 3
+    assert hub_server.requests == []
 
 
 def test_hub_subset_fetches_fewer_shards(hub_server: Any, repo: Any) -> None:
