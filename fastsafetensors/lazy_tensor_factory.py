@@ -88,9 +88,9 @@ class LazyTensor:
 
 
 def is_basic_index(index: Any) -> bool:
-    """Whether ``index`` can be planned as byte runs: integers, slices and ``...`` (anything
-    else but the kinds below raises IndexError there). ``None``, bools, lists, tensors and
-    arrays are not: they are applied by the framework to the whole tensor, with its own
+    """Whether ``index`` goes to the byte-run planner: integers, slices and ``...`` (and
+    floats or strings, which the planner refuses with IndexError). ``None``, bools, lists,
+    tensors and arrays do not: the framework applies them to the whole tensor, with its own
     semantics, as safetensors' slices do.
 
     A bool or a one-element tensor has ``__index__`` too, but means something else as an index
