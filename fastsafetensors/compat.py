@@ -519,7 +519,16 @@ class FilesBufferOnDevice:
             self._info(name)
             groups.setdefault(self.key_to_rank_lidx[name], []).append(name)
         parts = [self._shard(name, dim) for key in sorted(groups) for name in groups[key]]
-        joined = torch.cat([_as_bytes(p) for p in parts], dim=dim).view(parts[0].dtype)
+        if len({p.dtype for p in parts}) == 1:
+            # As bytes: torch.cat has no kernel for some dtypes (float4)
+            joined = torch.cat([_as_bytes(p) for p in parts], dim=dim).view(parts[0].dtype)
+        else:
+            try:   # torch's type promotion, as upstream's torch.cat gives
+                joined = torch.cat(parts, dim=dim)
+            except (RuntimeError, TypeError) as exc:
+                raise ConfigError("tensor_names", list(tensor_names),
+                                  [f"tensors whose dtypes torch.cat can combine ({exc})"]
+                                  ) from None
         return self._finish(joined, device, dtype)
 
     def as_dict(self, tensor_shard_dim: Mapping[str, int]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, checked
+from .config import configure
 from .errors import BudgetInfeasibleError, ConfigError
 from .format import TensorInfo, read_header
 from .loader.stream import device_bytes
@@ -91,15 +92,19 @@ class ParallelLoader:
         self.queue_size = queue_size
         self.use_tqdm_on_load = use_tqdm_on_load
         self._tensor_filter = tensor_filter
+        self._budget = device_memory_budget
         self._kept: list[tuple[str, list[TensorInfo]]] | None = None
         if self._local or device_memory_budget is not None:
             # Headers only: what to read, how much of it, and where each file ends.
-            self._kept = []
-            for path in files:
-                infos = list(read_header(path).tensors.values())
-                if tensor_filter is not None:
-                    infos = [i for i in infos if tensor_filter(i.name)]
-                self._kept.append((path, infos))
+            def read() -> list[tuple[str, list[TensorInfo]]]:
+                return [(path, [i for i in read_header(path).tensors.values()
+                                if tensor_filter is None or tensor_filter(i.name)])
+                        for path in files]
+
+            # Under several ranks every rank reads every header here (for the budget): a shard
+            # missing on one node must stop every rank, not leave the others in a collective.
+            self._kept = read() if self._local else checked(
+                self.loader._group, self.loader.device, dict.fromkeys(range(size), files), read)
         self._read_ahead: int | None = None
         if self._local:
             assert self._kept is not None
@@ -264,10 +269,16 @@ class ParallelLoader:
         if not kept:
             return
         device = self.loader.device
-        stream = iter_tensors([path for path, _ in kept], device=device, tensors=names,
-                              threads=self.loader.max_threads,
-                              backend="posix" if self.loader.nogds else None,
-                              max_device_bytes=self._read_ahead if device != "cpu" else None)
+        if device == "cpu" and (self._budget is not None or names is not None):
+            # Whole-file reads hand out views of one buffer per file, so a kept tensor would
+            # keep its whole file (or the span of the kept tensors) in memory: more than a
+            # budget counts, or than a filter keeps. Here each tensor gets memory of its own.
+            stream = self._owned_host_tensors(kept)
+        else:
+            stream = iter_tensors([path for path, _ in kept], device=device, tensors=names,
+                                  threads=self.loader.max_threads,
+                                  backend="posix" if self.loader.nogds else None,
+                                  max_device_bytes=self._read_ahead if device != "cpu" else None)
         bar = self._progress(len(kept))
         try:
             for name, tensor in stream:
@@ -278,6 +289,16 @@ class ParallelLoader:
             stream.close()
             if bar is not None:
                 bar.close()
+
+    def _owned_host_tensors(self, kept: list[tuple[str, list[TensorInfo]]]
+                            ) -> Iterator[tuple[str, Any]]:
+        from .file import FastSafetensorsFile
+
+        with configure(threads=self.loader.max_threads):
+            for path, infos in kept:
+                with FastSafetensorsFile(path) as f:
+                    for info in infos:
+                        yield info.name, f.get_tensor(info.name)
 
     @staticmethod
     def _drain(fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:

@@ -433,8 +433,24 @@ def test_tensor_filter_reads_only_the_kept_tensors(mib_checkpoint: list[str]) ->
     assert list(got) == ["layer0", "layer1", "layer2"]
     for name, tensor in want.items():
         assert_bitwise_equal(got[name], tensor)
-    # all of b in one read (its header with it), nothing of a
-    assert STATS.snapshot()[:2] == (os.path.getsize(mib_checkpoint[1]), 1)
+    # exactly the kept tensors, one read each, nothing of a; each in memory of its own (a view
+    # of a file buffer would keep the tensors filtered out in memory too)
+    kept = sum(t.numel() * t.element_size() for t in want.values())
+    assert STATS.snapshot()[:2] == (kept, len(want))
+    assert all(t.untyped_storage().nbytes() < t.nbytes + 4096 for t in got.values())
+
+
+def test_cpu_budget_counts_memory_the_tensors_own(tmp_path: Path) -> None:
+    # One file of 8 tensors of 1 MiB, a budget of 3 MiB: with every tensor a view of one
+    # buffer, the tensors handed over kept all 8 MiB alive.
+    path = write_file(tmp_path / "w.safetensors",
+                      {f"w{i}": torch.full((1 << 18,), float(i)) for i in range(8)})
+    loader = ParallelLoader(None, [str(path)], use_tqdm_on_load=False, device="cpu",
+                            device_memory_budget=3 << 20, accumulate_resident=False)
+    for name, tensor in loader.iterate_weights():
+        assert tensor.untyped_storage().nbytes() < tensor.nbytes + 4096, name
+        assert torch.equal(tensor, torch.full((1 << 18,), float(name[1:])))
+    loader.close()
 
 
 def test_parallel_loader_stopped_early_leaves_no_thread(shards: list[str]) -> None:
@@ -493,6 +509,25 @@ def test_single_process_shard_ops_return_whole_tensors(shards: list[str]) -> Non
         cols = fb.get_multi_cols(["lm_head.weight", "model.embed_tokens.weight"], 1)
         assert_bitwise_equal(cols, torch.cat([want["lm_head.weight"],
                                               want["model.embed_tokens.weight"]], 1))
+
+
+def test_multi_cols_of_mixed_dtypes_promote_as_torch_cat(tmp_path: Path) -> None:
+    # Joined as bytes, int8 and uint8 came back as int8 (200 read as -56), int8 and float16
+    # as a garbage int8 tensor of twice the columns.
+    tensors = {"i8": torch.tensor([[-1], [-56]], dtype=torch.int8),
+               "u8": torch.tensor([[2], [200]], dtype=torch.uint8),
+               "f16": torch.tensor([[0.5], [1.5]], dtype=torch.float16),
+               "e4m3": torch.ones(2, 1).to(torch.float8_e4m3fn)}
+    path = write_file(tmp_path / "mix.safetensors", tensors)
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: [str(path)]})
+    with loader, loader.copy_files_to_device() as fb:
+        for names in (["i8", "u8"], ["i8", "f16"], ["u8", "u8"]):
+            want = torch.cat([tensors[n] for n in names], 1)
+            got = fb.get_multi_cols(names, 1)
+            assert got.dtype == want.dtype and torch.equal(got, want), names
+        with pytest.raises(ConfigError, match="torch.cat"):
+            fb.get_multi_cols(["f16", "e4m3"], 1)   # torch has no float8 promotion
 
 
 class UpstreamDType(enum.Enum):
@@ -724,7 +759,9 @@ def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
                             timeout=timedelta(seconds=60))
     try:
         import fastsafetensors.compat as compat_module
+        import fastsafetensors.parallel_loader as parallel_module
 
+        parallel_read_header = parallel_module.read_header
         a, b = files
         pg = dist.group.WORLD
         # A shard that only rank 1 cannot open (missing on its node): the header reads.
@@ -743,6 +780,17 @@ def _failing_rank_main(rank: int, store: str, files: list[str]) -> None:
         loader.close()
         # Its traceback holds this frame, which holds it: a cycle that keeps the process group
         # alive until the interpreter exits, where destroying it after finalization aborts.
+        del missed
+        # With a budget, ParallelLoader reads every header when it is made: the same check.
+        if rank == 1:
+            parallel_module.read_header = missing
+        with pytest.raises(FileNotFoundError if rank == 1 else PeerLoadError) as missed:
+            ParallelLoader(pg, [a, b], use_tqdm_on_load=False, nogds=True,
+                           device_memory_budget=1 << 30)
+        if rank == 0:
+            assert missed.value.ranks == (1,)
+        else:
+            parallel_module.read_header = parallel_read_header
         del missed
 
         # Rank 1 cannot read the data of its files.
