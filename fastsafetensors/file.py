@@ -15,18 +15,24 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import config
-from .errors import ClosedFileError, TensorNotFoundError
+from .errors import ClosedFileError, ReadError, TensorNotFoundError
 from .format import DTYPES, Header, TensorInfo, open_readonly, read_header_fd
 from .frameworks import get_framework, resolve_device
 from .lazy_tensor_factory import LazyTensor, is_basic_index, plan_index, row_bytes, rows_for_index
+from .loader.cpu import IOPolicy
+from .loader.pagecache import resident_map
 from .loader.plan import split_range
-from .loader.posix import pread_into
+from .loader.posix import DIRECT_ALIGN, open_direct, pread_into
 
 __all__ = ["FastSafetensorsFile"]
 
 #: Tensors from this size up go to a device through the streaming engine (threads, pinned
 #: staging, async copies); smaller ones through one pinned bounce buffer.
 DEVICE_STREAM_BYTES = 32 << 20
+#: Host reads of at least this many bytes follow the io option (buffered, direct, or auto by
+#: page-cache residency); smaller ones go through the page cache, where a page-cache check and
+#: block-aligned widening would cost more than they save.
+DIRECT_MIN_BYTES = 1 << 20
 
 
 class FastSafetensorsFile:
@@ -48,6 +54,7 @@ class FastSafetensorsFile:
         self._users = 0
         self._closed = True
         self._fd = open_readonly(self._path)
+        self._direct_fd: int | None = None   # O_DIRECT, opened on first use (-1: refused)
         try:
             self._header = read_header_fd(self._fd, self._path)
         except BaseException:
@@ -215,6 +222,10 @@ class FastSafetensorsFile:
                 return buffer
         offset = self._header.data_start + begin
         chunk = config.get("chunk_bytes")
+        if not pinned:
+            direct = self._read_direct(offset, length, chunk)
+            if direct is not None:
+                return direct
         pieces = split_range(offset, offset + length, chunk, align=4096)
         with self._in_use() as fd:
             if len(pieces) == 1:
@@ -230,6 +241,54 @@ class FastSafetensorsFile:
             self.bytes_read += length
         return buffer
 
+    def _read_direct(self, offset: int, length: int, chunk: int) -> Any:
+        """Bytes ``[offset, offset + length)`` of the file read with O_DIRECT into fresh memory,
+        when the io option asks for it (``direct``, or ``auto`` and mostly not cached); None
+        when they should go through the page cache instead. The block-aligned reads land in a
+        buffer whose start sits at the same offset within a block as the file's bytes, so the
+        returned view is the tensor's bytes with no second copy (its storage is at most two
+        blocks larger)."""
+        mode = config.get("io")
+        # An element must not straddle its natural alignment (8 covers every dtype).
+        if mode == "buffered" or length < DIRECT_MIN_BYTES or offset % 8:
+            return None
+        with self._in_use() as fd:
+            first = offset - offset % DIRECT_ALIGN
+            end = -(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN
+            if mode == "auto":
+                resident = resident_map(fd, first, end - first)
+                if not IOPolicy(mode).direct_range(resident, first, offset, offset + length):
+                    return None
+            with self._lock:
+                if self._direct_fd is None:
+                    self._direct_fd = open_direct(self._path) or -1
+                direct_fd = self._direct_fd
+            if direct_fd < 0:
+                return None   # the filesystem refuses O_DIRECT (tmpfs, some FUSE)
+            raw, view = self._framework.alloc(end - first, align=DIRECT_ALIGN)
+            size = self._header.file_size
+
+            def read(piece: tuple[int, int]) -> None:
+                lo, hi = piece
+                got = pread_into(direct_fd, view[lo - first:hi - first], lo, path=self._path,
+                                 direct=True, allow_eof=hi > size)
+                if lo + got < min(hi, offset + length):
+                    raise ReadError(self._path, lo, min(hi, offset + length) - lo, got)
+
+            pieces = split_range(first, end, chunk, align=DIRECT_ALIGN)
+            if len(pieces) == 1:
+                read(pieces[0])
+            else:
+                from concurrent.futures import ThreadPoolExecutor
+
+                threads = min(config.get("threads"), len(pieces))
+                with ThreadPoolExecutor(threads, thread_name_prefix="fastsafetensors-read") as pool:
+                    list(pool.map(read, pieces))
+        with self._lock:
+            self.bytes_read += length
+        skew = offset - first
+        return raw[skew:skew + length]
+
     # -- lifetime -------------------------------------------------------------------------
     def _in_use(self) -> _InUse:
         return _InUse(self)
@@ -243,6 +302,8 @@ class FastSafetensorsFile:
             while self._users:
                 self._lock.wait()
             os.close(self._fd)
+            if self._direct_fd is not None and self._direct_fd >= 0:
+                os.close(self._direct_fd)
 
     def __enter__(self) -> FastSafetensorsFile:
         return self

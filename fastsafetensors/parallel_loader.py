@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -291,7 +291,7 @@ class ParallelLoader:
                 bar.close()
 
     def _owned_host_tensors(self, kept: list[tuple[str, list[TensorInfo]]]
-                            ) -> Iterator[tuple[str, Any]]:
+                            ) -> Generator[tuple[str, Any], None, None]:
         from .file import FastSafetensorsFile
 
         with configure(threads=self.loader.max_threads):

@@ -611,3 +611,99 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
         # the header this file holds, not one read again for the tensor
         assert asked[0]["files"] == [(str(path), fsf.header, ["w"])]
     assert asked[0]["device"] == "cuda:0" and asked[0]["staging_bytes"] == staging
+
+
+# -- the io option on per-tensor reads ---------------------------------------------------------
+
+def _direct_capable(path: Path) -> None:
+    from fastsafetensors.loader.posix import open_direct
+
+    fd = open_direct(str(path))
+    if fd is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    os.close(fd)
+
+
+@pytest.fixture
+def mib_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Tensors of 1 MiB and more (the per-tensor io threshold), one small, and an odd-sized
+    last one whose end is not block-aligned."""
+    gen = torch.Generator().manual_seed(5)
+    tensors = {"small": torch.arange(7, dtype=torch.int16),
+               "a": torch.randn(512, 512, generator=gen),                  # 1 MiB
+               "b": torch.randn(3, 700, 200, generator=gen).bfloat16(),   # 0.8 MiB
+               "c": torch.randn(1000, 333, generator=gen).double()}       # 2.66 MB, last
+    path = write_file(tmp_path / "m.safetensors", tensors)
+    _direct_capable(path)
+    return path, tensors
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+def test_per_tensor_reads_follow_the_io_option(mib_file: Any, io: str) -> None:
+    path, tensors = mib_file
+    reference = safetensors.torch.load_file(path)
+    with fastsafetensors.configure(io=io, chunk_bytes=1 << 20, threads=3), \
+            FastSafetensorsFile(path) as f:
+        for name in tensors:
+            before = STATS.snapshot()[2]
+            got = f.get_tensor(name)
+            assert_bitwise_equal(got, reference[name])
+            assert_aligned(got)
+            big = reference[name].nbytes >= fastsafetensors.file.DIRECT_MIN_BYTES
+            assert (STATS.snapshot()[2] > before) == (io == "direct" and big), name
+            # at most the blocks around the tensor, no copy of the whole file
+            assert got.untyped_storage().nbytes() <= got.nbytes + 2 * 4096 + 64
+        rows = f.get_slice("c")[100:900]   # rows of the last tensor go the same way
+        assert_bitwise_equal(rows, reference["c"][100:900])
+
+
+def test_per_tensor_reads_of_a_misaligned_tensor_stay_buffered(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    # U8 first, so the F32 after it starts at an odd offset: O_DIRECT would need a copy.
+    values = torch.randn(1 << 18)
+    header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "b": {"dtype": "F32", "shape": [1 << 18], "data_offsets": [1, 1 + (1 << 20)]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "mis.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x07" + values.numpy().tobytes())
+    _direct_capable(path)
+    before = STATS.snapshot()[2]
+    with fastsafetensors.configure(io="direct"), FastSafetensorsFile(path) as f:
+        got = f.get_tensor("b")
+    assert torch.equal(got, values) and STATS.snapshot()[2] == before
+    assert_aligned(got)
+
+
+def test_auto_reads_a_cold_tensor_direct_and_a_cached_one_buffered(mib_file: Any) -> None:
+    from fastsafetensors.loader.pagecache import resident_fraction
+
+    path, tensors = mib_file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if (resident_fraction(fd) or 0) > 0.1:
+            pytest.skip("page-cache state not observable here")
+    finally:
+        os.close(fd)
+    with FastSafetensorsFile(path) as f:   # io="auto", the default
+        before = STATS.snapshot()[2]
+        assert torch.equal(f.get_tensor("a"), tensors["a"])
+        assert STATS.snapshot()[2] == before + 1   # cold: one direct read
+        path.read_bytes()                          # now every page is cached
+        before = STATS.snapshot()[2]
+        assert torch.equal(f.get_tensor("c"), tensors["c"])
+        assert STATS.snapshot()[2] == before
+
+
+def test_closing_closes_the_direct_descriptor(mib_file: Any) -> None:
+    path, _ = mib_file
+    before = len(os.listdir("/proc/self/fd"))
+    with fastsafetensors.configure(io="direct"):
+        f = FastSafetensorsFile(path)
+        f.get_tensor("a")
+        assert len(os.listdir("/proc/self/fd")) == before + 2
+        f.close()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -770,3 +770,25 @@ def test_pre_quantized_compressed_tensors_pass_through(case: str, tmp_path: Path
     assert {mine[name].dtype for name in stored} >= quantized_dtypes
     assert torch.equal(logits(model), logits(reference))
     assert_same(model, reference)   # and identical once the forward pass decompressed both
+
+
+def test_io_option_reaches_the_per_tensor_reads(models: dict[str, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """loader_options={"io": "direct"} reads with O_DIRECT (tensors this small would stay
+    buffered, so the size threshold is lowered)."""
+    from transformers import AutoModelForCausalLM
+
+    from fastsafetensors.loader.posix import open_direct
+
+    probe = open_direct(str(shards(models["llama"])[0]))
+    if probe is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    os.close(probe)
+    monkeypatch.setattr("fastsafetensors.file.DIRECT_MIN_BYTES", 0)
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    for io, direct in (("buffered", False), ("direct", True)):
+        STATS.reset()
+        model = AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors",
+                                                     loader_options={"io": io})
+        assert (STATS.direct_reads > 0) is direct, io
+        assert_same(model, reference)
