@@ -246,8 +246,9 @@ class FastSafetensorsFile:
         when the io option asks for it (``direct``, or ``auto`` and mostly not cached); None
         when they should go through the page cache instead. The block-aligned reads land in a
         buffer whose start sits at the same offset within a block as the file's bytes, so the
-        returned view is the tensor's bytes with no second copy (its storage is at most two
-        blocks larger)."""
+        returned view is the tensor's bytes with no second copy: its storage is less than
+        three blocks larger (the widening at both ends, and the allocator's alignment slack),
+        and its data is aligned to 8 bytes (not 64), which every dtype's elements need."""
         mode = config.get("io")
         # An element must not straddle its natural alignment (8 covers every dtype).
         if mode == "buffered" or length < DIRECT_MIN_BYTES or offset % 8:
@@ -261,7 +262,8 @@ class FastSafetensorsFile:
                     return None
             with self._lock:
                 if self._direct_fd is None:
-                    self._direct_fd = open_direct(self._path) or -1
+                    opened = open_direct(self._path)
+                    self._direct_fd = -1 if opened is None else opened
                 direct_fd = self._direct_fd
             if direct_fd < 0:
                 return None   # the filesystem refuses O_DIRECT (tmpfs, some FUSE)

@@ -172,7 +172,8 @@ def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
                 break
             count *= dim
         else:
-            if count * bits == (end - begin) * 8:
+            # Zero elements: the byte count cannot bound the other dimensions; checked below.
+            if count and count * bits == (end - begin) * 8:
                 return TensorInfo(name, entry["dtype"], tuple(shape), (begin, end))
     return _checked_tensor(path, name, entry)
 
@@ -190,10 +191,11 @@ def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
     if not _int_list(shape) or any(d < 0 for d in shape):
         raise HeaderError(path, f"shape must be a list of non-negative integers, got {shape!r}",
                           name)
-    if any(d >= MAX_DIM for d in shape):
+    if 0 in shape and math.prod(d for d in shape if d) >= MAX_DIM:
         # With a 0 elsewhere in the shape the byte count is 0 and would pass the size check;
-        # no framework can make a tensor with such a dimension.
-        raise HeaderError(path, f"shape {shape!r} has a dimension of 2**63 or more", name)
+        # no framework can make a tensor whose other dimensions multiply past int64.
+        raise HeaderError(path, f"shape {shape!r}: its non-zero dimensions multiply to 2**63 "
+                                f"or more", name)
     if not _int_list(offsets) or len(offsets) != 2:
         raise HeaderError(path, f"data_offsets must be two integers [begin, end], got "
                                 f"{offsets!r}", name)

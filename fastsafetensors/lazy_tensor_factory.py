@@ -90,14 +90,14 @@ class LazyTensor:
 def is_basic_index(index: Any) -> bool:
     """Whether ``index`` goes to the byte-run planner: integers, slices and ``...`` (and
     floats or strings, which the planner refuses with IndexError). ``None``, bools, lists,
-    tensors and arrays do not: the framework applies them to the whole tensor, with its own
-    semantics, as safetensors' slices do.
+    nested tuples, ranges, tensors and arrays do not: the framework applies them to the whole
+    tensor, with its own semantics, as safetensors' slices do.
 
     A bool or a one-element tensor has ``__index__`` too, but means something else as an index
     (a new axis, or a kept dimension), so it must not be read as an integer.
     """
     entries = index if isinstance(index, tuple) else (index,)
-    return not any(e is None or isinstance(e, (bool, list))
+    return not any(e is None or isinstance(e, (bool, list, tuple, range))
                    or (hasattr(e, "shape") and not isinstance(e, numbers.Integral))
                    for e in entries)
 

@@ -294,11 +294,14 @@ class ParallelLoader:
                             ) -> Generator[tuple[str, Any], None, None]:
         from .file import FastSafetensorsFile
 
-        with configure(threads=self.loader.max_threads):
-            for path, infos in kept:
-                with FastSafetensorsFile(path) as f:
-                    for info in infos:
-                        yield info.name, f.get_tensor(info.name)
+        for path, infos in kept:
+            with FastSafetensorsFile(path) as f:
+                for info in infos:
+                    # Not around the yield: a generator runs in its caller's context, so a
+                    # configure() block held open across yields would apply to the caller too.
+                    with configure(threads=self.loader.max_threads):
+                        tensor = f.get_tensor(info.name)
+                    yield info.name, tensor
 
     @staticmethod
     def _drain(fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:

@@ -885,3 +885,16 @@ def test_sharded_checkpoint_fixture_loads_through_parallel_loader(tmp_path: Path
     got = dict(loader.iterate_weights())
     loader.close()
     assert_same(got, files)
+
+
+def test_cpu_owned_reads_leave_the_callers_configuration_alone(mib_checkpoint: list[str]
+                                                               ) -> None:
+    # A configure() block held open across the generator's yields applied to the caller.
+    import fastsafetensors
+
+    loader = ParallelLoader(None, mib_checkpoint, use_tqdm_on_load=False, max_threads=3,
+                            tensor_filter=lambda name: True, all_local=True)
+    with fastsafetensors.configure(threads=5):
+        for _ in loader.iterate_weights():
+            assert fastsafetensors.config.get("threads") == 5
+    loader.close()

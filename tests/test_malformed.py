@@ -140,10 +140,13 @@ CASES: dict[str, tuple[bytes, type[Exception], str]] = {
     # Zero bytes, so the size check passes; no framework makes such a tensor.
     "huge_dim_of_empty_tensor": (_one({"dtype": "F32", "shape": [2 ** 64, 0],
                                        "data_offsets": [0, 0]}, b""),
-                                 HeaderError, "dimension of 2**63 or more"),
+                                 HeaderError, "multiply to 2**63 or more"),
     "dim_2_63_of_empty_tensor": (_one({"dtype": "U8", "shape": [0, 2 ** 63],
                                        "data_offsets": [0, 0]}, b""),
-                                 HeaderError, "dimension of 2**63 or more"),
+                                 HeaderError, "multiply to 2**63 or more"),
+    "dims_of_empty_tensor_multiply_past_int64": (
+        _one({"dtype": "F32", "shape": [2 ** 62, 2 ** 62, 0], "data_offsets": [0, 0]}, b""),
+        HeaderError, "multiply to 2**63 or more"),
 }
 
 

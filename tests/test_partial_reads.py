@@ -104,7 +104,7 @@ def test_column_half_reads_half_the_bytes(tmp_path: Path) -> None:
 ADVANCED = [None, (None,), (slice(None), None), (1, None), True, False, [0, 2],
             (slice(None), [0, 1]), torch.tensor([0, 1]), torch.tensor(True), torch.tensor(False),
             torch.tensor([1]), (slice(None), torch.tensor(True)), torch.tensor(1),
-            torch.tensor([True, False, True, False])]
+            torch.tensor([True, False, True, False]), ((0, 1),), (0, (1, 2)), range(2)]
 
 
 @pytest.mark.parametrize("index", ADVANCED, ids=repr)

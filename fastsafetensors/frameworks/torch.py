@@ -85,6 +85,8 @@ class TorchFramework:
                 raise ConfigError("dtype", name, ["a torch dtype or its name (torch.bfloat16, "
                                                   "'bfloat16', 'half')", "a safetensors dtype "
                                                   "('BF16', 'F32', ...)"])
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ConfigError("dtype", dtype, ["a torch dtype or its name"])
         if device is None and dtype is None:
             return tensor
         return tensor.to(device=device, dtype=dtype)
