@@ -12,6 +12,7 @@ local files, so every collective runs on the caller's thread, in the same order 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,6 +94,7 @@ class ParallelLoader:
         self.use_tqdm_on_load = use_tqdm_on_load
         self._tensor_filter = tensor_filter
         self._budget = device_memory_budget
+        self._streams: weakref.WeakSet[Generator[tuple[str, Any], None, None]] = weakref.WeakSet()
         self._kept: list[tuple[str, list[TensorInfo]]] | None = None
         if self._local or device_memory_budget is not None:
             # Headers only: what to read, how much of it, and where each file ends.
@@ -213,7 +215,13 @@ class ParallelLoader:
                     desc="Loading safetensors using fastsafetensors")
 
     def iterate_weights(self) -> Iterator[tuple[str, Any]]:
-        """Yield every tensor of every file, in the same order on every rank."""
+        """Yield every tensor of every file, in the same order on every rank. ``close()`` also
+        closes a stream still suspended (its files and reads end then, not at collection)."""
+        stream = self._iterate()
+        self._streams.add(stream)
+        return stream
+
+    def _iterate(self) -> Generator[tuple[str, Any], None, None]:
         if self._local:
             yield from self._stream()
             return
@@ -315,6 +323,8 @@ class ParallelLoader:
 
     def close(self) -> None:
         """Idempotent."""
+        for stream in list(self._streams):
+            stream.close()
         self.loader.close()
 
     def __enter__(self) -> ParallelLoader:

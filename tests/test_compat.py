@@ -898,3 +898,20 @@ def test_cpu_owned_reads_leave_the_callers_configuration_alone(mib_checkpoint: l
         for _ in loader.iterate_weights():
             assert fastsafetensors.config.get("threads") == 5
     loader.close()
+
+
+def test_close_ends_a_suspended_stream(shards: list[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The caller keeps the stream (no garbage collection to close it): close() must end it.
+    # On a device the engine holds the files open while it streams.
+    from fake_device import FakeSink
+
+    fake_cuda(monkeypatch, FakeSink(delay=0))
+    before = len(os.listdir("/proc/self/fd"))
+    loader = ParallelLoader(None, shards, use_tqdm_on_load=False, device="cuda:0", nogds=True)
+    stream = loader.iterate_weights()
+    next(stream)
+    assert len(os.listdir("/proc/self/fd")) > before   # the file being read is open
+    loader.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert list(stream) == []
