@@ -18,6 +18,13 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of MB, got {text}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file as st_load_file
@@ -81,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="load a synthetic checkpoint both ways and compare")
-    demo.add_argument("--size-mb", type=int, default=256, help="checkpoint size (default 256)")
+    demo.add_argument("--size-mb", type=_positive, default=256,
+                      help="checkpoint size (default 256)")
     demo.set_defaults(run=_demo)
     inspect = sub.add_parser("inspect", help="list the tensors of a file, folder or Hub repo "
                                              "(headers only)")

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["configure", "get", "OPTIONS"]
+__all__ = ["configure", "get", "is_set", "OPTIONS"]
 
 MiB = 1 << 20
 
@@ -104,6 +104,12 @@ def get(name: str, explicit: Any = None) -> Any:
     if env:
         return option.check(env)
     return option.default()
+
+
+def is_set(name: str) -> bool:
+    """Whether option ``name`` was chosen by a configure block or the environment (not left to
+    its default)."""
+    return name in _overrides.get() or bool(os.environ.get(_option(name).env))
 
 
 @contextlib.contextmanager

@@ -134,7 +134,11 @@ class CheckpointNotFoundError(FastSafetensorsError, FileNotFoundError):
         self.path = os.fspath(path)
         self.hint = hint
         super().__init__(errno.ENOENT, os.strerror(errno.ENOENT), self.path)
-        self.message = f"[Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: {self.path!r} ({hint})"
+        if os.path.exists(self.path):   # a folder that holds no usable weights
+            self.message = f"{self.path!r} holds no checkpoint to load ({hint})"
+        else:
+            self.message = (f"[Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}: {self.path!r} "
+                            f"({hint})")
 
 
 class FrameworkNotInstalledError(FastSafetensorsError, ModuleNotFoundError):
@@ -161,8 +165,11 @@ class UnsupportedDTypeError(FastSafetensorsError, TypeError):
         self.framework = framework
         self.tensor = tensor
         subject = f"tensor {tensor!r} has dtype" if tensor else "dtype"
+        remedy = ("read its raw bytes instead (FastSafetensorsFile.read_bytes, or a "
+                  "LazyTensorFactory creator)" if framework.startswith("pt")
+                  else "load it with framework='pt' (PyTorch) instead")
         self.message = (f"{subject} {dtype} which framework={framework!r} cannot represent; "
-                        f"load it with framework='pt' (PyTorch) instead")
+                        f"{remedy}")
         super().__init__(self.message)
 
 

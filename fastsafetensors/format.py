@@ -310,8 +310,8 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         kind = "a folder" if os.path.isdir(path) else "not a regular file"
-        raise HeaderError(path, f"is {kind}, not a .safetensors file (load a folder with "
-                                f"fastsafetensors.load)")
+        raise HeaderError(path, f"is {kind}, not a .safetensors file (pass a folder itself, not "
+                                f"in a list, to fastsafetensors.load)")
     return fd
 
 

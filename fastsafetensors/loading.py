@@ -13,7 +13,8 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import config
-from .errors import TensorNotFoundError
+from .checkpoint import requested
+from .errors import CheckpointIndexError, ConfigError, TensorNotFoundError
 from .format import read_header
 from .frameworks import get_framework, resolve_device
 
@@ -22,23 +23,39 @@ __all__ = ["load", "iter_tensors"]
 PathLike = str | os.PathLike[str]
 
 
+#: Keywords that only a Hub repo id uses; a local source accepts and ignores them (as
+#: transformers ignores revision= for a local folder).
+HUB_OPTIONS = frozenset({"revision", "subfolder", "variant", "cache_dir", "token",
+                         "local_files_only", "max_downloads"})
+
+
 def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
                  ) -> list[tuple[str, Any, list[str] | None]]:
-    if tensors is None:
-        return [(os.fspath(p), None, None) for p in paths]
-    wanted = set(tensors)
-    available: list[str] = []
+    """The files' headers (read once, handed on) and the names wanted from each. A tensor in two
+    of the files is an error, as in an index: which copy to return would be a guess."""
+    if tensors is None and len(paths) == 1:
+        return [(os.fspath(paths[0]), None, None)]
+    wanted = None if tensors is None else set(tensors)
+    owner: dict[str, str] = {}
     out: list[tuple[str, Any, list[str] | None]] = []
     for p in paths:
-        header = read_header(p)
-        available.extend(header.tensors)
-        names = [n for n in header.tensors if n in wanted]
-        wanted.difference_update(names)
-        if names:
-            out.append((os.fspath(p), header, names))
-    if wanted:
+        path = os.fspath(p)
+        if any(path == listed for listed, _, _ in out):
+            raise ConfigError("source", path, ["a list naming each file once"])
+        header = read_header(path)
+        for name in header.tensors:
+            other = owner.setdefault(name, path)
+            if other != path:
+                raise CheckpointIndexError(path, f"also stored in {os.path.basename(other)}; a "
+                                                 f"tensor must live in one file only", name)
+        if wanted is None:
+            out.append((path, header, None))
+        elif names := [n for n in header.tensors if n in wanted]:
+            out.append((path, header, names))
+    missing = sorted((wanted or set()) - owner.keys())
+    if missing:
         where = os.fspath(paths[0]) if len(paths) == 1 else None
-        raise TensorNotFoundError(sorted(wanted)[0], where, available)
+        raise TensorNotFoundError(missing[0], where, list(owner))
     return out
 
 
@@ -48,10 +65,14 @@ def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_optio
     downloaded (so loading can start while later shards still download)."""
     if hasattr(source, "wanted") and hasattr(source, "headers"):  # a resolved Checkpoint
         return [(path, source.headers.get(path), names) for path, names in source.wanted().items()]
-    if isinstance(source, (list, tuple)):
-        return _local_files(source, tensors)
-    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
-        return _local_files([source], tensors)
+    tensors = requested(tensors)   # a string is one name, not a list of letters
+    local = isinstance(source, (list, tuple)) or (isinstance(source, (str, os.PathLike))
+                                                  and os.path.isfile(source))
+    if local:
+        unknown = sorted(set(hub_options) - HUB_OPTIONS)
+        if unknown:   # for a folder or repo id, hub.stream() refuses them the same way
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        return _local_files(source if isinstance(source, (list, tuple)) else [source], tensors)
     from . import hub
 
     return hub.stream(source, tensors=list(tensors) if tensors is not None else None,
@@ -79,6 +100,7 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     target = resolve_device(device, framework)
     files = sources_of(source, tensors=tensors, **hub_options)
     if target == "cpu":
+        config.get("backend", backend)   # checked here too: a typo must not pass silently
         stream = _host_stream(files, fw, threads=threads, io=io)
     else:
         stream = device_stream(files, target, threads=threads, io=io, backend=backend,

@@ -281,3 +281,64 @@ def test_unknown_dtype_name_is_a_config_error(ckpt: tuple[Path, dict[str, torch.
     with FastSafetensorsFile(path, framework=framework) as f, \
             pytest.raises(ConfigError, match=f"dtype={dtype!r} is not valid"):
         f.get_tensor(name, dtype=dtype)
+
+
+# -- lists of files, keywords, options --------------------------------------------------------
+
+def test_a_tensor_in_two_listed_files_is_an_error(tmp_path: Path) -> None:
+    from fastsafetensors.errors import CheckpointIndexError
+
+    a = write_file(tmp_path / "a.safetensors", {"x": torch.zeros(2), "y": torch.ones(2)})
+    b = write_file(tmp_path / "b.safetensors", {"x": torch.full((2,), 7.0)})
+    for call in (lambda: fastsafetensors.load([a, b]),
+                 lambda: list(fastsafetensors.iter_tensors([a, b])),
+                 lambda: fastsafetensors.load([a, b], tensors=["x"])):
+        with pytest.raises(CheckpointIndexError, match="also stored in a.safetensors"):
+            call()
+    with pytest.raises(ConfigError, match="each file once"):
+        fastsafetensors.load([a, a])
+
+
+def test_tensors_given_as_one_string_is_a_config_error(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, tensors = ckpt
+    name = next(iter(tensors))
+    with pytest.raises(ConfigError, match="a list of tensor names"):
+        fastsafetensors.load(path, tensors=name)
+    assert list(fastsafetensors.load(path, tensors=[name])) == [name]
+
+
+def test_unknown_keywords_and_backends_are_refused_for_files(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    with pytest.raises(TypeError, match="'thread'"):
+        fastsafetensors.load(path, thread=4)
+    with pytest.raises(ConfigError, match="backend"):
+        fastsafetensors.load(path, backend="bogus")
+    assert fastsafetensors.load(path, revision="main").keys()   # a Hub keyword: ignored here
+
+
+def test_configured_threads_hold_for_direct_loads(ckpt: tuple[Path, dict[str, torch.Tensor]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only an explicit threads= argument stopped the switch to direct_threads (8).
+    import fastsafetensors.loader.cpu as cpu
+    from fastsafetensors.loader.posix import open_direct
+
+    path, _ = ckpt
+    direct = open_direct(str(path))
+    if direct is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    os.close(direct)
+    used: list[int] = []
+    real_run = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda work, threads: used.append(threads)
+                        or real_run(work, threads))
+    with fastsafetensors.configure(threads=1, chunk_bytes=4096):
+        fastsafetensors.load_file(path, io="direct")
+    monkeypatch.setenv("FASTSAFETENSORS_THREADS", "3")
+    with fastsafetensors.configure(chunk_bytes=4096):
+        fastsafetensors.load_file(path, io="direct")
+    monkeypatch.delenv("FASTSAFETENSORS_THREADS")
+    with fastsafetensors.configure(chunk_bytes=4096):
+        fastsafetensors.load_file(path, io="direct")
+    assert used == [1, 3, fastsafetensors.config.get("direct_threads")]

@@ -78,3 +78,7 @@ def test_usage_errors() -> None:
     with pytest.raises(SystemExit) as excinfo:
         main(["--help"])
     assert excinfo.value.code == 0
+    for size in ("0", "-5"):   # an empty checkpoint "equal bit for bit" proved nothing
+        with pytest.raises(SystemExit) as excinfo:
+            main(["demo", "--size-mb", size])
+        assert excinfo.value.code == 2

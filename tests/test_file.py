@@ -747,3 +747,20 @@ def test_direct_descriptor_zero_is_a_descriptor(mib_file: Any,
     with fastsafetensors.configure(io="direct"), FastSafetensorsFile(path) as f:
         f.get_tensor("a")
     assert 0 in used and 0 in closed
+
+
+def test_f4_with_an_odd_last_dimension_says_what_to_do_under_torch(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    from fastsafetensors.errors import UnsupportedDTypeError
+
+    header = {"q": {"dtype": "F4", "shape": [2, 3], "data_offsets": [0, 3]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "f4odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x12\x34\x56")
+    with FastSafetensorsFile(path) as f:
+        with pytest.raises(UnsupportedDTypeError, match="raw bytes") as info:
+            f.get_tensor("q")
+        assert "framework='pt' (PyTorch) instead" not in str(info.value)
+        assert bytes(f.read_bytes(f.get_tensors()["q"])) == b"\x12\x34\x56"

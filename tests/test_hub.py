@@ -27,6 +27,7 @@ from fastsafetensors.errors import (
     CheckpointIndexError,
     CheckpointNotFoundError,
     ConfigError,
+    HeaderError,
     TensorNotFoundError,
 )
 
@@ -178,8 +179,12 @@ def test_folder_without_weights(tmp_path: Path) -> None:
         fastsafetensors.resolve(tmp_path)
     write_single(tmp_path, "a.safetensors")
     write_single(tmp_path, "b.safetensors")
-    with pytest.raises(CheckpointNotFoundError, match="several candidates"):
+    with pytest.raises(CheckpointNotFoundError, match="several candidates") as info:
         fastsafetensors.resolve(tmp_path)
+    # The folder exists: the message must not say it does not.
+    assert "No such file" not in str(info.value) and "holds no checkpoint" in str(info.value)
+    with pytest.raises(HeaderError, match="not in a list"):
+        fastsafetensors.load([tmp_path])
 
 
 # --- the index is hostile input --------------------------------------------------------------

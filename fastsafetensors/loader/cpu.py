@@ -147,7 +147,7 @@ def load_host(jobs: Sequence[FileJob], framework: Framework, *, threads: int | N
             dest = view[read.offset - job.extent.base:read.end - job.extent.base]
             work.append((job, read, dest, policy.direct(job, read, resident)))
     direct_reads = sum(w[3] for w in work)
-    if threads is None and direct_reads * 2 > len(work):
+    if threads is None and not config.is_set("threads") and direct_reads * 2 > len(work):
         # A disk keeps more requests in flight than cached data needs threads.
         nthreads = config.get("direct_threads")
     total = _run(work, nthreads)
