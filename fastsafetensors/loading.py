@@ -112,6 +112,8 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
 def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
          ) -> dict[str, Any]:
     """Every tensor of a checkpoint (file, files, folder or Hub repo id): ``{name: tensor}``.
+    ``dtype`` casts every tensor, integer and bool ones included, as ``.to(dtype)`` would; a
+    tensor name found in two of the files given is an error.
 
     >>> state = fastsafetensors.load("org/model", device="cuda:0")   # doctest: +SKIP
     """
