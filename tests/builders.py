@@ -92,6 +92,18 @@ def assert_bitwise_equal(actual: Any, expected: Any) -> None:
     assert torch.equal(as_bytes(actual), as_bytes(expected))
 
 
+def require_o_direct(path: str | os.PathLike[str]) -> None:
+    """Skip the calling test where the filesystem of ``path`` refuses O_DIRECT (tmpfs, FUSE)."""
+    import pytest
+
+    from fastsafetensors.loader.posix import open_direct
+
+    fd = open_direct(os.fspath(path))
+    if fd is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    os.close(fd)
+
+
 def assert_aligned(tensor: Any) -> None:
     if tensor.numel():
         assert tensor.data_ptr() % tensor.element_size() == 0, (

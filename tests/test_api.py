@@ -14,7 +14,7 @@ import safetensors
 import safetensors.numpy
 import safetensors.torch
 import torch
-from builders import assert_bitwise_equal, open_fds, small_tensors, write_file
+from builders import assert_bitwise_equal, open_fds, require_o_direct, small_tensors, write_file
 
 import fastsafetensors
 from fastsafetensors import ConfigError, FastSafetensorsFile, config, configure
@@ -322,13 +322,9 @@ def test_configured_threads_hold_for_direct_loads(ckpt: tuple[Path, dict[str, to
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Only an explicit threads= argument stopped the switch to direct_threads (8).
     import fastsafetensors.loader.cpu as cpu
-    from fastsafetensors.loader.posix import open_direct
 
     path, _ = ckpt
-    direct = open_direct(str(path))
-    if direct is None:
-        pytest.skip("this filesystem refuses O_DIRECT")
-    os.close(direct)
+    require_o_direct(path)
     used: list[int] = []
     real_run = cpu._run
     monkeypatch.setattr(cpu, "_run", lambda work, threads: used.append(threads)

@@ -13,7 +13,13 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from builders import assert_aligned, assert_bitwise_equal, small_tensors, write_file
+from builders import (
+    assert_aligned,
+    assert_bitwise_equal,
+    require_o_direct,
+    small_tensors,
+    write_file,
+)
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -615,15 +621,6 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
 
 # -- the io option on per-tensor reads ---------------------------------------------------------
 
-def _direct_capable(path: Path) -> None:
-    from fastsafetensors.loader.posix import open_direct
-
-    fd = open_direct(str(path))
-    if fd is None:
-        pytest.skip("this filesystem refuses O_DIRECT")
-    os.close(fd)
-
-
 @pytest.fixture
 def mib_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """Tensors of 1 MiB and more (the per-tensor io threshold), one small, and an odd-sized
@@ -634,7 +631,7 @@ def mib_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
                "b": torch.randn(3, 700, 200, generator=gen).bfloat16(),   # 0.8 MiB
                "c": torch.randn(1000, 333, generator=gen).double()}       # 2.66 MB, last
     path = write_file(tmp_path / "m.safetensors", tensors)
-    _direct_capable(path)
+    require_o_direct(path)
     return path, tensors
 
 
@@ -668,7 +665,7 @@ def test_per_tensor_reads_of_a_misaligned_tensor_stay_buffered(tmp_path: Path) -
     raw = json.dumps(header).encode()
     path = tmp_path / "mis.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x07" + values.numpy().tobytes())
-    _direct_capable(path)
+    require_o_direct(path)
     before = STATS.snapshot()[2]
     with fastsafetensors.configure(io="direct"), FastSafetensorsFile(path) as f:
         got = f.get_tensor("b")
@@ -723,7 +720,7 @@ def test_direct_read_of_a_tensor_ending_just_past_a_block(tmp_path: Path) -> Non
     values = torch.randn(size // 8, dtype=torch.float64)
     path = tmp_path / "edge.safetensors"
     path.write_bytes(struct.pack("<Q", 256) + raw + bytes(pad) + values.numpy().tobytes())
-    _direct_capable(path)
+    require_o_direct(path)
     with fastsafetensors.configure(io="direct"), FastSafetensorsFile(path) as f:
         assert (f.header.data_start + pad) % 4096 == 4088
         before = STATS.snapshot()[2]

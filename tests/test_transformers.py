@@ -31,6 +31,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tf_models  # noqa: E402  (tests/ is on sys.path via conftest)
+from builders import require_o_direct  # noqa: E402
 
 import fastsafetensors.integrations.transformers as ft  # noqa: E402
 from fastsafetensors.errors import ConfigError  # noqa: E402
@@ -778,12 +779,7 @@ def test_io_option_reaches_the_per_tensor_reads(models: dict[str, Path],
     buffered, so the size threshold is lowered)."""
     from transformers import AutoModelForCausalLM
 
-    from fastsafetensors.loader.posix import open_direct
-
-    probe = open_direct(str(shards(models["llama"])[0]))
-    if probe is None:
-        pytest.skip("this filesystem refuses O_DIRECT")
-    os.close(probe)
+    require_o_direct(shards(models["llama"])[0])
     monkeypatch.setattr("fastsafetensors.file.DIRECT_MIN_BYTES", 0)
     reference = AutoModelForCausalLM.from_pretrained(models["llama"])
     for io, direct in (("buffered", False), ("direct", True)):
