@@ -37,11 +37,13 @@ def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
         return [(os.fspath(paths[0]), None, None)]
     wanted = None if tensors is None else set(tensors)
     owner: dict[str, str] = {}
+    seen: set[str] = set()
     out: list[tuple[str, Any, list[str] | None]] = []
     for p in paths:
         path = os.fspath(p)
-        if any(path == listed for listed, _, _ in out):
+        if path in seen:
             raise ConfigError("source", path, ["a list naming each file once"])
+        seen.add(path)
         header = read_header(path)
         for name in header.tensors:
             other = owner.setdefault(name, path)
