@@ -118,7 +118,7 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                           {"backend": "default", "device": "cuda:0"}, peer="instanttensor"))
     if cuda:
         dev = "cuda:0"
-        cases.append(Case("h2d_pinned", "limit: pinned host-to-device copy (2 GiB)", "limit",
+        cases.append(Case("h2d_pinned", "limit: pinned host-to-device copy (2 GiB buffer)", "limit",
                           "h2d", {}, modes=("warm",)))
         cases.append(Case("st_cuda", "safetensors load_file(device=cuda:0)", "safetensors",
                           "st", {"how": "device", "device": dev}))
@@ -350,11 +350,14 @@ class InstantTensorRunner(Runner):
 
 
 class H2DRunner(Runner):
-    """Copies of a 2 GiB pinned buffer to the GPU: the host-to-device limit."""
+    """The host-to-device limit: as many bytes as the checkpoint holds, copied to the GPU from a
+    2 GiB pinned buffer (again and again), so the row's GB/s and its paired ratios count the
+    same bytes as every loader's row."""
 
-    def __init__(self) -> None:
+    def __init__(self, nbytes: int) -> None:
         import torch
 
+        self.nbytes = nbytes
         self.torch, self.device = torch, "cuda:0"
         self.src = torch.empty(2 * C.GiB, dtype=torch.uint8, pin_memory=True)
         self.src.fill_(1)
@@ -363,7 +366,11 @@ class H2DRunner(Runner):
         torch.cuda.synchronize()
 
     def load(self) -> Any:
-        self.dst.copy_(self.src, non_blocking=True)
+        left = self.nbytes
+        while left > 0:
+            n = min(left, self.src.numel())
+            self.dst[:n].copy_(self.src[:n], non_blocking=True)
+            left -= n
         self.torch.cuda.synchronize()
         return None
 
@@ -439,7 +446,7 @@ def child(case: str, spec: dict[str, Any]) -> None:
         elif kind == "instanttensor":
             runner = InstantTensorRunner(files, p)
         elif kind == "h2d":
-            runner = H2DRunner()
+            runner = H2DRunner(sum(s.size for s in C.data_spans(files)))
         else:
             raise Unavailable(f"unknown kind {kind}")
     except (ImportError, Unavailable, OSError, RuntimeError) as exc:
@@ -714,7 +721,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         """A ready child for ``case``, or None (the row then says why)."""
         row = results[case.name]
         child = start_child(case, specs[case.name], args, peer_dirs, logs)
-        hello = child.ask(None, timeout=300)
+        hello = child.ask(None, timeout=min(300, args.timeout))
         if not hello.get("ready"):
             row["unavailable"] = hello.get("unavailable") or hello.get("error", "?")
             child.close()

@@ -129,6 +129,9 @@ def main() -> None:
     ap.add_argument("--dir", default=None,
                     help="where the checkpoint is written (default: a folder under /tmp)")
     ap.add_argument("--json", default=None, help="write every measurement here")
+    ap.add_argument("--run-timeout", type=float, default=None,
+                    help="seconds a child may take; one that takes longer is stopped and the "
+                         "run recorded as failed (the others go on)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from the start after which no run starts; the summary and "
                          "the JSON still cover the runs done")
@@ -151,6 +154,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(C.REPO), os.environ.get("PYTHONPATH")) if p))
     skipped = 0
+    failures: list[str] = []   # a failed or stopped run is reported; the others still count
     for round_ in range(args.repeat):
         for cache in caches:
             for mode in MODES:
@@ -160,10 +164,19 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", "--mode", mode, "--cache", cache,
                        "--folder", str(folder), "--device", args.device,
                        "--tensor-bytes", str(info["tensor_bytes"])]
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                          check=False, timeout=args.run_timeout)
+                except subprocess.TimeoutExpired:
+                    failures.append(f"round {round_} {cache} {mode}: stopped after "
+                                    f"{args.run_timeout:g} s")
+                    print(failures[-1], flush=True)
+                    continue
                 if done.returncode:
-                    sys.exit(f"{mode} ({cache}) failed with exit status {done.returncode}:\n"
-                             f"{done.stderr[-4000:]}")
+                    failures.append(f"round {round_} {cache} {mode}: exit status "
+                                    f"{done.returncode}: {done.stderr[-4000:]}")
+                    print(failures[-1], flush=True)
+                    continue
                 row = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_}
                 results.append(row)
                 print(f"round {round_} {cache:4} {mode:15} {row['seconds']:7.2f} s "
@@ -203,8 +216,9 @@ def main() -> None:
         summary[f"{cache}/speedup"] = stock["seconds"] / ours["seconds"]
         summary[f"{cache}/speedup_with_first_touch"] = (stock["seconds_with_first_touch"]
                                                        / ours["seconds_with_first_touch"])
+    same = len(checksums) == 1 if results else "n/a"
     print(f"\n{info['tensor_bytes'] / 1e9:.2f} GB, {len(info['files'])} shards, device_map="
-          f"{args.device!r}; medians of {args.repeat}; same model both ways: {len(checksums) == 1}")
+          f"{args.device!r}; medians of {args.repeat}; same model both ways: {same}")
     for key, value in summary.items():
         if "speedup" in key:
             print(f"  {key:26} {value:.2f}x")
@@ -224,8 +238,10 @@ def main() -> None:
             "machine": C.machine(), "filesystem": C.filesystem(str(folder)),
             "transformers": transformers.__version__, "device_map": args.device,
             "checkpoint": info, "same_model_both_ways": len(checksums) == 1,
-            "runs_skipped_at_deadline": skipped,
+            "runs_skipped_at_deadline": skipped, "failures": failures,
             "summary": summary, "runs": results}, indent=2))
+    if failures:
+        sys.exit(f"{len(failures)} runs failed (above); the summary covers the others")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__ve
 # bench_load.py installs each into its own folder, from .whl/ since there is no network.
 site=$work/site
 if ls .whl/transformers-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/transformers-*.whl
 fi
 if [ -d "$site" ] && ! PYTHONPATH=$site python3 -c 'import transformers' 2>/dev/null; then
@@ -39,6 +39,19 @@ if [ -d "$site" ] && ! PYTHONPATH=$site python3 -c 'import transformers' 2>/dev/
 fi
 export PYTHONPATH=$PWD:$site
 export PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.whl
+# Upstream fastsafetensors dlopens the unversioned libcudart.so; pip's CUDA runtime ships only
+# libcudart.so.<major>. Without a toolkit on the image, give upstream the name it asks for.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcudart\.so '; then
+    rt=$(python3 -c 'import glob, os, site
+found = sorted(p for d in site.getsitepackages()
+               for p in glob.glob(os.path.join(d, "nvidia", "**", "libcudart.so.*"), recursive=True))
+print(found[-1] if found else "")')
+    if [ -n "$rt" ]; then
+        mkdir -p "$work/lib" && ln -sf "$rt" "$work/lib/libcudart.so"
+        export LD_LIBRARY_PATH="$work/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "libcudart.so -> $rt (for upstream fastsafetensors)"
+    fi
+fi
 python3 -c 'import transformers, safetensors, fastsafetensors as f;
 print("transformers", transformers.__version__, "safetensors", safetensors.__version__,
       "fastsafetensors", f.__version__, f.__file__)'
@@ -52,10 +65,11 @@ timeout 70 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _com
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout 230 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
+timeout 220 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|^(st|fst|fst_load|vllm|upstream)_cuda|instanttensor_buffered' \
-    --warm-only 'fst_load_cuda|vllm_cuda' --deadline 165 --skip-many --json "$OUT/bench-load.json"
+    --warm-only 'fst_load_cuda|vllm_cuda' --deadline 160 --timeout 60 --skip-many \
+    --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
@@ -65,7 +79,8 @@ timeout 45 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --on
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
 timeout 125 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
-    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --json "$OUT/bench-transformers.json"
+    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 35 \
+    --json "$OUT/bench-transformers.json"
 
 step "done"
 sleep 1   # lets tee flush session.log before $OUT is collected

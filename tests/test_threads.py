@@ -91,3 +91,25 @@ def test_an_idle_thread_keeps_nothing_of_its_last_task() -> None:
     _run_all(1, lambda state=state: None)
     del state
     assert alive() is None, "an idle thread still holds the last task's state"
+
+
+def test_a_new_thread_keeps_nothing_of_its_first_task() -> None:
+    # A thread started for a task got it as a parameter, which kept it (and through the
+    # closure the finished load's state) for the thread's whole life.
+    import weakref
+
+    class State:
+        pass
+
+    busy = threading.Event()
+    held = [pool.start(busy.wait, "hold") for _ in range(4)]   # no idle thread left to reuse
+    before = pool.started()
+    state = State()
+    alive = weakref.ref(state)
+    pool.start(lambda state=state: None, "first").wait()
+    assert pool.started() == before + 1, "the task did not start a new thread"
+    del state
+    busy.set()
+    for done in held:
+        done.wait()
+    assert alive() is None, "a new thread still holds its first task's state"

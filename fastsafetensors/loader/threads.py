@@ -62,7 +62,7 @@ def start(task: Callable[[], None], name: str) -> threading.Event:
             return done
         _started += 1
         number = _started
-    threading.Thread(target=_serve, args=(run,), name=f"{IDLE_NAME}-{number}",
+    threading.Thread(target=_serve, args=([run],), name=f"{IDLE_NAME}-{number}",
                      daemon=True).start()
     return done
 
@@ -79,8 +79,11 @@ def started() -> int:
         return _started
 
 
-def _serve(first: Callable[[], None]) -> None:
-    run: Callable[[], None] | None = first
+def _serve(box: list[Callable[[], None]]) -> None:
+    # The first task comes in a list emptied here: a Thread keeps its args until its target
+    # returns, so a task passed directly (its closure holding the finished load's state, the
+    # device tensors of a load stopped early) would live as long as the thread.
+    run: Callable[[], None] | None = box.pop()
     while run is not None:
         run()
         run = None   # its closure holds the finished load's state: not kept while idle

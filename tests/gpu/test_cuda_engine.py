@@ -193,7 +193,9 @@ def test_stopping_early_leaves_no_copy_running(tmp_path):
     gen = fastsafetensors.iter_tensors([str(path)], device="cuda:0")
     name, first = next(gen)
     gen.close()   # joins the workers, which wait for their copies; unyielded tensors are freed
-    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-")]
+    from fastsafetensors.loader import threads as pool
+
+    assert pool.busy() == 0   # idle pool threads may stay (named fastsafetensors-idle)
     assert torch.cuda.memory_allocated() - base == first.numel() * first.element_size()
     assert torch.equal(first.cpu(), tensors[name])
     torch.cuda.synchronize()   # no CUDA error left behind
