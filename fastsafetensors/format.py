@@ -116,6 +116,7 @@ class Header:
         TensorNotFoundError listing close matches."""
         if names is None:
             return list(self.tensors.values())
+        names = list(dict.fromkeys(names))   # a name asked twice is read once
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise TensorNotFoundError(missing[0], self.path, self.tensors)

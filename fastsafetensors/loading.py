@@ -103,6 +103,7 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     files = sources_of(source, tensors=tensors, **hub_options)
     if target == "cpu":
         config.get("backend", backend)   # checked here too: a typo must not pass silently
+        _budget(max_device_bytes)
         stream = _host_stream(files, fw, threads=threads, io=io)
     else:
         stream = device_stream(files, target, threads=threads, io=io, backend=backend,
@@ -145,10 +146,20 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     from .loader.gds import select_backend, stream_gds
     from .loader.stream import StreamOptions, stream_tensors
 
+    # Every option checked before the backend is chosen: GDS uses few of them, and a typo
+    # must not pass silently there.
+    options = StreamOptions(threads=config.get("threads", threads),
+                            staging_bytes=config.get("staging_bytes", staging_bytes),
+                            io=config.get("io", io), max_device_bytes=_budget(max_device_bytes))
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
-    options = StreamOptions(threads=config.get("threads", threads),
-                            staging_bytes=config.get("staging_bytes", staging_bytes),
-                            io=config.get("io", io), max_device_bytes=max_device_bytes)
     return stream_tensors(files, sink, options)
+
+
+def _budget(max_device_bytes: int | None) -> int | None:
+    if max_device_bytes is not None and (type(max_device_bytes) is not int
+                                         or max_device_bytes <= 0):
+        raise ConfigError("max_device_bytes", max_device_bytes,
+                          ["None (no bound)", "a positive number of bytes"])
+    return max_device_bytes

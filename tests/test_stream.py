@@ -394,3 +394,92 @@ def test_event_wait_option_reaches_the_cuda_sink(checkpoint, monkeypatch, wait):
     assert made == [wait == "block"]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
+
+
+# -- resources while a load runs or stops -----------------------------------------------------
+
+def test_a_file_is_closed_once_its_reads_are_done(tmp_path):
+    # Every file used to stay open until the load ended: hundreds of shards ran out of
+    # descriptors.
+    paths = []
+    for i in range(30):
+        path = tmp_path / f"s{i:02d}.safetensors"
+        save_file({f"t{i}": torch.full((1024,), float(i))}, str(path))
+        paths.append(str(path))
+    before = _fd_count()
+    most = 0
+    options = StreamOptions(threads=2, staging_bytes=1 << 20)
+    for name, tensor in stream_tensors([(p, None, None) for p in paths], FakeSink(delay=0),
+                                       options):
+        most = max(most, _fd_count() - before)
+        assert torch.equal(tensor, torch.full((1024,), float(name[1:])))
+    assert most < 20   # two descriptors a file (auto): 60 if none were closed early
+    assert _fd_count() == before
+
+
+def test_a_thread_that_cannot_start_stops_the_load_cleanly(checkpoint, monkeypatch):
+    real_start = pool.start
+    calls = []
+
+    def start(task, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("can't start new thread")
+        return real_start(task, name)
+
+    monkeypatch.setattr(pool, "start", start)
+    before = _fd_count()
+    with pytest.raises(RuntimeError, match="can't start"):
+        _run(checkpoint, FakeSink(), threads=4)
+    assert _fd_count() == before and pool.busy() == 0
+
+
+def test_stopping_does_not_wait_for_a_source_that_blocks(checkpoint):
+    # A source blocked in a download: closing the stream must not wait for it.
+    release = threading.Event()
+    closed_first: list[bool] = []
+
+    def sources():
+        yield checkpoint[0], None, None
+        release.wait(30)   # the test releases it only after close() returned
+        yield checkpoint[1], None, None
+
+    stream = stream_tensors(sources(), FakeSink(delay=0), StreamOptions(threads=2,
+                                                                         staging_bytes=1 << 20))
+    first = _expected([checkpoint[0]])
+    for _ in first:
+        next(stream)
+    stream.close()
+    closed_first.append(not release.is_set())
+    release.set()
+    assert closed_first == [True]
+    for _ in range(100):   # the planner then ends by itself, opening nothing more
+        if pool.busy() == 0:
+            break
+        threading.Event().wait(0.05)
+    assert pool.busy() == 0
+
+
+def test_a_name_asked_twice_is_read_once(checkpoint):
+    want = _expected([checkpoint[0]])
+    name = next(iter(want))
+    sources = [(checkpoint[0], None, [name, name])]
+    got = list(stream_tensors(sources, FakeSink(delay=0), StreamOptions(threads=1,
+                                                                        staging_bytes=65536)))
+    assert [n for n, _ in got] == [name] and torch.equal(as_bytes(got[0][1]), as_bytes(want[name]))
+
+
+def test_options_are_checked_before_the_backend_is_chosen(checkpoint, monkeypatch):
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    from fastsafetensors.errors import ConfigError
+    from fastsafetensors.loading import device_stream, iter_tensors
+
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, **_: FakeSink())
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "gds")
+    for bad in ({"io": "bogus"}, {"threads": 0}, {"staging_bytes": 0},
+                {"max_device_bytes": -1}):
+        with pytest.raises(ConfigError):
+            device_stream([(checkpoint[0], None, None)], "cuda:0", **bad)
+    with pytest.raises(ConfigError, match="max_device_bytes"):
+        list(iter_tensors(checkpoint[0], max_device_bytes=0))

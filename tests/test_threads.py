@@ -11,6 +11,17 @@ import pytest
 from fastsafetensors.loader import threads as pool
 
 
+def _hold_every_idle_thread(release: threading.Event) -> list[threading.Event]:
+    """Keep pooled threads busy until one had to be started: then no idle thread is left, and
+    the next task starts a new one."""
+    held = []
+    while True:
+        before = pool.started()
+        held.append(pool.start(release.wait, "hold"))
+        if pool.started() > before:
+            return held
+
+
 def _run_all(tasks: int, task) -> None:
     done = [pool.start(task, f"fastsafetensors-test-{i}") for i in range(tasks)]
     for event in done:
@@ -102,7 +113,7 @@ def test_a_new_thread_keeps_nothing_of_its_first_task() -> None:
         pass
 
     busy = threading.Event()
-    held = [pool.start(busy.wait, "hold") for _ in range(4)]   # no idle thread left to reuse
+    held = _hold_every_idle_thread(busy)
     before = pool.started()
     state = State()
     alive = weakref.ref(state)
@@ -113,3 +124,21 @@ def test_a_new_thread_keeps_nothing_of_its_first_task() -> None:
     for done in held:
         done.wait()
     assert alive() is None, "a new thread still holds its first task's state"
+
+
+def test_a_thread_that_cannot_start_is_not_counted_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    busy = threading.Event()
+    held = _hold_every_idle_thread(busy)
+    before = pool.busy()
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start"):
+        pool.start(lambda: None, "never")
+    monkeypatch.undo()
+    assert pool.busy() == before
+    busy.set()
+    for done in held:
+        done.wait()

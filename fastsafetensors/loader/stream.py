@@ -157,6 +157,12 @@ class _File:
     resident: bytes | None        # io="auto": residency of the wanted span, per page
     resident_base: int            # the file offset of its first page
     infos: list[TensorInfo]       # the wanted tensors, in file order
+    # Chunks queued but not read yet, and whether the planner is done with the file: the file
+    # is closed when both say nothing more will be read (a load of hundreds of shards would
+    # otherwise hold every descriptor until it ends).
+    pending: int = 0
+    planned: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 class _Budget:
@@ -241,6 +247,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     stats_lock = threading.Lock()
     policy = IOPolicy(options.io)
     completion = _Completion()
+    in_source = threading.Event()
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -248,17 +255,32 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         ready.put(exc)
 
     def plan() -> None:
+        it = iter(sources)
         try:
             sink.enter_thread()
-            for path, header, names in sources:
+            while True:
+                # The next source may take long (a Hub shard downloading): a consumer that
+                # stops meanwhile does not wait for it, and this thread, seeing `cancelled`
+                # when the source comes, opens nothing more.
+                in_source.set()
+                try:
+                    path, header, names = next(it)
+                except StopIteration:
+                    break
+                finally:
+                    in_source.clear()
                 if cancelled.is_set():
                     break
                 f = _open(path, header, policy, names)
                 files.append(f)
                 _plan_file(f, sink, options, budget, work, ready, cancelled, completion)
+                _file_done(f, planned=True)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
         finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()   # a generator of downloads stops them
             for _ in range(options.threads):
                 _put(work, None, cancelled)
             ready.put(None)
@@ -287,6 +309,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     sink.host_wait(pending[turn])
                 src, view = buffers[turn]
                 skew, got, direct = _read_chunk(chunk, view, policy)
+                _file_done(chunk.file)
                 # The tensors' memory may have been freed by the consumer just before, with its
                 # kernels still reading it on the consumer's stream: copy only after those.
                 sink.stream_wait(stream, chunk.allocated)
@@ -310,10 +333,14 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     sink.host_wait(event)
 
     started = time.perf_counter()
-    finished = [pool.start(plan, "fastsafetensors-plan")]
-    finished += [pool.start(worker, f"fastsafetensors-io-{i}") for i in range(options.threads)]
+    finished: list[threading.Event] = []
     count = 0
     try:
+        # Started inside the try: if a thread cannot start, the cleanup below still stops
+        # the ones that did and closes their files.
+        finished.append(pool.start(plan, "fastsafetensors-plan"))
+        for i in range(options.threads):
+            finished.append(pool.start(worker, f"fastsafetensors-io-{i}"))
         while True:
             item = ready.get()
             if item is None:
@@ -338,9 +365,12 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
         # ones: per-tensor reads to a device run one load per tensor).
         _wake(work, options.threads)
-        for done in finished:
-            done.wait()
-        for f in files:
+        for i, done in enumerate(finished):
+            # The planner is waited for unless it is blocked in its source (see plan()).
+            while not done.wait(0.05):
+                if i == 0 and in_source.is_set():
+                    break
+        for f in list(files):
             _close(f)
         seconds = time.perf_counter() - started
         logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
@@ -393,8 +423,22 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
 
 
 def _close(f: _File) -> None:
-    close_fds(f.fd, f.direct_fd)
-    f.fd, f.direct_fd = -1, None
+    with f.lock:
+        close_fds(f.fd, f.direct_fd)
+        f.fd, f.direct_fd = -1, None
+
+
+def _file_done(f: _File, *, planned: bool = False) -> None:
+    """One queued chunk of ``f`` was read (or, with ``planned``, the planner queued its last):
+    close the file once nothing more will be read from it."""
+    with f.lock:
+        if planned:
+            f.planned = True
+        else:
+            f.pending -= 1
+        if f.planned and f.pending == 0:
+            close_fds(f.fd, f.direct_fd)
+            f.fd, f.direct_fd = -1, None
 
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
@@ -411,6 +455,8 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
         nonlocal chunk
         if chunk is not None and chunk.pieces:
             chunk.allocated = sink.alloc_event()  # every tensor of the chunk is allocated by now
+            with f.lock:
+                f.pending += 1
             _put(work, chunk, cancelled)
         chunk = None
 

@@ -62,8 +62,13 @@ def start(task: Callable[[], None], name: str) -> threading.Event:
             return done
         _started += 1
         number = _started
-    threading.Thread(target=_serve, args=([run],), name=f"{IDLE_NAME}-{number}",
-                     daemon=True).start()
+    try:
+        threading.Thread(target=_serve, args=([run],), name=f"{IDLE_NAME}-{number}",
+                         daemon=True).start()
+    except BaseException:
+        with _lock:   # no thread will run it: not busy (the caller gets the error)
+            _busy -= 1
+        raise
     return done
 
 
