@@ -483,3 +483,45 @@ def test_options_are_checked_before_the_backend_is_chosen(checkpoint, monkeypatc
             device_stream([(checkpoint[0], None, None)], "cuda:0", **bad)
     with pytest.raises(ConfigError, match="max_device_bytes"):
         list(iter_tensors(checkpoint[0], max_device_bytes=0))
+
+
+def test_a_copy_that_fails_halfway_leaves_nothing_running(tmp_path):
+    # The pieces queued before the failure had no event of their own: the load's end must
+    # still wait for them, or they write into tensors already given back.
+    tensors = {f"w{i}": torch.full((4096,), float(i)) for i in range(6)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    running = []
+
+    class FailingSink(FakeSink):
+        def copy(self, stream, src, pieces):
+            def slow():
+                running.append(1)
+                threading.Event().wait(0.3)
+                running.pop()
+
+            stream.submit(slow)   # a copy still in flight when the next one fails
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _run([str(path)], FailingSink(delay=0), threads=1)
+    assert running == []
+
+
+def test_a_source_that_fails_to_close_does_not_hang_the_load(checkpoint):
+    class Source:
+        def __init__(self):
+            self.items = iter([(checkpoint[0], None, None)])
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.items)
+
+        def close(self):
+            raise OSError("download pool would not shut down")
+
+    with pytest.raises(OSError, match="would not shut down"):
+        list(stream_tensors(Source(), FakeSink(delay=0),
+                            StreamOptions(threads=2, staging_bytes=1 << 20)))

@@ -278,16 +278,21 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
         finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()   # a generator of downloads stops them
-            for _ in range(options.threads):
-                _put(work, None, cancelled)
-            ready.put(None)
+            try:
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()   # a generator of downloads stops them
+            except BaseException as exc:  # noqa: BLE001 - the markers below must still go out
+                fail(exc)
+            finally:
+                for _ in range(options.threads):
+                    _put(work, None, cancelled)
+                ready.put(None)
 
     def worker() -> None:
         pending: list[Any] = [None, None]
         turn = 0
+        stream = None
         try:
             # Inside the try: a worker that dies without fail() (pinned memory exhausted, a
             # CUDA error) would leave the consumer waiting forever for its tensors.
@@ -327,7 +332,12 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         except BaseException as exc:  # noqa: BLE001
             fail(exc)
         finally:
-            # Staging must outlive the copies reading from it.
+            # Staging must outlive the copies reading from it, and no copy may still write into
+            # a tensor once the load ends (one never yielded is freed then). A copy that failed
+            # halfway left earlier pieces queued with no event of their own: wait for the
+            # whole stream.
+            if stream is not None:
+                sink.host_wait(sink.record(stream))
             for event in pending:
                 if event is not None:
                     sink.host_wait(event)
