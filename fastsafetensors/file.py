@@ -228,15 +228,8 @@ class FastSafetensorsFile:
                 return direct
         pieces = split_range(offset, offset + length, chunk, align=4096)
         with self._in_use() as fd:
-            if len(pieces) == 1:
-                pread_into(fd, view, offset, path=self._path)
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                threads = min(config.get("threads"), len(pieces))
-                with ThreadPoolExecutor(threads, thread_name_prefix="fastsafetensors-read") as pool:
-                    list(pool.map(lambda p: pread_into(fd, view[p[0] - offset:p[1] - offset],
-                                                       p[0], path=self._path), pieces))
+            _each(pieces, lambda p: pread_into(fd, view[p[0] - offset:p[1] - offset], p[0],
+                                               path=self._path))
         with self._lock:
             self.bytes_read += length
         return buffer
@@ -277,15 +270,7 @@ class FastSafetensorsFile:
                 if lo + got < min(hi, offset + length):
                     raise ReadError(self._path, lo, min(hi, offset + length) - lo, got)
 
-            pieces = split_range(first, end, chunk, align=DIRECT_ALIGN)
-            if len(pieces) == 1:
-                read(pieces[0])
-            else:
-                from concurrent.futures import ThreadPoolExecutor
-
-                threads = min(config.get("threads"), len(pieces))
-                with ThreadPoolExecutor(threads, thread_name_prefix="fastsafetensors-read") as pool:
-                    list(pool.map(read, pieces))
+            _each(split_range(first, end, chunk, align=DIRECT_ALIGN), read)
         with self._lock:
             self.bytes_read += length
         skew = offset - first
@@ -320,6 +305,18 @@ class FastSafetensorsFile:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} tensors"
         return f"FastSafetensorsFile({self._path!r}, device={self._device!r}, {state})"
+
+
+def _each(pieces: list[tuple[int, int]], read: Any) -> None:
+    """``read(piece)`` for every piece: on this thread for one, else on reader threads."""
+    if len(pieces) == 1:
+        read(pieces[0])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = min(config.get("threads"), len(pieces))
+    with ThreadPoolExecutor(threads, thread_name_prefix="fastsafetensors-read") as pool:
+        list(pool.map(read, pieces))
 
 
 class _InUse:

@@ -169,7 +169,7 @@ def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
             and type(end) is int and 0 <= begin <= end):
         count = 1
         for dim in shape:
-            if type(dim) is not int or not 0 <= dim < MAX_DIM:
+            if type(dim) is not int or dim < 0:
                 break
             count *= dim
         else:

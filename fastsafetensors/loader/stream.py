@@ -434,8 +434,13 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
 
 def _close(f: _File) -> None:
     with f.lock:
-        close_fds(f.fd, f.direct_fd)
-        f.fd, f.direct_fd = -1, None
+        _shut(f)
+
+
+def _shut(f: _File) -> None:
+    """Close the file's descriptors (the caller holds ``f.lock``); idempotent."""
+    close_fds(f.fd, f.direct_fd)
+    f.fd, f.direct_fd = -1, None
 
 
 def _file_done(f: _File, *, planned: bool = False) -> None:
@@ -447,8 +452,7 @@ def _file_done(f: _File, *, planned: bool = False) -> None:
         else:
             f.pending -= 1
         if f.planned and f.pending == 0:
-            close_fds(f.fd, f.direct_fd)
-            f.fd, f.direct_fd = -1, None
+            _shut(f)
 
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
