@@ -413,7 +413,9 @@ def test_a_file_is_closed_once_its_reads_are_done(tmp_path):
                                        options):
         most = max(most, _fd_count() - before)
         assert torch.equal(tensor, torch.full((1024,), float(name[1:])))
-    assert most < 20   # two descriptors a file (auto): 60 if none were closed early
+    # Two descriptors a file (auto). Open at most: the queue's chunks (4 a thread), one being
+    # read by each thread, one the planner holds: 22 here, 60 if none were closed early.
+    assert most <= 2 * (4 * 2 + 2 + 1)
     assert _fd_count() == before
 
 
