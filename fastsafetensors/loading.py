@@ -90,8 +90,9 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     repo id: shards already cached first, in order, then the others as their downloads end).
 
     On a CUDA device each tensor is safe to use on the caller's current stream when yielded.
-    ``max_device_bytes`` bounds the device memory held by tensors read but not yet yielded
-    (staging is separate, ``staging_bytes`` in total). ``hub_options`` (revision, subfolder,
+    ``max_device_bytes`` bounds the device memory held by tensors read ahead, the tensor last
+    yielded included until the next one is asked for; a consumer that keeps that one while it
+    asks holds one tensor more (staging is separate, ``staging_bytes`` in total). ``hub_options`` (revision, subfolder,
     variant, cache_dir, token, local_files_only) apply to Hub repo ids.
 
     >>> for name, t in fastsafetensors.iter_tensors(  # doctest: +SKIP
@@ -110,6 +111,7 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
                                staging_bytes=staging_bytes, max_device_bytes=max_device_bytes)
     for name, tensor in stream:
         yield name, tensor if dtype is None else fw.convert(tensor, device=None, dtype=dtype)
+        del tensor   # not kept (nor its uncast original) while the next one is read
 
 
 def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any

@@ -134,9 +134,12 @@ class ParallelLoader:
         sizes = [device_bytes(info.nbytes) for _, infos in self._kept for info in infos]
         kept, largest = sum(sizes), max(sizes, default=0)
         # Kept by the consumer: every yielded tensor, or, while it asks for the next one, the
-        # last one (still bound to its loop variable) and the one being handed over.
-        held = kept if accumulate_resident else 2 * largest
+        # last one (still bound to its loop variable). Under several ranks the one being
+        # handed over is allocated outside the files read (a broadcast's receiving tensor).
+        held = kept if accumulate_resident else largest if self._local else 2 * largest
         what = ("every tensor it yields (accumulate_resident=True)" if accumulate_resident
+                else "the tensor the consumer holds while it asks for the next "
+                     "(accumulate_resident=False)" if self._local
                 else "the tensors being handed over (accumulate_resident=False)")
         if self._local:
             if accumulate_resident:
@@ -144,12 +147,13 @@ class ParallelLoader:
                 if budget < kept:
                     raise self._infeasible(budget, kept, f"{_mib(kept)} for {what}", True)
                 return
-            # The two tensors held stay outside the read-ahead (a tensor leaves it when it is
-            # handed over), which must itself hold the largest one.
+            # The tensor held stays outside the read-ahead, which must itself hold the largest
+            # one (the read-ahead counts a tensor until the consumer asks for the next one, so
+            # a budget of twice the largest tensor reads one tensor at a time).
             needed = held + largest
             if budget < needed:
                 raise self._infeasible(budget, needed, f"{_mib(held)} for {what} and "
-                                       f"{_mib(largest)} to read the largest tensor ahead",
+                                       f"{_mib(largest)} to read the largest tensor",
                                        False)
             ahead = budget - held
             if self._read_ahead is None or self._read_ahead > ahead:
@@ -291,6 +295,7 @@ class ParallelLoader:
         try:
             for name, tensor in stream:
                 yield name, tensor
+                del tensor   # the consumer's loop variable is what the budget counts
                 if bar is not None and name in ends:
                     bar.update(1)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -107,6 +108,25 @@ def test_budget_bounds_memory_held_before_yield(tmp_path):
     got = _run([str(path)], sink, max_device_bytes=budget)
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     # Allocated-but-unconsumed bytes stay within the budget, plus the one tensor in hand-off.
+    assert sink.peak_outstanding <= budget + 65536
+
+
+def test_budget_counts_the_last_tensor_until_the_next_is_asked_for(tmp_path):
+    # The consumer lets go of a tensor when its loop variable takes the next one. Released at
+    # the yield instead, the next tensor was allocated while the consumer held two: one more
+    # than the budget and the tensor in its hands.
+    tensors = {f"w{i}": torch.full((64, 256), float(i)) for i in range(40)}  # 64 KiB each
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0)
+    budget = 2 * 65536
+    options = StreamOptions(threads=3, staging_bytes=6 * 16384, max_device_bytes=budget)
+    held = 0
+    for name, tensor in stream_tensors([(str(path), None, None)], sink, options):
+        sink.consumed(held)
+        assert torch.equal(tensor, tensors[name])
+        time.sleep(0.002)   # the planner has time to allocate past the budget, if it may
+        held = tensor.numel() * 4
     assert sink.peak_outstanding <= budget + 65536
 
 

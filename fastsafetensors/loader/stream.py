@@ -166,7 +166,8 @@ class _File:
 
 
 class _Budget:
-    """Device bytes allocated but not yet yielded, held under ``limit`` (None: unbounded)."""
+    """Device bytes allocated and not yet given up, held under ``limit`` (None: unbounded).
+    A yielded tensor counts until the consumer asks for the next one."""
 
     def __init__(self, limit: int | None, cancelled: threading.Event):
         self.limit = limit
@@ -363,9 +364,13 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             sink.consumer_wait(item.events)
             tensor = sink.finish(item.flat, item.info)
             item.flat = None
-            budget.release(device_bytes(item.info.nbytes))
             count += 1
             yield item.info.name, tensor
+            # Counted until the consumer asks for the next one: released at the yield, the
+            # next tensor could be allocated while the consumer still held this one and the
+            # one before it (a budget then had to leave room for both).
+            del tensor
+            budget.release(device_bytes(item.info.nbytes))
         if errors:
             raise errors[0]
     finally:
