@@ -28,6 +28,9 @@ __all__ = ["Checkpoint", "CheckpointSummary", "WeightFiles", "choose_weights", "
 WEIGHT_STEMS = ("model", "diffusion_pytorch_model")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _LAYER = re.compile(r"(?<=\.)\d+(?=\.)")
+_SHARD = re.compile(r"-\d{5}-of-\d{5}")
+#: a weights stem with a variant: model.fp16.safetensors (a variant's file, not the default)
+_VARIANT = re.compile(r"(?:model|diffusion_pytorch_model)\.[^.]+\.safetensors")
 
 
 def variant_name(name: str, variant: str | None) -> str:
@@ -50,10 +53,13 @@ class WeightFiles:
     is_index: bool
 
 
-def choose_weights(names: Collection[str], *, variant: str | None, where: str) -> WeightFiles:
+def choose_weights(names: Collection[str], *, variant: str | None, where: str,
+                   exact: bool = False) -> WeightFiles:
     """Pick the weights among the file ``names`` of one folder, the way transformers and
     diffusers do: ``model.safetensors``, then ``model.safetensors.index.json`` (with the variant
-    inserted), then the diffusers stem, then the only index or only ``.safetensors`` file."""
+    inserted), then the diffusers stem; then, unless ``exact`` (a partly downloaded snapshot,
+    where the only file is not the only weights), the only index or only ``.safetensors`` file
+    that is neither a shard (``-00001-of-00002``) nor, without ``variant``, a variant's file."""
     for stem in WEIGHT_STEMS:
         single = variant_name(f"{stem}.safetensors", variant)
         if single in names:
@@ -64,12 +70,19 @@ def choose_weights(names: Collection[str], *, variant: str | None, where: str) -
     index_suffix = f".safetensors.index.{variant}.json" if variant else ".safetensors.index.json"
     single_suffix = f".{variant}.safetensors" if variant else ".safetensors"
     indexes = sorted(n for n in names if n.endswith(index_suffix))
-    singles = sorted(n for n in names if n.endswith(single_suffix))
+    singles = sorted(n for n in names if n.endswith(single_suffix) and not _SHARD.search(n)
+                     and (variant or not _VARIANT.fullmatch(n)))
+    weights = sorted(n for n in names if n.endswith((".safetensors", ".json")))
+    if exact:
+        found = ", ".join(weights[:8]) or "no weights"
+        raise CheckpointNotFoundError(where, f"no {variant_name('model.safetensors', variant)} "
+                                             f"or its index in the cached snapshot (found: "
+                                             f"{found}); pass the file itself, or load the repo "
+                                             f"online once")
     if len(indexes) == 1:
         return WeightFiles(indexes[0], True)
     if not indexes and len(singles) == 1:
         return WeightFiles(singles[0], False)
-    weights = sorted(n for n in names if n.endswith((".safetensors", ".json")))
     if indexes or singles:
         hint = (f"several candidates ({', '.join(indexes or singles)}) and no index to say which "
                 f"belong together; pass the file itself")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from .checkpoint import (
     read_index,
     requested,
 )
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, HeaderError
 from .format import Header, header_size_from_prefix, parse_header, read_header
 
 __all__ = ["Checkpoint", "CheckpointSummary", "resolve", "stream", "inspect"]
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 #: (file name, progress bar class or None) -> local path of the file, downloading it if need be
 Fetch = Callable[[str, Any], str]
 _TRUE = {"1", "ON", "YES", "TRUE"}
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass
@@ -92,10 +94,12 @@ class _Plan:
     def follow_index(self, present: Iterable[str] | None) -> None:
         """Read the index (if any) and pick the shards holding the requested tensors.
         ``present``: the folder's complete listing, to refuse missing files before fetching."""
+        if self.tensors == []:   # nothing to fetch, not even the index
+            self.shards, self.wanted = [], {}
+            return
         if not self.weights.is_index:
-            # tensors=[]: nothing to fetch, as with an index
-            self.shards = [] if self.tensors == [] else [self.weights.name]
-            self.wanted = {name: self.tensors for name in self.shards}
+            self.shards = [self.weights.name]
+            self.wanted = {self.weights.name: self.tensors}
             return
         self.index = self.path(self.weights.name)
         self.weight_map = read_index(self.index)
@@ -127,11 +131,12 @@ def resolve(repo_or_path: str | os.PathLike[str], *, revision: str | None = None
             subfolder: str | None = None, variant: str | None = None,
             cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
             local_files_only: bool | None = None, tensors: Iterable[str] | None = None,
-            max_downloads: int = 4) -> Checkpoint:
+            max_downloads: int = 4, force_download: bool = False) -> Checkpoint:
     """Find, fetch (for the Hub) and check the files of a checkpoint.
 
     Only the shards holding ``tensors`` (all by default) are fetched. ``local_files_only=None``
-    follows ``HF_HUB_OFFLINE``. Hub errors are huggingface_hub's (``RepositoryNotFoundError``,
+    follows ``HF_HUB_OFFLINE``; ``force_download=True`` downloads the files needed again (a
+    damaged copy in the cache). Hub errors are huggingface_hub's (``RepositoryNotFoundError``,
     ``RevisionNotFoundError``, ...); a missing file is :class:`CheckpointNotFoundError`, an
     unsafe or inconsistent index :class:`CheckpointIndexError`.
 
@@ -142,7 +147,7 @@ def resolve(repo_or_path: str | os.PathLike[str], *, revision: str | None = None
     started = time.perf_counter()
     plan = _plan(repo_or_path, revision=revision, subfolder=subfolder, variant=variant,
                  cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-                 tensors=tensors)
+                 tensors=tensors, force_download=force_download)
     paths: dict[str, str] = {}
     headers: dict[str, Header] = {}
     with contextlib.closing(_shards(plan, max_downloads)) as shards:
@@ -167,7 +172,7 @@ def stream(repo_or_path: str | os.PathLike[str], *, revision: str | None = None,
            subfolder: str | None = None, variant: str | None = None,
            cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
            local_files_only: bool | None = None, tensors: Iterable[str] | None = None,
-           max_downloads: int = 4
+           max_downloads: int = 4, force_download: bool = False
            ) -> Generator[tuple[str, Header, list[str] | None], None, None]:
     """Yield ``(local path, header, tensor names wanted or None)`` for each needed shard as soon
     as it is complete on disk, while later shards keep downloading (``max_downloads`` at a
@@ -180,7 +185,7 @@ def stream(repo_or_path: str | os.PathLike[str], *, revision: str | None = None,
     _check_downloads(max_downloads)
     plan = _plan(repo_or_path, revision=revision, subfolder=subfolder, variant=variant,
                  cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-                 tensors=tensors)
+                 tensors=tensors, force_download=force_download)
     assert plan.wanted is not None
     with contextlib.closing(_shards(plan, max_downloads)) as shards:
         for name, path, header in shards:
@@ -222,7 +227,8 @@ def inspect(repo_or_path: str | os.PathLike[str], *, revision: str | None = None
 def _plan(source: str | os.PathLike[str], *, revision: str | None, subfolder: str | None,
           variant: str | None, cache_dir: str | os.PathLike[str] | None,
           token: str | bool | None, local_files_only: bool | None,
-          tensors: Iterable[str] | None, header_only: bool = False) -> _Plan:
+          tensors: Iterable[str] | None, header_only: bool = False,
+          force_download: bool = False) -> _Plan:
     names = requested(tensors)
     sub = _subfolder(subfolder)
     if isinstance(source, os.PathLike) or not _is_repo_id(source):
@@ -230,7 +236,7 @@ def _plan(source: str | os.PathLike[str], *, revision: str | None, subfolder: st
         return _local_plan(os.fspath(source), sub, variant, names)
     return _hub_plan(source, revision=revision, subfolder=sub, variant=variant,
                      cache_dir=cache_dir, token=token, offline=_offline(local_files_only),
-                     tensors=names, header_only=header_only)
+                     tensors=names, header_only=header_only, force_download=force_download)
 
 
 def _is_repo_id(source: str) -> bool:
@@ -328,37 +334,31 @@ def _local_plan(path: str, subfolder: str | None, variant: str | None,
 
 def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, variant: str | None,
               cache_dir: str | os.PathLike[str] | None, token: str | bool | None, offline: bool,
-              tensors: list[str] | None, header_only: bool) -> _Plan:
+              tensors: list[str] | None, header_only: bool, force_download: bool) -> _Plan:
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.file_download import repo_folder_name
 
     cache = str(Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve())
     storage = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
     api = HfApi()
-    commit = _pin(api, repo_id, revision, cache, offline, token)
+    commit, present, why = _ask_hub(api, repo_id, revision, subfolder, storage, offline, token)
     where = f"{repo_id}@{commit[:12]}" + (f"/{subfolder}" if subfolder else "")
     parts = subfolder.split("/") if subfolder else []
     folder = os.path.join(storage, "snapshots", commit, *parts)
-    present: list[str] | None = None
-    if not offline:
-        try:
-            present = _listing(api, repo_id, subfolder, commit, token)
-        except _network_errors() as exc:
-            logger.warning("%s: cannot list the repo (%s); using the cached snapshot", where, exc)
-            offline = True
-    if offline:
+    offline = present is None
+    names: list[str]
+    if present is None:
         if not os.path.isdir(folder):
             raise CheckpointNotFoundError(folder, f"{where} is not in the Hugging Face cache and "
-                                                  f"downloads are off (local_files_only=True or "
-                                                  f"HF_HUB_OFFLINE=1); load it once online")
+                                                  f"{why}; load it once online")
         names = os.listdir(folder)
-        missing = (f"{where} is in the cache without this file and downloads are off "
-                   f"(local_files_only=True or HF_HUB_OFFLINE=1); load it once online")
+        missing = f"{where} is in the cache without this file and {why}; load it once online"
     else:
-        assert present is not None
         names = present
         missing = "huggingface_hub returned a path that does not exist (cache changed?)"
-    weights = choose_weights(names, variant=variant, where=where)
+    # A cached snapshot holds what was downloaded, not the repo: only the names transformers
+    # looks for count there (one cached shard is not the model).
+    weights = choose_weights(names, variant=variant, where=where, exact=offline)
 
     def download(name: str, bar: Any = None) -> str:
         import fastsafetensors
@@ -366,7 +366,8 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
         extra = {} if bar is None else {"tqdm_class": bar}
         return str(hf_hub_download(repo_id, name, subfolder=subfolder, revision=commit,
                                    cache_dir=cache, token=token, library_name="fastsafetensors",
-                                   library_version=fastsafetensors.__version__, **extra))
+                                   library_version=fastsafetensors.__version__,
+                                   force_download=force_download, **extra))
 
     def cached(name: str, bar: Any = None) -> str:
         return os.path.join(folder, name)
@@ -381,35 +382,75 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
     return plan
 
 
-def _pin(api: Any, repo_id: str, revision: str | None, cache: str, offline: bool,
-         token: str | bool | None) -> str:
-    """The commit a branch, tag or commit names, asked once (or read from the cache's refs)."""
-    from huggingface_hub.errors import RevisionResolutionError
+def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None,
+             storage: str, offline: bool, token: str | bool | None
+             ) -> tuple[str, list[str] | None, str]:
+    """``(commit, file names in the folder, why offline)``: the revision pinned to a commit and
+    the folder listed in one request, with huggingface_hub's metadata timeout. Offline, or when
+    the Hub cannot answer (no connection, a timeout, a 5xx), the commit comes from the cache's
+    ``refs`` and the listing is None."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
 
-    try:
-        resolved = api.resolve_revision(repo_id, revision=revision, cache_dir=cache,
-                                        local_files_only=offline, token=token)
-    except RevisionResolutionError as exc:
+    why = "downloads are off (local_files_only=True or HF_HUB_OFFLINE=1)"
+    if not offline:
+        try:
+            info = api.model_info(repo_id, revision=revision, token=token,
+                                  timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            commit = str(info.sha)
+            _remember(storage, revision or constants.DEFAULT_REVISION, commit)
+            return commit, _listing(api, info, repo_id, subfolder, commit, token), why
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status is None or status < 500:
+                raise   # the Hub answered: no such repo or revision, no access, ...
+            why = f"the Hub could not answer ({exc})"
+        except _network_errors() as exc:
+            why = f"the Hub could not be reached ({type(exc).__name__}: {exc})"
+        logger.warning("%s: %s; using the cached snapshot", repo_id, why)
+    if revision is not None and _COMMIT.fullmatch(revision):
+        return revision, None, why
+    ref = os.path.join(storage, "refs", revision or constants.DEFAULT_REVISION)
+    commit = ""
+    if ".." not in (revision or "").split("/"):
+        with contextlib.suppress(OSError), open(ref, encoding="utf-8") as f:
+            commit = f.read().strip()
+    if not _COMMIT.fullmatch(commit):
         raise CheckpointNotFoundError(f"{repo_id}@{revision or 'main'}",
-                                      f"not in the Hugging Face cache ({cache}) and the Hub "
-                                      f"cannot be asked: {exc}") from exc
-    return str(resolved.resolved)
+                                      f"not in the Hugging Face cache ({ref} is missing or "
+                                      f"holds no commit) and {why}")
+    return commit, None, why
 
 
-def _listing(api: Any, repo_id: str, subfolder: str | None, commit: str,
+def _remember(storage: str, revision: str, commit: str) -> None:
+    """Write ``refs/<revision>`` as huggingface_hub does, so the revision resolves offline."""
+    parts = revision.split("/")
+    if revision == commit or any(p in ("", ".", "..") for p in parts):
+        return
+    ref = os.path.join(storage, "refs", *parts)
+    try:
+        with contextlib.suppress(FileNotFoundError), open(ref, encoding="utf-8") as f:
+            if f.read().strip() == commit:
+                return
+        os.makedirs(os.path.dirname(ref), exist_ok=True)
+        with open(ref, "w", encoding="utf-8") as f:
+            f.write(commit)
+    except OSError as exc:   # a read-only cache: the revision just will not resolve offline
+        logger.warning("%s: cannot record the commit of %r (%s)", storage, revision, exc)
+
+
+def _listing(api: Any, info: Any, repo_id: str, subfolder: str | None, commit: str,
              token: str | bool | None) -> list[str]:
-    """The file names in the folder at ``commit``. Model info lists every file in one request
-    without retries (the tree API retries a dead connection for half a minute before the cache
-    fallback could start)."""
-    siblings = api.model_info(repo_id, revision=commit, token=token).siblings
-    if siblings is None:  # a mirror without it: the tree API
+    """The file names in the folder at ``commit``, from the model info (every file in one
+    request, without the tree API's retries of a dead connection)."""
+    if info.siblings is None:  # a mirror without it: the tree API
         from huggingface_hub.hf_api import RepoFile
 
         return [entry.path.rsplit("/", 1)[-1] for entry in
                 api.list_repo_tree(repo_id, path_in_repo=subfolder, revision=commit, token=token)
                 if isinstance(entry, RepoFile)]
     prefix = f"{subfolder}/" if subfolder else ""
-    return [s.rfilename[len(prefix):] for s in siblings
+    return [s.rfilename[len(prefix):] for s in info.siblings
             if s.rfilename.startswith(prefix) and "/" not in s.rfilename[len(prefix):]]
 
 
@@ -440,15 +481,27 @@ def _shards(plan: _Plan, max_downloads: int) -> Generator[tuple[str, str, Header
     if not plan.remote or len(plan.shards) == 1:
         for name in plan.shards:
             path = plan.path(name)
-            header = read_header(path)
-            plan.check(name, header)
-            yield name, path, header
+            yield name, path, _checked(plan, name, path)
         return
     with _Downloads(plan, max_downloads) as downloads:
         for name, path in downloads:
-            header = read_header(path)
-            plan.check(name, header)
-            yield name, path, header
+            yield name, path, _checked(plan, name, path)
+
+
+def _checked(plan: _Plan, name: str, path: str) -> Header:
+    """The shard's header, checked against the index; a damaged copy in the Hugging Face cache
+    (which huggingface_hub keeps once its size matched) says how to get a good one."""
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        if plan.commit is None or type(exc) is not HeaderError:
+            raise
+        raise HeaderError(path, f"{exc.reason}; this copy in the Hugging Face cache "
+                                f"({os.path.realpath(path)}) is damaged: pass "
+                                f"force_download=True, or delete it, to download it again",
+                          exc.tensor) from exc
+    plan.check(name, header)
+    return header
 
 
 class _Cancelled(Exception):

@@ -26,7 +26,7 @@ PathLike = str | os.PathLike[str]
 #: Keywords that only a Hub repo id uses; a local source accepts and ignores them (as
 #: transformers ignores revision= for a local folder).
 HUB_OPTIONS = frozenset({"revision", "subfolder", "variant", "cache_dir", "token",
-                         "local_files_only", "max_downloads"})
+                         "local_files_only", "max_downloads", "force_download"})
 
 
 def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
@@ -92,8 +92,9 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     On a CUDA device each tensor is safe to use on the caller's current stream when yielded.
     ``max_device_bytes`` bounds the device memory held by tensors read ahead, the tensor last
     yielded included until the next one is asked for; a consumer that keeps that one while it
-    asks holds one tensor more (staging is separate, ``staging_bytes`` in total). ``hub_options`` (revision, subfolder,
-    variant, cache_dir, token, local_files_only) apply to Hub repo ids.
+    asks holds one tensor more (staging is separate, ``staging_bytes`` in total).
+    ``hub_options`` (revision, subfolder, variant, cache_dir, token, local_files_only,
+    max_downloads, force_download) apply to Hub repo ids.
 
     >>> for name, t in fastsafetensors.iter_tensors(  # doctest: +SKIP
     ...         "model.safetensors", device="cuda:0"):

@@ -186,6 +186,13 @@ class HubServer:
         self._servers: list[_Server] = []
         self._threads: list[threading.Thread] = []
         self.url = self.cdn_url = ""
+        self.faults: list[tuple[re.Pattern[str], int | None]] = []
+        self._stopping = threading.Event()
+
+    def fail(self, pattern: str, status: int | None) -> None:
+        """Requests whose path matches ``pattern`` get ``status`` (a 5xx: the Hub is down) or,
+        with None, no answer at all until the server stops (a stalled connection)."""
+        self.faults.append((re.compile(pattern), status))
 
     # --- lifecycle
     def start(self) -> HubServer:
@@ -202,6 +209,7 @@ class HubServer:
 
     def stop(self) -> None:
         """Stop listening and drop every open connection (idempotent)."""
+        self._stopping.set()
         for server in self._servers:
             server.shutdown()
             server.close_connections()
@@ -289,6 +297,14 @@ class _Handler(BaseHTTPRequestHandler):
                            self.headers.get("Range"), self.headers.get("Authorization"))
         hub.record(self.req)
         try:
+            for pattern, status in hub.faults:
+                if pattern.search(url.path):
+                    if status is None:
+                        hub._stopping.wait(hub.timeout)
+                        self.close_connection = True
+                    else:
+                        self._error(status, None, "injected failure")
+                    return
             if self.server.name == "cdn":
                 self._blob(url.path)
             elif m := _TREE.match(url.path):

@@ -187,6 +187,22 @@ def test_folder_without_weights(tmp_path: Path) -> None:
         fastsafetensors.load([tmp_path])
 
 
+def test_a_lone_shard_or_variant_file_is_not_the_checkpoint(tmp_path: Path) -> None:
+    # The fallback to "the only .safetensors file" took one shard of a sharded checkpoint whose
+    # index was missing, and a variant's file when no variant was asked for.
+    write_sharded(tmp_path / "shards", 2)
+    (tmp_path / "shards" / INDEX).unlink()
+    (tmp_path / "shards" / shard_name(1, 2)).unlink()
+    with pytest.raises(CheckpointNotFoundError, match="no model.safetensors"):
+        fastsafetensors.resolve(tmp_path / "shards")
+    write_single(tmp_path / "fp16", "model.fp16.safetensors")
+    with pytest.raises(CheckpointNotFoundError, match="variant="):
+        fastsafetensors.resolve(tmp_path / "fp16")
+    assert len(fastsafetensors.resolve(tmp_path / "fp16", variant="fp16").files) == 1
+    write_single(tmp_path / "other", "weights.safetensors")   # any other lone file still goes
+    assert len(fastsafetensors.resolve(tmp_path / "other").files) == 1
+
+
 # --- the index is hostile input --------------------------------------------------------------
 
 
@@ -338,9 +354,10 @@ def test_hub_fetches_the_index_then_the_shards(hub_server: Any, repo: Any) -> No
     assert ckpt.folder.endswith(os.path.join("snapshots", commit))
     assert hub_server.fetched()[0] == INDEX
     assert sorted(hub_server.fetched()) == sorted([INDEX] + [shard_name(i, 3) for i in range(3)])
-    # The revision is asked once; every file after that is fetched by commit.
+    # One request pins the revision and lists the files; every file after that is fetched by
+    # commit.
     api = [r.path for r in hub_server.requests if r.path.startswith("/api/")]
-    assert api == [f"/api/models/{repo_id}", f"/api/models/{repo_id}/revision/{commit}"]
+    assert api == [f"/api/models/{repo_id}"]
     assert all(f"/resolve/{commit}/" in r.path for r in hub_server.requests
                if r.server == "hub" and "/resolve/" in r.path)
     # A snapshot folder of the cache is a valid local source (its symlinks point into blobs/).
@@ -365,7 +382,7 @@ def test_hub_no_tensors_wanted_downloads_nothing(hub_server: Any, repo: Any,
     for repo_id in (repo[0], "org/one"):
         assert fastsafetensors.resolve(repo_id, tensors=[]).files == []
         assert fastsafetensors.load(repo_id, tensors=[]) == {}
-    assert shard_requests(hub_server) == []
+    assert hub_server.fetched() == []   # not even the index
 
 
 def test_hub_load_order_is_file_order_once_cached(hub_server: Any, repo: Any) -> None:
@@ -427,6 +444,67 @@ def test_hub_unreachable_falls_back_to_the_cache(hub_server: Any, repo: Any,
     assert "using the cached snapshot" in caplog.text
     with pytest.raises(CheckpointNotFoundError, match="not in the Hugging Face cache"):
         fastsafetensors.resolve("org/never-downloaded")
+
+
+def test_hub_down_falls_back_to_the_cache(hub_server: Any, repo: Any,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    # A 5xx from the Hub is the Hub being down, as huggingface_hub and transformers treat it:
+    # a cached repo still loads.
+    first = fastsafetensors.resolve(repo[0])
+    hub_server.fail("^/api/", 503)
+    again = fastsafetensors.resolve(repo[0])
+    assert (again.files, again.commit) == (first.files, first.commit)
+    assert "could not answer" in caplog.text
+    # A repo not cached says why it cannot come: the Hub, not offline mode.
+    with pytest.raises(CheckpointNotFoundError, match="could not answer") as info:
+        fastsafetensors.resolve("org/never-downloaded")
+    assert "local_files_only" not in str(info.value)
+
+
+def test_hub_damaged_cached_shard_says_how_to_recover(hub_server: Any, repo: Any) -> None:
+    # huggingface_hub keeps a blob whose size matched; a damaged one failed every later load
+    # with only the shard's name, and force_download= (its own advice) was refused.
+    first = fastsafetensors.resolve(repo[0])
+    blob = os.path.realpath(first.files[1])
+    size = os.path.getsize(blob)
+    Path(blob).write_bytes(b"\xff" * size)
+    with pytest.raises(HeaderError, match="force_download=True") as info:
+        fastsafetensors.resolve(repo[0])
+    assert blob in str(info.value)
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+    state = fastsafetensors.load(repo[0], force_download=True)
+    assert set(state) == set(repo[2]) and all(torch.equal(state[k], v) for k, v in repo[2].items())
+    assert fastsafetensors.resolve(repo[0]).files == first.files
+
+
+def test_hub_that_never_answers_falls_back_to_the_cache(
+        hub_server: Any, repo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Listing had no timeout: a Hub that accepted the connection and never answered hung the
+    # load for good, where huggingface_hub's downloads give up after HF_HUB_ETAG_TIMEOUT.
+    first = fastsafetensors.resolve(repo[0])
+    hub_server.fail("^/api/", None)
+    monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(fastsafetensors.resolve(repo[0])),
+                              daemon=True)
+    thread.start()
+    thread.join(60)   # not a timing: a hang would otherwise stop the suite
+    assert not thread.is_alive(), "resolve() still waits for the Hub"
+    assert box[0].files == first.files
+
+
+def test_hub_partial_cache_offline_is_not_the_model(hub_server: Any, tmp_path: Path) -> None:
+    # Offline, the cached snapshot holds what was downloaded, not the repo: one cached shard of
+    # the fp16 variant was returned as the whole default checkpoint.
+    write_single(tmp_path / "src")
+    write_sharded(tmp_path / "src", 2, variant="fp16")
+    hub_server.add_folder("org/v", tmp_path / "src")
+    fastsafetensors.resolve("org/v", variant="fp16", tensors=["layers.0.weight"])
+    with pytest.raises(CheckpointNotFoundError, match="cached snapshot"):
+        fastsafetensors.resolve("org/v", local_files_only=True)
+    fastsafetensors.resolve("org/v")
+    assert [os.path.basename(f) for f in fastsafetensors.resolve(
+        "org/v", local_files_only=True).files] == ["model.safetensors"]
 
 
 def test_local_files_only_never_touches_the_network(hub_server: Any, repo: Any) -> None:
