@@ -1,9 +1,11 @@
 """Every exception fastsafetensors raises.
 
 Each one subclasses the builtin that users already catch, so ``except KeyError`` or
-``except FileNotFoundError`` keeps working, and :class:`FastSafetensorsError` catches them all::
+``except FileNotFoundError`` keeps working, and :class:`FastSafetensorsError` catches them all.
+It is itself a ``safetensors.SafetensorError``, so code written for safetensors' ``safe_open``
+(``except SafetensorError``) catches ours too::
 
-    FastSafetensorsError(Exception)
+    FastSafetensorsError(safetensors.SafetensorError)
     ├── HeaderError(ValueError)                 the file breaks the safetensors format
     │   └── CheckpointIndexError                a sharded index or weight map is unsafe or wrong
     │                                           (.path: the index, .shard: the shard)
@@ -34,6 +36,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from safetensors import SafetensorError
+
 __all__ = [
     "FastSafetensorsError",
     "HeaderError",
@@ -53,7 +57,7 @@ __all__ = [
 ]
 
 
-class FastSafetensorsError(Exception):
+class FastSafetensorsError(SafetensorError):
     """Root of every error this package raises."""
 
     _fields: tuple[str, ...] = ()

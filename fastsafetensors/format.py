@@ -193,8 +193,9 @@ def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
         raise HeaderError(path, f"shape must be a list of non-negative integers, got {shape!r}",
                           name)
     if 0 in shape and math.prod(d for d in shape if d) >= MAX_DIM:
-        # With a 0 elsewhere in the shape the byte count is 0 and would pass the size check;
-        # no framework can make a tensor whose other dimensions multiply past int64.
+        # With a 0 elsewhere in the shape the byte count is 0 and would pass the size check.
+        # numpy cannot make such an array, and torch only for some orders of the dimensions
+        # ([2**32, 0, 2**32] but not [2**32, 2**32, 0]): one rule for every framework.
         raise HeaderError(path, f"shape {shape!r}: its non-zero dimensions multiply to 2**63 "
                                 f"or more", name)
     if not _int_list(offsets) or len(offsets) != 2:

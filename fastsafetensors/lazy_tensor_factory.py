@@ -129,7 +129,7 @@ def rows_for_index(shape: tuple[int, ...], index: Any) -> tuple[int, int, tuple[
     if isinstance(first, slice):
         start, stop, step = first.indices(rows)
         if step <= 0:
-            raise IndexError("slice steps must be positive")
+            raise ValueError("step must be greater than zero (as in torch)")
         picked = range(start, stop, step)
         if not picked:
             return 0, 0, (slice(0, 0),) + rest
@@ -231,7 +231,7 @@ def _normalize_index(shape: tuple[int, ...],
         if isinstance(entry, slice):
             start, stop, step = entry.indices(size)
             if step <= 0:
-                raise IndexError("slice steps must be positive")
+                raise ValueError("step must be greater than zero (as in torch)")
             out.append((start, len(range(start, stop, step)), step, False))
             continue
         if isinstance(entry, bool) or not hasattr(entry, "__index__"):

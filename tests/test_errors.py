@@ -92,7 +92,10 @@ def test_every_error_class_is_exercised() -> None:
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__name__)
 def test_hierarchy(cls: type[Exception]) -> None:
+    from safetensors import SafetensorError
+
     assert issubclass(cls, FastSafetensorsError) and issubclass(cls, Exception)
+    assert issubclass(cls, SafetensorError)   # code written for safetensors catches it
     if cls in BUILTIN_BASES:
         assert issubclass(cls, BUILTIN_BASES[cls])
     elif cls is not FastSafetensorsError:
@@ -147,6 +150,24 @@ def test_builtin_except_clauses_catch_them(tmp_path: Path) -> None:
         fastsafetensors.load_file(tmp_path / "bad.safetensors")
     with pytest.raises(FastSafetensorsError):
         fastsafetensors.load_file(tmp_path / "bad.safetensors")
+
+
+def test_except_clauses_written_for_safetensors_catch_them(tmp_path: Path) -> None:
+    from safetensors import SafetensorError
+
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.zeros(2)})
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 3)
+    with fastsafetensors.safe_open(path, framework="pt") as f:
+        with pytest.raises(SafetensorError):
+            f.get_tensor("b")
+        with pytest.raises(SafetensorError):
+            f.get_slice("b")
+    with pytest.raises(SafetensorError):
+        f.get_tensor("a")   # closed
+    with pytest.raises(SafetensorError):
+        fastsafetensors.safe_open(tmp_path / "bad.safetensors", framework="pt")
+    with pytest.raises(SafetensorError):
+        fastsafetensors.safe_open(path, framework="PT")
 
 
 # -- missing framework -----------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_whole_tensor_and_empty_selections() -> None:
     assert plan_index((3, 5), 2, (slice(1, 1),))[0] == []
 
 
-@pytest.mark.parametrize("index", [(1, 2, 3), (slice(None, None, -1),), ("a",), (..., ...)])
+@pytest.mark.parametrize("index", [(1, 2, 3), ("a",), (..., ...)])
 def test_bad_indices_raise_index_error(index: Any) -> None:
     with pytest.raises(IndexError):
         plan_index((4, 4), 4, index)
@@ -128,3 +128,15 @@ def test_indices_beyond_slices_follow_the_framework(tmp_path: Path, index: Any) 
                 continue
             assert got.shape == theirs.shape and torch.equal(got, theirs)
         assert torch.equal(f.get_slice("w")[np.int64(2)], weight[2])  # a NumPy integer is one
+
+
+@pytest.mark.parametrize("index", [slice(None, None, -1), (slice(None), slice(None, None, -2))])
+def test_negative_steps_raise_what_torch_raises(tmp_path: Path, index: Any) -> None:
+    # torch and safetensors raise ValueError; an IndexError escaped `except ValueError`.
+    whole = torch.arange(12.0).reshape(3, 4)
+    save_file({"w": whole}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="step must be greater than zero"):
+        whole[index]
+    with FastSafetensorsFile(tmp_path / "w.safetensors") as fsf:
+        with pytest.raises(ValueError, match="step must be greater than zero"):
+            fsf.get_slice("w")[index]
