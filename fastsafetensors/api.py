@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from .file import FastSafetensorsFile
-from .format import header_from_bytes
+from .format import TensorInfo, header_from_bytes
 from .frameworks import get_framework, resolve_device
 from .loader.cpu import FileJob, close_job, load_host, open_job, tensors_from_buffer
 from .loader.plan import Extent
@@ -55,10 +55,22 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "pt",
     return tensors
 
 
+class SafeOpenFile(FastSafetensorsFile):
+    """What :func:`safe_open` returns: a :class:`FastSafetensorsFile` whose ``get_tensors()``
+    reads every tensor, as safetensors' handle does (``FastSafetensorsFile.get_tensors()`` is
+    the user's metadata-only call; ``get_tensor_infos()`` gives that here)."""
+
+    def get_tensors(self) -> dict[str, Any]:
+        return {name: self.get_tensor(name) for name in self.offset_keys()}
+
+    def get_tensor_infos(self) -> dict[str, TensorInfo]:
+        return super().get_tensors()
+
+
 def safe_open(path: str | os.PathLike[str], framework: str = "pt", device: str = "cpu",
-              backend: str | None = None) -> FastSafetensorsFile:
+              backend: str | None = None) -> SafeOpenFile:
     """Open one file lazily, like ``safetensors.safe_open`` (use it in a ``with`` block).
 
     ``backend`` is accepted for signature compatibility with safetensors 0.8 (which picks mmap
     or pread with it); this package always uses positioned reads, so it is ignored."""
-    return FastSafetensorsFile(path, device=device, framework=framework)
+    return SafeOpenFile(path, device=device, framework=framework)

@@ -52,7 +52,9 @@ class FastSafetensorsFile:
         self._device = resolve_device(device, framework)
         self._lock = threading.Condition()
         self._users = 0
+        self._slices = 0                     # LazyTensors alive: they keep the descriptors open
         self._closed = True
+        self._fds_closed = False
         self._fd = open_readonly(self._path)
         self._direct_fd: int | None = None   # O_DIRECT, opened on first use (-1: refused)
         try:
@@ -117,6 +119,12 @@ class FastSafetensorsFile:
         """Read tensor ``name`` (only its bytes) onto ``device`` (default: the file's device),
         cast to ``dtype`` when given."""
         info = self._info(name)
+        if self._closed:
+            raise ClosedFileError(self._path)
+        return self._get(info, device, dtype)
+
+    def _get(self, info: TensorInfo, device: str | None, dtype: Any) -> Any:
+        name = info.name
         target = self._device if device is None else resolve_device(device, self._framework.name)
         if target != "cpu" and info.nbytes >= DEVICE_STREAM_BYTES:
             # Large tensors stream through pinned staging straight into device memory.
@@ -141,14 +149,26 @@ class FastSafetensorsFile:
         return self._framework.convert(tensor, device=None, dtype=dtype)
 
     def get_slice(self, name: str) -> LazyTensor:
-        """A lazy handle: ``fsf.get_slice(name)[a:b]`` reads rows ``a`` to ``b`` only."""
+        """A lazy handle: ``fsf.get_slice(name)[a:b]`` reads rows ``a`` to ``b`` only. As with
+        safetensors, it keeps working after the file is closed (it keeps the descriptor open
+        until it is collected)."""
         info = self._info(name)
-        if self._closed:
-            raise ClosedFileError(self._path)
+        with self._lock:
+            if self._closed:
+                raise ClosedFileError(self._path)
+            self._slices += 1
         return LazyTensor(self, info)
+
+    def _slice_gone(self) -> None:
+        with self._lock:
+            self._slices -= 1
+            if self._closed and not self._slices and not self._users:
+                self._close_fds()
 
     def read_bytes(self, info: TensorInfo) -> memoryview:
         """The raw little-endian bytes of one tensor, in fresh host memory."""
+        if self._closed:
+            raise ClosedFileError(self._path)
         buffer = self._read_range(info.data_offsets[0], info.nbytes)
         array = buffer.numpy() if self._framework.name == "pt" else buffer
         return memoryview(array).cast("B")
@@ -281,16 +301,26 @@ class FastSafetensorsFile:
         return _InUse(self)
 
     def close(self) -> None:
-        """Close the file. Idempotent; waits for reads in flight on other threads."""
+        """Close the file. Idempotent; waits for reads in flight on other threads. Slices taken
+        before keep the descriptors open until the last of them is collected."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             while self._users:
                 self._lock.wait()
-            os.close(self._fd)
-            if self._direct_fd is not None and self._direct_fd >= 0:
-                os.close(self._direct_fd)
+            if not self._slices:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        """Under the lock. Once only, even when a slice collected during close() gets here
+        first (the lock is reentrant, and collection can run on any thread at any time)."""
+        if self._fds_closed:
+            return
+        self._fds_closed = True
+        os.close(self._fd)
+        if self._direct_fd is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
 
     def __enter__(self) -> FastSafetensorsFile:
         return self
@@ -326,13 +356,18 @@ class _InUse:
         self.owner = owner
 
     def __enter__(self) -> int:
+        # The handle's own methods refuse a closed file before they get here; a slice taken
+        # before close() reads until the descriptors are gone.
         with self.owner._lock:
-            if self.owner._closed:
+            if self.owner._fds_closed:
                 raise ClosedFileError(self.owner._path)
             self.owner._users += 1
         return self.owner._fd
 
     def __exit__(self, *exc: object) -> None:
-        with self.owner._lock:
-            self.owner._users -= 1
-            self.owner._lock.notify_all()
+        owner = self.owner
+        with owner._lock:
+            owner._users -= 1
+            owner._lock.notify_all()
+            if owner._closed and not owner._slices and not owner._users:
+                owner._close_fds()

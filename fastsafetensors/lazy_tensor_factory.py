@@ -77,10 +77,15 @@ class LazyTensor:
 
     def materialize(self, device: str | None = None, dtype: Any = None) -> Any:
         """Read the whole tensor (on ``device``, cast to ``dtype`` when given)."""
-        return self._file.get_tensor(self.info.name, device=device, dtype=dtype)
+        return self._file._get(self.info, device, dtype)
 
     def __getitem__(self, index: Any) -> Any:
         return self._file._read_index(self.info, index)
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file._slice_gone()
 
     def __repr__(self) -> str:
         return (f"LazyTensor({self.info.name!r}, dtype={self.info.dtype}, shape={self.info.shape}, "

@@ -134,6 +134,14 @@ def test_safe_open_matches_safetensors(ckpt: tuple[Path, dict[str, torch.Tensor]
             assert_bitwise_equal(ours.get_tensor(name), ref.get_tensor(name))
             assert ours.get_slice(name).get_shape() == ref.get_slice(name).get_shape()
             assert ours.get_slice(name).get_dtype() == ref.get_slice(name).get_dtype()
+        # safetensors' handle reads every tensor here (the user's FastSafetensorsFile
+        # .get_tensors() is metadata only, and this handle returned that silently)
+        theirs = ref.get_tensors()
+        mine = ours.get_tensors()
+        assert list(mine) == list(theirs)
+        for name, tensor in theirs.items():
+            assert_bitwise_equal(mine[name], tensor)
+        assert ours.get_tensor_infos() == FastSafetensorsFile(path).get_tensors()
     # positional framework, like safetensors.safe_open(path, "pt"); backend accepted
     with fastsafetensors.safe_open(str(path), "pt", backend="pread") as f:
         assert f.keys() == sorted(ckpt[1])

@@ -380,7 +380,7 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
     asked: list[tuple[str, Any]] = []
     steps: list[str] = []
 
-    def fake_get_tensor(self: Any, name: str, *, device: Any = None, dtype: Any = None) -> Any:
+    def fake_get(self: Any, info: Any, device: Any = None, dtype: Any = None) -> Any:
         asked.append((device, dtype))
         steps.append(f"read to {device}")
         return torch.zeros(1)
@@ -398,7 +398,7 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
         def synchronize(self) -> None:
             steps.append(f"wait on {self.device}")
 
-    monkeypatch.setattr(seam.FastSafetensorsFile, "get_tensor", fake_get_tensor)
+    monkeypatch.setattr(seam.FastSafetensorsFile, "_get", fake_get)   # what materialize() reads with
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     materialize(handle.get_slice(name), torch.device("cuda", 1), torch.float16)
     materialize(handle.get_slice(name), "cuda:0", None)

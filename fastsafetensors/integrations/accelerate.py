@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import config
+from ..api import SafeOpenFile
 from ..errors import FrameworkNotInstalledError, IncompatibleVersionError
-from ..file import FastSafetensorsFile
 from . import human_size, major_version
 
 __all__ = ["install", "uninstall", "enabled", "is_installed", "SUPPORTED",
@@ -77,7 +77,7 @@ def _target(device: Any) -> str | None:
     return None
 
 
-class _File(FastSafetensorsFile):
+class _File(SafeOpenFile):
     """The handle accelerate's ``safe_open`` gets: reads under the load's options, and one INFO
     line at close when it read anything (accelerate also opens files just for their keys)."""
 
