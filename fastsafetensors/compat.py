@@ -315,7 +315,7 @@ class SafeTensorsFileLoader:
         reads batches on a thread where no collective may run, and checks on the caller's)."""
         self._check_open()
         target = _torch_dtype(dtype)
-        files = sorted(((path, header, rank) for path, (header, rank) in self.meta.items()),
+        files = sorted(((path, header.tensors, rank) for path, (header, rank) in self.meta.items()),
                        key=lambda f: (f[2], f[0]))
         own = [path for path, _, rank in files if rank == self._group.rank]
         return FilesBufferOnDevice(files, self._read(own), self._group, self.device, pg=self.pg,
@@ -327,13 +327,15 @@ class SafeTensorsFileLoader:
             out.setdefault(rank, []).append(path)
         return out
 
-    def _read(self, paths: list[str]) -> dict[str, Any]:
+    def _read(self, paths: list[str], names: list[str] | None = None) -> dict[str, Any]:
+        """The tensors of ``paths`` (only ``names``, when given) onto this loader's device."""
         if not paths:
             return {}
         if self.device != "cpu":
             from .loading import iter_tensors
 
-            return dict(iter_tensors(paths, device=self.device, threads=self.max_threads,
+            return dict(iter_tensors(paths, device=self.device, tensors=names,
+                                     threads=self.max_threads,
                                      backend="posix" if self.nogds else None))
         from .frameworks import get_framework
         from .loader.cpu import close_job, load_host, open_job
@@ -341,7 +343,7 @@ class SafeTensorsFileLoader:
         jobs = []
         try:
             for path in paths:
-                jobs.append(open_job(path))
+                jobs.append(open_job(path, names))
             out: dict[str, Any] = {}
             for part in load_host(jobs, get_framework("pt"), threads=self.max_threads):
                 out.update(part)
@@ -381,7 +383,8 @@ class FilesBufferOnDevice:
     cast the result. An unknown name raises :class:`~fastsafetensors.TensorNotFoundError`.
     """
 
-    def __init__(self, files: Sequence[tuple[str, Header, int]], tensors: dict[str, Any],
+    def __init__(self, files: Sequence[tuple[str, Mapping[str, TensorInfo], int]],
+                 tensors: dict[str, Any],
                  group: _Group, device: str, *, pg: Any = None, dtype: Any = None):
         self.pg: Any = SingleGroup() if pg is None else pg
         # Cast when a tensor is handed out, after any collective: ranks exchange the file's
@@ -393,10 +396,10 @@ class FilesBufferOnDevice:
         self._infos: dict[str, tuple[TensorInfo, str]] = {}
         self.key_to_rank_lidx: dict[str, tuple[int, int]] = {}
         count: dict[int, int] = {}
-        for path, header, rank in files:
+        for path, infos, rank in files:   # a file, or a part of one (ParallelLoader)
             lidx = count.get(rank, 0)
             count[rank] = lidx + 1
-            for name, info in header.tensors.items():
+            for name, info in infos.items():
                 self.key_to_rank_lidx[name] = (rank, lidx)
                 self._infos[name] = (info, path)
         self._label = files[0][0] if files else "FilesBufferOnDevice"

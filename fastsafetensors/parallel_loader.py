@@ -3,9 +3,9 @@
 With one rank (``pg`` None, a ``SingleGroup`` or a group of one) or ``all_local=True`` (every rank
 reads every file itself), the files stream through :func:`fastsafetensors.iter_tensors`: each
 tensor is yielded as soon as it is on the device, and ``device_memory_budget`` bounds what the
-engine holds. With several ranks, files are taken in batches of one file per rank: rank r reads
-file r of each batch, then every rank yields every tensor of the batch (broadcast from its
-reader). A background thread reads the next batch while the current one is yielded; it only reads
+engine holds. With several ranks, files are taken in batches of one file per rank (or, when the
+budget holds no whole file, one part of a file per rank): rank r reads file r of each batch,
+then every rank yields every tensor of the batch (broadcast from its reader). A background thread reads the next batch while the current one is yielded; it only reads
 local files, so every collective runs on the caller's thread, in the same order on every rank.
 """
 
@@ -54,7 +54,8 @@ class ParallelLoader:
       ``accumulate_resident=True`` (the default) means the consumer keeps every yielded tensor;
       False, that it copies each one into memory of its own before asking for the next.
     * ``max_batch_bytes``: with one rank, at most this many bytes of tensors are read ahead of
-      the consumer; with several, whole files are read (not split), and it is ignored.
+      the consumer; with several it is ignored: whole files are read, or, when the budget holds
+      no whole file, parts of files cut to fit the budget.
 
     >>> loader = ParallelLoader(None, ["model.safetensors"], device="cpu")   # doctest: +SKIP
     >>> for name, tensor in loader.iterate_weights():
@@ -108,6 +109,7 @@ class ParallelLoader:
             self._kept = read() if self._local else checked(
                 self.loader._group, self.loader.device, dict.fromkeys(range(size), files), read)
         self._read_ahead: int | None = None
+        self._part_bytes: int | None = None   # several ranks: files read in parts of this size
         if self._local:
             assert self._kept is not None
             # As many files ahead as queue_size asks for under several ranks (the pipeline
@@ -159,17 +161,26 @@ class ParallelLoader:
             if self._read_ahead is None or self._read_ahead > ahead:
                 self._read_ahead = ahead
             return
-        # Several ranks: this rank holds whole files of the batches in flight.
+        # Several ranks: this rank holds what it read of the batches in flight: whole files, or
+        # when even one does not fit, files cut into parts of whole tensors (as upstream's
+        # planner cuts them), down to the largest tensor.
         per_file = self._largest_file()
-        depth = 1 if self.queue_size < 0 else max(1, self.queue_size) + 1
+        wanted = 1 if self.queue_size < 0 else max(1, self.queue_size) + 1
+        depth = wanted
         while depth > 1 and held + depth * per_file > budget:
             depth -= 1
-        needed = held + depth * per_file
-        if budget < needed:
-            raise self._infeasible(budget, needed, f"{_mib(held)} for {what} and "
-                                   f"{_mib(per_file)} for the largest file a rank reads whole",
-                                   accumulate_resident)
-        if depth == 1 and self.queue_size >= 0:
+        if held + per_file > budget:
+            depth = wanted
+            while depth > 1 and (budget - held) // depth < largest:
+                depth -= 1
+            if budget - held < largest:
+                raise self._infeasible(budget, held + largest, f"{_mib(held)} for {what} and "
+                                       f"{_mib(largest)} for the largest tensor a rank reads",
+                                       accumulate_resident)
+            self._part_bytes = (budget - held) // depth
+            logger.info("ParallelLoader: device_memory_budget=%s holds no whole file: ranks "
+                        "read parts of at most %s", _mib(budget), _mib(self._part_bytes))
+        elif depth == 1 and self.queue_size >= 0:
             logger.info("ParallelLoader: device_memory_budget=%s fits one batch of files at a "
                         "time; reading ahead is off (queue_size=-1)", _mib(budget))
         self.queue_size = depth - 1 if depth > 1 else -1
@@ -185,28 +196,64 @@ class ParallelLoader:
             f"device_memory_budget={budget} ({_mib(budget)}) cannot hold this load: it needs at "
             f"least {needed} bytes ({parts}). Pass {', or '.join(fixes)}", budget, needed)
 
-    def _load(self, batch: list[str], stream: Any = None) -> FilesBufferOnDevice:
-        """Read this rank's file of ``batch``; on the prefetch thread, ``stream`` is the
-        caller's CUDA stream, which the reads are allocated and ordered on as if the caller
-        had made them (vLLM loads on a stream of its own: were they on this thread's default
-        stream instead, memory the caller frees would be handed out again while the caller's
-        copies out of it still run)."""
+    def _load(self, batch: list[Any], stream: Any = None) -> FilesBufferOnDevice:
+        """Read this rank's file (or part of a file) of ``batch``; on the prefetch thread,
+        ``stream`` is the caller's CUDA stream, which the reads are allocated and ordered on as
+        if the caller had made them (vLLM loads on a stream of its own: were they on this
+        thread's default stream instead, memory the caller frees would be handed out again
+        while the caller's copies out of it still run)."""
+        if stream is None:
+            return self._read_batch(batch)
+        import torch
+
+        with torch.cuda.device(self.loader.device), torch.cuda.stream(stream):
+            return self._read_batch(batch)
+
+    def _read_batch(self, batch: list[Any]) -> FilesBufferOnDevice:
+        group = self.loader._group
+        if self._part_bytes is not None:
+            parts: list[tuple[str, list[TensorInfo]]] = batch
+            mine = parts[group.rank] if group.rank < len(parts) else None
+            tensors = {} if mine is None else self.loader._read(
+                [mine[0]], [info.name for info in mine[1]])
+            return FilesBufferOnDevice(
+                [(path, {i.name: i for i in infos}, rank) for rank, (path, infos)
+                 in enumerate(parts)], tensors, group, self.loader.device, pg=self._group_pg)
         loader = SafeTensorsFileLoader(self._group_pg, **self._options)
         try:
             loader._add({rank: [path] for rank, path in enumerate(batch)})
-            if stream is None:
-                return loader._copy()
-            import torch
-
-            with torch.cuda.device(loader.device), torch.cuda.stream(stream):
-                return loader._copy()
+            return loader._copy()
         finally:
             loader.close()
 
-    def _group_of(self, batch: list[str]) -> tuple[Any, str, dict[int, list[str]]]:
+    def _batches(self) -> list[list[Any]]:
+        """Batches of one file per rank; or, when whole files do not fit the budget, of one
+        part per rank: each file cut, in file order, into runs of whole tensors of at most
+        ``_part_bytes`` device bytes."""
+        if self._part_bytes is None:
+            return self.weight_files_batches
+        assert self._kept is not None
+        parts: list[tuple[str, list[TensorInfo]]] = []
+        for path, infos in self._kept:
+            part: list[TensorInfo] = []
+            size = 0
+            for info in infos:
+                nbytes = device_bytes(info.nbytes)
+                if part and size + nbytes > self._part_bytes:
+                    parts.append((path, part))
+                    part, size = [], 0
+                part.append(info)
+                size += nbytes
+            if part:
+                parts.append((path, part))
+        ranks = self.loader._group.size
+        return [parts[i:i + ranks] for i in range(0, len(parts), ranks)]
+
+    def _group_of(self, batch: list[Any]) -> tuple[Any, str, dict[int, list[str]]]:
         """What compat.checked needs to check a batch: group, device, files by rank."""
         return (self.loader._group, self.loader.device,
-                {rank: [path] for rank, path in enumerate(batch)})
+                {rank: [item if isinstance(item, str) else item[0]]
+                 for rank, item in enumerate(batch)})
 
     def _progress(self, total: int) -> Any:
         if not self.use_tqdm_on_load or int(self.pg.rank()) != 0:
@@ -229,7 +276,7 @@ class ParallelLoader:
         if self._local:
             yield from self._stream()
             return
-        batches = self.weight_files_batches
+        batches = self._batches()
         ahead = 0 if self.queue_size < 0 else max(1, self.queue_size)
         bar = self._progress(len(batches))
         try:
@@ -244,7 +291,7 @@ class ParallelLoader:
 
                 stream = torch.cuda.current_stream(self.loader.device)
             with ThreadPoolExecutor(1, thread_name_prefix="fastsafetensors-prefetch") as pool:
-                pending: deque[tuple[list[str], Future[FilesBufferOnDevice]]] = deque()
+                pending: deque[tuple[list[Any], Future[FilesBufferOnDevice]]] = deque()
                 queued = 0
                 try:
                     while True:

@@ -715,9 +715,32 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
         assert set(got) == set(want)
         for name, tensor in want.items():
             assert_bitwise_equal(got[name], tensor)
-        with pytest.raises(fastsafetensors.BudgetInfeasibleError):
-            ParallelLoader(pg, files, device_memory_budget=per_file + largest,
+        # No whole file fits: each rank reads parts of files, whole tensors in file order, as
+        # upstream's planner cuts them (a 46 GiB shard under 38 GiB of free memory). The floor
+        # is two tensors handed over (held, and received by a broadcast) and the largest one.
+        assert per_file + 2 * largest > 3 * largest
+        parted = ParallelLoader(pg, files, queue_size=0, use_tqdm_on_load=False, nogds=True,
+                                device_memory_budget=3 * largest, accumulate_resident=False)
+        assert parted.queue_size == -1
+        batches = parted._batches()
+        assert all(sum(device_bytes(i.nbytes) for i in infos) <= largest
+                   for batch in batches for _, infos in batch)
+        mine = sum(i.nbytes for batch in batches if rank < len(batch)
+                   for i in batch[rank][1])
+        STATS.reset()
+        got = dict(parted.iterate_weights())
+        read = STATS.snapshot()[0]
+        parted.close()
+        assert list(got) == [i.name for batch in batches for _, infos in batch for i in infos]
+        assert set(got) == set(want)
+        for name, tensor in want.items():
+            assert_bitwise_equal(got[name], tensor)
+        total = sum(t.nbytes for t in want.values())
+        assert mine <= read < total, (rank, mine, read, total)   # only its own parts
+        with pytest.raises(fastsafetensors.BudgetInfeasibleError) as too_small:
+            ParallelLoader(pg, files, device_memory_budget=3 * largest - 1,
                            accumulate_resident=False)
+        assert too_small.value.needed == 3 * largest
         # A filter needs each rank to read what it yields; all_local does that.
         with pytest.raises(ConfigError, match="all_local") as info:
             ParallelLoader(pg, files, tensor_filter=lambda name: True)
