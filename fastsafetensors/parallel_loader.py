@@ -5,8 +5,9 @@ reads every file itself), the files stream through :func:`fastsafetensors.iter_t
 tensor is yielded as soon as it is on the device, and ``device_memory_budget`` bounds what the
 engine holds. With several ranks, files are taken in batches of one file per rank (or, when the
 budget holds no whole file, one part of a file per rank): rank r reads file r of each batch,
-then every rank yields every tensor of the batch (broadcast from its reader). A background thread reads the next batch while the current one is yielded; it only reads
-local files, so every collective runs on the caller's thread, in the same order on every rank.
+then every rank yields every tensor of the batch (broadcast from its reader). A background
+thread reads the next batch while the current one is yielded; it only reads local files, so
+every collective runs on the caller's thread, in the same order on every rank.
 """
 
 from __future__ import annotations
