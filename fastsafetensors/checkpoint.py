@@ -51,15 +51,15 @@ class WeightFiles:
 
     name: str
     is_index: bool
+    standard: bool = True   # a name transformers looks for (not the last resort)
 
 
-def choose_weights(names: Collection[str], *, variant: str | None, where: str,
-                   exact: bool = False) -> WeightFiles:
+def choose_weights(names: Collection[str], *, variant: str | None, where: str) -> WeightFiles:
     """Pick the weights among the file ``names`` of one folder, the way transformers and
     diffusers do: ``model.safetensors``, then ``model.safetensors.index.json`` (with the variant
-    inserted), then the diffusers stem; then, unless ``exact`` (a partly downloaded snapshot,
-    where the only file is not the only weights), the only index or only ``.safetensors`` file
-    that is neither a shard (``-00001-of-00002``) nor, without ``variant``, a variant's file."""
+    inserted), then the diffusers stem; then, as a last resort (``WeightFiles.standard``
+    False), the only index or only ``.safetensors`` file that is neither a shard
+    (``-00001-of-00002``) nor, without ``variant``, a variant's file."""
     for stem in WEIGHT_STEMS:
         single = variant_name(f"{stem}.safetensors", variant)
         if single in names:
@@ -73,16 +73,10 @@ def choose_weights(names: Collection[str], *, variant: str | None, where: str,
     singles = sorted(n for n in names if n.endswith(single_suffix) and not _SHARD.search(n)
                      and (variant or not _VARIANT.fullmatch(n)))
     weights = sorted(n for n in names if n.endswith((".safetensors", ".json")))
-    if exact:
-        found = ", ".join(weights[:8]) or "no weights"
-        raise CheckpointNotFoundError(where, f"no {variant_name('model.safetensors', variant)} "
-                                             f"or its index in the cached snapshot (found: "
-                                             f"{found}); pass the file itself, or load the repo "
-                                             f"online once")
     if len(indexes) == 1:
-        return WeightFiles(indexes[0], True)
+        return WeightFiles(indexes[0], True, standard=False)
     if not indexes and len(singles) == 1:
-        return WeightFiles(singles[0], False)
+        return WeightFiles(singles[0], False, standard=False)
     if indexes or singles:
         hint = (f"several candidates ({', '.join(indexes or singles)}) and no index to say which "
                 f"belong together; pass the file itself")

@@ -152,12 +152,14 @@ class FastSafetensorsFile:
         """A lazy handle: ``fsf.get_slice(name)[a:b]`` reads rows ``a`` to ``b`` only. As with
         safetensors, it keeps working after the file is closed (it keeps the descriptor open
         until it is collected)."""
-        info = self._info(name)
+        return LazyTensor(self, self._info(name))
+
+    def _slice_born(self) -> None:
+        """A LazyTensor of this file is made (in its __init__, however it is made)."""
         with self._lock:
             if self._closed:
                 raise ClosedFileError(self._path)
             self._slices += 1
-        return LazyTensor(self, info)
 
     def _slice_gone(self) -> None:
         with self._lock:

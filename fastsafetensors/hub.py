@@ -356,9 +356,12 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
     else:
         names = present
         missing = "huggingface_hub returned a path that does not exist (cache changed?)"
-    # A cached snapshot holds what was downloaded, not the repo: only the names transformers
-    # looks for count there (one cached shard is not the model).
-    weights = choose_weights(names, variant=variant, where=where, exact=offline)
+    weights = choose_weights(names, variant=variant, where=where)
+    if offline and not weights.standard:
+        # A cached snapshot holds what was downloaded, not the repo: its only weights file may
+        # not be the repo's (shards and variant files are never taken, see choose_weights).
+        logger.warning("%s: offline, loading %s, the only weights file in the cached snapshot; "
+                       "online, the repo's listing would decide", where, weights.name)
 
     def download(name: str, bar: Any = None) -> str:
         import fastsafetensors

@@ -44,6 +44,7 @@ class LazyTensor:
     __slots__ = ("_file", "info")
 
     def __init__(self, file: FastSafetensorsFile, info: TensorInfo):
+        file._slice_born()   # counted, so that close() leaves the descriptor to the slices
         self._file = file
         self.info = info
 
@@ -83,9 +84,15 @@ class LazyTensor:
         return self._file._read_index(self.info, index)
 
     def __del__(self) -> None:
-        file = getattr(self, "_file", None)
+        file = getattr(self, "_file", None)   # unset when __init__ failed: never counted
         if file is not None:
             file._slice_gone()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A copy would skip __init__ and not be counted (as safetensors' slices, these do not
+        # copy or pickle).
+        raise TypeError(f"a slice of an open file cannot be copied or pickled: take another "
+                        f"with get_slice({self.info.name!r})")
 
     def __repr__(self) -> str:
         return (f"LazyTensor({self.info.name!r}, dtype={self.info.dtype}, shape={self.info.shape}, "
@@ -275,7 +282,7 @@ class LazyTensorFactory:
                     f = FastSafetensorsFile(source, device=device, framework=framework)
                     self._owned.append(f)
                 self._files.append(f)
-                for name in f.get_tensors():
+                for name in f.header.tensors:
                     other = self._where.setdefault(name, f)
                     if other is not f:
                         raise CheckpointIndexError(
@@ -305,7 +312,7 @@ class LazyTensorFactory:
         return len(self._where)
 
     def info(self, name: str) -> TensorInfo:
-        return self._file(name).get_tensors()[name]
+        return self._file(name).header.tensors[name]
 
     def lazy(self, name: str) -> LazyTensor:
         """A handle that reads nothing until indexed or materialized."""
@@ -317,7 +324,7 @@ class LazyTensorFactory:
         f = self._file(name)
         if self.creator is None:
             return f.get_tensor(name, device=device, dtype=dtype)
-        info = f.get_tensors()[name]
+        info = f.header.tensors[name]
         return self.creator(f.read_bytes(info), info)
 
     def close(self) -> None:

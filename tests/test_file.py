@@ -350,6 +350,32 @@ def test_slices_taken_before_close_keep_working(ckpt: tuple[Path, dict[str, torc
     assert open_fds() == before             # the last slice gone: the descriptor too
 
 
+def test_every_slice_is_counted_once(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    # A slice made without get_slice() (a subclass's, a copy) was uncounted at birth but
+    # counted down at collection: below zero, close() never closed the descriptor again.
+    import copy
+    import pickle
+
+    from builders import open_fds
+
+    from fastsafetensors.integrations._transformers_seam import Load
+
+    path, tensors = ckpt
+    before = open_fds()
+    load = Load({})
+    handle = load.open(path)
+    dropped = handle.get_slice("big")
+    kept = handle.get_slice("big")
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="get_slice"):
+            duplicate(kept)
+    del dropped
+    load.close()
+    assert_bitwise_equal(kept[1:2], tensors["big"][1:2])
+    del kept
+    assert open_fds() == before and handle._slices == 0
+
+
 def test_close_releases_the_descriptor(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
     from builders import open_fds
 

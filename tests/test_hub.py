@@ -500,11 +500,23 @@ def test_hub_partial_cache_offline_is_not_the_model(hub_server: Any, tmp_path: P
     write_sharded(tmp_path / "src", 2, variant="fp16")
     hub_server.add_folder("org/v", tmp_path / "src")
     fastsafetensors.resolve("org/v", variant="fp16", tensors=["layers.0.weight"])
-    with pytest.raises(CheckpointNotFoundError, match="cached snapshot"):
+    with pytest.raises(CheckpointNotFoundError, match="no model.safetensors"):
         fastsafetensors.resolve("org/v", local_files_only=True)
     fastsafetensors.resolve("org/v")
     assert [os.path.basename(f) for f in fastsafetensors.resolve(
         "org/v", local_files_only=True).files] == ["model.safetensors"]
+
+
+def test_hub_lone_weights_file_loads_offline_too(hub_server: Any, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # A repo whose only weights file has another name loads online; offline (or with the Hub
+    # down) the same choice is made, with a warning that the cache may not be the whole repo.
+    write_single(tmp_path / "src", "weights.safetensors")
+    hub_server.add_folder("org/w", tmp_path / "src")
+    online = fastsafetensors.resolve("org/w")
+    offline = fastsafetensors.resolve("org/w", local_files_only=True)
+    assert offline.files == online.files
+    assert "only weights file in the cached snapshot" in caplog.text
 
 
 def test_local_files_only_never_touches_the_network(hub_server: Any, repo: Any) -> None:

@@ -26,6 +26,7 @@ from fastsafetensors import (
     LazyTensor,
     TensorInfo,
     TensorNotFoundError,
+    safe_open,
 )
 from fastsafetensors.lazy_tensor_factory import LazyTensorFactory
 from fastsafetensors.loader.posix import STATS
@@ -52,6 +53,19 @@ def test_single_file_sources(tmp_path: Path, tensors: dict[str, torch.Tensor]) -
             assert list(factory) == sorted(tensors)
             assert "big" in factory and "nope" not in factory
             assert_bitwise_equal(factory.create("big"), tensors["big"])
+
+
+def test_a_safe_open_handle_as_source(tmp_path: Path) -> None:
+    # safe_open's handle reads every tensor in get_tensors() (as safetensors'); the factory
+    # asked it for metadata, read the whole file and broke info() and create().
+    path = write_file(tmp_path / "a.safetensors",
+                      {"w": torch.arange(12.0).reshape(4, 3), "big": torch.zeros(512, 512)})
+    with safe_open(path, "pt") as f:
+        factory = LazyTensorFactory([f], creator=lambda data, info: bytes(data))
+        assert f.bytes_read == 0
+        assert factory.info("w").shape == (4, 3)
+        assert factory.create("w") == torch.arange(12.0).numpy().tobytes()
+        assert f.bytes_read == 48
 
 
 def test_sharded_sources(shards: list[Path], tensors: dict[str, torch.Tensor]) -> None:

@@ -99,7 +99,7 @@ class TransformersFile(FastSafetensorsFile):
         self._load = load
 
     def get_slice(self, name: str) -> TransformersSlice:
-        return TransformersSlice(self, super().get_slice(name).info, self._load)
+        return TransformersSlice(self, self._info(name), self._load)
 
     def get_tensor(self, name: str, *, device: str | None = None, dtype: Any = None) -> Any:
         with self._load.configured():
