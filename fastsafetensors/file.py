@@ -277,7 +277,7 @@ class FastSafetensorsFile:
                     return None
             with self._lock:
                 if self._direct_fd is None:
-                    opened = open_direct(self._path)
+                    opened = open_direct(fd, self._path)
                     self._direct_fd = -1 if opened is None else opened
                 direct_fd = self._direct_fd
             if direct_fd < 0:

@@ -92,16 +92,25 @@ def assert_bitwise_equal(actual: Any, expected: Any) -> None:
     assert torch.equal(as_bytes(actual), as_bytes(expected))
 
 
+def opens_direct(path: str | os.PathLike[str]) -> bool:
+    """Whether the filesystem of ``path`` accepts O_DIRECT (tmpfs and some FUSE refuse it)."""
+    from fastsafetensors.loader.posix import close_fds, open_direct
+
+    plain = os.open(path, os.O_RDONLY)
+    try:
+        direct = open_direct(plain, os.fspath(path))
+    finally:
+        os.close(plain)
+    close_fds(direct)
+    return direct is not None
+
+
 def require_o_direct(path: str | os.PathLike[str]) -> None:
     """Skip the calling test where the filesystem of ``path`` refuses O_DIRECT (tmpfs, FUSE)."""
     import pytest
 
-    from fastsafetensors.loader.posix import open_direct
-
-    fd = open_direct(os.fspath(path))
-    if fd is None:
+    if not opens_direct(path):
         pytest.skip("this filesystem refuses O_DIRECT")
-    os.close(fd)
 
 
 def assert_aligned(tensor: Any) -> None:

@@ -14,11 +14,18 @@ import safetensors
 import safetensors.numpy
 import safetensors.torch
 import torch
-from builders import assert_bitwise_equal, open_fds, require_o_direct, small_tensors, write_file
+from builders import (
+    assert_bitwise_equal,
+    open_fds,
+    opens_direct,
+    require_o_direct,
+    small_tensors,
+    write_file,
+)
 
 import fastsafetensors
 from fastsafetensors import ConfigError, FastSafetensorsFile, config, configure
-from fastsafetensors.loader.posix import STATS, open_direct
+from fastsafetensors.loader.posix import STATS
 
 
 @pytest.fixture
@@ -235,10 +242,8 @@ def test_precedence_reaches_the_loader(ckpt: tuple[Path, dict[str, torch.Tensor]
                                        clean_env: pytest.MonkeyPatch) -> None:
     """Whether reads bypass the page cache follows the resolved io option."""
     path, tensors = ckpt
-    fd = open_direct(str(path))
-    if fd is None:
+    if not opens_direct(path):
         pytest.skip("this filesystem refuses O_DIRECT, so io=direct cannot be observed")
-    os.close(fd)
 
     def direct_reads(**kwargs: object) -> int:
         before = STATS.snapshot()[2]

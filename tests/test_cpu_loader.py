@@ -15,6 +15,7 @@ from builders import (
     assert_bitwise_equal,
     misaligned_entries,
     open_fds,
+    opens_direct,
     write_file,
     write_raw,
 )
@@ -25,7 +26,7 @@ from fastsafetensors import ReadError, TensorNotFoundError
 from fastsafetensors.frameworks import get_framework
 from fastsafetensors.loader.cpu import close_job, load_host, open_job
 from fastsafetensors.loader.pagecache import resident_fraction, resident_map
-from fastsafetensors.loader.posix import STATS, open_direct, pread_into
+from fastsafetensors.loader.posix import STATS, pread_into
 
 MiB = 1 << 20
 
@@ -47,10 +48,8 @@ def ckpt(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 
 
 def _direct_ok(path: Path) -> bool:
-    fd = open_direct(str(path))
-    if fd is None:
+    if not opens_direct(path):
         return False
-    os.close(fd)
     return True
 
 
@@ -286,10 +285,8 @@ def test_direct_plans_use_direct_threads(tmp_path, caplog):
 
     path = tmp_path / "d.safetensors"
     save_file({f"w{i}": torch.full((256, 1024), float(i)) for i in range(8)}, str(path))
-    fd = open_direct(str(path))
-    if fd is None:
+    if not opens_direct(path):
         pytest.skip("this filesystem refuses O_DIRECT, so no plan is direct")
-    os.close(fd)
     with caplog.at_level(logging.INFO, logger="fastsafetensors.loader.cpu"):
         with fastsafetensors.configure(chunk_bytes=1 << 20, direct_threads=5):
             fastsafetensors.load_file(path, io="direct")

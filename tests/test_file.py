@@ -780,7 +780,7 @@ def test_direct_descriptor_zero_is_a_descriptor(mib_file: Any,
     used: list[int] = []
     closed: list[int] = []
     real_close = os.close
-    monkeypatch.setattr("fastsafetensors.file.open_direct", lambda p: 0)
+    monkeypatch.setattr("fastsafetensors.file.open_direct", lambda fd, p: 0)
     monkeypatch.setattr("fastsafetensors.file.pread_into",
                         lambda fd, dest, offset, **kw: used.append(fd) or len(dest))
     monkeypatch.setattr(os, "close", lambda fd: closed.append(fd) if fd == 0 else real_close(fd))
@@ -804,3 +804,22 @@ def test_f4_with_an_odd_last_dimension_says_what_to_do_under_torch(tmp_path: Pat
             f.get_tensor("q")
         assert "framework='pt' (PyTorch) instead" not in str(info.value)
         assert bytes(f.read_bytes(f.get_tensors()["q"])) == b"\x12\x34\x56"
+
+
+@pytest.mark.parametrize("replacement", ["other file", "fifo"])
+def test_direct_reads_come_from_the_file_opened(tmp_path: Path, replacement: str) -> None:
+    # The O_DIRECT descriptor was opened again by path on first use: a checkpoint replaced
+    # meanwhile gave the new file's bytes for large tensors (the old one's for small ones), and
+    # a FIFO put in its place hung the read.
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.full((1 << 19,), 1.0)})
+    require_o_direct(path)
+    with FastSafetensorsFile(path) as fsf:
+        if replacement == "fifo":
+            path.unlink()
+            os.mkfifo(path)
+        else:
+            other = write_file(tmp_path / "n.safetensors", {"w": torch.full((1 << 19,), 2.0)})
+            os.replace(other, path)
+        with fastsafetensors.configure(io="direct"):
+            assert torch.equal(fsf["w"], torch.full((1 << 19,), 1.0))
+            assert torch.equal(fsf.get_slice("w")[: 1 << 18], torch.full((1 << 18,), 1.0))

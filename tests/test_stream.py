@@ -341,15 +341,13 @@ def test_workers_leave_at_once_when_a_load_ends(checkpoint, monkeypatch, stop_ea
 def _page_cache_file(tmp_path, *, evicted: bool):
     """A file of 8 tensors of 256 KiB, cached or evicted; skips where that cannot be set up."""
     from fastsafetensors.loader.pagecache import resident_fraction
-    from fastsafetensors.loader.posix import open_direct
+    from builders import opens_direct
 
     tensors = {f"w{i}": torch.full((65536,), float(i)) for i in range(8)}
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path))
-    direct_fd = open_direct(str(path))
-    if direct_fd is None:
+    if not opens_direct(path):
         pytest.skip("this filesystem refuses O_DIRECT, so auto can only read buffered")
-    os.close(direct_fd)
     fd = os.open(path, os.O_RDONLY)
     try:
         if evicted:

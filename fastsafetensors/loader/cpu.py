@@ -134,7 +134,7 @@ def load_host(jobs: Sequence[FileJob], framework: Framework, *, threads: int | N
     work: list[tuple[FileJob, Read, memoryview, bool]] = []
     for job in jobs:
         if policy.mode != "buffered" and job.direct_fd is None:
-            job.direct_fd = open_direct(job.path)
+            job.direct_fd = open_direct(job.fd, job.path)
             if job.direct_fd is None and policy.mode == "direct":
                 logger.warning("%s: O_DIRECT is not supported here; reading through the page "
                                "cache", job.path)

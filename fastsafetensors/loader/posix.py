@@ -67,15 +67,25 @@ def pread_into(fd: int, dest: memoryview, offset: int, *, path: str, direct: boo
     return done
 
 
-def open_direct(path: str) -> int | None:
-    """An O_DIRECT descriptor, or None where the filesystem refuses it (tmpfs, some FUSE)."""
+def open_direct(fd: int, path: str) -> int | None:
+    """An O_DIRECT descriptor of the file open as ``fd``, or None where the filesystem refuses
+    it (tmpfs, some FUSE). Reopened through /proc, not by path: the path may name another file
+    by now (a checkpoint replaced while it was open), whose bytes must not be read as this
+    one's; by path, the file it names is checked to be the same one (else None)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
-    try:
-        return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
+    flags = os.O_RDONLY | os.O_NONBLOCK | flag | getattr(os, "O_CLOEXEC", 0)
+    for source in (f"/proc/self/fd/{fd}", path):
+        try:
+            direct = os.open(source, flags)
+        except OSError:
+            continue
+        mine, theirs = os.fstat(fd), os.fstat(direct)
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            return direct
+        os.close(direct)
+    return None
 
 
 def close_fds(*fds: int | None) -> None:

@@ -420,7 +420,7 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
         if header is None:
             header = read_header_fd(fd, path)
         infos = header.select(names)
-        direct_fd = open_direct(path) if policy.mode != "buffered" else None
+        direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
         resident, base = None, 0
         if policy.mode == "auto" and direct_fd is not None and infos:
             # Taken once, before this load reads (its buffered reads' read-ahead would make
