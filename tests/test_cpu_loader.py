@@ -296,3 +296,19 @@ def test_direct_plans_use_direct_threads(tmp_path, caplog):
     assert "5 threads, io=direct" in lines[0]
     assert "5 threads" not in lines[1]
     assert "3 threads, io=direct" in lines[2]  # an explicit threads= wins
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+def test_a_subset_far_apart_takes_buffers_of_its_own(tmp_path: Path, io: str) -> None:
+    # load(tensors=[first, last]) allocated one buffer spanning everything between: two small
+    # tensors of a 32 GB single-file model asked for 32 GB (and kept it alive as views).
+    path = write_file(tmp_path / "m.safetensors", {   # file order: by name
+        "a.embed": torch.full((1024,), 1.0), "b.hole": torch.zeros(4 << 20),
+        "c.head": torch.full((1024,), 2.0)})
+    STATS.reset()
+    got = fastsafetensors.load(path, tensors=["a.embed", "c.head"], io=io)
+    assert torch.equal(got["a.embed"], torch.full((1024,), 1.0))
+    assert torch.equal(got["c.head"], torch.full((1024,), 2.0))
+    for tensor in got.values():
+        assert tensor.untyped_storage().nbytes() < 1 << 20   # not the 16 MiB between
+    assert STATS.bytes_read <= 2 * 2 * 4096   # the hole is not read either

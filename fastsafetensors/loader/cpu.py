@@ -13,14 +13,14 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config
 from ..format import Header, TensorInfo, open_readonly, read_header_fd
 from ..frameworks import Framework
 from .pagecache import resident_map
-from .plan import Extent, Read, plan_extent, plan_reads
+from .plan import Extent, Read, group_tensors, plan_extent, plan_reads
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
 __all__ = ["FileJob", "load_host", "IOPolicy", "tensors_from_buffer"]
@@ -130,7 +130,7 @@ def load_host(jobs: Sequence[FileJob], framework: Framework, *, threads: int | N
     nthreads = config.get("threads", threads)
     chunk_bytes = config.get("chunk_bytes", chunk)
     started = time.perf_counter()
-    buffers: list[Any] = []
+    parts: list[list[tuple[FileJob, Any]]] = []   # per job: (part, its buffer)
     work: list[tuple[FileJob, Read, memoryview, bool]] = []
     for job in jobs:
         if policy.mode != "buffered" and job.direct_fd is None:
@@ -139,24 +139,37 @@ def load_host(jobs: Sequence[FileJob], framework: Framework, *, threads: int | N
                 logger.warning("%s: O_DIRECT is not supported here; reading through the page "
                                "cache", job.path)
         direct = job.direct_fd is not None
-        job.extent = plan_extent(job.header, job.tensors, align=DIRECT_ALIGN)
-        buffer, view = framework.alloc(job.extent.size, align=DIRECT_ALIGN)
-        buffers.append(buffer)
-        resident = policy.resident(job)
-        for read in plan_reads(0, job.header, job.tensors, chunk=chunk_bytes, direct=direct):
-            dest = view[read.offset - job.extent.base:read.end - job.extent.base]
-            work.append((job, read, dest, policy.direct(job, read, resident)))
+        parts.append([])
+        for part in _parts(job):
+            part.extent = plan_extent(part.header, part.tensors, align=DIRECT_ALIGN)
+            buffer, view = framework.alloc(part.extent.size, align=DIRECT_ALIGN)
+            parts[-1].append((part, buffer))
+            resident = policy.resident(part)
+            for read in plan_reads(0, part.header, part.tensors, chunk=chunk_bytes,
+                                   direct=direct):
+                dest = view[read.offset - part.extent.base:read.end - part.extent.base]
+                work.append((part, read, dest, policy.direct(part, read, resident)))
     direct_reads = sum(w[3] for w in work)
     if threads is None and not config.is_set("threads") and direct_reads * 2 > len(work):
         # A disk keeps more requests in flight than cached data needs threads.
         nthreads = config.get("direct_threads")
     total = _run(work, nthreads)
-    out = [tensors_from_buffer(framework, buf, job) for buf, job in zip(buffers, jobs)]
+    out = [{name: tensor for part, buf in file_parts
+            for name, tensor in tensors_from_buffer(framework, buf, part).items()}
+           for file_parts in parts]
     seconds = time.perf_counter() - started
     logger.info("loaded %d files, %.1f MB in %.3f s (%.2f GB/s), %d threads, io=%s, %d direct "
                 "reads of %d", len(jobs), total / 1e6, seconds, total / 1e9 / max(seconds, 1e-9),
                 nthreads, policy.mode, direct_reads, len(work))
     return out
+
+
+def _parts(job: FileJob) -> list[FileJob]:
+    """The job itself for a whole file; for a subset, one part (sharing its descriptors) per
+    group of nearby tensors, each read into a buffer of its own."""
+    if job.tensors is None:
+        return [job]
+    return [replace(job, tensors=group) for group in group_tensors(job.tensors)]
 
 
 def _read_one(job: FileJob, read: Read, dest: memoryview, direct: bool) -> int:

@@ -78,6 +78,27 @@ def _align_out(begin: int, end: int, align: int) -> tuple[int, int]:
     return begin - begin % align, -(-end // align) * align
 
 
+#: Wanted ranges closer than this are read as one (reading the gap costs less than another
+#: request) and share one buffer; farther apart, each group gets its own.
+MAX_GAP = 1 << 20
+
+
+def group_tensors(tensors: Sequence[TensorInfo]) -> list[list[TensorInfo]]:
+    """``tensors`` in file order, in runs whose gaps are at most MAX_GAP: a subset of a large
+    file (its first and last tensor) must not need a buffer spanning everything between."""
+    groups: list[list[TensorInfo]] = []
+    end = 0
+    for info in sorted(tensors, key=lambda t: t.data_offsets):
+        begin, stop = info.data_offsets
+        if groups and begin - end <= MAX_GAP:
+            groups[-1].append(info)
+            end = max(end, stop)
+        else:
+            groups.append([info])
+            end = stop
+    return groups
+
+
 def plan_extent(header: Header, tensors: Sequence[TensorInfo] | None = None, *,
                 align: int = 1) -> Extent:
     """The file range a destination buffer must mirror to hold ``tensors`` (default: all)."""
@@ -93,7 +114,7 @@ def plan_extent(header: Header, tensors: Sequence[TensorInfo] | None = None, *,
 
 
 def plan_reads(file: int, header: Header, tensors: Sequence[TensorInfo] | None = None, *,
-               chunk: int, direct: bool = False, align: int = 4096, max_gap: int = 1 << 20
+               chunk: int, direct: bool = False, align: int = 4096, max_gap: int = MAX_GAP
                ) -> list[Read]:
     """Reads that fetch ``tensors`` (default: the whole data region) of one file, in file order.
 
