@@ -103,6 +103,9 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] | None = None
     data_start: int = field(init=False)
+    #: (device, inode, size, mtime in ns) of the file the header was read from (None for
+    #: bytes): a later open of the same path must find the same file (see check_same_file).
+    stamp: tuple[int, int, int, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_start", 8 + self.header_size)
@@ -291,14 +294,31 @@ def header_size_from_prefix(prefix: bytes, *, file_size: int,
 
 def read_header_fd(fd: int, path: str | os.PathLike[str] | None = None) -> Header:
     """Read and validate the header of an open file (positioned reads; the offset is untouched)."""
-    file_size = os.fstat(fd).st_size
+    stamp = _stamp(fd)
+    file_size = stamp[2]
     prefix = os.pread(fd, 8, 0)
     size = header_size_from_prefix(prefix, file_size=file_size, path=path)
     raw = os.pread(fd, size, 8)
     if len(raw) != size:
         raise HeaderError(path, f"header of {size} bytes could only be read in part "
                                 f"({len(raw)} bytes; the file changed?)")
-    return parse_header(raw, file_size=file_size, path=path)
+    header = parse_header(raw, file_size=file_size, path=path)
+    object.__setattr__(header, "stamp", stamp)
+    return header
+
+
+def _stamp(fd: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_same_file(fd: int, header: Header, path: str | os.PathLike[str]) -> None:
+    """``header`` was read through another open of ``path``: the file open as ``fd`` must be
+    that same file, unchanged (a checkpoint replaced or rewritten in between would have its
+    bytes read at the old header's offsets: neither file's tensors, with no error)."""
+    if header.stamp is not None and _stamp(fd) != header.stamp:
+        raise HeaderError(path, "changed after its header was read (replaced or rewritten "
+                                "while loading); load it again once it is complete")
 
 
 def open_readonly(path: str | os.PathLike[str]) -> int:

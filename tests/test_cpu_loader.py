@@ -22,7 +22,8 @@ from builders import (
 
 import fastsafetensors
 import fastsafetensors.api
-from fastsafetensors import ReadError, TensorNotFoundError
+from fastsafetensors import HeaderError, ReadError, TensorNotFoundError
+from fastsafetensors.format import read_header
 from fastsafetensors.frameworks import get_framework
 from fastsafetensors.loader.cpu import close_job, load_host, open_job
 from fastsafetensors.loader.pagecache import resident_fraction, resident_map
@@ -312,3 +313,18 @@ def test_a_subset_far_apart_takes_buffers_of_its_own(tmp_path: Path, io: str) ->
     for tensor in got.values():
         assert tensor.untyped_storage().nbytes() < 1 << 20   # not the 16 MiB between
     assert STATS.bytes_read <= 2 * 2 * 4096   # the hole is not read either
+
+
+def test_a_file_replaced_between_header_and_data_is_refused(tmp_path: Path) -> None:
+    # load([a, b]) reads every header first, then each file's data through a new open: b
+    # replaced in between (same size, tensors swapped) gave neither file's tensors.
+    a = write_file(tmp_path / "a.safetensors", {"x": torch.full((256,), 1.0)})
+    b = write_file(tmp_path / "b.safetensors", {"p": torch.full((256,), 2.0),
+                                                "q": torch.full((256,), 3.0)})
+    header = read_header(b)
+    newer = write_file(tmp_path / "c.safetensors", {"p": torch.full((256,), 4.0),
+                                                    "q": torch.full((256,), 5.0)})
+    os.replace(newer, b)
+    with pytest.raises(HeaderError, match="changed after its header was read"):
+        open_job(b, None, header)
+    assert fastsafetensors.load([a, b])["p"][0] == 4.0   # read afresh: the new file, whole

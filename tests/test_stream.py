@@ -13,7 +13,7 @@ from fake_device import FakeSink, as_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
-from fastsafetensors.errors import ReadError, TensorNotFoundError
+from fastsafetensors.errors import HeaderError, ReadError, TensorNotFoundError
 from fastsafetensors.loader import threads as pool
 from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
@@ -172,17 +172,23 @@ def test_unknown_name_raises_and_cleans_up(checkpoint):
     assert _engine_threads_running() == []
 
 
-def test_truncated_file_raises_read_error_without_partial_result(tmp_path):
+def test_truncated_file_raises_read_error_without_partial_result(tmp_path, monkeypatch):
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.ones(4096), "b": torch.ones(4096)}, str(path))
     from fastsafetensors.format import read_header
+    from fastsafetensors.loader import stream
 
     header = read_header(path)  # validated while whole; the file then shrinks under us
     os.truncate(path, os.path.getsize(path) - 100)
     before = _fd_count()
+    options = StreamOptions(threads=2, staging_bytes=4 * 8192, io="buffered")
+    # Found when the file is opened again for its data,
+    with pytest.raises(HeaderError, match="changed after its header was read"):
+        list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
+    # or, shrinking after that open, by the reads.
+    monkeypatch.setattr(stream, "check_same_file", lambda fd, header, path: None)
     with pytest.raises(ReadError):
-        list(stream_tensors([(str(path), header, None)], FakeSink(delay=0),
-                            StreamOptions(threads=2, staging_bytes=4 * 8192, io="buffered")))
+        list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     assert _fd_count() == before
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config
-from ..format import Header, TensorInfo, open_readonly, read_header_fd
+from ..format import Header, TensorInfo, check_same_file, open_readonly, read_header_fd
 from ..frameworks import Framework
 from .pagecache import resident_map
 from .plan import Extent, Read, group_tensors, plan_extent, plan_reads
@@ -83,6 +83,8 @@ def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None,
     try:
         if header is None:
             header = read_header_fd(fd, path)
+        else:
+            check_same_file(fd, header, path)
         infos = None if tensors is None else header.select(tensors)
         return FileJob(os.fspath(path), header, infos, fd)
     except BaseException:

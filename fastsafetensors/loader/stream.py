@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..format import Header, TensorInfo, open_readonly, read_header_fd
+from ..format import Header, TensorInfo, check_same_file, open_readonly, read_header_fd
 from . import threads as pool
 from .cpu import IOPolicy
 from .pagecache import resident_map
@@ -419,6 +419,8 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
     try:
         if header is None:
             header = read_header_fd(fd, path)
+        else:
+            check_same_file(fd, header, path)
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
         resident, base = None, 0
