@@ -328,3 +328,31 @@ def test_a_file_replaced_between_header_and_data_is_refused(tmp_path: Path) -> N
     with pytest.raises(HeaderError, match="changed after its header was read"):
         open_job(b, None, header)
     assert fastsafetensors.load([a, b])["p"][0] == 4.0   # read afresh: the new file, whole
+
+
+def test_an_interrupted_load_stops_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    # Ctrl-C in the wait skipped the cancelling of queued reads, and leaving the thread pool
+    # then ran all of them: the whole file was read before the KeyboardInterrupt came out.
+    import time
+
+    import fastsafetensors.loader.cpu as cpu
+
+    path = write_file(tmp_path / "m.safetensors", {f"w{i}": torch.zeros(1 << 16)
+                                                   for i in range(64)})   # 16 MiB
+    reads = []
+    real_read = cpu._read_one
+
+    def slow_read(*args: Any) -> int:
+        reads.append(1)
+        time.sleep(0.01)
+        return real_read(*args)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpu, "_read_one", slow_read)
+    monkeypatch.setattr(cpu, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt), fastsafetensors.configure(chunk_bytes=1 << 16):
+        fastsafetensors.load_file(path, threads=2, io="buffered")
+    assert len(reads) < 64 // 2

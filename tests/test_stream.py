@@ -551,3 +551,59 @@ def test_a_source_that_fails_to_close_does_not_hang_the_load(checkpoint):
     with pytest.raises(OSError, match="would not shut down"):
         list(stream_tensors(Source(), FakeSink(delay=0),
                             StreamOptions(threads=2, staging_bytes=1 << 20)))
+
+
+def test_a_load_closed_on_its_own_thread_does_not_wait_for_itself(checkpoint):
+    # The garbage collector runs a generator's finally on whichever thread allocates: often one
+    # of the load's own threads, which then waited for itself for ever (holding its files).
+    box = {}
+    closed = threading.Event()
+    go_on = threading.Event()
+
+    class ClosingSink(FakeSink):
+        def alloc(self, info):   # on the planner thread
+            gen = box.pop("gen", None)
+            if gen is not None:
+                gen.close()
+                closed.set()
+            return super().alloc(info)
+
+    def sources():
+        yield (checkpoint[0], None, None)
+        go_on.wait(30)
+        yield (checkpoint[1], None, None)
+
+    before = _fd_count()
+    gen = stream_tensors(sources(), ClosingSink(delay=0),
+                         StreamOptions(threads=2, staging_bytes=6 * 8192))
+    next(gen)
+    box["gen"] = gen
+    del gen
+    go_on.set()
+    assert closed.wait(30), "the load's finally waited for its own thread"
+    deadline = time.monotonic() + 30
+    while (_fd_count() != before or _engine_threads_running()) and time.monotonic() < deadline:
+        time.sleep(0.05)   # the files are closed by a cleanup thread once the tasks end
+    assert _fd_count() == before and _engine_threads_running() == []
+
+
+def test_exit_with_a_load_left_suspended_does_not_hang(checkpoint, tmp_path):
+    # The pool's daemon threads are frozen at interpreter exit; a generator collected after
+    # that waited for them for ever.
+    import subprocess
+    import sys
+
+    script = tmp_path / "suspended.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from fake_device import FakeSink\n"
+        "from fastsafetensors.loader.stream import StreamOptions, stream_tensors\n"
+        f"it = stream_tensors([(p, None, None) for p in {checkpoint!r}], FakeSink(delay=0),\n"
+        "                    StreamOptions(threads=2, staging_bytes=6 * 8192,\n"
+        "                                  max_device_bytes=8192))\n"
+        "next(it)\n"
+        "print('suspended')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "suspended" in done.stdout, done.stderr

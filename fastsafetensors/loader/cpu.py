@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -193,8 +193,16 @@ def _run(work: list[tuple[FileJob, Read, memoryview, bool]], threads: int) -> in
         return sum(_read_one(*w) for w in work)
     with ThreadPoolExecutor(max_workers=min(threads, len(work)),
                             thread_name_prefix="fastsafetensors-read") as pool:
-        futures = [pool.submit(_read_one, *w) for w in work]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        futures: list[Future[int]] = []
+        try:
+            futures.extend(pool.submit(_read_one, *w) for w in work)
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            # Ctrl-C: leaving the with-block would otherwise run every queued read first
+            # (the whole file, on a cold disk many seconds).
+            for future in futures:
+                future.cancel()
+            raise
         for future in pending:
             future.cancel()
         # Leaving the with-block waits for reads already running, so no thread writes into a

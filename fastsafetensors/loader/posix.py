@@ -89,7 +89,12 @@ def open_direct(fd: int, path: str) -> int | None:
 
 
 def close_fds(*fds: int | None) -> None:
-    """Close each open descriptor; None and negative values (already closed) are skipped."""
-    for fd in fds:
-        if fd is not None and fd >= 0:
-            os.close(fd)
+    """Close each open descriptor; None and negative values (already closed) are skipped. The
+    rest are closed even when one close is interrupted (Ctrl-C between two of them)."""
+    if not fds:
+        return
+    try:
+        if fds[0] is not None and fds[0] >= 0:
+            os.close(fds[0])
+    finally:
+        close_fds(*fds[1:])

@@ -25,10 +25,12 @@ import logging
 import mmap
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, check_same_file, open_readonly, read_header_fd
@@ -249,6 +251,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     policy = IOPolicy(options.io)
     completion = _Completion()
     in_source = threading.Event()
+    idents: set[int] = set()   # threads that ran this load's tasks
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -256,6 +259,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         ready.put(exc)
 
     def plan() -> None:
+        idents.add(threading.get_ident())
         it = iter(sources)
         try:
             sink.enter_thread()
@@ -294,6 +298,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         pending: list[Any] = [None, None]
         turn = 0
         stream = None
+        idents.add(threading.get_ident())
         try:
             # Inside the try: a worker that dies without fail() (pinned memory exhausted, a
             # CUDA error) would leave the consumer waiting forever for its tensors.
@@ -346,6 +351,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     started = time.perf_counter()
     finished: list[threading.Event] = []
     count = 0
+    tracked = pool.track(cancelled, finished)
     try:
         # Started inside the try: if a thread cannot start, the cleanup below still stops
         # the ones that did and closes their files.
@@ -380,18 +386,38 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
         # ones: per-tensor reads to a device run one load per tensor).
         _wake(work, options.threads)
-        for i, done in enumerate(finished):
-            # The planner is waited for unless it is blocked in its source (see plan()).
-            while not done.wait(0.05):
-                if i == 0 and in_source.is_set():
-                    break
-        for f in list(files):
-            _close(f)
+        end = partial(_end, finished, in_source, files)
+        try:
+            if sys.is_finalizing() or threading.get_ident() in idents:
+                # Collected at interpreter exit (the pool's daemon threads are frozen then),
+                # or by the garbage collector on one of this load's own threads: waiting here
+                # would wait for ever.
+                pool.in_background(end)
+            else:
+                try:
+                    end()
+                except BaseException:
+                    pool.in_background(end)   # interrupted again: the files still get closed
+                    raise
+        finally:
+            pool.untrack(tracked)
         seconds = time.perf_counter() - started
         logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
                     "threads, io=%s, %d of %d chunks direct", count, stats["bytes"] / 1e6,
                     len(files), seconds, stats["bytes"] / 1e9 / max(seconds, 1e-9),
                     options.threads, options.io, stats["direct"], stats["chunks"])
+
+
+def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File]
+         ) -> None:
+    """Wait for a cancelled load's threads (not for a planner blocked in its source, see
+    plan()), then close its files."""
+    for i, done in enumerate(finished):
+        while not done.wait(0.05):
+            if i == 0 and in_source.is_set():
+                break
+    for f in list(files):
+        _close(f)
 
 
 def _drain(work: queue.Queue[Any]) -> None:

@@ -11,13 +11,16 @@ could deadlock.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
+import sys
 import threading
+import time
 from collections.abc import Callable
 
-__all__ = ["start", "busy", "started", "IDLE_SECONDS"]
+__all__ = ["start", "busy", "started", "track", "untrack", "in_background", "IDLE_SECONDS"]
 
 #: How long an idle thread waits for another task before it ends.
 IDLE_SECONDS = 10.0
@@ -26,7 +29,11 @@ IDLE_NAME = "fastsafetensors-idle"
 
 logger = logging.getLogger(__name__)
 
+#: At interpreter exit, how long running loads get to stop before daemon threads are frozen.
+EXIT_SECONDS = 2.0
+
 _lock = threading.Lock()
+_running: dict[int, tuple[threading.Event, list[threading.Event]]] = {}
 _tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 _idle = 0        # threads waiting in _tasks.get(), each owed at most one task
 _busy = 0        # threads running a task
@@ -72,6 +79,45 @@ def start(task: Callable[[], None], name: str) -> threading.Event:
     return done
 
 
+def track(cancelled: threading.Event, finished: list[threading.Event]) -> int:
+    """Register a running load: at interpreter exit it is cancelled, and its tasks (``finished``
+    lists their events) get a moment to end while they still can."""
+    with _lock:
+        _running[id(cancelled)] = (cancelled, finished)
+    return id(cancelled)
+
+
+def untrack(key: int) -> None:
+    with _lock:
+        _running.pop(key, None)
+
+
+@atexit.register
+def _stop_running_loads() -> None:
+    # Runs before daemon threads are frozen: a load left suspended (a generator never closed)
+    # would otherwise be collected after, its threads frozen mid-read or mid-copy.
+    with _lock:
+        loads = list(_running.values())
+    for cancelled, _ in loads:
+        cancelled.set()
+    deadline = time.monotonic() + EXIT_SECONDS
+    for _, finished in loads:
+        for done in list(finished):
+            done.wait(max(0.0, deadline - time.monotonic()))
+
+
+def in_background(task: Callable[[], None]) -> None:
+    """Run ``task`` on a thread of its own, not waited for; at interpreter exit not at all (a
+    thread started then never runs, and Python 3.11 waits for it for ever): the process ends
+    what it would have ended."""
+    if sys.is_finalizing():
+        return
+    try:
+        threading.Thread(target=task, name="fastsafetensors-cleanup", daemon=True).start()
+    except RuntimeError:   # "can't create new thread at interpreter shutdown" (3.12+)
+        pass
+
+
 def busy() -> int:
     """Threads running a task now (tests check that a finished load leaves none)."""
     with _lock:
@@ -115,11 +161,12 @@ def _next() -> Callable[[], None] | None:
 
 def _after_fork() -> None:
     # A forked child has none of the parent's threads: counted as idle, they would be handed
-    # tasks that nobody runs.
-    global _lock, _tasks, _idle, _busy
+    # tasks that nobody runs (and the parent's loads do not run here).
+    global _lock, _tasks, _idle, _busy, _running
     _lock = threading.Lock()
     _tasks = queue.SimpleQueue()
     _idle = _busy = 0
+    _running = {}
 
 
 if hasattr(os, "register_at_fork"):
