@@ -400,7 +400,11 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
         try:
             info = api.model_info(repo_id, revision=revision, token=token,
                                   timeout=constants.HF_HUB_ETAG_TIMEOUT)
-            commit = str(info.sha)
+            commit = str(info.sha or "")
+            if not _COMMIT.fullmatch(commit):
+                raise CheckpointNotFoundError(f"{repo_id}@{revision or 'main'}",
+                                              f"the Hub's model info gave no commit "
+                                              f"({info.sha!r}); pass revision=<commit sha>")
             _remember(storage, revision or constants.DEFAULT_REVISION, commit)
             return commit, _listing(api, info, repo_id, subfolder, commit, token), why
         except HfHubHTTPError as exc:
