@@ -6,7 +6,8 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
 (``except SafetensorError``) catches ours too::
 
     FastSafetensorsError(safetensors.SafetensorError)
-    ├── HeaderError(ValueError)                 the file breaks the safetensors format
+    ├── HeaderError(ValueError)                 the file breaks the safetensors format, or
+    │                                           changed after its header was read
     │   └── CheckpointIndexError                a sharded index or weight map is unsafe or wrong
     │                                           (.path: the index, .shard: the shard)
     ├── TensorNotFoundError(KeyError)           no tensor of that name (close matches listed)
@@ -124,7 +125,7 @@ class TensorNotFoundError(FastSafetensorsError, KeyError):
         where = os.path.basename(self.path) if self.path else "the checkpoint"
         close = difflib.get_close_matches(name, self.available, n=5, cutoff=0.6)
         hint = (f"; close matches: {', '.join(repr(c) for c in close)}" if close
-                else "; list the names with get_tensors() or keys()")
+                else "; list the names with keys()")
         self.message = f"{name!r} is not in {where} ({len(self.available)} tensors){hint}"
         super().__init__(self.message)
 

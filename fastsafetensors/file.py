@@ -3,8 +3,9 @@
 Opening reads only the header. ``get_tensors()`` is metadata; ``fsf[name]`` reads exactly that
 tensor's bytes with positioned reads (no mmap, no whole-file buffer); ``get_slice(name)[a:b]``
 reads only rows ``a`` to ``b``. The handle is safe to share between threads: reads are
-positioned (no shared file offset), and ``close()`` waits for reads in flight before it closes
-the descriptor.
+positioned (no shared file offset), and ``close()`` waits for reads in flight; the descriptors
+close then, or, while slices taken earlier are alive (they keep working, as safetensors' do),
+when the last of them is collected.
 """
 
 from __future__ import annotations

@@ -5,11 +5,13 @@ A source is a ``.safetensors`` file, an index ``.json``, a folder (``model.safet
 ``subfolder`` such as diffusers' ``unet/``) or a Hub repo id with a branch, tag or commit.
 
 For the Hub everything goes through ``huggingface_hub`` (its cache, token, offline mode and fast
-transfer backends): the revision is pinned to a commit once, the folder is listed, the index is
-fetched, then only the shards that hold the requested tensors. :func:`stream` hands out each
-shard as soon as it is on disk while the next ones download (``max_downloads`` at a time), so
-loading overlaps the download. Offline (``local_files_only=True`` or ``HF_HUB_OFFLINE=1``) the
-cached snapshot is read as a local folder and nothing touches the network.
+transfer backends): one model-info request (with huggingface_hub's metadata timeout) pins the
+revision to a commit and lists the folder, then the index is fetched, then only the shards that
+hold the requested tensors. :func:`stream` hands out each shard as soon as it is on disk while
+the next ones download (``max_downloads`` at a time), so loading overlaps the download. Offline
+(``local_files_only=True`` or ``HF_HUB_OFFLINE=1``) the cached snapshot is read as a local
+folder and nothing touches the network; so it is, with a warning, when the Hub cannot be
+reached (no connection, no answer in time, a 5xx).
 
 >>> ckpt = fastsafetensors.resolve("org/model", revision="v1.0")      # doctest: +SKIP
 >>> print(fastsafetensors.inspect("org/model"))  # headers only       # doctest: +SKIP

@@ -132,7 +132,8 @@ def _expand_ellipsis(shape: tuple[int, ...], index: Any) -> tuple[Any, ...]:
 
 def rows_for_index(shape: tuple[int, ...], index: Any) -> tuple[int, int, tuple[Any, ...]]:
     """Which rows (first-dim entries) ``index`` touches, and the index rewritten relative to
-    the first row read. Raises IndexError like the frameworks do."""
+    the first row read. Raises IndexError like the frameworks do (ValueError for a slice step
+    below 1, as torch)."""
     index = _expand_ellipsis(shape, index)
     if not shape:
         return 0, 1, ()
@@ -235,7 +236,8 @@ def plan_index(shape: tuple[int, ...], itemsize: int,
 
 def _normalize_index(shape: tuple[int, ...],
                      index: Any) -> list[tuple[int, int, int, bool]]:
-    """Per dimension ``(start, count, step, is_int)``; raises IndexError like the frameworks."""
+    """Per dimension ``(start, count, step, is_int)``; raises IndexError like the frameworks
+    (ValueError for a slice step below 1, as torch)."""
     index = _expand_ellipsis(shape, index)
     index = index + (slice(None),) * (len(shape) - len(index))
     out = []

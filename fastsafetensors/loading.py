@@ -2,7 +2,8 @@
 
 A source is a ``.safetensors`` file, a list of files, a folder, a Hub repo id or a resolved
 :class:`~fastsafetensors.hub.Checkpoint`. The target picks the engine: host memory goes through
-the threaded CPU loader (one buffer per file, tensors are views), a CUDA device through the
+the threaded CPU loader (one buffer per file, or per group of nearby tensors for a subset;
+tensors are views), a CUDA device through the
 streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
 """
 

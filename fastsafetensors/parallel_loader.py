@@ -331,7 +331,7 @@ class ParallelLoader:
         device = self.loader.device
         if device == "cpu" and (self._budget is not None or names is not None):
             # Whole-file reads hand out views of one buffer per file, so a kept tensor would
-            # keep its whole file (or the span of the kept tensors) in memory: more than a
+            # keep its whole file (or its group of nearby tensors) in memory: more than a
             # budget counts, or than a filter keeps. Here each tensor gets memory of its own.
             stream = self._owned_host_tensors(kept)
         else:

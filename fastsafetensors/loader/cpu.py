@@ -1,5 +1,6 @@
-"""Whole files into host memory: a thread pool reads a plan straight into one buffer per file,
-then tensors are views of that buffer (copies only for tensors whose offset is misaligned).
+"""Whole files into host memory: a thread pool reads a plan straight into one buffer per file
+(for a subset of tensors, one per group of nearby tensors, gaps up to 1 MiB), then tensors are
+views of those buffers (copies only for tensors whose offset is misaligned).
 
 Reads go straight into the memory the returned tensors use: no staging and no second copy. The
 page faults of that fresh memory are taken by the reader threads in parallel, which on virtual

@@ -3,8 +3,8 @@
 A plan turns the tensors wanted from each file into a few large positioned reads. Neighbouring
 tensors are merged (a small gap costs less to read than a second request), long ranges are cut
 into chunks so several threads can work on one file, and with O_DIRECT every read is widened to
-block boundaries. Each read names where its bytes land in the file's destination buffer, which
-mirrors the file from ``Extent.base``.
+block boundaries. Each read names where its bytes land in its destination buffer (the file's, or
+its group of nearby tensors'), which mirrors the file from ``Extent.base``.
 """
 
 from __future__ import annotations
