@@ -23,7 +23,7 @@ from .lazy_tensor_factory import LazyTensor, is_basic_index, plan_index, row_byt
 from .loader.cpu import IOPolicy
 from .loader.pagecache import resident_map
 from .loader.plan import split_range
-from .loader.posix import DIRECT_ALIGN, open_direct, pread_into
+from .loader.posix import DIRECT_ALIGN, open_direct, pread_into, pread_runs
 
 __all__ = ["FastSafetensorsFile"]
 
@@ -211,10 +211,7 @@ class FastSafetensorsFile:
         buffer, view = self._framework.alloc(total)
         base = self._header.data_start + begin
         with self._in_use() as fd:
-            at = 0
-            for offset, length in runs:
-                pread_into(fd, view[at:at + length], base + offset, path=self._path)
-                at += length
+            pread_runs(fd, view, runs, base, path=self._path)
         with self._lock:
             self.bytes_read += total
         return buffer

@@ -7,6 +7,7 @@ safetensors-written files, value for value and byte for byte.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,19 @@ def test_negative_steps_raise_what_torch_raises(tmp_path: Path, index: Any) -> N
     with FastSafetensorsFile(tmp_path / "w.safetensors") as fsf:
         with pytest.raises(ValueError, match="step must be greater than zero"):
             fsf.get_slice("w")[index]
+
+
+def test_column_runs_past_a_shrunk_file_raise_read_error(tmp_path: Path) -> None:
+    from fastsafetensors import ReadError
+    from fastsafetensors.loader.posix import STATS
+
+    path = tmp_path / "w.safetensors"
+    whole = torch.arange(64 * 256, dtype=torch.float32).reshape(64, 256)
+    save_file({"w": whole}, str(path))
+    with FastSafetensorsFile(path) as fsf:
+        STATS.reset()
+        assert torch.equal(fsf.get_slice("w")[:, 200:216], whole[:, 200:216])
+        assert STATS.snapshot()[:2] == (64 * 16 * 4, 64)   # one read per row, its bytes only
+        os.truncate(path, os.path.getsize(path) - 10 * 1024 - 100)   # the last rows are gone
+        with pytest.raises(ReadError):
+            fsf.get_slice("w")[:, 200:216]
