@@ -135,8 +135,12 @@ class FastSafetensorsFile:
             # from its thread pool, and each read takes staging of its own. The header is the
             # one this file holds (not read and parsed again per tensor).
             staging = min(config.get("staging_bytes"), 1 << (info.nbytes - 1).bit_length())
-            with self._in_use():
-                ((_, tensor),) = device_stream([(self._path, self._header, [name])], target,
+            with self._in_use() as fd:
+                # The engine opens what it reads; through /proc it opens this handle's file,
+                # even if the path names another one by now.
+                proc = f"/proc/self/fd/{fd}"
+                source = proc if os.path.exists(proc) else self._path
+                ((_, tensor),) = device_stream([(source, self._header, [name])], target,
                                                staging_bytes=staging)
             with self._lock:
                 self.bytes_read += info.nbytes

@@ -312,13 +312,24 @@ def _stamp(fd: int) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def check_same_file(fd: int, header: Header, path: str | os.PathLike[str]) -> None:
-    """``header`` was read through another open of ``path``: the file open as ``fd`` must be
-    that same file, unchanged (a checkpoint replaced or rewritten in between would have its
-    bytes read at the old header's offsets: neither file's tensors, with no error)."""
-    if header.stamp is not None and _stamp(fd) != header.stamp:
+def check_same_file(fd: int, header: Header, path: str | os.PathLike[str]) -> Header:
+    """The header to read the file open as ``fd`` with: ``header``, read earlier through
+    another open of ``path``, if the file is that same one, unchanged; else its header read
+    again, if that is the same (a file touched, or saved again with the same layout). A header
+    that differs is a HeaderError: the bytes would be read at the old offsets (neither file's
+    tensors, with no error)."""
+    if header.stamp is None or _stamp(fd) == header.stamp:
+        return header
+    try:
+        fresh: Header | None = read_header_fd(fd, path)
+    except HeaderError:
+        fresh = None   # not even a valid file now (cut short, half written)
+    if fresh is None or (fresh.header_size, fresh.file_size, fresh.tensors, fresh.metadata) != (
+            header.header_size, header.file_size, header.tensors, header.metadata):
         raise HeaderError(path, "changed after its header was read (replaced or rewritten "
-                                "while loading); load it again once it is complete")
+                                "while loading); read its header again (for a Checkpoint: "
+                                "resolve() again) once the file is complete")
+    return fresh
 
 
 def open_readonly(path: str | os.PathLike[str]) -> int:

@@ -322,12 +322,23 @@ def test_a_file_replaced_between_header_and_data_is_refused(tmp_path: Path) -> N
     b = write_file(tmp_path / "b.safetensors", {"p": torch.full((256,), 2.0),
                                                 "q": torch.full((256,), 3.0)})
     header = read_header(b)
-    newer = write_file(tmp_path / "c.safetensors", {"p": torch.full((256,), 4.0),
-                                                    "q": torch.full((256,), 5.0)})
-    os.replace(newer, b)
+    swapped = write_file(tmp_path / "c.safetensors", {"p": torch.ones(128, 2),
+                                                      "q": torch.full((256,), 5.0)})
+    os.replace(swapped, b)
     with pytest.raises(HeaderError, match="changed after its header was read"):
         open_job(b, None, header)
-    assert fastsafetensors.load([a, b])["p"][0] == 4.0   # read afresh: the new file, whole
+    assert fastsafetensors.load([a, b])["q"][0] == 5.0   # read afresh: the new file, whole
+
+
+def test_a_file_touched_or_saved_again_alike_still_loads(tmp_path: Path) -> None:
+    # A Checkpoint keeps its headers: a file merely touched, or saved again with the same
+    # layout, must not make every later load of it fail.
+    path = write_file(tmp_path / "b.safetensors", {"p": torch.full((256,), 2.0)})
+    ckpt = fastsafetensors.resolve(path)
+    os.utime(path)
+    assert fastsafetensors.load(ckpt)["p"][0] == 2.0
+    write_file(tmp_path / "b.safetensors", {"p": torch.full((256,), 7.0)})
+    assert fastsafetensors.load(ckpt)["p"][0] == 7.0
 
 
 def test_an_interrupted_load_stops_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -647,7 +647,10 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
     asked: list[dict[str, Any]] = []
 
     def fake_device_stream(files: Any, device: str, **kwargs: Any) -> Any:
-        asked.append({"files": files, "device": device, **kwargs})
+        # the engine is given this handle's open file (through /proc), not the path again
+        source, header, names = files[0]
+        asked.append({"opens": os.path.realpath(source), "header": header, "names": names,
+                      "device": device, **kwargs})
         yield "w", torch.zeros(16, dtype=torch.uint8)
 
     monkeypatch.setattr(file_module, "resolve_device", lambda device, framework, **_: "cuda:0")
@@ -658,7 +661,8 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
         monkeypatch.setattr(fsf, "_info", lambda name: large)
         fsf.get_tensor("w", device="cuda:0")
         # the header this file holds, not one read again for the tensor
-        assert asked[0]["files"] == [(str(path), fsf.header, ["w"])]
+        assert asked[0]["header"] is fsf.header and asked[0]["names"] == ["w"]
+        assert asked[0]["opens"] == os.path.realpath(path)
     assert asked[0]["device"] == "cuda:0" and asked[0]["staging_bytes"] == staging
 
 

@@ -186,7 +186,7 @@ def test_truncated_file_raises_read_error_without_partial_result(tmp_path, monke
     with pytest.raises(HeaderError, match="changed after its header was read"):
         list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     # or, shrinking after that open, by the reads.
-    monkeypatch.setattr(stream, "check_same_file", lambda fd, header, path: None)
+    monkeypatch.setattr(stream, "check_same_file", lambda fd, header, path: header)
     with pytest.raises(ReadError):
         list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     assert _fd_count() == before
@@ -607,3 +607,55 @@ def test_exit_with_a_load_left_suspended_does_not_hang(checkpoint, tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "suspended" in done.stdout, done.stderr
+
+
+def test_an_interrupted_close_is_not_repeated(checkpoint, monkeypatch):
+    # A second Ctrl-C right after a file's descriptors were closed left their numbers in place;
+    # the cleanup retried and closed them again, by then another file's.
+    from fastsafetensors.loader import stream
+    from fastsafetensors.loader.cpu import IOPolicy
+
+    f = stream._open(checkpoint[0], None, IOPolicy("buffered"), None)
+    closed = []
+
+    def interrupted(*fds):
+        closed.extend(fd for fd in fds if fd is not None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream, "close_fds", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stream._close(f)
+    monkeypatch.setattr(stream, "close_fds", lambda *fds: closed.extend(
+        fd for fd in fds if fd is not None and fd >= 0))
+    stream._close(f)   # the retry
+    assert len(closed) == 1 and f.fd == -1   # asked once, never again
+    os.close(closed[0])
+
+
+def test_a_forked_child_can_close_a_load_it_inherited(checkpoint):
+    # The child has none of the parent's threads: closing (or collecting) an inherited load
+    # waited for them for ever.
+    import signal
+
+    gen = stream_tensors([(p, None, None) for p in checkpoint], FakeSink(delay=0),
+                         StreamOptions(threads=2, staging_bytes=6 * 8192, max_device_bytes=8192))
+    next(gen)
+    child = os.fork()
+    if child == 0:   # pragma: no cover - the child's result is its exit status
+        signal.alarm(30)
+        try:
+            gen.close()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        pytest.fail("the child hung closing the inherited load")
+    gen.close()
+    assert os.waitstatus_to_exitcode(status) == 0

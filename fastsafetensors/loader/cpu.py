@@ -85,7 +85,7 @@ def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None,
         if header is None:
             header = read_header_fd(fd, path)
         else:
-            check_same_file(fd, header, path)
+            header = check_same_file(fd, header, path)
         infos = None if tensors is None else header.select(tensors)
         return FileJob(os.fspath(path), header, infos, fd)
     except BaseException:
@@ -94,8 +94,9 @@ def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None,
 
 
 def close_job(job: FileJob) -> None:
-    close_fds(job.fd, job.direct_fd)
-    job.fd, job.direct_fd = -1, None
+    fds = job.fd, job.direct_fd
+    job.fd, job.direct_fd = -1, None   # first: an interrupted close is not closed twice
+    close_fds(*fds)
 
 
 def tensors_from_buffer(framework: Framework, buffer: Any, job: FileJob) -> dict[str, Any]:

@@ -252,6 +252,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     completion = _Completion()
     in_source = threading.Event()
     idents: set[int] = set()   # threads that ran this load's tasks
+    pid = os.getpid()
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -388,7 +389,11 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         _wake(work, options.threads)
         end = partial(_end, finished, in_source, files)
         try:
-            if sys.is_finalizing() or threading.get_ident() in idents:
+            if os.getpid() != pid:
+                # Collected in a forked child: the parent's threads are not here to wait for.
+                for f in list(files):
+                    _close(f)
+            elif sys.is_finalizing() or threading.get_ident() in idents:
                 # Collected at interpreter exit (the pool's daemon threads are frozen then),
                 # or by the garbage collector on one of this load's own threads: waiting here
                 # would wait for ever.
@@ -446,7 +451,7 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
         if header is None:
             header = read_header_fd(fd, path)
         else:
-            check_same_file(fd, header, path)
+            header = check_same_file(fd, header, path)
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
         resident, base = None, 0
@@ -471,9 +476,12 @@ def _close(f: _File) -> None:
 
 
 def _shut(f: _File) -> None:
-    """Close the file's descriptors (the caller holds ``f.lock``); idempotent."""
-    close_fds(f.fd, f.direct_fd)
+    """Close the file's descriptors (the caller holds ``f.lock``); idempotent, even when a
+    close is interrupted (the fields are cleared first: a retry must not close numbers that
+    another file may have been given since)."""
+    fds = f.fd, f.direct_fd
     f.fd, f.direct_fd = -1, None
+    close_fds(*fds)
 
 
 def _file_done(f: _File, *, planned: bool = False) -> None:

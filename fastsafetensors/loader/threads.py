@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 EXIT_SECONDS = 2.0
 
 _lock = threading.Lock()
+# Loads running, for the exit handler. A lock of their own, reentrant: the garbage collector can
+# finalize an abandoned load (which untracks itself) inside any allocation, this lock held.
+_running_lock = threading.RLock()
 _running: dict[int, tuple[threading.Event, list[threading.Event]]] = {}
 _tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 _idle = 0        # threads waiting in _tasks.get(), each owed at most one task
@@ -82,13 +85,14 @@ def start(task: Callable[[], None], name: str) -> threading.Event:
 def track(cancelled: threading.Event, finished: list[threading.Event]) -> int:
     """Register a running load: at interpreter exit it is cancelled, and its tasks (``finished``
     lists their events) get a moment to end while they still can."""
-    with _lock:
-        _running[id(cancelled)] = (cancelled, finished)
+    entry = (cancelled, finished)
+    with _running_lock:
+        _running[id(cancelled)] = entry
     return id(cancelled)
 
 
 def untrack(key: int) -> None:
-    with _lock:
+    with _running_lock:
         _running.pop(key, None)
 
 
@@ -96,7 +100,7 @@ def untrack(key: int) -> None:
 def _stop_running_loads() -> None:
     # Runs before daemon threads are frozen: a load left suspended (a generator never closed)
     # would otherwise be collected after, its threads frozen mid-read or mid-copy.
-    with _lock:
+    with _running_lock:
         loads = list(_running.values())
     for cancelled, _ in loads:
         cancelled.set()
@@ -162,8 +166,9 @@ def _next() -> Callable[[], None] | None:
 def _after_fork() -> None:
     # A forked child has none of the parent's threads: counted as idle, they would be handed
     # tasks that nobody runs (and the parent's loads do not run here).
-    global _lock, _tasks, _idle, _busy, _running
+    global _lock, _tasks, _idle, _busy, _running, _running_lock
     _lock = threading.Lock()
+    _running_lock = threading.RLock()
     _tasks = queue.SimpleQueue()
     _idle = _busy = 0
     _running = {}
