@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 #: At interpreter exit, how long running loads get to stop before daemon threads are frozen.
 EXIT_SECONDS = 2.0
 
+# Held only for a few integer updates and queue operations, never around anything that makes
+# a container or exception object: such an allocation can start a garbage collection, which can
+# finalize an abandoned load, whose cleanup waits for tasks that need this lock to finish.
 _lock = threading.Lock()
 # Loads running, for the exit handler. A lock of their own, reentrant: the garbage collector can
 # finalize an abandoned load (which untracks itself) inside any allocation, this lock held.
@@ -155,12 +158,11 @@ def _next() -> Callable[[], None] | None:
         pass
     with _lock:
         # A task handed to an idle thread is put while the lock is held, so any task counted
-        # on this thread is in the queue by now.
-        try:
+        # on this thread is in the queue by now. (No exception here: see _lock.)
+        if not _tasks.empty():
             return _tasks.get_nowait()
-        except queue.Empty:
-            _idle -= 1
-            return None
+        _idle -= 1
+        return None
 
 
 def _after_fork() -> None:
