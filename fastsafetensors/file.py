@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import config
-from .errors import ClosedFileError, ReadError, TensorNotFoundError
+from .errors import ClosedFileError, HeaderError, ReadError, TensorNotFoundError
 from .format import DTYPES, Header, TensorInfo, open_readonly, read_header_fd
 from .frameworks import get_framework, resolve_device
 from .lazy_tensor_factory import LazyTensor, is_basic_index, plan_index, row_bytes, rows_for_index
@@ -140,8 +140,15 @@ class FastSafetensorsFile:
                 # even if the path names another one by now.
                 proc = f"/proc/self/fd/{fd}"
                 source = proc if os.path.exists(proc) else self._path
-                ((_, tensor),) = device_stream([(source, self._header, [name])], target,
-                                               staging_bytes=staging)
+                try:
+                    ((_, tensor),) = device_stream([(source, self._header, [name])], target,
+                                                   staging_bytes=staging)
+                except (ReadError, HeaderError) as exc:
+                    if getattr(exc, "path", None) != source or source == self._path:
+                        raise
+                    # Named by the file, not by the /proc link it was read through.
+                    fields = {f: getattr(exc, f) for f in type(exc)._fields}
+                    raise type(exc)(**{**fields, "path": self._path}) from None
             with self._lock:
                 self.bytes_read += info.nbytes
             return self._framework.convert(tensor, device=None, dtype=dtype)

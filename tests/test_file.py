@@ -827,3 +827,25 @@ def test_direct_reads_come_from_the_file_opened(tmp_path: Path, replacement: str
         with fastsafetensors.configure(io="direct"):
             assert torch.equal(fsf["w"], torch.full((1 << 19,), 1.0))
             assert torch.equal(fsf.get_slice("w")[: 1 << 18], torch.full((1 << 18,), 1.0))
+
+
+def test_a_large_device_read_names_the_file_in_its_errors(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine reads a handle's file through /proc/self/fd/N; its errors named that link
+    # ("3: changed after its header was read") instead of the file.
+    import fastsafetensors.file as file_module
+    import fastsafetensors.loader.cuda as cuda_module
+    from fake_device import FakeSink
+
+    from fastsafetensors import HeaderError, ReadError
+
+    monkeypatch.setattr(file_module, "resolve_device", lambda device, framework, **_: "cuda:0")
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, **_: FakeSink(delay=0))
+    monkeypatch.setattr(file_module, "DEVICE_STREAM_BYTES", 0)
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.ones(1 << 16)})
+    with FastSafetensorsFile(path) as fsf, fastsafetensors.configure(backend="posix"):
+        assert torch.equal(fsf.get_tensor("w", device="cuda:0"), torch.ones(1 << 16))
+        os.truncate(path, 4096)
+        with pytest.raises((ReadError, HeaderError)) as info:
+            fsf.get_tensor("w", device="cuda:0")
+    assert info.value.path == str(path) and str(info.value).startswith("m.safetensors")

@@ -142,3 +142,29 @@ def test_a_thread_that_cannot_start_is_not_counted_busy(monkeypatch: pytest.Monk
     busy.set()
     for done in held:
         done.wait()
+
+
+def test_an_idle_thread_that_loses_a_task_to_another_stays_counted_right(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A thread whose wait timed out saw a task, but another idle thread (they take without the
+    # lock) got it first: the thread died on queue.Empty still counted idle, and a later task
+    # handed to it was never run.
+    import queue
+
+    class Raced:
+        taken = False
+
+        def get(self, timeout: float) -> None:
+            raise queue.Empty
+
+        def empty(self) -> bool:
+            return self.taken
+
+        def get_nowait(self) -> None:
+            self.taken = True   # the other thread took it between the look and the take
+            raise queue.Empty
+
+    monkeypatch.setattr(pool, "_tasks", Raced())
+    monkeypatch.setattr(pool, "_idle", 1)
+    assert pool._next() is None
+    assert pool._idle == 0

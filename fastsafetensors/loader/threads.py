@@ -156,13 +156,17 @@ def _next() -> Callable[[], None] | None:
         return _tasks.get(timeout=IDLE_SECONDS)
     except queue.Empty:
         pass
-    with _lock:
-        # A task handed to an idle thread is put while the lock is held, so any task counted
-        # on this thread is in the queue by now. (No exception here: see _lock.)
-        if not _tasks.empty():
+    while True:
+        with _lock:
+            # A task handed to an idle thread is put while the lock is held, so any task
+            # counted on this thread is in the queue by now. (No exception here: see _lock.)
+            if _tasks.empty():
+                _idle -= 1
+                return None
+        try:
             return _tasks.get_nowait()
-        _idle -= 1
-        return None
+        except queue.Empty:
+            continue   # another idle thread took it (they take without the lock): look again
 
 
 def _after_fork() -> None:
