@@ -659,3 +659,56 @@ def test_a_forked_child_can_close_a_load_it_inherited(checkpoint):
         pytest.fail("the child hung closing the inherited load")
     gen.close()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_load_collected_under_a_lock_its_threads_need_does_not_wait(checkpoint):
+    # The garbage collector finalizes an abandoned load on whatever thread allocates, inside
+    # whatever lock it holds (concurrent.futures' global lock, in submit()): waiting there for
+    # threads that need that lock to finish waited for ever.
+    import gc
+
+    shared = threading.Lock()
+
+    class LockingSink(FakeSink):
+        def record(self, stream):
+            with shared:
+                return super().record(stream)
+
+    before = _fd_count()
+    # (a budget keeps the load running, its threads alive, while it is abandoned)
+    gen = stream_tensors([(p, None, None) for p in checkpoint], LockingSink(delay=0.001),
+                         StreamOptions(threads=2, staging_bytes=6 * 8192, max_device_bytes=8192))
+    next(gen)
+    box = [gen]
+    box.append(box)   # dropped into a reference cycle: only the collector ends it
+    del gen, box
+    collected = threading.Event()
+
+    def collect():
+        with shared:
+            gc.collect()
+        collected.set()
+
+    threading.Thread(target=collect, daemon=True).start()
+    assert collected.wait(30), "the collected load waited for threads that need the lock"
+    deadline = time.monotonic() + 30
+    while (_fd_count() != before or _engine_threads_running()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _fd_count() == before and _engine_threads_running() == []
+
+
+def test_a_stopped_load_allocates_nothing_more(tmp_path):
+    # The planner waiting for budget went on to allocate one more tensor once the consumer
+    # stopped: past max_device_bytes, for nothing.
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": torch.full((256, 1024), float(i)) for i in range(4)}, str(path))  # 1 MiB
+    sink = FakeSink(delay=0)
+    gen = stream_tensors([(str(path), None, None)], sink,
+                         StreamOptions(threads=1, staging_bytes=1 << 20, max_device_bytes=1 << 20))
+    next(gen)
+    deadline = time.monotonic() + 5
+    while sink.allocations < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)   # the planner is waiting for budget for the second tensor
+    gen.close()
+    assert sink.allocations == 1 and sink.peak_outstanding <= 1 << 20

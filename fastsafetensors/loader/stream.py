@@ -183,15 +183,20 @@ class _Budget:
         with self.cond:
             return self.used > 0 and self.used + nbytes > self.limit
 
-    def acquire(self, nbytes: int) -> None:
+    def acquire(self, nbytes: int) -> bool:
+        """Count ``nbytes`` once they fit; False (nothing counted) when the load stopped while
+        waiting: the tensor must not be allocated past the budget then."""
         if self.limit is None:   # nothing to hold to: no lock per tensor
-            return
+            return True
         with self.cond:
             # A tensor larger than the whole budget still goes when nothing else is held.
             while (self.limit is not None and self.used > 0 and self.used + nbytes > self.limit
                    and not self.cancelled.is_set()):
                 self.cond.wait(0.1)
+            if self.cancelled.is_set():
+                return False
             self.used += nbytes
+            return True
 
     def release(self, nbytes: int) -> None:
         if self.limit is None:
@@ -387,25 +392,26 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
         # ones: per-tensor reads to a device run one load per tensor).
         _wake(work, options.threads)
-        end = partial(_end, finished, in_source, files)
-        try:
-            if os.getpid() != pid:
-                # Collected in a forked child: the parent's threads are not here to wait for.
-                for f in list(files):
-                    _close(f)
-            elif sys.is_finalizing() or threading.get_ident() in idents:
-                # Collected at interpreter exit (the pool's daemon threads are frozen then),
-                # or by the garbage collector on one of this load's own threads: waiting here
-                # would wait for ever.
-                pool.in_background(end)
-            else:
-                try:
-                    end()
-                except BaseException:
-                    pool.in_background(end)   # interrupted again: the files still get closed
-                    raise
-        finally:
+        # _end untracks the load once its threads are done: a load ended in the background stays
+        # tracked until then, so that interpreter exit waits for its threads too.
+        end = partial(_end, finished, in_source, files, tracked)
+        if os.getpid() != pid:
+            # Collected in a forked child: the parent's threads are not here to wait for.
+            for f in list(files):
+                _close(f)
             pool.untrack(tracked)
+        elif sys.is_finalizing() or threading.get_ident() in idents or pool.collecting():
+            # Collected at interpreter exit (the pool's daemon threads are frozen then), on
+            # one of this load's own threads, or by the garbage collector anywhere (on a thread
+            # that may hold a lock the load's threads need to finish): waiting here could wait
+            # for ever, and nobody waits for a collected load.
+            pool.in_background(end)
+        else:
+            try:
+                end()
+            except BaseException:
+                pool.in_background(end)   # interrupted again: the files still get closed
+                raise
         seconds = time.perf_counter() - started
         logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
                     "threads, io=%s, %d of %d chunks direct", count, stats["bytes"] / 1e6,
@@ -413,16 +419,17 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     options.threads, options.io, stats["direct"], stats["chunks"])
 
 
-def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File]
-         ) -> None:
+def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File],
+         tracked: int) -> None:
     """Wait for a cancelled load's threads (not for a planner blocked in its source, see
-    plan()), then close its files."""
+    plan()), then close its files and untrack it."""
     for i, done in enumerate(finished):
         while not done.wait(0.05):
             if i == 0 and in_source.is_set():
                 break
     for f in list(files):
         _close(f)
+    pool.untrack(tracked)
 
 
 def _drain(work: queue.Queue[Any]) -> None:
@@ -521,7 +528,8 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
         footprint = device_bytes(info.nbytes)
         if budget.would_block(footprint):
             flush()  # let the tensors already planned complete, so the consumer frees budget
-        budget.acquire(footprint)
+        if not budget.acquire(footprint):
+            return
         t = _Tensor(info, sink.alloc(info) if info.nbytes else None)
         start = header.data_start + info.data_offsets[0]
         end = start + info.nbytes

@@ -12,6 +12,7 @@ could deadlock.
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import queue
@@ -20,7 +21,8 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["start", "busy", "started", "track", "untrack", "in_background", "IDLE_SECONDS"]
+__all__ = ["start", "busy", "started", "track", "untrack", "in_background", "collecting",
+           "IDLE_SECONDS"]
 
 #: How long an idle thread waits for another task before it ends.
 IDLE_SECONDS = 10.0
@@ -111,6 +113,22 @@ def _stop_running_loads() -> None:
     for _, finished in loads:
         for done in list(finished):
             done.wait(max(0.0, deadline - time.monotonic()))
+
+
+_gc = threading.local()
+
+
+def _on_collection(phase: str, info: dict[str, int]) -> None:
+    _gc.running = phase == "start"
+
+
+gc.callbacks.append(_on_collection)
+
+
+def collecting() -> bool:
+    """Whether this thread is running a garbage collection (finalizers run inside it, wherever
+    the thread happened to allocate, whatever locks it holds)."""
+    return getattr(_gc, "running", False)
 
 
 def in_background(task: Callable[[], None]) -> None:
