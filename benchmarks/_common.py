@@ -30,6 +30,16 @@ DIRECT_ALIGN = 4096
 MiB = 1 << 20
 GiB = 1 << 30
 
+
+def bench_dir(given: str | None) -> Path:
+    """Where a benchmark writes its files: ``given`` (its ``--dir``), or
+    ``<temp dir>/fastsafetensors-bench``; made if missing."""
+    import tempfile
+
+    folder = Path(given or Path(tempfile.gettempdir()) / "fastsafetensors-bench")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
 # --------------------------------------------------------------------------- page cache
 
 _pagecache = None

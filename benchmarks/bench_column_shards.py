@@ -18,15 +18,18 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-import fastsafetensors
-from fastsafetensors.loader.posix import pread_into, pread_runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import fastsafetensors  # noqa: E402
+from fastsafetensors.loader.posix import pread_into, pread_runs  # noqa: E402
 
 
 def main() -> None:
@@ -38,8 +41,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None,
                     help="where the file is written (default: <temp dir>/fastsafetensors-bench)")
     args = ap.parse_args()
-    folder = Path(args.dir or Path(tempfile.gettempdir()) / "fastsafetensors-bench")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = C.bench_dir(args.dir)
     path = folder / f"matrix-{args.rows}x{args.cols}.safetensors"
     if not path.exists():
         save_file({"w": torch.randn(args.rows, args.cols).bfloat16()}, str(path))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,8 +82,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None,
                     help="where the file is written (default: <temp dir>/fastsafetensors-bench)")
     args = ap.parse_args()
-    folder = Path(args.dir or Path(tempfile.gettempdir()) / "fastsafetensors-bench")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = C.bench_dir(args.dir)
     path = folder / f"many-{args.tensors}.safetensors"
     info = C.build_many(path, args.tensors)
     C.warm([str(path)])
