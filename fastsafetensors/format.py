@@ -332,6 +332,12 @@ def check_same_file(fd: int, header: Header, path: str | os.PathLike[str]) -> He
     return fresh
 
 
+def header_of(fd: int, path: str | os.PathLike[str], known: Header | None = None) -> Header:
+    """The header of the file open as ``fd``: read now, or ``known`` (read earlier through
+    another open of ``path``) once check_same_file has found it still holds."""
+    return read_header_fd(fd, path) if known is None else check_same_file(fd, known, path)
+
+
 def open_readonly(path: str | os.PathLike[str]) -> int:
     """Open a regular file for reading. A missing path raises CheckpointNotFoundError; a folder,
     FIFO or device raises HeaderError (O_NONBLOCK keeps a FIFO from hanging the open)."""

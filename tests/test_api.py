@@ -4,7 +4,6 @@ to safetensors', and the precedence explicit > configure block > environment > d
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 

@@ -833,10 +833,10 @@ def test_a_large_device_read_names_the_file_in_its_errors(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # The engine reads a handle's file through /proc/self/fd/N; its errors named that link
     # ("3: changed after its header was read") instead of the file.
-    import fastsafetensors.file as file_module
-    import fastsafetensors.loader.cuda as cuda_module
     from fake_device import FakeSink
 
+    import fastsafetensors.file as file_module
+    import fastsafetensors.loader.cuda as cuda_module
     from fastsafetensors import HeaderError, ReadError
 
     monkeypatch.setattr(file_module, "resolve_device", lambda device, framework, **_: "cuda:0")

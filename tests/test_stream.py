@@ -186,7 +186,7 @@ def test_truncated_file_raises_read_error_without_partial_result(tmp_path, monke
     with pytest.raises(HeaderError, match="changed after its header was read"):
         list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     # or, shrinking after that open, by the reads.
-    monkeypatch.setattr(stream, "check_same_file", lambda fd, header, path: header)
+    monkeypatch.setattr(stream, "header_of", lambda fd, path, header: header)
     with pytest.raises(ReadError):
         list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     assert _fd_count() == before
@@ -346,8 +346,9 @@ def test_workers_leave_at_once_when_a_load_ends(checkpoint, monkeypatch, stop_ea
 
 def _page_cache_file(tmp_path, *, evicted: bool):
     """A file of 8 tensors of 256 KiB, cached or evicted; skips where that cannot be set up."""
-    from fastsafetensors.loader.pagecache import resident_fraction
     from builders import opens_direct
+
+    from fastsafetensors.loader.pagecache import resident_fraction
 
     tensors = {f"w{i}": torch.full((65536,), float(i)) for i in range(8)}
     path = tmp_path / "m.safetensors"

@@ -398,7 +398,8 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
         def synchronize(self) -> None:
             steps.append(f"wait on {self.device}")
 
-    monkeypatch.setattr(seam.FastSafetensorsFile, "_get", fake_get)   # what materialize() reads with
+    # what materialize() reads with
+    monkeypatch.setattr(seam.FastSafetensorsFile, "_get", fake_get)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
     materialize(handle.get_slice(name), torch.device("cuda", 1), torch.float16)
     materialize(handle.get_slice(name), "cuda:0", None)

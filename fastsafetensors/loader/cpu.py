@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config
-from ..format import Header, TensorInfo, check_same_file, open_readonly, read_header_fd
+from ..format import Header, TensorInfo, header_of, open_readonly
 from ..frameworks import Framework
 from .pagecache import resident_map
 from .plan import Extent, Read, group_tensors, plan_extent, plan_reads
@@ -82,10 +82,7 @@ def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None,
     tensors named (None: all)."""
     fd = open_readonly(path)
     try:
-        if header is None:
-            header = read_header_fd(fd, path)
-        else:
-            header = check_same_file(fd, header, path)
+        header = header_of(fd, path, header)
         infos = None if tensors is None else header.select(tensors)
         return FileJob(os.fspath(path), header, infos, fd)
     except BaseException:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from ..format import Header, TensorInfo, check_same_file, open_readonly, read_header_fd
+from ..format import Header, TensorInfo, header_of, open_readonly
 from . import threads as pool
 from .cpu import IOPolicy
 from .pagecache import resident_map
@@ -455,10 +455,7 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
           ) -> _File:
     fd = open_readonly(path)
     try:
-        if header is None:
-            header = read_header_fd(fd, path)
-        else:
-            header = check_same_file(fd, header, path)
+        header = header_of(fd, path, header)
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
         resident, base = None, 0
