@@ -43,8 +43,9 @@ class TorchCudaSink:
         torch.cuda.set_device(self.device)
 
     def alloc(self, info: TensorInfo) -> torch.Tensor:
-        # Called on the consumer's thread, whose current device may be another one; leaving
-        # the stream block must not make that thread switch to (and initialise) device 0.
+        # Called on the planner's thread (the consumer's, for GDS), whose current device may be
+        # another one; leaving the stream block must not make that thread switch to (and
+        # initialise) device 0.
         with torch.cuda.device(self.device), torch.cuda.stream(self.consumer):
             return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
 
