@@ -122,9 +122,11 @@ def parse_index(raw: bytes, index: str) -> dict[str, str]:
     except DuplicateKey as dup:
         raise CheckpointIndexError(index, "the index names this key twice (a tensor may be "
                                           "listed, and stored, once only)", str(dup)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointIndexError(index, f"is not a valid JSON index ({exc}); re-download it"
-                                   ) from None
+    except (ValueError, RecursionError) as exc:   # bad UTF-8 or JSON, a 5000-digit number,
+        # arrays nested 100,000 deep: all say the file is no index
+        reason = str(exc) if isinstance(exc, ValueError) else "nested too deep"
+        raise CheckpointIndexError(index, f"is not a valid JSON index ({reason[:200]}); "
+                                          f"re-download it") from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointIndexError(index, "has no \"weight_map\" object of tensor name -> shard "

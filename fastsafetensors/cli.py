@@ -15,17 +15,23 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from .frameworks import get_framework
+
 __all__ = ["main"]
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of MB, got {text}")
     return value
 
 
 def _demo(args: argparse.Namespace) -> int:
+    get_framework("pt")   # without torch: how to install it, not a traceback
     import torch
     from safetensors.torch import load_file as st_load_file
     from safetensors.torch import save_file
@@ -103,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         print(f"fastsafetensors: {exc}", file=sys.stderr)
         return 2
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from .errors import (
@@ -35,7 +35,7 @@ from .errors import (
     TensorNotFoundError,
 )
 from .format import DTYPES, Header, TensorInfo, read_header
-from .frameworks import FRAMEWORKS, resolve_device
+from .frameworks import FRAMEWORKS, get_framework, resolve_device
 
 __all__ = ["ProcessGroupLike", "SingleGroup", "SafeTensorsFileLoader", "FilesBufferOnDevice"]
 
@@ -222,6 +222,23 @@ def _native_shape(info: TensorInfo) -> tuple[int, ...]:
     return torch_shape(info)
 
 
+def file_list(paths: Any, what: str) -> list[str]:
+    """``paths`` as a list of path strings; a lone path (a string) is refused, not read as a
+    list of one-letter file names."""
+    if isinstance(paths, (str, bytes, os.PathLike)) or not isinstance(paths, Iterable):
+        raise TypeError(f"{what} must be a list of file paths, got {type(paths).__name__} "
+                        f"{paths!r:.80}; wrap a single path in a list: [path]")
+    return [os.fspath(p) for p in paths]
+
+
+def _paths_by_rank(filenames: Any) -> dict[Any, list[str]]:
+    if not isinstance(filenames, Mapping):
+        raise TypeError(f"add_filenames takes {{rank: [file paths]}}, got "
+                        f"{type(filenames).__name__}; for one process: {{0: paths}}")
+    return {rank: file_list(paths, f"add_filenames()[{rank!r}]")
+            for rank, paths in filenames.items()}
+
+
 class SafeTensorsFileLoader:
     """Upstream's loader: register files per rank, then read this rank's files in one go.
 
@@ -246,6 +263,7 @@ class SafeTensorsFileLoader:
                  framework: str = "pytorch", **kwargs: Any):
         if FRAMEWORKS.get(framework) != "pt":
             raise ConfigError("framework", framework, ["pytorch", "pt", "torch"])
+        get_framework("pt")   # without torch: how to install it, now rather than mid-load
         self.pg: Any = SingleGroup() if pg is None else pg
         self._group = _Group(pg)
         # ParallelLoader reads batches on a thread of its own: "cuda" must mean the caller's GPU.
@@ -265,7 +283,7 @@ class SafeTensorsFileLoader:
         headers of all files (to know shapes and owners), and only headers; with several
         ranks, one all_reduce then checks that every rank could (as copy_files_to_device does:
         a shard missing on one node must not leave the others waiting)."""
-        every = [os.fspath(p) for paths in filenames.values() for p in paths]
+        every = [path for paths in _paths_by_rank(filenames).values() for path in paths]
         headers = {rank: every for rank in range(self._group.size)}
         checked(self._group, self.device, headers, lambda: self._add(filenames))
 
@@ -273,20 +291,23 @@ class SafeTensorsFileLoader:
         """add_filenames without the check (ParallelLoader's prefetch thread runs no
         collective; it checks on the caller's thread)."""
         self._check_open()
-        for rank, paths in filenames.items():
-            if not 0 <= rank < self._group.size:
+        # Registered all at once, after every header was read and checked: a bad file leaves
+        # the loader as it was, not holding the files before it.
+        owner, frames, meta = dict(self._owner), dict(self.frames), dict(self.meta)
+        for rank, paths in _paths_by_rank(filenames).items():
+            if not isinstance(rank, int) or not 0 <= rank < self._group.size:
                 raise ConfigError("rank", rank, [str(r) for r in range(self._group.size)])
-            for p in paths:
-                path = os.fspath(p)
+            for path in paths:
                 header = read_header(path)
                 for name, info in header.tensors.items():
-                    other = self._owner.get(name)
+                    other = owner.get(name)
                     if other is not None and other != path:
                         raise HeaderError(path, f"is also in {other}; each tensor name must be "
                                           f"in one file only (pass each shard once)", name)
-                    self._owner[name] = path
-                    self.frames[name] = info
-                self.meta[path] = (header, rank)
+                    owner[name] = path
+                    frames[name] = info
+                meta[path] = (header, rank)
+        self._owner, self.frames, self.meta = owner, frames, meta
 
     def get_keys(self) -> list[str]:
         return list(self.frames)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import operator
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,13 +49,15 @@ class Option:
             if value not in self.choices:
                 raise ConfigError(self.name, value, self.choices)
             return value
-        try:
-            value = int(value)
+        try:   # an int, or its digits (from the environment); not 2.5, not True
+            if isinstance(value, bool):
+                raise TypeError
+            number = int(value) if isinstance(value, str) else operator.index(value)
         except (TypeError, ValueError):
             raise ConfigError(self.name, value, ["a positive integer"]) from None
-        if value <= 0:
+        if number <= 0:
             raise ConfigError(self.name, value, ["a positive integer"])
-        return value
+        return number
 
 
 OPTIONS: dict[str, Option] = {o.name: o for o in (

@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import pickle
 from collections.abc import Iterable
 from typing import Any
 
@@ -62,20 +63,27 @@ class FastSafetensorsError(SafetensorError):
     """Root of every error this package raises."""
 
     _fields: tuple[str, ...] = ()
+    message: str   # set by the subclasses that build their message from fields
 
     def __reduce__(self) -> tuple[Any, ...]:
         if not self._fields:  # raised with a plain message, like any Exception
             return (type(self), self.args)
         kwargs = {field: getattr(self, field) for field in self._fields}
-        return (_rebuild, (type(self), kwargs))
+        # The message travels as it was: some are worded from the state of the disk when raised
+        # (CheckpointNotFoundError), or from a value that arrives as its repr (ConfigError).
+        return (_rebuild, (type(self), kwargs, str(self)))
 
     def __str__(self) -> str:
         message = getattr(self, "message", None)
         return super().__str__() if message is None else str(message)
 
 
-def _rebuild(cls: type[FastSafetensorsError], kwargs: dict[str, Any]) -> FastSafetensorsError:
-    return cls(**kwargs)
+def _rebuild(cls: type[FastSafetensorsError], kwargs: dict[str, Any],
+             message: str | None = None) -> FastSafetensorsError:
+    error = cls(**kwargs)
+    if message is not None:
+        error.message = message
+    return error
 
 
 class HeaderError(FastSafetensorsError, ValueError):
@@ -123,7 +131,8 @@ class TensorNotFoundError(FastSafetensorsError, KeyError):
         self.path = None if path is None else os.fspath(path)
         self.available = tuple(available)
         where = os.path.basename(self.path) if self.path else "the checkpoint"
-        close = difflib.get_close_matches(name, self.available, n=5, cutoff=0.6)
+        close = (difflib.get_close_matches(name, self.available, n=5, cutoff=0.6)
+                 if isinstance(name, str) else [])   # names are strings: tensors=[1] is a typo
         hint = (f"; close matches: {', '.join(repr(c) for c in close)}" if close
                 else "; list the names with keys()")
         self.message = f"{name!r} is not in {where} ({len(self.available)} tensors){hint}"
@@ -202,6 +211,14 @@ class ConfigError(FastSafetensorsError, ValueError):
         self.message = (f"{option}={value!r} is not valid; expected one of: "
                         f"{', '.join(self.valid)}")
         super().__init__(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, (cls, kwargs, message) = super().__reduce__()
+        try:   # the value given may be anything, a lambda included
+            pickle.dumps(self.value)
+        except Exception:
+            kwargs["value"] = repr(self.value)
+        return rebuild, (cls, kwargs, message)
 
 
 class ReadError(FastSafetensorsError, OSError):

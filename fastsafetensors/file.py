@@ -107,7 +107,7 @@ class FastSafetensorsFile:
         try:
             return self._header.tensors[name]
         except (KeyError, TypeError):
-            raise TensorNotFoundError(str(name), self._path, self._header.tensors) from None
+            raise TensorNotFoundError(name, self._path, self._header.tensors) from None
 
     def _dtype_of(self, info: TensorInfo) -> Any:
         return self._framework.dtype(info.dtype, info.name)

@@ -8,6 +8,7 @@ here, so the loaders behind it can trust a :class:`Header` completely.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -346,11 +347,18 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
     except FileNotFoundError:
         raise CheckpointNotFoundError(path, "check the path; a safetensors file was expected "
                                             "there") from None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise CheckpointNotFoundError(path, "its symbolic links form a loop; point it at the "
+                                            "file itself") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        kind = "a folder" if os.path.isdir(path) else "not a regular file"
-        raise HeaderError(path, f"is {kind}, not a .safetensors file (pass a folder itself, not "
-                                f"in a list, to fastsafetensors.load)")
+        if os.path.isdir(path):
+            raise HeaderError(path, "is a folder, not a .safetensors file (pass a folder "
+                                    "itself, not in a list, to fastsafetensors.load)")
+        raise HeaderError(path, "is not a regular file (a pipe or device?), so not a "
+                                ".safetensors file")
     return fd
 
 

@@ -55,7 +55,7 @@ def _local_files(paths: Sequence[PathLike], tensors: Sequence[str] | None
             out.append((path, header, None))
         elif names := [n for n in header.tensors if n in wanted]:
             out.append((path, header, names))
-    missing = sorted((wanted or set()) - owner.keys())
+    missing = sorted((wanted or set()) - owner.keys(), key=str)
     if missing:
         where = os.fspath(paths[0]) if len(paths) == 1 else None
         raise TensorNotFoundError(missing[0], where, list(owner))
@@ -68,9 +68,15 @@ def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_optio
     downloaded (so loading can start while later shards still download)."""
     if hasattr(source, "wanted") and hasattr(source, "headers"):  # a resolved Checkpoint
         return [(path, source.headers.get(path), names) for path, names in source.wanted().items()]
+    if not isinstance(source, (str, os.PathLike, list, tuple)):
+        raise TypeError(f"expected a file, folder or Hub repo id (a str or os.PathLike), a list "
+                        f"of files or a resolved Checkpoint; got {type(source).__name__} "
+                        f"{source!r:.80}")
     tensors = requested(tensors)   # a string is one name, not a list of letters
-    local = isinstance(source, (list, tuple)) or (isinstance(source, (str, os.PathLike))
-                                                  and os.path.isfile(source))
+    # An index file goes the way of a folder (hub.stream), which reads its shards.
+    local = isinstance(source, (list, tuple)) or (
+        isinstance(source, (str, os.PathLike)) and os.path.isfile(source)
+        and not os.fspath(source).endswith(".json"))
     if local:
         unknown = sorted(set(hub_options) - HUB_OPTIONS)
         if unknown:   # for a folder or repo id, hub.stream() refuses them the same way
@@ -78,6 +84,7 @@ def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_optio
         return _local_files(source if isinstance(source, (list, tuple)) else [source], tensors)
     from . import hub
 
+    assert not isinstance(source, (list, tuple))   # lists are local
     return hub.stream(source, tensors=list(tensors) if tensors is not None else None,
                       **hub_options)
 
@@ -106,6 +113,7 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     files = sources_of(source, tensors=tensors, **hub_options)
     if target == "cpu":
         config.get("backend", backend)   # checked here too: a typo must not pass silently
+        config.get("staging_bytes", staging_bytes)
         _budget(max_device_bytes)
         stream = _host_stream(files, fw, threads=threads, io=io)
     else:

@@ -18,9 +18,10 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from numbers import Integral
 from typing import Any
 
-from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, checked
+from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, checked, file_list
 from .config import configure
 from .errors import BudgetInfeasibleError, ConfigError
 from .format import TensorInfo, read_header
@@ -73,6 +74,11 @@ class ParallelLoader:
                  accumulate_resident: bool = True, **kwargs: Any):
         if max_concurrent_producers != 1:
             raise ConfigError("max_concurrent_producers", max_concurrent_producers, ["1"])
+        for option, value in (("device_memory_budget", device_memory_budget),
+                              ("max_batch_bytes", max_batch_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
+                                      or value <= 0):
+                raise ConfigError(option, value, ["None (no bound)", "a positive number of bytes"])
         self.pg: Any = SingleGroup() if pg is None else pg
         # all_local: each rank a group of its own, so nothing is broadcast.
         group_pg = SingleGroup() if all_local else pg
@@ -89,7 +95,7 @@ class ParallelLoader:
             raise ConfigError("tensor_filter", repr(tensor_filter),   # a lambda does not pickle
                               ["None when several ranks share the files (get_tensor broadcasts "
                                "what one rank read); pass all_local=True to filter per rank"])
-        files = list(hf_weights_files)
+        files = file_list(hf_weights_files, "hf_weights_files")
         size = self.loader._group.size
         self.weight_files_batches = [files[i:i + size] for i in range(0, len(files), size)]
         self.queue_size = queue_size

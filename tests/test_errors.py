@@ -257,3 +257,118 @@ def test_bad_device_names(tmp_path: Path) -> None:
         FastSafetensorsFile(path, device="tpu")
     with pytest.raises(ConfigError, match="numpy"):
         FastSafetensorsFile(path, framework="np", device="cuda")
+
+
+def test_malformed_cuda_device_names_are_config_errors(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a GPU, torch's own error for "cuda:x" says little; without one, NoGPUError would
+    blame the machine for a typo. Both: ConfigError naming the valid forms."""
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        for device in ("cuda:x", "cuda:-1", -1, "cuda:0:1", "cuda: 0", "cudafoo"):
+            with pytest.raises(ConfigError, match="cuda:N"):
+                fastsafetensors.load_file(path, device=device)
+    # An index past the GPUs there are: the ones there are, not "No CUDA GPUs are available".
+    with pytest.raises(ConfigError, match="expected one of: cuda:0, .*CUDA_VISIBLE_DEVICES"):
+        fastsafetensors.load_file(path, device="cuda:7")
+
+
+def test_tensor_names_that_are_not_strings(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    attempts = [lambda: fastsafetensors.load(path, tensors=[1]),
+                lambda: fastsafetensors.load(path, tensors=[1, "zz"]),
+                lambda: fastsafetensors.resolve(path, tensors=[1]),
+                lambda: LazyTensorFactory(path).create(1)]
+    for attempt in attempts:
+        with pytest.raises(TensorNotFoundError, match="^1 is not in m.safetensors"):
+            attempt()
+    with FastSafetensorsFile(path) as fsf, pytest.raises(TensorNotFoundError, match="^None "):
+        fsf[None]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("threads", 2.5), ("threads", True), ("threads", "two"), ("staging_bytes", 0),
+    ("staging_bytes", -5),
+])
+def test_option_values_are_checked_on_the_cpu_too(tmp_path: Path, option: str,
+                                                  value: Any) -> None:
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    with pytest.raises(ConfigError, match=f"^{option}="):
+        fastsafetensors.load(path, **{option: value})
+    assert fastsafetensors.load(path, threads="2")["a"].tolist() == [0.0, 1.0, 2.0]  # from env
+
+
+def test_errors_keep_their_message_through_pickle(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    error = CheckpointNotFoundError(folder, "no weights here")
+    folder.rmdir()   # unpickled elsewhere, where the folder is not: the same words
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    with pytest.raises(ConfigError) as excinfo:
+        fastsafetensors.load_file(path, threads=lambda: 1)   # a value that does not pickle
+    copy = pickle.loads(pickle.dumps(excinfo.value))
+    assert type(copy) is ConfigError and str(copy) == str(excinfo.value)
+
+
+def test_sources_of_the_wrong_type(tmp_path: Path) -> None:
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    for source in (None, 123, bytes(path)):
+        with pytest.raises(TypeError, match="expected a file, folder or Hub repo id"):
+            fastsafetensors.load(source)
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    for attempt in (lambda: fastsafetensors.load_file(loop), lambda: FastSafetensorsFile(loop)):
+        with pytest.raises(CheckpointNotFoundError, match="symbolic links form a loop"):
+            attempt()
+
+
+def test_compat_file_lists_and_partial_registration(tmp_path: Path) -> None:
+    from fastsafetensors import ParallelLoader, SafeTensorsFileLoader
+
+    good = write_file(tmp_path / "good.safetensors", {"a": torch.arange(3.0)})
+    clash = write_file(tmp_path / "clash.safetensors", {"a": torch.ones(2), "b": torch.ones(1)})
+    for attempt in (lambda: ParallelLoader(None, str(good)),
+                    lambda: SafeTensorsFileLoader(None).add_filenames({0: str(good)}),
+                    lambda: SafeTensorsFileLoader(None).add_filenames([str(good)])):
+        with pytest.raises(TypeError, match="list of file paths|rank: \\[file paths\\]"):
+            attempt()
+    # A bad file leaves the loader as it was, not holding the files before it.
+    loader = SafeTensorsFileLoader(None, "cpu")
+    with pytest.raises(HeaderError, match="is also in"):
+        loader.add_filenames({0: [str(good), str(clash)]})
+    assert loader.get_keys() == [] and not loader.meta
+    loader.add_filenames({0: [str(good)]})
+    assert loader.copy_files_to_device().get_tensor("a").tolist() == [0.0, 1.0, 2.0]
+    for option, value in (("max_batch_bytes", 0), ("device_memory_budget", -1),
+                          ("device_memory_budget", 1.5)):
+        with pytest.raises(ConfigError, match=f"^{option}="):
+            ParallelLoader(None, [str(good)], **{option: value})
+
+
+def test_compat_and_cli_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import fastsafetensors.frameworks as frameworks
+    from fastsafetensors import ParallelLoader, SafeTensorsFileLoader
+    from fastsafetensors.cli import main
+
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "fastsafetensors.frameworks.torch", raising=False)
+    monkeypatch.delattr(frameworks, "torch", raising=False)
+    for attempt in (lambda: SafeTensorsFileLoader(None, "cpu"),
+                    lambda: ParallelLoader(None, [str(path)])):
+        with pytest.raises(FrameworkNotInstalledError, match="pip install torch"):
+            attempt()
+    assert main(["demo", "--size-mb", "1"]) == 2
+    assert "pip install torch" in capsys.readouterr().err
+
+
+def test_bad_sharded_indexes_are_typed(tmp_path: Path) -> None:
+    write_file(tmp_path / "m-1.safetensors", {"a": torch.arange(3.0)})
+    for body in ("[" * 100_000, '{"weight_map": {"a": ' + "9" * 5000 + "}}"):
+        (tmp_path / "model.safetensors.index.json").write_text(body)
+        with pytest.raises(CheckpointIndexError, match="not a valid JSON index"):
+            fastsafetensors.load(tmp_path)

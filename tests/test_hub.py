@@ -105,6 +105,14 @@ def test_index_file_as_source(tmp_path: Path) -> None:
     write_sharded(tmp_path, 2)
     ckpt = fastsafetensors.resolve(tmp_path / INDEX)
     assert len(ckpt.files) == 2 and ckpt.index == str(tmp_path / INDEX)
+    # load and iter_tensors take it as docs/hub.md says (they read it as a .safetensors file)
+    whole = fastsafetensors.load(tmp_path)
+    assert len(whole) > 1
+    got = fastsafetensors.load(tmp_path / INDEX)
+    assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole)
+    last = list(whole)[-1]
+    assert [n for n, _ in fastsafetensors.iter_tensors(str(tmp_path / INDEX), tensors=[last])
+            ] == [last]
 
 
 @pytest.mark.parametrize("sharded", [False, True])

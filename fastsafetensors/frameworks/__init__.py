@@ -3,6 +3,7 @@ torch or numpy, and only when that framework is asked for."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -52,8 +53,14 @@ def get_framework(name: str) -> Framework:
                 "torch", name, "pip install torch  (or: pip install 'fastsafetensors[torch]')"
             ) from None
         return module.TORCH
-    from . import numpy as np_module
-
+    try:
+        from . import numpy as np_module
+    except ModuleNotFoundError as exc:
+        if exc.name != "numpy":
+            raise
+        raise FrameworkNotInstalledError(
+            "numpy", name, "pip install numpy  (or reinstall: pip install fastsafetensors)"
+        ) from None
     return np_module.NUMPY
 
 
@@ -69,7 +76,7 @@ def resolve_device(device: Any, framework: str = "pt", *, pin_index: bool = Fals
         return name
     if FRAMEWORKS.get(framework) != "pt":
         raise ConfigError("device", name, ["cpu (numpy arrays live in host memory)"])
-    if not name.startswith("cuda"):
+    if not re.fullmatch(r"cuda(:[0-9]+)?", name):   # torch's own error says less ("cuda:x")
         raise ConfigError("device", name, ["cpu", "cuda", "cuda:N", "N (an int, meaning cuda:N)"])
     import torch
 
@@ -82,6 +89,8 @@ def resolve_device(device: Any, framework: str = "pt", *, pin_index: bool = Fals
     index = torch.device(name).index
     if index is None:
         return f"cuda:{torch.cuda.current_device()}" if pin_index else name
-    if index >= torch.cuda.device_count():
-        raise NoGPUError(name, f"only {torch.cuda.device_count()} GPU(s) are visible")
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError("device", name, [f"cuda:{i}" for i in range(count)] + [
+            "(CUDA_VISIBLE_DEVICES decides which GPUs this process sees, numbered from 0)"])
     return name
