@@ -100,7 +100,7 @@ class LazyTensor:
 
 
 def is_basic_index(index: Any) -> bool:
-    """Whether ``index`` goes to the byte-run planner: integers, slices and ``...`` (and
+    """Whether ``index`` goes to the byte-run planner: integers, slices and one ``...`` (and
     floats or strings, which the planner refuses with IndexError). ``None``, bools, lists,
     nested tuples, ranges, tensors and arrays do not: the framework applies them to the whole
     tensor, with its own semantics, as safetensors' slices do.
@@ -109,6 +109,8 @@ def is_basic_index(index: Any) -> bool:
     (a new axis, or a kept dimension), so it must not be read as an integer.
     """
     entries = index if isinstance(index, tuple) else (index,)
+    if sum(e is Ellipsis for e in entries) > 1:   # torch takes several; numpy refuses them
+        return False
     return not any(e is None or isinstance(e, (bool, list, tuple, range))
                    or (hasattr(e, "shape") and not isinstance(e, numbers.Integral))
                    for e in entries)
