@@ -164,8 +164,11 @@ class FrameworkNotInstalledError(FastSafetensorsError, ModuleNotFoundError):
         self.module = module
         self.framework = framework
         self.install = install
-        self.message = (f"No module named {module!r}: framework={framework!r} needs it. "
-                        f"Install it with: {install}")
+        # framework is a framework= value, or an integration's name (transformers, accelerate)
+        user = (f"framework={framework!r}" if framework in ("pt", "torch", "pytorch", "np",
+                                                             "numpy")
+                else f"fastsafetensors.integrations.{framework}")
+        self.message = f"No module named {module!r}: {user} needs it. Install it with: {install}"
         super().__init__(self.message, name=module)
 
 
