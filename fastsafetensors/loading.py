@@ -108,13 +108,25 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     ...         "model.safetensors", device="cuda:0"):
     ...     model.load_param(name, t)
     """
+    # Checked when called, not at the first next(): a missing GPU or a typo shows where it is.
     fw = get_framework(framework)
     target = resolve_device(device, framework)
+    for option, value in (("threads", threads), ("io", io), ("backend", backend),
+                          ("staging_bytes", staging_bytes)):   # on the CPU too
+        config.get(option, value)
+    _budget(max_device_bytes)
+    return _iter_tensors(source, fw, target, dtype, tensors, hub_options, threads=threads,
+                         io=io, backend=backend, staging_bytes=staging_bytes,
+                         max_device_bytes=max_device_bytes)
+
+
+def _iter_tensors(source: Any, fw: Any, target: str, dtype: Any,
+                  tensors: Sequence[str] | None, hub_options: dict[str, Any], *,
+                  threads: int | None, io: str | None, backend: str | None,
+                  staging_bytes: int | None, max_device_bytes: int | None
+                  ) -> Generator[tuple[str, Any], None, None]:
     files = sources_of(source, tensors=tensors, **hub_options)
     if target == "cpu":
-        config.get("backend", backend)   # checked here too: a typo must not pass silently
-        config.get("staging_bytes", staging_bytes)
-        _budget(max_device_bytes)
         stream = _host_stream(files, fw, threads=threads, io=io)
     else:
         stream = device_stream(files, target, threads=threads, io=io, backend=backend,

@@ -372,3 +372,16 @@ def test_bad_sharded_indexes_are_typed(tmp_path: Path) -> None:
         (tmp_path / "model.safetensors.index.json").write_text(body)
         with pytest.raises(CheckpointIndexError, match="not a valid JSON index"):
             fastsafetensors.load(tmp_path)
+
+
+def test_iter_tensors_checks_its_arguments_when_called(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at the first next(), which may be far from the call (a generator passed on)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    with pytest.raises(NoGPUError):
+        fastsafetensors.iter_tensors(path, device="cuda:0")
+    for option, value in (("io", "x"), ("threads", 0), ("max_device_bytes", -1),
+                          ("backend", "nfs")):
+        with pytest.raises(ConfigError, match=f"^{option}="):
+            fastsafetensors.iter_tensors(path, **{option: value})
