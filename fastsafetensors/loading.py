@@ -100,7 +100,9 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     On a CUDA device each tensor is safe to use on the caller's current stream when yielded.
     ``max_device_bytes`` bounds the device memory held by tensors read ahead, the tensor last
     yielded included until the next one is asked for; a consumer that keeps that one while it
-    asks holds one tensor more (staging is separate, ``staging_bytes`` in total).
+    asks holds one tensor more (staging is separate, ``staging_bytes`` in total). To the CPU,
+    files are read one whole file at a time and ``max_device_bytes`` is checked but bounds
+    nothing more.
     ``hub_options`` (revision, subfolder, variant, cache_dir, token, local_files_only,
     max_downloads, force_download) apply to Hub repo ids.
 
