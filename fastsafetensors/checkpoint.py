@@ -54,6 +54,12 @@ class WeightFiles:
     standard: bool = True   # a name transformers looks for (not the last resort)
 
 
+def is_index_name(name: str) -> bool:
+    """Whether ``name`` is a sharded checkpoint's index: ``<stem>.safetensors.index.json``,
+    or ``<stem>.safetensors.index.<variant>.json`` (a ``.json`` file may be weights too)."""
+    return re.fullmatch(r".+\.safetensors\.index(\.[^.]+)?\.json", name) is not None
+
+
 def choose_weights(names: Collection[str], *, variant: str | None, where: str) -> WeightFiles:
     """Pick the weights among the file ``names`` of one folder, the way transformers and
     diffusers do: ``model.safetensors``, then ``model.safetensors.index.json`` (with the variant

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from .errors import FastSafetensorsError
 from .frameworks import get_framework
 
 __all__ = ["main"]
@@ -109,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, FastSafetensorsError) as exc:
         print(f"fastsafetensors: {exc}", file=sys.stderr)
         return 2
 

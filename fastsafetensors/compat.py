@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -231,12 +232,20 @@ def file_list(paths: Any, what: str) -> list[str]:
     return [os.fspath(p) for p in paths]
 
 
-def _paths_by_rank(filenames: Any) -> dict[Any, list[str]]:
+def _paths_by_rank(filenames: Any) -> dict[int, list[str]]:
     if not isinstance(filenames, Mapping):
         raise TypeError(f"add_filenames takes {{rank: [file paths]}}, got "
                         f"{type(filenames).__name__}; for one process: {{0: paths}}")
-    return {rank: file_list(paths, f"add_filenames()[{rank!r}]")
-            for rank, paths in filenames.items()}
+    by_rank: dict[int, list[str]] = {}
+    for rank, paths in filenames.items():
+        try:   # numpy ints too
+            number = -1 if isinstance(rank, bool) else operator.index(rank)
+        except TypeError:
+            number = -1
+        if number < 0:
+            raise ConfigError("rank", rank, ["a rank of the process group (an int from 0)"])
+        by_rank[number] = file_list(paths, f"add_filenames()[{rank!r}]")
+    return by_rank
 
 
 class SafeTensorsFileLoader:
@@ -283,9 +292,10 @@ class SafeTensorsFileLoader:
         headers of all files (to know shapes and owners), and only headers; with several
         ranks, one all_reduce then checks that every rank could (as copy_files_to_device does:
         a shard missing on one node must not leave the others waiting)."""
-        every = [path for paths in _paths_by_rank(filenames).values() for path in paths]
+        by_rank = _paths_by_rank(filenames)   # once: a generator of paths reads only once
+        every = [path for paths in by_rank.values() for path in paths]
         headers = {rank: every for rank in range(self._group.size)}
-        checked(self._group, self.device, headers, lambda: self._add(filenames))
+        checked(self._group, self.device, headers, lambda: self._add(by_rank))
 
     def _add(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
         """add_filenames without the check (ParallelLoader's prefetch thread runs no
@@ -295,7 +305,7 @@ class SafeTensorsFileLoader:
         # the loader as it was, not holding the files before it.
         owner, frames, meta = dict(self._owner), dict(self.frames), dict(self.meta)
         for rank, paths in _paths_by_rank(filenames).items():
-            if not isinstance(rank, int) or not 0 <= rank < self._group.size:
+            if not 0 <= rank < self._group.size:
                 raise ConfigError("rank", rank, [str(r) for r in range(self._group.size)])
             for path in paths:
                 header = read_header(path)

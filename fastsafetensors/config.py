@@ -49,10 +49,10 @@ class Option:
             if value not in self.choices:
                 raise ConfigError(self.name, value, self.choices)
             return value
-        try:   # an int, or its digits (from the environment); not 2.5, not True
-            if isinstance(value, bool):
+        try:   # an int, its digits (from the environment) or 4.0; not 2.5, not True
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
-            number = int(value) if isinstance(value, str) else operator.index(value)
+            number = int(value) if isinstance(value, (str, float)) else operator.index(value)
         except (TypeError, ValueError):
             raise ConfigError(self.name, value, ["a positive integer"]) from None
         if number <= 0:

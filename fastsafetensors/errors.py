@@ -68,14 +68,24 @@ class FastSafetensorsError(SafetensorError):
     def __reduce__(self) -> tuple[Any, ...]:
         if not self._fields:  # raised with a plain message, like any Exception
             return (type(self), self.args)
-        kwargs = {field: getattr(self, field) for field in self._fields}
+        kwargs = {field: _picklable(getattr(self, field)) for field in self._fields}
         # The message travels as it was: some are worded from the state of the disk when raised
-        # (CheckpointNotFoundError), or from a value that arrives as its repr (ConfigError).
+        # (CheckpointNotFoundError), or from a value that arrives as its repr.
         return (_rebuild, (type(self), kwargs, str(self)))
+
 
     def __str__(self) -> str:
         message = getattr(self, "message", None)
         return super().__str__() if message is None else str(message)
+
+
+def _picklable(value: Any) -> Any:
+    """``value``, or its repr where it does not pickle (a lambda given as an option or name)."""
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return repr(value)
+    return value
 
 
 def _rebuild(cls: type[FastSafetensorsError], kwargs: dict[str, Any],
@@ -164,10 +174,9 @@ class FrameworkNotInstalledError(FastSafetensorsError, ModuleNotFoundError):
         self.module = module
         self.framework = framework
         self.install = install
-        # framework is a framework= value, or an integration's name (transformers, accelerate)
-        user = (f"framework={framework!r}" if framework in ("pt", "torch", "pytorch", "np",
-                                                             "numpy")
-                else f"fastsafetensors.integrations.{framework}")
+        # framework is a framework= value, or the name of the integration that needs module
+        user = (f"fastsafetensors.integrations.{framework}"
+                if framework in ("transformers", "accelerate") else f"framework={framework!r}")
         self.message = f"No module named {module!r}: {user} needs it. Install it with: {install}"
         super().__init__(self.message, name=module)
 
@@ -214,14 +223,6 @@ class ConfigError(FastSafetensorsError, ValueError):
         self.message = (f"{option}={value!r} is not valid; expected one of: "
                         f"{', '.join(self.valid)}")
         super().__init__(self.message)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        rebuild, (cls, kwargs, message) = super().__reduce__()
-        try:   # the value given may be anything, a lambda included
-            pickle.dumps(self.value)
-        except Exception:
-            kwargs["value"] = repr(self.value)
-        return rebuild, (cls, kwargs, message)
 
 
 class ReadError(FastSafetensorsError, OSError):

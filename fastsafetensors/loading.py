@@ -14,7 +14,7 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import config
-from .checkpoint import requested
+from .checkpoint import is_index_name, requested
 from .errors import CheckpointIndexError, ConfigError, TensorNotFoundError
 from .format import read_header
 from .frameworks import get_framework, resolve_device
@@ -76,7 +76,7 @@ def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_optio
     # An index file goes the way of a folder (hub.stream), which reads its shards.
     local = isinstance(source, (list, tuple)) or (
         isinstance(source, (str, os.PathLike)) and os.path.isfile(source)
-        and not os.fspath(source).endswith(".json"))
+        and not is_index_name(os.path.basename(os.fsdecode(source))))
     if local:
         unknown = sorted(set(hub_options) - HUB_OPTIONS)
         if unknown:   # for a folder or repo id, hub.stream() refuses them the same way

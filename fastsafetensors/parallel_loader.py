@@ -13,12 +13,12 @@ every collective runs on the caller's thread, in the same order on every rank.
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from numbers import Integral
 from typing import Any
 
 from .compat import FilesBufferOnDevice, SafeTensorsFileLoader, SingleGroup, checked, file_list
@@ -32,6 +32,21 @@ __all__ = ["ParallelLoader"]
 logger = logging.getLogger(__name__)
 
 _MIB = 1 << 20
+
+
+def _bytes_option(option: str, value: Any) -> int | None:
+    """A budget as an int (numpy ints and 0-d tensors, as a MIN all_reduce returns, too)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = 0
+    if number <= 0:
+        raise ConfigError(option, value, ["None (no bound)", "a positive number of bytes"])
+    return number
 
 
 class ParallelLoader:
@@ -74,11 +89,8 @@ class ParallelLoader:
                  accumulate_resident: bool = True, **kwargs: Any):
         if max_concurrent_producers != 1:
             raise ConfigError("max_concurrent_producers", max_concurrent_producers, ["1"])
-        for option, value in (("device_memory_budget", device_memory_budget),
-                              ("max_batch_bytes", max_batch_bytes)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
-                                      or value <= 0):
-                raise ConfigError(option, value, ["None (no bound)", "a positive number of bytes"])
+        device_memory_budget = _bytes_option("device_memory_budget", device_memory_budget)
+        max_batch_bytes = _bytes_option("max_batch_bytes", max_batch_bytes)
         self.pg: Any = SingleGroup() if pg is None else pg
         # all_local: each rank a group of its own, so nothing is broadcast.
         group_pg = SingleGroup() if all_local else pg

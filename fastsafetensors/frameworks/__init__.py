@@ -76,7 +76,8 @@ def resolve_device(device: Any, framework: str = "pt", *, pin_index: bool = Fals
         return name
     if FRAMEWORKS.get(framework) != "pt":
         raise ConfigError("device", name, ["cpu (numpy arrays live in host memory)"])
-    if not re.fullmatch(r"cuda(:[0-9]+)?", name):   # torch's own error says less ("cuda:x")
+    # torch's own error says less ("cuda:x"), and takes no "cuda:01" or 20-digit index
+    if not re.fullmatch(r"cuda(:(0|[1-9][0-9]{0,8}))?", name):
         raise ConfigError("device", name, ["cpu", "cuda", "cuda:N", "N (an int, meaning cuda:N)"])
     import torch
 
