@@ -118,6 +118,21 @@ class _Group:
 
         dist.recv(_raw(tensor), src=self._global(src), group=self.pg)
 
+    def smallest(self, value: int | None, device: str) -> int | None:
+        """The smallest of the ranks' ``value`` (None: no bound), known to all (one
+        all_reduce, which every rank must reach)."""
+        if self.pg is None:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        no_bound = 2 ** 63 - 1
+        mine = torch.tensor([no_bound if value is None else value], dtype=torch.int64,
+                            device=device)
+        dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=self.pg)
+        agreed = int(mine.item())
+        return None if agreed == no_bound else agreed
+
     def failed_ranks(self, failed: bool, device: str) -> list[int]:
         """Every rank says whether it failed; all learn which did (one all_reduce, on the
         device: NCCL moves device memory only)."""

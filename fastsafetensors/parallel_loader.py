@@ -43,9 +43,9 @@ def _bytes_option(option: str, value: Any) -> int | None:
             raise TypeError
         number = operator.index(value)
     except TypeError:
-        number = 0
-    if number <= 0:
-        raise ConfigError(option, value, ["None (no bound)", "a positive number of bytes"])
+        number = -1
+    if number < 0:   # 0 is what vLLM passes for a checkpoint of empty tensors (2 x largest)
+        raise ConfigError(option, value, ["None (no bound)", "a number of bytes"])
     return number
 
 
@@ -113,6 +113,15 @@ class ParallelLoader:
         self.queue_size = queue_size
         self.use_tqdm_on_load = use_tqdm_on_load
         self._tensor_filter = tensor_filter
+        if not self._local:
+            # Every rank must plan the same batches, or their collectives pair up wrongly and
+            # wait until the group's timeout. Budgets come from each GPU's free memory, so they
+            # differ: all plan with the smallest (a rank without one reads the headers too).
+            agreed = self.loader._group.smallest(device_memory_budget, self.loader.device)
+            if agreed != device_memory_budget:
+                logger.info("ParallelLoader: device_memory_budget=%s on this rank, %s on another:"
+                            " planning with %s", device_memory_budget, agreed, agreed)
+            device_memory_budget = agreed
         self._budget = device_memory_budget
         self._streams: weakref.WeakSet[Generator[tuple[str, Any], None, None]] = weakref.WeakSet()
         self._kept: list[tuple[str, list[TensorInfo]]] | None = None
@@ -137,7 +146,7 @@ class ParallelLoader:
             files_ahead = 1 if queue_size < 0 else max(1, queue_size) + 1
             self._read_ahead = max(files_ahead * per_file, 1)
             if max_batch_bytes is not None:
-                self._read_ahead = min(self._read_ahead, max_batch_bytes)
+                self._read_ahead = max(min(self._read_ahead, max_batch_bytes), 1)
         if device_memory_budget is not None:
             # Checked for a CPU target too (host memory then), where files are read one at a
             # time whatever the budget.
@@ -176,7 +185,7 @@ class ParallelLoader:
                 raise self._infeasible(budget, needed, f"{_mib(held)} for {what} and "
                                        f"{_mib(largest)} to read the largest tensor",
                                        False)
-            ahead = budget - held
+            ahead = max(budget - held, 1)   # 1: tensors of no bytes only
             if self._read_ahead is None or self._read_ahead > ahead:
                 self._read_ahead = ahead
             return
@@ -382,11 +391,17 @@ class ParallelLoader:
                         tensor = f.get_tensor(info.name)
                     yield info.name, tensor
 
-    @staticmethod
-    def _drain(fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:
+    def _drain(self, fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:
+        # To the CPU, a tensor this rank read is a view of its file's (or part's) buffer, and
+        # the one the consumer holds would keep that buffer past the budget: under a budget
+        # it gets memory of its own. A tensor received from a peer has its own already.
+        group = self.loader._group
+        copy_own = self.loader.device == "cpu" and self._budget is not None
         try:
-            for name in list(fb.key_to_rank_lidx):
-                yield name, fb.get_tensor(name)
+            for name, (owner, _) in list(fb.key_to_rank_lidx.items()):
+                tensor = fb.get_tensor(name)
+                yield name, tensor.clone() if copy_own and owner == group.rank else tensor
+                del tensor
         finally:
             fb.close()
         if bar is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import os
 import pickle
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file
 
 import fastsafetensors
 from fastsafetensors import (
+    BudgetInfeasibleError,
     ClosedFileError,
     ConfigError,
     HeaderError,
@@ -946,3 +948,51 @@ def test_close_ends_a_suspended_stream(shards: list[str],
     assert stream.gi_frame is None       # ended      # type: ignore[attr-defined]
     assert len(os.listdir("/proc/self/fd")) == before
     assert list(stream) == []
+
+
+def _budget_rank_main(rank: int, store: str, files: list[str]) -> None:
+    """Budgets that differ per rank (vLLM derives them from each GPU's free memory): every rank
+    plans with the smallest, so either all load, the same batches, or all refuse; and on the
+    CPU, the tensors a rank read itself come in memory of their own, not views of its file."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        pg = dist.group.WORLD
+        mib = 1 << 20
+        # Whole files on rank 0's budget, parts on rank 1's: batches differed, and the
+        # collectives paired up wrongly until the group's timeout.
+        loader = ParallelLoader(pg, files, queue_size=0, use_tqdm_on_load=False,
+                                device_memory_budget=12 * mib if rank == 0 else 13 * mib // 2,
+                                accumulate_resident=False)
+        assert loader._budget == 13 * mib // 2 and loader._part_bytes is not None
+        want = expected(files)
+        seen = []
+        for name, tensor in loader.iterate_weights():
+            assert torch.equal(tensor, want[name]), name
+            assert tensor.untyped_storage().nbytes() == tensor.nbytes, name   # not a view
+            seen.append(name)
+        assert sorted(seen) == sorted(want)
+        loader.close()
+        # A budget below the floor on one rank only: every rank refuses, none waits.
+        with pytest.raises(BudgetInfeasibleError):
+            ParallelLoader(pg, files, use_tqdm_on_load=False, accumulate_resident=False,
+                           device_memory_budget=None if rank == 0 else mib)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_budgets_agree(mib_checkpoint: list[str], tmp_path: Path) -> None:
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_budget_rank_main, args=(store, mib_checkpoint), nprocs=2,
+                                join=True)
+
+
+def test_max_batch_bytes_of_zero_is_accepted(tmp_path: Path) -> None:
+    """What vLLM passes (2 x the largest tensor) for a checkpoint of empty tensors."""
+    path = write_file(tmp_path / "empty.safetensors", {"e": torch.zeros(0, 3)})
+    with ParallelLoader(None, [str(path)], max_batch_bytes=0, device_memory_budget=0,
+                        use_tqdm_on_load=False) as loader:
+        assert [n for n, t in loader.iterate_weights()] == ["e"]
