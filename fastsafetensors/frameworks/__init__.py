@@ -3,6 +3,7 @@ torch or numpy, and only when that framework is asked for."""
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -39,29 +40,26 @@ class Framework(Protocol):
         """Cast and move, without a copy when nothing changes."""
 
 
+#: canonical name -> (adapter module, the library it needs, how to install that library)
+_ADAPTERS = {
+    "pt": ("torch", "torch", "pip install torch  (or: pip install 'fastsafetensors[torch]')"),
+    "np": ("numpy", "numpy", "pip install numpy  (or reinstall: pip install fastsafetensors)"),
+}
+
+
 def get_framework(name: str) -> Framework:
     canonical = FRAMEWORKS.get(name)
     if canonical is None:
         raise ConfigError("framework", name, FRAMEWORKS)
-    if canonical == "pt":
-        try:
-            from . import torch as module
-        except ModuleNotFoundError as exc:
-            if exc.name != "torch":
-                raise
-            raise FrameworkNotInstalledError(
-                "torch", name, "pip install torch  (or: pip install 'fastsafetensors[torch]')"
-            ) from None
-        return module.TORCH
+    adapter, library, install = _ADAPTERS[canonical]
     try:
-        from . import numpy as np_module
+        module = importlib.import_module(f"{__name__}.{adapter}")
     except ModuleNotFoundError as exc:
-        if exc.name != "numpy":
+        if exc.name != library:   # a broken install is a bug to see, not a missing library
             raise
-        raise FrameworkNotInstalledError(
-            "numpy", name, "pip install numpy  (or reinstall: pip install fastsafetensors)"
-        ) from None
-    return np_module.NUMPY
+        raise FrameworkNotInstalledError(library, name, install) from None
+    framework: Framework = module.TORCH if canonical == "pt" else module.NUMPY
+    return framework
 
 
 def resolve_device(device: Any, framework: str = "pt", *, pin_index: bool = False) -> str:
