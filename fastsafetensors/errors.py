@@ -73,7 +73,6 @@ class FastSafetensorsError(SafetensorError):
         # (CheckpointNotFoundError), or from a value that arrives as its repr.
         return (_rebuild, (type(self), kwargs, str(self)))
 
-
     def __str__(self) -> str:
         message = getattr(self, "message", None)
         return super().__str__() if message is None else str(message)

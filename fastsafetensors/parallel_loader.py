@@ -123,6 +123,7 @@ class ParallelLoader:
                             " planning with %s", device_memory_budget, agreed, agreed)
             device_memory_budget = agreed
         self._budget = device_memory_budget
+        self._accumulate = accumulate_resident
         self._streams: weakref.WeakSet[Generator[tuple[str, Any], None, None]] = weakref.WeakSet()
         self._kept: list[tuple[str, list[TensorInfo]]] | None = None
         if self._local or device_memory_budget is not None:
@@ -393,10 +394,12 @@ class ParallelLoader:
 
     def _drain(self, fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:
         # To the CPU, a tensor this rank read is a view of its file's (or part's) buffer, and
-        # the one the consumer holds would keep that buffer past the budget: under a budget
-        # it gets memory of its own. A tensor received from a peer has its own already.
+        # the one the consumer holds while asking for the next would keep that buffer past the
+        # budget: it gets memory of its own. A tensor received from a peer has its own already.
+        # (A consumer that keeps every tensor keeps every buffer whole anyway: the same bytes.)
         group = self.loader._group
-        copy_own = self.loader.device == "cpu" and self._budget is not None
+        copy_own = (self.loader.device == "cpu" and self._budget is not None
+                    and not self._accumulate)
         try:
             for name, (owner, _) in list(fb.key_to_rank_lidx.items()):
                 tensor = fb.get_tensor(name)

@@ -40,10 +40,10 @@ class Framework(Protocol):
         """Cast and move, without a copy when nothing changes."""
 
 
-#: canonical name -> (adapter module, the library it needs, how to install that library)
+#: canonical name -> (the library its adapter module, of the same name, needs; how to install it)
 _ADAPTERS = {
-    "pt": ("torch", "torch", "pip install torch  (or: pip install 'fastsafetensors[torch]')"),
-    "np": ("numpy", "numpy", "pip install numpy  (or reinstall: pip install fastsafetensors)"),
+    "pt": ("torch", "pip install torch  (or: pip install 'fastsafetensors[torch]')"),
+    "np": ("numpy", "pip install numpy  (or reinstall: pip install fastsafetensors)"),
 }
 
 
@@ -51,9 +51,9 @@ def get_framework(name: str) -> Framework:
     canonical = FRAMEWORKS.get(name)
     if canonical is None:
         raise ConfigError("framework", name, FRAMEWORKS)
-    adapter, library, install = _ADAPTERS[canonical]
+    library, install = _ADAPTERS[canonical]
     try:
-        module = importlib.import_module(f"{__name__}.{adapter}")
+        module = importlib.import_module(f"{__name__}.{library}")
     except ModuleNotFoundError as exc:
         if exc.name != library:   # a broken install is a bug to see, not a missing library
             raise
