@@ -434,3 +434,15 @@ def test_errors_with_unpicklable_fields_pickle() -> None:
     error = TensorNotFoundError(lambda: 0, "/x/m.safetensors", ["a"])   # type: ignore[arg-type]
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is TensorNotFoundError and str(copy) == str(error)
+
+
+def test_missing_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastsafetensors.frameworks as frameworks
+
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    monkeypatch.delitem(sys.modules, "fastsafetensors.frameworks.numpy", raising=False)
+    monkeypatch.delattr(frameworks, "numpy", raising=False)
+    with pytest.raises(FrameworkNotInstalledError, match="pip install numpy") as excinfo:
+        fastsafetensors.load_file(path, framework="np")
+    assert excinfo.value.name == "numpy"
