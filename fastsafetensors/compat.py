@@ -21,6 +21,7 @@ gloo as well as NCCL. See docs/compat.md for what is supported, ignored and miss
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import operator
@@ -133,32 +134,55 @@ class _Group:
         agreed = int(mine.item())
         return None if agreed == no_bound else agreed
 
-    def failed_ranks(self, failed: bool, device: str) -> list[int]:
-        """Every rank says whether it failed; all learn which did (one all_reduce, on the
-        device: NCCL moves device memory only)."""
+    def failed_ranks(self, failed: bool, device: str, digest: int = 0
+                     ) -> tuple[list[int], bool]:
+        """Every rank says whether it failed, and the digest of the headers it read; all learn
+        which ranks failed and whether the digests differ (one all_reduce, on the device: NCCL
+        moves device memory only)."""
         if self.pg is None:
-            return []
+            return [], False
         import torch
         import torch.distributed as dist
 
-        flags = torch.zeros(self.size, dtype=torch.int32, device=device)
+        flags = torch.zeros(self.size + 2, dtype=torch.int64, device=device)
         flags[self.rank] = int(failed)
+        flags[self.size:] = torch.tensor([digest, -digest])   # MAX: the largest, -the smallest
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.pg)
-        return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+        values = flags.tolist()
+        return [rank for rank in range(self.size) if values[rank]], values[-2] != -values[-1]
+
+
+def layout_digest(infos: Iterable[TensorInfo]) -> int:
+    """62 bits that differ when the tensors' names, dtypes, shapes or offsets do (whatever the
+    files' paths on each node)."""
+    layout = sorted((i.name, i.dtype, tuple(i.shape), tuple(i.data_offsets)) for i in infos)
+    raw = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little") >> 2
 
 
 def check_peers(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str]], *,
-                failed: bool = False, fb: FilesBufferOnDevice | None = None) -> None:
+                failed: bool = False, fb: FilesBufferOnDevice | None = None,
+                digest: int = 0) -> None:
     """After each rank read its files: every rank says whether it failed (one all_reduce, which
     every rank must reach). A rank that failed raises its own error after this; the others
     raise PeerLoadError here (closing ``fb``) instead of waiting in their next collective for
-    tensors that never come, until the group's timeout."""
-    ranks = group.failed_ranks(failed, device)
-    if failed or not ranks:
+    tensors that never come, until the group's timeout. Where none failed but their headers
+    differ (a shard whose copy differs between nodes), every rank raises HeaderError: a rank
+    would size what it receives from its own copy, and get part of a tensor, or wait."""
+    ranks, differ = group.failed_ranks(failed, device, digest)
+    if failed or not (ranks or differ):
         return
     if fb is not None:
         fb.close()
-    raise PeerLoadError(ranks, [path for rank in ranks for path in files_by_rank.get(rank, ())])
+    if ranks:
+        raise PeerLoadError(ranks,
+                            [path for rank in ranks for path in files_by_rank.get(rank, ())])
+    files = [path for paths in files_by_rank.values() for path in paths]
+    raise HeaderError(files[0] if files else None,
+                      f"the ranks read different headers for the same files "
+                      f"({', '.join(os.path.basename(f) for f in dict.fromkeys(files))}): a "
+                      f"shard differs between nodes. Give every node the same copy of the "
+                      f"checkpoint")
 
 
 def _raw(tensor: Any) -> Any:
@@ -170,8 +194,10 @@ def _raw(tensor: Any) -> Any:
 
 
 def checked(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str]],
-            read: Callable[[], _T]) -> _T:
-    """``read()``, then check_peers: every rank stops if any rank's read failed."""
+            read: Callable[[], _T],
+            layout: Callable[[_T], Iterable[TensorInfo]] | None = None) -> _T:
+    """``read()``, then check_peers: every rank stops if any rank's read failed, or if the
+    headers ``layout`` gives from the result differ between ranks."""
     try:
         result = read()
     except Exception:
@@ -181,8 +207,9 @@ def checked(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str
         del read
         check_peers(group, device, files_by_rank, failed=True)
         raise   # this rank's own error, once the others know
+    digest = 0 if layout is None or group.pg is None else layout_digest(layout(result))
     check_peers(group, device, files_by_rank,
-                fb=result if isinstance(result, FilesBufferOnDevice) else None)
+                fb=result if isinstance(result, FilesBufferOnDevice) else None, digest=digest)
     return result
 
 
@@ -310,7 +337,8 @@ class SafeTensorsFileLoader:
         by_rank = _paths_by_rank(filenames)   # once: a generator of paths reads only once
         every = [path for paths in by_rank.values() for path in paths]
         headers = {rank: every for rank in range(self._group.size)}
-        checked(self._group, self.device, headers, lambda: self._add(by_rank))
+        checked(self._group, self.device, headers, lambda: self._add(by_rank),
+                lambda _: self.frames.values())
 
     def _add(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
         """add_filenames without the check (ParallelLoader's prefetch thread runs no
@@ -354,7 +382,7 @@ class SafeTensorsFileLoader:
         dtype). ``use_buf_register`` and ``max_copy_block_size`` are accepted and ignored: our
         engine bounds its pinned staging itself."""
         return checked(self._group, self.device, self._files_by_rank(),
-                       lambda: self._copy(dtype))
+                       lambda: self._copy(dtype), FilesBufferOnDevice.infos)
 
     def _copy(self, dtype: Any = None) -> FilesBufferOnDevice:
         """copy_files_to_device without the check that every rank read its files (ParallelLoader
@@ -450,6 +478,10 @@ class FilesBufferOnDevice:
                 self._infos[name] = (info, path)
         self._label = files[0][0] if files else "FilesBufferOnDevice"
         self._closed = False
+
+    def infos(self) -> list[TensorInfo]:
+        """The headers' entries of every tensor here, every rank's."""
+        return [info for info, _ in self._infos.values()]
 
     def keys(self) -> list[str]:
         """Tensor names in the order every rank must ask for them."""

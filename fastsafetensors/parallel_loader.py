@@ -136,7 +136,8 @@ class ParallelLoader:
             # Under several ranks every rank reads every header here (for the budget): a shard
             # missing on one node must stop every rank, not leave the others in a collective.
             self._kept = read() if self._local else checked(
-                self.loader._group, self.loader.device, dict.fromkeys(range(size), files), read)
+                self.loader._group, self.loader.device, dict.fromkeys(range(size), files), read,
+                lambda kept: (info for _, infos in kept for info in infos))
         self._read_ahead: int | None = None
         self._part_bytes: int | None = None   # several ranks: files read in parts of this size
         if self._local:
@@ -312,7 +313,8 @@ class ParallelLoader:
             if ahead == 0:
                 for batch in batches:
                     yield from self._drain(checked(*self._group_of(batch),
-                                                   partial(self._load, batch)), bar)
+                                                   partial(self._load, batch),
+                                                   FilesBufferOnDevice.infos), bar)
                 return
             stream = None
             if self.loader.device != "cpu":
@@ -333,7 +335,8 @@ class ParallelLoader:
                         # The future is not kept in a variable of this frame: see
                         # compat.checked. Collectives run here, never on the prefetch thread.
                         yield from self._drain(checked(*self._group_of(pending[0][0]),
-                                                       pending.popleft()[1].result), bar)
+                                                       pending.popleft()[1].result,
+                                                       FilesBufferOnDevice.infos), bar)
                 finally:
                     # Stopped early or failed: drop reads not started, free those done.
                     for _, future in pending:

@@ -996,3 +996,37 @@ def test_max_batch_bytes_of_zero_is_accepted(tmp_path: Path) -> None:
     with ParallelLoader(None, [str(path)], max_batch_bytes=0, device_memory_budget=0,
                         use_tqdm_on_load=False) as loader:
         assert [n for n, t in loader.iterate_weights()] == ["e"]
+
+
+def _differing_copy_rank_main(rank: int, store: str, folders: list[str]) -> None:
+    """Each rank reads its own node's copy of the checkpoint, and rank 1's copy of b differs
+    (a shape): every rank must refuse, not fill half a tensor or wait in a collective."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        pg = dist.group.WORLD
+        files = [os.path.join(folders[rank], name) for name in ("a.safetensors", "b.safetensors")]
+        with pytest.raises(HeaderError, match="ranks read different headers"):
+            for _ in ParallelLoader(pg, files, use_tqdm_on_load=False).iterate_weights():
+                pass
+        loader = SafeTensorsFileLoader(pg, "cpu")
+        with pytest.raises(HeaderError, match="ranks read different headers"):
+            loader.add_filenames({0: [files[0]], 1: [files[1]]})
+        dist.barrier()   # still a working group
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_shard_that_differs_between_nodes_stops_every_rank(tmp_path: Path) -> None:
+    folders = []
+    for node, rows in enumerate((64, 32)):
+        folder = tmp_path / f"node{node}"
+        folder.mkdir()
+        write_file(folder / "a.safetensors", {"a": torch.ones(4, 8)})
+        write_file(folder / "b.safetensors", {"b": torch.full((rows, 8), 2.0)})
+        folders.append(str(folder))
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_differing_copy_rank_main, args=(store, folders), nprocs=2,
+                                join=True)
