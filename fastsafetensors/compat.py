@@ -152,10 +152,11 @@ class _Group:
         return [rank for rank in range(self.size) if values[rank]], values[-2] != -values[-1]
 
 
-def layout_digest(infos: Iterable[TensorInfo]) -> int:
-    """62 bits that differ when the tensors' names, dtypes, shapes or offsets do (whatever the
-    files' paths on each node)."""
-    layout = sorted((i.name, i.dtype, tuple(i.shape), tuple(i.data_offsets)) for i in infos)
+def layout_digest(tensors: Iterable[tuple[TensorInfo, int]]) -> int:
+    """62 bits that differ when the tensors' names, dtypes, shapes, offsets or owning ranks do
+    (whatever the files' paths on each node)."""
+    layout = sorted((i.name, i.dtype, tuple(i.shape), tuple(i.data_offsets), owner)
+                    for i, owner in tensors)
     raw = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
     return int.from_bytes(raw, "little") >> 2
 
@@ -195,11 +196,12 @@ def _raw(tensor: Any) -> Any:
 
 def checked(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str]],
             read: Callable[[], _T],
-            layout: Callable[[_T], Iterable[TensorInfo]] | None = None) -> _T:
+            layout: Callable[[_T], Iterable[tuple[TensorInfo, int]]] | None = None) -> _T:
     """``read()``, then check_peers: every rank stops if any rank's read failed, or if the
-    headers ``layout`` gives from the result differ between ranks."""
+    tensors (with their owning ranks) ``layout`` gives from the result differ between ranks."""
     try:
         result = read()
+        digest = 0 if layout is None or group.pg is None else layout_digest(layout(result))
     except Exception:
         # read may be a prefetch future's result(): the future holds the exception, whose
         # traceback holds this frame. Left in place, that cycle keeps the loader and its
@@ -207,7 +209,6 @@ def checked(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str
         del read
         check_peers(group, device, files_by_rank, failed=True)
         raise   # this rank's own error, once the others know
-    digest = 0 if layout is None or group.pg is None else layout_digest(layout(result))
     check_peers(group, device, files_by_rank,
                 fb=result if isinstance(result, FilesBufferOnDevice) else None, digest=digest)
     return result
@@ -338,7 +339,8 @@ class SafeTensorsFileLoader:
         every = [path for paths in by_rank.values() for path in paths]
         headers = {rank: every for rank in range(self._group.size)}
         checked(self._group, self.device, headers, lambda: self._add(by_rank),
-                lambda _: self.frames.values())
+                lambda _: ((info, rank) for rank, paths in by_rank.items() for path in paths
+                           for info in self.meta[path][0].tensors.values()))
 
     def _add(self, filenames: Mapping[int, Sequence[str | os.PathLike[str]]]) -> None:
         """add_filenames without the check (ParallelLoader's prefetch thread runs no
@@ -382,7 +384,7 @@ class SafeTensorsFileLoader:
         dtype). ``use_buf_register`` and ``max_copy_block_size`` are accepted and ignored: our
         engine bounds its pinned staging itself."""
         return checked(self._group, self.device, self._files_by_rank(),
-                       lambda: self._copy(dtype), FilesBufferOnDevice.infos)
+                       lambda: self._copy(dtype), FilesBufferOnDevice.layout)
 
     def _copy(self, dtype: Any = None) -> FilesBufferOnDevice:
         """copy_files_to_device without the check that every rank read its files (ParallelLoader
@@ -479,9 +481,10 @@ class FilesBufferOnDevice:
         self._label = files[0][0] if files else "FilesBufferOnDevice"
         self._closed = False
 
-    def infos(self) -> list[TensorInfo]:
-        """The headers' entries of every tensor here, every rank's."""
-        return [info for info, _ in self._infos.values()]
+    def layout(self) -> list[tuple[TensorInfo, int]]:
+        """Every tensor here, every rank's, with the rank that reads it."""
+        return [(info, self.key_to_rank_lidx[name][0])
+                for name, (info, _) in self._infos.items()]
 
     def keys(self) -> list[str]:
         """Tensor names in the order every rank must ask for them."""

@@ -137,7 +137,7 @@ class ParallelLoader:
             # missing on one node must stop every rank, not leave the others in a collective.
             self._kept = read() if self._local else checked(
                 self.loader._group, self.loader.device, dict.fromkeys(range(size), files), read,
-                lambda kept: (info for _, infos in kept for info in infos))
+                lambda kept: ((info, -1) for _, infos in kept for info in infos))
         self._read_ahead: int | None = None
         self._part_bytes: int | None = None   # several ranks: files read in parts of this size
         if self._local:
@@ -314,7 +314,7 @@ class ParallelLoader:
                 for batch in batches:
                     yield from self._drain(checked(*self._group_of(batch),
                                                    partial(self._load, batch),
-                                                   FilesBufferOnDevice.infos), bar)
+                                                   FilesBufferOnDevice.layout), bar)
                 return
             stream = None
             if self.loader.device != "cpu":
@@ -336,7 +336,7 @@ class ParallelLoader:
                         # compat.checked. Collectives run here, never on the prefetch thread.
                         yield from self._drain(checked(*self._group_of(pending[0][0]),
                                                        pending.popleft()[1].result,
-                                                       FilesBufferOnDevice.infos), bar)
+                                                       FilesBufferOnDevice.layout), bar)
                 finally:
                     # Stopped early or failed: drop reads not started, free those done.
                     for _, future in pending:

@@ -1014,6 +1014,12 @@ def _differing_copy_rank_main(rank: int, store: str, folders: list[str]) -> None
         loader = SafeTensorsFileLoader(pg, "cpu")
         with pytest.raises(HeaderError, match="ranks read different headers"):
             loader.add_filenames({0: [files[0]], 1: [files[1]]})
+        # The same files, but the ranks disagree on who reads which: broadcasts from
+        # different roots would wait until the group's timeout.
+        same = [os.path.join(folders[0], name) for name in ("a.safetensors", "b.safetensors")]
+        order = same if rank == 0 else same[::-1]
+        with pytest.raises(HeaderError, match="ranks read different headers"):
+            SafeTensorsFileLoader(pg, "cpu").add_filenames({0: [order[0]], 1: [order[1]]})
         dist.barrier()   # still a working group
     finally:
         dist.destroy_process_group()
