@@ -579,6 +579,9 @@ def test_get_slice_equals_torch_indexing(sliceable: tuple[Path, dict[str, torch.
         return
     except RuntimeError:  # torch's own limit: a step near 2**63 on an empty dimension
         assume(False)
+    # torch's own bug: with such a step and another dimension empty it gives a dimension of -1
+    # (torch.zeros(0, 3)[..., ::2**63 - 2] has shape (0, -1)); Python's rule gives 1
+    assume(all(d >= 0 for d in expected.shape))
     with FastSafetensorsFile(path) as fsf:
         got = fsf.get_slice(name)[index]
         read = fsf.bytes_read
