@@ -6,9 +6,10 @@ It speaks what huggingface_hub 2.x sends (read from its file_download.py and hf_
   ``siblings``; ``GET /api/models/{repo}/tree/{rev}[/{path}]``: the folder listing;
 * ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: small files answer 200 with ``X-Repo-Commit``,
   a quoted ``ETag`` (git blob sha1) and Range support; ``.safetensors`` files are LFS files,
-  answered like the Hub does with a 302 to a CDN (a second server, another origin, so
-  huggingface_hub reads the metadata from the redirect: ``X-Linked-Etag`` (sha256),
-  ``X-Linked-Size``, ``Location``);
+  answered like the Hub does with a 302 to a CDN (a second server on another host,
+  127.0.0.2, so huggingface_hub reads the metadata from the redirect: ``X-Linked-Etag``
+  (sha256), ``X-Linked-Size``, ``Location``; huggingface_hub 1.x follows a redirect to the
+  same hostname whatever the port, 2.x only to the same origin);
 * 404s carry ``X-Error-Code``: ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``.
 
 No Xet headers are ever sent, so huggingface_hub uses plain HTTP downloads. Every request is
@@ -145,11 +146,11 @@ class _Link:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, hub: HubServer, name: str):
+    def __init__(self, hub: HubServer, name: str, host: str):
         self.hub, self.name = hub, name
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((host, 0), _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.lock:
@@ -196,15 +197,17 @@ class HubServer:
 
     # --- lifecycle
     def start(self) -> HubServer:
-        for name in ("hub", "cdn"):
-            server = _Server(self, name)
+        # The CDN on another loopback host (Linux routes all of 127.0.0.0/8 to lo): a redirect
+        # to it leaves the Hub for huggingface_hub 1.x too, which compares hostnames only.
+        for name, host in (("hub", "127.0.0.1"), ("cdn", "127.0.0.2")):
+            server = _Server(self, name, host)
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                       name=f"hub-server-{name}", daemon=True)
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)
         self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-        self.cdn_url = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        self.cdn_url = f"http://127.0.0.2:{self._servers[1].server_address[1]}"
         return self
 
     def stop(self) -> None:

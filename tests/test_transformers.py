@@ -97,6 +97,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
     ft.uninstall()
     for name in seam.SAFE_OPEN_SITES:
         module = importlib.import_module(name)
+        if not hasattr(module, "safe_open"):   # a site this release does not have
+            continue
 
         def spy(*args: Any, _real: Any = module.safe_open, **kwargs: Any) -> Any:
             counts["stock"] += 1
@@ -140,7 +142,10 @@ def test_import_installs_and_install_is_idempotent() -> None:
     try:
         assert not ft.is_installed()
         for name in seam.SAFE_OPEN_SITES:
-            assert importlib.import_module(name).safe_open is safetensors.safe_open, name
+            # Not every release imports safe_open in every site (the seam replaces it where
+            # present): absent stays absent.
+            site = getattr(importlib.import_module(name), "safe_open", safetensors.safe_open)
+            assert site is safetensors.safe_open, name
         assert not hasattr(PreTrainedModel.__dict__["from_pretrained"].__func__,
                            "__fastsafetensors_original__")
         from transformers import core_model_loading
@@ -190,6 +195,33 @@ def test_changed_private_signature_is_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(core_model_loading, "_materialize_copy", _materialize_copy)
     with pytest.raises(ft.IncompatibleVersionError, match=r"_materialize_copy.*device, dtype"):
         ft.install()
+
+
+def test_either_home_of_the_tensor_parallel_shard_step_is_accepted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.14 moved the step that indexes a slice for a tensor-parallel rank from
+    integrations.tensor_parallel to distributed.sharding_utils: either one fits the seam, and the
+    refusal names both when neither does."""
+    import types
+
+    # Both homes emptied, whichever this release has.
+    sharding_utils = types.ModuleType("transformers.distributed.sharding_utils")
+    tensor_parallel = types.ModuleType("transformers.integrations.tensor_parallel")
+    for module in (sharding_utils, tensor_parallel):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(ft.IncompatibleVersionError,
+                       match=r"DtensorShardOperation.shard_tensor is gone and .*"
+                             r"TensorParallelLayer.shard_tensor is gone"):
+        ft.install()
+
+    class TensorParallelLayer:   # the 5.0 to 5.13 signature
+        def shard_tensor(self, param: Any, tensor_idx: Any = None, device: Any = None,
+                         dtype: Any = None) -> Any:
+            return param
+
+    tensor_parallel.TensorParallelLayer = TensorParallelLayer  # type: ignore[attr-defined]
+    ft.install()
+    assert ft.is_installed()
 
 
 # -- loads compared with the stock loader --------------------------------------------------------
@@ -368,7 +400,12 @@ def test_device_map_auto_with_disk_offload(models: dict[str, Path], tmp_path: Pa
     for name in written:
         a, b = load_file(tmp_path / "ours" / name), load_file(tmp_path / "stock" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(logits(model), logits(reference))
+    try:
+        expected = logits(reference)
+    except RuntimeError as exc:   # transformers 5.0: a model wholly on disk cannot run forward
+        pytest.skip(f"stock transformers {transformers.__version__} cannot run this offloaded "
+                    f"model ({exc}); its weights were compared above")
+    assert torch.equal(logits(model), expected)
 
 
 def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
@@ -474,7 +511,12 @@ def test_disable_mmap_is_met_by_positioned_reads(models: dict[str, Path],
     maps files, so it keeps the load."""
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(models["llama"], disable_mmap=True)
+    try:
+        reference = AutoModelForCausalLM.from_pretrained(models["llama"], disable_mmap=True)
+    except TypeError as exc:   # releases without disable_mmap= pass it to the model's __init__
+        if "disable_mmap" not in str(exc):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}: no from_pretrained(disable_mmap=)")
     calls.clear()
     model = AutoModelForCausalLM.from_pretrained(models["llama"], disable_mmap=True,
                                                  loader="fastsafetensors")
@@ -653,14 +695,20 @@ def _free_port() -> int:
 
 def test_tensor_parallel_two_ranks_read_their_half(models: dict[str, Path],
                                                    tmp_path: Path) -> None:
+    from packaging.version import Version
+
     worker = Path(__file__).with_name("tp_worker.py")
     port = _free_port()
+    # transformers 5.0's own loader cannot shard Mixtral's per-expert tensors onto a CPU rank
+    # (integrations/tensor_parallel.py get_tensor_shard: torch.empty(..., device=rank)).
+    kinds = ["llama"] if Version(transformers.__version__) < Version("5.1") else ["llama",
+                                                                                 "mixtral"]
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         args = [sys.executable, str(worker)]
-        for kind in ("llama", "mixtral"):
+        for kind in kinds:
             args += [str(models[kind]), str(tmp_path / f"{kind}-{rank}.json")]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -668,22 +716,28 @@ def test_tensor_parallel_two_ranks_read_their_half(models: dict[str, Path],
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out[-3000:]
     for rank in range(2):
-        llama = json.loads((tmp_path / f"llama-{rank}.json").read_text())
-        mixtral = json.loads((tmp_path / f"mixtral-{rank}.json").read_text())
-        for result in (llama, mixtral):
+        results = {kind: json.loads((tmp_path / f"{kind}-{rank}.json").read_text())
+                   for kind in kinds}
+        llama = results["llama"]
+        for result in results.values():
             assert result["rank"] == rank
             assert result["mismatched"] == [] and result["compared"] > 0
             assert result["logits_equal"]
         # Llama's rows are wide enough that every column split is read exactly: this rank's
-        # half of every sharded tensor plus the replicated norms, nothing else.
+        # half of every sharded tensor plus the replicated ones, nothing else. Which ones are
+        # replicated is transformers' choice: the norms, and before 5.21 the input embeddings
+        # (5.21 shards them on the vocabulary; 5.0 and 5.12 also replicate lm_head).
         total = weight_bytes(models["llama"])
         assert llama["sharded_bytes"] + llama["replicated_bytes"] == total
         assert llama["bytes_read"] == llama["local_bytes"]
         assert llama["bytes_read"] <= llama["sharded_bytes"] // 2 + llama["replicated_bytes"]
-        assert llama["bytes_read"] < 0.51 * total
+        assert llama["sharded_bytes"] > 0.9 * total
+        if Version(transformers.__version__) >= Version("5.21"):   # embeddings sharded too
+            assert llama["bytes_read"] < 0.51 * total
         # Mixtral's 64-wide rows are narrower than MERGE_GAP, so its column splits read whole
         # rows; the experts and the row splits still halve.
-        assert mixtral["bytes_read"] < 0.7 * weight_bytes(models["mixtral"])
+        if "mixtral" in results:
+            assert results["mixtral"]["bytes_read"] < 0.7 * weight_bytes(models["mixtral"])
 
 
 # -- pre-quantized checkpoints -------------------------------------------------------------------

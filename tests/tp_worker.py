@@ -22,6 +22,9 @@ def local(t: Any) -> Any:
 
 
 def main(argv: list[str]) -> None:
+    import inspect
+
+    import tf_models  # beside this file (sys.path[0])
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
@@ -29,13 +32,20 @@ def main(argv: list[str]) -> None:
     import fastsafetensors.integrations.transformers  # noqa: F401  (installs the hook)
     from fastsafetensors.loader.posix import STATS
 
+    # Newer transformers take the plan in DistributedConfig; earlier 5.x releases took
+    # from_pretrained(tp_plan=, tp_size=).
+    if "tp_plan" in inspect.signature(DistributedConfig).parameters:
+        tp: dict[str, Any] = {"distributed_config": DistributedConfig(tp_plan="auto", tp_size=2)}
+    else:
+        tp = {"tp_plan": "auto", "tp_size": 2}
     ids = torch.tensor([[1, 5, 9, 17, 33, 65]])
     for folder, out in zip(argv[0::2], argv[1::2]):
         def load(folder: str = folder, **kwargs: Any) -> Any:
-            return AutoModelForCausalLM.from_pretrained(
-                folder, distributed_config=DistributedConfig(tp_plan="auto", tp_size=2),
-                **kwargs)
+            return AutoModelForCausalLM.from_pretrained(folder, **tp, **kwargs)
 
+        # Full sizes from the checkpoint: some releases hold a rank's shard as a plain local
+        # tensor (no DTensor to ask for the global shape).
+        sizes = tf_models.weight_bytes(folder)
         stock = load()
         STATS.reset()
         ours = load(loader="fastsafetensors")
@@ -51,7 +61,7 @@ def main(argv: list[str]) -> None:
                 mismatched.append(name)
             if name not in dict(stock.named_parameters()):
                 continue
-            full = ref.numel() * ref.element_size()
+            full = sizes.get(name, ref.numel() * ref.element_size())
             part = local(ref).numel() * ref.element_size()
             local_bytes += part
             if part < full:

@@ -57,18 +57,23 @@ SAFE_OPEN_SITES = (
     "transformers.quantizers.quantizer_torchao",
 )
 
-#: Private functions whose parameters the seam relies on: (module, qualified name, parameters).
+#: Private functions whose parameters the seam relies on: (module, qualified name, parameters),
+#: or a tuple of such alternatives, any one of which is enough (where transformers moved one).
 #: Materialization must still call ``tensor[...]`` on what ``safe_open(...).get_slice()`` returns,
 #: so a change here is the first sign that the seam no longer fits.
-PRIVATE_SIGNATURES = (
+PRIVATE_SIGNATURES: tuple[Any, ...] = (
     ("transformers.modeling_utils", "PreTrainedModel._load_pretrained_model",
      ("model", "state_dict", "checkpoint_files", "load_config")),
     ("transformers.modeling_utils", "load_state_dict", ("checkpoint_file", "map_location")),
     ("transformers.core_model_loading", "spawn_materialize",
      ("thread_pool", "tensor", "device", "dtype")),
     ("transformers.core_model_loading", "_materialize_copy", ("tensor", "device", "dtype")),
-    ("transformers.distributed.sharding_utils", "DtensorShardOperation.shard_tensor",
-     ("source", "tensor_idx", "device", "dtype")),
+    # Tensor-parallel shards: transformers.distributed since 5.14, the tensor_parallel
+    # integration's layers in 5.0 to 5.13; both index the slice they are given.
+    (("transformers.distributed.sharding_utils", "DtensorShardOperation.shard_tensor",
+      ("source", "tensor_idx", "device", "dtype")),
+     ("transformers.integrations.tensor_parallel", "TensorParallelLayer.shard_tensor",
+      ("param", "tensor_idx", "device", "dtype"))),
 )
 
 
@@ -305,6 +310,19 @@ def _resolve(module: str, qualname: str) -> Any:
     return getattr(obj, "__fastsafetensors_original__", obj)
 
 
+def _signature_problem(module: str, qualname: str, expected: tuple[str, ...]) -> str | None:
+    """What is wrong with one private function the seam relies on, or None when it fits."""
+    try:
+        function = _resolve(module, qualname)
+    except (ImportError, AttributeError):
+        return f"{module}.{qualname} is gone"
+    missing = [p for p in expected if p not in inspect.signature(function).parameters]
+    if missing:
+        return (f"{module}.{qualname}{inspect.signature(function)} lacks "
+                f"parameter(s) {', '.join(missing)}")
+    return None
+
+
 def check_transformers() -> None:
     """Raise IncompatibleVersionError unless transformers is 5.x and the private functions the
     seam relies on still take the parameters it expects."""
@@ -329,17 +347,11 @@ def check_transformers() -> None:
         problems.append("PreTrainedModel.from_pretrained is no longer a classmethod")
     if not callable(getattr(modeling_utils, "safe_open", None)):
         problems.append("transformers.modeling_utils no longer imports safe_open")
-    for module, qualname, expected in PRIVATE_SIGNATURES:
-        try:
-            function = _resolve(module, qualname)
-        except (ImportError, AttributeError):
-            problems.append(f"{module}.{qualname} is gone")
-            continue
-        params = inspect.signature(function).parameters
-        missing = [p for p in expected if p not in params]
-        if missing:
-            problems.append(f"{module}.{qualname}{inspect.signature(function)} lacks "
-                            f"parameter(s) {', '.join(missing)}")
+    for entry in PRIVATE_SIGNATURES:
+        alternatives = entry if isinstance(entry[0], tuple) else (entry,)
+        failures = [_signature_problem(*alternative) for alternative in alternatives]
+        if all(failures):
+            problems.append(" and ".join(f for f in failures if f))
     if problems:
         raise IncompatibleVersionError("transformers", version, SUPPORTED, "; ".join(problems))
 
