@@ -170,6 +170,16 @@ class _Server(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
+def _bind(hub: HubServer, name: str, hosts: tuple[str, ...]) -> _Server:
+    """A server on the first of ``hosts`` that can be bound."""
+    for host in hosts[:-1]:
+        try:
+            return _Server(hub, name, host)
+        except OSError:
+            continue
+    return _Server(hub, name, hosts[-1])
+
+
 class HubServer:
     """The Hub (``url``) and its CDN (``cdn_url``) on two loopback ports.
 
@@ -198,16 +208,17 @@ class HubServer:
     # --- lifecycle
     def start(self) -> HubServer:
         # The CDN on another loopback host (Linux routes all of 127.0.0.0/8 to lo): a redirect
-        # to it leaves the Hub for huggingface_hub 1.x too, which compares hostnames only.
-        for name, host in (("hub", "127.0.0.1"), ("cdn", "127.0.0.2")):
-            server = _Server(self, name, host)
+        # to it leaves the Hub for huggingface_hub 1.x too, which compares hostnames only. Where
+        # only 127.0.0.1 answers (macOS, some sandboxes), another port is enough for 2.x.
+        for name, hosts in (("hub", ("127.0.0.1",)), ("cdn", ("127.0.0.2", "127.0.0.1"))):
+            server = _bind(self, name, hosts)
             thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                       name=f"hub-server-{name}", daemon=True)
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)
-        self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-        self.cdn_url = f"http://127.0.0.2:{self._servers[1].server_address[1]}"
+        self.url, self.cdn_url = (f"http://{s.server_address[0]}:{s.server_address[1]}"
+                                  for s in self._servers)
         return self
 
     def stop(self) -> None:
