@@ -349,9 +349,19 @@ def check_transformers() -> None:
         problems.append("transformers.modeling_utils no longer imports safe_open")
     for entry in PRIVATE_SIGNATURES:
         alternatives = entry if isinstance(entry[0], tuple) else (entry,)
-        failures = [_signature_problem(*alternative) for alternative in alternatives]
-        if all(failures):
-            problems.append(" and ".join(f for f in failures if f))
+        gone = []
+        # Newest home first. Only a home that is gone lets the next one answer: a newer home
+        # with a changed signature is a change, even where the older one is still defined.
+        for alternative in alternatives:
+            problem = _signature_problem(*alternative)
+            if problem is None:
+                break
+            if not problem.endswith(" is gone"):
+                problems.append(problem)
+                break
+            gone.append(problem)
+        else:
+            problems.append("; ".join(gone))
     if problems:
         raise IncompatibleVersionError("transformers", version, SUPPORTED, "; ".join(problems))
 
