@@ -8,8 +8,8 @@ It speaks what huggingface_hub 2.x sends (read from its file_download.py and hf_
   a quoted ``ETag`` (git blob sha1) and Range support; ``.safetensors`` files are LFS files,
   answered like the Hub does with a 302 to a CDN (a second server on another host,
   127.0.0.2, so huggingface_hub reads the metadata from the redirect: ``X-Linked-Etag``
-  (sha256), ``X-Linked-Size``, ``Location``; huggingface_hub 1.x follows a redirect to the
-  same hostname whatever the port, 2.x only to the same origin);
+  (sha256), ``X-Linked-Size``, ``Location``; huggingface_hub 1.33 follows a redirect to the
+  same hostname whatever the port, 1.26 only a relative one, 2.x one to the same origin);
 * 404s carry ``X-Error-Code``: ``RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``.
 
 No Xet headers are ever sent, so huggingface_hub uses plain HTTP downloads. Every request is
@@ -208,7 +208,7 @@ class HubServer:
     # --- lifecycle
     def start(self) -> HubServer:
         # The CDN on another loopback host (Linux routes all of 127.0.0.0/8 to lo): a redirect
-        # to it leaves the Hub for huggingface_hub 1.x too, which compares hostnames only. Where
+        # to it leaves the Hub for huggingface_hub 1.33 too, which compares hostnames only. Where
         # only 127.0.0.1 answers (macOS, some sandboxes), another port is enough for 2.x.
         for name, hosts in (("hub", ("127.0.0.1",)), ("cdn", ("127.0.0.2", "127.0.0.1"))):
             server = _bind(self, name, hosts)
@@ -499,7 +499,8 @@ def _hf_patches(endpoint: str, home: Path) -> dict[tuple[str, str], Any]:
 
 
 _HF_ENV = ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-           "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_TELEMETRY")
+           "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_DISABLE_TELEMETRY", "NO_PROXY",
+           "no_proxy")
 
 
 @contextlib.contextmanager
@@ -514,8 +515,11 @@ def hf_pointed_at(endpoint: str, home: str | os.PathLike[str]) -> Iterator[Path]
     try:
         for name in _HF_ENV:
             os.environ.pop(name, None)
+        # Loopback never through a proxy a CI machine may set for its package registry.
+        loopback = ",".join(filter(None, (saved_env["NO_PROXY"], "127.0.0.1,127.0.0.2,localhost")))
         os.environ.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(home),
-                           "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1"})
+                           "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1",
+                           "NO_PROXY": loopback, "no_proxy": loopback})
         for (module, attr), value in _hf_patches(endpoint, home).items():
             mod = importlib.import_module(module)
             saved[(module, attr)] = getattr(mod, attr)
