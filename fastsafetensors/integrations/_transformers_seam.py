@@ -58,7 +58,7 @@ SAFE_OPEN_SITES = (
 )
 
 #: Private functions whose parameters the seam relies on: (module, qualified name, parameters),
-#: or a tuple of such alternatives, any one of which is enough (where transformers moved one).
+#: or a tuple of the homes one had over releases (where transformers moved it), newest first.
 #: Materialization must still call ``tensor[...]`` on what ``safe_open(...).get_slice()`` returns,
 #: so a change here is the first sign that the seam no longer fits.
 PRIVATE_SIGNATURES: tuple[Any, ...] = (
