@@ -133,9 +133,17 @@ def _iter_tensors(source: Any, fw: Any, target: str, dtype: Any,
     else:
         stream = device_stream(files, target, threads=threads, io=io, backend=backend,
                                staging_bytes=staging_bytes, max_device_bytes=max_device_bytes)
-    for name, tensor in stream:
-        yield name, tensor if dtype is None else fw.convert(tensor, device=None, dtype=dtype)
-        del tensor   # not kept (nor its uncast original) while the next one is read
+    try:
+        for name, tensor in stream:
+            yield name, tensor if dtype is None else fw.convert(tensor, device=None, dtype=dtype)
+            del tensor   # not kept (nor its uncast original) while the next one is read
+    finally:
+        # Closed here, not left to its collection, which can come later (on the H200 machine,
+        # Python 3.12, 9 engine tasks still ran after close() returned): a consumer that stops
+        # early gets the engine's threads joined and its copies finished when close() returns.
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
 
 
 def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any

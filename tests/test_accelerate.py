@@ -98,20 +98,45 @@ def clean() -> Iterator[None]:
     fa.uninstall()
 
 
+def offloaded(model: Any) -> dict[str, Any]:
+    """The values behind parameters and buffers left on the meta device by accelerate's offload
+    hooks (CPU offload under a GPU device map): each hook's ``weights_map`` holds them."""
+    out: dict[str, Any] = {}
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:   # a SequentialHook holds several
+            weights = getattr(h, "weights_map", None)
+            if weights is None:
+                continue
+            for local, tensor in [*module.named_parameters(recurse=False),
+                                  *module.named_buffers(recurse=False)]:
+                if tensor.device.type == "meta":
+                    out[f"{prefix}.{local}" if prefix else local] = weights[local]
+    return out
+
+
 def assert_same(model: Any, reference: Any, saved_state: dict[str, Any] | None = None) -> None:
     """Equal values, dtypes and devices, and no tensor sharing storage with another (as with
-    stock accelerate: views of one file buffer would tie every parameter to the whole shard)."""
+    stock accelerate: views of one file buffer would tie every parameter to the whole shard).
+    An offloaded tensor (on meta, its value held by a hook) is compared by that value."""
     mine = dict(model.named_parameters()) | dict(model.named_buffers())
     ref = dict(reference.named_parameters()) | dict(reference.named_buffers())
     assert mine.keys() == ref.keys() and ref
     placed = [t for t in mine.values() if t.device.type != "meta"]
     assert len({t.untyped_storage().data_ptr() for t in placed}) == len(placed), "shared storage"
+    mine_off, ref_off = offloaded(model), offloaded(reference)
+    assert mine_off.keys() == ref_off.keys(), "offloaded to different places"
     for name, expected in ref.items():
         got = mine[name]
         assert got.dtype == expected.dtype and got.device == expected.device, name
+        if got.device.type == "meta":
+            assert name in mine_off, f"{name} is on meta with no offloaded value"
+            got, expected = mine_off[name], ref_off[name]
+            assert got.dtype == expected.dtype and got.device == expected.device, name
         assert torch.equal(got, expected), f"{name} differs from stock accelerate's"
         if saved_state is not None:
-            assert torch.equal(got, saved_state[name].to(got.dtype)), f"{name} was not loaded"
+            want = saved_state[name].to(device=got.device, dtype=got.dtype)
+            assert torch.equal(got, want), f"{name} was not loaded"
 
 
 # -- loads ---------------------------------------------------------------------------------------
@@ -297,5 +322,5 @@ def test_dispatch_to_cuda(saved: tuple[Path, dict[str, Any]], device_map: dict[s
     stock = load_checkpoint_and_dispatch(fresh(), str(folder), device_map=device_map)
     with fa.enabled():
         ours = load_checkpoint_and_dispatch(fresh(), str(folder), device_map=device_map)
-    assert_same(ours, stock, {k: v.to(stock.state_dict()[k].device) for k, v in state.items()})
+    assert_same(ours, stock, state)
     assert STATS.bytes_read == weight_bytes(state)

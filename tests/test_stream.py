@@ -317,6 +317,31 @@ def test_pinned_staging_stays_within_staging_bytes(threads: int) -> None:
     assert 2 * threads * request <= options.staging_bytes < 4 * threads * request
 
 
+def test_closing_iter_tensors_joins_the_engine_even_if_its_stream_is_still_referenced(
+        checkpoint, monkeypatch):
+    # iter_tensors wraps the engine's generator. Its close() must end the engine itself: left
+    # to the inner generator's collection, the workers ran on after close() returned (seen on
+    # the H200 machine), and a reference held anywhere would keep them running indefinitely.
+    import fastsafetensors.loading as loading
+
+    held = []
+
+    def device_stream(files, device, **options):
+        gen = stream_tensors(files, FakeSink(delay=0.002),
+                             StreamOptions(threads=4, staging_bytes=8 * 16384))
+        held.append(gen)
+        return gen
+
+    monkeypatch.setattr(loading, "device_stream", device_stream)
+    outer = loading._iter_tensors(checkpoint, None, "cuda:0", None, None, {}, threads=None,
+                                  io=None, backend=None, staging_bytes=None,
+                                  max_device_bytes=None)
+    next(outer)
+    outer.close()
+    assert pool.busy() == 0 and _engine_threads_running() == []
+    assert held[0].gi_frame is None   # closed, not merely dropped
+
+
 @pytest.mark.parametrize("stop_early", [False, True])
 def test_workers_leave_at_once_when_a_load_ends(checkpoint, monkeypatch, stop_early):
     # Per-tensor reads to a device run one load per tensor: a worker that noticed the end only

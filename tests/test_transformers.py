@@ -482,6 +482,7 @@ def test_device_map_cuda(models: dict[str, Path], calls: Counter[str]) -> None:
     for kind in ("llama", "mixtral"):
         reference = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda")
         calls.clear()
+        STATS.reset()   # the fixture reset it once; the second model must not count the first
         model = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda",
                                                      loader="fastsafetensors")
         assert all(p.device.type == "cuda" for p in model.parameters())
