@@ -640,12 +640,13 @@ def test_numpy_slices_match_safetensors(tmp_path: Path, index: Any) -> None:
                 assert got.shape == ref.get_slice(name)[index].shape
 
 
-@pytest.mark.parametrize(("nbytes", "staging"), [(3000, 4096), (4096, 4096), (40 << 20, 64 << 20),
-                                                  (900 << 20, 256 << 20)])
+@pytest.mark.parametrize(("nbytes", "threads"), [(3000, 1), (8 << 20, 1), ((8 << 20) + 1, 2),
+                                                  (40 << 20, 5), (900 << 20, 16)])
 def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nbytes: int, staging: int) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nbytes: int, threads: int) -> None:
     # transformers reads many tensors at once from its thread pool; each large tensor read to a
-    # GPU streams with staging of its own, which must not be the whole default 256 MiB.
+    # GPU streams with staging of its own, which must not be the whole default 256 MiB. Each
+    # worker's buffer is the one a whole load's worker gets (8 MiB here): one pinned size class.
     import fastsafetensors.file as file_module
     import fastsafetensors.loading as loading
 
@@ -663,14 +664,30 @@ def test_a_device_read_of_one_tensor_takes_no_more_staging_than_it_needs(
     monkeypatch.setattr(file_module, "resolve_device", lambda device, framework, **_: "cuda:0")
     monkeypatch.setattr(file_module, "DEVICE_STREAM_BYTES", 0)
     monkeypatch.setattr(loading, "device_stream", fake_device_stream)
-    with FastSafetensorsFile(path) as fsf:
+    with FastSafetensorsFile(path) as fsf, fastsafetensors.configure(threads=16,
+                                                                      staging_bytes=256 << 20):
         large = SimpleNamespace(name="w", nbytes=nbytes)   # as if the tensor were this large
         monkeypatch.setattr(fsf, "_info", lambda name: large)
         fsf.get_tensor("w", device="cuda:0")
         # the header this file holds, not one read again for the tensor
         assert asked[0]["header"] is fsf.header and asked[0]["names"] == ["w"]
         assert asked[0]["opens"] == os.path.realpath(path)
-    assert asked[0]["device"] == "cuda:0" and asked[0]["staging_bytes"] == staging
+    assert asked[0]["device"] == "cuda:0" and asked[0]["threads"] == threads
+    assert asked[0]["staging_bytes"] == threads * 2 * (8 << 20)
+
+
+def test_device_reads_at_once_share_the_reader_threads() -> None:
+    from fastsafetensors.file import _DEVICE_READS
+
+    big = 1 << 30
+    with fastsafetensors.configure(threads=16, staging_bytes=256 << 20):
+        with _DEVICE_READS.share(big) as first, _DEVICE_READS.share(big) as second:
+            with _DEVICE_READS.share(big) as third, _DEVICE_READS.share(big) as fourth:
+                assert [t for t, _ in (first, second, third, fourth)] == [16, 8, 5, 4]
+            with _DEVICE_READS.share(big) as later:   # two still running: a third each
+                assert later == (5, 5 * 16 << 20)
+        with _DEVICE_READS.share(big) as alone:
+            assert alone == (16, 256 << 20)
 
 
 # -- the io option on per-tensor reads ---------------------------------------------------------

@@ -411,17 +411,24 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     import fastsafetensors.loader.stream as stream_module
 
     path, tensors = _page_cache_file(tmp_path, evicted=False)
-    asked: list[int] = []
+    asked: list[tuple[int, int]] = []
     resident_map = stream_module.resident_map
 
     def recorded(fd, offset, length):
-        asked.append(length)
+        asked.append((offset, offset + length))
         return resident_map(fd, offset, length)
 
     monkeypatch.setattr(stream_module, "resident_map", recorded)
     got = _run([path], FakeSink(delay=0), names=["w5"], io="auto")
     assert torch.equal(got["w5"], tensors["w5"])
-    assert asked == [tensors["w5"].nbytes]
+    # Asked chunk by chunk (by the readers), each byte of that tensor once and nothing else.
+    from fastsafetensors.format import read_header
+
+    header = read_header(path)
+    begin, end = (header.data_start + o for o in header.tensors["w5"].data_offsets)
+    asked.sort()
+    assert asked[0][0] == begin and asked[-1][1] == end
+    assert all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
 
 
 @pytest.mark.parametrize("wait", ["spin", "block"])
@@ -738,3 +745,37 @@ def test_a_stopped_load_allocates_nothing_more(tmp_path):
     time.sleep(0.2)   # the planner is waiting for budget for the second tensor
     gen.close()
     assert sink.allocations == 1 and sink.peak_outstanding <= 1 << 20
+
+
+def test_small_pieces_are_copied_in_runs_bit_for_bit():
+    # The CUDA sink copies runs of small pieces with one host-to-device copy and one batched
+    # device copy (copy_pieces). Here on the CPU: the same grouping and offsets.
+    from fastsafetensors.loader.cuda import MIN_RUN, RUN_GAP, SMALL_PIECE, copy_pieces, plan_runs
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (8 << 20,), dtype=torch.uint8, generator=g)
+    pieces = []
+    at = 0
+
+    def add(length: int, *, gap: int = 0, dst_offset: int = 0) -> None:
+        nonlocal at
+        at += gap
+        dst = torch.full((dst_offset + length + 3,), 0xA5, dtype=torch.uint8)  # poisoned
+        pieces.append((dst, dst_offset, at, length))
+        at += length
+
+    for i in range(10):
+        add(100 + 7 * i, gap=i % 3)                  # a run of 10, small gaps between
+    add(SMALL_PIECE)                                 # a large tensor: on its own
+    for _ in range(MIN_RUN - 1):
+        add(4096)                                    # too few for a run
+    add(5000, gap=RUN_GAP + 1)                       # too far: starts a new run
+    for _ in range(MIN_RUN + 1):
+        add(333, dst_offset=17)                      # pieces of tensors split across chunks
+    singles, runs = plan_runs(pieces)
+    assert [len(r) for r in runs] == [10, MIN_RUN + 2] and len(singles) == MIN_RUN
+    copy_pieces(src, pieces, torch.device("cpu"))
+    for dst, dst_offset, src_offset, length in pieces:
+        assert torch.equal(dst[dst_offset:dst_offset + length],
+                           src[src_offset:src_offset + length])
+        assert (dst[:dst_offset] == 0xA5).all() and (dst[dst_offset + length:] == 0xA5).all()

@@ -10,7 +10,10 @@ Stream hazards handled here:
   (``record_stream``), so that freeing it does not hand its memory out under that stream's work;
 * the consumer's stream waits on the copy events of a tensor before the tensor is yielded, so a
   kernel launched on it afterwards sees complete data without a host synchronisation;
-* a staging buffer is overwritten only after the event recorded after its last copy completed.
+* a staging buffer is overwritten only after the event recorded after its last copy completed;
+* device scratch for runs of small tensors (``copy_pieces``) is allocated on the copy stream,
+  so the allocator hands its memory out again only in that stream's order, after the copies
+  that read it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,64 @@ from ..format import TensorInfo
 from ..frameworks.torch import torch_dtype, torch_shape
 from .posix import DIRECT_ALIGN
 
-__all__ = ["TorchCudaSink"]
+__all__ = ["TorchCudaSink", "copy_pieces", "plan_runs"]
+
+#: Pieces smaller than this go to the device in runs: one host-to-device copy of the run's span
+#: into device scratch, then one batched device-side copy into the tensors
+#: (``torch._foreach_copy_``), in place of one copy call per piece. Each call costs some 20 us of
+#: Python and driver time: on the H200 machine, 20,000 tensors of 5.5 KB took 2.3 s one by one.
+SMALL_PIECE = 1 << 20
+#: A run ends where the next small piece starts further on than this (a large tensor between
+#: them is copied on its own, never twice).
+RUN_GAP = 64 << 10
+#: Runs of fewer pieces are copied piece by piece (the batch would save nothing).
+MIN_RUN = 4
+
+Piece = tuple[torch.Tensor, int, int, int]   # (dst, dst_offset, src_offset, length)
+
+
+def plan_runs(pieces: list[Piece]) -> tuple[list[Piece], list[list[Piece]]]:
+    """Split a chunk's pieces (in source order) into those copied one by one and runs of small
+    ones copied together."""
+    singles: list[Piece] = []
+    runs: list[list[Piece]] = []
+    run: list[Piece] = []
+    for piece in pieces:
+        if piece[3] >= SMALL_PIECE:
+            singles.append(piece)
+            continue
+        if run and piece[2] - (run[-1][2] + run[-1][3]) > RUN_GAP:
+            runs.append(run)
+            run = []
+        run.append(piece)
+    if run:
+        runs.append(run)
+    kept = []
+    for run in runs:
+        if len(run) < MIN_RUN:
+            singles.extend(run)
+        else:
+            kept.append(run)
+    return singles, kept
+
+
+def copy_pieces(src: torch.Tensor, pieces: list[Piece], device: torch.device) -> None:
+    """``dst[dst_offset:+length] = src[src_offset:+length]`` for each piece, queued on the
+    current stream of ``device`` (on the CPU too, which the tests use)."""
+    singles, runs = plan_runs(pieces) if hasattr(torch, "_foreach_copy_") else (pieces, [])
+    for dst, dst_offset, src_offset, length in singles:
+        dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length],
+                                                  non_blocking=True)
+    for run in runs:
+        begin = run[0][2]
+        end = run[-1][2] + run[-1][3]
+        scratch = torch.empty(end - begin, dtype=torch.uint8, device=device)
+        scratch.copy_(src[begin:end], non_blocking=True)
+        dsts = [dst if dst_offset == 0 and length == len(dst) else
+                dst[dst_offset:dst_offset + length] for dst, dst_offset, _, length in run]
+        srcs = [scratch[src_offset - begin:src_offset - begin + length]
+                for _, _, src_offset, length in run]
+        torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
 
 class TorchCudaSink:
@@ -35,6 +95,11 @@ class TorchCudaSink:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.consumer = torch.cuda.current_stream(self.device)
+        # Events the consumer's current stream already waits for: tensors of one chunk share
+        # one event, and 20,000 small tensors must not cost 20,000 stream waits. Strong
+        # references (an id could be reused by a new event), cleared once there are many.
+        self._waited: dict[torch.cuda.Event, None] = {}
+        self._waited_on: torch.cuda.Stream | None = None
 
     def enter_thread(self) -> None:
         # A new thread starts on device 0. Leaving a ``torch.cuda.stream(...)`` block there
@@ -70,9 +135,7 @@ class TorchCudaSink:
     def copy(self, stream: torch.cuda.Stream, src: torch.Tensor,
              pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
         with torch.cuda.stream(stream):
-            for dst, dst_offset, src_offset, length in pieces:
-                dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length],
-                                                          non_blocking=True)
+            copy_pieces(src, pieces, self.device)
 
     def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
         event = torch.cuda.Event(blocking=self.blocking)
@@ -84,8 +147,13 @@ class TorchCudaSink:
 
     def consumer_wait(self, events: list[torch.cuda.Event]) -> None:
         stream = torch.cuda.current_stream(self.device)
-        for event in set(events):
-            stream.wait_event(event)
+        if stream != self._waited_on or len(self._waited) > 256:
+            self._waited = {}
+            self._waited_on = stream
+        for event in events:
+            if event not in self._waited:
+                stream.wait_event(event)
+                self._waited[event] = None
 
     def finish(self, flat: torch.Tensor | None, info: TensorInfo) -> torch.Tensor:
         dtype = torch_dtype(info.dtype, info.name)

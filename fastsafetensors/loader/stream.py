@@ -156,8 +156,6 @@ class _File:
     header: Header
     fd: int
     direct_fd: int | None
-    resident: bytes | None        # io="auto": residency of the wanted span, per page
-    resident_base: int            # the file offset of its first page
     infos: list[TensorInfo]       # the wanted tensors, in file order
     # Chunks queued but not read yet, and whether the planner is done with the file: the file
     # is closed when both say nothing more will be read (a load of hundreds of shards would
@@ -458,17 +456,7 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
         header = header_of(fd, path, header)
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
-        resident, base = None, 0
-        if policy.mode == "auto" and direct_fd is not None and infos:
-            # Taken once, before this load reads (its buffered reads' read-ahead would make
-            # later chunks look cached), and over the wanted bytes only: mincore costs about
-            # 40 ns a page here, 20 ms for a 2 GB file, and a load to a device of one tensor
-            # (transformers reads tensor by tensor) wants a small part of the file.
-            begin = header.data_start + infos[0].data_offsets[0]
-            end = header.data_start + infos[-1].data_offsets[1]
-            resident = resident_map(fd, begin, end - begin)
-            base = begin - begin % mmap.PAGESIZE
-        return _File(os.fspath(path), header, fd, direct_fd, resident, base, infos)
+        return _File(os.fspath(path), header, fd, direct_fd, infos)
     except BaseException:
         os.close(fd)
         raise
@@ -564,8 +552,19 @@ def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int,
     """Read the chunk into ``view``; returns (skew, bytes read, direct) where the chunk's first
     byte sits at ``view[skew]``."""
     f = chunk.file
-    direct = f.direct_fd is not None and policy.direct_range(f.resident, f.resident_base,
-                                                             chunk.offset, chunk.end)
+    resident, base = None, 0
+    if policy.mode == "auto" and f.direct_fd is not None:
+        # Residency of this chunk only, looked up by the worker that reads it, just before.
+        # Taken per file by the planner, it cost about 40 ns a page (20 ms per 2 GB file),
+        # paid in series before each file's first chunk: on the H200 machine, io="auto" ran
+        # at 15-18 GB/s warm where io="buffered" ran at 17-23. Here the lookups run in
+        # parallel (ctypes releases the GIL). Read-ahead of a neighbouring buffered read can
+        # make a few pages of a cold chunk look cached; a chunk needs half its pages cached
+        # before it is read buffered (CACHED_ENOUGH).
+        resident = resident_map(f.fd, chunk.offset, chunk.end - chunk.offset)
+        base = chunk.offset - chunk.offset % mmap.PAGESIZE
+    direct = f.direct_fd is not None and policy.direct_range(resident, base, chunk.offset,
+                                                             chunk.end)
     if direct:
         begin = chunk.offset - chunk.offset % DIRECT_ALIGN
         end = -(-chunk.end // DIRECT_ALIGN) * DIRECT_ALIGN

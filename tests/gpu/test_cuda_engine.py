@@ -96,7 +96,10 @@ def test_many_tensors_and_misaligned(tmp_path):
     path = tmp_path / "many.safetensors"
     save_file(many, str(path))
     got = fastsafetensors.load([str(path)], device="cuda:0")
-    assert all(torch.equal(got[f"t{i}"].cpu(), many[f"t{i}"]) for i in range(0, 20_000, 101))
+    # Every tensor (they go to the device in runs of small pieces): one stack, one comparison.
+    assert torch.equal(torch.stack([got[f"t{i}"] for i in range(20_000)]).cpu(),
+                       torch.stack([many[f"t{i}"] for i in range(20_000)]))
+    assert len({t.untyped_storage().data_ptr() for t in got.values()}) == 20_000  # own memory
 
     header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
               "b": {"dtype": "F32", "shape": [3], "data_offsets": [1, 13]}}
