@@ -28,6 +28,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.l
 nproc; free -g | head -2; df -h "$work" | tail -1
 python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__,
     "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+# What a first load pays for its pinned staging: new pinned host memory, timed per size.
+timeout -k 5 30 python3 -c 'import time, torch
+if torch.cuda.is_available():
+    torch.cuda.init()
+    for mib in (64, 256, 1024):
+        t = time.perf_counter(); b = torch.empty(mib << 20, dtype=torch.uint8, pin_memory=True)
+        print(f"pinning {mib} MiB of new host memory: {time.perf_counter() - t:.3f} s"); del b
+        torch._C._host_emptyCache() if hasattr(torch._C, "_host_emptyCache") else None' || true
 
 # transformers as pinned in .ci/run (the image's may be older); peers stay out of PYTHONPATH:
 # bench_load.py installs each into its own folder, from .whl/ since there is no network.

@@ -779,3 +779,48 @@ def test_small_pieces_are_copied_in_runs_bit_for_bit():
         assert torch.equal(dst[dst_offset:dst_offset + length],
                            src[src_offset:src_offset + length])
         assert (dst[:dst_offset] == 0xA5).all() and (dst[dst_offset + length:] == 0xA5).all()
+
+
+def test_auto_looks_up_each_segment_once_and_reads_cached_ones_buffered(tmp_path, monkeypatch):
+    # Residency is looked up per segment by the readers (in parallel), once per segment, as a
+    # snapshot taken before that segment is read: a half-cached file reads its cached half
+    # buffered and its cold half with O_DIRECT.
+    from builders import opens_direct
+
+    import fastsafetensors.loader.stream as stream_module
+    from fastsafetensors.format import read_header
+    from fastsafetensors.loader.pagecache import resident_fraction
+
+    tensors = {f"w{i}": torch.full((65536,), float(i)) for i in range(16)}   # 256 KiB each
+    path = tmp_path / "half.safetensors"
+    save_file(tensors, str(path))
+    if not opens_direct(path):
+        pytest.skip("this filesystem refuses O_DIRECT, so auto can only read buffered")
+    header = read_header(str(path))
+    middle = header.data_start + header.tensors["w8"].data_offsets[0]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)   # no read-ahead into the rest
+        os.pread(fd, middle, 0)                      # the first half into the page cache
+        first, second = resident_fraction(fd, 0, middle), resident_fraction(fd, middle)
+    finally:
+        os.close(fd)
+    if first is None or first < 1.0 or second > 0.1:
+        pytest.skip(f"page-cache state not observable here ({first}, {second})")
+    monkeypatch.setattr(stream_module, "SEGMENT", 256 << 10)
+    asked: list[int] = []
+    resident_map = stream_module.resident_map
+
+    def recorded(fd, offset, length):
+        asked.append(offset)
+        return resident_map(fd, offset, length)
+
+    monkeypatch.setattr(stream_module, "resident_map", recorded)
+    before = STATS.snapshot()
+    got = _run([str(path)], FakeSink(delay=0), io="auto", threads=4, staging_bytes=8 * (128 << 10))
+    reads, direct = (a - b for a, b in zip(STATS.snapshot()[1:], before[1:]))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 17   # 16 segments + the tail
+    assert 0 < direct < reads
