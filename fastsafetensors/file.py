@@ -53,7 +53,7 @@ class _DeviceReads:
     @contextlib.contextmanager
     def share(self, nbytes: int) -> Iterator[tuple[int, int]]:
         """``(threads, staging_bytes)`` for one read of ``nbytes``, while it runs."""
-        threads = config.get("threads")
+        threads = config.device_threads()
         per_worker = config.get("staging_bytes") // (2 * threads)
         with self._lock:
             self._active += 1

@@ -182,7 +182,7 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
 
     # Every option checked before the backend is chosen: GDS uses few of them, and a typo
     # must not pass silently there.
-    options = StreamOptions(threads=config.get("threads", threads),
+    options = StreamOptions(threads=config.device_threads(threads),
                             staging_bytes=config.get("staging_bytes", staging_bytes),
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes))
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block")

@@ -453,6 +453,35 @@ def test_event_wait_option_reaches_the_cuda_sink(checkpoint, monkeypatch, wait):
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 
 
+def test_a_load_to_a_gpu_takes_8_threads_unless_told_otherwise(monkeypatch):
+    # The H200 runs measured 8 reader threads faster than 16 (docs/benchmarks.md section 2);
+    # the threads option, set anywhere, still wins.
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    import fastsafetensors.loader.stream as stream_module
+    from fastsafetensors import config
+    from fastsafetensors.loading import device_stream
+
+    asked: list[int] = []
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, **_: FakeSink())
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
+    monkeypatch.setattr(stream_module, "stream_tensors",
+                        lambda files, sink, options: asked.append(options.threads) or iter(()))
+    monkeypatch.delenv("FASTSAFETENSORS_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert config.get("threads") == 16   # to the CPU: unchanged
+    device_stream([], "cuda:0")
+    device_stream([], "cuda:0", threads=12)
+    with config.configure(threads=16):
+        device_stream([], "cuda:0")
+    monkeypatch.setenv("FASTSAFETENSORS_THREADS", "10")
+    device_stream([], "cuda:0")
+    monkeypatch.delenv("FASTSAFETENSORS_THREADS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    device_stream([], "cuda:0")
+    assert asked == [8, 12, 16, 10, 4]
+
+
 # -- resources while a load runs or stops -----------------------------------------------------
 
 def test_a_file_is_closed_once_its_reads_are_done(tmp_path):
