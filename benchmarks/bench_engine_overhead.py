@@ -26,6 +26,7 @@ import _common as C  # noqa: E402
 
 from fastsafetensors.format import TensorInfo  # noqa: E402
 from fastsafetensors.frameworks.torch import torch_dtype, torch_shape  # noqa: E402
+from fastsafetensors.loader.cuda import copy_pieces  # noqa: E402
 from fastsafetensors.loader.posix import DIRECT_ALIGN  # noqa: E402
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa: E402
 
@@ -55,8 +56,7 @@ class HostSink:
         pass
 
     def copy(self, stream: Any, src: Any, pieces: list[tuple[Any, int, int, int]]) -> None:
-        for dst, dst_offset, src_offset, length in pieces:
-            dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length])
+        copy_pieces(src, pieces, torch.device("cpu"))   # as the CUDA sink: small ones in runs
 
     def record(self, stream: Any) -> None:
         return None
