@@ -295,7 +295,8 @@ class SafeTensorsFileLoader:
     """Upstream's loader: register files per rank, then read this rank's files in one go.
 
     ``pg`` is None, :class:`SingleGroup` or a ``torch.distributed.ProcessGroup``. ``device`` is a
-    string, a ``torch.device`` or upstream's ``Device``. ``max_threads`` sets the reader threads.
+    string, a ``torch.device`` or upstream's ``Device``. ``max_threads`` sets the reader threads;
+    left out (None), this package's default applies (upstream's is 16; 8 loaded faster to an H200).
     ``nogds=True`` forces plain positioned reads; ``nogds=False`` uses GPUDirect Storage where it
     works and falls back to plain reads with one warning (upstream raises instead).
     ``bbuf_size_kb``, ``set_numa``, ``disable_cache``, ``debug_log`` and any other upstream-only
@@ -310,7 +311,7 @@ class SafeTensorsFileLoader:
     """
 
     def __init__(self, pg: ProcessGroupLike | Any, device: Any = "cpu",
-                 bbuf_size_kb: int = 16 * 1024, max_threads: int = 16, nogds: bool = False,
+                 bbuf_size_kb: int = 16 * 1024, max_threads: int | None = None, nogds: bool = False,
                  set_numa: bool = True, disable_cache: bool = True, debug_log: bool = False,
                  framework: str = "pytorch", **kwargs: Any):
         if FRAMEWORKS.get(framework) != "pt":

@@ -18,6 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -82,7 +83,7 @@ class ParallelLoader:
 
     def __init__(self, pg: Any, hf_weights_files: Sequence[str], max_concurrent_producers: int = 1,
                  queue_size: int = 0, use_tqdm_on_load: bool = True, device: Any = "cpu",
-                 bbuf_size_kb: int = 16 * 1024, max_threads: int = 16, nogds: bool = False,
+                 bbuf_size_kb: int = 16 * 1024, max_threads: int | None = None, nogds: bool = False,
                  set_numa: bool = True, debug_log: bool = False, framework: str = "pytorch",
                  *, all_local: bool = False, tensor_filter: Callable[[str], bool] | None = None,
                  device_memory_budget: int | None = None, max_batch_bytes: int | None = None,
@@ -391,7 +392,8 @@ class ParallelLoader:
                 for info in infos:
                     # Not around the yield: a generator runs in its caller's context, so a
                     # configure() block held open across yields would apply to the caller too.
-                    with configure(threads=self.loader.max_threads):
+                    threads = self.loader.max_threads
+                    with configure(threads=threads) if threads is not None else nullcontext():
                         tensor = f.get_tensor(info.name)
                     yield info.name, tensor
 

@@ -1036,3 +1036,30 @@ def test_a_shard_that_differs_between_nodes_stops_every_rank(tmp_path: Path) -> 
     store = f"file://{tmp_path / 'store'}"
     torch.multiprocessing.spawn(_differing_copy_rank_main, args=(store, folders), nprocs=2,
                                 join=True)
+
+
+def test_max_threads_left_out_means_this_packages_default(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Upstream's default is 16; to a GPU, 8 loaded faster on an H200 (docs/benchmarks.md), so
+    # a loader that names no max_threads (as vLLM's) leaves the choice to this package.
+    from safetensors.torch import save_file
+
+    import fastsafetensors.compat as compat
+    import fastsafetensors.loading as loading
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(4)}, str(path))
+    asked: list[Any] = []
+
+    def iter_tensors(paths: Any, **options: Any) -> Any:
+        asked.append(options["threads"])
+        return iter([("w", torch.ones(4))])
+
+    monkeypatch.setattr(loading, "iter_tensors", iter_tensors)
+    monkeypatch.setattr(compat, "resolve_device", lambda *a, **k: "cuda:0")
+    for max_threads in (None, 5):
+        loader = SafeTensorsFileLoader(None, "cuda:0", nogds=True,
+                                       **({} if max_threads is None else
+                                          {"max_threads": max_threads}))
+        assert loader._read([str(path)])["w"].sum() == 4
+    assert asked == [None, 5]
