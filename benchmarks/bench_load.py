@@ -250,6 +250,9 @@ class OursRunner(Runner):
             raise Unavailable("fastsafetensors.load does not exist yet in this checkout")
 
     def load(self) -> Any:
+        from fastsafetensors.loader.stream import PHASES
+
+        PHASES.reset()
         if self.whole:
             out = dict(self.fst.load(self.files, device=self.device))
         else:
@@ -258,6 +261,13 @@ class OursRunner(Runner):
                 out.update(self.fst.load_file(f, device=self.device, io=self.io))
         _sync(self.device)
         return out
+
+    def extra(self) -> dict[str, Any]:
+        """Where the streaming engine's threads spent this load's time (loads to a GPU)."""
+        from fastsafetensors.loader.stream import PHASES
+
+        phases = PHASES.snapshot()
+        return {"phases": phases} if phases else {}
 
 
 class UpstreamRunner(Runner):
@@ -497,6 +507,7 @@ def child(case: str, spec: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"seconds": seconds, **state, "cpu_seconds":
                                  cpu1.user - cpu0.user + cpu1.system - cpu0.system,
                                  "vmstat": C.vmstat_delta(vm0)}
+        reply.update(getattr(runner, "extra", dict)())
         if cuda:
             import torch
 
@@ -805,6 +816,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             f"{mode} run {r + 1}: resident {reply.get('resident'):.2f}")
                     if "cuda_peak" in reply:
                         row["cuda_peak"] = max(row.get("cuda_peak", 0), reply["cuda_peak"])
+                    if "phases" in reply:
+                        row.setdefault("phases", {}).setdefault(mode, []).append(reply["phases"])
                     print(f"  round {r + 1} {mode:4} {case.name:24} "
                           f"{nbytes / 1e9 / reply['seconds']:6.2f} GB/s", flush=True)
         if skipped:
@@ -1031,6 +1044,25 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def phase_lines(report: dict[str, Any]) -> list[str]:
+    """Where the streaming engine's threads spent the first warm run of each of our GPU rows:
+    seconds summed over threads (readers, planner, caller), next to the load's wall time."""
+    out: list[str] = []
+    for name, row in report["cases"].items():
+        runs = row.get("phases", {}).get("warm") or []
+        if not runs:
+            continue
+        first = runs[0]
+        if not out:
+            out += ["", "where the engine's threads spent the first warm run (seconds, summed "
+                        "over threads; wall = the load's own time):"]
+        wall = first.get("load: wall time", 0.0)
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(first.items())
+                          if k != "load: wall time")
+        out.append(f"  {name}: wall {wall:.3f}; {parts}")
+    return out
+
+
 def summary(report: dict[str, Any]) -> str:
     m = report["machine"]
     ck = report["checkpoint"]
@@ -1063,6 +1095,7 @@ def summary(report: dict[str, Any]) -> str:
             out.append(f"target {t['mode']}: {who} >= {t['need']}x "
                        f"{t['against']}: paired {t['paired_ratio']:.2f}x (medians "
                        f"{t['ratio_of_medians']:.2f}x) {t['status']}{gap}")
+    out.extend(phase_lines(report))
     many = report.get("many")
     if many and "times" in many:
         out.append("")

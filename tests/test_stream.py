@@ -853,3 +853,24 @@ def test_auto_looks_up_each_segment_once_and_reads_cached_ones_buffered(tmp_path
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     assert sorted(asked) == sorted(set(asked)) and len(asked) == 17   # 16 segments + the tail
     assert 0 < direct < reads
+
+
+def test_phases_say_where_the_engine_spent_its_time(checkpoint):
+    # The benchmark reads these after a load on a GPU machine: one run then says whether the
+    # readers waited for chunks, for copies, for pinning, or read.
+    from fastsafetensors.loader.stream import PHASES
+
+    PHASES.reset()
+    got = _run(checkpoint, FakeSink(delay=0.001))
+    spent = PHASES.snapshot()
+    assert len(got) == len(_expected(checkpoint))
+    for phase in ("load: wall time", "reader: read", "reader: wait for a chunk",
+                  "reader: queue copies", "reader: pin staging", "planner: allocate",
+                  "planner: open files", "caller: wait for a tensor's reads",
+                  "caller: hand a tensor over"):
+        assert spent.get(phase, -1) >= 0, phase
+    assert spent["reader: read"] > 0 and spent["load: wall time"] > 0
+    # Three readers cannot have spent more than three times the wall time reading.
+    assert spent["reader: read"] <= 3 * spent["load: wall time"]
+    PHASES.reset()
+    assert PHASES.snapshot() == {}

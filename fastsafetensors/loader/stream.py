@@ -28,6 +28,7 @@ import queue
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,7 +40,7 @@ from .cpu import IOPolicy
 from .pagecache import resident_map
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
-__all__ = ["Sink", "StreamOptions", "stream_tensors", "Source", "device_bytes"]
+__all__ = ["Sink", "StreamOptions", "stream_tensors", "Source", "device_bytes", "PHASES"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,34 @@ Source = tuple[str, "Header | None", "list[str] | None"]
 #: How often an idle worker looks at ``cancelled`` (seconds). Only a fallback: a load that ends
 #: hands each worker a stop marker.
 WORKER_POLL = 0.1
+
+class PhaseStats:
+    """Where the engine's threads spent their time, in seconds summed over threads and loads,
+    process-wide (as ``posix.STATS`` counts bytes): readers waiting for a chunk, for their
+    staging's copies, pinning, reading, queuing copies; the planner allocating and waiting for
+    a free reader or for budget; the caller waiting for a tensor's reads and handing it over;
+    and each load's wall time. A benchmark resets it before a load and reads it after: a
+    diagnosis in one run of a lent GPU machine, not a tuning knob."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, spent: dict[str, float]) -> None:
+        with self._lock:
+            for phase, seconds in spent.items():
+                self._seconds[phase] += seconds
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seconds.clear()
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
+
+
+PHASES = PhaseStats()
 
 #: torch's CUDA caching allocator hands out multiples of 512 bytes.
 ALLOC_GRANULE = 512
@@ -294,7 +323,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     in_source.clear()
                 if cancelled.is_set():
                     break
+                t0 = time.perf_counter()
                 f = _open(path, header, policy, names)
+                PHASES.add({"planner: open files": time.perf_counter() - t0})
                 files.append(f)
                 _plan_file(f, sink, options, budget, work, ready, cancelled, completion)
                 _file_done(f, planned=True)
@@ -316,6 +347,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         pending: list[Any] = [None, None]
         turn = 0
         stream = None
+        spent: dict[str, float] = defaultdict(float)   # this reader's time, by what it waited on
+        clock = time.perf_counter
         idents.add(threading.get_ident())
         try:
             # Inside the try: a worker that dies without fail() (pinned memory exhausted, a
@@ -329,23 +362,34 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             # worker of a small load that gets one chunk pins one buffer.
             buffers: list[Any] = [None, None]
             while True:
+                t0 = clock()
                 try:
                     chunk = work.get(timeout=WORKER_POLL)
                 except queue.Empty:
                     # The consumer may have drained the queue (stop markers included) when it
                     # cancelled, so an idle worker must notice cancellation by itself.
+                    spent["reader: wait for a chunk"] += clock() - t0
                     if cancelled.is_set():
                         return
                     continue
+                t1 = clock()
+                spent["reader: wait for a chunk"] += t1 - t0
                 if chunk is None or cancelled.is_set():
                     return
                 if pending[turn] is not None:
                     sink.host_wait(pending[turn])
+                t2 = clock()
+                spent["reader: wait for its staging's copies"] += t2 - t1
                 if buffers[turn] is None:
                     buffers[turn] = sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN)
+                    t3 = clock()
+                    spent["reader: pin staging"] += t3 - t2
+                    t2 = t3
                 src, view = buffers[turn]
                 skew, got, direct = _read_chunk(chunk, view, policy)
                 _file_done(chunk.file)
+                t3 = clock()
+                spent["reader: read"] += t3 - t2
                 # The tensors' memory may have been freed by the consumer just before, with its
                 # kernels still reading it on the consumer's stream: copy only after those.
                 sink.stream_wait(stream, chunk.allocated)
@@ -360,6 +404,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     stats["direct"] += direct
                     stats["chunks"] += 1
                 completion.queued(chunk.pieces, event)
+                spent["reader: queue copies"] += clock() - t3
         except BaseException as exc:  # noqa: BLE001
             fail(exc)
         finally:
@@ -367,13 +412,17 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             # a tensor once the load ends (one never yielded is freed then). A copy that failed
             # halfway left earlier pieces queued with no event of their own: wait for the
             # whole stream.
+            t0 = clock()
             if stream is not None:
                 sink.host_wait(sink.record(stream))
             for event in pending:
                 if event is not None:
                     sink.host_wait(event)
+            spent["reader: wait for its last copies"] += clock() - t0
+            PHASES.add(spent)
 
     started = time.perf_counter()
+    consumer: dict[str, float] = defaultdict(float)
     finished: list[threading.Event] = []
     count = 0
     tracked = pool.track(cancelled, finished)
@@ -389,13 +438,18 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 break
             if isinstance(item, BaseException):
                 raise item
+            t0 = time.perf_counter()
             completion.wait(item, errors)
             if errors:
                 raise errors[0]
+            t1 = time.perf_counter()
             sink.consumer_wait(item.events)
             tensor = sink.finish(item.flat, item.info)
             item.flat = None
             count += 1
+            t2 = time.perf_counter()
+            consumer["caller: wait for a tensor's reads"] += t1 - t0
+            consumer["caller: hand a tensor over"] += t2 - t1
             yield item.info.name, tensor
             # Counted until the consumer asks for the next one: released at the yield, the
             # next tensor could be allocated while the consumer still held this one and the
@@ -432,6 +486,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 pool.in_background(end)   # interrupted again: the files still get closed
                 raise
         seconds = time.perf_counter() - started
+        PHASES.add({**consumer, "load: wall time": seconds})
         logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
                     "threads, io=%s, %d of %d chunks direct", count, stats["bytes"] / 1e6,
                     len(files), seconds, stats["bytes"] / 1e9 / max(seconds, 1e-9),
@@ -519,44 +574,56 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
     limit = options.buffer_bytes
     chunk: _Chunk | None = None
 
+    spent: dict[str, float] = defaultdict(float)
+    clock = time.perf_counter
+
     def flush() -> None:
         nonlocal chunk
         if chunk is not None and chunk.pieces:
             chunk.allocated = sink.alloc_event()  # every tensor of the chunk is allocated by now
             with f.lock:
                 f.pending += 1
-            _put(work, chunk, cancelled)
+            t0 = clock()
+            _put(work, chunk, cancelled)   # blocks while the readers are busy
+            spent["planner: wait for a free reader"] += clock() - t0
         chunk = None
 
-    for info in infos:
-        if cancelled.is_set():
-            return
-        footprint = device_bytes(info.nbytes)
-        if budget.would_block(footprint):
-            flush()  # let the tensors already planned complete, so the consumer frees budget
-        if not budget.acquire(footprint):
-            return
-        t = _Tensor(info, sink.alloc(info) if info.nbytes else None)
-        start = header.data_start + info.data_offsets[0]
-        end = start + info.nbytes
-        position = start
-        while position < end:
-            if chunk is not None and (position - chunk.end > options.max_gap
-                                      or chunk.end - chunk.offset >= limit):
-                flush()
-            if chunk is None:
-                chunk = _Chunk(f, position, position, [])
-            take = min(end - position, limit - (position - chunk.offset))
-            if take <= 0:
-                flush()
-                continue
-            completion.add_piece(t)
-            chunk.pieces.append(_Piece(t, position - start, position, take))
-            chunk.end = position + take
-            position += take
-        completion.planned(t)  # the planner's guard
-        ready.put(t)
-    flush()
+    try:
+        for info in infos:
+            if cancelled.is_set():
+                return
+            footprint = device_bytes(info.nbytes)
+            if budget.would_block(footprint):
+                flush()  # let the tensors already planned complete, so the consumer frees budget
+            t0 = clock()
+            if not budget.acquire(footprint):
+                return
+            t1 = clock()
+            t = _Tensor(info, sink.alloc(info) if info.nbytes else None)
+            spent["planner: wait for budget"] += t1 - t0
+            spent["planner: allocate"] += clock() - t1
+            start = header.data_start + info.data_offsets[0]
+            end = start + info.nbytes
+            position = start
+            while position < end:
+                if chunk is not None and (position - chunk.end > options.max_gap
+                                          or chunk.end - chunk.offset >= limit):
+                    flush()
+                if chunk is None:
+                    chunk = _Chunk(f, position, position, [])
+                take = min(end - position, limit - (position - chunk.offset))
+                if take <= 0:
+                    flush()
+                    continue
+                completion.add_piece(t)
+                chunk.pieces.append(_Piece(t, position - start, position, take))
+                chunk.end = position + take
+                position += take
+            completion.planned(t)  # the planner's guard
+            ready.put(t)
+        flush()
+    finally:
+        PHASES.add(spent)
 
 
 def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk | None, cancelled: threading.Event
