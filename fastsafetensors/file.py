@@ -40,11 +40,14 @@ DIRECT_MIN_BYTES = 1 << 20
 class _DeviceReads:
     """Per-tensor reads to a device running at once (transformers runs 4 from its thread pool)
     share the configured reader threads, and each of their workers gets the staging buffer
-    that a whole load gives each of its workers. Sized per tensor instead, every read took 16
-    threads and a staging size of its own: on the H200 machine, from_pretrained with
-    device_map="cuda" ran at 0.84x stock, pinning new host memory (about 2 GB/s there) for
-    each of those sizes. One buffer size is one size class of torch's pinned-memory cache,
-    so reads after the first reuse it."""
+    that a whole load gives each of its workers. The share is taken when a read starts: reads
+    that start while others run get less, and those keep theirs, so the readers of all reads
+    together can reach about twice the threads option (8, 4, 2, 2 for four at once).
+
+    Sized per tensor instead, every read took 16 threads and a staging size of its own: on the
+    H200 machine, from_pretrained with device_map="cuda" ran at 0.84x stock, pinning new host
+    memory (about 1.5 GB/s there) for each of those sizes. One buffer size is one size class of
+    torch's pinned-memory cache, so reads after the first reuse it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -54,7 +57,8 @@ class _DeviceReads:
     def share(self, nbytes: int) -> Iterator[tuple[int, int]]:
         """``(threads, staging_bytes)`` for one read of ``nbytes``, while it runs."""
         threads = config.device_threads()
-        per_worker = config.get("staging_bytes") // (2 * threads)
+        # At least a byte: the engine gives each buffer its floor (two O_DIRECT blocks).
+        per_worker = max(config.get("staging_bytes") // (2 * threads), 1)
         with self._lock:
             self._active += 1
             active = self._active

@@ -873,3 +873,15 @@ def test_a_large_device_read_names_the_file_in_its_errors(tmp_path: Path,
         with pytest.raises((ReadError, HeaderError)) as info:
             fsf.get_tensor("w", device="cuda:0")
     assert info.value.path == str(path) and str(info.value).startswith("m.safetensors")
+
+
+def test_device_reads_with_tiny_staging_still_get_a_valid_size() -> None:
+    # 16 threads and 8 bytes of staging: a whole load gives each buffer its floor; a share of
+    # 0 bytes was handed to the engine, which refused it (ConfigError staging_bytes=0).
+    from fastsafetensors.config import get
+    from fastsafetensors.file import _DEVICE_READS
+
+    with fastsafetensors.configure(threads=16, staging_bytes=8):
+        with _DEVICE_READS.share(1 << 20) as (threads, staging):
+            assert threads == 16 and staging > 0
+            assert get("staging_bytes", staging) == staging   # the engine's own check

@@ -874,3 +874,35 @@ def test_phases_say_where_the_engine_spent_its_time(checkpoint):
     assert spent["reader: read"] <= 3 * spent["load: wall time"]
     PHASES.reset()
     assert PHASES.snapshot() == {}
+
+
+def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch):
+    # TorchCudaSink skips the wait for an event its consumer's stream already waits on. A CUDA
+    # stream compared with None by `!=` answers False (torch's C comparison), so the first
+    # version never noticed a switch of streams: a tensor sharing a chunk's event with the one
+    # before it was handed to the new stream without a wait. Emulated on the CPU with a stream
+    # class that compares as torch.cuda.Stream does (only __eq__ defined in Python).
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    waits: list[tuple[int, object]] = []
+
+    class Stream(torch.Stream):
+        def __eq__(self, other: object) -> bool:
+            return super().__eq__(other) if isinstance(other, Stream) else False
+
+        __hash__ = torch.Stream.__hash__
+
+        def wait_event(self, event: object) -> None:
+            waits.append((self.stream_id, event))
+
+    first, second = (Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
+    current = [first]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields consumer_wait uses
+    sink.device, sink._waited, sink._waited_on = "cuda:0", {}, None
+    event, other = object(), object()
+    sink.consumer_wait([event])
+    sink.consumer_wait([event, other])       # same stream: only the new event
+    current[0] = second
+    sink.consumer_wait([event])              # another stream: waits again
+    assert waits == [(1, event), (1, other), (2, event)]

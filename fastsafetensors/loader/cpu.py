@@ -10,6 +10,7 @@ machines is most of the cost of a warm load (see docs/benchmarks.md).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ __all__ = ["FileJob", "load_host", "IOPolicy", "tensors_from_buffer"]
 
 logger = logging.getLogger(__name__)
 
+#: The page-cache residency map has one entry per page of this size.
+PAGE = mmap.PAGESIZE
 #: Under auto, a read goes through the page cache when at least this share of its pages is
 #: cached: copying cached pages beats the disk even when a few must still be fetched.
 CACHED_ENOUGH = 0.5
@@ -72,7 +75,10 @@ class IOPolicy:
             return True
         if resident is None or self.mode != "auto":
             return False
-        pages = resident[(begin - base) // DIRECT_ALIGN:-(-(end - base) // DIRECT_ALIGN)]
+        # The map has one entry per page from the page holding ``base`` (mmap.PAGESIZE: 64 KiB
+        # on some aarch64 kernels, not the 4 KiB block of O_DIRECT).
+        first = base - base % PAGE
+        pages = resident[(begin - first) // PAGE:-(-(end - first) // PAGE)]
         return bool(pages) and 1.0 - pages.count(0) / len(pages) < CACHED_ENOUGH
 
 

@@ -36,6 +36,8 @@ SMALL_PIECE = 1 << 20
 RUN_GAP = 64 << 10
 #: Runs of fewer pieces are copied piece by piece (the batch would save nothing).
 MIN_RUN = 4
+# A run's device scratch is at most one staging buffer (a chunk), one per reader at a time,
+# taken from the reader's stream pool of torch's allocator: not counted by max_device_bytes.
 
 Piece = tuple[torch.Tensor, int, int, int]   # (dst, dst_offset, src_offset, length)
 
@@ -147,7 +149,9 @@ class TorchCudaSink:
 
     def consumer_wait(self, events: list[torch.cuda.Event]) -> None:
         stream = torch.cuda.current_stream(self.device)
-        if stream != self._waited_on or len(self._waited) > 256:
+        # `is None` first: a CUDA stream compared with None by `!=` answers False (torch's C
+        # comparison), which left the dict in place after the consumer switched streams.
+        if self._waited_on is None or stream != self._waited_on or len(self._waited) > 256:
             self._waited = {}
             self._waited_on = stream
         for event in events:
