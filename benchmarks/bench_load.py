@@ -804,6 +804,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         row.setdefault("errors", []).append(f"{mode}: {reply['error']}")
                         row["times"][mode].append(None)   # keeps rounds aligned for pairing
                         row["cpu"][mode].append(None)
+                        if row.get("group") == "ours":   # phase lines name the run they show
+                            row.setdefault("phases", {}).setdefault(mode, []).append(None)
                         continue
                     row["times"][mode].append(reply["seconds"])
                     row["cpu"][mode].append(reply.get("cpu_seconds"))
@@ -1054,10 +1056,13 @@ def phase_lines(report: dict[str, Any]) -> list[str]:
         if not out:
             out += ["", "where the engine's threads spent the first warm run (seconds, summed "
                         "over threads; wall = the load's own time):"]
-        wall = first.get("load: wall time", 0.0)
+        if first is None:
+            out.append(f"  {name}: the first warm run failed")
+            continue
+        wall = first.get("load: wall time")
         parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(first.items())
                           if k != "load: wall time")
-        out.append(f"  {name}: wall {wall:.3f}; {parts}")
+        out.append(f"  {name}: wall {'?' if wall is None else f'{wall:.3f}'}; {parts}")
     return out
 
 

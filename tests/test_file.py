@@ -885,3 +885,15 @@ def test_device_reads_with_tiny_staging_still_get_a_valid_size() -> None:
         with _DEVICE_READS.share(1 << 20) as (threads, staging):
             assert threads == 16 and staging > 0
             assert get("staging_bytes", staging) == staging   # the engine's own check
+
+
+def test_device_reads_take_the_gpu_thread_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Left unset, the threads option gives a load to a GPU 8 readers (2 per core, at most 16,
+    # then capped at 8): per-tensor reads share those, not the 16 of a CPU load.
+    from fastsafetensors.file import _DEVICE_READS
+
+    monkeypatch.delenv("FASTSAFETENSORS_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    with fastsafetensors.configure(staging_bytes=256 << 20):
+        with _DEVICE_READS.share(1 << 30) as (threads, staging):
+            assert (threads, staging) == (8, 256 << 20)

@@ -866,8 +866,8 @@ def test_phases_say_where_the_engine_spent_its_time(checkpoint):
     assert len(got) == len(_expected(checkpoint))
     for phase in ("load: wall time", "reader: read", "reader: wait for a chunk",
                   "reader: queue copies", "reader: pin staging", "planner: allocate",
-                  "planner: open files", "caller: wait for a tensor's reads",
-                  "caller: hand a tensor over"):
+                  "planner: open files", "caller: wait for the planner",
+                  "caller: wait for a tensor's reads", "caller: hand a tensor over"):
         assert spent.get(phase, -1) >= 0, phase
     assert spent["reader: read"] > 0 and spent["load: wall time"] > 0
     # Three readers cannot have spent more than three times the wall time reading.
@@ -906,3 +906,16 @@ def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch):
     current[0] = second
     sink.consumer_wait([event])              # another stream: waits again
     assert waits == [(1, event), (1, other), (2, event)]
+
+
+def test_residency_is_indexed_by_the_systems_page_size(monkeypatch):
+    # mincore answers one entry per page, 64 KiB on some aarch64 kernels: the map starts at the
+    # page holding `base` (old code: 4 KiB steps from `base`, an empty slice here, so a cold
+    # range was read through the page cache).
+    import fastsafetensors.loader.cpu as cpu
+
+    monkeypatch.setattr(cpu, "PAGE", 64 << 10)
+    policy = cpu.IOPolicy("auto")
+    resident = bytes([1, 0, 0])                       # pages [0, 64K) cached, the rest not
+    assert policy.direct_range(resident, 4096, 64 << 10, 192 << 10)        # cold: direct
+    assert not policy.direct_range(resident, 4096, 4096, 64 << 10)         # cached: buffered

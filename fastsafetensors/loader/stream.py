@@ -54,9 +54,10 @@ WORKER_POLL = 0.1
 class PhaseStats:
     """Where the engine's threads spent their time, in seconds summed over threads and loads,
     process-wide (as ``posix.STATS`` counts bytes): readers waiting for a chunk, for their
-    staging's copies, pinning, reading, queuing copies; the planner allocating and waiting for
-    a free reader or for budget; the caller waiting for a tensor's reads and handing it over;
-    and each load's wall time. A benchmark resets it before a load and reads it after: a
+    staging's copies, pinning, reading, queuing copies; the planner opening files, allocating
+    and waiting for a free reader or for budget; the caller waiting for the planner, for a
+    tensor's reads, and handing it over; and each load's wall time (loads running at once add
+    theirs up). A benchmark resets it before a load and reads it after: a
     diagnosis in one run of a lent GPU machine, not a tuning knob."""
 
     def __init__(self) -> None:
@@ -433,7 +434,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         for i in range(options.threads):
             finished.append(pool.start(worker, f"fastsafetensors-io-{i}"))
         while True:
+            t0 = time.perf_counter()
             item = ready.get()
+            consumer["caller: wait for the planner"] += time.perf_counter() - t0
             if item is None:
                 break
             if isinstance(item, BaseException):
