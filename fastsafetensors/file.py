@@ -65,7 +65,7 @@ class _DeviceReads:
         try:
             # No more workers than the tensor has buffers' worth of bytes, nor than this
             # read's share of the threads (reads that start later get smaller shares).
-            mine = max(1, min(threads // active, -(-nbytes // max(per_worker, 1))))
+            mine = max(1, min(threads // active, -(-nbytes // per_worker)))
             yield mine, 2 * mine * per_worker
         finally:
             with self._lock:

@@ -51,6 +51,7 @@ Source = tuple[str, "Header | None", "list[str] | None"]
 #: hands each worker a stop marker.
 WORKER_POLL = 0.1
 
+
 class PhaseStats:
     """Where the engine's threads spent their time, in seconds summed over threads and loads,
     process-wide (as ``posix.STATS`` counts bytes): readers waiting for a chunk, for their
@@ -357,10 +358,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             sink.enter_thread()
             stream = sink.new_stream()
             # Each buffer is pinned when first needed. On the H200 machine a process's first
-            # warm 8 GB load took 0.13 s longer than its second (0.49 against 0.36 s,
-            # io="buffered"), which reuses the 256 MiB of pinned staging that torch cached:
-            # the second buffer's pinning now overlaps the first chunk's read and copy, and a
-            # worker of a small load that gets one chunk pins one buffer.
+            # warm 8 GB load took 0.13 s longer than a later one (0.49 against 0.36 s,
+            # io="buffered"), which can reuse the 256 MiB of pinned staging torch cached: the
+            # second buffer's pinning can overlap the first chunk's read and copy (not yet
+            # measured apart), and a worker of a small load that gets one chunk pins one.
             buffers: list[Any] = [None, None]
             while True:
                 t0 = clock()
@@ -663,24 +664,23 @@ def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int,
     return 0, got, False
 
 
-
-
 def _resident(f: _File, begin: int, end: int) -> tuple[bytes | None, int]:
     """Page-cache residency of file bytes ``[begin, end)``, per page, and the page-aligned
     offset it starts at. Looked up one segment at a time, by the first reader that needs it,
     before that segment is read (read-ahead from buffered reads of a segment would make its
     cold pages look cached: each segment is a snapshot of the state before this load).
 
-    Taken for a whole file by the planner, before planning it, the lookup cost 20 ms per 2 GB
-    file in series with the reads: on the H200 machine io="auto" ran at 15-18 GB/s warm where
-    io="buffered" ran at 17-23. Readers look up segments in parallel (ctypes releases the GIL).
+    Taken for a whole file by the planner, before planning it, the lookup cost some 20 ms per
+    2 GB file in series with the reads: on the H200 machine io="auto" ran 10% slower than
+    io="buffered" warm (15.09 against 16.72 GB/s, first loads). Readers look segments up in
+    parallel (ctypes releases the GIL).
     """
     low, high = f.span
     parts: list[bytes] = []
     for s in range(max(begin, low) // SEGMENT, (min(end, high) - 1) // SEGMENT + 1):
         if s not in f.segments:
-            # One lookup per segment: readers of the same file wait for it (at some 100 GB/s
-            # of file per lookup thread, this never holds a load back).
+            # One lookup per segment: readers of the same file wait for it (at some 40 ns a
+            # page, about 0.3 ms per 32 MiB segment, far less than reading it).
             with f.looking:
                 if s not in f.segments:
                     start = max(s * SEGMENT, low)
