@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check and timing of this repository in one call on a lent NVIDIA machine, sized to
-# fit one call inside a session's 15 minutes of device time: GPU tests, the loading benchmark against the peers, and
-# transformers' from_pretrained with device_map="cuda". Everything it prints lands in $OUT too.
+# fit a session's 15 minutes of device time with a machine start: GPU tests, the loading
+# benchmark against the peers, and transformers' from_pretrained with device_map="cuda".
+# Everything it prints lands in $OUT too.
 #
 #   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
 #   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 460)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 435 s, leaving time for starting Python; the most wanted figures come first;
-# the first run on an H200 took 310 s in all);
+# (the limits add up to 435 s, leaving time for starting Python; the most wanted figures come
+# first; the two runs on an H200 took 310 and 373 s in all);
 # the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
 # checks, summaries and JSON are written whatever the machine's speed.
 set -u -o pipefail

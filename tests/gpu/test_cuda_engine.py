@@ -163,6 +163,27 @@ def test_consumer_on_another_stream_sees_complete_data(tmp_path, slow_copies):
         assert total.item() == big[name].sum().item(), name
 
 
+def test_a_consumer_that_switches_streams_between_tensors_sees_complete_data(tmp_path,
+                                                                           slow_copies):
+    # Small tensors share one chunk and so one copy event; the consumer's stream skips waits
+    # it has already done. A consumer on another stream must wait again (the first version of
+    # that skip never reset, so the second stream read tensors still being copied).
+    small = {f"s{i}": torch.full((1024,), float(i)) for i in range(64)}   # 4 KiB each
+    path = tmp_path / "small.safetensors"
+    save_file(small, str(path))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    sums = []
+    gen = fastsafetensors.iter_tensors([str(path)], device="cuda:0", backend="posix")
+    for i in range(len(small)):
+        with torch.cuda.stream(streams[i % 2]):
+            name, tensor = next(gen)
+            sums.append((name, tensor.sum()))   # on this tensor's stream, no host sync
+    gen.close()
+    torch.cuda.synchronize()
+    for name, total in sums:
+        assert total.item() == small[name].sum().item(), name
+
+
 def test_peak_device_memory_is_tensors_plus_slack(tmp_path):
     tensors = {f"w{i}": torch.randn(2048, 2048) for i in range(16)}  # 256 MiB
     path = tmp_path / "peak.safetensors"
