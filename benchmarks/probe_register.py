@@ -1,0 +1,125 @@
+"""Would copying straight out of the page cache beat reading into pinned staging?
+
+The streaming engine reads each chunk of a cached file into pinned staging (a host copy) and
+then copies it to the GPU. Another route skips the host copy: map the file read-only, register
+the mapping with CUDA (``cudaHostRegister`` with ``cudaHostRegisterReadOnly``), and let the copy
+engine read the page cache directly. It pays off only if registering cached pages costs less
+than copying them. This probe times each step for every shard of a warm checkpoint, next to the
+pinned-copy limit, and prints GB/s; it loads nothing into the package and changes no file.
+
+    python benchmarks/probe_register.py --dir <checkpoint folder> [--json out.json]
+
+Without CUDA it says so and exits 0 (the GPU session script runs it on the lent machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+#: cudaHostRegisterReadOnly (CUDA 11.1+): the device only reads the registered memory, which
+#: lets a read-only file mapping be registered at all.
+REGISTER_READ_ONLY = 0x08
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def probe_file(torch: Any, path: str, dst: Any) -> dict[str, Any]:
+    """Map, register, copy to ``dst`` and unregister one file; seconds of each step."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return {"error": f"mmap failed (errno {ctypes.get_errno()})"}
+        try:
+            cudart = torch.cuda.cudart()
+            t0 = time.perf_counter()
+            err = cudart.cudaHostRegister(addr, size, REGISTER_READ_ONLY)
+            t1 = time.perf_counter()
+            if int(err) != 0:
+                return {"error": f"cudaHostRegister returned {err}", "bytes": size}
+            try:
+                array = (ctypes.c_uint8 * size).from_address(addr)
+                src = torch.frombuffer(array, dtype=torch.uint8)   # read-only: only read here
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                dst[:size].copy_(src, non_blocking=True)
+                torch.cuda.synchronize()
+                t3 = time.perf_counter()
+                same = bool(torch.equal(dst[:4096].cpu(), src[:4096]))
+            finally:
+                t4 = time.perf_counter()
+                cudart.cudaHostUnregister(addr)
+                t5 = time.perf_counter()
+            return {"bytes": size, "register": t1 - t0, "copy": t3 - t2,
+                    "unregister": t5 - t4, "pinned": bool(src.is_pinned()), "same": same}
+        finally:
+            _libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", required=True, help="a checkpoint folder (bench_load.py builds one)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("probe_register: no CUDA device here; nothing to measure")
+        return 0
+    files = sorted(str(p) for p in Path(args.dir).glob("*.safetensors"))
+    if not files:
+        print(f"probe_register: no .safetensors files in {args.dir}")
+        return 0
+    C.warm(files)
+    dst = torch.empty(max(os.path.getsize(f) for f in files), dtype=torch.uint8, device="cuda")
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # frombuffer warns that the buffer is not writable
+        for f in files:
+            row = probe_file(torch, f, dst)
+            row["file"] = os.path.basename(f)
+            rows.append(row)
+    total = sum(r.get("bytes", 0) for r in rows if "error" not in r)
+    print(f"cudaHostRegister(read-only) of warm file mappings, {len(rows)} files, "
+          f"{total / 1e9:.2f} GB, {torch.cuda.get_device_name(0)}")
+    for r in rows:
+        if "error" in r:
+            print(f"  {r['file']}: {r['error']}")
+            continue
+        gb = r["bytes"] / 1e9
+        print(f"  {r['file']}: register {r['register']:.3f} s ({gb / r['register']:.1f} GB/s), "
+              f"copy {r['copy']:.3f} s ({gb / r['copy']:.1f} GB/s), unregister "
+              f"{r['unregister']:.3f} s; pinned: {r['pinned']}; first page equal: {r['same']}")
+    good = [r for r in rows if "error" not in r]
+    if good:
+        seconds = sum(r["register"] + r["copy"] + r["unregister"] for r in good)
+        print(f"  all steps: {total / 1e9 / seconds:.1f} GB/s (the engine's warm load, same "
+              f"files: see bench_load.py)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": C.machine(), "files": rows},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
