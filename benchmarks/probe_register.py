@@ -31,20 +31,20 @@ import _common as C  # noqa: E402
 #: lets a read-only file mapping be registered at all.
 REGISTER_READ_ONLY = 0x08
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+#: libc with mmap/munmap typed: the package's page-cache probe already sets it up (None where
+#: mincore is unavailable, which is not Linux, where this probe has nothing to measure anyway).
+_libc = C.pagecache()._libc
 
 
 def probe_file(torch: Any, path: str, dst: Any) -> dict[str, Any]:
     """Map, register, copy to ``dst`` and unregister one file; seconds of each step."""
+    if _libc is None:
+        return {"error": "no libc mmap here"}
     size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
+        if addr in (None, C.pagecache()._MAP_FAILED):
             return {"error": f"mmap failed (errno {ctypes.get_errno()})"}
         try:
             cudart = torch.cuda.cudart()
