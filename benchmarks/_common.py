@@ -342,10 +342,15 @@ def llama_shapes(size_bytes: int) -> tuple[dict[str, tuple[int, ...]], dict[str,
     h, i, kv, v = cfg["hidden"], cfg["inter"], cfg["kv"], cfg["vocab"]
     per_layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
     fixed = 2 * (2 * v * h + h)
-    layers = max(1, round((size_bytes - fixed) / per_layer))
-    cfg["layers"] = layers
+    cfg["layers"] = max(1, round((size_bytes - fixed) / per_layer))
+    return layer_shapes(cfg), cfg
+
+
+def layer_shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """The tensors of a Llama-like model of ``cfg`` (hidden, inter, kv, vocab, layers)."""
+    h, i, kv, v = cfg["hidden"], cfg["inter"], cfg["kv"], cfg["vocab"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(layers):
+    for n in range(cfg["layers"]):
         p = f"model.layers.{n}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "self_attn.q_proj.weight"] = (h, h)
@@ -358,12 +363,20 @@ def llama_shapes(size_bytes: int) -> tuple[dict[str, tuple[int, ...]], dict[str,
         shapes[p + "mlp.down_proj.weight"] = (h, i)
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (v, h)
-    return shapes, cfg
+    return shapes
 
 
-def build_checkpoint(folder: Path, size_gb: float, *, shards: int = 4) -> dict[str, Any]:
+def floor_config(cfg: dict[str, int]) -> dict[str, int]:
+    """A model with the layers, names and tensor count of ``cfg`` and almost no bytes (128
+    wide): loading it times what a loader spends besides moving bytes."""
+    return {"hidden": 128, "inter": 256, "kv": 64, "vocab": 256, "layers": cfg["layers"]}
+
+
+def build_checkpoint(folder: Path, size_gb: float, *, shards: int = 4,
+                     cfg: dict[str, int] | None = None) -> dict[str, Any]:
     """Write (once; reused while its ``bench.json`` matches) a sharded bf16 Llama-like
-    checkpoint with a ``model.safetensors.index.json``. Returns the description."""
+    checkpoint with a ``model.safetensors.index.json``: of about ``size_gb``, or of exactly
+    ``cfg`` when given. Returns the description."""
     import torch
     from safetensors.torch import save_file
 
@@ -371,10 +384,14 @@ def build_checkpoint(folder: Path, size_gb: float, *, shards: int = 4) -> dict[s
     stamp = folder / "bench.json"
     if stamp.exists():
         info = json.loads(stamp.read_text())
-        if info.get("size_gb") == size_gb and all((folder / f).exists() for f in info["files"]):
+        if (info.get("size_gb") == size_gb and (cfg is None or info.get("config") == cfg)
+                and all((folder / f).exists() for f in info["files"])):
             return info
     folder.mkdir(parents=True, exist_ok=True)
-    shapes, cfg = llama_shapes(size)
+    if cfg is None:
+        shapes, cfg = llama_shapes(size)
+    else:
+        shapes = layer_shapes(cfg)
     total = sum(2 * math.prod(s) for s in shapes.values())
     per_shard = total / shards
     groups: list[list[str]] = [[]]

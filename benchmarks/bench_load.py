@@ -64,7 +64,7 @@ HERE = Path(__file__).resolve()
 class Case:
     name: str            # key in the JSON
     label: str           # row of the table
-    group: str           # limit | safetensors | ours | peer
+    group: str           # limit | reference | safetensors | ours | peer
     kind: str            # which runner the child builds
     params: dict[str, Any] = field(default_factory=dict)
     peer: str | None = None           # folder under --peers-dir for PYTHONPATH
@@ -128,11 +128,11 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
             cases.append(Case(f"fst_cuda_{io}", f"fastsafetensors.load_file(cuda:0) io={io}",
                               "ours", "fst", {"device": dev, "io": io}))
         # Warm-only tuning rows: would another setting than the defaults (8 threads to a GPU,
-        # 256 MiB of staging, spinning event waits) be faster on this machine? The first run of
-        # each is a fresh process's first load (pinned staging allocated); a second reuses what
-        # torch's pinned-memory cache kept.
+        # 256 MiB of staging) be faster on this machine? The first run of each is a fresh
+        # process's first load (pinned staging allocated); a second reuses what torch's
+        # pinned-memory cache kept. (Blocking event waits, a row of the first two H200 runs,
+        # were within noise of the default: 16.12 against 15.09 and 9.60 against 9.34 GB/s.)
         for key, label, env in (
-                ("block", "event_wait=block", {"FASTSAFETENSORS_EVENT_WAIT": "block"}),
                 ("t4", "threads=4", {"FASTSAFETENSORS_THREADS": "4"}),
                 ("t16", "threads=16", {"FASTSAFETENSORS_THREADS": "16"}),
                 ("s128m", "staging_bytes=128 MiB",
@@ -142,6 +142,16 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                               "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",
                           "fst_load", {"device": dev}))
+        # A plain-Python pipeline of the engine's shape (benchmarks/sketch_pipeline.py): what
+        # Python alone reaches here, pinning its staging in the timed load or before it.
+        for key, label, params in (
+                ("", "8 thr, 16 MiB buffers", {"threads": 8}),
+                ("_prepinned", "8 thr, 16 MiB buffers pinned before the clock",
+                 {"threads": 8, "prepinned": True}),
+                ("_t16", "16 thr, 8 MiB buffers", {"threads": 16, "buffer": 8 * C.MiB})):
+            cases.append(Case(f"sketch_cuda{key}", f"reference: plain-Python pipeline, {label}",
+                              "reference", "sketch", {"device": dev, **params},
+                              modes=("warm",)))
         cases.append(Case("vllm_cuda", "vLLM's ParallelLoader sequence -> cuda", "ours", "vllm",
                           {"device": dev}))
         if not args.no_peers:
@@ -364,6 +374,21 @@ class InstantTensorRunner(Runner):
         return out
 
 
+class SketchRunner(Runner):
+    def __init__(self, files: list[str], p: dict[str, Any]) -> None:
+        from sketch_pipeline import Sketch
+
+        self.device = p["device"]
+        self.sketch = Sketch(files, device=self.device, threads=p["threads"],
+                             buffer=p.get("buffer", 16 * C.MiB),
+                             prepinned=p.get("prepinned", False))
+
+    def load(self) -> Any:
+        out = self.sketch.load()
+        _sync(self.device)
+        return out
+
+
 class H2DRunner(Runner):
     """The host-to-device limit: as many bytes as the checkpoint holds, copied to the GPU from a
     2 GiB pinned buffer (again and again), so the row's GB/s and its paired ratios count the
@@ -460,6 +485,8 @@ def child(case: str, spec: dict[str, Any]) -> None:
             runner = RunaiRunner(files, p)
         elif kind == "instanttensor":
             runner = InstantTensorRunner(files, p)
+        elif kind == "sketch":
+            runner = SketchRunner(files, p)
         elif kind == "h2d":
             runner = H2DRunner(sum(s.size for s in C.data_spans(files)))
         else:

@@ -8,13 +8,21 @@ file, checked with mincore), interleaved so a noisy neighbour hurts both alike. 
 a fresh child process, which measures:
 
 * seconds: ``AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
-  device_map=DEVICE[, loader="fastsafetensors"])``, imports excluded;
+  device_map=DEVICE[, loader="fastsafetensors"])``, imports excluded; on a GPU, CUDA is
+  initialized before the clock starts and that time is reported apart (``cuda_init_seconds``):
+  it is the same for both loaders and belongs to neither (until the 2026-11-26 H200 runs it was
+  inside ``seconds``);
 * peak RSS above the child's baseline (``ru_maxrss``: anonymous memory plus the mapped file pages
   the stock loader touches), and peak anonymous RSS (``RssAnon`` of /proc/self/status sampled
   every 5 ms: the memory a loader allocates, without page-cache-backed mappings);
 * first touch: one read per 4 KiB page of every parameter afterwards (the stock CPU path hands
   out tensors that still point into its memory map, so its reads happen there), timed apart;
 * a checksum of a sample of every parameter's bits, so both loaders build the same model.
+
+A floor twin (``--floor``, on by default) has the same layers, names and tensor count at 128 wide
+(a few MB): its warm loads time what each way spends besides moving bytes (transformers' own
+work, per-tensor costs). ``warm/speedup_beyond_floor`` divides the two warm times less their
+floors: the speedup on the bytes alone, which bounds what a faster loader can change.
 
     python benchmarks/bench_transformers.py --size-gb 2 --repeat 3 --json bench-tf.json
     python benchmarks/bench_transformers.py --device cuda          # on a GPU machine
@@ -89,6 +97,12 @@ def child(args: argparse.Namespace) -> None:
     kwargs: dict[str, Any] = {} if args.mode == "stock" else {"loader": "fastsafetensors"}
     base_rss = _status_kib("VmRSS") * 1024
     base_anon = _status_kib("RssAnon") * 1024
+    cuda_init = None
+    if args.device.startswith("cuda"):
+        started = time.perf_counter()
+        torch.empty(1, device=args.device)
+        torch.cuda.synchronize()
+        cuda_init = time.perf_counter() - started
     with AnonPeak() as anon:
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
@@ -116,6 +130,7 @@ def child(args: argparse.Namespace) -> None:
               "checksum": checksum, "loadavg_1min": os.getloadavg()[0], **state}
     if args.device.startswith("cuda"):
         result["peak_cuda"] = torch.cuda.max_memory_allocated()
+        result["cuda_init_seconds"] = cuda_init
     print(json.dumps(result), flush=True)
 
 
@@ -135,6 +150,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from the start after which no run starts; the summary and "
                          "the JSON still cover the runs done")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the floor twin (same tensors, 128 wide; see above)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -147,7 +164,13 @@ def main() -> None:
     started = time.monotonic()
     folder = Path(args.dir or Path(tempfile.gettempdir()) / f"fst-bench-tf-{args.size_gb:g}gb")
     info = C.build_checkpoint(folder, args.size_gb, shards=args.shards)
+    twin = folder.parent / (folder.name + "-floor")
+    floor = C.build_checkpoint(twin, 0, shards=args.shards,
+                               cfg=C.floor_config(info["config"])) if args.floor else None
     caches = ("warm", "cold") if args.cache == "both" else (args.cache,)
+    # The floor runs warm, between the warm and the cold runs of each round.
+    plan = [c for c in caches if c == "warm"] + (["floor"] if floor and "warm" in caches
+                                                 else []) + [c for c in caches if c == "cold"]
     results: list[dict[str, Any]] = []
     # The children import this checkout whether or not it is installed (the GPU machine gets
     # the working tree only); a PYTHONPATH set by the caller (a carried transformers) stays.
@@ -156,14 +179,16 @@ def main() -> None:
     skipped = 0
     failures: list[str] = []   # a failed or stopped run is reported; the others still count
     for round_ in range(args.repeat):
-        for cache in caches:
+        for cache in plan:
             for mode in MODES:
                 if args.deadline and time.monotonic() - started > args.deadline:
                     skipped += 1
                     continue
-                cmd = [sys.executable, __file__, "--child", "--mode", mode, "--cache", cache,
-                       "--folder", str(folder), "--device", args.device,
-                       "--tensor-bytes", str(info["tensor_bytes"])]
+                which, size = (twin, floor) if cache == "floor" else (folder, info)
+                assert size is not None
+                cmd = [sys.executable, __file__, "--child", "--mode", mode, "--cache",
+                       "warm" if cache == "floor" else cache, "--folder", str(which),
+                       "--device", args.device, "--tensor-bytes", str(size["tensor_bytes"])]
                 try:
                     done = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                           check=False, timeout=args.run_timeout)
@@ -177,7 +202,8 @@ def main() -> None:
                                     f"{done.returncode}: {done.stderr[-4000:]}")
                     print(failures[-1], flush=True)
                     continue
-                row = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_}
+                row = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_,
+                                                                          "cache": cache}
                 results.append(row)
                 print(f"round {round_} {cache:4} {mode:15} {row['seconds']:7.2f} s "
                       f"(+{row['touch_seconds']:.2f} s first touch) "
@@ -189,9 +215,11 @@ def main() -> None:
                       + f"  load {row['loadavg_1min']:.1f}", flush=True)
     if skipped:
         print(f"deadline of {args.deadline:g} s passed: {skipped} runs skipped", flush=True)
-    checksums = {r["checksum"] for r in results}
+    # The same model both ways: one checksum for the checkpoint's runs, one for the floor's.
+    checksums = {r["checksum"] for r in results if r["cache"] != "floor"}
+    floor_checksums = {r["checksum"] for r in results if r["cache"] == "floor"}
     summary: dict[str, Any] = {}
-    for cache in caches:
+    for cache in plan:
         for mode in MODES:
             rows = [r for r in results if r["cache"] == cache and r["mode"] == mode]
             if not rows:
@@ -210,18 +238,29 @@ def main() -> None:
             if all("peak_cuda" in r for r in rows):
                 summary[f"{cache}/{mode}"]["peak_cuda_gb"] = max(r["peak_cuda"]
                                                                  for r in rows) / 1e9
+                summary[f"{cache}/{mode}"]["cuda_init_seconds"] = C.median(
+                    [r["cuda_init_seconds"] for r in rows])
         if f"{cache}/stock" not in summary or f"{cache}/fastsafetensors" not in summary:
             continue
         stock, ours = summary[f"{cache}/stock"], summary[f"{cache}/fastsafetensors"]
         summary[f"{cache}/speedup"] = stock["seconds"] / ours["seconds"]
         summary[f"{cache}/speedup_with_first_touch"] = (stock["seconds_with_first_touch"]
                                                        / ours["seconds_with_first_touch"])
+    if all(f"{c}/speedup" in summary for c in ("warm", "floor")):
+        stock_bytes = summary["warm/stock"]["seconds"] - summary["floor/stock"]["seconds"]
+        ours_bytes = (summary["warm/fastsafetensors"]["seconds"]
+                      - summary["floor/fastsafetensors"]["seconds"])
+        summary["warm/speedup_beyond_floor"] = (stock_bytes / ours_bytes if ours_bytes > 0
+                                                else None)
     same = len(checksums) == 1 if results else "n/a"
     print(f"\n{info['tensor_bytes'] / 1e9:.2f} GB, {len(info['files'])} shards, device_map="
           f"{args.device!r}; medians of {args.repeat}; same model both ways: {same}")
+    if floor:
+        print(f"floor twin: {floor['tensors']} tensors, {floor['tensor_bytes'] / 1e6:.1f} MB; "
+              f"same model both ways: {len(floor_checksums) == 1 if floor_checksums else 'n/a'}")
     for key, value in summary.items():
         if "speedup" in key:
-            print(f"  {key:26} {value:.2f}x")
+            print(f"  {key:26} " + ("n/a" if value is None else f"{value:.2f}x"))
         else:
             print(f"  {key:26} {value['seconds']:7.2f} s "
                   f"({value['seconds_with_first_touch']:.2f} s with first touch) "
@@ -230,6 +269,7 @@ def main() -> None:
                   f"(+{value['peak_rss_after_touch_above_base_gb']:.2f} GB after first touch)  "
                   f"peak anon +{value['peak_anon_above_base_gb']:.2f} GB"
                   + (f"  peak cuda {value['peak_cuda_gb']:.2f} GB (highest round)"
+                     f"  CUDA init before the clock {value['cuda_init_seconds']:.2f} s"
                      if "peak_cuda_gb" in value else ""))
     if args.json:
         import transformers
@@ -238,6 +278,7 @@ def main() -> None:
             "machine": C.machine(), "filesystem": C.filesystem(str(folder)),
             "transformers": transformers.__version__, "device_map": args.device,
             "checkpoint": info, "same_model_both_ways": len(checksums) == 1,
+            "floor": floor, "same_floor_model_both_ways": len(floor_checksums) == 1,
             "runs_skipped_at_deadline": skipped, "failures": failures,
             "summary": summary, "runs": results}, indent=2))
     if failures:

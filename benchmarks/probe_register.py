@@ -9,6 +9,11 @@ pinned-copy limit, and prints GB/s; it loads nothing into the package and change
 
     python benchmarks/probe_register.py --dir <checkpoint folder> [--json out.json]
 
+It also times the other half of a first load's cost, pinning its staging (run 2 on the H200
+machine pinned new host memory at about 1.5 GB/s, close to this VM family's rate of faulting in
+fresh 4 KiB pages): torch's pinned allocator against anonymous memory faulted in with and
+without ``MADV_HUGEPAGE`` and then registered (``cudaHostRegister``), 256 MiB each.
+
 Without CUDA it says so and exits 0 (the GPU session script runs it on the lent machine).
 """
 
@@ -74,6 +79,71 @@ def probe_file(torch: Any, path: str, dst: Any) -> dict[str, Any]:
         os.close(fd)
 
 
+#: madvise(MADV_POPULATE_WRITE) (Linux 5.14): fault the range in, writable, in one call.
+MADV_POPULATE_WRITE = 23
+
+
+def probe_pinning(torch: Any, nbytes: int = 256 << 20) -> list[dict[str, Any]]:
+    """Seconds to get ``nbytes`` of new pinned host memory, three ways, and whether a copy
+    from each lands on the GPU as from pinned memory."""
+    torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)   # the allocator's own setup
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    rows.append({"how": "torch pin_memory=True", "bytes": nbytes,
+                 "seconds": time.perf_counter() - t0, "pinned": bool(pinned.is_pinned())})
+    del pinned
+    cudart = torch.cuda.cudart()
+    for huge in (False, True):
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        row: dict[str, Any] = {"how": "anonymous mmap" + (" + MADV_HUGEPAGE" if huge else "")
+                               + ", faulted in, cudaHostRegister", "bytes": nbytes}
+        t0 = time.perf_counter()
+        if huge:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            mm.madvise(MADV_POPULATE_WRITE)
+        except OSError:
+            torch.frombuffer(mm, dtype=torch.uint8).zero_()   # older kernels: touch it
+        t1 = time.perf_counter()
+        anchor = ctypes.c_char.from_buffer(mm)
+        addr = ctypes.addressof(anchor)
+        del anchor   # an exported buffer would keep mm.close() from unmapping
+        err = cudart.cudaHostRegister(addr, nbytes, 0)
+        t2 = time.perf_counter()
+        row.update({"fault_in": t1 - t0, "register": t2 - t1, "seconds": t2 - t0})
+        if int(err) != 0:
+            row["error"] = f"cudaHostRegister returned {err}"
+        else:
+            src = torch.frombuffer(mm, dtype=torch.uint8)
+            row["pinned"] = bool(src.is_pinned())
+            dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            torch.cuda.synchronize()
+            t3 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            row["copy_gbps"] = nbytes / 1e9 / (time.perf_counter() - t3)
+            del src, dst
+            cudart.cudaHostUnregister(addr)
+        huge_kib = _anon_huge_kib()
+        if huge_kib is not None:
+            row["anon_huge_pages_kib_after"] = huge_kib
+        rows.append(row)
+        mm.close()
+    return rows
+
+
+def _anon_huge_kib() -> int | None:
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", required=True, help="a checkpoint folder (bench_load.py builds one)")
@@ -115,9 +185,21 @@ def main() -> int:
         seconds = sum(r["register"] + r["copy"] + r["unregister"] for r in good)
         print(f"  all steps: {total / 1e9 / seconds:.1f} GB/s (the engine's warm load, same "
               f"files: see bench_load.py)")
+    pinning = probe_pinning(torch)
+    print("new pinned host memory, 256 MiB each:")
+    for r in pinning:
+        parts = [f"{r['seconds']:.3f} s ({r['bytes'] / 1e9 / r['seconds']:.2f} GB/s)"]
+        if "fault_in" in r:
+            parts.append(f"fault-in {r['fault_in']:.3f} s, register {r['register']:.3f} s")
+        if "copy_gbps" in r:
+            parts.append(f"copy to the GPU {r['copy_gbps']:.1f} GB/s")
+        if "anon_huge_pages_kib_after" in r:
+            parts.append(f"AnonHugePages {r['anon_huge_pages_kib_after']} KiB")
+        parts.append(r.get("error") or f"pinned: {r.get('pinned')}")
+        print(f"  {r['how']}: " + "; ".join(parts))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": C.machine(), "files": rows},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"machine": C.machine(), "files": rows,
+                                               "pinning": pinning}, indent=1))
     return 0
 
 
