@@ -154,17 +154,23 @@ class StreamOptions:
         return max(per, 2 * DIRECT_ALIGN)
 
 
-@dataclass
+#: What a tensor's piece count starts at, until the planner has counted its pieces (see
+#: _Completion.planned): readers may queue the first pieces of a large tensor before the
+#: planner made the last, and no count of pieces queued can bring it down to 0.
+UNCOUNTED = 1 << 62
+
+
+@dataclass(slots=True)
 class _Tensor:
     info: TensorInfo
     flat: Any = None
-    # Pieces not yet queued for copy, plus one held by the planner until it has counted them
-    # all: without that guard a worker could finish the first piece before the second exists.
-    pieces: int = 1
+    # Pieces not yet queued for copy (UNCOUNTED plus that, minus the pieces queued, while the
+    # planner is still counting).
+    pieces: int = UNCOUNTED
     events: list[Any] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Piece:
     tensor: _Tensor
     tensor_offset: int            # where in the tensor
@@ -257,14 +263,16 @@ class _Completion:
     def __init__(self) -> None:
         self.cond = threading.Condition()
 
-    def add_piece(self, t: _Tensor) -> None:
+    def planned(self, t: _Tensor, pieces: int, seen: bool) -> None:
+        """The planner made all ``pieces`` of ``t``. ``seen``: some may be queued already
+        (a chunk holding them went to the readers while ``t`` was planned); if none can be,
+        no reader has touched the count, and the caller gets ``t`` only after this, so it is
+        set without the lock (most tensors: a chunk holds many)."""
+        if not seen:
+            t.pieces = pieces
+            return
         with self.cond:
-            t.pieces += 1
-
-    def planned(self, t: _Tensor) -> None:
-        """The planner drops its guard: every piece of ``t`` exists."""
-        with self.cond:
-            t.pieces -= 1
+            t.pieces += pieces - UNCOUNTED
             if t.pieces == 0:
                 self.cond.notify_all()
 
@@ -277,7 +285,7 @@ class _Completion:
             self.cond.notify_all()
 
     def wait(self, t: _Tensor, errors: list[BaseException]) -> None:
-        if t.pieces == 0:   # only ever decreases, so no lock is needed to see it reach 0
+        if t.pieces == 0:   # 0 once it is final, so no lock is needed to see it reach 0
             return
         with self.cond:
             while t.pieces and not errors:
@@ -291,7 +299,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     cancelled = threading.Event()
     budget = _Budget(options.max_device_bytes, cancelled)
     work: queue.Queue[_Chunk | None] = queue.Queue(maxsize=4 * options.threads)
-    ready: queue.Queue[_Tensor | BaseException | None] = queue.Queue()
+    # Planned tensors go to the caller in batches, one per chunk handed to the readers.
+    ready: queue.Queue[list[_Tensor] | BaseException | None] = queue.Queue()
     errors: list[BaseException] = []
     files: list[_File] = []
     stats = {"bytes": 0, "direct": 0, "chunks": 0}
@@ -434,32 +443,34 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         finished.append(pool.start(plan, "fastsafetensors-plan"))
         for i in range(options.threads):
             finished.append(pool.start(worker, f"fastsafetensors-io-{i}"))
+        clock = time.perf_counter
         while True:
-            t0 = time.perf_counter()
-            item = ready.get()
-            consumer["caller: wait for the planner"] += time.perf_counter() - t0
-            if item is None:
+            t0 = clock()
+            batch = ready.get()
+            consumer["caller: wait for the planner"] += clock() - t0
+            if batch is None:
                 break
-            if isinstance(item, BaseException):
-                raise item
-            t0 = time.perf_counter()
-            completion.wait(item, errors)
-            if errors:
-                raise errors[0]
-            t1 = time.perf_counter()
-            sink.consumer_wait(item.events)
-            tensor = sink.finish(item.flat, item.info)
-            item.flat = None
-            count += 1
-            t2 = time.perf_counter()
-            consumer["caller: wait for a tensor's reads"] += t1 - t0
-            consumer["caller: hand a tensor over"] += t2 - t1
-            yield item.info.name, tensor
-            # Counted until the consumer asks for the next one: released at the yield, the
-            # next tensor could be allocated while the consumer still held this one and the
-            # one before it (a budget then had to leave room for both).
-            del tensor
-            budget.release(device_bytes(item.info.nbytes))
+            if isinstance(batch, BaseException):
+                raise batch
+            for item in batch:
+                t0 = clock()
+                completion.wait(item, errors)
+                if errors:
+                    raise errors[0]
+                t1 = clock()
+                sink.consumer_wait(item.events)
+                tensor = sink.finish(item.flat, item.info)
+                item.flat = None
+                count += 1
+                t2 = clock()
+                consumer["caller: wait for a tensor's reads"] += t1 - t0
+                consumer["caller: hand a tensor over"] += t2 - t1
+                yield item.info.name, tensor
+                # Counted until the consumer asks for the next one: released at the yield,
+                # the next tensor could be allocated while the consumer still held this one
+                # and the one before it (a budget then had to leave room for both).
+                del tensor
+                budget.release(device_bytes(item.info.nbytes))
         if errors:
             raise errors[0]
     finally:
@@ -570,19 +581,24 @@ def _file_done(f: _File, *, planned: bool = False) -> None:
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                budget: _Budget, work: queue.Queue[_Chunk | None],
-               ready: queue.Queue[_Tensor | BaseException | None],
+               ready: queue.Queue[list[_Tensor] | BaseException | None],
                cancelled: threading.Event, completion: _Completion) -> None:
-    """Allocate the file's wanted tensors in order and queue chunks covering their bytes."""
+    """Allocate the file's wanted tensors in order, queue chunks covering their bytes, and
+    hand the planned tensors to the caller, a batch per chunk."""
     header = f.header
     infos = f.infos
     limit = options.buffer_bytes
     chunk: _Chunk | None = None
+    # Tensors planned since the last hand-over. One queue operation per chunk rather than per
+    # tensor: with 20,000 small tensors the queue cost more than planning them.
+    batch: list[_Tensor] = []
+    flushes = 0
 
     spent: dict[str, float] = defaultdict(float)
     clock = time.perf_counter
 
     def flush() -> None:
-        nonlocal chunk
+        nonlocal chunk, batch, flushes
         if chunk is not None and chunk.pieces:
             chunk.allocated = sink.alloc_event()  # every tensor of the chunk is allocated by now
             with f.lock:
@@ -590,7 +606,12 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             t0 = clock()
             _put(work, chunk, cancelled)   # blocks while the readers are busy
             spent["planner: wait for a free reader"] += clock() - t0
+            flushes += 1
         chunk = None
+        if batch:
+            # After their chunk: the caller waits on the tensors' reads first thing.
+            ready.put(batch)
+            batch = []
 
     try:
         for info in infos:
@@ -609,6 +630,8 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             start = header.data_start + info.data_offsets[0]
             end = start + info.nbytes
             position = start
+            pieces = 0
+            before = flushes
             while position < end:
                 if chunk is not None and (position - chunk.end > options.max_gap
                                           or chunk.end - chunk.offset >= limit):
@@ -619,12 +642,13 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                 if take <= 0:
                     flush()
                     continue
-                completion.add_piece(t)
                 chunk.pieces.append(_Piece(t, position - start, position, take))
+                pieces += 1
                 chunk.end = position + take
                 position += take
-            completion.planned(t)  # the planner's guard
-            ready.put(t)
+            # A flush since the tensor's first piece may have handed that piece to a reader.
+            completion.planned(t, pieces, seen=flushes != before)
+            batch.append(t)
         flush()
     finally:
         PHASES.add(spent)
