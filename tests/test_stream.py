@@ -919,3 +919,100 @@ def test_residency_is_indexed_by_the_systems_page_size(monkeypatch):
     resident = bytes([1, 0, 0])                       # pages [0, 64K) cached, the rest not
     assert policy.direct_range(resident, 4096, 64 << 10, 192 << 10)        # cold: direct
     assert not policy.direct_range(resident, 4096, 4096, 64 << 10)         # cached: buffered
+
+
+def test_planned_tensors_reach_the_caller_a_batch_per_chunk(tmp_path, monkeypatch):
+    # One queue operation per chunk, not per tensor: with 20,000 small tensors the hand-over
+    # cost more than planning them.
+    import queue as queue_module
+    import types
+
+    import fastsafetensors.loader.stream as stream_module
+
+    batches: list[int] = []
+
+    class Counting(queue_module.Queue):
+        def put(self, item, *args, **kwargs):
+            if isinstance(item, list):
+                batches.append(len(item))
+            super().put(item, *args, **kwargs)
+
+    monkeypatch.setattr(stream_module, "queue", types.SimpleNamespace(
+        Queue=Counting, Empty=queue_module.Empty, Full=queue_module.Full))
+    tensors = {f"t{i:04d}": torch.full((64,), float(i)) for i in range(1000)}   # 256 B each
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    options = StreamOptions(threads=2, staging_bytes=8 * 16384)
+    chunks = -(-1000 * 256 // options.buffer_bytes)
+    sink = FakeSink(delay=0)
+    out = dict(stream_tensors([(str(path), None, None)], sink, options))
+    sink.close()
+    assert sum(batches) == 1000 and len(batches) <= chunks + 1
+    assert list(out) == sorted(tensors) and all(torch.equal(out[k], v) for k, v in tensors.items())
+
+
+def test_a_tensor_over_many_chunks_waits_for_its_last_piece(tmp_path):
+    # The readers copy the first chunks of a large tensor while the planner still cuts its
+    # later pieces (slowed here at each chunk it hands out): the tensor must reach the caller
+    # only once every piece was copied, whatever the order.
+    class SlowPlanner(FakeSink):
+        def alloc_event(self):
+            time.sleep(0.02)   # on the planner, at each chunk: the readers run ahead
+            return super().alloc_event()
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randn(10, generator=g), "big": torch.randn(40000, generator=g),
+               "z": torch.randn(3, generator=g)}
+    path = tmp_path / "big.safetensors"
+    save_file(tensors, str(path))
+    sink = SlowPlanner(delay=0.001)
+    options = StreamOptions(threads=3, staging_bytes=6 * 16384)   # 8 KiB chunks: 20 for "big"
+    out: dict[str, torch.Tensor] = {}
+    # In a thread: a miscounted tensor would be waited for forever, and must fail, not hang.
+    loader = threading.Thread(target=lambda: out.update(
+        stream_tensors([(str(path), None, None)], sink, options)), daemon=True)
+    loader.start()
+    loader.join(30)
+    assert not loader.is_alive(), "the caller still waits for a tensor whose pieces all ran"
+    sink.close()
+    assert all(torch.equal(out[k], v) for k, v in tensors.items())
+
+
+def test_the_cuda_sink_allocates_without_stream_blocks_only_on_entered_threads(monkeypatch):
+    # The planner's thread gets the consumer's stream made current once (enter_thread), and
+    # then allocates with a bare torch.empty: two context managers per tensor cost more than
+    # the allocation. Any other thread (the caller's, for GDS) still enters both blocks.
+    # Emulated on the CPU: what matters is which calls are made on which thread.
+    import contextlib
+
+    from fastsafetensors.format import TensorInfo
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    calls: list[tuple[str, object]] = []
+
+    @contextlib.contextmanager
+    def block(kind: str, what: object):
+        calls.append((kind, what))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: calls.append(("set_stream", s)))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: block("device block", d))
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: block("stream block", s))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda n, dtype, device: real_empty(n, dtype=dtype))
+    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields alloc uses
+    sink.device, sink.consumer, sink._entered = "cuda:0", "consumer-stream", threading.local()
+    info = TensorInfo("w", "U8", (16,), (0, 16))
+
+    def planner() -> None:
+        sink.enter_thread()
+        sink.alloc(info)
+
+    thread = threading.Thread(target=planner)
+    thread.start()
+    thread.join()
+    assert calls == [("set_device", "cuda:0"), ("set_stream", "consumer-stream")]
+    calls.clear()
+    sink.alloc(info)   # this thread never entered
+    assert calls == [("device block", "cuda:0"), ("stream block", "consumer-stream")]

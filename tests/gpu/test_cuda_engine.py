@@ -184,6 +184,35 @@ def test_a_consumer_that_switches_streams_between_tensors_sees_complete_data(tmp
         assert total.item() == small[name].sum().item(), name
 
 
+def test_tensors_are_allocated_on_the_consumers_stream(tmp_path):
+    # The planner, a pooled thread, allocates with the consumer's stream current there (set
+    # once per load, not per tensor), so memory the consumer frees is handed out again in that
+    # stream's order. Two loads on two streams: the pooled threads must not keep the first's.
+    tensors = {f"w{i}": torch.randn(256, 256) for i in range(6)}
+    path = tmp_path / "streams.safetensors"
+    save_file(tensors, str(path))
+
+    def streams_of(got: dict[str, torch.Tensor]) -> set[int]:
+        wanted = {t.data_ptr() for t in got.values()}
+        found: set[int] = set()
+        for segment in torch.cuda.memory_snapshot():
+            address = segment["address"]   # blocks follow each other from there
+            for block in segment["blocks"]:
+                if block["state"] == "active_allocated" and address in wanted:
+                    found.add(segment["stream"])
+                address += block["size"]
+        return found
+
+    for _ in range(2):
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            got = fastsafetensors.load_file(str(path), device="cuda:0")
+        torch.cuda.synchronize()
+        assert streams_of(got) == {side.cuda_stream}
+        assert all(torch.equal(got[k].cpu(), v) for k, v in tensors.items())
+        del got
+
+
 def test_peak_device_memory_is_tensors_plus_slack(tmp_path):
     tensors = {f"w{i}": torch.randn(2048, 2048) for i in range(16)}  # 256 MiB
     path = tmp_path / "peak.safetensors"
