@@ -81,7 +81,7 @@ def copy_pieces(src: torch.Tensor, pieces: list[Piece], device: torch.device) ->
         end = run[-1][2] + run[-1][3]
         scratch = torch.empty(end - begin, dtype=torch.uint8, device=device)
         scratch.copy_(src[begin:end], non_blocking=True)
-        dsts = [dst if dst_offset == 0 and length == len(dst) else
+        dsts = [dst if dst_offset == 0 and length == dst.numel() else
                 dst[dst_offset:dst_offset + length] for dst, dst_offset, _, length in run]
         # The run's pieces as views of the scratch, cut by one split (a third of the cost of a
         # slice each), the bytes between pieces (tensors not wanted) cut out as parts too.

@@ -470,7 +470,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 # the next tensor could be allocated while the consumer still held this one
                 # and the one before it (a budget then had to leave room for both).
                 del tensor
-                budget.release(device_bytes(item.info.nbytes))
+                if budget.limit is not None:
+                    budget.release(device_bytes(item.info.nbytes))
         if errors:
             raise errors[0]
     finally:
@@ -613,22 +614,27 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             ready.put(batch)
             batch = []
 
+    bounded = budget.limit is not None
     try:
         for info in infos:
             if cancelled.is_set():
                 return
-            footprint = device_bytes(info.nbytes)
-            if budget.would_block(footprint):
-                flush()  # let the tensors already planned complete, so the consumer frees budget
+            begin, end = info.data_offsets
+            nbytes = end - begin
             t0 = clock()
-            if not budget.acquire(footprint):
-                return
+            if bounded:
+                footprint = device_bytes(nbytes)
+                if budget.would_block(footprint):
+                    flush()  # the tensors already planned complete; the consumer frees budget
+                    t0 = clock()
+                if not budget.acquire(footprint):
+                    return
             t1 = clock()
-            t = _Tensor(info, sink.alloc(info) if info.nbytes else None)
+            t = _Tensor(info, sink.alloc(info) if nbytes else None)
             spent["planner: wait for budget"] += t1 - t0
             spent["planner: allocate"] += clock() - t1
-            start = header.data_start + info.data_offsets[0]
-            end = start + info.nbytes
+            start = header.data_start + begin
+            end = start + nbytes
             position = start
             pieces = 0
             before = flushes
