@@ -47,6 +47,9 @@ class HostSink:
         buffer = raw[skip:skip + nbytes]
         return buffer, buffer.numpy().data.cast("B")
 
+    def release_staging(self, buffer: Any) -> None:
+        pass
+
     def alloc_event(self) -> None:
         return None
 

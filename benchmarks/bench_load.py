@@ -137,7 +137,9 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("t16", "threads=16", {"FASTSAFETENSORS_THREADS": "16"}),
                 ("s128m", "staging_bytes=128 MiB",
                  {"FASTSAFETENSORS_STAGING_BYTES": str(128 << 20)}),
-                ("s1g", "staging_bytes=1 GiB", {"FASTSAFETENSORS_STAGING_BYTES": str(1 << 30)})):
+                ("s1g", "staging_bytes=1 GiB", {"FASTSAFETENSORS_STAGING_BYTES": str(1 << 30)}),
+                ("huge", "huge_pages=on (staging on registered huge pages)",
+                 {"FASTSAFETENSORS_HUGE_PAGES": "on"})):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",

@@ -80,7 +80,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "(frees the core for other readers, costs a wake-up)"),
     Option("huge_pages", lambda: "off", ("off", "on"),
            help="advise transparent huge pages for fresh host buffers: fewer page faults, but "
-                "on VMs that hand free memory back to the host a first load can get slower"),
+                "on VMs that hand free memory back to the host a first load can get slower; "
+                "for loads to a GPU, pinned staging on registered huge pages, kept for the "
+                "process"),
 )}
 
 # Read-only, since the default is one object shared by every context; configure() sets a new one.

@@ -185,7 +185,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     options = StreamOptions(threads=config.device_threads(threads),
                             staging_bytes=config.get("staging_bytes", staging_bytes),
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes))
-    sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block")
+    sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
+                         huge_pages=config.get("huge_pages") == "on")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     return stream_tensors(files, sink, options)

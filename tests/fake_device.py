@@ -41,6 +41,9 @@ class FakeSink:
         self.ordered: dict[Any, int] = {}    # stream -> allocations it was ordered after
         self.host_ordered = 0                # allocations the host waited for
         self.entered: set[int] = set()       # engine threads that called enter_thread
+        self.staged: list[torch.Tensor] = []      # staging buffers handed out
+        self.released: list[torch.Tensor] = []    # and given back
+        self.reading: dict[int, list[Future[None]]] = {}   # id(buffer) -> copies out of it
 
     def enter_thread(self) -> None:
         with self.lock:
@@ -89,7 +92,17 @@ class FakeSink:
         raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
         skip = -raw.data_ptr() % 4096
         buf = raw[skip:skip + nbytes]
+        with self.lock:
+            self.staged.append(buf)
         return buf, memoryview(buf.numpy()).cast("B")
+
+    def release_staging(self, buffer: torch.Tensor) -> None:
+        # Given back means reusable by another load: every copy out of it must have run.
+        with self.lock:
+            copies = self.reading.pop(id(buffer), [])
+            self.released.append(buffer)
+        if not all(c.done() for c in copies):
+            raise AssertionError("a staging buffer was given back before its copies ran")
 
     def new_stream(self) -> ThreadPoolExecutor:
         self._check_thread()
@@ -113,7 +126,9 @@ class FakeSink:
                 time.sleep(delay)
                 dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length])
 
-            stream.submit(run)
+            future = stream.submit(run)
+            with self.lock:
+                self.reading.setdefault(id(src), []).append(future)
 
     def record(self, stream: ThreadPoolExecutor) -> Future[None]:
         self._check_thread()

@@ -431,24 +431,25 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     assert all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
 
 
-@pytest.mark.parametrize("wait", ["spin", "block"])
-def test_event_wait_option_reaches_the_cuda_sink(checkpoint, monkeypatch, wait):
+@pytest.mark.parametrize(("wait", "huge"), [("spin", "off"), ("block", "on")])
+def test_event_wait_and_huge_pages_options_reach_the_cuda_sink(checkpoint, monkeypatch, wait,
+                                                               huge):
     import fastsafetensors
     import fastsafetensors.loader.cuda as cuda_module
     import fastsafetensors.loader.gds as gds_module
     from fastsafetensors.loading import device_stream
 
-    made: list[bool] = []
+    made: list[tuple[bool, bool]] = []
 
-    def sink(device: str, *, blocking: bool = False) -> FakeSink:
-        made.append(blocking)
+    def sink(device: str, *, blocking: bool = False, huge_pages: bool = False) -> FakeSink:
+        made.append((blocking, huge_pages))
         return FakeSink()
 
     monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
-    with fastsafetensors.configure(event_wait=wait):
+    with fastsafetensors.configure(event_wait=wait, huge_pages=huge):
         got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
-    assert made == [wait == "block"]
+    assert made == [(wait == "block", huge == "on")]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 

@@ -24,6 +24,7 @@ import torch
 
 from ..format import TensorInfo
 from ..frameworks.torch import torch_dtype, torch_shape
+from . import hostpool
 from .posix import DIRECT_ALIGN
 
 __all__ = ["TorchCudaSink", "copy_pieces", "plan_runs"]
@@ -98,11 +99,24 @@ def copy_pieces(src: torch.Tensor, pieces: list[Piece], device: torch.device) ->
         torch._foreach_copy_(dsts, [parts[i] for i in keep], non_blocking=True)
 
 
+#: cudaHostRegisterPortable: pinned for every device's context, not only the current one's
+#: (a kept buffer may serve a later load to another GPU).
+REGISTER_PORTABLE = 0x01
+
+
+def _register(address: int, nbytes: int) -> int:
+    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, REGISTER_PORTABLE))
+
+
 class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 
-    def __init__(self, device: str | torch.device, *, blocking: bool = False):
+    def __init__(self, device: str | torch.device, *, blocking: bool = False,
+                 huge_pages: bool = False):
         self.device = torch.device(device)
+        # Staging from registered huge pages kept for the process (loader/hostpool.py), not
+        # from torch's pinned allocator.
+        self.huge_pages = huge_pages
         # Only the staging events are waited on from the host (host_wait), so only they
         # take the flag; the consumer's stream waits on the device either way.
         self.blocking = blocking
@@ -143,11 +157,19 @@ class TorchCudaSink:
             return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
 
     def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
+        if self.huge_pages:
+            block = hostpool.take(nbytes, _register)   # page-aligned, so O_DIRECT-aligned
+            if block is not None:
+                return block.tensor, block.view
         raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
         skip = -raw.data_ptr() % DIRECT_ALIGN  # O_DIRECT reads need an aligned buffer
         buffer = raw[skip:skip + nbytes]
         # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
         return buffer, buffer.numpy().data.cast("B")
+
+    def release_staging(self, buffer: torch.Tensor) -> None:
+        # torch's pinned blocks go back to its cache when the last reference goes.
+        hostpool.give(buffer)
 
     def alloc_event(self) -> torch.cuda.Event:
         event = torch.cuda.Event()

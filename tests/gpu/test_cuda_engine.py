@@ -80,6 +80,26 @@ def test_every_dtype_bit_for_bit(every_dtype, io):
         assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
 
 
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+def test_staging_on_registered_huge_pages_is_kept_and_gives_the_same_data(every_dtype, io):
+    # huge_pages="on": staging is anonymous memory on huge pages registered with CUDA once and
+    # kept (loader/hostpool.py); O_DIRECT reads land in it too (page-aligned).
+    from fastsafetensors.loader import hostpool
+
+    if io == "direct":
+        require_o_direct(every_dtype)
+    want = st_load_file(every_dtype)
+    registered = []
+    for _ in range(2):
+        with fastsafetensors.configure(backend="posix", huge_pages="on"):
+            got = fastsafetensors.load_file(every_dtype, device="cuda:0", io=io)
+        for name, tensor in want.items():
+            assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
+        registered.append(hostpool.held()[0])
+    # Registered by the first load (or an earlier test's), none more by the second.
+    assert registered[0] > 0 and registered[1] == registered[0]
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_single_tensor_reads_go_to_the_device(every_dtype, monkeypatch, streamed):
     if streamed:  # as a tensor of DEVICE_STREAM_BYTES or more: through the streaming engine

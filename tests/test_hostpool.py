@@ -1,0 +1,77 @@
+"""Pinned staging on huge pages (huge_pages="on"), kept for the process: loader/hostpool.py.
+The CUDA registration is replaced by a recorder here; tests/gpu runs the real one."""
+
+from __future__ import annotations
+
+import mmap
+
+import pytest
+import torch
+from fake_device import FakeSink
+from safetensors.torch import save_file
+
+from fastsafetensors.loader import hostpool
+from fastsafetensors.loader.stream import StreamOptions, stream_tensors
+
+
+@pytest.fixture
+def registrations(monkeypatch):
+    """Each (address, nbytes) registered; the pool starts empty."""
+    monkeypatch.setattr(hostpool, "_free", type(hostpool._free)(list))
+    monkeypatch.setattr(hostpool, "_lent", {})
+    done: list[tuple[int, int]] = []
+
+    def register(address: int, nbytes: int) -> int:
+        done.append((address, nbytes))
+        return 0
+
+    return done, register
+
+
+def test_a_buffer_is_registered_once_and_lent_again(registrations):
+    done, register = registrations
+    first = hostpool.take(3 << 20, register)
+    assert first is not None and first.tensor.numel() == 3 << 20
+    assert len(first.view) == 3 << 20 and first.address % mmap.PAGESIZE == 0
+    # Registered as whole huge pages (a partial one at the end would stay on 4 KiB pages).
+    assert done == [(first.address, 4 << 20)]
+    second = hostpool.take(3 << 20, register)   # the first is still lent: a new one
+    assert second is not None and second.address != first.address and len(done) == 2
+    first.view[:4] = b"abcd"
+    assert hostpool.give(first.tensor) and not hostpool.give(first.tensor)   # given back once
+    again = hostpool.take(3 << 20, register)
+    assert again is first and len(done) == 2 and bytes(again.view[:4]) == b"abcd"
+    assert not hostpool.give(torch.empty(4))   # not the pool's: left to its owner
+
+
+def test_a_buffer_that_cannot_be_registered_is_not_lent(registrations):
+    assert hostpool.take(1 << 20, lambda address, nbytes: 801) is None   # cudaErrorNotSupported
+    assert hostpool._free == {} and hostpool._lent == {}
+
+
+def test_every_staging_buffer_is_given_back_after_its_copies(tmp_path):
+    # The engine gives each reader's buffers back when the load ends, after the copies out of
+    # them ran (the fake device runs copies late and checks).
+    tensors = {f"w{i}": torch.full((4096,), float(i)) for i in range(24)}   # 16 KiB each
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    sink = FakeSink(delay=0.003)
+    out = dict(stream_tensors([(str(path), None, None)], sink,
+                              StreamOptions(threads=3, staging_bytes=6 * 16384)))
+    sink.close()
+    assert all(torch.equal(out[k], v) for k, v in tensors.items())
+    assert sink.staged and sorted(map(id, sink.released)) == sorted(map(id, sink.staged))
+
+
+def test_the_cuda_sink_takes_staging_from_the_pool_when_asked(registrations, monkeypatch):
+    from fastsafetensors.loader import cuda as cuda_loader
+
+    done, register = registrations
+    monkeypatch.setattr(cuda_loader, "_register", register)
+    sink = object.__new__(cuda_loader.TorchCudaSink)   # no CUDA here: the fields staging uses
+    sink.huge_pages = True
+    buffer, view = sink.staging(1 << 20)
+    assert len(done) == 1 and len(view) == 1 << 20 and buffer.data_ptr() % 4096 == 0
+    sink.release_staging(buffer)
+    again, _ = sink.staging(1 << 20)
+    assert again is buffer and len(done) == 1
