@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--modes", default="cold,warm")
     ap.add_argument("--threads", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--io", choices=("auto", "buffered", "direct"), default="auto")
     args = ap.parse_args()
     folder = Path(args.dir or Path(tempfile.gettempdir()) / "fastsafetensors-bench"
                   / f"llama-{args.size_gb:g}gb")
@@ -88,7 +89,7 @@ def main() -> None:
     buffers = [reused.view for _ in spans]
 
     def engine(threads: int, kept: bool) -> None:
-        options = StreamOptions(threads=threads, staging_bytes=256 << 20)
+        options = StreamOptions(threads=threads, staging_bytes=256 << 20, io=args.io)
         for _ in stream_tensors([(f, None, None) for f in files], NullSink(kept), options):
             pass
 
@@ -111,7 +112,8 @@ def main() -> None:
                 started = time.perf_counter()
                 run()
                 got[(mode, name)].append(total / 1e9 / (time.perf_counter() - started))
-    print(f"{total / 1e9:.2f} GB in {len(files)} files, io=auto; GB/s per round, median last")
+    print(f"{total / 1e9:.2f} GB in {len(files)} files, engine io={args.io}; GB/s per round, "
+          f"median last")
     for (mode, name), values in got.items():
         print(f"  {mode:4} {name:31} " + " ".join(f"{v:5.2f}" for v in values)
               + f"   median {statistics.median(values):5.2f}")
