@@ -2,7 +2,7 @@
 
 The streaming engine reads each chunk of a cached file into pinned staging (a host copy) and
 then copies it to the GPU. Another route skips the host copy: map the file read-only, register
-the mapping with CUDA (``cudaHostRegister`` with ``cudaHostRegisterReadOnly``), and let the copy
+the mapping with CUDA (``cuMemHostRegister`` with the read-only flag), and let the copy
 engine read the page cache directly. It pays off only if registering cached pages costs less
 than copying them. This probe times each step for every shard of a warm checkpoint, next to the
 pinned-copy limit, and prints GB/s; it loads nothing into the package and changes no file.
@@ -12,7 +12,9 @@ pinned-copy limit, and prints GB/s; it loads nothing into the package and change
 It also times the other half of a first load's cost, pinning its staging (run 2 on the H200
 machine pinned new host memory at about 1.5 GB/s, close to this VM family's rate of faulting in
 fresh 4 KiB pages): torch's pinned allocator against anonymous memory faulted in with and
-without ``MADV_HUGEPAGE`` and then registered (``cudaHostRegister``), 256 MiB each.
+without ``MADV_HUGEPAGE`` and then registered, 256 MiB each. Registration goes through the CUDA
+driver, as ``huge_pages="on"`` does (fastsafetensors/loader/hostpool.py): a refused runtime call
+would leave an error behind for torch's next kernel.
 
 Without CUDA it says so and exits 0 (the GPU session script runs it on the lent machine).
 """
@@ -32,7 +34,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-#: cudaHostRegisterReadOnly (CUDA 11.1+): the device only reads the registered memory, which
+from fastsafetensors.loader import hostpool  # noqa: E402
+
+#: CU_MEMHOSTREGISTER_READ_ONLY (CUDA 11.1+): the device only reads the registered memory, which
 #: lets a read-only file mapping be registered at all.
 REGISTER_READ_ONLY = 0x08
 
@@ -52,12 +56,11 @@ def probe_file(torch: Any, path: str, dst: Any) -> dict[str, Any]:
         if addr in (None, C.pagecache()._MAP_FAILED):
             return {"error": f"mmap failed (errno {ctypes.get_errno()})"}
         try:
-            cudart = torch.cuda.cudart()
             t0 = time.perf_counter()
-            err = cudart.cudaHostRegister(addr, size, REGISTER_READ_ONLY)
+            err = hostpool.register(addr, size, REGISTER_READ_ONLY)
             t1 = time.perf_counter()
-            if int(err) != 0:
-                return {"error": f"cudaHostRegister returned {err}", "bytes": size}
+            if err:
+                return {"error": f"cuMemHostRegister returned CUDA error {err}", "bytes": size}
             try:
                 array = (ctypes.c_uint8 * size).from_address(addr)
                 src = torch.frombuffer(array, dtype=torch.uint8)   # read-only: only read here
@@ -69,7 +72,7 @@ def probe_file(torch: Any, path: str, dst: Any) -> dict[str, Any]:
                 same = bool(torch.equal(dst[:4096].cpu(), src[:4096]))
             finally:
                 t4 = time.perf_counter()
-                cudart.cudaHostUnregister(addr)
+                hostpool.unregister(addr)
                 t5 = time.perf_counter()
             return {"bytes": size, "register": t1 - t0, "copy": t3 - t2,
                     "unregister": t5 - t4, "pinned": bool(src.is_pinned()), "same": same}
@@ -93,11 +96,10 @@ def probe_pinning(torch: Any, nbytes: int = 256 << 20) -> list[dict[str, Any]]:
     rows.append({"how": "torch pin_memory=True", "bytes": nbytes,
                  "seconds": time.perf_counter() - t0, "pinned": bool(pinned.is_pinned())})
     del pinned
-    cudart = torch.cuda.cudart()
     for huge in (False, True):
         mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         row: dict[str, Any] = {"how": "anonymous mmap" + (" + MADV_HUGEPAGE" if huge else "")
-                               + ", faulted in, cudaHostRegister", "bytes": nbytes}
+                               + ", faulted in, registered", "bytes": nbytes}
         t0 = time.perf_counter()
         if huge:
             mm.madvise(mmap.MADV_HUGEPAGE)
@@ -109,11 +111,11 @@ def probe_pinning(torch: Any, nbytes: int = 256 << 20) -> list[dict[str, Any]]:
         anchor = ctypes.c_char.from_buffer(mm)
         addr = ctypes.addressof(anchor)
         del anchor   # an exported buffer would keep mm.close() from unmapping
-        err = cudart.cudaHostRegister(addr, nbytes, 0)
+        err = hostpool.register(addr, nbytes)
         t2 = time.perf_counter()
         row.update({"fault_in": t1 - t0, "register": t2 - t1, "seconds": t2 - t0})
         if int(err) != 0:
-            row["error"] = f"cudaHostRegister returned {err}"
+            row["error"] = f"cuMemHostRegister returned CUDA error {err}"
         else:
             src = torch.frombuffer(mm, dtype=torch.uint8)
             row["pinned"] = bool(src.is_pinned())
@@ -124,7 +126,7 @@ def probe_pinning(torch: Any, nbytes: int = 256 << 20) -> list[dict[str, Any]]:
             torch.cuda.synchronize()
             row["copy_gbps"] = nbytes / 1e9 / (time.perf_counter() - t3)
             del src, dst
-            cudart.cudaHostUnregister(addr)
+            hostpool.unregister(addr)
         huge_kib = _anon_huge_kib()
         if huge_kib is not None:
             row["anon_huge_pages_kib_after"] = huge_kib
@@ -170,7 +172,7 @@ def main() -> int:
             row["file"] = os.path.basename(f)
             rows.append(row)
     total = sum(r.get("bytes", 0) for r in rows if "error" not in r)
-    print(f"cudaHostRegister(read-only) of warm file mappings, {len(rows)} files, "
+    print(f"cuMemHostRegister(read-only) of warm file mappings, {len(rows)} files, "
           f"{total / 1e9:.2f} GB, {torch.cuda.get_device_name(0)}")
     for r in rows:
         if "error" in r:

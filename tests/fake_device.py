@@ -44,6 +44,9 @@ class FakeSink:
         self.staged: list[torch.Tensor] = []      # staging buffers handed out
         self.released: list[torch.Tensor] = []    # and given back
         self.reading: dict[int, list[Future[None]]] = {}   # id(buffer) -> copies out of it
+        # Contract breaches seen on the engine's threads, where an exception would only be
+        # logged by the thread pool: the tests assert there are none.
+        self.violations: list[str] = []
 
     def enter_thread(self) -> None:
         with self.lock:
@@ -101,8 +104,8 @@ class FakeSink:
         with self.lock:
             copies = self.reading.pop(id(buffer), [])
             self.released.append(buffer)
-        if not all(c.done() for c in copies):
-            raise AssertionError("a staging buffer was given back before its copies ran")
+            if not all(c.done() for c in copies):
+                self.violations.append("a staging buffer was given back before its copies ran")
 
     def new_stream(self) -> ThreadPoolExecutor:
         self._check_thread()

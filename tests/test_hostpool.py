@@ -19,6 +19,7 @@ def registrations(monkeypatch):
     """Each (address, nbytes) registered; the pool starts empty."""
     monkeypatch.setattr(hostpool, "_free", type(hostpool._free)(list))
     monkeypatch.setattr(hostpool, "_lent", {})
+    monkeypatch.setattr(hostpool, "_refused", None)
     done: list[tuple[int, int]] = []
 
     def register(address: int, nbytes: int) -> int:
@@ -44,9 +45,34 @@ def test_a_buffer_is_registered_once_and_lent_again(registrations):
     assert not hostpool.give(torch.empty(4))   # not the pool's: left to its owner
 
 
-def test_a_buffer_that_cannot_be_registered_is_not_lent(registrations):
-    assert hostpool.take(1 << 20, lambda address, nbytes: 801) is None   # cudaErrorNotSupported
+def test_small_buffers_are_registered_in_pages_not_huge_pages(registrations):
+    # Small staging (many threads, little staging_bytes) must not pin 2 MiB a buffer.
+    done, register = registrations
+    block = hostpool.take(508 << 10, register)
+    assert block is not None and done == [(block.address, 508 << 10)]
+
+
+def test_a_refused_registration_is_not_tried_again(registrations):
+    # The first refusal stands for the process: each buffer of each load asking again would
+    # map, advise, fail and unmap 16 MiB every time.
+    done, register = registrations
+    refusals: list[int] = []
+
+    def refuse(address: int, nbytes: int) -> int:
+        refusals.append(nbytes)
+        return 801   # CUDA_ERROR_NOT_SUPPORTED
+
+    assert hostpool.take(1 << 20, refuse) is None
+    assert hostpool.take(1 << 20, refuse) is None and hostpool.take(4 << 20, register) is None
+    assert refusals == [1 << 20] and done == []
     assert hostpool._free == {} and hostpool._lent == {}
+
+
+def test_registration_without_a_cuda_driver_says_so():
+    # No libcuda here: the CUDA error "not found", never an exception.
+    if hostpool._libcuda() is not None:
+        pytest.skip("a CUDA driver is installed here")
+    assert hostpool.register(0, 4096) == hostpool.NOT_FOUND
 
 
 def test_every_staging_buffer_is_given_back_after_its_copies(tmp_path):
@@ -61,13 +87,14 @@ def test_every_staging_buffer_is_given_back_after_its_copies(tmp_path):
     sink.close()
     assert all(torch.equal(out[k], v) for k, v in tensors.items())
     assert sink.staged and sorted(map(id, sink.released)) == sorted(map(id, sink.staged))
+    assert sink.violations == []
 
 
 def test_the_cuda_sink_takes_staging_from_the_pool_when_asked(registrations, monkeypatch):
     from fastsafetensors.loader import cuda as cuda_loader
 
     done, register = registrations
-    monkeypatch.setattr(cuda_loader, "_register", register)
+    monkeypatch.setattr(hostpool, "register", register)
     sink = object.__new__(cuda_loader.TorchCudaSink)   # no CUDA here: the fields staging uses
     sink.huge_pages = True
     buffer, view = sink.staging(1 << 20)
@@ -75,3 +102,24 @@ def test_the_cuda_sink_takes_staging_from_the_pool_when_asked(registrations, mon
     sink.release_staging(buffer)
     again, _ = sink.staging(1 << 20)
     assert again is buffer and len(done) == 1
+
+
+def test_the_cuda_sink_pins_with_torch_when_the_pool_cannot(registrations, monkeypatch):
+    from fastsafetensors.loader import cuda as cuda_loader
+
+    monkeypatch.setattr(hostpool, "register", lambda address, nbytes: 801)
+    real_empty = torch.empty
+    pinned: list[bool] = []
+
+    def empty(*args, **kwargs):   # no CUDA here: record the request, give plain memory
+        pinned.append(kwargs.pop("pin_memory", False))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    sink = object.__new__(cuda_loader.TorchCudaSink)
+    sink.huge_pages = True
+    for _ in range(2):
+        buffer, view = sink.staging(1 << 20)
+        assert len(view) == 1 << 20 and buffer.data_ptr() % 4096 == 0
+        sink.release_staging(buffer)   # not the pool's: left to torch's cache
+    assert pinned == [True, True] and hostpool._lent == {}

@@ -130,6 +130,17 @@ def test_budget_counts_the_last_tensor_until_the_next_is_asked_for(tmp_path):
     assert sink.peak_outstanding <= budget + 65536
 
 
+def _within(seconds: float, run: Any) -> Any:
+    """``run()`` on a thread, failing (not hanging the suite) if it takes over ``seconds``: a
+    planner waiting for budget that tensors it has not handed over would free waits forever."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(run()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: deadlocked?"
+    return out[0]
+
+
 def test_budget_counts_what_the_allocator_hands_out(tmp_path):
     # 4-byte scales (FP8 checkpoints have thousands) take 512 bytes each on the device.
     tensors = {f"scale{i}": torch.tensor([float(i)]) for i in range(2000)}
@@ -137,7 +148,7 @@ def test_budget_counts_what_the_allocator_hands_out(tmp_path):
     save_file(tensors, str(path))
     sink = FakeSink(delay=0)
     budget = 64 << 10
-    got = _run([str(path)], sink, max_device_bytes=budget)
+    got = _within(30, lambda: _run([str(path)], sink, max_device_bytes=budget))
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     assert sink.peak_outstanding <= budget
 
@@ -909,6 +920,43 @@ def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch):
     assert waits == [(1, event), (1, other), (2, event)]
 
 
+def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch):
+    # finish() uses the stream consumer_wait looked up just before (one lookup per tensor):
+    # a tensor handed over while the consumer is on a stream other than the one it was
+    # allocated on must be recorded on that stream, or freeing it could hand its memory out
+    # under that stream's work. Emulated on the CPU with torch.Stream objects.
+    from fastsafetensors.format import TensorInfo
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    first, second = (torch.Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
+    current = [first]
+    lookups: list[int] = []
+
+    def current_stream(device: object = None) -> torch.Stream:
+        lookups.append(current[0].stream_id)
+        return current[0]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    recorded: list[int] = []
+
+    class Flat:
+        def record_stream(self, stream: torch.Stream) -> None:
+            recorded.append(stream.stream_id)
+
+        def view(self, what: object) -> Flat:
+            return self
+
+    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
+    sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
+    sink._current, sink._dtypes = None, {}
+    info = TensorInfo("w", "F32", (2,), (0, 8))
+    for stream in (first, second, first):
+        current[0] = stream
+        sink.consumer_wait([])
+        sink.finish(Flat(), info)
+    assert recorded == [2] and lookups == [1, 2, 1]   # one lookup each, the right stream
+
+
 def test_residency_is_indexed_by_the_systems_page_size(monkeypatch):
     # mincore answers one entry per page, 64 KiB on some aarch64 kernels: the map starts at the
     # page holding `base` (old code: 4 KiB steps from `base`, an empty slice here, so a cold
@@ -968,13 +1016,8 @@ def test_a_tensor_over_many_chunks_waits_for_its_last_piece(tmp_path):
     save_file(tensors, str(path))
     sink = SlowPlanner(delay=0.001)
     options = StreamOptions(threads=3, staging_bytes=6 * 16384)   # 8 KiB chunks: 20 for "big"
-    out: dict[str, torch.Tensor] = {}
-    # In a thread: a miscounted tensor would be waited for forever, and must fail, not hang.
-    loader = threading.Thread(target=lambda: out.update(
-        stream_tensors([(str(path), None, None)], sink, options)), daemon=True)
-    loader.start()
-    loader.join(30)
-    assert not loader.is_alive(), "the caller still waits for a tensor whose pieces all ran"
+    # Within a time: a miscounted tensor would be waited for forever, and must fail, not hang.
+    out = _within(30, lambda: dict(stream_tensors([(str(path), None, None)], sink, options)))
     sink.close()
     assert all(torch.equal(out[k], v) for k, v in tensors.items())
 

@@ -99,15 +99,6 @@ def copy_pieces(src: torch.Tensor, pieces: list[Piece], device: torch.device) ->
         torch._foreach_copy_(dsts, [parts[i] for i in keep], non_blocking=True)
 
 
-#: cudaHostRegisterPortable: pinned for every device's context, not only the current one's
-#: (a kept buffer may serve a later load to another GPU).
-REGISTER_PORTABLE = 0x01
-
-
-def _register(address: int, nbytes: int) -> int:
-    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, REGISTER_PORTABLE))
-
-
 class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 
@@ -158,7 +149,9 @@ class TorchCudaSink:
 
     def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         if self.huge_pages:
-            block = hostpool.take(nbytes, _register)   # page-aligned, so O_DIRECT-aligned
+            # Page-aligned, so O_DIRECT-aligned. Called by a reader after it made its stream,
+            # so a CUDA context is current on its thread (the driver needs one to register).
+            block = hostpool.take(nbytes, hostpool.register)
             if block is not None:
                 return block.tensor, block.view
         raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)

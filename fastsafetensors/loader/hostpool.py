@@ -9,7 +9,12 @@ faster there is for a GPU run to say (``benchmarks/probe_register.py`` times bot
 
 Buffers are registered once and kept, as torch keeps the blocks of its pinned cache: a reader
 takes one for a load and gives it back when its copies have completed. A buffer that cannot be
-registered is unmapped and the caller falls back to torch's pinned memory.
+registered is unmapped and the caller falls back to torch's pinned memory, and so does every
+later request of the process (a refusal is not tried again for each buffer of each load).
+
+Registration goes through the CUDA driver (``cuMemHostRegister`` in ``libcuda.so.1``), not
+torch's ``cudaHostRegister`` binding: a refused runtime call leaves the thread's last CUDA error
+set, and torch's next kernel launch on that thread would raise it as its own.
 """
 
 from __future__ import annotations
@@ -24,16 +29,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Block", "take", "give", "held"]
+__all__ = ["Block", "take", "give", "held", "register", "unregister"]
 
 logger = logging.getLogger(__name__)
 
 #: ``register(address, nbytes)``: 0 on success, else the CUDA error number.
 Register = Callable[[int, int], int]
 
-
-#: Mappings are whole huge pages: a partial one at the end would stay on 4 KiB pages.
+#: Buffers of a huge page or more are mapped in whole huge pages (a partial one at the end would
+#: stay on 4 KiB pages); smaller ones in whole pages, so that small staging pins no more than
+#: asked. (Kernels since 6.7 also start such mappings on a huge-page boundary.)
 HUGE_PAGE = 2 << 20
+#: cuMemHostRegister flags: pinned for every context, not only the current one's (a kept buffer
+#: may serve a later load to another GPU).
+PORTABLE = 0x01
+#: The CUDA error a missing driver library is reported as (CUDA_ERROR_NOT_FOUND).
+NOT_FOUND = 500
 
 
 @dataclass(eq=False)
@@ -52,12 +63,46 @@ _lock = threading.Lock()
 _free: dict[int, list[Block]] = defaultdict(list)
 _lent: dict[int, Block] = {}       # id(tensor) -> block, while a reader holds it
 _registered = 0                    # buffers registered since import (tests count them)
+_refused: int | None = None        # the CUDA error of a refused registration, once there was one
+_driver: Any = None                # libcuda, once loaded (False: not there)
+
+
+def register(address: int, nbytes: int, flags: int = PORTABLE) -> int:
+    """Pin ``[address, address + nbytes)`` (for every device by default), through the CUDA
+    driver; 0 or the CUDA error. Needs a context current on this thread (a reader has made its
+    stream there)."""
+    lib = _libcuda()
+    if lib is None:
+        return NOT_FOUND
+    return int(lib.cuMemHostRegister_v2(ctypes.c_void_p(address), nbytes, flags))
+
+
+def unregister(address: int) -> int:
+    """Undo :func:`register` (benchmarks/probe_register.py; the pool keeps what it registers)."""
+    lib = _libcuda()
+    return NOT_FOUND if lib is None else int(lib.cuMemHostUnregister(ctypes.c_void_p(address)))
+
+
+def _libcuda() -> Any:
+    global _driver
+    if _driver is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+            lib.cuMemHostRegister_v2.restype = lib.cuMemHostUnregister.restype = ctypes.c_int
+            _driver = lib
+        except (OSError, AttributeError):
+            _driver = False
+    return _driver or None
 
 
 def take(nbytes: int, register: Register) -> Block | None:
     """A registered buffer of ``nbytes`` (a kept one when free), or None where one cannot be
     made here (the caller then pins with torch)."""
     global _registered
+    if _refused is not None:
+        return None
     with _lock:
         free = _free.get(nbytes)
         block = free.pop() if free else None
@@ -91,28 +136,36 @@ def held() -> tuple[int, int]:
 
 
 def _make(nbytes: int, register: Register) -> Block | None:
+    global _refused
     import torch
 
-    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    unit = HUGE_PAGE if nbytes >= HUGE_PAGE else mmap.PAGESIZE
+    size = -(-nbytes // unit) * unit
     try:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as exc:
         logger.info("no anonymous mapping of %d bytes for staging (%s); using torch's pinned "
                     "memory", nbytes, exc)
         return None
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE)   # before the first touch: registering faults it in
-        except OSError:
-            pass   # THP off: 4 KiB pages, still registered
+    # Before the first touch (registering faults it in): huge pages where THP allows them, and
+    # not inherited by a forked child, where copy-on-write could move a pinned page (as CUDA's
+    # own pinned allocations are not).
+    for advice in ("MADV_HUGEPAGE", "MADV_DONTFORK"):
+        if hasattr(mmap, advice):
+            try:
+                mm.madvise(getattr(mmap, advice))
+            except OSError:
+                pass   # THP off: 4 KiB pages, still registered
     anchor = ctypes.c_char.from_buffer(mm)
     address = ctypes.addressof(anchor)
     del anchor   # an exported buffer would keep mm.close() from unmapping
     err = register(address, size)
     if err:
         mm.close()
-        logger.info("cudaHostRegister of %d bytes of staging failed (CUDA error %s); using "
-                    "torch's pinned memory", size, err)
+        _refused = err
+        logger.warning("huge_pages=\"on\": registering %d bytes of staging with CUDA failed "
+                       "(CUDA error %s); this process pins its staging with torch instead",
+                       size, err)
         return None
     tensor = torch.frombuffer(mm, dtype=torch.uint8)[:nbytes]
     return Block(mm, address, nbytes, tensor, tensor.numpy().data.cast("B"))
@@ -121,10 +174,11 @@ def _make(nbytes: int, register: Register) -> Block | None:
 def _after_fork() -> None:
     # A child has no CUDA context of its parent: its registrations mean nothing there. The
     # mappings stay (copy-on-write) until the child exits; the pool starts empty.
-    global _lock, _free, _lent
+    global _lock, _free, _lent, _refused
     _lock = threading.Lock()
     _free = defaultdict(list)
     _lent = {}
+    _refused = None
 
 
 if hasattr(os, "register_at_fork"):

@@ -275,9 +275,9 @@ class _Completion:
             t.pieces = pieces
             return
         with self.cond:
+            # Not 0 yet (no notify): the last piece is in the chunk being filled, which goes
+            # to the readers after this.
             t.pieces += pieces - UNCOUNTED
-            if t.pieces == 0:
-                self.cond.notify_all()
 
     def queued(self, pieces: list[_Piece], event: Any) -> None:
         """A worker queued the copies of one chunk, ``event`` marking their end."""
@@ -434,6 +434,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     sink.host_wait(event)
             spent["reader: wait for its last copies"] += clock() - t0
             PHASES.add(spent)
+            # Reached only when the waits above returned: a buffer whose copies may still run
+            # (a CUDA error) is never given back for another load to overwrite.
             for buffer in buffers:
                 if buffer is not None:
                     sink.release_staging(buffer[0])
