@@ -95,10 +95,13 @@ def test_the_cuda_sink_takes_staging_from_the_pool_when_asked(registrations, mon
 
     done, register = registrations
     monkeypatch.setattr(hostpool, "register", register)
+    bound: list[str] = []   # the context is bound on the registering thread first
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: bound.append(device))
     sink = object.__new__(cuda_loader.TorchCudaSink)   # no CUDA here: the fields staging uses
-    sink.huge_pages = True
+    sink.huge_pages, sink.device = True, "cuda:0"
     buffer, view = sink.staging(1 << 20)
     assert len(done) == 1 and len(view) == 1 << 20 and buffer.data_ptr() % 4096 == 0
+    assert bound == ["cuda:0"]
     sink.release_staging(buffer)
     again, _ = sink.staging(1 << 20)
     assert again is buffer and len(done) == 1
@@ -108,6 +111,7 @@ def test_the_cuda_sink_pins_with_torch_when_the_pool_cannot(registrations, monke
     from fastsafetensors.loader import cuda as cuda_loader
 
     monkeypatch.setattr(hostpool, "register", lambda address, nbytes: 801)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: None)
     real_empty = torch.empty
     pinned: list[bool] = []
 
@@ -117,7 +121,7 @@ def test_the_cuda_sink_pins_with_torch_when_the_pool_cannot(registrations, monke
 
     monkeypatch.setattr(torch, "empty", empty)
     sink = object.__new__(cuda_loader.TorchCudaSink)
-    sink.huge_pages = True
+    sink.huge_pages, sink.device = True, "cuda:0"
     for _ in range(2):
         buffer, view = sink.staging(1 << 20)
         assert len(view) == 1 << 20 and buffer.data_ptr() % 4096 == 0

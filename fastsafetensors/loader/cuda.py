@@ -149,9 +149,7 @@ class TorchCudaSink:
 
     def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:
         if self.huge_pages:
-            # Page-aligned, so O_DIRECT-aligned. Called by a reader after it made its stream,
-            # so a CUDA context is current on its thread (the driver needs one to register).
-            block = hostpool.take(nbytes, hostpool.register)
+            block = hostpool.take(nbytes, self._register)   # page-aligned: O_DIRECT-aligned
             if block is not None:
                 return block.tensor, block.view
         raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True)
@@ -159,6 +157,14 @@ class TorchCudaSink:
         buffer = raw[skip:skip + nbytes]
         # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
         return buffer, buffer.numpy().data.cast("B")
+
+    def _register(self, address: int, nbytes: int) -> int:
+        # The driver registers for the context current on this thread, and a reader thread may
+        # have none yet: recent torch releases skip cudaSetDevice when the device is already
+        # the current one, and the runtime binds its context to a thread only on a call that
+        # needs one. Memory info is such a call, without a synchronization.
+        torch.cuda.mem_get_info(self.device)
+        return hostpool.register(address, nbytes)
 
     def release_staging(self, buffer: torch.Tensor) -> None:
         # torch's pinned blocks go back to its cache when the last reference goes.

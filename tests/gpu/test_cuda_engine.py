@@ -97,8 +97,8 @@ def test_staging_on_registered_huge_pages_is_kept_and_gives_the_same_data(every_
             assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
         registered.append(hostpool.held()[0])
     if registered[0] == 0:
-        pytest.skip("cudaHostRegister refused here: staging fell back to torch's pinned memory "
-                    "(the data above was checked)")
+        pytest.skip(f"cuMemHostRegister refused here (CUDA error {hostpool._refused}): staging "
+                    f"fell back to torch's pinned memory (the data above was checked)")
     # Registered by the first load (or an earlier test's), none more by the second.
     assert registered[1] == registered[0]
 
