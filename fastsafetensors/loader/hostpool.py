@@ -4,7 +4,7 @@ A process's first load to a GPU pins its staging, and on the H200 machine torch'
 allocator pinned new memory at about 1.5 GB/s (256 MiB of staging: 0.17 s of a 0.5-0.9 s warm
 load), close to the rate at which that VM family faults in fresh 4 KiB pages. With the option on,
 a staging buffer is instead anonymous memory advised ``MADV_HUGEPAGE`` and then registered with
-CUDA (``cudaHostRegister``, which faults it in): 512 times fewer faults. Whether that pins
+CUDA (``cuMemHostRegister``, which faults it in): 512 times fewer faults. Whether that pins
 faster there is for a GPU run to say (``benchmarks/probe_register.py`` times both ways).
 
 Buffers are registered once and kept, as torch keeps the blocks of its pinned cache: a reader
