@@ -762,10 +762,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     skipped = 0     # timed runs not started because the deadline passed
 
-    def open_child(case: Case) -> Child | None:
-        """A ready child for ``case``, or None (the row then says why)."""
+    def open_child(case: Case, started: Child | None = None) -> Child | None:
+        """A ready child for ``case`` (``started`` already, or now), or None (the row then says
+        why)."""
         row = results[case.name]
-        child = start_child(case, specs[case.name], args, peer_dirs, logs)
+        child = started or start_child(case, specs[case.name], args, peer_dirs, logs)
         hello = child.ask(None, timeout=min(300, args.timeout))
         if not hello.get("ready"):
             row["unavailable"] = hello.get("unavailable") or hello.get("error", "?")
@@ -782,6 +783,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if peak is not None:
             row["peak_rss"] = max(row.get("peak_rss") or 0, peak)
 
+    # Every child starts at once (importing torch takes seconds each: on a lent GPU machine,
+    # started one by one they took time the timed runs need), then each is asked whether its
+    # loader is available.
+    starting: dict[str, Child] = {}
     try:
         for case in cases:
             row = results.setdefault(case.name, {"label": case.label, "group": case.group,
@@ -793,7 +798,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             specs[case.name] = {"files": files, "kind": case.kind, "params": case.params,
                                 "chunk": args.chunk_mb * C.MiB, "idle_before": args.idle_before}
-            child = open_child(case)
+            starting[case.name] = start_child(case, specs[case.name], args, peer_dirs, logs)
+        for case in cases:
+            if case.name not in starting:
+                continue
+            child = open_child(case, starting.pop(case.name))
             if child is None:
                 continue
             if args.process_per_run:
@@ -866,7 +875,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _keep_check(row, child.ask("check warm", timeout=args.timeout))
             child.tell("quit")
     finally:
-        for child in children.values():
+        for child in [*children.values(), *starting.values()]:
             if child is not None:
                 child.close()
 

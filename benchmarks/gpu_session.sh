@@ -84,7 +84,7 @@ timeout -k 5 215 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 -
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
-step "probe: cudaHostRegister of the cached files (a copy without staging)"
+step "probe: registering the cached files (a copy without staging), and new pinned memory"
 timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}"
