@@ -5,7 +5,8 @@ then copies it to the GPU. Another route skips the host copy: map the file read-
 the mapping with CUDA (``cuMemHostRegister`` with the read-only flag), and let the copy
 engine read the page cache directly. It pays off only if registering cached pages costs less
 than copying them. This probe times each step for every shard of a warm checkpoint, next to the
-pinned-copy limit, and prints GB/s; it loads nothing into the package and changes no file.
+pinned-copy limit, and prints GB/s; it changes no file (it registers through the package's
+``loader/hostpool.py``, so the repository must be importable: the session script sets PYTHONPATH).
 
     python benchmarks/probe_register.py --dir <checkpoint folder> [--json out.json]
 

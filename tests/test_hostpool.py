@@ -49,7 +49,8 @@ def test_small_buffers_are_registered_in_pages_not_huge_pages(registrations):
     # Small staging (many threads, little staging_bytes) must not pin 2 MiB a buffer.
     done, register = registrations
     block = hostpool.take(508 << 10, register)
-    assert block is not None and done == [(block.address, 508 << 10)]
+    pages = -(-(508 << 10) // mmap.PAGESIZE) * mmap.PAGESIZE   # 4 KiB here, 64 KiB on some
+    assert block is not None and done == [(block.address, pages)]
 
 
 def test_a_refused_registration_is_not_tried_again(registrations):
@@ -66,6 +67,63 @@ def test_a_refused_registration_is_not_tried_again(registrations):
     assert hostpool.take(1 << 20, refuse) is None and hostpool.take(4 << 20, register) is None
     assert refusals == [1 << 20] and done == []
     assert hostpool._free == {} and hostpool._lent == {}
+
+
+def test_registration_calls_the_driver_with_the_address_size_and_flags(monkeypatch):
+    calls: list[tuple[int, int, int]] = []
+
+    class Driver:   # libcuda's two entry points, as ctypes hands them their arguments
+        def cuMemHostRegister_v2(self, address, nbytes, flags):  # noqa: N802 - CUDA's name
+            calls.append((address.value, nbytes, flags))
+            return 0
+
+        def cuMemHostUnregister(self, address):  # noqa: N802 - CUDA's name
+            calls.append((address.value, 0, 0))
+            return 0
+
+    monkeypatch.setattr(hostpool, "_driver", Driver())
+    assert hostpool.register(1 << 40, 3 << 30) == 0
+    assert hostpool.register(4096, 8192, 0x08) == 0 and hostpool.unregister(1 << 40) == 0
+    assert calls == [(1 << 40, 3 << 30, hostpool.PORTABLE), (4096, 8192, 0x08), (1 << 40, 0, 0)]
+
+
+def test_a_forked_child_gets_neither_the_buffers_nor_the_pool(registrations):
+    # MADV_DONTFORK: a child has no mapping of the buffers (copy-on-write could otherwise give
+    # the parent a new page in place of a pinned one), and its pool starts empty.
+    import os
+
+    done, register = registrations
+    block = hostpool.take(4 << 20, register)
+    assert block is not None and hostpool.give(block.tensor)
+    flags = _vm_flags(block.address)
+    if flags is None:
+        pytest.skip("no /proc/self/smaps here")
+    assert "dc" in flags   # "do not copy on fork"
+    pid = os.fork()
+    if pid == 0:   # the child: exit status 0 only if all holds
+        ok = _vm_flags(block.address) is None and hostpool.held()[1] == 0
+        os._exit(0 if ok and hostpool._refused is None else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert hostpool.take(4 << 20, register) is block   # the parent's pool is intact
+
+
+def _vm_flags(address: int) -> str | None:
+    """The VmFlags of this process's mapping holding ``address`` (None: no such mapping)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0] if line else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line
+    return None
 
 
 def test_registration_without_a_cuda_driver_says_so():
@@ -94,14 +152,22 @@ def test_the_cuda_sink_takes_staging_from_the_pool_when_asked(registrations, mon
     from fastsafetensors.loader import cuda as cuda_loader
 
     done, register = registrations
-    monkeypatch.setattr(hostpool, "register", register)
-    bound: list[str] = []   # the context is bound on the registering thread first
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: bound.append(device))
+    order: list[str] = []   # the context is bound on the registering thread first
+
+    def bind(device: str) -> None:
+        order.append(f"bind {device}")
+
+    def registering(address: int, nbytes: int) -> int:
+        order.append("register")
+        return register(address, nbytes)
+
+    monkeypatch.setattr(hostpool, "register", registering)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", bind)
     sink = object.__new__(cuda_loader.TorchCudaSink)   # no CUDA here: the fields staging uses
     sink.huge_pages, sink.device = True, "cuda:0"
     buffer, view = sink.staging(1 << 20)
     assert len(done) == 1 and len(view) == 1 << 20 and buffer.data_ptr() % 4096 == 0
-    assert bound == ["cuda:0"]
+    assert order == ["bind cuda:0", "register"]
     sink.release_staging(buffer)
     again, _ = sink.staging(1 << 20)
     assert again is buffer and len(done) == 1

@@ -131,13 +131,25 @@ def test_budget_counts_the_last_tensor_until_the_next_is_asked_for(tmp_path):
 
 
 def _within(seconds: float, run: Any) -> Any:
-    """``run()`` on a thread, failing (not hanging the suite) if it takes over ``seconds``: a
-    planner waiting for budget that tensors it has not handed over would free waits forever."""
+    """``run()`` on a thread, failing (not hanging this test) if it takes over ``seconds``: a
+    planner waiting for budget that tensors it has not handed over would free waits forever.
+    (A deadlocked load is left behind, and later tests may fail from it: the first failure is
+    the one to read.) What ``run`` raises is raised here."""
     out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(run()), daemon=True)
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            out.append(run())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), f"still running after {seconds} s: deadlocked?"
+    if failed:
+        raise failed[0]
     return out[0]
 
 

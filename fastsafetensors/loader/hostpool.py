@@ -38,7 +38,8 @@ Register = Callable[[int, int], int]
 
 #: Buffers of a huge page or more are mapped in whole huge pages (a partial one at the end would
 #: stay on 4 KiB pages); smaller ones in whole pages, so that small staging pins no more than
-#: asked. (Kernels since 6.7 also start such mappings on a huge-page boundary.)
+#: asked. (Kernels since 6.7 start such mappings on a huge-page boundary; on older ones the
+#: first and last huge page of a buffer may stay on 4 KiB pages.)
 HUGE_PAGE = 2 << 20
 #: cuMemHostRegister flags: pinned for every context, not only the current one's (a kept buffer
 #: may serve a later load to another GPU).
@@ -69,8 +70,8 @@ _driver: Any = None                # libcuda, once loaded (False: not there)
 
 def register(address: int, nbytes: int, flags: int = PORTABLE) -> int:
     """Pin ``[address, address + nbytes)`` (for every device by default), through the CUDA
-    driver; 0 or the CUDA error. Needs a context current on this thread (a reader has made its
-    stream there)."""
+    driver; 0 or the CUDA error. Needs a context current on this thread (TorchCudaSink binds
+    one first; else the error is CUDA_ERROR_INVALID_CONTEXT)."""
     lib = _libcuda()
     if lib is None:
         return NOT_FOUND
@@ -148,8 +149,8 @@ def _make(nbytes: int, register: Register) -> Block | None:
                     "memory", nbytes, exc)
         return None
     # Before the first touch (registering faults it in): huge pages where THP allows them, and
-    # not inherited by a forked child, where copy-on-write could move a pinned page (as CUDA's
-    # own pinned allocations are not).
+    # not inherited by a forked child, where copy-on-write could give the parent a new page in
+    # place of the pinned one the GPU reads.
     for advice in ("MADV_HUGEPAGE", "MADV_DONTFORK"):
         if hasattr(mmap, advice):
             try:
@@ -172,8 +173,9 @@ def _make(nbytes: int, register: Register) -> Block | None:
 
 
 def _after_fork() -> None:
-    # A child has no CUDA context of its parent: its registrations mean nothing there. The
-    # mappings stay (copy-on-write) until the child exits; the pool starts empty.
+    # A child has no CUDA context of its parent, and no mapping of the pool's buffers either
+    # (MADV_DONTFORK): the pool starts empty, and freeing the parent's blocks here unmaps
+    # address ranges the child never had (a no-op).
     global _lock, _free, _lent, _refused
     _lock = threading.Lock()
     _free = defaultdict(list)

@@ -95,12 +95,15 @@ def test_staging_on_registered_huge_pages_is_kept_and_gives_the_same_data(every_
             got = fastsafetensors.load_file(every_dtype, device="cuda:0", io=io)
         for name, tensor in want.items():
             assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
-        registered.append(hostpool.held()[0])
-    if registered[0] == 0:
-        pytest.skip(f"cuMemHostRegister refused here (CUDA error {hostpool._refused}): staging "
-                    f"fell back to torch's pinned memory (the data above was checked)")
-    # Registered by the first load (or an earlier test's), none more by the second.
-    assert registered[1] == registered[0]
+        registered.append(hostpool.held())
+    if hostpool._refused == 801:   # CUDA_ERROR_NOT_SUPPORTED: this machine cannot register
+        pytest.skip("cuMemHostRegister is not supported here: staging fell back to torch's "
+                    "pinned memory (the data above was checked)")
+    # Any other refusal is a failure (201, no context on the reader's thread, was one).
+    assert hostpool._refused is None
+    # Registered by the first load (or an earlier test's), given back after each load, and
+    # none more registered by the second.
+    assert registered[0][0] > 0 and registered[0][1] > 0 and registered[1] == registered[0]
 
 
 @pytest.mark.parametrize("streamed", [False, True])
