@@ -36,6 +36,14 @@ def _random(dtype: torch.dtype, shape: tuple[int, ...], g: torch.Generator) -> t
     return raw.view(dtype).reshape(shape)
 
 
+def _check_sums(sums: list[tuple[str, torch.Tensor]], expected: dict[str, torch.Tensor]) -> None:
+    """Sums launched on the GPU without a host sync, once the GPU is done, against the sums of
+    the tensors saved."""
+    torch.cuda.synchronize()
+    for name, total in sums:
+        assert total.item() == expected[name].sum().item(), name
+
+
 @pytest.fixture
 def slow_copies(monkeypatch):
     """Each worker's copies start 2 ms late on its stream. A GPU copies a chunk faster than
@@ -184,9 +192,7 @@ def test_consumer_on_another_stream_sees_complete_data(tmp_path, slow_copies):
         for name, tensor in fastsafetensors.iter_tensors([str(path)], device="cuda:0",
                                                          backend="posix"):
             sums.append((name, tensor.sum()))  # launched on `side` with no host sync between
-    torch.cuda.synchronize()
-    for name, total in sums:
-        assert total.item() == big[name].sum().item(), name
+    _check_sums(sums, big)
 
 
 def test_a_consumer_that_switches_streams_between_tensors_sees_complete_data(tmp_path,
@@ -205,9 +211,7 @@ def test_a_consumer_that_switches_streams_between_tensors_sees_complete_data(tmp
             name, tensor = next(gen)
             sums.append((name, tensor.sum()))   # on this tensor's stream, no host sync
     gen.close()
-    torch.cuda.synchronize()
-    for name, total in sums:
-        assert total.item() == small[name].sum().item(), name
+    _check_sums(sums, small)
 
 
 def test_tensors_are_allocated_on_the_consumers_stream(tmp_path):
@@ -282,9 +286,7 @@ def test_memory_the_consumer_frees_is_not_overwritten_under_its_kernels(tmp_path
         torch.cuda._sleep(20_000_000)   # some 10 ms of GPU time before the sum runs
         sums.append((name, tensor.sum()))
         del tensor
-    torch.cuda.synchronize()
-    for name, total in sums:
-        assert total.item() == tensors[name].sum().item(), name
+    _check_sums(sums, tensors)
 
 
 def test_stopping_early_leaves_no_copy_running(tmp_path):
