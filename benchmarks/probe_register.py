@@ -83,6 +83,55 @@ def probe_file(torch: Any, path: str, dst: Any) -> dict[str, Any]:
         os.close(fd)
 
 
+def probe_parallel(path: str, piece: int = 16 << 20) -> list[dict[str, Any]]:
+    """Registering one warm file as ``piece``-sized ranges from 1, 2, 4 and 8 threads at once:
+    does registration scale with threads (the engine's mapped readers register in parallel),
+    or does the driver serialize it? Seconds for every range registered, then all released."""
+    import threading
+
+    size = os.path.getsize(path) // piece * piece
+    fd = os.open(path, os.O_RDONLY)
+    rows: list[dict[str, Any]] = []
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, C.pagecache()._MAP_FAILED):
+            return [{"error": f"mmap failed (errno {ctypes.get_errno()})"}]
+        try:
+            for threads in (1, 2, 4, 8):
+                starts = list(range(0, size, piece))
+                errors: list[int] = []
+
+                def run(mine: list[int], errors: list[int] = errors) -> None:
+                    import torch
+
+                    torch.cuda.mem_get_info()   # a context on this thread
+                    for start in mine:
+                        err = hostpool.register(addr + start, piece,
+                                                hostpool.PORTABLE | hostpool.READ_ONLY)
+                        if err:
+                            errors.append(err)
+
+                parts = [starts[k::threads] for k in range(threads)]
+                workers = [threading.Thread(target=run, args=(part,)) for part in parts]
+                t0 = time.perf_counter()
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                seconds = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                for start in starts:
+                    hostpool.unregister(addr + start)
+                rows.append({"threads": threads, "bytes": size, "piece": piece,
+                             "register": seconds, "unregister": time.perf_counter() - t1,
+                             "errors": sorted(set(errors))})
+        finally:
+            _libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+    return rows
+
+
 #: madvise(MADV_POPULATE_WRITE) (Linux 5.14): fault the range in, writable, in one call.
 MADV_POPULATE_WRITE = 23
 
@@ -188,6 +237,14 @@ def main() -> int:
         seconds = sum(r["register"] + r["copy"] + r["unregister"] for r in good)
         print(f"  all steps: {total / 1e9 / seconds:.1f} GB/s (the engine's warm load, same "
               f"files: see bench_load.py)")
+    parallel = probe_parallel(files[0]) if _libc is not None else []
+    print(f"registering {os.path.basename(files[0])} in 16 MiB ranges, threads at once:")
+    for r in parallel:
+        if "error" in r:
+            print(f"  {r['error']}")
+            continue
+        print(f"  {r['threads']} thr: {r['register']:.3f} s ({r['bytes'] / 1e9 / r['register']:.1f}"
+              f" GB/s), unregister {r['unregister']:.3f} s; errors {r['errors'] or 'none'}")
     pinning = probe_pinning(torch)
     print("new pinned host memory, 256 MiB each:")
     for r in pinning:
@@ -202,7 +259,7 @@ def main() -> int:
         print(f"  {r['how']}: " + "; ".join(parts))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": C.machine(), "files": rows,
-                                               "pinning": pinning}, indent=1))
+                                               "parallel": parallel, "pinning": pinning}, indent=1))
     return 0
 
 

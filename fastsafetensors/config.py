@@ -39,6 +39,7 @@ class Option:
     default: Callable[[], Any]
     choices: tuple[str, ...] = ()
     help: str = ""
+    minimum: int = 1              # of a number option
 
     @property
     def env(self) -> str:
@@ -54,10 +55,14 @@ class Option:
                 raise TypeError
             number = int(value) if isinstance(value, (str, float)) else operator.index(value)
         except (TypeError, ValueError):
-            raise ConfigError(self.name, value, ["a positive integer"]) from None
-        if number <= 0:
-            raise ConfigError(self.name, value, ["a positive integer"])
+            raise ConfigError(self.name, value, [self._expected]) from None
+        if number < self.minimum:
+            raise ConfigError(self.name, value, [self._expected])
         return number
+
+    @property
+    def _expected(self) -> str:
+        return "a positive integer" if self.minimum == 1 else f"an integer >= {self.minimum}"
 
 
 OPTIONS: dict[str, Option] = {o.name: o for o in (
@@ -78,6 +83,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="how a reader thread waits for the GPU to finish copying out of its staging "
                 "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
                 "(frees the core for other readers, costs a wake-up)"),
+    Option("mapped_readers", lambda: 4, minimum=0,
+           help="of a GPU load's reader threads, how many copy ranges already in the page "
+                "cache straight to the GPU (the file mapped, the range registered with CUDA: "
+                "no host copy) under io=auto; the others read them into pinned staging. "
+                "0: none"),
     Option("huge_pages", lambda: "off", ("off", "on"),
            help="advise transparent huge pages for fresh host buffers: fewer page faults, but "
                 "on VMs that hand free memory back to the host a first load can get slower; "

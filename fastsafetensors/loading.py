@@ -184,7 +184,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     # must not pass silently there.
     options = StreamOptions(threads=config.device_threads(threads),
                             staging_bytes=config.get("staging_bytes", staging_bytes),
-                            io=config.get("io", io), max_device_bytes=_budget(max_device_bytes))
+                            io=config.get("io", io), max_device_bytes=_budget(max_device_bytes),
+                            mapped_readers=config.get("mapped_readers"))
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
                          huge_pages=config.get("huge_pages") == "on")
     if select_backend(backend, device=device) == "gds":

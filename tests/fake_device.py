@@ -14,6 +14,8 @@ the target device current there; a new thread starts on device 0).
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import random
 import threading
 import time
@@ -28,7 +30,8 @@ from fastsafetensors.loader.stream import device_bytes
 
 
 class FakeSink:
-    def __init__(self, *, delay: float = 0.002, seed: int = 0):
+    def __init__(self, *, delay: float = 0.002, seed: int = 0,
+                 refuse_sources: bool = False):
         self.delay = delay
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -44,6 +47,11 @@ class FakeSink:
         self.staged: list[torch.Tensor] = []      # staging buffers handed out
         self.released: list[torch.Tensor] = []    # and given back
         self.reading: dict[int, list[Future[None]]] = {}   # id(buffer) -> copies out of it
+        # Registered file ranges (host_source), as CUDA would hold them: start -> end.
+        self.refuse_sources = refuse_sources
+        self.sources: dict[int, int] = {}
+        self.sourced = 0                     # ranges registered, all loads
+        self.source_refusals = 0
         # Contract breaches seen on the engine's threads, where an exception would only be
         # logged by the thread pool: the tests assert there are none.
         self.violations: list[str] = []
@@ -106,6 +114,29 @@ class FakeSink:
             self.released.append(buffer)
             if not all(c.done() for c in copies):
                 self.violations.append("a staging buffer was given back before its copies ran")
+
+    def host_source(self, address: int, nbytes: int) -> torch.Tensor | None:
+        self._check_thread()
+        with self.lock:
+            if address % mmap.PAGESIZE or nbytes % mmap.PAGESIZE:
+                self.violations.append(f"range {address:#x}+{nbytes} is not whole pages")
+            # As cuMemHostRegister: a range overlapping one registered is refused.
+            if self.refuse_sources or any(a < address + nbytes and address < b
+                                          for a, b in self.sources.items()):
+                self.source_refusals += 1
+                return None
+            self.sources[address] = address + nbytes
+            self.sourced += 1
+        return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address),
+                                dtype=torch.uint8)
+
+    def release_source(self, source: torch.Tensor) -> None:
+        with self.lock:
+            copies = self.reading.pop(id(source), [])
+            if self.sources.pop(source.data_ptr(), None) is None:
+                self.violations.append("a range was released that was not registered")
+            if not all(c.done() for c in copies):
+                self.violations.append("a registered range was released before its copies ran")
 
     def new_stream(self) -> ThreadPoolExecutor:
         self._check_thread()

@@ -68,6 +68,15 @@ class IOPolicy:
         assert job.extent is not None
         return self.direct_range(resident, job.extent.base, read.offset, read.end)
 
+    def cached_range(self, resident: bytes | None, base: int, begin: int, end: int) -> bool:
+        """Whether every page of bytes ``[begin, end)`` is in the page cache (False where
+        unknown), given the residency map of the file from ``base``."""
+        if resident is None:
+            return False
+        first = base - base % PAGE
+        pages = resident[(begin - first) // PAGE:-(-(end - first) // PAGE)]
+        return bool(pages) and pages.count(0) == 0
+
     def direct_range(self, resident: bytes | None, base: int, begin: int, end: int) -> bool:
         """Whether bytes ``[begin, end)`` should bypass the page cache, given the residency map
         of the file from ``base`` (page-aligned)."""

@@ -18,6 +18,8 @@ Stream hazards handled here:
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 
 import torch
@@ -28,6 +30,14 @@ from . import hostpool
 from .posix import DIRECT_ALIGN
 
 __all__ = ["TorchCudaSink", "copy_pieces", "plan_runs"]
+
+logger = logging.getLogger(__name__)
+
+#: The CUDA error of a refused registration of a file mapping, once there was one (the process
+#: then stages every chunk: a refusal is not tried again for each chunk of each load).
+_source_refused: int | None = None
+#: Devices whose context host_source bound on this thread (pooled threads serve many loads).
+_bound = threading.local()
 
 #: Pieces smaller than this go to the device in runs: one host-to-device copy of the run's span
 #: into device scratch, then one batched device-side copy into the tensors
@@ -165,6 +175,39 @@ class TorchCudaSink:
         # needs one. Memory info is such a call, without a synchronization.
         torch.cuda.mem_get_info(self.device)
         return hostpool.register(address, nbytes)
+
+    def host_source(self, address: int, nbytes: int) -> torch.Tensor | None:
+        global _source_refused
+        if _source_refused is not None:
+            return None
+        bound = getattr(_bound, "devices", None)
+        if bound is None:
+            bound = _bound.devices = set()
+        if self.device not in bound:
+            # A context on this thread (see _register): the driver call below needs one, and
+            # a reader that has not copied yet may have none. Once per thread and device.
+            torch.cuda.mem_get_info(self.device)
+            bound.add(self.device)
+        err = hostpool.register(address, nbytes, hostpool.PORTABLE | hostpool.READ_ONLY)
+        if err:
+            # Overlap with a range another reader holds (a page shared by two chunks): this
+            # chunk alone goes through staging. Anything else holds for the process.
+            if err != hostpool.ALREADY_REGISTERED:
+                _source_refused = err
+                logger.warning("registering a cached file range with CUDA failed (CUDA error "
+                               "%s); this process copies cached data through pinned staging",
+                               err)
+            return None
+        try:
+            # Writable for Python, read-only for the CPU: only the copy engine reads it.
+            return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address),
+                                    dtype=torch.uint8)
+        except BaseException:
+            hostpool.unregister(address)
+            raise
+
+    def release_source(self, source: torch.Tensor) -> None:
+        hostpool.unregister(source.data_ptr())
 
     def release_staging(self, buffer: torch.Tensor) -> None:
         # torch's pinned blocks go back to its cache when the last reference goes.

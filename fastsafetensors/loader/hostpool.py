@@ -44,8 +44,13 @@ HUGE_PAGE = 2 << 20
 #: cuMemHostRegister flags: pinned for every context, not only the current one's (a kept buffer
 #: may serve a later load to another GPU).
 PORTABLE = 0x01
+#: cuMemHostRegister flags: the device only reads the memory, which lets a read-only file
+#: mapping be registered at all (CUDA 11.1+).
+READ_ONLY = 0x08
 #: The CUDA error a missing driver library is reported as (CUDA_ERROR_NOT_FOUND).
 NOT_FOUND = 500
+#: CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED: part of the range is registered already.
+ALREADY_REGISTERED = 712
 
 
 @dataclass(eq=False)

@@ -13,7 +13,7 @@ import mmap
 import os
 import sys
 
-__all__ = ["resident_fraction", "resident_map"]
+__all__ = ["resident_fraction", "resident_map", "map_file", "unmap"]
 
 _PAGE = mmap.PAGESIZE
 _libc = None
@@ -61,3 +61,17 @@ def resident_fraction(fd: int, offset: int = 0, length: int | None = None) -> fl
         return 1.0
     # Only bit 0 is defined (the rest are reserved and zero), so a count of zeros is exact.
     return 1.0 - pages.count(0) / len(pages)
+
+
+def map_file(fd: int, length: int) -> int | None:
+    """The address of a read-only shared mapping of the file's first ``length`` bytes, or None
+    where it cannot be made. Mapping faults nothing in; the caller unmaps it (:func:`unmap`)."""
+    if _libc is None or length <= 0:
+        return None
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    return None if addr in (None, _MAP_FAILED) else int(addr)
+
+
+def unmap(address: int, length: int) -> None:
+    if _libc is not None:
+        _libc.munmap(ctypes.c_void_p(address), length)

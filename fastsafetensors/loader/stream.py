@@ -28,7 +28,7 @@ import queue
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,8 +36,8 @@ from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, header_of, open_readonly
 from . import threads as pool
-from .cpu import IOPolicy
-from .pagecache import resident_map
+from .cpu import PAGE, IOPolicy
+from .pagecache import map_file, resident_map, unmap
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
 
 __all__ = ["Sink", "StreamOptions", "stream_tensors", "Source", "device_bytes", "PHASES"]
@@ -106,6 +106,14 @@ class Sink(Protocol):
     def release_staging(self, buffer: Any) -> None:
         """A buffer from ``staging`` is no longer used (the copies out of it completed)."""
 
+    def host_source(self, address: int, nbytes: int) -> Any:
+        """Optional. Make ``[address, +nbytes)`` of a read-only file mapping (page-aligned,
+        cached) readable by the device's copies, and return a buffer over it for ``copy``;
+        None where it cannot be (the chunk then goes through staging)."""
+
+    def release_source(self, source: Any) -> None:
+        """Optional. Undo ``host_source`` (the copies out of ``source`` completed)."""
+
     def alloc_event(self) -> Any:
         """An event on the stream ``alloc`` allocates on, recorded after the allocations so far.
 
@@ -142,6 +150,9 @@ class StreamOptions:
     io: str = "auto"
     max_device_bytes: int | None = None
     max_gap: int = 1 << 20
+    #: Readers (the first ones) that copy chunks already in the page cache straight from a
+    #: mapping of the file (io="auto", a sink with ``host_source``); the others stage them.
+    mapped_readers: int = 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -188,6 +199,7 @@ class _Chunk:
     end: int
     pieces: list[_Piece]
     allocated: Any = None         # alloc_event() after its tensors were allocated
+    cap: int = 0                  # file offset the chunk must end at or before
 
 
 @dataclass
@@ -207,6 +219,10 @@ class _File:
     # by the first reader that needs it (see _resident).
     segments: dict[int, bytes | None] = field(default_factory=dict, repr=False)
     looking: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Address of a read-only mapping of the whole file, for mapped readers (None: none); kept
+    # until the load's threads are done, since copies out of it may still run after the last
+    # chunk was taken.
+    mapping: int | None = None
 
     @property
     def span(self) -> tuple[int, int]:
@@ -306,12 +322,15 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     ready: queue.Queue[list[_Tensor] | BaseException | None] = queue.Queue()
     errors: list[BaseException] = []
     files: list[_File] = []
-    stats = {"bytes": 0, "direct": 0, "chunks": 0}
+    stats = {"bytes": 0, "direct": 0, "chunks": 0, "mapped": 0}
     stats_lock = threading.Lock()
     policy = IOPolicy(options.io)
     completion = _Completion()
     in_source = threading.Event()
     idents: set[int] = set()   # threads that ran this load's tasks
+    # Files are mapped for readers that copy cached chunks straight from the page cache.
+    mapped = (policy.mode == "auto" and options.mapped_readers > 0
+              and getattr(sink, "host_source", None) is not None)
     pid = os.getpid()
 
     def fail(exc: BaseException) -> None:
@@ -338,7 +357,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if cancelled.is_set():
                     break
                 t0 = time.perf_counter()
-                f = _open(path, header, policy, names)
+                f = _open(path, header, policy, names, mapped)
                 PHASES.add({"planner: open files": time.perf_counter() - t0})
                 files.append(f)
                 _plan_file(f, sink, options, budget, work, ready, cancelled, completion)
@@ -357,8 +376,13 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     _put(work, None, cancelled)
                 ready.put(None)
 
-    def worker() -> None:
+    def worker(index: int) -> None:
         pending: list[Any] = [None, None]
+        # Copies out of registered file ranges, oldest first: (event, source). A range is
+        # released once its copies completed; two are in flight at most, as two staging
+        # buffers would be.
+        sources: deque[list[Any]] = deque()
+        mapper = mapped and index < options.mapped_readers
         turn = 0
         stream = None
         spent: dict[str, float] = defaultdict(float)   # this reader's time, by what it waited on
@@ -390,6 +414,33 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 spent["reader: wait for a chunk"] += t1 - t0
                 if chunk is None or cancelled.is_set():
                     return
+                source = _map_chunk(chunk, sink, policy) if mapper else None
+                if source is not None:
+                    t2 = clock()
+                    spent["reader: register cached pages"] += t2 - t1
+                    src, base = source
+                    # Held from here: released below once its copies ran, or when the
+                    # worker ends (also after a failed copy).
+                    sources.append([None, src])
+                    _file_done(chunk.file)
+                    sink.stream_wait(stream, chunk.allocated)
+                    sink.copy(stream, src, [(p.tensor.flat, p.tensor_offset,
+                                             p.file_offset - base, p.length)
+                                            for p in chunk.pieces])
+                    event = sources[-1][0] = sink.record(stream)
+                    with stats_lock:
+                        stats["bytes"] += chunk.end - chunk.offset
+                        stats["mapped"] += 1
+                        stats["chunks"] += 1
+                    completion.queued(chunk.pieces, event)
+                    t3 = clock()
+                    spent["reader: queue copies"] += t3 - t2
+                    if len(sources) > 2:
+                        done, old = sources.popleft()
+                        sink.host_wait(done)
+                        sink.release_source(old)
+                        spent["reader: wait for registered pages' copies"] += clock() - t3
+                    continue
                 if pending[turn] is not None:
                     sink.host_wait(pending[turn])
                 t2 = clock()
@@ -434,6 +485,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     sink.host_wait(event)
             spent["reader: wait for its last copies"] += clock() - t0
             PHASES.add(spent)
+            while sources:   # their copies completed: the whole stream was waited for
+                sink.release_source(sources.popleft()[1])
             # Reached only when the waits above returned: a buffer whose copies may still run
             # (a CUDA error) is never given back for another load to overwrite.
             for buffer in buffers:
@@ -450,7 +503,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # the ones that did and closes their files.
         finished.append(pool.start(plan, "fastsafetensors-plan"))
         for i in range(options.threads):
-            finished.append(pool.start(worker, f"fastsafetensors-io-{i}"))
+            finished.append(pool.start(partial(worker, i), f"fastsafetensors-io-{i}"))
         clock = time.perf_counter
         while True:
             t0 = clock()
@@ -512,9 +565,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         seconds = time.perf_counter() - started
         PHASES.add({**consumer, "load: wall time": seconds})
         logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
-                    "threads, io=%s, %d of %d chunks direct", count, stats["bytes"] / 1e6,
-                    len(files), seconds, stats["bytes"] / 1e9 / max(seconds, 1e-9),
-                    options.threads, options.io, stats["direct"], stats["chunks"])
+                    "threads, io=%s, %d of %d chunks direct, %d copied from the page cache",
+                    count, stats["bytes"] / 1e6, len(files), seconds,
+                    stats["bytes"] / 1e9 / max(seconds, 1e-9), options.threads, options.io,
+                    stats["direct"], stats["chunks"], stats["mapped"])
 
 
 def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File],
@@ -549,22 +603,29 @@ def _wake(work: queue.Queue[Any], workers: int) -> None:
             return
 
 
-def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] | None
-          ) -> _File:
+def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] | None,
+          mapped: bool = False) -> _File:
     fd = open_readonly(path)
     try:
         header = header_of(fd, path, header)
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
-        return _File(os.fspath(path), header, fd, direct_fd, infos)
+        f = _File(os.fspath(path), header, fd, direct_fd, infos)
+        if mapped and infos:
+            f.mapping = map_file(fd, header.file_size)
+        return f
     except BaseException:
         os.close(fd)
         raise
 
 
 def _close(f: _File) -> None:
+    """Close the file and drop its mapping: only once no copy can read from it any more."""
     with f.lock:
         _shut(f)
+        address, f.mapping = f.mapping, None
+    if address is not None:
+        unmap(address, f.header.file_size)
 
 
 def _shut(f: _File) -> None:
@@ -623,6 +684,7 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             batch = []
 
     bounded = budget.limit is not None
+    paged = f.mapping is not None
     try:
         for info in infos:
             if cancelled.is_set():
@@ -648,14 +710,16 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             before = flushes
             while position < end:
                 if chunk is not None and (position - chunk.end > options.max_gap
-                                          or chunk.end - chunk.offset >= limit):
+                                          or position >= chunk.cap):
                     flush()
                 if chunk is None:
-                    chunk = _Chunk(f, position, position, [])
-                take = min(end - position, limit - (position - chunk.offset))
-                if take <= 0:
-                    flush()
-                    continue
+                    chunk = _Chunk(f, position, position, [], cap=position + limit)
+                    if paged and (chunk.cap - chunk.cap % PAGE) > position:
+                        # Chunks that break for size break at a page boundary: a mapped
+                        # reader registers whole pages, and two chunks sharing one could not
+                        # both be registered at once.
+                        chunk.cap -= chunk.cap % PAGE
+                take = min(end - position, chunk.cap - position)
                 chunk.pieces.append(_Piece(t, position - start, position, take))
                 pieces += 1
                 chunk.end = position + take
@@ -700,6 +764,22 @@ def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int,
         return chunk.offset - begin, got, True
     got = pread_into(f.fd, view[:chunk.end - chunk.offset], chunk.offset, path=f.path)
     return 0, got, False
+
+
+def _map_chunk(chunk: _Chunk, sink: Sink, policy: IOPolicy) -> tuple[Any, int] | None:
+    """``(source, file offset of its first byte)``: the chunk's pages of the file mapping, made
+    readable by the device's copies, when every one of them is in the page cache; else None
+    (the chunk is read into staging). Pages not cached would be faulted in one by one."""
+    f = chunk.file
+    if f.mapping is None:
+        return None
+    resident, base = _resident(f, chunk.offset, chunk.end)
+    if not policy.cached_range(resident, base, chunk.offset, chunk.end):
+        return None
+    begin = chunk.offset - chunk.offset % PAGE
+    end = -(-chunk.end // PAGE) * PAGE
+    source = sink.host_source(f.mapping + begin, end - begin)
+    return None if source is None else (source, begin)
 
 
 def _resident(f: _File, begin: int, end: int) -> tuple[bytes | None, int]:

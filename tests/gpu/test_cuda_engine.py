@@ -114,6 +114,49 @@ def test_staging_on_registered_huge_pages_is_kept_and_gives_the_same_data(every_
     assert registered[0][0] > 0 and registered[0][1] > 0 and registered[1] == registered[0]
 
 
+@pytest.mark.parametrize("budget", [None, 6 << 20])
+def test_cached_chunks_copied_straight_from_the_page_cache_give_the_same_data(
+        tmp_path, monkeypatch, slow_copies, budget):
+    # mapped_readers: chunks in the page cache (this file, just written) are copied from a
+    # registered read-only mapping of the file, no staging. Odd sizes put tensor ends inside
+    # pages; a budget ends chunks at tensor ends (two chunks may then share a page, and the
+    # second is staged); slow copies make a range released too early show as wrong bytes.
+    g = torch.Generator().manual_seed(7)
+    tensors = {f"w{i}": _random(torch.bfloat16, (int(torch.randint(1, 1 << 20, (1,),
+                                                                      generator=g)),), g)
+               for i in range(24)}
+    path = tmp_path / "mapped.safetensors"
+    save_file(tensors, str(path))
+    counts = {"registered": 0, "released": 0}
+    host_source = cuda_loader.TorchCudaSink.host_source
+    release_source = cuda_loader.TorchCudaSink.release_source
+
+    def counted(self, address, nbytes):
+        source = host_source(self, address, nbytes)
+        counts["registered"] += source is not None
+        return source
+
+    def released(self, source):
+        counts["released"] += 1
+        release_source(self, source)
+
+    monkeypatch.setattr(cuda_loader.TorchCudaSink, "host_source", counted)
+    monkeypatch.setattr(cuda_loader.TorchCudaSink, "release_source", released)
+    with fastsafetensors.configure(backend="posix", mapped_readers=4, threads=4,
+                                   staging_bytes=8 << 20):
+        got = {}
+        for name, tensor in fastsafetensors.iter_tensors([str(path)], device="cuda:0",
+                                                         io="auto", max_device_bytes=budget):
+            got[name] = tensor
+    for name, tensor in tensors.items():
+        assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
+    if cuda_loader._source_refused == 801:   # CUDA_ERROR_NOT_SUPPORTED
+        pytest.skip("registering a file mapping is not supported here: chunks were staged "
+                    "(the data above was checked)")
+    assert cuda_loader._source_refused is None
+    assert counts["registered"] > 0 and counts["released"] == counts["registered"]
+
+
 @pytest.mark.parametrize("streamed", [False, True])
 def test_single_tensor_reads_go_to_the_device(every_dtype, monkeypatch, streamed):
     if streamed:  # as a tensor of DEVICE_STREAM_BYTES or more: through the streaming engine
