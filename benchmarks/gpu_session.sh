@@ -5,10 +5,10 @@
 # Everything it prints lands in $OUT too.
 #
 #   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
-#   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 420)
+#   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 400)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 365 s, leaving time for starting Python; the most wanted figures come
+# (the limits add up to 350 s, leaving time for starting Python; the most wanted figures come
 # first; the two runs on an H200 took 310 and 373 s in all, the first H100 run, with more
 # rows and cold runs, 335 s). Rows and cold runs that earlier runs settled are left out; a
 # session with time to spare can add them back with bench_load.py's --only;
@@ -78,10 +78,10 @@ timeout -k 5 35 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout -k 5 150 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
+timeout -k 5 135 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only 'h2d_pinned|raw_reused_t8|direct_reused_t8|^(fst|fst_load|vllm)_cuda|sketch_cuda_prepinned|instanttensor_buffered' \
-    --warm-only 'fst_load_cuda|vllm_cuda|direct_reused|instanttensor' --deadline 115 --timeout 60 \
+    --warm-only 'fst_load_cuda|vllm_cuda|direct_reused|instanttensor' --deadline 100 --timeout 60 \
     --skip-many \
     --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).

@@ -83,11 +83,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="how a reader thread waits for the GPU to finish copying out of its staging "
                 "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
                 "(frees the core for other readers, costs a wake-up)"),
-    Option("mapped_readers", lambda: 4, minimum=0,
+    Option("mapped_readers", lambda: 0, minimum=0,
            help="of a GPU load's reader threads, how many copy ranges already in the page "
                 "cache straight to the GPU (the file mapped, the range registered with CUDA: "
                 "no host copy) under io=auto; the others read them into pinned staging. "
-                "0: none"),
+                "Off by default: on the H100 machine CUDA registered pages no faster from 8 "
+                "threads than from 1 and stalled the other readers' copies meanwhile, so "
+                "loads ran slower (docs/benchmarks.md)"),
     Option("huge_pages", lambda: "off", ("off", "on"),
            help="advise transparent huge pages for fresh host buffers: fewer page faults, but "
                 "on VMs that hand free memory back to the host a first load can get slower; "

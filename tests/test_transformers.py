@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import mmap
 import os
 import pickle
 import shutil
@@ -37,7 +38,7 @@ from builders import require_o_direct  # noqa: E402
 import fastsafetensors.integrations.transformers as ft  # noqa: E402
 from fastsafetensors.errors import ConfigError  # noqa: E402
 from fastsafetensors.integrations import _transformers_seam as seam  # noqa: E402
-from fastsafetensors.loader.posix import STATS  # noqa: E402
+from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS  # noqa: E402
 
 # Releases whose own loading differs in ways the tests must allow for (see each use).
 BEFORE_5_1, BEFORE_5_13, BEFORE_5_14, BEFORE_5_21 = (
@@ -476,9 +477,20 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
 
 
 @pytest.mark.gpu
-def test_device_map_cuda(models: dict[str, Path], calls: Counter[str]) -> None:
+def test_device_map_cuda(models: dict[str, Path], calls: Counter[str],
+                         monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
+    # Whole tensors bound for a CUDA device are read in one batch per load (Batch), each
+    # tensor of a converter too.
+    batches: list[str] = []
+    read = seam.Batch._read
+
+    def counted(self: Any, sources: Any, files: Any) -> None:
+        batches.append(self.device)
+        read(self, sources, files)
+
+    monkeypatch.setattr(seam.Batch, "_read", counted)
     for kind in ("llama", "mixtral"):
         reference = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda")
         calls.clear()
@@ -488,6 +500,7 @@ def test_device_map_cuda(models: dict[str, Path], calls: Counter[str]) -> None:
         assert all(p.device.type == "cuda" for p in model.parameters())
         assert assert_same(model, reference) > 0
         assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models[kind])
+    assert batches == [f"cuda:{torch.cuda.current_device()}"] * 2
 
 
 @pytest.mark.parametrize("case", ["bfloat16", "float16", "auto-from-config", "auto-probe"])
@@ -865,3 +878,166 @@ def test_io_option_reaches_the_per_tensor_reads(models: dict[str, Path],
                                                      loader_options={"io": io})
         assert (STATS.direct_reads > 0) is direct, io
         assert_same(model, reference)
+
+
+# -- many tensors for one device in one engine run (Batch) ---------------------------------------
+
+@pytest.fixture
+def batched(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """Batches for CPU targets too (by default only CUDA targets are batched), counting engine
+    runs of batches (``batch``) and per-tensor reads (``single``)."""
+    counts: Counter[str] = Counter()
+    monkeypatch.setattr(seam, "BATCH_DEVICE_TYPES", ("cuda", "cpu"))
+    read = seam.Batch._read
+    single = seam.FastSafetensorsFile._get
+
+    def counted_read(self: Any, sources: Any, files: Any) -> None:
+        counts["batch"] += 1
+        counts["files"] += len(sources)
+        read(self, sources, files)
+
+    def counted_single(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["single"] += 1
+        return single(self, *args, **kwargs)
+
+    monkeypatch.setattr(seam.Batch, "_read", counted_read)
+    monkeypatch.setattr(seam.FastSafetensorsFile, "_get", counted_single)
+    yield counts
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "bert"])
+def test_a_batch_reads_every_tensor_in_one_engine_run(models: dict[str, Path],
+                                                      calls: Counter[str],
+                                                      batched: Counter[str],
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      kind: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    import fastsafetensors
+
+    auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
+    folder = models[kind]
+    reference = auto.from_pretrained(folder)
+    calls.clear()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    model = auto.from_pretrained(folder, loader="fastsafetensors")
+    assert assert_same(model, reference) > 0
+    # One run of the engine over every shard, no tensor read on its own, every byte once (the
+    # host loader these CPU targets go through reads each file from and to page boundaries).
+    assert batched == Counter(batch=1, files=len(shards(folder)))
+    slack = 2 * max(mmap.PAGESIZE, DIRECT_ALIGN) * len(shards(folder))
+    assert 0 <= STATS.bytes_read - weight_bytes(folder) < slack
+    (line,) = our_records(caplog)
+    tensors = 0
+    for path in shards(folder):
+        with fastsafetensors.FastSafetensorsFile(path) as f:
+            tensors += len(f.keys())
+    assert f"read {seam.human_size(weight_bytes(folder))} ({tensors} tensor reads" in line
+
+
+def test_a_batch_casts_each_tensor_to_the_dtype_asked(models: dict[str, Path],
+                                                      calls: Counter[str],
+                                                      batched: Counter[str]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    for folder, dtype in ((models["llama"], torch.bfloat16),
+                          (models["llama_bf16_config"], "auto")):
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                     loader="fastsafetensors")
+        assert model.dtype == reference.dtype == torch.bfloat16
+        assert_same(model, reference)
+        assert torch.equal(logits(model), logits(reference))
+    assert batched["batch"] == 2 and batched["single"] == 0
+
+
+def test_a_failed_batch_fails_the_load_with_its_error(models: dict[str, Path],
+                                                      calls: Counter[str],
+                                                      batched: Counter[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read that fails halfway: from_pretrained raises that error (no hang, no partial model).
+    from transformers import AutoModelForCausalLM
+
+    import fastsafetensors.loading
+    from fastsafetensors.errors import ReadError
+
+    real = fastsafetensors.loading._host_stream
+
+    def failing(sources: Any, fw: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        yield from real(sources[:1], fw, **kwargs)
+        raise ReadError(sources[1][0], 0, 10, 3)
+
+    monkeypatch.setattr(fastsafetensors.loading, "_host_stream", failing)
+    with pytest.raises(ReadError, match="read of 10 bytes at offset 0 returned 3"):
+        AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
+    assert not [t for t in threading.enumerate() if t.name.startswith(
+        "fastsafetensors-transformers-batch")]
+
+
+def test_a_stopped_batch_leaves_no_waiter_hanging(models: dict[str, Path]) -> None:
+    load = seam.Load({})
+    handle = load.open(shards(models["llama"])[0])
+    batch = load.batch("cpu")
+    futures = [batch.add(handle.get_slice(name), None) for name in handle.keys()[:3]]
+    assert all(f is not None and not f.done() for f in futures)
+    load.close()   # transformers failed before it waited on any of them
+    for future in futures:
+        assert future is not None
+        with pytest.raises(RuntimeError, match="load ended before this tensor was read"):
+            future.result(timeout=5)
+
+
+def test_what_the_spawner_leaves_to_transformers(models: dict[str, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import Future
+
+    passed: list[tuple[Any, ...]] = []
+
+    def original(*args: Any, **kwargs: Any) -> str:
+        passed.append(args + tuple(sorted(kwargs.items())))
+        return "stock"
+
+    spawn = seam.make_spawner(original)
+    load = seam.Load({})
+    handle = load.open(shards(models["llama"])[0])
+    name = handle.keys()[0]
+    pool = object()
+    # No pool (transformers then loads one tensor at a time), a sharding op, not our slice,
+    # not a torch device, the CPU (not batched by default): transformers' own spawn.
+    assert spawn(None, handle.get_slice(name), "cuda:0", None) == "stock"
+    assert spawn(pool, handle.get_slice(name), "cuda:0", None, sharding_op=object(),
+                 tensor_idx=0) == "stock"
+    assert spawn(pool, torch.ones(2), "cuda:0", None) == "stock"
+    assert spawn(pool, handle.get_slice(name), "disk", None) == "stock"
+    assert spawn(pool, handle.get_slice(name), "cpu", torch.float16) == "stock"
+    assert len(passed) == 5 and passed[-1][2:4] == ("cpu", torch.float16)
+    # A CUDA target: a future of the device's batch (tensor_idx alone is no sharding).
+    future = spawn(pool, handle.get_slice(name), torch.device("cuda", 1), None, tensor_idx=3)
+    assert isinstance(future, Future) and not future.done() and len(passed) == 5
+    assert set(load.batches) == {"cuda:1"} and load.devices == {"cuda:1"}
+    # Once the batch has started, a late tensor is read on its own.
+    load.batches["cuda:1"].thread = threading.Thread(target=lambda: None)
+    assert spawn(pool, handle.get_slice(name), "cuda:1", None) == "stock"
+    load.batches["cuda:1"].thread = None
+    load.close()
+    with pytest.raises(RuntimeError):
+        future.result(timeout=5)
+
+
+def test_a_batch_nobody_waits_on_starts_by_itself(models: dict[str, Path]) -> None:
+    # A release that waited on the futures another way than result() must not hang the load.
+    load = seam.Load({})
+    handle = load.open(shards(models["llama"])[0])
+    batch = load.batch("cpu")
+    names = handle.keys()
+    futures = [batch.add(handle.get_slice(name), None) for name in names]
+    import concurrent.futures
+
+    done, _ = concurrent.futures.wait(futures, timeout=10)   # no result() call
+    assert len(done) == len(names)
+    want = {}
+    for name in names:
+        want[name] = handle.get_tensor(name)
+    for name, future in zip(names, futures):
+        assert future is not None and torch.equal(future.result(), want[name])
+    load.close()

@@ -13,6 +13,12 @@ in a small thread pool. Three replacements, made once at install time, route tho
 3. ``core_model_loading._materialize_copy`` reads one of our slices whose target is a CUDA device
    straight onto it (this package's pinned staging), instead of into host memory first; any other
    tensor or device goes to the original.
+4. ``core_model_loading.spawn_materialize``, which hands each tensor to transformers' pool of four
+   threads, instead collects every whole tensor bound for a CUDA device into one batch per
+   device (:class:`Batch`) and returns a Future; when transformers first waits on one of them
+   (after it spawned them all), the batch reads every tensor it holds in one run of the streaming
+   engine, in file order. One tensor per engine run, four at a time, ran at half the engine's
+   speed on whole files (the H100 machine: 10.6 GB/s beyond transformers' own time, against 20).
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
@@ -23,6 +29,7 @@ transformers' own materialization pool (a few tensors), whatever the number of s
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -32,6 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from .. import config
@@ -122,6 +130,7 @@ class Load:
         self.files: list[TransformersFile] = []
         self.reads = 0
         self.devices: set[str] = set()   # devices read to directly (CUDA targets)
+        self.batches: dict[str, Batch] = {}   # by device
         self.started = time.perf_counter()
         self._lock = threading.Lock()
 
@@ -138,8 +147,18 @@ class Load:
         with self._lock:
             self.reads += 1
 
+    def batch(self, device: str) -> Batch:
+        with self._lock:
+            batch = self.batches.get(device)
+            if batch is None:
+                batch = self.batches[device] = Batch(self, device)
+            return batch
+
     def close(self) -> None:
-        """Close every handle (transformers closes the main ones; a few are only dropped)."""
+        """Stop the batches (a load that failed leaves their reads unused), then close every
+        handle (transformers closes the main ones; a few are only dropped)."""
+        for batch in list(self.batches.values()):
+            batch.stop()
         for handle in self.files:
             handle.close()
 
@@ -204,6 +223,196 @@ def make_materializer(original: Callable[..., Any]) -> Callable[..., Any]:
 
     _materialize_copy.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
     return _materialize_copy
+
+
+# -- many tensors, one engine run: the replacement of spawn_materialize ----------------------------
+
+SPAWN_SITE = ("transformers.core_model_loading", "spawn_materialize")
+#: Target device types whose whole tensors are read in batches. Not the CPU: there the engine
+#: reads each file into one buffer, and a parameter kept would keep its file's buffer alive.
+#: (The tests add "cpu" to run the batching without a GPU.)
+BATCH_DEVICE_TYPES = ("cuda",)
+
+
+class _Pending(Future[Any]):
+    """A tensor of a batch. transformers waits on its futures (``result()``) only once it has
+    spawned every tensor, so the first wait starts the batch's reads. In case a release waits
+    another way, the batch also starts by itself once no tensor was added for ``IDLE_START``
+    seconds: a load is never left waiting."""
+
+    def __init__(self, batch: Batch):
+        super().__init__()
+        self._batch = batch
+
+    def result(self, timeout: float | None = None) -> Any:
+        # Every device's batch: a tensor on one device may wait on a converter's tensor that
+        # another device's batch reads.
+        for batch in list(self._batch.load.batches.values()):
+            batch.start()
+        return super().result(timeout)
+
+
+#: Seconds without a new tensor after which a batch starts without a wait on its futures.
+IDLE_START = 0.05
+
+#: A batch's tensors of one file: name -> [(dtype, future)], one entry per request.
+_Wanted = dict[str, list[tuple[Any, Future[Any]]]]
+
+
+class Batch:
+    """The whole tensors transformers asked for on one device during one load, read by one run
+    of the streaming engine: files in name order (shards are numbered), each in file order; a
+    tensor's futures are completed as soon as it is on the device."""
+
+    def __init__(self, load: Load, device: str):
+        self.load = load
+        self.device = device
+        self.wanted: dict[str, tuple[TransformersFile, _Wanted]] = {}   # by path
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.stopped = threading.Event()
+        self.last_add = 0.0
+        self.watchdog: threading.Thread | None = None
+
+    def add(self, handle: TransformersSlice, dtype: Any) -> Future[Any] | None:
+        """A future for ``handle`` cast to ``dtype``; None once the batch has started (the
+        caller reads that tensor on its own)."""
+        future = _Pending(self)
+        with self.lock:
+            if self.thread is not None:
+                return None
+            file = handle._file
+            assert isinstance(file, TransformersFile)
+            names = self.wanted.setdefault(file.path, (file, {}))[1]
+            names.setdefault(handle.name, []).append((dtype, future))
+            self.last_add = time.monotonic()
+            if self.watchdog is None:
+                self.watchdog = threading.Thread(target=self._start_when_idle, daemon=True,
+                                                 name="fastsafetensors-transformers-idle")
+                self.watchdog.start()
+        return future
+
+    def _start_when_idle(self) -> None:
+        while not self.stopped.wait(IDLE_START / 2):
+            with self.lock:
+                if self.thread is not None:
+                    return
+                idle = time.monotonic() - self.last_add >= IDLE_START
+            if idle:
+                self.start()
+                return
+
+    def start(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="fastsafetensors-transformers-batch")
+                self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.lock:
+            threads = self.watchdog, self.thread
+        for thread in threads:
+            if thread is not None:
+                thread.join()
+        self._fail(RuntimeError("fastsafetensors: the load ended before this tensor was read"))
+
+    def _run(self) -> None:
+        try:
+            with self.load.configured(), contextlib.ExitStack() as stack:
+                sources = []
+                files = {}
+                for path in sorted(self.wanted):
+                    file, names = self.wanted[path]
+                    # Read through the handle's descriptor (as FastSafetensorsFile._get): the
+                    # file transformers opened, even if the path names another one by now.
+                    fd = stack.enter_context(file._in_use())
+                    proc = f"/proc/self/fd/{fd}"
+                    source = proc if os.path.exists(proc) else path
+                    files[source] = (file, names)
+                    sources.append((source, file.header, list(names)))
+                self._read(sources, files)
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on a future
+            self._fail(exc)
+        # Whatever the engine did not yield (a stopped batch): failed, not left waiting.
+        self._fail(RuntimeError("fastsafetensors: the load ended before this tensor was read"))
+
+    def _read(self, sources: list[Any], files: dict[str, Any]) -> None:
+        import torch
+
+        from ..loading import _host_stream, device_stream
+
+        cuda = torch.device(self.device).type == "cuda"
+        names = {name: entry for file, wanted in files.values()
+                 for name, entry in wanted.items()}
+        if cuda:
+            stream = device_stream(sources, self.device)
+        else:
+            stream = _host_stream(sources, files[sources[0][0]][0]._framework, threads=None,
+                                  io=None)
+        try:
+            for name, tensor in stream:
+                if self.stopped.is_set():
+                    return
+                for dtype, future in names.pop(name, []):
+                    result = tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+                    if cuda:
+                        # Complete for any stream of any thread, as the stock path's tensors
+                        # are (the engine ordered the copies on this thread's stream only).
+                        torch.cuda.current_stream(self.device).synchronize()
+                    self.load.count_read()
+                    future.set_result(result)
+                del tensor
+        finally:
+            close = getattr(stream, "close", None)   # joins the engine's threads
+            if close is not None:
+                close()
+            for file, wanted in files.values():
+                done = sum(file.header.tensors[n].nbytes for n in file.header.tensors
+                           if n in wanted and n not in names)
+                with file._lock:
+                    file.bytes_read += done
+
+    def _fail(self, exc: BaseException) -> None:
+        """Every future not completed yet gets ``exc`` (no waiter is left hanging)."""
+        for _, wanted in list(self.wanted.values()):
+            for entries in wanted.values():
+                for _, future in entries:
+                    if not future.done():
+                        future.set_exception(exc)
+
+
+def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``spawn_materialize`` that batches our whole slices bound for a CUDA device (see
+    :class:`Batch`); everything else (no pool, sharding, other tensors or devices) goes to
+    ``original``."""
+
+    def spawn_materialize(thread_pool: Any, tensor: Any, device: Any = None, dtype: Any = None,
+                          *args: Any, **kwargs: Any) -> Any:
+        # A sharded tensor (recent releases pass sharding_op) reads only its part: left to the
+        # pool, as is a load without a pool (transformers loads one tensor at a time then, to
+        # bound memory: disk offload, quantization on the fly).
+        if (thread_pool is not None and isinstance(tensor, TransformersSlice)
+                and device is not None and not args and kwargs.get("sharding_op") is None):
+            import torch
+
+            try:
+                target = torch.device(device)
+            except (RuntimeError, TypeError):   # not a torch device ("disk")
+                return original(thread_pool, tensor, device, dtype, *args, **kwargs)
+            if target.type in BATCH_DEVICE_TYPES:
+                if target.type == "cuda" and target.index is None:
+                    target = torch.device("cuda", torch.cuda.current_device())
+                future = tensor._load.batch(str(target)).add(tensor, dtype)
+                if future is not None:
+                    if target.type == "cuda":
+                        tensor._load.devices.add(str(target))
+                    return future
+        return original(thread_pool, tensor, device, dtype, *args, **kwargs)
+
+    spawn_materialize.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
+    return spawn_materialize
 
 
 # -- the wrapper around from_pretrained ----------------------------------------------------------
@@ -385,11 +594,12 @@ def install() -> None:
             if current is None or hasattr(current, "__fastsafetensors_original__"):
                 continue
             module.safe_open = make_dispatcher(current)  # type: ignore[attr-defined]
-        module_name, attr = MATERIALIZE_SITE
-        module = importlib.import_module(module_name)
-        current = getattr(module, attr)
-        if not hasattr(current, "__fastsafetensors_original__"):
-            setattr(module, attr, make_materializer(current))
+        for (module_name, attr), make in ((MATERIALIZE_SITE, make_materializer),
+                                          (SPAWN_SITE, make_spawner)):
+            module = importlib.import_module(module_name)
+            current = getattr(module, attr)
+            if not hasattr(current, "__fastsafetensors_original__"):
+                setattr(module, attr, make(current))
         cls = modeling_utils.PreTrainedModel
         method = cls.__dict__["from_pretrained"]
         if not hasattr(method.__func__, "__fastsafetensors_original__"):
@@ -408,11 +618,11 @@ def uninstall() -> None:
             original = getattr(current, "__fastsafetensors_original__", None)
             if original is not None:
                 module.safe_open = original  # type: ignore[union-attr]
-        module_name, attr = MATERIALIZE_SITE
-        module = sys.modules.get(module_name)
-        original = getattr(getattr(module, attr, None), "__fastsafetensors_original__", None)
-        if original is not None:
-            setattr(module, attr, original)
+        for module_name, attr in (MATERIALIZE_SITE, SPAWN_SITE):
+            module = sys.modules.get(module_name)
+            original = getattr(getattr(module, attr, None), "__fastsafetensors_original__", None)
+            if original is not None:
+                setattr(module, attr, original)
         modeling_utils = sys.modules.get("transformers.modeling_utils")
         if modeling_utils is None:
             return
