@@ -1041,3 +1041,101 @@ def test_a_batch_nobody_waits_on_starts_by_itself(models: dict[str, Path]) -> No
     for name, future in zip(names, futures):
         assert future is not None and torch.equal(future.result(), want[name])
     load.close()
+
+
+def test_a_batch_keeps_no_tensor_it_handed_over(models: dict[str, Path], calls: Counter[str],
+                                                batched: Counter[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers frees a checkpoint tensor once it is converted (here: Mixtral's experts,
+    # fused into one tensor per layer); a batch holding on to what it handed over would keep
+    # them all on the device until the load ends.
+    import gc
+    import weakref
+
+    from transformers import MixtralForCausalLM
+
+    handed: list[weakref.ref[Any]] = []
+    batches: list[Any] = []
+    set_result = seam._Pending.set_result
+    init = seam.Batch.__init__
+
+    def record(self: Any, result: Any) -> None:
+        handed.append(weakref.ref(result))
+        set_result(self, result)
+
+    def born(self: Any, *args: Any) -> None:
+        init(self, *args)
+        batches.append(self)
+
+    monkeypatch.setattr(seam._Pending, "set_result", record)
+    monkeypatch.setattr(seam.Batch, "__init__", born)
+    model = MixtralForCausalLM.from_pretrained(models["mixtral"], loader="fastsafetensors")
+    gc.collect()
+    kept = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    alive = [r() for r in handed if r() is not None]
+    assert handed and batches and batched["batch"] == 1
+    assert [t for t in alive if t.untyped_storage().data_ptr() not in kept] == []
+    assert all(not wanted for batch in batches for _, wanted in batch.wanted.values())
+
+
+def test_a_stopped_batch_never_starts(models: dict[str, Path]) -> None:
+    # The idle watchdog may decide to start a batch just as the load ends: once stopped, a
+    # batch starts no thread (one would read after the load returned, unjoined).
+    load = seam.Load({})
+    handle = load.open(shards(models["llama"])[0])
+    batch = load.batch("cpu")
+    future = batch.add(handle.get_slice(handle.keys()[0]), None)
+    load.close()
+    batch.start()
+    assert batch.thread is None and future is not None
+    with pytest.raises(RuntimeError, match="load ended"):
+        future.result(timeout=5)
+
+
+def test_a_batch_without_a_thread_fails_its_waiters(models: dict[str, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    load = seam.Load({})
+    handle = load.open(shards(models["llama"])[0])
+    batch = load.batch("cpu")
+    monkeypatch.setattr(seam, "IDLE_START", 60.0)   # only result() starts it here
+    future = batch.add(handle.get_slice(handle.keys()[0]), None)
+    start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        if self.name == "fastsafetensors-transformers-batch":
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert future is not None
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        future.result(timeout=5)
+    assert future.done()   # the error is the future's too, for any other waiter
+    monkeypatch.undo()
+    load.close()   # nothing to join, no error of its own
+
+
+def test_a_batch_tells_files_apart_and_gives_each_request_its_own_tensor(
+        tmp_path: Path) -> None:
+    # The engine yields names only; a name in two files, and a key asked for twice, must each
+    # get their own tensor (as from the stock path).
+    from safetensors.torch import save_file
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"part-{i}.safetensors"
+        save_file({"w": torch.full((4,), float(i)), f"only{i}": torch.ones(2) * i}, str(path))
+        paths.append(path)
+    load = seam.Load({})
+    batch = load.batch("cpu")
+    handles = [load.open(p) for p in paths]
+    futures = [batch.add(h.get_slice("w"), None) for h in handles]
+    twice = batch.add(handles[1].get_slice("w"), None)
+    cast = batch.add(handles[0].get_slice("only0"), torch.float16)
+    assert all(f is not None for f in (*futures, twice, cast))
+    first, second = (f.result(timeout=10) for f in futures)   # type: ignore[union-attr]
+    assert first.tolist() == [0.0] * 4 and second.tolist() == [1.0] * 4
+    again = twice.result(timeout=10)   # type: ignore[union-attr]
+    assert torch.equal(again, second) and again.data_ptr() != second.data_ptr()
+    assert cast.result(timeout=10).dtype == torch.float16   # type: ignore[union-attr]
+    load.close()

@@ -23,8 +23,10 @@ in a small thread pool. Three replacements, made once at install time, route tho
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
 that tensor (or of this rank's rows or columns) into memory the result owns, so there is no file
-buffer to release and no view can outlive its handle; the data in flight is bounded by
-transformers' own materialization pool (a few tensors), whatever the number of shards.
+buffer to release and no view can outlive its handle. A batch reads ahead of transformers'
+conversion as transformers' own pool does (its futures too complete as fast as the reads go),
+and keeps no tensor once it has handed it over: what transformers frees after converting it
+(fused experts, quantized weights) is freed.
 """
 
 from __future__ import annotations
@@ -304,18 +306,29 @@ class Batch:
 
     def start(self) -> None:
         with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, daemon=True,
-                                               name="fastsafetensors-transformers-batch")
-                self.thread.start()
+            if self.thread is not None or self.stopped.is_set():
+                return
+            thread = threading.Thread(target=self._run, daemon=True,
+                                      name="fastsafetensors-transformers-batch")
+            try:
+                thread.start()
+                self.thread = thread
+                return
+            except BaseException as exc:   # noqa: BLE001 - no thread to be had
+                error = exc
+        self._fail(error)   # the waiters get the error (outside the lock _fail takes)
+        raise error
 
     def stop(self) -> None:
-        self.stopped.set()
+        with self.lock:   # under the lock: start() either ran before or starts nothing
+            self.stopped.set()
+            watchdog = self.watchdog
+        if watchdog is not None:
+            watchdog.join()
         with self.lock:
-            threads = self.watchdog, self.thread
-        for thread in threads:
-            if thread is not None:
-                thread.join()
+            thread = self.thread
+        if thread is not None:
+            thread.join()
         self._fail(RuntimeError("fastsafetensors: the load ended before this tensor was read"))
 
     def _run(self) -> None:
@@ -334,7 +347,9 @@ class Batch:
                     sources.append((source, file.header, list(names)))
                 self._read(sources, files)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on a future
-            self._fail(exc)
+            if not self._fail(exc):
+                logger.warning("fastsafetensors: a batch of tensors for %s failed after every "
+                               "tensor was handed over: %r", self.device, exc)
         # Whatever the engine did not yield (a stopped batch): failed, not left waiting.
         self._fail(RuntimeError("fastsafetensors: the load ended before this tensor was read"))
 
@@ -344,8 +359,10 @@ class Batch:
         from ..loading import _host_stream, device_stream
 
         cuda = torch.device(self.device).type == "cuda"
-        names = {name: entry for file, wanted in files.values()
-                 for name, entry in wanted.items()}
+        # The engine yields names only, one file after the other in the order of sources:
+        # `current` is the file being yielded (a name may be in two files of a checkpoint).
+        order = [files[source] for source, _, _ in sources]
+        current = 0
         if cuda:
             stream = device_stream(sources, self.device)
         else:
@@ -355,32 +372,42 @@ class Batch:
             for name, tensor in stream:
                 if self.stopped.is_set():
                     return
-                for dtype, future in names.pop(name, []):
-                    result = tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+                while name not in order[current][1]:
+                    current += 1
+                file, wanted = order[current]
+                with self.lock:
+                    # Dropped here: transformers frees a tensor once it is converted (MoE
+                    # experts fused, weights quantized), and the batch must not keep it.
+                    entries = wanted.pop(name)
+                with file._lock:
+                    file.bytes_read += file.header.tensors[name].nbytes
+                for i, (dtype, future) in enumerate(entries):
+                    if dtype is not None and dtype != tensor.dtype:
+                        result = tensor.to(dtype)
+                    else:   # a key asked twice gets two tensors, as from the stock path
+                        result = tensor if i == 0 else tensor.clone()
                     if cuda:
                         # Complete for any stream of any thread, as the stock path's tensors
                         # are (the engine ordered the copies on this thread's stream only).
                         torch.cuda.current_stream(self.device).synchronize()
                     self.load.count_read()
                     future.set_result(result)
-                del tensor
+                del tensor, entries, result
         finally:
             close = getattr(stream, "close", None)   # joins the engine's threads
             if close is not None:
                 close()
-            for file, wanted in files.values():
-                done = sum(file.header.tensors[n].nbytes for n in file.header.tensors
-                           if n in wanted and n not in names)
-                with file._lock:
-                    file.bytes_read += done
 
-    def _fail(self, exc: BaseException) -> None:
-        """Every future not completed yet gets ``exc`` (no waiter is left hanging)."""
-        for _, wanted in list(self.wanted.values()):
-            for entries in wanted.values():
-                for _, future in entries:
-                    if not future.done():
-                        future.set_exception(exc)
+    def _fail(self, exc: BaseException) -> bool:
+        """Every future not completed yet gets ``exc`` (no waiter is left hanging); whether
+        there was one."""
+        with self.lock:
+            pending = [future for _, wanted in self.wanted.values()
+                       for entries in wanted.values() for _, future in entries
+                       if not future.done()]
+        for future in pending:
+            future.set_exception(exc)
+        return bool(pending)
 
 
 def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
