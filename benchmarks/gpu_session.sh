@@ -87,8 +87,10 @@ timeout -k 5 135 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 -
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
 
-step "probe: registering the cached files (a copy without staging), and new pinned memory"
-timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
+if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured it already)
+    step "probe: registering the cached files (a copy without staging), and new pinned memory"
+    timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
+fi
 
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 65 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
