@@ -272,7 +272,10 @@ def test_huge_page_advice_is_opt_in(monkeypatch):
     monkeypatch.setattr(memory, "_madvise", lambda addr, n, advice: calls.append(n) or 0)
     fw = get_framework("pt")
     fw.alloc(8 << 20)
-    assert calls == []  # off by default
+    assert calls == []  # not by default ("auto": huge pages only for GPU staging)
+    with fastsafetensors.configure(huge_pages="auto"):
+        fw.alloc(8 << 20)
+    assert calls == []
     with fastsafetensors.configure(huge_pages="on"):
         fw.alloc(8 << 20)
         fw.alloc(1 << 20)  # below HUGE_MIN: no advice

@@ -437,9 +437,9 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     asked: list[tuple[int, int]] = []
     resident_map = stream_module.resident_map
 
-    def recorded(fd, offset, length):
+    def recorded(fd, offset, length, **kw):
         asked.append((offset, offset + length))
-        return resident_map(fd, offset, length)
+        return resident_map(fd, offset, length, **kw)
 
     monkeypatch.setattr(stream_module, "resident_map", recorded)
     got = _run([path], FakeSink(delay=0), names=["w5"], io="auto")
@@ -454,7 +454,7 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     assert all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
 
 
-@pytest.mark.parametrize(("wait", "huge"), [("spin", "off"), ("block", "on")])
+@pytest.mark.parametrize(("wait", "huge"), [("spin", "off"), ("block", "on"), ("spin", "auto")])
 def test_event_wait_and_huge_pages_options_reach_the_cuda_sink(checkpoint, monkeypatch, wait,
                                                                huge):
     import fastsafetensors
@@ -472,7 +472,8 @@ def test_event_wait_and_huge_pages_options_reach_the_cuda_sink(checkpoint, monke
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
     with fastsafetensors.configure(event_wait=wait, huge_pages=huge):
         got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
-    assert made == [(wait == "block", huge == "on")]
+    # auto (the default) and on: staging on registered huge pages; off: torch's pinned memory.
+    assert made == [(wait == "block", huge != "off")]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 
@@ -866,9 +867,9 @@ def test_auto_looks_up_each_segment_once_and_reads_cached_ones_buffered(tmp_path
     asked: list[int] = []
     resident_map = stream_module.resident_map
 
-    def recorded(fd, offset, length):
+    def recorded(fd, offset, length, **kw):
         asked.append(offset)
-        return resident_map(fd, offset, length)
+        return resident_map(fd, offset, length, **kw)
 
     monkeypatch.setattr(stream_module, "resident_map", recorded)
     before = STATS.snapshot()

@@ -118,8 +118,8 @@ def test_chunks_not_in_the_page_cache_are_staged(shards, monkeypatch):
     cold = shards[1]
     real = stream_mod.resident_map
 
-    def resident(fd, offset, length):
-        pages = real(fd, offset, length)
+    def resident(fd, offset, length, **kw):
+        pages = real(fd, offset, length, **kw)
         if pages is not None and os.path.samefile(f"/proc/self/fd/{fd}", cold):
             return bytes(len(pages))   # nothing of this file cached
         return pages
@@ -250,3 +250,32 @@ def test_cuda_sink_registers_read_only_and_remembers_a_refusal(monkeypatch, answ
         assert cuda_loader._source_refused == 801
     assert driver.calls[0] == (address, 2 * mmap.PAGESIZE, flags)
     assert bound == [sink.device]   # a context bound once on this thread, before registering
+
+
+def test_io_auto_maps_each_file_once_for_its_residency_lookups(shards, monkeypatch):
+    # A mapping made and dropped per 32 MiB segment costs an munmap each, which interrupts
+    # every core running the load's threads; one mapping per file serves every lookup.
+    _require_mincore()
+    monkeypatch.setattr(stream_mod, "SEGMENT", 64 << 10)   # many segments per file
+    made: list[int] = []
+    mmap_call = pagecache._libc.mmap
+
+    def counted(*args):
+        made.append(args[1])
+        return mmap_call(*args)
+
+    monkeypatch.setattr(pagecache._libc, "mmap", counted)
+    looked: list[int] = []
+    real = stream_mod.resident_map
+
+    def lookup(fd, offset, length, **kw):
+        looked.append(offset)
+        return real(fd, offset, length, **kw)
+
+    monkeypatch.setattr(stream_mod, "resident_map", lookup)
+    sink = FakeSink()
+    _same(_load(shards, sink, io="auto"), shards)
+    assert len(looked) > 2 * len(shards)                      # several segments a file
+    assert sorted(made) == sorted(os.path.getsize(p) for p in shards)   # one whole-file map each
+    assert _mapped_files(shards) == 0 and sink.sourced == 0   # dropped; no mapped readers
+    sink.close()

@@ -30,13 +30,21 @@ if sys.platform.startswith("linux"):
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def resident_map(fd: int, offset: int, length: int) -> bytes | None:
+def resident_map(fd: int, offset: int, length: int, *, mapping: int | None = None
+                 ) -> bytes | None:
     """One byte per page of ``[offset, offset + length)`` (rounded out to pages): bit 0 set
-    where the page is cached. None where mincore cannot be used."""
+    where the page is cached. None where mincore cannot be used. ``mapping``: the address of
+    a mapping of the whole file (:func:`map_file`) to look in, instead of making and dropping
+    one for this lookup (each munmap interrupts every core running the process's threads)."""
     if _libc is None or length <= 0:
         return None
     start = offset - offset % _PAGE
     span = offset + length - start
+    if mapping is not None:
+        vec = ctypes.create_string_buffer((span + _PAGE - 1) // _PAGE)
+        if _libc.mincore(ctypes.c_void_p(mapping + start), span, vec) != 0:
+            return None
+        return vec.raw
     # A PROT_READ, MAP_SHARED mapping of a file costs no I/O and faults nothing in.
     addr = _libc.mmap(None, span, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
     if addr in (None, _MAP_FAILED):

@@ -219,10 +219,11 @@ class _File:
     # by the first reader that needs it (see _resident).
     segments: dict[int, bytes | None] = field(default_factory=dict, repr=False)
     looking: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # Address of a read-only mapping of the whole file, for mapped readers (None: none); kept
-    # until the load's threads are done, since copies out of it may still run after the last
-    # chunk was taken.
+    # Address of a read-only mapping of the whole file (None: none), made once under io="auto"
+    # for the residency lookups and for mapped readers; kept until the load's threads are
+    # done, since copies out of it may still run after the last chunk was taken.
     mapping: int | None = None
+    mapped: bool = False          # mapped readers may copy from it
 
     @property
     def span(self) -> tuple[int, int]:
@@ -613,8 +614,9 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
         f = _File(os.fspath(path), header, fd, direct_fd, infos)
-        if mapped and infos:
+        if policy.mode == "auto" and infos:
             f.mapping = map_file(fd, header.file_size)
+            f.mapped = mapped and f.mapping is not None
         return f
     except BaseException:
         os.close(fd)
@@ -686,7 +688,7 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             batch = []
 
     bounded = budget.limit is not None
-    paged = f.mapping is not None
+    paged = f.mapped
     try:
         for info in infos:
             if cancelled.is_set():
@@ -773,7 +775,7 @@ def _map_chunk(chunk: _Chunk, sink: Sink, policy: IOPolicy) -> tuple[Any, int] |
     readable by the device's copies, when every one of them is in the page cache; else None
     (the chunk is read into staging). Pages not cached would be faulted in one by one."""
     f = chunk.file
-    if f.mapping is None:
+    if not f.mapped or f.mapping is None:
         return None
     resident, base = _resident(f, chunk.offset, chunk.end)
     if not policy.cached_range(resident, base, chunk.offset, chunk.end):
@@ -805,7 +807,8 @@ def _resident(f: _File, begin: int, end: int) -> tuple[bytes | None, int]:
                 if s not in f.segments:
                     start = max(s * SEGMENT, low)
                     f.segments[s] = resident_map(f.fd, start,
-                                                 min((s + 1) * SEGMENT, high) - start)
+                                                 min((s + 1) * SEGMENT, high) - start,
+                                                 mapping=f.mapping)
         pages = f.segments[s]
         if pages is None:
             return None, 0
