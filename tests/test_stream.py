@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from fake_device import FakeSink, as_bytes
+from fake_device import FakeSink, as_bytes, record_lookups
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -431,17 +431,9 @@ def test_auto_reads_cached_chunks_buffered_and_cold_ones_direct(tmp_path, evicte
 def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypatch):
     # transformers reads to a device tensor by tensor: each load looking at the residency of
     # the whole file cost 20 ms per 2 GB file, per tensor.
-    import fastsafetensors.loader.stream as stream_module
 
     path, tensors = _page_cache_file(tmp_path, evicted=False)
-    asked: list[tuple[int, int]] = []
-    resident_map = stream_module.resident_map
-
-    def recorded(fd, offset, length, **kw):
-        asked.append((offset, offset + length))
-        return resident_map(fd, offset, length, **kw)
-
-    monkeypatch.setattr(stream_module, "resident_map", recorded)
+    asked = record_lookups(monkeypatch)
     got = _run([path], FakeSink(delay=0), names=["w5"], io="auto")
     assert torch.equal(got["w5"], tensors["w5"])
     # Asked chunk by chunk (by the readers), each byte of that tensor once and nothing else.
@@ -864,18 +856,12 @@ def test_auto_looks_up_each_segment_once_and_reads_cached_ones_buffered(tmp_path
     if first is None or first < 1.0 or second > 0.1:
         pytest.skip(f"page-cache state not observable here ({first}, {second})")
     monkeypatch.setattr(stream_module, "SEGMENT", 256 << 10)
-    asked: list[int] = []
-    resident_map = stream_module.resident_map
-
-    def recorded(fd, offset, length, **kw):
-        asked.append(offset)
-        return resident_map(fd, offset, length, **kw)
-
-    monkeypatch.setattr(stream_module, "resident_map", recorded)
+    lookups = record_lookups(monkeypatch)
     before = STATS.snapshot()
     got = _run([str(path)], FakeSink(delay=0), io="auto", threads=4, staging_bytes=8 * (128 << 10))
     reads, direct = (a - b for a, b in zip(STATS.snapshot()[1:], before[1:]))
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    asked = [offset for offset, _ in lookups]
     assert sorted(asked) == sorted(set(asked)) and len(asked) == 17   # 16 segments + the tail
     assert 0 < direct < reads
 

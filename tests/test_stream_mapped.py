@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from fake_device import FakeSink
+from fake_device import FakeSink, record_lookups
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -97,9 +97,17 @@ def test_no_mapped_readers_stage_everything(shards):
     sink.close()
 
 
-def test_some_readers_mapped_the_others_stage(shards):
-    sink = FakeSink(seed=3)
-    _same(_load(shards, sink, threads=4, mapped_readers=2), shards)
+@pytest.mark.parametrize(("seed", "options"), [
+    # Two of four readers map, the other two stage.
+    (3, {"threads": 4, "mapped_readers": 2}),
+    # A memory budget ends chunks at tensor ends, so two chunks may share a page: the second
+    # registration overlaps the first and is refused (as CUDA refuses it) while the first is
+    # held; that chunk is staged, the data stays exact.
+    (5, {"mapped_readers": 3, "max_device_bytes": 40_000}),
+])
+def test_mapped_and_staged_chunks_in_one_load(shards, seed, options):
+    sink = FakeSink(seed=seed)
+    _same(_load(shards, sink, **options), shards)
     assert sink.sourced > 0 and sink.violations == [] and sink.sources == {}
     sink.close()
 
@@ -144,16 +152,6 @@ def test_refused_registrations_fall_back_to_staging(shards):
     _same(_load(shards, sink, mapped_readers=3), shards)
     assert sink.source_refusals > 0 and sink.sourced == 0 and sink.staged
     assert sink.violations == [] and _mapped_files(shards) == 0
-    sink.close()
-
-
-def test_a_budget_flush_sharing_a_page_falls_back_and_stays_exact(shards):
-    # A memory budget ends chunks at tensor ends, so two chunks may share a page: the second
-    # registration overlaps the first and is refused (as CUDA refuses it) while the first is
-    # held; that chunk is staged, the data stays exact.
-    sink = FakeSink(seed=5)
-    _same(_load(shards, sink, mapped_readers=3, max_device_bytes=40_000), shards)
-    assert sink.sourced > 0 and sink.violations == [] and sink.sources == {}
     sink.close()
 
 
@@ -265,14 +263,7 @@ def test_io_auto_maps_each_file_once_for_its_residency_lookups(shards, monkeypat
         return mmap_call(*args)
 
     monkeypatch.setattr(pagecache._libc, "mmap", counted)
-    looked: list[int] = []
-    real = stream_mod.resident_map
-
-    def lookup(fd, offset, length, **kw):
-        looked.append(offset)
-        return real(fd, offset, length, **kw)
-
-    monkeypatch.setattr(stream_mod, "resident_map", lookup)
+    looked = record_lookups(monkeypatch)
     sink = FakeSink()
     _same(_load(shards, sink, io="auto"), shards)
     assert len(looked) > 2 * len(shards)                      # several segments a file
