@@ -14,6 +14,10 @@ loader/threads.py):
 * the caller's thread runs the generator: it waits until every piece of the next tensor was
   queued, makes the caller's current stream wait on those events (no host sync) and yields.
 
+With ``mapped_readers`` (off by default) the first readers copy a chunk that is wholly in the
+page cache straight from a read-only mapping of the file, registered with the device for the
+length of its copies, instead of reading it into staging.
+
 No whole-shard device buffer exists: the device holds the tensors themselves and nothing else.
 Device work goes through a :class:`Sink`, so the pipeline is tested on the CPU with a fake
 asynchronous device (tests/test_stream.py) and runs on CUDA with ``cuda.TorchCudaSink``.
@@ -329,7 +333,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     completion = _Completion()
     in_source = threading.Event()
     idents: set[int] = set()   # threads that ran this load's tasks
-    # Files are mapped for readers that copy cached chunks straight from the page cache.
+    # Whether mapped readers may copy cached chunks straight from a file's mapping.
     mapped = (policy.mode == "auto" and options.mapped_readers > 0
               and getattr(sink, "host_source", None) is not None)
     pid = os.getpid()
