@@ -17,8 +17,9 @@ in a small thread pool. Three replacements, made once at install time, route tho
    threads, instead collects every whole tensor bound for a CUDA device into one batch per
    device (:class:`Batch`) and returns a Future; when transformers first waits on one of them
    (after it spawned them all), the batch reads every tensor it holds in one run of the streaming
-   engine, in file order. One tensor per engine run, four at a time, ran at half the engine's
-   speed on whole files (the H100 machine: 10.6 GB/s beyond transformers' own time, against 20).
+   engine, in file order. One tensor per engine run, four at a time, moved the bytes at about
+   10.8 GB/s beyond transformers' own time on the H100 machine; one run over the whole files,
+   about 18 (docs/transformers.md).
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
