@@ -170,21 +170,11 @@ class FastSafetensorsFile:
             # Large tensors stream through pinned staging straight into device memory.
             from .loading import device_stream
 
-            with self._in_use() as fd, _DEVICE_READS.share(info.nbytes) as (threads, staging):
-                # The engine opens what it reads; through /proc it opens this handle's file,
-                # even if the path names another one by now.
-                proc = f"/proc/self/fd/{fd}"
-                source = proc if os.path.exists(proc) else self._path
-                try:
-                    # The header is the one this file holds (not read and parsed again).
-                    ((_, tensor),) = device_stream([(source, self._header, [name])], target,
-                                                   threads=threads, staging_bytes=staging)
-                except (ReadError, HeaderError) as exc:
-                    if getattr(exc, "path", None) != source or source == self._path:
-                        raise
-                    # Named by the file, not by the /proc link it was read through.
-                    fields = {f: getattr(exc, f) for f in type(exc)._fields}
-                    raise type(exc)(**{**fields, "path": self._path}) from None
+            with self._engine_source() as source, \
+                    _DEVICE_READS.share(info.nbytes) as (threads, staging):
+                # The header is the one this file holds (not read and parsed again).
+                ((_, tensor),) = device_stream([(source, self._header, [name])], target,
+                                               threads=threads, staging_bytes=staging)
             with self._lock:
                 self.bytes_read += info.nbytes
             return self._framework.convert(tensor, device=None, dtype=dtype)
@@ -195,6 +185,23 @@ class FastSafetensorsFile:
             # the tensor is ready for that stream without a host sync.
             tensor = tensor.to(target, non_blocking=True)
         return self._framework.convert(tensor, device=None, dtype=dtype)
+
+    @contextlib.contextmanager
+    def _engine_source(self) -> Iterator[str]:
+        """The path the streaming engine should open to read this handle's file, kept open
+        meanwhile: ``/proc/self/fd/N``, this handle's file even if the path names another one
+        by now (the engine opens what it reads). A read or header error raised inside names the
+        file, not the link it was read through."""
+        with self._in_use() as fd:
+            proc = f"/proc/self/fd/{fd}"
+            source = proc if os.path.exists(proc) else self._path
+            try:
+                yield source
+            except (ReadError, HeaderError) as exc:
+                if getattr(exc, "path", None) != source or source == self._path:
+                    raise
+                fields = {f: getattr(exc, f) for f in type(exc)._fields}
+                raise type(exc)(**{**fields, "path": self._path}) from None
 
     def get_slice(self, name: str) -> LazyTensor:
         """A lazy handle: ``fsf.get_slice(name)[a:b]`` reads rows ``a`` to ``b`` only. As with

@@ -4,6 +4,7 @@ The CUDA registration is replaced by a recorder here; tests/gpu runs the real on
 from __future__ import annotations
 
 import mmap
+import threading
 
 import pytest
 import torch
@@ -163,6 +164,7 @@ def test_the_cuda_sink_takes_staging_from_the_pool_when_asked(registrations, mon
 
     monkeypatch.setattr(hostpool, "register", registering)
     monkeypatch.setattr(torch.cuda, "mem_get_info", bind)
+    monkeypatch.setattr(cuda_loader, "_bound", threading.local())   # no thread bound yet
     sink = object.__new__(cuda_loader.TorchCudaSink)   # no CUDA here: the fields staging uses
     sink.huge_pages, sink.device = True, "cuda:0"
     buffer, view = sink.staging(1 << 20)

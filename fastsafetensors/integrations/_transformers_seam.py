@@ -339,11 +339,8 @@ class Batch:
                 files = {}
                 for path in sorted(self.wanted):
                     file, names = self.wanted[path]
-                    # Read through the handle's descriptor (as FastSafetensorsFile._get): the
-                    # file transformers opened, even if the path names another one by now.
-                    fd = stack.enter_context(file._in_use())
-                    proc = f"/proc/self/fd/{fd}"
-                    source = proc if os.path.exists(proc) else path
+                    # The file transformers opened, even if the path names another one by now.
+                    source = stack.enter_context(file._engine_source())
                     files[source] = (file, names)
                     sources.append((source, file.header, list(names)))
                 self._read(sources, files)

@@ -71,10 +71,7 @@ class IOPolicy:
     def cached_range(self, resident: bytes | None, base: int, begin: int, end: int) -> bool:
         """Whether every page of bytes ``[begin, end)`` is in the page cache (False where
         unknown), given the residency map of the file from ``base``."""
-        if resident is None:
-            return False
-        first = base - base % PAGE
-        pages = resident[(begin - first) // PAGE:-(-(end - first) // PAGE)]
+        pages = _pages(resident, base, begin, end)
         return bool(pages) and pages.count(0) == 0
 
     def direct_range(self, resident: bytes | None, base: int, begin: int, end: int) -> bool:
@@ -82,14 +79,21 @@ class IOPolicy:
         of the file from ``base`` (page-aligned)."""
         if self.mode == "direct":
             return True
-        if resident is None or self.mode != "auto":
+        if self.mode != "auto":
             return False
-        # The map has one entry per page from the page holding ``base`` (mmap.PAGESIZE: 64 KiB
-        # on some aarch64 kernels, not the 4 KiB block of O_DIRECT).
-        first = base - base % PAGE
-        pages = resident[(begin - first) // PAGE:-(-(end - first) // PAGE)]
+        pages = _pages(resident, base, begin, end)
         return bool(pages) and 1.0 - pages.count(0) / len(pages) < CACHED_ENOUGH
 
+
+def _pages(resident: bytes | None, base: int, begin: int, end: int) -> bytes:
+    """The entries of ``resident`` (a residency map from ``base``) for bytes ``[begin, end)``;
+    empty where the map is unknown."""
+    if resident is None:
+        return b""
+    # The map has one entry per page from the page holding ``base`` (mmap.PAGESIZE: 64 KiB on
+    # some aarch64 kernels, not the 4 KiB block of O_DIRECT).
+    first = base - base % PAGE
+    return resident[(begin - first) // PAGE:-(-(end - first) // PAGE)]
 
 def open_job(path: str | os.PathLike[str], tensors: Sequence[str] | None = None,
              header: Header | None = None) -> FileJob:

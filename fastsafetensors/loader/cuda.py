@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: The CUDA error of a refused registration of a file mapping, once there was one (the process
 #: then stages every chunk: a refusal is not tried again for each chunk of each load).
 _source_refused: int | None = None
-#: Devices whose context host_source bound on this thread (pooled threads serve many loads).
+#: Devices whose context _bind bound on this thread (pooled threads serve many loads).
 _bound = threading.local()
 
 #: Pieces smaller than this go to the device in runs: one host-to-device copy of the run's span
@@ -169,25 +169,28 @@ class TorchCudaSink:
         return buffer, buffer.numpy().data.cast("B")
 
     def _register(self, address: int, nbytes: int) -> int:
-        # The driver registers for the context current on this thread, and a reader thread may
-        # have none yet: recent torch releases skip cudaSetDevice when the device is already
-        # the current one, and the runtime binds its context to a thread only on a call that
-        # needs one. Memory info is such a call, without a synchronization.
-        torch.cuda.mem_get_info(self.device)
+        self._bind()
         return hostpool.register(address, nbytes)
+
+    def _bind(self) -> None:
+        """Bind the device's context to this thread, once per thread and device (pooled
+        threads serve many loads). The driver registers for the context current on the
+        calling thread, and a reader thread may have none yet: recent torch releases skip
+        cudaSetDevice when the device is already the current one, and the runtime binds its
+        context to a thread only on a call that needs one. Memory info is such a call, without
+        a synchronization."""
+        bound = getattr(_bound, "devices", None)
+        if bound is None:
+            bound = _bound.devices = set()
+        if self.device not in bound:
+            torch.cuda.mem_get_info(self.device)
+            bound.add(self.device)
 
     def host_source(self, address: int, nbytes: int) -> torch.Tensor | None:
         global _source_refused
         if _source_refused is not None:
             return None
-        bound = getattr(_bound, "devices", None)
-        if bound is None:
-            bound = _bound.devices = set()
-        if self.device not in bound:
-            # A context on this thread (see _register): the driver call below needs one, and
-            # a reader that has not copied yet may have none. Once per thread and device.
-            torch.cuda.mem_get_info(self.device)
-            bound.add(self.device)
+        self._bind()
         err = hostpool.register(address, nbytes, hostpool.PORTABLE | hostpool.READ_ONLY)
         if err:
             # Overlap with a range another reader holds (a page shared by two chunks): this

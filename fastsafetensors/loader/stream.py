@@ -618,7 +618,8 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
         infos = header.select(names)
         direct_fd = open_direct(fd, path) if policy.mode != "buffered" else None
         f = _File(os.fspath(path), header, fd, direct_fd, infos)
-        if policy.mode == "auto" and infos:
+        # Only for what uses it: residency lookups (which choose O_DIRECT) and mapped readers.
+        if policy.mode == "auto" and infos and (direct_fd is not None or mapped):
             f.mapping = map_file(fd, header.file_size)
             f.mapped = mapped and f.mapping is not None
         return f
