@@ -26,6 +26,8 @@ floors: the speedup on the bytes alone, which bounds what a faster loader can ch
 
     python benchmarks/bench_transformers.py --size-gb 2 --repeat 3 --json bench-tf.json
     python benchmarks/bench_transformers.py --device cuda          # on a GPU machine
+    python benchmarks/bench_transformers.py --device cuda \
+        --modes stock,fastsafetensors,fastsafetensors-ahead        # read ahead or not
 
 GB = 1e9 bytes. Medians of ``--repeat`` rounds are printed; nothing here asserts.
 """
@@ -47,7 +49,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODES = ("stock", "fastsafetensors")
+#: ``fastsafetensors-ahead`` is ours with ``read_ahead="on"``: the batch reads while
+#: transformers builds the model, instead of once it has built it and asks (``--modes``).
+MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead")
+LOADER_KWARGS: dict[str, dict[str, Any]] = {
+    "stock": {},
+    "fastsafetensors": {"loader": "fastsafetensors"},
+    "fastsafetensors-ahead": {"loader": "fastsafetensors",
+                              "loader_options": {"read_ahead": "on"}},
+}
 
 
 def _status_kib(field: str) -> int:
@@ -94,7 +104,7 @@ def child(args: argparse.Namespace) -> None:
     folder = Path(args.folder)
     paths = [str(p) for p in sorted(folder.glob("*.safetensors"))]
     state = C.prepare(paths, args.cache)
-    kwargs: dict[str, Any] = {} if args.mode == "stock" else {"loader": "fastsafetensors"}
+    kwargs = LOADER_KWARGS[args.mode]
     base_rss = _status_kib("VmRSS") * 1024
     base_anon = _status_kib("RssAnon") * 1024
     cuda_init = None
@@ -150,6 +160,8 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from the start after which no run starts; the summary and "
                          "the JSON still cover the runs done")
+    ap.add_argument("--modes", default="stock,fastsafetensors",
+                    help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help="skip the floor twin (same tensors, 128 wide; see above)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -161,6 +173,9 @@ def main() -> None:
         child(args)
         return
 
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    if not modes or set(args.modes.split(",")) - set(MODES):
+        ap.error(f"--modes: choose from {', '.join(MODES)}")
     started = time.monotonic()
     folder = Path(args.dir or Path(tempfile.gettempdir()) / f"fst-bench-tf-{args.size_gb:g}gb")
     info = C.build_checkpoint(folder, args.size_gb, shards=args.shards)
@@ -180,7 +195,7 @@ def main() -> None:
     failures: list[str] = []   # a failed or stopped run is reported; the others still count
     for round_ in range(args.repeat):
         for cache in plan:
-            for mode in MODES:
+            for mode in modes:
                 if args.deadline and time.monotonic() - started > args.deadline:
                     skipped += 1
                     continue
@@ -205,7 +220,7 @@ def main() -> None:
                 row = json.loads(done.stdout.strip().splitlines()[-1]) | {"round": round_,
                                                                           "cache": cache}
                 results.append(row)
-                print(f"round {round_} {cache:4} {mode:15} {row['seconds']:7.2f} s "
+                print(f"round {round_} {cache:4} {mode:24} {row['seconds']:7.2f} s "
                       f"(+{row['touch_seconds']:.2f} s first touch) "
                       f"{row['gb_per_s']:6.2f} GB/s  "
                       f"peak RSS +{row['peak_rss_above_base'] / 1e9:.2f} GB"
@@ -220,7 +235,7 @@ def main() -> None:
     floor_checksums = {r["checksum"] for r in results if r["cache"] == "floor"}
     summary: dict[str, Any] = {}
     for cache in plan:
-        for mode in MODES:
+        for mode in modes:
             rows = [r for r in results if r["cache"] == cache and r["mode"] == mode]
             if not rows:
                 continue
@@ -246,6 +261,10 @@ def main() -> None:
         summary[f"{cache}/speedup"] = stock["seconds"] / ours["seconds"]
         summary[f"{cache}/speedup_with_first_touch"] = (stock["seconds_with_first_touch"]
                                                        / ours["seconds_with_first_touch"])
+        if f"{cache}/fastsafetensors-ahead" in summary:
+            # What reading while transformers builds the model saves, as a ratio of times.
+            summary[f"{cache}/speedup_read_ahead"] = (
+                ours["seconds"] / summary[f"{cache}/fastsafetensors-ahead"]["seconds"])
     if all(f"{c}/speedup" in summary for c in ("warm", "floor")):
         stock_bytes = summary["warm/stock"]["seconds"] - summary["floor/stock"]["seconds"]
         ours_bytes = (summary["warm/fastsafetensors"]["seconds"]
@@ -260,9 +279,9 @@ def main() -> None:
               f"same model both ways: {len(floor_checksums) == 1 if floor_checksums else 'n/a'}")
     for key, value in summary.items():
         if "speedup" in key:
-            print(f"  {key:26} " + ("n/a" if value is None else f"{value:.2f}x"))
+            print(f"  {key:36} " + ("n/a" if value is None else f"{value:.2f}x"))
         else:
-            print(f"  {key:26} {value['seconds']:7.2f} s "
+            print(f"  {key:36} {value['seconds']:7.2f} s "
                   f"({value['seconds_with_first_touch']:.2f} s with first touch) "
                   f"{value['gb_per_s']:6.2f} GB/s  "
                   f"peak RSS +{value['peak_rss_above_base_gb']:.2f} GB "

@@ -5,10 +5,10 @@
 # Everything it prints lands in $OUT too.
 #
 #   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
-#   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 400)
+#   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 420)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 350 s, leaving time for starting Python; the most wanted figures come
+# (the limits add up to 375 s, leaving time for starting Python; the most wanted figures come
 # first; the two runs on an H200 took 310 and 373 s in all, the first H100 run, with more
 # rows and cold runs, 335 s). Rows and cold runs that earlier runs settled are left out; a
 # session with time to spare can add them back with bench_load.py's --only;
@@ -71,7 +71,8 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
 
 step "GPU tests"
 timeout -k 5 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
-    tests/test_transformers.py tests/test_accelerate.py tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    tests/test_transformers.py tests/test_transformers_ahead.py tests/test_accelerate.py \
+    tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
 step "checkpoint: $size GB in $ckpt"
 timeout -k 5 35 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C, pathlib;
@@ -92,10 +93,11 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
+# ahead: read_ahead="on", to see what reading while transformers builds the model saves.
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
-timeout -k 5 65 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
-    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 45 --run-timeout 30 --cache warm \
-    --no-floor \
+timeout -k 5 90 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 70 --run-timeout 30 --cache warm \
+    --no-floor --modes stock,fastsafetensors,fastsafetensors-ahead \
     --json "$OUT/bench-transformers.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"

@@ -90,6 +90,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "Off by default: on the H100 machine CUDA registered pages no faster from 8 "
                 "threads than from 1 and stalled the other readers' copies meanwhile, so "
                 "loads ran slower (docs/benchmarks.md)"),
+    Option("read_ahead", lambda: "off", ("off", "on"),
+           help="transformers loads whose device_map is one batched device (CUDA): on starts "
+                "reading every tensor of the checkpoint as soon as its files are known, while "
+                "transformers builds the model, when all floating-point tensors have the "
+                "model's dtype, nothing is quantized or split, and the device has room for "
+                "them all plus 1 GiB; off (the default until a GPU run shows it pays: on the "
+                "2-core CPU VM it saved nothing) reads them once transformers asks"),
     Option("huge_pages", lambda: "auto", ("auto", "off", "on"),
            help="on: advise transparent huge pages for fresh host buffers (fewer page faults, "
                 "but on VMs that hand free memory back to the host a first load can get "

@@ -37,6 +37,7 @@ from builders import require_o_direct  # noqa: E402
 
 import fastsafetensors.integrations.transformers as ft  # noqa: E402
 from fastsafetensors.errors import ConfigError  # noqa: E402
+from fastsafetensors.integrations import _transformers_batch as batching  # noqa: E402
 from fastsafetensors.integrations import _transformers_seam as seam  # noqa: E402
 from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS  # noqa: E402
 
@@ -1043,9 +1044,11 @@ def test_a_batch_nobody_waits_on_starts_by_itself(models: dict[str, Path]) -> No
     load.close()
 
 
+@pytest.mark.parametrize("device_map", [None, "cpu"])   # on demand; read ahead
 def test_a_batch_keeps_no_tensor_it_handed_over(models: dict[str, Path], calls: Counter[str],
                                                 batched: Counter[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                device_map: str | None) -> None:
     # transformers frees a checkpoint tensor once it is converted (here: Mixtral's experts,
     # fused into one tensor per layer); a batch holding on to what it handed over would keep
     # them all on the device until the load ends.
@@ -1069,8 +1072,11 @@ def test_a_batch_keeps_no_tensor_it_handed_over(models: dict[str, Path], calls: 
 
     monkeypatch.setattr(seam._Pending, "set_result", record)
     monkeypatch.setattr(seam.Batch, "__init__", born)
-    model = MixtralForCausalLM.from_pretrained(models["mixtral"], loader="fastsafetensors")
+    monkeypatch.setenv("FASTSAFETENSORS_READ_AHEAD", "on")   # with device_map="cpu": ahead
+    model = MixtralForCausalLM.from_pretrained(models["mixtral"], loader="fastsafetensors",
+                                               device_map=device_map)
     gc.collect()
+    assert [b.ahead for b in batches] == [device_map is not None]
     kept = {p.untyped_storage().data_ptr() for p in model.parameters()}
     alive = [r() for r in handed if r() is not None]
     assert handed and batches and batched["batch"] == 1
@@ -1097,7 +1103,7 @@ def test_a_batch_without_a_thread_fails_its_waiters(models: dict[str, Path],
     load = seam.Load({})
     handle = load.open(shards(models["llama"])[0])
     batch = load.batch("cpu")
-    monkeypatch.setattr(seam, "IDLE_START", 60.0)   # only result() starts it here
+    monkeypatch.setattr(batching, "IDLE_START", 60.0)   # only result() starts it here
     future = batch.add(handle.get_slice(handle.keys()[0]), None)
     start = threading.Thread.start
 

@@ -2,7 +2,7 @@
 
 transformers 5 reads every safetensors shard through a module-level ``safe_open`` name and
 materializes each tensor with ``slice[...]`` (or ``slice[rows, cols]`` under tensor parallelism)
-in a small thread pool. Three replacements, made once at install time, route those reads here:
+in a small thread pool. These replacements, made once at install time, route those reads here:
 
 1. ``PreTrainedModel.from_pretrained`` is wrapped: the wrapper pops the keyword-only ``loader`` and
    ``loader_options`` arguments and records the load in a ContextVar for the duration of the call.
@@ -20,6 +20,14 @@ in a small thread pool. Three replacements, made once at install time, route tho
    engine, in file order. One tensor per engine run, four at a time, moved the bytes at about
    10.8 GB/s beyond transformers' own time on the H100 machine; one run over the whole files,
    about 18 (docs/transformers.md).
+5. ``modeling_utils._get_dtype`` and ``caching_allocator_warmup``, when a load's ``device_map``
+   names one batched device: as soon as transformers has resolved the checkpoint's files and
+   settled the dtype, the device's batch starts reading every tensor of those files, while
+   transformers builds the model and its conversion mapping (about 0.4 s of its own work per
+   load on the H100 machine, before it asks for any tensor), and the allocator warm-up, which
+   would allocate the model's size beside the tensors already read, is skipped
+   (:func:`start_reading_ahead` says when this is done; option ``read_ahead="on"``, off by
+   default until a GPU run shows it pays).
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
@@ -32,7 +40,6 @@ and keeps no tensor once it has handed it over: what transformers frees after co
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import importlib
@@ -42,7 +49,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from .. import config
@@ -50,6 +56,7 @@ from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersio
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
 from . import human_size, major_version
+from ._transformers_batch import Batch, _Pending  # noqa: F401  (_Pending: for the tests)
 
 logger = logging.getLogger("fastsafetensors.integrations.transformers")
 
@@ -134,6 +141,7 @@ class Load:
         self.reads = 0
         self.devices: set[str] = set()   # devices read to directly (CUDA targets)
         self.batches: dict[str, Batch] = {}   # by device
+        self.ahead_device: str | None = None   # the one device of device_map, when batched
         self.started = time.perf_counter()
         self._lock = threading.Lock()
 
@@ -157,6 +165,9 @@ class Load:
                 batch = self.batches[device] = Batch(self, device)
             return batch
 
+    def reading_ahead(self) -> bool:
+        return any(batch.ahead for batch in list(self.batches.values()))
+
     def close(self) -> None:
         """Stop the batches (a load that failed leaves their reads unused), then close every
         handle (transformers closes the main ones; a few are only dropped)."""
@@ -170,6 +181,8 @@ class Load:
         nbytes = sum(f.bytes_read for f in self.files)
         paths = {f.path for f in self.files}
         direct = f", straight to {', '.join(sorted(self.devices))}" if self.devices else ""
+        if self.reading_ahead():
+            direct += ", read ahead while transformers built the model"
         return (f"read {human_size(nbytes)} ({self.reads} tensor reads, {len(paths)} files) with "
                 f"fastsafetensors (posix reads{direct}); from_pretrained took {seconds:.2f} s, "
                 f"{nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s")
@@ -237,177 +250,6 @@ SPAWN_SITE = ("transformers.core_model_loading", "spawn_materialize")
 BATCH_DEVICE_TYPES = ("cuda",)
 
 
-class _Pending(Future[Any]):
-    """A tensor of a batch. transformers waits on its futures (``result()``) only once it has
-    spawned every tensor, so the first wait starts the batch's reads. In case a release waits
-    another way, the batch also starts by itself once no tensor was added for ``IDLE_START``
-    seconds: a load is never left waiting."""
-
-    def __init__(self, batch: Batch):
-        super().__init__()
-        self._batch = batch
-
-    def result(self, timeout: float | None = None) -> Any:
-        # Every device's batch: a tensor on one device may wait on a converter's tensor that
-        # another device's batch reads.
-        for batch in list(self._batch.load.batches.values()):
-            batch.start()
-        return super().result(timeout)
-
-
-#: Seconds without a new tensor after which a batch starts without a wait on its futures.
-IDLE_START = 0.05
-
-#: A batch's tensors of one file: name -> [(dtype, future)], one entry per request.
-_Wanted = dict[str, list[tuple[Any, Future[Any]]]]
-
-
-class Batch:
-    """The whole tensors transformers asked for on one device during one load, read by one run
-    of the streaming engine: files in name order (shards are numbered), each in file order; a
-    tensor's futures are completed as soon as it is on the device."""
-
-    def __init__(self, load: Load, device: str):
-        self.load = load
-        self.device = device
-        self.wanted: dict[str, tuple[TransformersFile, _Wanted]] = {}   # by path
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-        self.stopped = threading.Event()
-        self.last_add = 0.0
-        self.watchdog: threading.Thread | None = None
-
-    def add(self, handle: TransformersSlice, dtype: Any) -> Future[Any] | None:
-        """A future for ``handle`` cast to ``dtype``; None once the batch has started (the
-        caller reads that tensor on its own)."""
-        future = _Pending(self)
-        with self.lock:
-            if self.thread is not None:
-                return None
-            file = handle._file
-            assert isinstance(file, TransformersFile)
-            names = self.wanted.setdefault(file.path, (file, {}))[1]
-            names.setdefault(handle.name, []).append((dtype, future))
-            self.last_add = time.monotonic()
-            if self.watchdog is None:
-                self.watchdog = threading.Thread(target=self._start_when_idle, daemon=True,
-                                                 name="fastsafetensors-transformers-idle")
-                self.watchdog.start()
-        return future
-
-    def _start_when_idle(self) -> None:
-        while not self.stopped.wait(IDLE_START / 2):
-            with self.lock:
-                if self.thread is not None:
-                    return
-                idle = time.monotonic() - self.last_add >= IDLE_START
-            if idle:
-                self.start()
-                return
-
-    def start(self) -> None:
-        with self.lock:
-            if self.thread is not None or self.stopped.is_set():
-                return
-            thread = threading.Thread(target=self._run, daemon=True,
-                                      name="fastsafetensors-transformers-batch")
-            try:
-                thread.start()
-                self.thread = thread
-                return
-            except BaseException as exc:   # noqa: BLE001 - no thread to be had
-                error = exc
-        self._fail(error)   # the waiters get the error (outside the lock _fail takes)
-        raise error
-
-    def stop(self) -> None:
-        with self.lock:   # under the lock: start() either ran before or starts nothing
-            self.stopped.set()
-            watchdog = self.watchdog
-        if watchdog is not None:
-            watchdog.join()
-        with self.lock:
-            thread = self.thread
-        if thread is not None:
-            thread.join()
-        self._fail(RuntimeError("fastsafetensors: the load ended before this tensor was read"))
-
-    def _run(self) -> None:
-        try:
-            with self.load.configured(), contextlib.ExitStack() as stack:
-                sources = []
-                files = {}
-                for path in sorted(self.wanted):
-                    file, names = self.wanted[path]
-                    # The file transformers opened, even if the path names another one by now.
-                    source = stack.enter_context(file._engine_source())
-                    files[source] = (file, names)
-                    sources.append((source, file.header, list(names)))
-                self._read(sources, files)
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on a future
-            if not self._fail(exc):
-                logger.warning("fastsafetensors: a batch of tensors for %s failed after every "
-                               "tensor was handed over: %r", self.device, exc)
-        # Whatever the engine did not yield (a stopped batch): failed, not left waiting.
-        self._fail(RuntimeError("fastsafetensors: the load ended before this tensor was read"))
-
-    def _read(self, sources: list[Any], files: dict[str, Any]) -> None:
-        import torch
-
-        from ..loading import _host_stream, device_stream
-
-        cuda = torch.device(self.device).type == "cuda"
-        # The engine yields names only, one file after the other in the order of sources:
-        # `current` is the file being yielded (a name may be in two files of a checkpoint).
-        order = [files[source] for source, _, _ in sources]
-        current = 0
-        if cuda:
-            stream = device_stream(sources, self.device)
-        else:
-            stream = _host_stream(sources, files[sources[0][0]][0]._framework, threads=None,
-                                  io=None)
-        try:
-            for name, tensor in stream:
-                if self.stopped.is_set():
-                    return
-                while name not in order[current][1]:
-                    current += 1
-                file, wanted = order[current]
-                with self.lock:
-                    # Dropped here: transformers frees a tensor once it is converted (MoE
-                    # experts fused, weights quantized), and the batch must not keep it.
-                    entries = wanted.pop(name)
-                with file._lock:
-                    file.bytes_read += file.header.tensors[name].nbytes
-                for i, (dtype, future) in enumerate(entries):
-                    if dtype is not None and dtype != tensor.dtype:
-                        result = tensor.to(dtype)
-                    else:   # a key asked twice gets two tensors, as from the stock path
-                        result = tensor if i == 0 else tensor.clone()
-                    if cuda:
-                        # Complete for any stream of any thread, as the stock path's tensors
-                        # are (the engine ordered the copies on this thread's stream only).
-                        torch.cuda.current_stream(self.device).synchronize()
-                    self.load.count_read()
-                    future.set_result(result)
-                del tensor, entries, result
-        finally:
-            close = getattr(stream, "close", None)   # joins the engine's threads
-            if close is not None:
-                close()
-
-    def _fail(self, exc: BaseException) -> bool:
-        """Every future not completed yet gets ``exc`` (no waiter is left hanging); whether
-        there was one."""
-        with self.lock:
-            pending = [future for _, wanted in self.wanted.values()
-                       for entries in wanted.values() for _, future in entries
-                       if not future.done()]
-        for future in pending:
-            future.set_exception(exc)
-        return bool(pending)
-
-
 def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
     """``spawn_materialize`` that batches our whole slices bound for a CUDA device (see
     :class:`Batch`); everything else (no pool, sharding, other tensors or devices) goes to
@@ -427,8 +269,7 @@ def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
             except (RuntimeError, TypeError):   # not a torch device ("disk")
                 return original(thread_pool, tensor, device, dtype, *args, **kwargs)
             if target.type in BATCH_DEVICE_TYPES:
-                if target.type == "cuda" and target.index is None:
-                    target = torch.device("cuda", torch.cuda.current_device())
+                target = _indexed(target)
                 future = tensor._load.batch(str(target)).add(tensor, dtype)
                 if future is not None:
                     if target.type == "cuda":
@@ -438,6 +279,133 @@ def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
 
     spawn_materialize.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
     return spawn_materialize
+
+
+def _indexed(target: Any) -> Any:
+    """``target`` with the current CUDA device's index where it names none (batches are kept
+    by device)."""
+    import torch
+
+    if target.type == "cuda" and target.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
+# -- reading ahead: the replacements of _get_dtype and caching_allocator_warmup ------------------
+
+#: Where from_pretrained settles the model's dtype: just after it resolved the checkpoint's
+#: files, before it builds the model and its conversion mapping (transformers' own work, about
+#: 0.4 s of a load on the H100 machine: docs/transformers.md). The earliest point at which the
+#: files, the dtype and any quantizer are known, so a batch can start reading there.
+DTYPE_SITE = ("transformers.modeling_utils", "_get_dtype")
+#: transformers' warm-up of the CUDA caching allocator: one allocation of the model's size, freed
+#: at once, before the weights load. Skipped while a batch reads ahead: its tensors are already
+#: allocated, and a warm-up beside them would double the device's peak.
+WARMUP_SITE = ("transformers.modeling_utils", "caching_allocator_warmup")
+#: Reading ahead needs both sites as written here; without them loads batch on demand.
+AHEAD_SIGNATURES = (
+    ("transformers.modeling_utils", "_get_dtype",
+     ("dtype", "checkpoint_files", "state_dict", "hf_quantizer")),
+    ("transformers.modeling_utils", "caching_allocator_warmup",
+     ("model", "expanded_device_map", "hf_quantizer")),
+)
+#: Free device memory a read-ahead leaves beyond the checkpoint's tensors.
+AHEAD_HEADROOM = 1 << 30
+
+
+def ahead_device(kwargs: dict[str, Any]) -> str | None:
+    """The device a ``from_pretrained`` call puts every weight on, when its ``device_map``
+    names one batched device and nothing splits or quantizes the weights; else None."""
+    if any(kwargs.get(k) is not None for k in ("tp_plan", "distributed_config", "device_mesh",
+                                               "quantization_config")):
+        return None
+    device_map = kwargs.get("device_map")
+    if isinstance(device_map, dict):
+        if list(device_map) != [""]:
+            return None
+        device_map = device_map[""]
+    import torch
+
+    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+        return None
+    try:
+        if isinstance(device_map, int):   # an accelerator's index, as transformers reads it
+            if not torch.cuda.is_available():
+                return None
+            device_map = f"cuda:{device_map}"
+        target = torch.device(device_map)   # "auto", "balanced", "disk": not a device
+        if target.type not in BATCH_DEVICE_TYPES:
+            return None
+        return str(_indexed(target))
+    except (RuntimeError, TypeError, AssertionError):   # AssertionError: torch without CUDA
+        return None
+
+
+def start_reading_ahead(load: Load, files: Any, dtype: Any, state_dict: Any,
+                        hf_quantizer: Any) -> str:
+    """Start a batch reading every tensor of ``files`` to ``load.ahead_device``, or say why
+    not: the outcome, for the debug log."""
+    import torch
+
+    with load.configured():
+        if config.get("read_ahead") != "on":
+            return "read_ahead='off'"
+    if state_dict is not None or hf_quantizer is not None or not isinstance(dtype, torch.dtype):
+        return "a state_dict, a quantizer or no single dtype"
+    if not files or not all(str(f).endswith(".safetensors") for f in files):
+        return "no safetensors files"
+    handles = [load.open(path) for path in files]
+    # Only tensors transformers keeps as they are: a cast would hold both copies on the device.
+    for handle in handles:
+        for info in handle.get_tensors().values():
+            kind = handle._dtype_of(info)
+            if kind.is_floating_point and kind != dtype:
+                return f"{info.name} is {kind}, the model {dtype}"
+    device = load.ahead_device
+    assert device is not None
+    nbytes = sum(info.nbytes for handle in handles for info in handle.get_tensors().values())
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if free < nbytes + AHEAD_HEADROOM:
+            return (f"{human_size(nbytes)} of tensors and {human_size(free)} free on {device}")
+    load.batch(device).read_ahead(handles)
+    if torch.device(device).type == "cuda":
+        load.devices.add(device)
+    return f"reading {human_size(nbytes)} ahead to {device}"
+
+
+def make_dtype_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``_get_dtype`` that also starts reading ahead (see :func:`start_reading_ahead`)."""
+    signature = inspect.signature(original)
+
+    def _get_dtype(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        load = _ACTIVE.get()
+        if load is not None and load.ahead_device is not None and not load.batches:
+            try:
+                given = signature.bind(*args, **kwargs).arguments
+                outcome = start_reading_ahead(load, given.get("checkpoint_files"), result[1],
+                                              given.get("state_dict"), given.get("hf_quantizer"))
+            except Exception as exc:   # noqa: BLE001 - an optimization: the load goes on
+                outcome = f"not reading ahead: {exc!r}"
+            logger.debug("fastsafetensors: %s", outcome)
+        return result
+
+    _get_dtype.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
+    return _get_dtype
+
+
+def make_warmup_hook(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``caching_allocator_warmup`` that does nothing while a batch reads ahead."""
+
+    def caching_allocator_warmup(*args: Any, **kwargs: Any) -> Any:
+        load = _ACTIVE.get()
+        if load is not None and load.reading_ahead():
+            return None
+        return original(*args, **kwargs)
+
+    caching_allocator_warmup.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
+    return caching_allocator_warmup
 
 
 # -- the wrapper around from_pretrained ----------------------------------------------------------
@@ -517,6 +485,7 @@ def wrap_from_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
             # package never maps files, so the request is already met by positioned reads.
             kwargs["disable_mmap"] = False
         load = Load(options)
+        load.ahead_device = ahead_device(kwargs)
         token = _ACTIVE.set(load)
         try:
             model = original(cls, *args, **kwargs)
@@ -619,8 +588,10 @@ def install() -> None:
             if current is None or hasattr(current, "__fastsafetensors_original__"):
                 continue
             module.safe_open = make_dispatcher(current)  # type: ignore[attr-defined]
-        for (module_name, attr), make in ((MATERIALIZE_SITE, make_materializer),
-                                          (SPAWN_SITE, make_spawner)):
+        sites = [(MATERIALIZE_SITE, make_materializer), (SPAWN_SITE, make_spawner)]
+        if all(_signature_problem(*entry) is None for entry in AHEAD_SIGNATURES):
+            sites += [(DTYPE_SITE, make_dtype_hook), (WARMUP_SITE, make_warmup_hook)]
+        for (module_name, attr), make in sites:
             module = importlib.import_module(module_name)
             current = getattr(module, attr)
             if not hasattr(current, "__fastsafetensors_original__"):
@@ -643,7 +614,7 @@ def uninstall() -> None:
             original = getattr(current, "__fastsafetensors_original__", None)
             if original is not None:
                 module.safe_open = original  # type: ignore[union-attr]
-        for module_name, attr in (MATERIALIZE_SITE, SPAWN_SITE):
+        for module_name, attr in (MATERIALIZE_SITE, SPAWN_SITE, DTYPE_SITE, WARMUP_SITE):
             module = sys.modules.get(module_name)
             original = getattr(getattr(module, attr, None), "__fastsafetensors_original__", None)
             if original is not None:
