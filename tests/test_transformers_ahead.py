@@ -219,8 +219,9 @@ def test_no_reading_ahead_where_it_would_not_pay(models: dict[str, Path], calls:
 def test_ahead_device_of_each_device_map(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # an int is a CUDA index
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     for device_map, expected in (
-            ("cuda:1", "cuda:1"), ("cuda", "cuda:3"), (torch.device("cuda", 2), "cuda:2"),
+            ("cuda:1", "cuda:1"), ("cuda", "cuda:0"), (torch.device("cuda", 2), "cuda:2"),
             (1, "cuda:1"), ({"": "cuda:1"}, "cuda:1"), ({"": 0}, "cuda:0"),
             ("cpu", None), ("auto", None), ("balanced", None), ("disk", None), (None, None),
             (True, None), ({"model": "cuda:0", "lm_head": "cuda:0"}, None), ({}, None),
@@ -228,6 +229,10 @@ def test_ahead_device_of_each_device_map(monkeypatch: pytest.MonkeyPatch) -> Non
         assert seam.ahead_device({"device_map": device_map}) == expected, device_map
     for key in ("tp_plan", "distributed_config", "device_mesh", "quantization_config"):
         assert seam.ahead_device({"device_map": "cuda:0", key: object()}) is None, key
+    # A bare "cuda" is this process's local rank to transformers (torchrun), as here.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert seam.ahead_device({"device_map": "cuda"}) == "cuda:1"
+    assert seam.ahead_device({"device_map": torch.device("cuda")}) == "cuda:3"
 
 
 def test_reading_ahead_needs_room_on_the_device(models: dict[str, Path],
@@ -239,20 +244,65 @@ def test_reading_ahead_needs_room_on_the_device(models: dict[str, Path],
     free = nbytes + seam.AHEAD_HEADROOM - 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 << 30))
     load = seam.Load({})
-    load.ahead_device = "cuda:0"
-    outcome = seam.start_reading_ahead(load, files, torch.float32, None, None)
+    outcome = seam.start_reading_ahead(load, "cuda:0", files, torch.float32, None, None)
     assert "free on cuda:0" in outcome and not load.batches
     for given, why in (((None, torch.float32, {"w": 1}, None), "state_dict"),
                        ((files, torch.float32, None, object()), "quantizer"),
                        ((files, "auto", None, None), "no single dtype"),
                        ((["pytorch_model.bin"], torch.float32, None, None), "no safetensors"),
                        ((files, torch.bfloat16, None, None), "the model torch.bfloat16")):
-        assert why in seam.start_reading_ahead(load, *given), why
+        assert why in seam.start_reading_ahead(load, "cuda:0", *given), why
         assert not load.batches
     with seam.config.configure(read_ahead="off"):
-        assert seam.start_reading_ahead(load, files, torch.float32, None, None) == \
+        assert seam.start_reading_ahead(load, "cuda:0", files, torch.float32, None, None) == \
             "read_ahead='off'"
     load.close()
+
+
+@pytest.mark.parametrize("case", ["HF_DEACTIVATE_ASYNC_LOAD", "hf-mount"])
+def test_no_reading_ahead_where_transformers_does_not_ask_through_futures(
+        models: dict[str, Path], calls: Counter[str], batched: Counter[str],
+        seen: dict[str, Any], monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    # Without a first wait on a future nothing ends the requests: what was read ahead would
+    # stay on the device beside what transformers reads itself.
+    from transformers import AutoModelForCausalLM, modeling_utils
+
+    if case == "HF_DEACTIVATE_ASYNC_LOAD":
+        monkeypatch.setenv("HF_DEACTIVATE_ASYNC_LOAD", "1")
+    else:
+        if not hasattr(modeling_utils, "_is_on_hf_mount"):
+            pytest.skip(f"transformers {transformers.__version__} has no hf-mount path")
+        mounted = {str(p) for p in shards(models["llama"])[:1]}
+        real = modeling_utils._is_on_hf_mount
+        monkeypatch.setattr(modeling_utils, "_is_on_hf_mount",
+                            lambda path: str(path) in mounted or real(path))
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"], device_map="cpu")
+    STATS.reset()
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], device_map="cpu",
+                                                 loader="fastsafetensors")
+    assert_same(model, reference)
+    assert not any(b.ahead for b in seen["batches"])
+    assert STATS.bytes_read <= weight_bytes(models["llama"]) + 2 * 4096 * len(
+        shards(models["llama"]))   # nothing read twice
+
+
+def test_a_nested_from_pretrained_does_not_read_ahead(models: dict[str, Path]) -> None:
+    # Only a load's first dtype (its own files) may start reading ahead, to the load's device.
+    calls: list[Any] = []
+    hook = seam.make_dtype_hook(lambda *args: calls.append(args) or ("config", torch.bfloat16))
+    load = seam.Load({})
+    load.ahead_device = "cpu"
+    token = seam._ACTIVE.set(load)
+    try:
+        hook(torch.bfloat16, [str(p) for p in shards(models["llama"])], "config", None, None,
+             True, None)   # the llama files are float32: declined
+        assert load.ahead_device is None and not load.batches
+        hook(torch.float32, [str(p) for p in shards(models["llama"])], "config", None, None,
+             True, None)   # a nested load's dtype: not tried again
+        assert not load.batches and len(calls) == 2
+    finally:
+        seam._ACTIVE.reset(token)
+        load.close()
 
 
 def test_the_warmup_is_skipped_while_reading_ahead(models: dict[str, Path]) -> None:
@@ -327,6 +377,54 @@ def test_requests_before_and_after_the_tensor_arrives(tmp_path: Path) -> None:
     load.close()
 
 
+def test_what_arrives_after_the_requests_ended_is_dropped(tmp_path: Path) -> None:
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cpu")
+    gate = threading.Event()
+    real = batch._read
+
+    def held(*args: Any) -> None:
+        gate.wait(timeout=30)
+        real(*args)
+
+    batch._read = held
+    batch.read_ahead(handles)
+    future = batch.add(handles[0].get_slice("w"), None)
+    batch.requests_done()   # transformers' first wait, before anything arrived
+    gate.set()
+    read_through(batch)
+    assert not batch.ready   # nothing kept as it arrived (result() would clear it again)
+    assert future is not None and future.result(timeout=5).tolist() == [0.0] * 4
+    load.close()
+
+
+def test_a_cast_that_fails_fails_its_future(tmp_path: Path) -> None:
+    # The reader has taken the tensor's requests out of `wanted` when it casts: a failed cast
+    # (out of device memory, say) must still complete them, with its error.
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cpu")
+    gate = threading.Event()
+    real = batch._read
+
+    def held(*args: Any) -> None:
+        gate.wait(timeout=30)
+        real(*args)
+
+    batch._read = held
+    batch.read_ahead(handles)
+    future = batch.add(handles[0].get_slice("w"), "not a dtype")
+    other = batch.add(handles[0].get_slice("only0"), None)
+    gate.set()
+    read_through(batch)
+    assert future is not None and other is not None
+    with pytest.raises(RuntimeError, match="not a dtype"):   # tensor.to() refused it
+        future.result(timeout=5)
+    assert other.result(timeout=5).tolist() == [0.0, 0.0]
+    load.close()
+
+
 def test_a_file_replaced_at_its_path_is_not_served(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -398,6 +496,9 @@ def test_a_load_that_fails_while_building_stops_the_read(models: dict[str, Path]
     from transformers import AutoModelForCausalLM, modeling_utils
 
     def broken(self: Any, *args: Any, **kwargs: Any) -> None:
+        (batch,) = seen["batches"]
+        batch.thread.join(timeout=30)   # everything read ahead, waiting in `ready`
+        assert batch.ready
         raise RuntimeError("the model cannot be built")
 
     monkeypatch.setattr(modeling_utils.PreTrainedModel, "__init__", broken)

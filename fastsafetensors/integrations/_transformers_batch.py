@@ -83,6 +83,7 @@ class Batch:
         self.device = device
         self.wanted: dict[str, tuple[FastSafetensorsFile, _Wanted]] = {}   # by path
         self.ready: dict[tuple[str, str], Any] = {}   # read ahead, not asked for yet
+        self.same: dict[FastSafetensorsFile, bool] = {}   # a requester's handle reads our file?
         self.ahead = False          # reads every tensor of its files, from the start
         self.asked = False          # transformers has made all its requests
         self.finished = False       # the engine run is over
@@ -113,7 +114,12 @@ class Batch:
             if not self.ahead or self.asked or file.path not in self.wanted:
                 return None
             ours = self.wanted[file.path][0]
-        if not same_file(ours, file):   # the path names another file by now
+            same = self.same.get(file)
+        if same is None:   # once per handle: a checkpoint of 20,000 tensors has a few files
+            same = same_file(ours, file)
+            with self.lock:
+                self.same[file] = same
+        if not same:   # the path names another file by now
             return None
         with self.lock:
             entries = self.wanted[file.path][1]
@@ -196,6 +202,7 @@ class Batch:
             thread.join()
         with self.lock:
             self.ready.clear()
+            self.same.clear()
         self._fail(RuntimeError(_ENDED))
 
     def _run(self) -> None:
@@ -270,15 +277,21 @@ class Batch:
         import torch
 
         for i, (dtype, future) in enumerate(entries):
-            if dtype is not None and dtype != tensor.dtype:
-                result = tensor.to(dtype)
-            elif i == 0:
-                result = tensor
-            else:   # a key asked twice gets two tensors, as from the stock path
-                result = tensor.clone()
-            if result is not tensor and result.device.type == "cuda":
-                # The cast or copy ran on this thread's stream: complete it for every stream.
-                torch.cuda.current_stream(result.device).synchronize()
+            try:
+                if dtype is not None and dtype != tensor.dtype:
+                    result = tensor.to(dtype)
+                elif i == 0:
+                    result = tensor
+                else:   # a key asked twice gets two tensors, as from the stock path
+                    result = tensor.clone()
+                if result is not tensor and result.device.type == "cuda":
+                    # The cast or copy ran on this thread's stream: complete it for every
+                    # stream.
+                    torch.cuda.current_stream(result.device).synchronize()
+            except BaseException as exc:  # noqa: BLE001 - out of memory while casting, ...
+                # These futures are out of `wanted` already: _fail would not reach them.
+                future.set_exception(exc)
+                continue
             self.load.count_read()
             future.set_result(result)
 

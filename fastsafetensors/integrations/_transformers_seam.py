@@ -324,6 +324,10 @@ def ahead_device(kwargs: dict[str, Any]) -> str | None:
         if list(device_map) != [""]:
             return None
         device_map = device_map[""]
+    elif device_map == "cuda":
+        # transformers reads a bare "cuda" as this process's local rank (torchrun), not as the
+        # current device.
+        device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     import torch
 
     if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
@@ -341,9 +345,9 @@ def ahead_device(kwargs: dict[str, Any]) -> str | None:
         return None
 
 
-def start_reading_ahead(load: Load, files: Any, dtype: Any, state_dict: Any,
+def start_reading_ahead(load: Load, device: str, files: Any, dtype: Any, state_dict: Any,
                         hf_quantizer: Any) -> str:
-    """Start a batch reading every tensor of ``files`` to ``load.ahead_device``, or say why
+    """Start a batch of ``load`` reading every tensor of ``files`` to ``device``, or say why
     not: the outcome, for the debug log."""
     import torch
 
@@ -354,6 +358,9 @@ def start_reading_ahead(load: Load, files: Any, dtype: Any, state_dict: Any,
         return "a state_dict, a quantizer or no single dtype"
     if not files or not all(str(f).endswith(".safetensors") for f in files):
         return "no safetensors files"
+    why = _not_asked_through_futures(files)
+    if why:
+        return why
     handles = [load.open(path) for path in files]
     # Only tensors transformers keeps as they are: a cast would hold both copies on the device.
     for handle in handles:
@@ -361,8 +368,6 @@ def start_reading_ahead(load: Load, files: Any, dtype: Any, state_dict: Any,
             kind = handle._dtype_of(info)
             if kind.is_floating_point and kind != dtype:
                 return f"{info.name} is {kind}, the model {dtype}"
-    device = load.ahead_device
-    assert device is not None
     nbytes = sum(info.nbytes for handle in handles for info in handle.get_tensors().values())
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -374,6 +379,27 @@ def start_reading_ahead(load: Load, files: Any, dtype: Any, state_dict: Any,
     return f"reading {human_size(nbytes)} ahead to {device}"
 
 
+def _not_asked_through_futures(files: Any) -> str | None:
+    """Why transformers would read ``files`` without asking a batch through futures (its
+    first wait ends a read-ahead's requests; without one, what was read would stay on the
+    device beside what transformers reads itself), or None."""
+    from transformers import modeling_utils
+    from transformers.utils import import_utils
+
+    if import_utils.is_env_variable_true("HF_DEACTIVATE_ASYNC_LOAD"):
+        return "HF_DEACTIVATE_ASYNC_LOAD: transformers loads one tensor at a time"
+    on_mount = getattr(modeling_utils, "_is_on_hf_mount", None)   # not in 5.0; in 5.14
+    if on_mount is not None and any(on_mount(f) for f in files):
+        return "files on an hf-mount, which transformers reads whole"
+    try:   # a torch.distributed checkpoint, loaded through DCP (in 5.23; not in 5.17)
+        from transformers.distributed.checkpoint import is_sharded_checkpoint
+    except ImportError:
+        return None
+    if is_sharded_checkpoint(os.path.dirname(os.fspath(files[0]))):
+        return "a distributed checkpoint, which transformers loads through torch.distributed"
+    return None
+
+
 def make_dtype_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     """``_get_dtype`` that also starts reading ahead (see :func:`start_reading_ahead`)."""
     signature = inspect.signature(original)
@@ -381,11 +407,16 @@ def make_dtype_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     def _get_dtype(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         load = _ACTIVE.get()
-        if load is not None and load.ahead_device is not None and not load.batches:
+        device = load.ahead_device if load is not None else None
+        if load is not None and device is not None and not load.batches:
+            # Only the load's first dtype (its own files): a from_pretrained nested in building
+            # the model has files and a device_map of its own.
+            load.ahead_device = None
             try:
                 given = signature.bind(*args, **kwargs).arguments
-                outcome = start_reading_ahead(load, given.get("checkpoint_files"), result[1],
-                                              given.get("state_dict"), given.get("hf_quantizer"))
+                outcome = start_reading_ahead(load, device, given.get("checkpoint_files"),
+                                              result[1], given.get("state_dict"),
+                                              given.get("hf_quantizer"))
             except Exception as exc:   # noqa: BLE001 - an optimization: the load goes on
                 outcome = f"not reading ahead: {exc!r}"
             logger.debug("fastsafetensors: %s", outcome)
