@@ -906,6 +906,20 @@ def batched(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
     yield counts
 
 
+def fail_after_the_first_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches on the CPU read the first file, then fail (``ReadError``, 3 of 10 bytes)."""
+    import fastsafetensors.loading
+    from fastsafetensors.errors import ReadError
+
+    real = fastsafetensors.loading._host_stream
+
+    def failing(sources: Any, fw: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        yield from real(sources[:1], fw, **kwargs)
+        raise ReadError(sources[1][0], 0, 10, 3)
+
+    monkeypatch.setattr(fastsafetensors.loading, "_host_stream", failing)
+
+
 @pytest.mark.parametrize("kind", ["llama", "mixtral", "bert"])
 def test_a_batch_reads_every_tensor_in_one_engine_run(models: dict[str, Path],
                                                       calls: Counter[str],
@@ -959,16 +973,9 @@ def test_a_failed_batch_fails_the_load_with_its_error(models: dict[str, Path],
     # A read that fails halfway: from_pretrained raises that error (no hang, no partial model).
     from transformers import AutoModelForCausalLM
 
-    import fastsafetensors.loading
     from fastsafetensors.errors import ReadError
 
-    real = fastsafetensors.loading._host_stream
-
-    def failing(sources: Any, fw: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        yield from real(sources[:1], fw, **kwargs)
-        raise ReadError(sources[1][0], 0, 10, 3)
-
-    monkeypatch.setattr(fastsafetensors.loading, "_host_stream", failing)
+    fail_after_the_first_file(monkeypatch)
     with pytest.raises(ReadError, match="read of 10 bytes at offset 0 returned 3"):
         AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
     assert not [t for t in threading.enumerate() if t.name.startswith(

@@ -30,6 +30,7 @@ import test_transformers as shared  # noqa: E402
 from test_transformers import (  # noqa: E402
     LOGGER,
     assert_same,
+    fail_after_the_first_file,
     our_records,
     shards,
     weight_bytes,
@@ -345,7 +346,8 @@ def read_through(batch: Any) -> None:
     assert batch.finished
 
 
-def test_requests_before_and_after_the_tensor_arrives(tmp_path: Path) -> None:
+def held_batch(tmp_path: Path) -> tuple[Any, list[Any], Any, threading.Event]:
+    """A load reading two files ahead on the CPU, whose engine run waits for the event."""
     load = seam.Load({})
     handles = [load.open(p) for p in two_files(tmp_path)]
     batch = load.batch("cpu")
@@ -358,6 +360,11 @@ def test_requests_before_and_after_the_tensor_arrives(tmp_path: Path) -> None:
 
     batch._read = held
     batch.read_ahead(handles)
+    return load, handles, batch, gate
+
+
+def test_requests_before_and_after_the_tensor_arrives(tmp_path: Path) -> None:
+    load, handles, batch, gate = held_batch(tmp_path)
     early = batch.add(handles[0].get_slice("w"), None)   # before anything is read
     assert early is not None and not early.done()
     gate.set()
@@ -378,18 +385,7 @@ def test_requests_before_and_after_the_tensor_arrives(tmp_path: Path) -> None:
 
 
 def test_what_arrives_after_the_requests_ended_is_dropped(tmp_path: Path) -> None:
-    load = seam.Load({})
-    handles = [load.open(p) for p in two_files(tmp_path)]
-    batch = load.batch("cpu")
-    gate = threading.Event()
-    real = batch._read
-
-    def held(*args: Any) -> None:
-        gate.wait(timeout=30)
-        real(*args)
-
-    batch._read = held
-    batch.read_ahead(handles)
+    load, handles, batch, gate = held_batch(tmp_path)
     future = batch.add(handles[0].get_slice("w"), None)
     batch.requests_done()   # transformers' first wait, before anything arrived
     gate.set()
@@ -402,18 +398,7 @@ def test_what_arrives_after_the_requests_ended_is_dropped(tmp_path: Path) -> Non
 def test_a_cast_that_fails_fails_its_future(tmp_path: Path) -> None:
     # The reader has taken the tensor's requests out of `wanted` when it casts: a failed cast
     # (out of device memory, say) must still complete them, with its error.
-    load = seam.Load({})
-    handles = [load.open(p) for p in two_files(tmp_path)]
-    batch = load.batch("cpu")
-    gate = threading.Event()
-    real = batch._read
-
-    def held(*args: Any) -> None:
-        gate.wait(timeout=30)
-        real(*args)
-
-    batch._read = held
-    batch.read_ahead(handles)
+    load, handles, batch, gate = held_batch(tmp_path)
     future = batch.add(handles[0].get_slice("w"), "not a dtype")
     other = batch.add(handles[0].get_slice("only0"), None)
     gate.set()
@@ -443,15 +428,7 @@ def test_a_file_replaced_at_its_path_is_not_served(tmp_path: Path) -> None:
 
 def test_after_a_failed_read_every_request_gets_the_error(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import fastsafetensors.loading
-
-    real = fastsafetensors.loading._host_stream
-
-    def failing(sources: Any, fw: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        yield from real(sources[:1], fw, **kwargs)
-        raise ReadError(sources[1][0], 0, 10, 3)
-
-    monkeypatch.setattr(fastsafetensors.loading, "_host_stream", failing)
+    fail_after_the_first_file(monkeypatch)
     load = seam.Load({})
     handles = [load.open(p) for p in two_files(tmp_path)]
     batch = load.batch("cpu")
@@ -472,15 +449,7 @@ def test_a_failed_read_ahead_fails_the_load(models: dict[str, Path], calls: Coun
     # Whether the error comes before or after transformers asks, from_pretrained raises it.
     from transformers import AutoModelForCausalLM
 
-    import fastsafetensors.loading
-
-    real = fastsafetensors.loading._host_stream
-
-    def failing(sources: Any, fw: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        yield from real(sources[:1], fw, **kwargs)
-        raise ReadError(sources[1][0], 0, 10, 3)
-
-    monkeypatch.setattr(fastsafetensors.loading, "_host_stream", failing)
+    fail_after_the_first_file(monkeypatch)
     with pytest.raises(ReadError, match="read of 10 bytes at offset 0 returned 3"):
         AutoModelForCausalLM.from_pretrained(models["llama"], device_map="cpu",
                                              loader="fastsafetensors")
