@@ -83,7 +83,9 @@ PEERS = {
 def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
     threads = sorted({1, 2, args.threads})
     cases: list[Case] = []
-    for t in threads:
+    # On a GPU machine also 16 threads: whether reading the page cache scales past the
+    # engine's 8 readers there, or the host copy itself is the limit.
+    for t in sorted(set(threads) | ({16} if cuda else set())):
         cases.append(Case(f"raw_reused_t{t}", f"limit A: preadv, reused buffer, {t} thr",
                           "limit", "raw", {"threads": t, "fresh": False, "direct": False}))
     for t in threads:
