@@ -160,6 +160,12 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
             cases.append(Case(f"sketch_cuda{key}", f"reference: plain-Python pipeline, {label}",
                               "reference", "sketch", {"device": dev, **params},
                               modes=("warm",)))
+        # The same with reader processes (benchmarks/sketch_procs.py): no GIL between reads.
+        for procs in (8, 16):
+            cases.append(Case(f"sketch_cuda_procs{procs}",
+                              f"reference: {procs} reader processes, 16 MiB buffers pinned "
+                              "before the clock", "reference", "sketch_procs",
+                              {"device": dev, "procs": procs}, modes=("warm",)))
         cases.append(Case("vllm_cuda", "vLLM's ParallelLoader sequence -> cuda", "ours", "vllm",
                           {"device": dev}))
         if not args.no_peers:
@@ -397,6 +403,20 @@ class SketchRunner(Runner):
         return out
 
 
+class ProcSketchRunner(Runner):
+    def __init__(self, files: list[str], p: dict[str, Any]) -> None:
+        from sketch_procs import ProcSketch
+
+        self.device = p["device"]
+        self.sketch = ProcSketch(files, device=self.device, procs=p["procs"],
+                                 buffer=p.get("buffer", 16 * C.MiB))
+
+    def load(self) -> Any:
+        out = self.sketch.load()
+        _sync(self.device)
+        return out
+
+
 class H2DRunner(Runner):
     """The host-to-device limit: as many bytes as the checkpoint holds, copied to the GPU from a
     2 GiB pinned buffer (again and again), so the row's GB/s and its paired ratios count the
@@ -495,6 +515,8 @@ def child(case: str, spec: dict[str, Any]) -> None:
             runner = InstantTensorRunner(files, p)
         elif kind == "sketch":
             runner = SketchRunner(files, p)
+        elif kind == "sketch_procs":
+            runner = ProcSketchRunner(files, p)
         elif kind == "h2d":
             runner = H2DRunner(sum(s.size for s in C.data_spans(files)))
         else:

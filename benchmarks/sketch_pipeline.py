@@ -40,6 +40,46 @@ def read_layout(path: str) -> tuple[int, list[tuple[str, str, list[int], int, in
     return 8 + size, sorted(entries, key=lambda e: e[3])
 
 
+#: One chunk of one file: (file index, file offset, length, [(dst, dst offset, src offset, n)]).
+Job = tuple[int, int, int, list[tuple[Any, int, int, int]]]
+
+
+def plan(torch: Any, layouts: list[tuple[int, list[Any]]], device: Any,
+         buffer: int) -> tuple[dict[str, Any], list[Job]]:
+    """Every tensor allocated flat on ``device``, and the chunks of at most ``buffer`` bytes
+    that cover them, file by file in file order."""
+    flats: dict[str, Any] = {}
+    jobs: list[Job] = []
+    for index, (start, entries) in enumerate(layouts):
+        pieces: list[tuple[Any, int, int, int]] = []
+        chunk_begin = start + (entries[0][3] if entries else 0)
+        for name, _, _, begin, end in entries:
+            flat = torch.empty(end - begin, dtype=torch.uint8, device=device)
+            flats[name] = flat
+            pos = start + begin
+            while pos < start + end:
+                if pos - chunk_begin >= buffer:
+                    jobs.append((index, chunk_begin, buffer, pieces))
+                    pieces, chunk_begin = [], pos
+                n = min(start + end - pos, chunk_begin + buffer - pos)
+                pieces.append((flat, pos - start - begin, pos - chunk_begin, n))
+                pos += n
+        if pieces:
+            last = pieces[-1]
+            jobs.append((index, chunk_begin, last[2] + last[3], pieces))
+    return flats, jobs
+
+
+def tensors(torch: Any, layouts: list[tuple[int, list[Any]]],
+            flats: dict[str, Any]) -> dict[str, Any]:
+    """The flat tensors viewed with their dtypes and shapes."""
+    out = {}
+    for _, entries in layouts:
+        for name, dtype, shape, _, _ in entries:
+            out[name] = flats[name].view(getattr(torch, DTYPES[dtype])).view(shape)
+    return out
+
+
 class Sketch:
     """Load every tensor of ``files`` onto ``device`` with ``threads`` reader threads and
     ``buffer`` bytes per staging buffer (two per thread)."""
@@ -59,40 +99,16 @@ class Sketch:
                 for _ in range(2)]
 
     def load(self) -> dict[str, Any]:
-        torch = self.torch
-        flats: dict[str, Any] = {}
-        # One job per chunk: (fd, file offset, length, [(dst, dst offset, src offset, n)]).
-        jobs: list[tuple[int, int, int, list[tuple[Any, int, int, int]]]] = []
+        flats, jobs = plan(self.torch, self.layouts, self.device, self.buffer)
         fds = []
         try:
-            for path, (start, entries) in zip(self.files, self.layouts):
-                fd = os.open(path, os.O_RDONLY)
-                fds.append(fd)
-                pieces: list[tuple[Any, int, int, int]] = []
-                chunk_begin = start + (entries[0][3] if entries else 0)
-                for name, _, _, begin, end in entries:
-                    flat = torch.empty(end - begin, dtype=torch.uint8, device=self.device)
-                    flats[name] = flat
-                    pos = start + begin
-                    while pos < start + end:
-                        if pos - chunk_begin >= self.buffer:
-                            jobs.append((fd, chunk_begin, self.buffer, pieces))
-                            pieces, chunk_begin = [], pos
-                        n = min(start + end - pos, chunk_begin + self.buffer - pos)
-                        pieces.append((flat, pos - start - begin, pos - chunk_begin, n))
-                        pos += n
-                if pieces:
-                    last = pieces[-1]
-                    jobs.append((fd, chunk_begin, last[2] + last[3], pieces))
-            self._run(jobs)
+            for path in self.files:
+                fds.append(os.open(path, os.O_RDONLY))
+            self._run([(fds[i], offset, length, pieces) for i, offset, length, pieces in jobs])
         finally:
             for fd in fds:
                 os.close(fd)
-        out = {}
-        for _, entries in self.layouts:
-            for name, dtype, shape, _, _ in entries:
-                out[name] = flats[name].view(getattr(torch, DTYPES[dtype])).view(shape)
-        return out
+        return tensors(self.torch, self.layouts, flats)
 
     def _run(self, jobs: list[tuple[int, int, int, list[tuple[Any, int, int, int]]]]) -> None:
         torch = self.torch
