@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -101,6 +102,14 @@ def child(args: argparse.Namespace) -> None:
     import fastsafetensors.integrations.transformers  # noqa: F401  (installs the hook)
 
     hf_logging.disable_progress_bar()
+    # Our one INFO line per load says when its engine runs read and when transformers first
+    # waited on a tensor (the overlap that read_ahead buys): kept with the row.
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    ours = logging.getLogger("fastsafetensors.integrations.transformers")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
     folder = Path(args.folder)
     paths = [str(p) for p in sorted(folder.glob("*.safetensors"))]
     state = C.prepare(paths, args.cache)
@@ -137,7 +146,8 @@ def child(args: argparse.Namespace) -> None:
               "peak_rss_above_base": peak_rss - base_rss, "peak_anon_above_base":
               anon.peak - base_anon, "peak_rss_after_touch_above_base":
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss,
-              "checksum": checksum, "loadavg_1min": os.getloadavg()[0], **state}
+              "checksum": checksum, "loadavg_1min": os.getloadavg()[0],
+              "loader_log": said, **state}
     if args.device.startswith("cuda"):
         result["peak_cuda"] = torch.cuda.max_memory_allocated()
         result["cuda_init_seconds"] = cuda_init
@@ -228,6 +238,10 @@ def main() -> None:
                       + (f"  peak cuda {row['peak_cuda'] / 1e9:.2f} GB" if "peak_cuda" in row
                          else "")
                       + f"  load {row['loadavg_1min']:.1f}", flush=True)
+                for line in row.get("loader_log", []):
+                    if "one engine run per device" in line:   # when it read, when asked
+                        print("      " + line.split("one engine run per device: ")[-1]
+                              .rstrip(")"), flush=True)
     if skipped:
         print(f"deadline of {args.deadline:g} s passed: {skipped} runs skipped", flush=True)
     # The same model both ways: one checksum for the checkpoint's runs, one for the floor's.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import shutil
 import threading
 import weakref
@@ -116,6 +117,12 @@ def test_reading_starts_before_the_model_is_built(models: dict[str, Path], calls
     assert STATS.bytes_read - weight_bytes(folder) < 2 * 4096 * len(shards(folder))
     (line,) = our_records(caplog)
     assert "read ahead while transformers built the model" in line
+    # Its timeline: the batch started reading before transformers first waited.
+    times = re.search(r"cpu: read (\d+\.\d+)-(\d+\.\d+) s, first waited on at (\d+\.\d+) s",
+                      line)
+    assert times is not None, line
+    started, finished, asked = map(float, times.groups())
+    assert started <= asked and started <= finished
 
 
 def with_unused_tensor(source: Path, folder: Path) -> Path:

@@ -93,6 +93,18 @@ class Batch:
         self.stopped = threading.Event()
         self.last_add = 0.0
         self.watchdog: threading.Thread | None = None
+        # perf_counter() when the engine run started and ended, and when transformers first
+        # waited: where a load's time went, for its INFO line.
+        self.times: dict[str, float] = {}
+
+    def timeline(self, since: float) -> str:
+        """When this batch read and when transformers first waited, in seconds from
+        ``since``."""
+        t = {k: v - since for k, v in self.times.items()}
+        reads = (f"read {t['started']:.2f}-{t['finished']:.2f} s" if "finished" in t
+                 else f"read from {t['started']:.2f} s" if "started" in t else "not read")
+        waited = f", first waited on at {t['asked']:.2f} s" if "asked" in t else ""
+        return f"{self.device}: {reads}{waited}"
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -144,6 +156,8 @@ class Batch:
         batch starts; a read-ahead one drops what nobody asked for."""
         self.start()
         with self.lock:
+            if not self.asked:
+                self.times["asked"] = time.perf_counter()
             self.asked = True
             self.ready.clear()
 
@@ -206,6 +220,7 @@ class Batch:
         self._fail(RuntimeError(_ENDED))
 
     def _run(self) -> None:
+        self.times["started"] = time.perf_counter()
         try:
             with self.load.configured(), contextlib.ExitStack() as stack:
                 sources = []
@@ -227,6 +242,7 @@ class Batch:
                                "after every tensor was handed over", exc)
         with self.lock:
             self.finished = True
+            self.times["finished"] = time.perf_counter()
         # Whatever the engine did not yield (a stopped batch): failed, not left waiting.
         self._fail(RuntimeError(_ENDED))
 

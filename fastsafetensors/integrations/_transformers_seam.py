@@ -183,9 +183,11 @@ class Load:
         direct = f", straight to {', '.join(sorted(self.devices))}" if self.devices else ""
         if self.reading_ahead():
             direct += ", read ahead while transformers built the model"
+        batches = "; ".join(b.timeline(self.started) for b in list(self.batches.values()))
         return (f"read {human_size(nbytes)} ({self.reads} tensor reads, {len(paths)} files) with "
                 f"fastsafetensors (posix reads{direct}); from_pretrained took {seconds:.2f} s, "
-                f"{nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s")
+                f"{nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s"
+                + (f" (one engine run per device: {batches})" if batches else ""))
 
 
 _ACTIVE: contextvars.ContextVar[Load | None] = contextvars.ContextVar(
