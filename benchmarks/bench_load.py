@@ -412,9 +412,15 @@ class ProcSketchRunner(Runner):
                                  buffer=p.get("buffer", 16 * C.MiB))
 
     def load(self) -> Any:
+        before = self.sketch.reader_cpu_seconds()
         out = self.sketch.load()
         _sync(self.device)
+        self.reader_cpu = self.sketch.reader_cpu_seconds() - before
         return out
+
+    def extra(self) -> dict[str, Any]:
+        # The reads happen in the reader processes: their CPU time counts with this one's.
+        return {"reader_cpu_seconds": self.reader_cpu}
 
 
 class H2DRunner(Runner):
@@ -563,6 +569,7 @@ def child(case: str, spec: dict[str, Any]) -> None:
                                  cpu1.user - cpu0.user + cpu1.system - cpu0.system,
                                  "vmstat": C.vmstat_delta(vm0)}
         reply.update(getattr(runner, "extra", dict)())
+        reply["cpu_seconds"] += reply.get("reader_cpu_seconds", 0.0)
         if cuda:
             import torch
 

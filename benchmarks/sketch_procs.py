@@ -56,6 +56,7 @@ def reader(memfd: int, size: int, files: list[str]) -> None:
     """A reader process: read each job's bytes into the shared staging, answer when done."""
     view = memoryview(mmap.mmap(memfd, size))
     fds = [os.open(path, os.O_RDONLY) for path in files]
+    os.write(1, DONE.pack(0))   # ready: the loading process waits for this before any load
     while True:
         message = _read_exact(0, JOB.size)
         if len(message) < JOB.size:
@@ -96,10 +97,24 @@ class ProcSketch:
             if int(error) != 0:
                 raise RuntimeError(f"cudaHostRegister of the shared staging failed: {error}")
             self.registered = True
+        self.broken: BaseException | None = None
         self.children = [subprocess.Popen(
             [sys.executable, __file__, "--reader", str(self.memfd), str(self.size), *files],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.memfd,))
             for _ in range(procs)]
+        for child in self.children:   # every reader started, before any clock
+            assert child.stdout is not None
+            if _read_exact(child.stdout.fileno(), DONE.size) != DONE.pack(0):
+                raise RuntimeError("a reader process did not start")
+
+    def reader_cpu_seconds(self) -> float:
+        """User and system CPU time the reader processes have used so far."""
+        ticks = 0
+        for child in self.children:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])   # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         for child in self.children:
@@ -117,6 +132,8 @@ class ProcSketch:
         os.close(self.memfd)
 
     def load(self) -> dict[str, Any]:
+        if self.broken is not None:   # a reader may still owe answers to the failed load
+            raise RuntimeError(f"an earlier load failed: {self.broken!r}")
         flats, jobs = plan(self.torch, self.layouts, self.device, self.buffer)
         order = itertools.count()        # next() is atomic under the GIL
         errors: list[BaseException] = []
@@ -127,6 +144,9 @@ class ProcSketch:
         for t in threads:
             t.join()
         if errors:
+            self.broken = errors[0]
+            for child in self.children:
+                child.kill()
             raise errors[0]
         return tensors(self.torch, self.layouts, flats)
 
@@ -165,7 +185,10 @@ class ProcSketch:
                     for dst, dst_off, src_off, n in pieces:
                         dst[dst_off:dst_off + n].copy_(src[src_off:src_off + n],
                                                        non_blocking=True)
-                    copied[slot] = stream.record_event() if stream else None
+                    # A blocking event: up to 16 threads wait on these, beside 16 readers;
+                    # spinning (CUDA's default) would take the readers' cores.
+                    copied[slot] = (stream.record_event(torch.cuda.Event(blocking=True))
+                                    if stream else None)
                     submit(slot)
                 if stream:
                     stream.synchronize()

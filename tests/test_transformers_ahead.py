@@ -121,8 +121,9 @@ def test_reading_starts_before_the_model_is_built(models: dict[str, Path], calls
     times = re.search(r"cpu: read (\d+\.\d+)-(\d+\.\d+) s, first waited on at (\d+\.\d+) s",
                       line)
     assert times is not None, line
-    started, finished, asked = map(float, times.groups())
-    assert started <= asked and started <= finished
+    (batch,) = [b for b in seen["batches"] if b.ahead]
+    assert batch.times["started"] < batch.times["asked"]   # (the reads may end before it)
+    assert batch.times["started"] < batch.times["finished"]
 
 
 def with_unused_tensor(source: Path, folder: Path) -> Path:
@@ -491,7 +492,7 @@ def test_reading_ahead_to_cuda_keeps_the_device_peak(tmp_path: Path, calls: Coun
                                                      seen: dict[str, Any]) -> None:
     # The warm-up skipped while reading ahead: the device's peak is no higher than when the
     # batch reads on demand, after the warm-up. A warm-up beside the tensors read ahead would
-    # add the model's size (about 12 MB here). Its weights are of 1 MiB and more, so no run of
+    # add the model's size (about 23 MB here). Its weights are of 1 MiB and more, so no run of
     # small tensors passes through device scratch, which the bound would have to allow for.
     import tf_models
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
