@@ -111,9 +111,10 @@ class ProcSketch:
         """User and system CPU time the reader processes have used so far."""
         ticks = 0
         for child in self.children:
-            with open(f"/proc/{child.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])   # utime, stime
+            with contextlib.suppress(OSError):   # a reader that died (the load says so)
+                with open(f"/proc/{child.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])   # utime, stime
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
