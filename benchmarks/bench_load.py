@@ -389,38 +389,37 @@ class InstantTensorRunner(Runner):
 
 
 class SketchRunner(Runner):
-    def __init__(self, files: list[str], p: dict[str, Any]) -> None:
-        from sketch_pipeline import Sketch
+    """The reference pipelines: reader threads (sketch_pipeline.py) or, with ``procs`` in the
+    parameters, reader processes (sketch_procs.py)."""
 
+    def __init__(self, files: list[str], p: dict[str, Any]) -> None:
         self.device = p["device"]
-        self.sketch = Sketch(files, device=self.device, threads=p["threads"],
-                             buffer=p.get("buffer", 16 * C.MiB),
-                             prepinned=p.get("prepinned", False))
+        buffer = p.get("buffer", 16 * C.MiB)
+        self.procs: Any = None
+        self.sketch: Any
+        if "procs" in p:
+            from sketch_procs import ProcSketch
+
+            self.sketch = self.procs = ProcSketch(files, device=self.device, procs=p["procs"],
+                                                  buffer=buffer)
+        else:
+            from sketch_pipeline import Sketch
+
+            self.sketch = Sketch(files, device=self.device, threads=p["threads"], buffer=buffer,
+                                 prepinned=p.get("prepinned", False))
+        self.reader_cpu = 0.0
 
     def load(self) -> Any:
+        before = self.procs.reader_cpu_seconds() if self.procs else 0.0
         out = self.sketch.load()
         _sync(self.device)
-        return out
-
-
-class ProcSketchRunner(Runner):
-    def __init__(self, files: list[str], p: dict[str, Any]) -> None:
-        from sketch_procs import ProcSketch
-
-        self.device = p["device"]
-        self.sketch = ProcSketch(files, device=self.device, procs=p["procs"],
-                                 buffer=p.get("buffer", 16 * C.MiB))
-
-    def load(self) -> Any:
-        before = self.sketch.reader_cpu_seconds()
-        out = self.sketch.load()
-        _sync(self.device)
-        self.reader_cpu = self.sketch.reader_cpu_seconds() - before
+        if self.procs:
+            self.reader_cpu = self.procs.reader_cpu_seconds() - before
         return out
 
     def extra(self) -> dict[str, Any]:
-        # The reads happen in the reader processes: their CPU time counts with this one's.
-        return {"reader_cpu_seconds": self.reader_cpu}
+        # Reader processes read: their CPU time counts with this one's.
+        return {"reader_cpu_seconds": self.reader_cpu} if self.procs else {}
 
 
 class H2DRunner(Runner):
@@ -519,10 +518,8 @@ def child(case: str, spec: dict[str, Any]) -> None:
             runner = RunaiRunner(files, p)
         elif kind == "instanttensor":
             runner = InstantTensorRunner(files, p)
-        elif kind == "sketch":
+        elif kind in ("sketch", "sketch_procs"):
             runner = SketchRunner(files, p)
-        elif kind == "sketch_procs":
-            runner = ProcSketchRunner(files, p)
         elif kind == "h2d":
             runner = H2DRunner(sum(s.size for s in C.data_spans(files)))
         else:
