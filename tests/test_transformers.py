@@ -37,6 +37,7 @@ from builders import require_o_direct  # noqa: E402
 
 import fastsafetensors.integrations.transformers as ft  # noqa: E402
 from fastsafetensors.errors import ConfigError  # noqa: E402
+from fastsafetensors.integrations import _transformers_ahead as ahead  # noqa: E402
 from fastsafetensors.integrations import _transformers_batch as batching  # noqa: E402
 from fastsafetensors.integrations import _transformers_seam as seam  # noqa: E402
 from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS  # noqa: E402
@@ -888,7 +889,7 @@ def batched(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
     """Batches for CPU targets too (by default only CUDA targets are batched), counting engine
     runs of batches (``batch``) and per-tensor reads (``single``)."""
     counts: Counter[str] = Counter()
-    monkeypatch.setattr(seam, "BATCH_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(ahead, "BATCH_DEVICE_TYPES", ("cuda", "cpu"))
     read = seam.Batch._read
     single = seam.FastSafetensorsFile._get
 

@@ -41,6 +41,7 @@ from test_transformers import (  # noqa: E402
 models, calls, batched = shared.models, shared.calls, shared.batched
 
 from fastsafetensors.errors import ReadError  # noqa: E402
+from fastsafetensors.integrations import _transformers_ahead as ahead  # noqa: E402
 from fastsafetensors.integrations import _transformers_batch as batching  # noqa: E402
 from fastsafetensors.integrations import _transformers_seam as seam  # noqa: E402
 from fastsafetensors.loader.posix import STATS  # noqa: E402
@@ -213,7 +214,7 @@ def test_no_reading_ahead_where_it_would_not_pay(models: dict[str, Path], calls:
     elif case == "no device_map":
         kwargs.pop("device_map")
     else:
-        assert seam.ahead_device({"device_map": "cpu", "tp_plan": "auto"}) is None
+        assert ahead.ahead_device({"device_map": "cpu", "tp_plan": "auto"}) is None
         return
     stock = {k: v for k, v in kwargs.items() if k != "loader_options"}
     reference = AutoModelForCausalLM.from_pretrained(folder, **stock)
@@ -235,13 +236,13 @@ def test_ahead_device_of_each_device_map(monkeypatch: pytest.MonkeyPatch) -> Non
             ("cpu", None), ("auto", None), ("balanced", None), ("disk", None), (None, None),
             (True, None), ({"model": "cuda:0", "lm_head": "cuda:0"}, None), ({}, None),
             (["cuda:0"], None)):
-        assert seam.ahead_device({"device_map": device_map}) == expected, device_map
+        assert ahead.ahead_device({"device_map": device_map}) == expected, device_map
     for key in ("tp_plan", "distributed_config", "device_mesh", "quantization_config"):
-        assert seam.ahead_device({"device_map": "cuda:0", key: object()}) is None, key
+        assert ahead.ahead_device({"device_map": "cuda:0", key: object()}) is None, key
     # A bare "cuda" is this process's local rank to transformers (torchrun), as here.
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert seam.ahead_device({"device_map": "cuda"}) == "cuda:1"
-    assert seam.ahead_device({"device_map": torch.device("cuda")}) == "cuda:3"
+    assert ahead.ahead_device({"device_map": "cuda"}) == "cuda:1"
+    assert ahead.ahead_device({"device_map": torch.device("cuda")}) == "cuda:3"
 
 
 def test_reading_ahead_needs_room_on_the_device(models: dict[str, Path],
@@ -250,20 +251,20 @@ def test_reading_ahead_needs_room_on_the_device(models: dict[str, Path],
     # asks first and the batch reads on demand.
     files = [str(p) for p in shards(models["llama"])]
     nbytes = weight_bytes(models["llama"])
-    free = nbytes + seam.AHEAD_HEADROOM - 1
+    free = nbytes + ahead.AHEAD_HEADROOM - 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 80 << 30))
     load = seam.Load({})
-    outcome = seam.start_reading_ahead(load, "cuda:0", files, torch.float32, None, None)
+    outcome = ahead.start_reading_ahead(load, "cuda:0", files, torch.float32, None, None)
     assert "free on cuda:0" in outcome and not load.batches
     for given, why in (((None, torch.float32, {"w": 1}, None), "state_dict"),
                        ((files, torch.float32, None, object()), "quantizer"),
                        ((files, "auto", None, None), "no single dtype"),
                        ((["pytorch_model.bin"], torch.float32, None, None), "no safetensors"),
                        ((files, torch.bfloat16, None, None), "the model torch.bfloat16")):
-        assert why in seam.start_reading_ahead(load, "cuda:0", *given), why
+        assert why in ahead.start_reading_ahead(load, "cuda:0", *given), why
         assert not load.batches
     with seam.config.configure(read_ahead="off"):
-        assert seam.start_reading_ahead(load, "cuda:0", files, torch.float32, None, None) == \
+        assert ahead.start_reading_ahead(load, "cuda:0", files, torch.float32, None, None) == \
             "read_ahead='off'"
     load.close()
 

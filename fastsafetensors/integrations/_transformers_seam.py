@@ -23,11 +23,11 @@ in a small thread pool. These replacements, made once at install time, route tho
 5. ``modeling_utils._get_dtype`` and ``caching_allocator_warmup``, when a load's ``device_map``
    names one batched device: as soon as transformers has resolved the checkpoint's files and
    settled the dtype, the device's batch starts reading every tensor of those files, while
-   transformers builds the model and its conversion mapping (about 0.4 s of its own work per
-   load on the H100 machine, before it asks for any tensor), and the allocator warm-up, which
-   would allocate the model's size beside the tensors already read, is skipped
-   (:func:`start_reading_ahead` says when this is done; option ``read_ahead="on"``, off by
-   default until a GPU run shows it pays).
+   transformers builds the model and its conversion mapping (most of its own work, which took
+   0.39-0.41 s a load on the H100 machine, comes before it asks for any tensor), and the
+   allocator warm-up, which would allocate the model's size beside the tensors already read,
+   is skipped (``_transformers_ahead.start_reading_ahead`` says when this is done; option
+   ``read_ahead="on"``, off by default until a GPU run shows it pays).
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
@@ -55,6 +55,7 @@ from .. import config
 from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersionError
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
+from . import _transformers_ahead as ahead
 from . import human_size, major_version
 from ._transformers_batch import Batch, _Pending  # noqa: F401  (_Pending: for the tests)
 
@@ -246,10 +247,6 @@ def make_materializer(original: Callable[..., Any]) -> Callable[..., Any]:
 # -- many tensors, one engine run: the replacement of spawn_materialize ----------------------------
 
 SPAWN_SITE = ("transformers.core_model_loading", "spawn_materialize")
-#: Target device types whose whole tensors are read in batches. Not the CPU: there the engine
-#: reads each file into one buffer, and a parameter kept would keep its file's buffer alive.
-#: (The tests add "cpu" to run the batching without a GPU.)
-BATCH_DEVICE_TYPES = ("cuda",)
 
 
 def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -270,8 +267,8 @@ def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
                 target = torch.device(device)
             except (RuntimeError, TypeError):   # not a torch device ("disk")
                 return original(thread_pool, tensor, device, dtype, *args, **kwargs)
-            if target.type in BATCH_DEVICE_TYPES:
-                target = _indexed(target)
+            if target.type in ahead.BATCH_DEVICE_TYPES:
+                target = ahead.indexed(target)
                 future = tensor._load.batch(str(target)).add(tensor, dtype)
                 if future is not None:
                     if target.type == "cuda":
@@ -283,22 +280,12 @@ def make_spawner(original: Callable[..., Any]) -> Callable[..., Any]:
     return spawn_materialize
 
 
-def _indexed(target: Any) -> Any:
-    """``target`` with the current CUDA device's index where it names none (batches are kept
-    by device)."""
-    import torch
-
-    if target.type == "cuda" and target.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return target
-
-
 # -- reading ahead: the replacements of _get_dtype and caching_allocator_warmup ------------------
 
 #: Where from_pretrained settles the model's dtype: just after it resolved the checkpoint's
-#: files, before it builds the model and its conversion mapping (transformers' own work, about
-#: 0.4 s of a load on the H100 machine: docs/transformers.md). The earliest point at which the
-#: files, the dtype and any quantizer are known, so a batch can start reading there.
+#: files, before it builds the model and its conversion mapping (most of transformers' own
+#: 0.39-0.41 s a load on the H100 machine: docs/transformers.md). The earliest point at which
+#: the files, the dtype and any quantizer are known, so a batch can start reading there.
 DTYPE_SITE = ("transformers.modeling_utils", "_get_dtype")
 #: transformers' warm-up of the CUDA caching allocator: one allocation of the model's size, freed
 #: at once, before the weights load. Skipped while a batch reads ahead: its tensors are already
@@ -311,95 +298,6 @@ AHEAD_SIGNATURES = (
     ("transformers.modeling_utils", "caching_allocator_warmup",
      ("model", "expanded_device_map", "hf_quantizer")),
 )
-#: Free device memory a read-ahead leaves beyond the checkpoint's tensors.
-AHEAD_HEADROOM = 1 << 30
-
-
-def ahead_device(kwargs: dict[str, Any]) -> str | None:
-    """The device a ``from_pretrained`` call puts every weight on, when its ``device_map``
-    names one batched device and nothing splits or quantizes the weights; else None."""
-    if any(kwargs.get(k) is not None for k in ("tp_plan", "distributed_config", "device_mesh",
-                                               "quantization_config")):
-        return None
-    device_map = kwargs.get("device_map")
-    if isinstance(device_map, dict):
-        if list(device_map) != [""]:
-            return None
-        device_map = device_map[""]
-    elif device_map == "cuda":
-        # transformers reads a bare "cuda" as this process's local rank (torchrun), not as the
-        # current device.
-        device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    import torch
-
-    if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
-        return None
-    try:
-        if isinstance(device_map, int):   # an accelerator's index, as transformers reads it
-            if not torch.cuda.is_available():
-                return None
-            device_map = f"cuda:{device_map}"
-        target = torch.device(device_map)   # "auto", "balanced", "disk": not a device
-        if target.type not in BATCH_DEVICE_TYPES:
-            return None
-        return str(_indexed(target))
-    except (RuntimeError, TypeError, AssertionError):   # AssertionError: torch without CUDA
-        return None
-
-
-def start_reading_ahead(load: Load, device: str, files: Any, dtype: Any, state_dict: Any,
-                        hf_quantizer: Any) -> str:
-    """Start a batch of ``load`` reading every tensor of ``files`` to ``device``, or say why
-    not: the outcome, for the debug log."""
-    import torch
-
-    with load.configured():
-        if config.get("read_ahead") != "on":
-            return "read_ahead='off'"
-    if state_dict is not None or hf_quantizer is not None or not isinstance(dtype, torch.dtype):
-        return "a state_dict, a quantizer or no single dtype"
-    if not files or not all(str(f).endswith(".safetensors") for f in files):
-        return "no safetensors files"
-    why = _not_asked_through_futures(files)
-    if why:
-        return why
-    handles = [load.open(path) for path in files]
-    # Only tensors transformers keeps as they are: a cast would hold both copies on the device.
-    for handle in handles:
-        for info in handle.get_tensors().values():
-            kind = handle._dtype_of(info)
-            if kind.is_floating_point and kind != dtype:
-                return f"{info.name} is {kind}, the model {dtype}"
-    nbytes = sum(info.nbytes for handle in handles for info in handle.get_tensors().values())
-    if torch.device(device).type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if free < nbytes + AHEAD_HEADROOM:
-            return (f"{human_size(nbytes)} of tensors and {human_size(free)} free on {device}")
-    load.batch(device).read_ahead(handles)
-    if torch.device(device).type == "cuda":
-        load.devices.add(device)
-    return f"reading {human_size(nbytes)} ahead to {device}"
-
-
-def _not_asked_through_futures(files: Any) -> str | None:
-    """Why transformers would read ``files`` without asking a batch through futures (its
-    first wait ends a read-ahead's requests; without one, what was read would stay on the
-    device beside what transformers reads itself), or None."""
-    from transformers import modeling_utils
-    from transformers.utils import import_utils
-
-    if import_utils.is_env_variable_true("HF_DEACTIVATE_ASYNC_LOAD"):
-        return "HF_DEACTIVATE_ASYNC_LOAD: transformers loads one tensor at a time"
-    on_mount = getattr(modeling_utils, "_is_on_hf_mount", None)   # not in 5.0; in 5.14
-    if on_mount is not None and any(on_mount(f) for f in files):
-        return "files on an hf-mount, which transformers reads whole"
-    try:   # a torch.distributed checkpoint, loaded through DCP (in 5.23; not in 5.17)
-        from transformers.distributed.checkpoint import is_sharded_checkpoint
-    except ImportError:
-        return None
-    if is_sharded_checkpoint(os.path.dirname(os.fspath(files[0]))):
-        return "a distributed checkpoint, which transformers loads through torch.distributed"
-    return None
 
 
 def make_dtype_hook(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -416,9 +314,9 @@ def make_dtype_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             load.ahead_device = None
             try:
                 given = signature.bind(*args, **kwargs).arguments
-                outcome = start_reading_ahead(load, device, given.get("checkpoint_files"),
-                                              result[1], given.get("state_dict"),
-                                              given.get("hf_quantizer"))
+                outcome = ahead.start_reading_ahead(
+                    load, device, given.get("checkpoint_files"), result[1],
+                    given.get("state_dict"), given.get("hf_quantizer"))
             except Exception as exc:   # noqa: BLE001 - an optimization: the load goes on
                 outcome = f"not reading ahead: {exc!r}"
             logger.debug("fastsafetensors: %s", outcome)
@@ -518,7 +416,7 @@ def wrap_from_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
             # package never maps files, so the request is already met by positioned reads.
             kwargs["disable_mmap"] = False
         load = Load(options)
-        load.ahead_device = ahead_device(kwargs)
+        load.ahead_device = ahead.ahead_device(kwargs)
         token = _ACTIVE.set(load)
         try:
             model = original(cls, *args, **kwargs)
