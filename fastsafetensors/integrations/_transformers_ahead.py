@@ -86,19 +86,21 @@ def start_reading_ahead(load: Load, device: str, files: Any, dtype: Any, state_d
     if why:
         return why
     handles = [load.open(path) for path in files]
-    # Only tensors transformers keeps as they are: a cast would hold both copies on the device.
+    nbytes = 0
     for handle in handles:
         for info in handle.get_tensors().values():
+            # Only tensors transformers keeps as they are: a cast would hold both copies.
             kind = handle._dtype_of(info)
             if kind.is_floating_point and kind != dtype:
                 return f"{info.name} is {kind}, the model {dtype}"
-    nbytes = sum(info.nbytes for handle in handles for info in handle.get_tensors().values())
-    if torch.device(device).type == "cuda":
+            nbytes += info.nbytes
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
         free, _ = torch.cuda.mem_get_info(device)
         if free < nbytes + AHEAD_HEADROOM:
-            return (f"{human_size(nbytes)} of tensors and {human_size(free)} free on {device}")
+            return f"{human_size(nbytes)} of tensors and {human_size(free)} free on {device}"
     load.batch(device).read_ahead(handles)
-    if torch.device(device).type == "cuda":
+    if cuda:
         load.devices.add(device)
     return f"reading {human_size(nbytes)} ahead to {device}"
 
