@@ -145,7 +145,13 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("huge", "huge_pages=on (staging on registered huge pages)",
                  {"FASTSAFETENSORS_HUGE_PAGES": "on"}),
                 ("t16huge", "threads=16, huge_pages=on",
-                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_HUGE_PAGES": "on"})):
+                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_HUGE_PAGES": "on"}),
+                # Copies, events and stream waits through the CUDA driver with the GIL held
+                # (loader/driver.py): do the readers' waits for the GIL limit them?
+                ("driver", "cuda_calls=driver (copies, events, waits: GIL held)",
+                 {"FASTSAFETENSORS_CUDA_CALLS": "driver"}),
+                ("t16driver", "threads=16, cuda_calls=driver",
+                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_CUDA_CALLS": "driver"})):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",

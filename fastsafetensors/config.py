@@ -83,6 +83,12 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="how a reader thread waits for the GPU to finish copying out of its staging "
                 "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
                 "(frees the core for other readers, costs a wake-up)"),
+    Option("cuda_calls", lambda: "torch", ("torch", "driver"),
+           help="how a GPU load's reader threads queue copies, events and stream waits: "
+                "torch (each call releases Python's GIL and takes it back, which waits for "
+                "the other threads' Python work) or driver (CUDA driver calls through ctypes "
+                "that keep the GIL for their few microseconds; host waits still release it). "
+                "torch by default until a GPU run shows that driver pays"),
     Option("mapped_readers", lambda: 0, minimum=0,
            help="of a GPU load's reader threads, how many copy ranges already in the page "
                 "cache straight to the GPU (the file mapped, the range registered with CUDA: "

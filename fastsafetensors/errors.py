@@ -19,6 +19,7 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     ├── ReadError(OSError)                      a read came back short (file changed under us)
     ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
     ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
+    ├── CudaError(RuntimeError)                 a CUDA driver call failed (cuda_calls="driver")
     ├── BudgetInfeasibleError(ValueError)       a load cannot fit ParallelLoader's
     │                                           device_memory_budget (upstream's name)
     ├── PeerLoadError(RuntimeError)             another rank failed to read its files, so this
@@ -53,6 +54,7 @@ __all__ = [
     "ReadError",
     "NoGPUError",
     "BackendUnavailableError",
+    "CudaError",
     "BudgetInfeasibleError",
     "PeerLoadError",
     "IncompatibleVersionError",
@@ -265,6 +267,23 @@ class BackendUnavailableError(FastSafetensorsError, RuntimeError):
         self.reason = reason
         self.message = (f"backend={backend!r} cannot be used: {reason}. "
                         f"Use backend='auto' to fall back to plain reads")
+        super().__init__(self.message)
+
+
+class CudaError(FastSafetensorsError, RuntimeError):
+    """A CUDA driver call of the engine failed (``cuda_calls="driver"``): which call, its
+    error code and name."""
+
+    _fields = ("call", "code", "name")
+
+    def __init__(self, call: str, code: int, name: str):
+        self.call = call
+        self.code = code
+        self.name = name
+        self.message = (f"the CUDA driver call {call} failed with {name} (error {code}); it "
+                        f"should return CUDA_SUCCESS. Check the GPU with nvidia-smi, or load "
+                        f"with cuda_calls='torch' (FASTSAFETENSORS_CUDA_CALLS=torch), which "
+                        f"makes the same calls through PyTorch")
         super().__init__(self.message)
 
 

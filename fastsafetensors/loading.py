@@ -187,7 +187,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes),
                             mapped_readers=config.get("mapped_readers"))
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
-                         huge_pages=config.get("huge_pages") != "off")
+                         huge_pages=config.get("huge_pages") != "off",
+                         driver=config.get("cuda_calls") == "driver")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     return stream_tensors(files, sink, options)

@@ -23,6 +23,7 @@ from fastsafetensors import (
     CheckpointNotFoundError,
     ClosedFileError,
     ConfigError,
+    CudaError,
     FastSafetensorsError,
     FastSafetensorsFile,
     FrameworkNotInstalledError,
@@ -40,7 +41,7 @@ BUILTIN_BASES = {
     CheckpointNotFoundError: FileNotFoundError, FrameworkNotInstalledError: ModuleNotFoundError,
     UnsupportedDTypeError: TypeError, ClosedFileError: ValueError, ConfigError: ValueError,
     ReadError: OSError, NoGPUError: RuntimeError, BackendUnavailableError: RuntimeError,
-    BudgetInfeasibleError: ValueError,
+    CudaError: RuntimeError, BudgetInfeasibleError: ValueError,
 }
 
 
@@ -64,6 +65,7 @@ def _examples() -> list[FastSafetensorsError]:
         NoGPUError("cuda:1", "only 1 GPU(s) are visible"),
         NoGPUError("cuda"),
         BackendUnavailableError("gds", "kvikio is not installed"),
+        CudaError("cuMemcpyHtoDAsync", 700, "CUDA_ERROR_ILLEGAL_ADDRESS"),
         BudgetInfeasibleError("device_memory_budget=1 MiB is too small", 1 << 20, 3 << 20),
         BudgetInfeasibleError("raised by vLLM with a message alone"),
         PeerLoadError([1, 3], ["/ckpt/b.safetensors", "/ckpt/d.safetensors"]),

@@ -446,26 +446,31 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     assert all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
 
 
-@pytest.mark.parametrize(("wait", "huge"), [("spin", "off"), ("block", "on"), ("spin", "auto")])
-def test_event_wait_and_huge_pages_options_reach_the_cuda_sink(checkpoint, monkeypatch, wait,
-                                                               huge):
+@pytest.mark.parametrize(("wait", "huge", "calls"), [("spin", "off", "torch"),
+                                                     ("block", "on", "driver"),
+                                                     ("spin", "auto", None)])
+def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
+        checkpoint, monkeypatch, wait, huge, calls):
     import fastsafetensors
     import fastsafetensors.loader.cuda as cuda_module
     import fastsafetensors.loader.gds as gds_module
     from fastsafetensors.loading import device_stream
 
-    made: list[tuple[bool, bool]] = []
+    made: list[tuple[bool, bool, bool]] = []
 
-    def sink(device: str, *, blocking: bool = False, huge_pages: bool = False) -> FakeSink:
-        made.append((blocking, huge_pages))
+    def sink(device: str, *, blocking: bool = False, huge_pages: bool = False,
+             driver: bool = False) -> FakeSink:
+        made.append((blocking, huge_pages, driver))
         return FakeSink()
 
     monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
-    with fastsafetensors.configure(event_wait=wait, huge_pages=huge):
+    options = {"event_wait": wait, "huge_pages": huge, "cuda_calls": calls}
+    with fastsafetensors.configure(**{k: v for k, v in options.items() if v is not None}):
         got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
     # auto (the default) and on: staging on registered huge pages; off: torch's pinned memory.
-    assert made == [(wait == "block", huge != "off")]
+    # cuda_calls: torch's calls by default.
+    assert made == [(wait == "block", huge != "off", calls == "driver")]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 
@@ -887,12 +892,14 @@ def test_phases_say_where_the_engine_spent_its_time(checkpoint):
     assert PHASES.snapshot() == {}
 
 
-def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch):
+@pytest.mark.parametrize("calls", ["torch", "driver"])
+def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch, calls):
     # TorchCudaSink skips the wait for an event its consumer's stream already waits on. A CUDA
     # stream compared with None by `!=` answers False (torch's C comparison), so the first
     # version never noticed a switch of streams: a tensor sharing a chunk's event with the one
     # before it was handed to the new stream without a wait. Emulated on the CPU with a stream
-    # class that compares as torch.cuda.Stream does (only __eq__ defined in Python).
+    # class that compares as torch.cuda.Stream does (only __eq__ defined in Python); with
+    # cuda_calls="driver" the waits go to the driver, by the stream's handle.
     from fastsafetensors.loader.cuda import TorchCudaSink
 
     waits: list[tuple[int, object]] = []
@@ -903,14 +910,25 @@ def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch):
 
         __hash__ = torch.Stream.__hash__
 
+        @property
+        def cuda_stream(self) -> int:
+            return int(self.stream_id)
+
         def wait_event(self, event: object) -> None:
             waits.append((self.stream_id, event))
+
+    class Driver:
+        @staticmethod
+        def stream_wait(device: int, stream: int, event: object) -> None:
+            assert device == 0
+            waits.append((stream, event))
 
     first, second = (Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
     current = [first]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
     sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields consumer_wait uses
     sink.device, sink._waited, sink._waited_on = "cuda:0", {}, None
+    sink.index, sink.calls = 0, Driver() if calls == "driver" else None
     event, other = object(), object()
     sink.consumer_wait([event])
     sink.consumer_wait([event, other])       # same stream: only the new event
@@ -947,7 +965,7 @@ def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch):
 
     sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
     sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
-    sink._current, sink._dtypes = None, {}
+    sink._current, sink._dtypes, sink.calls = None, {}, None
     info = TensorInfo("w", "F32", (2,), (0, 8))
     for stream in (first, second, first):
         current[0] = stream

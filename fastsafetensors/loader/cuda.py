@@ -14,6 +14,10 @@ Stream hazards handled here:
 * device scratch for runs of small tensors (``copy_pieces``) is allocated on the copy stream,
   so the allocator hands its memory out again only in that stream's order, after the copies
   that read it.
+
+With ``driver=True`` (``cuda_calls="driver"``) the same copies, events and stream waits go
+through the CUDA driver with the GIL held (loader/driver.py), in the same order on the same
+streams; runs of small tensors still go through torch.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from typing import Any
 
 import torch
 
@@ -29,7 +34,7 @@ from ..frameworks.torch import torch_dtype, torch_shape
 from . import hostpool
 from .posix import DIRECT_ALIGN
 
-__all__ = ["TorchCudaSink", "copy_pieces", "plan_runs"]
+__all__ = ["TorchCudaSink", "addresses", "copy_pieces", "copy_runs", "plan_runs", "split_pieces"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +85,32 @@ def plan_runs(pieces: list[Piece]) -> tuple[list[Piece], list[list[Piece]]]:
     return singles, kept
 
 
+def split_pieces(pieces: list[Piece]) -> tuple[list[Piece], list[list[Piece]]]:
+    """:func:`plan_runs` where torch can copy a run in one batched call."""
+    return plan_runs(pieces) if hasattr(torch, "_foreach_copy_") else (pieces, [])
+
+
 def copy_pieces(src: torch.Tensor, pieces: list[Piece], device: torch.device) -> None:
     """``dst[dst_offset:+length] = src[src_offset:+length]`` for each piece, queued on the
     current stream of ``device`` (on the CPU too, which the tests use)."""
-    singles, runs = plan_runs(pieces) if hasattr(torch, "_foreach_copy_") else (pieces, [])
+    singles, runs = split_pieces(pieces)
     for dst, dst_offset, src_offset, length in singles:
         dst[dst_offset:dst_offset + length].copy_(src[src_offset:src_offset + length],
                                                   non_blocking=True)
+    copy_runs(src, runs, device)
+
+
+def addresses(src: torch.Tensor, pieces: list[Piece]) -> list[tuple[int, int, int]]:
+    """``(destination address, source address, bytes)`` of each piece. Destinations are flat
+    uint8 tensors (``alloc``), so a byte offset into one is an address offset."""
+    base = src.data_ptr()
+    return [(dst.data_ptr() + dst_offset, base + src_offset, length)
+            for dst, dst_offset, src_offset, length in pieces]
+
+
+def copy_runs(src: torch.Tensor, runs: list[list[Piece]], device: torch.device) -> None:
+    """Each run of small pieces: one copy of its span into device scratch, then one batched
+    device-side copy into its tensors; queued on the current stream of ``device``."""
     for run in runs:
         begin = run[0][2]
         end = run[-1][2] + run[-1][3]
@@ -109,11 +133,30 @@ def copy_pieces(src: torch.Tensor, pieces: list[Piece], device: torch.device) ->
         torch._foreach_copy_(dsts, [parts[i] for i in keep], non_blocking=True)
 
 
+def _driver_calls() -> Any:
+    """loader/driver.py where the CUDA driver library can be used, else None (torch's calls),
+    said once in the log."""
+    global _driver_refused
+    from . import driver
+
+    why = driver.available()
+    if why is None:
+        return driver
+    if not _driver_refused:
+        _driver_refused = True
+        logger.warning("cuda_calls=\"driver\": the CUDA driver library cannot be used (%s); "
+                       "queuing copies through torch", why)
+    return None
+
+
+_driver_refused = False
+
+
 class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 
     def __init__(self, device: str | torch.device, *, blocking: bool = False,
-                 huge_pages: bool = False):
+                 huge_pages: bool = False, driver: bool = False):
         self.device = torch.device(device)
         # Staging from registered huge pages kept for the process (loader/hostpool.py), not
         # from torch's pinned allocator.
@@ -123,11 +166,16 @@ class TorchCudaSink:
         self.blocking = blocking
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        self.index: int = self.device.index
+        # Copies, events and stream waits through the CUDA driver with the GIL held
+        # (loader/driver.py), or None: through torch. All events of a load are then the
+        # driver's.
+        self.calls: Any = _driver_calls() if driver else None
         self.consumer = torch.cuda.current_stream(self.device)
         # Events the consumer's current stream already waits for: tensors of one chunk share
         # one event, and 20,000 small tensors must not cost 20,000 stream waits. Strong
         # references (an id could be reused by a new event), cleared once there are many.
-        self._waited: dict[torch.cuda.Event, None] = {}
+        self._waited: dict[Any, None] = {}
         self._waited_on: torch.cuda.Stream | None = None
         # The consumer's current stream as consumer_wait found it, for the finish() the
         # engine calls right after it on the same thread (one lookup per tensor, not two).
@@ -216,7 +264,9 @@ class TorchCudaSink:
         # torch's pinned blocks go back to its cache when the last reference goes.
         hostpool.give(buffer)
 
-    def alloc_event(self) -> torch.cuda.Event:
+    def alloc_event(self) -> Any:
+        if self.calls is not None:
+            return self.calls.Event(self.index, self.consumer.cuda_stream)
         event = torch.cuda.Event()
         event.record(self.consumer)
         return event
@@ -224,20 +274,33 @@ class TorchCudaSink:
     def new_stream(self) -> torch.cuda.Stream:
         return torch.cuda.Stream(self.device)
 
-    def stream_wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
-        stream.wait_event(event)
+    def stream_wait(self, stream: torch.cuda.Stream, event: Any) -> None:
+        if self.calls is not None:
+            self.calls.stream_wait(self.index, stream.cuda_stream, event)
+        else:
+            stream.wait_event(event)
 
     def copy(self, stream: torch.cuda.Stream, src: torch.Tensor,
              pieces: list[tuple[torch.Tensor, int, int, int]]) -> None:
-        with torch.cuda.stream(stream):
-            copy_pieces(src, pieces, self.device)
+        if self.calls is None:
+            with torch.cuda.stream(stream):
+                copy_pieces(src, pieces, self.device)
+            return
+        # src is staging or a registered file range: pinned, as driver copies need.
+        singles, runs = split_pieces(pieces)
+        self.calls.copy_to_device(self.index, stream.cuda_stream, addresses(src, singles))
+        if runs:
+            with torch.cuda.stream(stream):
+                copy_runs(src, runs, self.device)
 
-    def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+    def record(self, stream: torch.cuda.Stream) -> Any:
+        if self.calls is not None:
+            return self.calls.Event(self.index, stream.cuda_stream, blocking=self.blocking)
         event = torch.cuda.Event(blocking=self.blocking)
         event.record(stream)
         return event
 
-    def host_wait(self, event: torch.cuda.Event) -> None:
+    def host_wait(self, event: Any) -> None:
         event.synchronize()
 
     def consumer_wait(self, events: list[torch.cuda.Event]) -> None:
@@ -249,7 +312,10 @@ class TorchCudaSink:
             self._waited_on = stream
         for event in events:
             if event not in self._waited:
-                stream.wait_event(event)
+                if self.calls is not None:
+                    self.calls.stream_wait(self.index, stream.cuda_stream, event)
+                else:
+                    stream.wait_event(event)
                 self._waited[event] = None
 
     def finish(self, flat: torch.Tensor | None, info: TensorInfo) -> torch.Tensor:

@@ -58,6 +58,28 @@ def slow_copies(monkeypatch):
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "copy", late)
 
 
+@pytest.fixture(params=["torch", "driver"])
+def cuda_calls(request, monkeypatch):
+    """Both ways of queuing the readers' copies, events and stream waits (loader/driver.py).
+    With the driver's, the test fails unless the driver really made copies."""
+    from fastsafetensors.loader import driver
+
+    monkeypatch.setenv("FASTSAFETENSORS_CUDA_CALLS", request.param)
+    copies = [0]
+    if request.param == "driver":
+        assert driver.available() is None, driver.available()
+        queue = driver.copy_to_device
+
+        def counted(device, stream, pieces):
+            copies[0] += 1
+            queue(device, stream, pieces)
+
+        monkeypatch.setattr(driver, "copy_to_device", counted)
+    yield request.param
+    if request.param == "driver":
+        assert copies[0] > 0, "no copy went through the driver"
+
+
 @pytest.fixture
 def every_dtype(tmp_path):
     g = torch.Generator().manual_seed(0)
@@ -72,7 +94,7 @@ def every_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
-def test_every_dtype_bit_for_bit(every_dtype, io):
+def test_every_dtype_bit_for_bit(every_dtype, io, cuda_calls):
     if io == "direct":
         require_o_direct(every_dtype)   # else "direct" reads buffered, and proves nothing
     STATS.reset()
@@ -168,7 +190,7 @@ def test_single_tensor_reads_go_to_the_device(every_dtype, monkeypatch, streamed
         assert torch.equal(_bytes(t), _bytes(st_load_file(every_dtype)["t_float32"]))
 
 
-def test_many_tensors_and_misaligned(tmp_path):
+def test_many_tensors_and_misaligned(tmp_path, cuda_calls):
     many = {f"t{i}": torch.full((3,), float(i)) for i in range(20_000)}
     path = tmp_path / "many.safetensors"
     save_file(many, str(path))
@@ -209,7 +231,7 @@ def test_blocking_event_waits_give_the_same_data(tmp_path, monkeypatch, slow_cop
     assert all(torch.equal(got[k].cpu(), v) for k, v in tensors.items())
 
 
-def test_two_loads_at_once(every_dtype):
+def test_two_loads_at_once(every_dtype, cuda_calls):
     results: list[dict[str, torch.Tensor]] = [{}, {}]
 
     def run(i: int) -> None:
@@ -225,7 +247,7 @@ def test_two_loads_at_once(every_dtype):
         assert all(torch.equal(_bytes(got[k]), _bytes(v)) for k, v in want.items())
 
 
-def test_consumer_on_another_stream_sees_complete_data(tmp_path, slow_copies):
+def test_consumer_on_another_stream_sees_complete_data(tmp_path, slow_copies, cuda_calls):
     big = {f"w{i}": torch.full((1024, 1024), float(i)) for i in range(8)}
     path = tmp_path / "big.safetensors"
     save_file(big, str(path))
@@ -239,7 +261,8 @@ def test_consumer_on_another_stream_sees_complete_data(tmp_path, slow_copies):
 
 
 def test_a_consumer_that_switches_streams_between_tensors_sees_complete_data(tmp_path,
-                                                                           slow_copies):
+                                                                           slow_copies,
+                                                                           cuda_calls):
     # Small tensors share one chunk and so one copy event; the consumer's stream skips waits
     # it has already done. A consumer on another stream must wait again (the first version of
     # that skip never reset, so the second stream read tensors still being copied).
@@ -316,7 +339,7 @@ def test_budget_bounds_iter_tensors(tmp_path):
     assert torch.cuda.max_memory_allocated() - base <= 16 * 2**20 + 4 * 2**20
 
 
-def test_memory_the_consumer_frees_is_not_overwritten_under_its_kernels(tmp_path):
+def test_memory_the_consumer_frees_is_not_overwritten_under_its_kernels(tmp_path, cuda_calls):
     # Under a budget the allocator hands a new tensor the memory of one the consumer has just
     # freed, while the consumer's (here: slowed down) sum of it may still be queued. The copy
     # stream must wait for the consumer's stream before it writes that memory.
@@ -332,7 +355,7 @@ def test_memory_the_consumer_frees_is_not_overwritten_under_its_kernels(tmp_path
     _check_sums(sums, tensors)
 
 
-def test_stopping_early_leaves_no_copy_running(tmp_path):
+def test_stopping_early_leaves_no_copy_running(tmp_path, cuda_calls):
     tensors = {f"w{i}": torch.randn(1024, 1024) for i in range(16)}
     path = tmp_path / "early.safetensors"
     save_file(tensors, str(path))

@@ -1,0 +1,137 @@
+/* A stand-in for libcuda.so.1 with the calls fastsafetensors/loader/driver.py makes, for
+ * tests on machines without a GPU (tests/test_driver.py compiles it). "Device" memory is host
+ * memory: a copy is a memcpy, done at once. It checks what the real driver would refuse: no
+ * context current, an unknown event, a pop with nothing pushed. Knobs and counters are plain
+ * globals that the tests read and set through ctypes. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SUCCESS 0
+#define INVALID_VALUE 1
+#define INVALID_DEVICE 101
+#define INVALID_CONTEXT 201
+#define INVALID_HANDLE 400
+#define ILLEGAL_ADDRESS 700
+
+#define EVENT_MAGIC 0x45564e54
+
+typedef struct { int magic; unsigned flags; int recorded; } event_t;
+
+/* Counters. */
+int fake_devices = 2;
+long fake_retains, fake_copies, fake_copied_bytes, fake_records, fake_waits, fake_syncs;
+long fake_events_live, fake_pushes, fake_pops;
+uintptr_t fake_last_stream, fake_last_context;
+unsigned fake_last_flags;
+/* Knobs: the copy number that fails (0: none), and how long a copy or a sync takes (ms). */
+long fake_fail_copy;
+int fake_copy_ms, fake_sync_ms;
+
+static __thread uintptr_t stack[16];
+static __thread int depth;
+
+static void pause_ms(int ms) {
+    if (ms > 0) {
+        struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000L};
+        nanosleep(&t, NULL);
+    }
+}
+
+int cuDeviceGet(int *device, int ordinal) {
+    if (ordinal < 0 || ordinal >= fake_devices) return INVALID_DEVICE;
+    *device = ordinal;
+    return SUCCESS;
+}
+
+int cuDevicePrimaryCtxRetain(void **context, int device) {
+    if (device < 0 || device >= fake_devices) return INVALID_DEVICE;
+    fake_retains++;
+    *context = (void *)(uintptr_t)(0x1000 + device);
+    return SUCCESS;
+}
+
+int cuCtxPushCurrent_v2(void *context) {
+    if (!context || depth == 16) return INVALID_CONTEXT;
+    fake_pushes++;
+    stack[depth++] = (uintptr_t)context;
+    return SUCCESS;
+}
+
+int cuCtxPopCurrent_v2(void **context) {
+    if (depth == 0) return INVALID_CONTEXT;
+    fake_pops++;
+    *context = (void *)stack[--depth];
+    return SUCCESS;
+}
+
+int cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t nbytes, void *stream) {
+    if (depth == 0) return INVALID_CONTEXT;
+    if (fake_fail_copy && fake_copies + 1 == fake_fail_copy) return ILLEGAL_ADDRESS;
+    pause_ms(fake_copy_ms);
+    memcpy((void *)(uintptr_t)dst, src, nbytes);
+    fake_copies++;
+    fake_copied_bytes += (long)nbytes;
+    fake_last_stream = (uintptr_t)stream;
+    fake_last_context = stack[depth - 1];
+    return SUCCESS;
+}
+
+int cuEventCreate(void **event, unsigned flags) {
+    if (depth == 0) return INVALID_CONTEXT;
+    event_t *e = malloc(sizeof *e);
+    e->magic = EVENT_MAGIC;
+    e->flags = flags;
+    e->recorded = 0;
+    fake_last_flags = flags;
+    fake_events_live++;
+    *event = e;
+    return SUCCESS;
+}
+
+static int valid(void *event) { return event && ((event_t *)event)->magic == EVENT_MAGIC; }
+
+int cuEventRecord(void *event, void *stream) {
+    if (depth == 0) return INVALID_CONTEXT;
+    if (!valid(event)) return INVALID_HANDLE;
+    ((event_t *)event)->recorded = 1;
+    fake_records++;
+    fake_last_stream = (uintptr_t)stream;
+    return SUCCESS;
+}
+
+int cuStreamWaitEvent(void *stream, void *event, unsigned flags) {
+    if (depth == 0) return INVALID_CONTEXT;
+    if (!valid(event) || flags) return INVALID_HANDLE;
+    fake_waits++;
+    fake_last_stream = (uintptr_t)stream;
+    fake_last_context = stack[depth - 1];
+    return SUCCESS;
+}
+
+int cuEventSynchronize(void *event) {
+    if (!valid(event)) return INVALID_HANDLE;
+    pause_ms(fake_sync_ms);
+    fake_syncs++;
+    return SUCCESS;
+}
+
+int cuEventDestroy_v2(void *event) {
+    if (!valid(event)) return INVALID_HANDLE;
+    ((event_t *)event)->magic = 0;
+    free(event);
+    fake_events_live--;
+    return SUCCESS;
+}
+
+int cuGetErrorName(int code, const char **name) {
+    switch (code) {
+    case INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; return SUCCESS;
+    case INVALID_DEVICE: *name = "CUDA_ERROR_INVALID_DEVICE"; return SUCCESS;
+    case INVALID_CONTEXT: *name = "CUDA_ERROR_INVALID_CONTEXT"; return SUCCESS;
+    case INVALID_HANDLE: *name = "CUDA_ERROR_INVALID_HANDLE"; return SUCCESS;
+    case ILLEGAL_ADDRESS: *name = "CUDA_ERROR_ILLEGAL_ADDRESS"; return SUCCESS;
+    default: return INVALID_VALUE;
+    }
+}

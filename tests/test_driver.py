@@ -1,0 +1,275 @@
+"""Copies, events and stream waits through the CUDA driver (cuda_calls="driver"):
+loader/driver.py, against tests/fake_libcuda.c, a stand-in for libcuda.so.1 compiled here,
+whose "device" memory is host memory. tests/gpu runs the real driver."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import as_bytes, misaligned_entries, write_raw
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+from fastsafetensors import CudaError
+from fastsafetensors.format import TensorInfo
+from fastsafetensors.frameworks.torch import torch_dtype, torch_shape
+from fastsafetensors.loader import cuda, driver
+from fastsafetensors.loader.posix import DIRECT_ALIGN
+from fastsafetensors.loader.stream import StreamOptions, stream_tensors
+
+SOURCE = Path(__file__).with_name("fake_libcuda.c")
+
+
+@pytest.fixture(scope="module")
+def fake_so(tmp_path_factory) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler (cc or gcc) to build tests/fake_libcuda.c")
+    out = tmp_path_factory.mktemp("fake_libcuda") / "libcuda.so.1"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(out), str(SOURCE)],
+                   check=True)
+    return out
+
+
+class Fake:
+    """The loaded stand-in: its counters and knobs as attributes."""
+
+    def __init__(self, lib: Any):
+        self.lib = lib
+
+    def _var(self, name: str) -> Any:
+        kinds = {"fake_last_stream": "c_size_t", "fake_last_context": "c_size_t",
+                 "fake_last_flags": "c_uint", "fake_devices": "c_int", "fake_copy_ms": "c_int",
+                 "fake_sync_ms": "c_int"}
+        import ctypes
+
+        return getattr(ctypes, kinds.get(name, "c_long")).in_dll(self.lib, name)
+
+    def __getattr__(self, name: str) -> int:
+        return int(self._var(f"fake_{name}").value)
+
+    def set(self, name: str, value: int) -> None:
+        self._var(f"fake_{name}").value = value
+
+
+@pytest.fixture
+def fake(fake_so, monkeypatch) -> Any:
+    """driver.py bound to a fresh load of the stand-in."""
+    import ctypes
+
+    monkeypatch.setattr(driver, "_libs", None)
+    monkeypatch.setattr(driver, "_missing", None)
+    monkeypatch.setattr(driver, "_contexts", {})
+    # A copy of the library per test: a fresh dlopen of the same path would share its counters.
+    path = fake_so.parent / f"lib{len(list(fake_so.parent.iterdir()))}.so"
+    shutil.copy(fake_so, path)
+    assert driver._load(str(path)) is not None
+    yield Fake(ctypes.CDLL(str(path)))
+    gc.collect()   # events made with this library are destroyed by it, before it is unbound
+
+
+def test_copies_land_at_the_addresses_of_their_pieces(fake):
+    src = torch.arange(256, dtype=torch.uint8).repeat(4)
+    a, b = torch.zeros(100, dtype=torch.uint8), torch.zeros(7, dtype=torch.uint8)
+    pieces = [(a, 10, 3, 90), (b, 0, 1000, 7), (a, 0, 500, 10)]
+    driver.copy_to_device(0, 7, cuda.addresses(src[5:], pieces))   # a view: its own offset
+    assert torch.equal(a[10:], src[8:98]) and torch.equal(a[:10], src[505:515])
+    assert torch.equal(b, src[1005:1012])
+    assert fake.copies == 3 and fake.copied_bytes == 107
+    assert fake.last_stream == 7 and fake.last_context == 0x1000   # device 0's context
+    assert fake.pushes == fake.pops == 1   # one push for all copies of the call
+
+
+def test_each_device_uses_its_own_primary_context_retained_once(fake):
+    one = torch.zeros(4, dtype=torch.uint8)
+    for _ in range(3):
+        driver.copy_to_device(1, 0, cuda.addresses(torch.ones(4, dtype=torch.uint8),
+                                                   [(one, 0, 0, 4)]))
+    assert fake.last_context == 0x1001 and fake.last_stream == 0 and fake.retains == 1
+    assert bool(one.all())
+    with pytest.raises(CudaError, match="CUDA_ERROR_INVALID_DEVICE"):
+        driver.copy_to_device(5, 0, [])
+
+
+def test_events_are_recorded_waited_on_synchronized_and_destroyed(fake):
+    event = driver.Event(0, 5, blocking=True)
+    assert fake.last_flags == driver.DISABLE_TIMING | driver.BLOCKING_SYNC
+    assert fake.records == 1 and fake.last_stream == 5 and fake.events_live == 1
+    driver.Event(1, 6)   # dropped at once: destroyed at once
+    assert fake.last_flags == driver.DISABLE_TIMING and fake.events_live == 1
+    driver.stream_wait(1, 9, event)   # an event of one device waited for on another's stream
+    assert fake.waits == 1 and fake.last_stream == 9 and fake.last_context == 0x1001
+    event.synchronize()
+    assert fake.syncs == 1
+    del event
+    gc.collect()
+    assert fake.events_live == 0 and fake.pushes == fake.pops
+
+
+def test_a_failed_call_raises_a_typed_picklable_error_and_pops_the_context(fake):
+    fake.set("fail_copy", 2)
+    dst = torch.zeros(30, dtype=torch.uint8)
+    src = torch.ones(30, dtype=torch.uint8)
+    with pytest.raises(CudaError) as info:
+        driver.copy_to_device(0, 3, cuda.addresses(src, [(dst, 0, 0, 10), (dst, 10, 10, 10),
+                                                          (dst, 20, 20, 10)]))
+    error = info.value
+    assert isinstance(error, RuntimeError)
+    assert (error.call, error.code, error.name) == ("cuMemcpyHtoDAsync", 700,
+                                                     "CUDA_ERROR_ILLEGAL_ADDRESS")
+    assert "cuda_calls='torch'" in str(error)
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is CudaError and str(again) == str(error)
+    # The first copy ran, the third was not tried, and the context was popped all the same.
+    assert dst[:10].tolist() == [1] * 10 and dst[10:].tolist() == [0] * 20
+    assert fake.pushes == fake.pops == 1
+
+
+def _progress_during(call: Any) -> int:
+    """How far a busy Python thread got while this thread made ``call``."""
+    count = [0]
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            count[0] += 1
+            time.sleep(0)   # lets this thread have the GIL back whenever it wants it
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)   # no forced switch: the GIL moves only where it is released
+    thread = threading.Thread(target=busy)
+    try:
+        thread.start()
+        while count[0] == 0:
+            time.sleep(0.001)
+        before = count[0]
+        call()
+        return count[0] - before
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+
+
+def test_queuing_keeps_the_gil_and_a_host_wait_releases_it(fake):
+    # What the driver calls are for: a reader that queues a copy does not give the GIL away
+    # (and wait to get it back); one that waits for the GPU lets the other threads run.
+    dst, src = torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)
+    fake.set("copy_ms", 200)
+    assert _progress_during(lambda: driver.copy_to_device(
+        0, 0, cuda.addresses(src, [(dst, 0, 0, 8)]))) == 0
+    fake.set("copy_ms", 0)
+    event = driver.Event(0, 0)
+    fake.set("sync_ms", 200)
+    assert _progress_during(event.synchronize) > 0
+
+
+def test_a_missing_driver_library_is_said_once_and_torch_calls_are_used(monkeypatch, caplog):
+    monkeypatch.setattr(driver, "_libs", None)
+    monkeypatch.setattr(driver, "_missing", None)
+    monkeypatch.setattr(cuda, "_driver_refused", False)
+    assert driver._load("libcuda-that-is-not-here.so.1") is None
+    assert "libcuda-that-is-not-here" in (driver.available() or "")
+    with pytest.raises(CudaError, match="cannot be used"):
+        driver.copy_to_device(0, 0, [])
+    with caplog.at_level("WARNING", logger="fastsafetensors.loader.cuda"):
+        assert cuda._driver_calls() is None and cuda._driver_calls() is None
+    assert [r.getMessage() for r in caplog.records if "cuda_calls" in r.getMessage()] == [
+        f'cuda_calls="driver": the CUDA driver library cannot be used ({driver.available()}); '
+        "queuing copies through torch"]
+
+
+class DriverHostSink:
+    """The CUDA sink's driver path (``addresses``, ``split_pieces``, driver copies and events)
+    with host memory as the device, on stream handle 7, the consumer's being 0."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []    # recorded on the copy streams
+        self.allocated = 0             # events recorded on the consumer's stream
+
+    def enter_thread(self) -> None:
+        pass
+
+    def alloc(self, info: TensorInfo) -> Any:
+        return torch.empty(info.nbytes, dtype=torch.uint8)
+
+    def staging(self, nbytes: int) -> tuple[Any, memoryview]:
+        raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+        skip = -raw.data_ptr() % DIRECT_ALIGN
+        buffer = raw[skip:skip + nbytes]
+        return buffer, buffer.numpy().data.cast("B")
+
+    def release_staging(self, buffer: Any) -> None:
+        pass
+
+    def alloc_event(self) -> Any:
+        self.allocated += 1
+        return driver.Event(0, 0)
+
+    def new_stream(self) -> int:
+        return 7
+
+    def stream_wait(self, stream: int, event: Any) -> None:
+        driver.stream_wait(0, stream, event)
+
+    def copy(self, stream: int, src: Any, pieces: list[Any]) -> None:
+        singles, runs = cuda.split_pieces(pieces)
+        driver.copy_to_device(0, stream, cuda.addresses(src, singles))
+        cuda.copy_runs(src, runs, torch.device("cpu"))
+
+    def record(self, stream: int) -> Any:
+        event = driver.Event(0, stream)
+        self.events.append(event)
+        return event
+
+    def host_wait(self, event: Any) -> None:
+        event.synchronize()
+
+    def consumer_wait(self, events: list[Any]) -> None:
+        for event in events:
+            driver.stream_wait(0, 0, event)
+
+    def finish(self, flat: Any, info: TensorInfo) -> Any:
+        dtype, shape = torch_dtype(info.dtype, info.name), torch_shape(info)
+        return torch.empty(shape, dtype=dtype) if flat is None else flat.view(dtype).view(shape)
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+@pytest.mark.parametrize("small_piece", [cuda.SMALL_PIECE, 64])
+def test_the_engine_through_driver_calls_equals_safetensors(fake, tmp_path, monkeypatch, io,
+                                                            small_piece):
+    # Real files through the engine: chunk offsets, O_DIRECT's skew and misaligned tensors
+    # become the addresses handed to the driver. With small_piece=64 almost every piece is
+    # copied on its own by the driver; with the default, runs of small ones go through torch.
+    monkeypatch.setattr(cuda, "SMALL_PIECE", small_piece)
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(n, 17, generator=g).to(dtype) for i, (n, dtype) in
+               enumerate([(1, torch.float32), (900, torch.bfloat16), (3, torch.float16),
+                          (2500, torch.float32), (0, torch.float32), (70, torch.int8)])}
+    first = tmp_path / "a.safetensors"
+    save_file(tensors, str(first))
+    entries, data, _ = misaligned_entries()
+    second = write_raw(tmp_path / "b.safetensors", entries, data)
+    sink = DriverHostSink()
+    options = StreamOptions(threads=3, staging_bytes=6 * 16384, io=io)
+    got = dict(stream_tensors([(str(first), None, None), (str(second), None, None)], sink,
+                              options))
+    want = {**st_load_file(str(first)), **st_load_file(str(second))}
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
+    assert fake.copies > 0 and fake.records == len(sink.events) + sink.allocated
+    assert fake.waits > 0 and fake.pushes == fake.pops
+    if small_piece == 64:
+        assert fake.copies > len(want)   # tensors split across chunks, copied by the driver
