@@ -85,7 +85,7 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 135 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only 'h2d_pinned|raw_reused_t(8|16)|direct_reused_t8|^fst_cuda(_direct|_buffered|_driver|_t16driver)?$|sketch_cuda_(prepinned|procs)|instanttensor_buffered' \
+    --only 'h2d_pinned|raw_reused_t(8|16)|direct_reused_t8|^fst_cuda(_direct|_buffered|_driver|_t16driver|_t16huge)?$|sketch_cuda_(prepinned|procs)|instanttensor_buffered' \
     --warm-only 'direct_reused|instanttensor|raw_reused_t16' \
     --deadline 100 --timeout 60 \
     --skip-many \

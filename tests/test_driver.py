@@ -189,6 +189,52 @@ def test_a_missing_driver_library_is_said_once_and_torch_calls_are_used(monkeypa
         "queuing copies through torch"]
 
 
+class _Stream:
+    """What the sink reads of a torch.cuda.Stream in driver mode: its handle."""
+
+    def __init__(self, handle: int):
+        self.cuda_stream = handle
+
+
+def test_the_cuda_sinks_driver_branches(fake, monkeypatch):
+    # TorchCudaSink itself, its torch parts (streams, the device) stood in for on the CPU:
+    # every event is the driver's, on the right stream and device, and a chunk whose pieces all
+    # go in runs (through torch) makes no driver call.
+    import contextlib
+
+    sink = object.__new__(cuda.TorchCudaSink)
+    sink.device, sink.index, sink.calls, sink.blocking = torch.device("cuda", 1), 1, driver, True
+    sink.consumer, sink._waited, sink._waited_on, sink._current = _Stream(3), {}, None, None
+    allocated = sink.alloc_event()
+    assert isinstance(allocated, driver.Event) and fake.last_stream == 3
+    assert fake.last_flags == driver.DISABLE_TIMING   # the host never waits on these
+    sink.stream_wait(_Stream(6), allocated)
+    assert fake.waits == 1 and fake.last_stream == 6 and fake.last_context == 0x1001
+
+    monkeypatch.setattr(cuda, "SMALL_PIECE", 8)
+    src = torch.arange(64, dtype=torch.uint8)
+    dst = torch.zeros(40, dtype=torch.uint8)
+    sink.copy(_Stream(7), src[4:], [(dst, 0, 0, 16), (dst, 16, 20, 24)])
+    assert torch.equal(dst, torch.cat([src[4:20], src[24:48]]))
+    assert fake.copies == 2 and fake.last_stream == 7
+    runs: list[Any] = []
+    monkeypatch.setattr(cuda, "copy_runs", lambda src, r, device: runs.extend(r))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    pushes = fake.pushes
+    small = [(dst, i, i, 2) for i in range(0, 8, 2)]   # four small pieces: one run
+    sink.copy(_Stream(7), src, small)
+    assert runs == [small] and fake.pushes == pushes and fake.copies == 2
+
+    staged = sink.record(_Stream(7))
+    assert fake.last_flags == driver.DISABLE_TIMING | driver.BLOCKING_SYNC
+    sink.host_wait(staged)
+    assert fake.syncs == 1
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sink.consumer)
+    sink.consumer_wait([staged, allocated])
+    sink.consumer_wait([staged])   # waited for already on this stream
+    assert fake.waits == 3 and fake.last_stream == 3
+
+
 class DriverHostSink:
     """The CUDA sink's driver path (``addresses``, ``split_pieces``, driver copies and events)
     with host memory as the device, on stream handle 7, the consumer's being 0."""

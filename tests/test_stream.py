@@ -618,6 +618,30 @@ def test_a_copy_that_fails_halfway_leaves_nothing_running(tmp_path):
     assert running == []
 
 
+def test_staging_whose_copies_cannot_be_waited_for_is_never_lent_again(tmp_path, monkeypatch,
+                                                                      caplog):
+    # After a CUDA error a reader cannot know whether the copies out of its staging still run:
+    # its buffers must not go back to an allocator that lends them to the next load (torch's
+    # pinned cache does not know of copies queued through the driver, cuda_calls="driver").
+    import fastsafetensors.loader.stream as stream_module
+
+    abandoned: list[Any] = []
+    monkeypatch.setattr(stream_module, "ABANDONED", abandoned)
+    tensors = {f"w{i}": torch.full((4096,), float(i)) for i in range(6)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+
+    class BrokenSink(FakeSink):
+        def host_wait(self, event):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    sink = BrokenSink(delay=0)
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError, match="illegal memory access"):
+        _run([str(path)], sink, threads=1)
+    assert sink.staged and sink.released == []
+    assert {id(buffer[0]) for buffer in abandoned} == {id(b) for b in sink.staged}
+
+
 def test_a_source_that_fails_to_close_does_not_hang_the_load(checkpoint):
     class Source:
         def __init__(self):

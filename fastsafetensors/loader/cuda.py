@@ -286,9 +286,11 @@ class TorchCudaSink:
             with torch.cuda.stream(stream):
                 copy_pieces(src, pieces, self.device)
             return
-        # src is staging or a registered file range: pinned, as driver copies need.
+        # src is staging or a registered file range: pinned, as driver copies need (from
+        # pageable memory a copy would run synchronously, the GIL held).
         singles, runs = split_pieces(pieces)
-        self.calls.copy_to_device(self.index, stream.cuda_stream, addresses(src, singles))
+        if singles:
+            self.calls.copy_to_device(self.index, stream.cuda_stream, addresses(src, singles))
         if runs:
             with torch.cuda.stream(stream):
                 copy_runs(src, runs, self.device)

@@ -3,11 +3,12 @@
 
 Each torch call that queues GPU work (``copy_``, ``Event.record``, ``Stream.wait_event``)
 releases Python's GIL around its driver call and takes it back after. A reader thread of the
-engine makes three of them per chunk besides its read; with 8 readers, a planner and a consumer
-in one process, taking the GIL back means waiting for the other threads' Python work, once per
-call. On the H100 machine the readers spent 0.3-0.5 thread-seconds per 8 GB load queuing copies
-(about 0.6-1 ms a chunk for calls that return in microseconds) and 1.4-1.6 with 16 readers,
-which points at that wait.
+engine makes several per chunk besides its read (a copy per piece, an event recorded, a stream
+wait); with 8 readers, a planner and a consumer in one process, taking the GIL back means
+waiting for the other threads' Python work, once per call. On the H100 machine the readers
+spent 0.3-0.5 thread-seconds per 8 GB load queuing copies (about 0.6-1.1 ms a chunk for calls
+that return in microseconds) and 1.4-1.6 with 16 readers, which points at that wait (or at the
+driver's own; docs/benchmarks.md, section 2).
 
 These calls queue work and return without waiting for it, so here they are made through
 ``ctypes.PyDLL``, which keeps the GIL for their few microseconds: no hand-over. Only
@@ -17,7 +18,11 @@ so it does not depend on what the calling thread made current, and a stream hand
 that device's default stream.
 
 Only pinned (page-locked or registered) host memory may be a copy's source: from pageable
-memory ``cuMemcpyHtoDAsync`` copies synchronously, and would hold the GIL meanwhile.
+memory ``cuMemcpyHtoDAsync`` copies synchronously, and would hold the GIL meanwhile. The risk
+that stays: CUDA says any call may block on the driver's own resources (another thread inside
+``cudaMalloc``, ``cudaFree`` or ``cuMemHostRegister``, a full command queue), and such a wait
+here holds every Python thread of the process. No deadlock follows (nothing holds a driver lock
+while it waits for the GIL), but it is why this is opt-in until a GPU run measures it.
 """
 
 from __future__ import annotations
@@ -159,11 +164,12 @@ class Event:
     """A CUDA event (no timing), recorded on a stream when made. ``blocking``: a host wait
     sleeps instead of spinning."""
 
-    __slots__ = ("device", "handle", "__weakref__")
+    __slots__ = ("device", "handle", "pid", "__weakref__")
 
     def __init__(self, device: int, stream: int, *, blocking: bool = False):
         self.device = device
         self.handle: ctypes.c_void_p | None = None
+        self.pid = os.getpid()
         flags = DISABLE_TIMING | (BLOCKING_SYNC if blocking else 0)
         with _Pushed(device) as held:
             handle = ctypes.c_void_p()
@@ -178,10 +184,11 @@ class Event:
             _check(released.cuEventSynchronize(self.handle), "cuEventSynchronize")
 
     def __del__(self) -> None:
-        # The driver frees a destroyed event's resources once its work completed. At
-        # interpreter exit, or in a forked child (whose handles mean nothing), errors are moot.
+        # The driver frees a destroyed event's resources once its work completed. A forked
+        # child inherits the object but not the driver's state: it must not call the driver.
+        # At interpreter exit, errors are moot.
         handle, self.handle = self.handle, None
-        if handle is None:
+        if handle is None or self.pid != os.getpid():
             return
         try:
             with _Pushed(self.device) as held:

@@ -84,6 +84,8 @@ class PhaseStats:
 
 
 PHASES = PhaseStats()
+#: Staging whose copies could not be waited for (a CUDA error): held until the process ends.
+ABANDONED: list[Any] = []
 
 #: torch's CUDA caching allocator hands out multiples of 512 bytes.
 ALLOC_GRANULE = 512
@@ -132,7 +134,8 @@ class Sink(Protocol):
     def copy(self, stream: Any, src: Any, pieces: list[tuple[Any, int, int, int]]) -> None:
         """Queue ``dst[dst_offset:+length] = src[src_offset:+length]`` on ``stream`` for each
         ``(dst, dst_offset, src_offset, length)`` of ``pieces`` (one call per chunk: switching
-        streams costs more than a small copy)."""
+        streams costs more than a small copy). ``src`` is always a buffer of ``staging`` or a
+        ``host_source``: pinned memory, which a device sink may copy from asynchronously."""
 
     def record(self, stream: Any) -> Any:
         """An event completed once everything queued on ``stream`` so far has run."""
@@ -485,11 +488,18 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             # halfway left earlier pieces queued with no event of their own: wait for the
             # whole stream.
             t0 = clock()
-            if stream is not None:
-                sink.host_wait(sink.record(stream))
-            for event in pending:
-                if event is not None:
-                    sink.host_wait(event)
+            try:
+                if stream is not None:
+                    sink.host_wait(sink.record(stream))
+                for event in pending:
+                    if event is not None:
+                        sink.host_wait(event)
+            except BaseException:
+                # Copies out of these buffers may still run (a CUDA error): kept for the
+                # process, never handed back to an allocator that would lend them again (torch's
+                # pinned cache knows nothing of copies queued through the driver).
+                ABANDONED.extend(buffer for buffer in buffers if buffer is not None)
+                raise
             spent["reader: wait for its last copies"] += clock() - t0
             PHASES.add(spent)
             while sources:   # their copies completed: the whole stream was waited for

@@ -58,26 +58,46 @@ def slow_copies(monkeypatch):
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "copy", late)
 
 
+class DriverCounts:
+    """What went through loader/driver.py in a test: pieces copied, events made (and with
+    which blocking flag)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.copies = 0
+        self.blocking: list[bool] = []
+
+
 @pytest.fixture(params=["torch", "driver"])
 def cuda_calls(request, monkeypatch):
     """Both ways of queuing the readers' copies, events and stream waits (loader/driver.py).
-    With the driver's, the test fails unless the driver really made copies."""
+    With the driver's, the test fails unless its events were the driver's; the counts tell a
+    test what else went through the driver."""
     from fastsafetensors.loader import driver
 
     monkeypatch.setenv("FASTSAFETENSORS_CUDA_CALLS", request.param)
-    copies = [0]
+    counts = DriverCounts(request.param)
     if request.param == "driver":
         assert driver.available() is None, driver.available()
         queue = driver.copy_to_device
 
         def counted(device, stream, pieces):
-            copies[0] += 1
+            pieces = list(pieces)
+            counts.copies += len(pieces)
             queue(device, stream, pieces)
 
+        class Event(driver.Event):
+            __slots__ = ()
+
+            def __init__(self, device, stream, *, blocking=False):
+                counts.blocking.append(blocking)
+                super().__init__(device, stream, blocking=blocking)
+
         monkeypatch.setattr(driver, "copy_to_device", counted)
-    yield request.param
+        monkeypatch.setattr(driver, "Event", Event)
+    yield counts
     if request.param == "driver":
-        assert copies[0] > 0, "no copy went through the driver"
+        assert counts.blocking, "no event went through the driver"
 
 
 @pytest.fixture
@@ -138,7 +158,7 @@ def test_staging_on_registered_huge_pages_is_kept_and_gives_the_same_data(every_
 
 @pytest.mark.parametrize("budget", [None, 6 << 20])
 def test_cached_chunks_copied_straight_from_the_page_cache_give_the_same_data(
-        tmp_path, monkeypatch, slow_copies, budget):
+        tmp_path, monkeypatch, slow_copies, budget, cuda_calls):
     # mapped_readers: chunks in the page cache (this file, just written) are copied from a
     # registered read-only mapping of the file, no staging. Odd sizes put tensor ends inside
     # pages; a budget ends chunks at tensor ends (two chunks may then share a page, and the
@@ -190,6 +210,20 @@ def test_single_tensor_reads_go_to_the_device(every_dtype, monkeypatch, streamed
         assert torch.equal(_bytes(t), _bytes(st_load_file(every_dtype)["t_float32"]))
 
 
+def test_large_pieces_through_driver_copies_bit_for_bit(every_dtype, monkeypatch, cuda_calls):
+    # Pieces of 1 MiB or more are copied one by one, through the driver with
+    # cuda_calls="driver"; the smaller ones in runs, through torch. Here every piece counts as
+    # large, so every one of every dtype goes through the driver.
+    monkeypatch.setattr(cuda_loader, "SMALL_PIECE", 1)
+    with fastsafetensors.configure(backend="posix", threads=2, staging_bytes=1 << 20):
+        got = fastsafetensors.load_file(every_dtype, device="cuda:0")
+    want = st_load_file(every_dtype)
+    for name, tensor in want.items():
+        assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
+    if cuda_calls.mode == "driver":
+        assert cuda_calls.copies >= sum(1 for t in want.values() if t.numel())
+
+
 def test_many_tensors_and_misaligned(tmp_path, cuda_calls):
     many = {f"t{i}": torch.full((3,), float(i)) for i in range(20_000)}
     path = tmp_path / "many.safetensors"
@@ -210,7 +244,8 @@ def test_many_tensors_and_misaligned(tmp_path, cuda_calls):
     assert got["b"].cpu().tolist() == [1.0, 2.0, 3.0]
 
 
-def test_blocking_event_waits_give_the_same_data(tmp_path, monkeypatch, slow_copies):
+def test_blocking_event_waits_give_the_same_data(tmp_path, monkeypatch, slow_copies,
+                                                 cuda_calls):
     """event_wait="block": staging events take the blocking flag, the data stays exact."""
     tensors = {f"w{i}": torch.randn(512, 1024) for i in range(16)}  # 2 MiB each
     path = tmp_path / "block.safetensors"
@@ -227,7 +262,7 @@ def test_blocking_event_waits_give_the_same_data(tmp_path, monkeypatch, slow_cop
     # 2 threads with 1 MiB of staging each: every buffer is reused, so readers wait on events.
     with fastsafetensors.configure(event_wait="block", threads=2, staging_bytes=4 << 20):
         got = fastsafetensors.load([str(path)], device="cuda:0", backend="posix")
-    assert any(flags), "no staging event was created with blocking=True"
+    assert any(flags + cuda_calls.blocking), "no staging event was created with blocking=True"
     assert all(torch.equal(got[k].cpu(), v) for k, v in tensors.items())
 
 
