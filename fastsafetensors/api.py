@@ -12,6 +12,7 @@ from typing import Any
 from .file import FastSafetensorsFile
 from .format import TensorInfo, header_from_bytes
 from .frameworks import get_framework, resolve_device
+from .gcpause import paused
 from .loader.cpu import FileJob, close_job, load_host, open_job, tensors_from_buffer
 from .loader.plan import Extent
 
@@ -31,11 +32,12 @@ def load_file(path: str | os.PathLike[str], *, device: str = "cpu", framework: s
         from .loading import load
 
         return load([path], device=target, framework=framework, threads=threads, io=io)
-    job = open_job(path)
-    try:
-        (tensors,) = load_host([job], fw, threads=threads, io=io)
-    finally:
-        close_job(job)
+    with paused():   # gcpause.py: a whole result, many objects that live on
+        job = open_job(path)
+        try:
+            (tensors,) = load_host([job], fw, threads=threads, io=io)
+        finally:
+            close_job(job)
     return tensors
 
 

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .format import DTYPES, Header, TensorInfo, read_header
 from .frameworks import FRAMEWORKS, get_framework, resolve_device
+from .gcpause import paused
 
 __all__ = ["ProcessGroupLike", "SingleGroup", "SafeTensorsFileLoader", "FilesBufferOnDevice"]
 
@@ -408,6 +409,10 @@ class SafeTensorsFileLoader:
         """The tensors of ``paths`` (only ``names``, when given) onto this loader's device."""
         if not paths:
             return {}
+        with paused():   # gcpause.py: a whole result, many objects that live on
+            return self._read_all(paths, names)
+
+    def _read_all(self, paths: list[str], names: list[str] | None) -> dict[str, Any]:
         if self.device != "cpu":
             from .loading import iter_tensors
 

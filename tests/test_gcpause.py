@@ -1,0 +1,135 @@
+"""Loads that return a whole result run without automatic cyclic garbage collection
+(fastsafetensors/gcpause.py): counted with gc.callbacks, not timed."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import many_tensors, write_file
+
+import fastsafetensors
+from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+from fastsafetensors.gcpause import paused
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("gcpause") / "many.safetensors"
+    write_file(path, many_tensors(5_000))
+    return str(path)
+
+
+@pytest.fixture
+def collector_seen(monkeypatch) -> Iterator[list[bool]]:
+    """Whether the collector was on each time a load turned a file's buffer into tensors (on
+    the caller's thread, in the middle of the load). The collector is on for the test."""
+    from fastsafetensors.loader import cpu
+
+    seen: list[bool] = []
+    build = cpu.tensors_from_buffer
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "tensors_from_buffer", recorded)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        yield seen
+    finally:
+        if not was:
+            gc.disable()
+
+
+def _copy_files_to_device(path: str) -> dict[str, Any]:
+    loader = SafeTensorsFileLoader(SingleGroup(), torch.device("cpu"))
+    loader.add_filenames({0: [path]})
+    try:
+        buffer = loader.copy_files_to_device()
+        return {name: buffer.get_tensor(name) for name in buffer.key_to_rank_lidx}
+    finally:
+        loader.close()
+
+
+LOADS: dict[str, Callable[[str], Any]] = {
+    "load_file": fastsafetensors.load_file,
+    "load": fastsafetensors.load,
+    "copy_files_to_device": _copy_files_to_device,
+}
+
+
+@pytest.mark.parametrize("how", LOADS)
+def test_a_whole_load_pauses_the_collector_and_turns_it_back_on(many, collector_seen, how):
+    got = LOADS[how](many)
+    assert len(got) == 5_000
+    assert collector_seen == [False] and gc.isenabled()
+    # A stream of tensors (iter_tensors) hands control to its caller between two tensors, so
+    # it leaves the collector alone.
+    streamed = dict(fastsafetensors.iter_tensors(many))
+    assert len(streamed) == 5_000 and collector_seen == [False, True]
+
+
+def test_a_paused_load_runs_no_collection(many):
+    # What the pause is for: no (full) collection while the load's objects pile up. The one
+    # collection due by then may run once the load has returned.
+    generations: list[tuple[int, bool]] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append((info["generation"], inside))
+
+    inside = False
+    gc.callbacks.append(count)
+    try:
+        with paused():
+            inside = True
+            fastsafetensors.load_file(many)
+            inside = False
+    finally:
+        gc.callbacks.remove(count)
+    assert [g for g in generations if g[1]] == []
+
+
+def test_a_collector_the_caller_disabled_stays_disabled(many):
+    gc.disable()
+    try:
+        fastsafetensors.load_file(many)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_overlapping_loads_enable_the_collector_when_the_last_ends():
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def second() -> None:
+        with paused():
+            second_in.set()
+            first_out.wait(5)
+            seen.append(gc.isenabled())   # the first load ended: still paused for this one
+
+    thread = threading.Thread(target=second)
+    with paused():
+        first_in.set()
+        thread.start()
+        second_in.wait(5)
+    first_out.set()
+    thread.join()
+    assert seen == [False] and gc.isenabled()
+
+
+def test_a_failed_load_enables_the_collector_again(tmp_path: Path):
+    path = tmp_path / "cut.safetensors"
+    write_file(path, {"w": torch.ones(1000)})
+    path.write_bytes(path.read_bytes()[:-100])   # the data ends early
+    with pytest.raises(fastsafetensors.HeaderError):
+        fastsafetensors.load_file(str(path))
+    assert gc.isenabled()
