@@ -21,11 +21,11 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from fastsafetensors import CudaError
-from fastsafetensors.format import TensorInfo
-from fastsafetensors.frameworks.torch import torch_dtype, torch_shape
 from fastsafetensors.loader import cuda, driver
-from fastsafetensors.loader.posix import DIRECT_ALIGN
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_engine_overhead import HostSink  # noqa: E402
 
 SOURCE = Path(__file__).with_name("fake_libcuda.c")
 
@@ -164,6 +164,8 @@ def _progress_during(call: Any) -> int:
 def test_queuing_keeps_the_gil_and_a_host_wait_releases_it(fake):
     # What the driver calls are for: a reader that queues a copy does not give the GIL away
     # (and wait to get it back); one that waits for the GPU lets the other threads run.
+    if not getattr(sys, "_is_gil_enabled", lambda: True)():
+        pytest.skip("free-threaded Python: there is no GIL to keep or release")
     dst, src = torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)
     fake.set("copy_ms", 200)
     assert _progress_during(lambda: driver.copy_to_device(
@@ -235,28 +237,14 @@ def test_the_cuda_sinks_driver_branches(fake, monkeypatch):
     assert fake.waits == 3 and fake.last_stream == 3
 
 
-class DriverHostSink:
+class DriverHostSink(HostSink):
     """The CUDA sink's driver path (``addresses``, ``split_pieces``, driver copies and events)
-    with host memory as the device, on stream handle 7, the consumer's being 0."""
+    with host memory as the device (the benchmarks' host sink), on stream handle 7, the
+    consumer's being 0."""
 
     def __init__(self) -> None:
         self.events: list[Any] = []    # recorded on the copy streams
         self.allocated = 0             # events recorded on the consumer's stream
-
-    def enter_thread(self) -> None:
-        pass
-
-    def alloc(self, info: TensorInfo) -> Any:
-        return torch.empty(info.nbytes, dtype=torch.uint8)
-
-    def staging(self, nbytes: int) -> tuple[Any, memoryview]:
-        raw = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
-        skip = -raw.data_ptr() % DIRECT_ALIGN
-        buffer = raw[skip:skip + nbytes]
-        return buffer, buffer.numpy().data.cast("B")
-
-    def release_staging(self, buffer: Any) -> None:
-        pass
 
     def alloc_event(self) -> Any:
         self.allocated += 1
@@ -284,10 +272,6 @@ class DriverHostSink:
     def consumer_wait(self, events: list[Any]) -> None:
         for event in events:
             driver.stream_wait(0, 0, event)
-
-    def finish(self, flat: Any, info: TensorInfo) -> Any:
-        dtype, shape = torch_dtype(info.dtype, info.name), torch_shape(info)
-        return torch.empty(shape, dtype=dtype) if flat is None else flat.view(dtype).view(shape)
 
 
 @pytest.mark.parametrize("io", ["buffered", "direct"])
