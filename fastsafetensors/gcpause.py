@@ -11,8 +11,9 @@ reference cycles wait, and a load makes almost none (9-27 objects a load there).
 
 Streams handed to the caller (``iter_tensors``) do not pause it: the caller's own code runs
 between two tensors, for as long as it likes. (A ``load`` of a Hub repo id keeps it paused
-while it waits for its downloads too: cycles made meanwhile wait for them.) Loads that overlap share one pause: the collector
-is enabled again when the last of them returns, if it was enabled when the first began.
+while it waits for its downloads too: cycles made meanwhile wait for them.) Loads that overlap
+share one pause: the collector is enabled again when the last of them returns, if it was
+enabled when the first began.
 """
 
 from __future__ import annotations
