@@ -5,9 +5,11 @@ itself), and most of them live on. Python's collector (before 3.14's incremental
 full collection each time the objects that survived since the last one reach a quarter of all
 tracked objects, and a process with torch imported tracks some 170,000: on the 2-core CPU VM a
 load of 20,000 tensors ran three full collections, 0.32 s of its 0.89 s. The calls that return
-a whole result (``load``, ``load_file``, upstream's ``copy_files_to_device``) therefore pause
-the collector until they return. Reference counting frees memory as usual meanwhile; only
-reference cycles wait, and a load makes almost none (9-27 objects a load there).
+a whole result (``load``, ``load_file``, upstream's ``copy_files_to_device``, and so
+accelerate's ``safe_load_file`` and each batch ``ParallelLoader`` reads on its own thread for
+vLLM) therefore pause the collector until they return. Reference counting frees memory as
+usual meanwhile; only reference cycles wait, and a load makes almost none (9-27 objects a load
+there).
 
 Streams handed to the caller (``iter_tensors``) do not pause it: the caller's own code runs
 between two tensors, for as long as it likes. (A ``load`` of a Hub repo id keeps it paused
