@@ -155,6 +155,9 @@ def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
 
     >>> state = fastsafetensors.load("org/model", device="cuda:0")   # doctest: +SKIP
     """
+    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+        # A Hub repo id: the load may wait for downloads, too long to pause the collector.
+        return dict(iter_tensors(source, device=device, dtype=dtype, **options))
     with paused():   # gcpause.py: full collections would cost a third of a 20,000-tensor load
         return dict(iter_tensors(source, device=device, dtype=dtype, **options))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 from hub_server import hub_server  # noqa: F401,E402
+
+
+@pytest.fixture(autouse=True)
+def _collector_left_on() -> Any:
+    """Every test leaves Python's garbage collector as it found it, on and with no pause of
+    fastsafetensors/gcpause.py open: a broken pause would otherwise turn it off for all the
+    tests after, silently."""
+    import gc
+
+    from fastsafetensors import gcpause
+
+    yield
+    left = (gc.isenabled(), gcpause._depth)
+    if left != (True, 0):
+        gcpause._depth = 0
+        gc.enable()
+        pytest.fail(f"the test left the garbage collector {'on' if left[0] else 'off'} with "
+                    f"{left[1]} pause(s) open; it must leave it on with none")

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,25 +78,54 @@ def test_a_whole_load_pauses_the_collector_and_turns_it_back_on(many, collector_
     assert len(streamed) == 5_000 and collector_seen == [False, True]
 
 
-def test_a_paused_load_runs_no_collection(many):
-    # What the pause is for: no (full) collection while the load's objects pile up. The one
-    # collection due by then may run once the load has returned.
-    generations: list[tuple[int, bool]] = []
+def test_a_hub_repo_id_loads_without_pausing(monkeypatch, many):
+    # Its load may wait for downloads: the process would run without collections meanwhile.
+    import fastsafetensors.loading as loading
 
-    def count(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            generations.append((info["generation"], inside))
+    seen: list[bool] = []
 
-    inside = False
-    gc.callbacks.append(count)
-    try:
+    def recorded(source: Any, **options: Any) -> Iterator[tuple[str, Any]]:
+        seen.append(gc.isenabled())
+        return iter([])
+
+    monkeypatch.setattr(loading, "iter_tensors", recorded)
+    assert fastsafetensors.load("org/model") == {}
+    assert fastsafetensors.load(many) == {}   # a local file: paused
+    assert seen == [True, False]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_another_threads_pause_gets_the_collector_back():
+    # The thread holding the pause is not in the child, so nothing there would ever end it.
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
         with paused():
-            inside = True
-            fastsafetensors.load_file(many)
-            inside = False
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    inside.wait(10)
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # fork() with threads running
+        pid = os.fork()
+    if pid == 0:   # the child: report, then leave without running pytest's teardown
+        ok = gc.isenabled()
+        with paused():
+            ok = ok and not gc.isenabled()
+        os.write(write, b"1" if ok and gc.isenabled() else b"0")
+        os._exit(0)
+    os.close(write)
+    try:
+        answer = os.read(read, 1)
     finally:
-        gc.callbacks.remove(count)
-    assert [g for g in generations if g[1]] == []
+        os.close(read)
+        os.waitpid(pid, 0)
+        release.set()
+        holder.join()
+    assert answer == b"1"
 
 
 def test_a_collector_the_caller_disabled_stays_disabled(many):
