@@ -9,6 +9,7 @@ streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
@@ -155,10 +156,10 @@ def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
 
     >>> state = fastsafetensors.load("org/model", device="cuda:0")   # doctest: +SKIP
     """
-    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
-        # A Hub repo id: the load may wait for downloads, too long to pause the collector.
-        return dict(iter_tensors(source, device=device, dtype=dtype, **options))
-    with paused():   # gcpause.py: full collections would cost a third of a 20,000-tensor load
+    # gcpause.py: full collections would cost a third of a 20,000-tensor load. Not for a Hub
+    # repo id, whose load may wait for downloads, too long to pause the collector.
+    hub = isinstance(source, (str, os.PathLike)) and not os.path.exists(source)
+    with contextlib.nullcontext() if hub else paused():
         return dict(iter_tensors(source, device=device, dtype=dtype, **options))
 
 

@@ -133,6 +133,9 @@ def copy_runs(src: torch.Tensor, runs: list[list[Piece]], device: torch.device) 
         torch._foreach_copy_(dsts, [parts[i] for i in keep], non_blocking=True)
 
 
+_driver_refused = False   # said once: the driver library cannot be loaded here
+
+
 def _driver_calls() -> Any:
     """loader/driver.py where the CUDA driver library can be used, else None (torch's calls),
     said once in the log."""
@@ -147,9 +150,6 @@ def _driver_calls() -> Any:
         logger.warning("cuda_calls=\"driver\": the CUDA driver library cannot be used (%s); "
                        "queuing copies through torch", why)
     return None
-
-
-_driver_refused = False
 
 
 class TorchCudaSink:
