@@ -5,7 +5,9 @@ caller's generator; each tensor costs Python work in all three (allocation, chun
 completion, hand-over). This runs the engine over one warm file of many small tensors with a
 host-memory sink whose copies are plain synchronous memcpys, so what is timed is the engine's
 own overhead plus those copies: the floor under a GPU load of the same file, where each tensor
-also costs a device allocation, a copy launch and event calls.
+also costs a device allocation, a copy launch and event calls. Two sinks, loads interleaved:
+one that takes runs of small tensors in one allocation (``finisher``, as the CUDA sink does
+with ``small_tensor_groups="on"``), and one that allocates each tensor alone.
 
     python benchmarks/bench_engine_overhead.py --tensors 20000 --threads 1 2 8
 """
@@ -25,8 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
+from fastsafetensors import gcpause  # noqa: E402
 from fastsafetensors.format import TensorInfo  # noqa: E402
-from fastsafetensors.frameworks.torch import torch_dtype, torch_shape  # noqa: E402
+from fastsafetensors.frameworks.torch import TORCH, torch_dtype, torch_shape  # noqa: E402
 from fastsafetensors.loader.cuda import copy_pieces  # noqa: E402
 from fastsafetensors.loader.posix import DIRECT_ALIGN  # noqa: E402
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa: E402
@@ -78,6 +81,13 @@ class HostSink:
         return flat.view(dtype).view(shape)
 
 
+class GroupingHostSink(HostSink):
+    """HostSink that takes runs of small tensors in one allocation, as the CUDA sink does."""
+
+    def finisher(self, block: Any) -> Any:
+        return TORCH.viewer(block)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tensors", type=int, default=20_000)
@@ -92,23 +102,31 @@ def main() -> None:
     C.warm([str(path)])
     print(f"{info['count']} tensors, {info['tensor_bytes'] / 1e6:.0f} MB, warm; median of "
           f"{args.repeat}")
+    # Interleaved, one load of each sink in turn, with the garbage collector paused as load()
+    # and load_file() pause it.
+    sinks = {"grouped (small_tensor_groups=on)": GroupingHostSink, "one allocation each": HostSink}
     for threads in args.threads:
-        times, cpu = [], []
+        times: dict[str, list[float]] = {name: [] for name in sinks}
+        cpu: dict[str, list[float]] = {name: [] for name in sinks}
         for _ in range(args.repeat):
-            cpu0 = os.times()
-            started = time.perf_counter()
-            count = sum(1 for _ in stream_tensors([(str(path), None, None)], HostSink(),
-                                                  StreamOptions(threads=threads,
-                                                                staging_bytes=256 << 20)))
-            times.append(time.perf_counter() - started)
-            cpu1 = os.times()
-            cpu.append(cpu1.user - cpu0.user + cpu1.system - cpu0.system)
-        assert count == info["count"]
-        median = statistics.median(times)
-        # CPU time of all threads moves much less than wall time on a shared machine.
-        print(f"  threads={threads:<3} {median * 1e3:7.0f} ms  "
-              f"{median / count * 1e6:5.1f} us per tensor, CPU "
-              f"{statistics.median(cpu) / count * 1e6:5.1f} us per tensor")
+            for name, sink in sinks.items():
+                with gcpause.paused():
+                    cpu0 = os.times()
+                    started = time.perf_counter()
+                    count = sum(1 for _ in stream_tensors(
+                        [(str(path), None, None)], sink(),
+                        StreamOptions(threads=threads, staging_bytes=256 << 20,
+                                      small_tensor_groups=True)))
+                    times[name].append(time.perf_counter() - started)
+                    cpu1 = os.times()
+                cpu[name].append(cpu1.user - cpu0.user + cpu1.system - cpu0.system)
+                assert count == info["count"]
+        for name in sinks:
+            median = statistics.median(times[name])
+            # CPU time of all threads moves much less than wall time on a shared machine.
+            print(f"  threads={threads:<3} {median * 1e3:7.0f} ms  "
+                  f"{median / count * 1e6:5.1f} us per tensor, CPU "
+                  f"{statistics.median(cpu[name]) / count * 1e6:5.1f} us per tensor  {name}")
 
 
 if __name__ == "__main__":

@@ -191,7 +191,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     options = StreamOptions(threads=config.device_threads(threads),
                             staging_bytes=config.get("staging_bytes", staging_bytes),
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes),
-                            mapped_readers=config.get("mapped_readers"))
+                            mapped_readers=config.get("mapped_readers"),
+                            small_tensor_groups=config.get("small_tensor_groups") == "on")
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
                          huge_pages=config.get("huge_pages") != "off",
                          driver=config.get("cuda_calls") == "driver")

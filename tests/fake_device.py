@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fastsafetensors.format import TensorInfo
-from fastsafetensors.frameworks.torch import torch_dtype, torch_shape
+from fastsafetensors.frameworks.torch import TORCH, torch_dtype, torch_shape
 from fastsafetensors.loader.stream import device_bytes
 
 
@@ -190,6 +190,35 @@ class FakeSink:
     def close(self) -> None:
         for stream in self.streams:
             stream.shutdown(wait=True)
+
+
+class GroupingFakeSink(FakeSink):
+    """FakeSink that takes runs of small tensors in one allocation (``Sink.finisher``), as the
+    CUDA sink does."""
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.groups: list[list[int]] = []   # [bytes, tensors handed over] of each group
+        self.waits = 0                      # consumer_wait calls
+
+    def consumer_wait(self, events: list[Future[None]]) -> None:
+        self.waits += 1
+        super().consumer_wait(events)
+
+    def finisher(self, block: torch.Tensor) -> Any:
+        with self.lock:  # as finish(): every copy into the group ordered after its allocation
+            self._check_ordered(block, max(self.host_ordered, *self.ordered.values(), 0))
+        view = TORCH.viewer(block)
+        group = [block.numel(), 0]
+        self.groups.append(group)
+
+        def finish(offset: int, info: TensorInfo) -> torch.Tensor:
+            if offset < 0 or offset + info.nbytes > block.numel():
+                raise AssertionError(f"{info.name} at {offset} runs past its group")
+            group[1] += 1
+            return view(offset, info)
+
+        return finish
 
 
 def as_bytes(t: Any) -> torch.Tensor:

@@ -25,12 +25,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..format import TensorInfo
-from ..frameworks.torch import torch_dtype, torch_shape
+from ..frameworks.torch import TORCH, torch_dtype, torch_shape
 from . import hostpool
 from .posix import DIRECT_ALIGN
 
@@ -335,6 +336,23 @@ class TorchCudaSink:
             # the allocation stream, so without this it could reuse the memory too early.
             flat.record_stream(current)
         return flat.view(dtype).view(shape)
+
+    def finisher(self, block: torch.Tensor) -> Callable[[int, TensorInfo], torch.Tensor]:
+        """Tensors of a group (stream.py): one ``as_strided`` each on a typed view of the
+        group's memory."""
+        view = TORCH.viewer(block)
+
+        def finish(offset: int, info: TensorInfo) -> torch.Tensor:
+            current, self._current = self._current, None
+            if current is None:
+                current = torch.cuda.current_stream(self.device)
+            if current != self.consumer:
+                # As in finish(): the memory must not be handed out again under the
+                # consumer's new stream's work (recorded for the whole group).
+                block.record_stream(current)
+            return view(offset, info)
+
+        return finish
 
     @staticmethod
     def pinned(nbytes: int) -> tuple[torch.Tensor, memoryview]:

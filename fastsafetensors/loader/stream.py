@@ -18,6 +18,10 @@ With ``mapped_readers`` (off by default) the first readers copy a chunk that is 
 page cache straight from a read-only mapping of the file, registered with the device for the
 length of its copies, instead of reading it into staging.
 
+With ``small_tensor_groups`` (off by default) the planner gives a run of small tensors adjacent
+in the file one allocation (a group, at most ``GROUP_BYTES``), and the caller hands each over as
+a view of it: fewer torch calls per tensor, each of which gives the GIL away.
+
 No whole-shard device buffer exists: the device holds the tensors themselves and nothing else.
 Device work goes through a :class:`Sink`, so the pipeline is tested on the CPU with a fake
 asynchronous device (tests/test_stream.py) and runs on CUDA with ``cuda.TorchCudaSink``.
@@ -33,7 +37,7 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -149,6 +153,12 @@ class Sink(Protocol):
     def finish(self, flat: Any, info: TensorInfo) -> Any:
         """The flat storage viewed with the tensor's dtype and shape."""
 
+    def finisher(self, block: Any) -> Callable[[int, TensorInfo], Any]:
+        """Optional; a sink that has it gets runs of small tensors in one allocation (a group:
+        ``alloc`` of the run's span). Returns ``finish(offset, info)``: the tensor at byte
+        ``offset`` of ``block`` viewed with its dtype and shape, called once per tensor of the
+        group, in file order, each right after a ``consumer_wait``."""
+
 
 @dataclass(frozen=True)
 class StreamOptions:
@@ -160,6 +170,9 @@ class StreamOptions:
     #: Readers (the first ones) that copy chunks already in the page cache straight from a
     #: mapping of the file (io="auto", a sink with ``host_source``); the others stage them.
     mapped_readers: int = 0
+    #: Runs of small tensors in one allocation, where the sink can finish them from it
+    #: (``Sink.finisher``) and no memory budget is set.
+    small_tensor_groups: bool = False
 
     @property
     def buffer_bytes(self) -> int:
@@ -181,6 +194,19 @@ class StreamOptions:
 UNCOUNTED = 1 << 62
 
 
+#: Tensors smaller than this, adjacent in the file, share one allocation (a group) with
+#: ``small_tensor_groups``, where the sink can finish them from it (``Sink.finisher``) and no
+#: memory budget is set: one allocation and one copy per group, and one torch call per tensor
+#: to view it (``as_strided`` on a typed view of the group), in place of an allocation, a share
+#: of a batched copy and three calls to view it. Each of those calls releases the GIL and must
+#: take it back behind the engine's other threads: on the 2-core VM two threads making such
+#: calls at once took 1.8-2.4x as long as one thread making them all, 1.0x with both on one
+#: core (benchmarks/probe_gil_handoff.py).
+GROUP_MEMBER = 1 << 20
+#: The largest group: its memory is freed only once every tensor of it is.
+GROUP_BYTES = 8 << 20
+
+
 @dataclass(slots=True)
 class _Tensor:
     info: TensorInfo
@@ -189,6 +215,8 @@ class _Tensor:
     # planner is still counting).
     pieces: int = UNCOUNTED
     events: list[Any] = field(default_factory=list)
+    # A group: its tensors and their byte offsets in ``flat`` (``info`` then names the span).
+    members: list[tuple[TensorInfo, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -536,13 +564,26 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if errors:
                     raise errors[0]
                 t1 = clock()
+                consumer["caller: wait for a tensor's reads"] += t1 - t0
+                if item.members is not None:
+                    finish = sink.finisher(item.flat)
+                    item.flat = None
+                    for info, offset in item.members:
+                        t1 = clock()
+                        # Again for each: the consumer may switch streams between them.
+                        sink.consumer_wait(item.events)
+                        tensor = finish(offset, info)
+                        count += 1
+                        consumer["caller: hand a tensor over"] += clock() - t1
+                        yield info.name, tensor
+                        del tensor
+                    del finish
+                    continue
                 sink.consumer_wait(item.events)
                 tensor = sink.finish(item.flat, item.info)
                 item.flat = None
                 count += 1
-                t2 = clock()
-                consumer["caller: wait for a tensor's reads"] += t1 - t0
-                consumer["caller: hand a tensor over"] += t2 - t1
+                consumer["caller: hand a tensor over"] += clock() - t1
                 yield item.info.name, tensor
                 # Counted until the consumer asks for the next one: released at the yield,
                 # the next tensor could be allocated while the consumer still held this one
@@ -704,11 +745,26 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
 
     bounded = budget.limit is not None
     paged = f.mapped
+    # Under a budget every tensor is counted and released on its own.
+    grouping = (options.small_tensor_groups and not bounded
+                and getattr(sink, "finisher", None) is not None)
+    i = 0
     try:
-        for info in infos:
+        while i < len(infos):
+            info = infos[i]
+            i += 1
             if cancelled.is_set():
                 return
             begin, end = info.data_offsets
+            members = None
+            if grouping and 0 < end - begin < GROUP_MEMBER:
+                last = _group_end(infos, i - 1)
+                if last > i:
+                    members = [(m, m.data_offsets[0] - begin) for m in infos[i - 1:last]]
+                    end = infos[last - 1].data_offsets[1]
+                    info = TensorInfo(f"{info.name} and the {last - i} tensors after it",
+                                      "U8", (end - begin,), (begin, end))
+                    i = last
             nbytes = end - begin
             t0 = clock()
             if bounded:
@@ -719,7 +775,7 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                 if not budget.acquire(footprint):
                     return
             t1 = clock()
-            t = _Tensor(info, sink.alloc(info) if nbytes else None)
+            t = _Tensor(info, sink.alloc(info) if nbytes else None, members=members)
             spent["planner: wait for budget"] += t1 - t0
             spent["planner: allocate"] += clock() - t1
             start = header.data_start + begin
@@ -749,6 +805,23 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
         flush()
     finally:
         PHASES.add(spent)
+
+
+def _group_end(infos: list[TensorInfo], first: int) -> int:
+    """The index past the last tensor of the group that starts at ``infos[first]`` (a small
+    one): the tensors after it that are small, adjacent in the file, fit in GROUP_BYTES with
+    it, and start at a multiple of their element size within the group (the group's memory
+    is aligned for every dtype; a tensor that would not be ends it and starts the next)."""
+    base, end = infos[first].data_offsets
+    j = first + 1
+    while j < len(infos):
+        begin, stop = infos[j].data_offsets
+        if (begin != end or not 0 < stop - begin < GROUP_MEMBER
+                or stop - base > GROUP_BYTES or (begin - base) % infos[j].itemsize):
+            break
+        end = stop
+        j += 1
+    return j
 
 
 def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk | None, cancelled: threading.Event

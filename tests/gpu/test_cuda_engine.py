@@ -295,24 +295,63 @@ def test_consumer_on_another_stream_sees_complete_data(tmp_path, slow_copies, cu
     _check_sums(sums, big)
 
 
+@pytest.mark.parametrize("groups", ["off", "on"])
 def test_a_consumer_that_switches_streams_between_tensors_sees_complete_data(tmp_path,
                                                                            slow_copies,
-                                                                           cuda_calls):
+                                                                           cuda_calls,
+                                                                           groups):
     # Small tensors share one chunk and so one copy event; the consumer's stream skips waits
     # it has already done. A consumer on another stream must wait again (the first version of
-    # that skip never reset, so the second stream read tensors still being copied).
+    # that skip never reset, so the second stream read tensors still being copied). With
+    # small_tensor_groups they also share one allocation: the consumer waits before each.
     small = {f"s{i}": torch.full((1024,), float(i)) for i in range(64)}   # 4 KiB each
     path = tmp_path / "small.safetensors"
     save_file(small, str(path))
     streams = [torch.cuda.Stream(), torch.cuda.Stream()]
     sums = []
-    gen = fastsafetensors.iter_tensors([str(path)], device="cuda:0", backend="posix")
-    for i in range(len(small)):
-        with torch.cuda.stream(streams[i % 2]):
-            name, tensor = next(gen)
-            sums.append((name, tensor.sum()))   # on this tensor's stream, no host sync
-    gen.close()
+    with fastsafetensors.configure(small_tensor_groups=groups):
+        gen = fastsafetensors.iter_tensors([str(path)], device="cuda:0", backend="posix")
+        for i in range(len(small)):
+            with torch.cuda.stream(streams[i % 2]):
+                name, tensor = next(gen)
+                sums.append((name, tensor.sum()))   # on this tensor's stream, no host sync
+        gen.close()
     _check_sums(sums, small)
+
+
+def test_small_tensor_groups_give_the_same_data_and_free_their_memory(tmp_path, cuda_calls):
+    # Runs of small tensors in one allocation each (small_tensor_groups="on"): odd sizes and
+    # every dtype (safetensors writes them widest element first, so each is aligned; the
+    # misaligned case is tests/test_stream_groups.py's), and one tensor over 1 MiB, alone.
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i:03d}": _random(DTYPES[i % len(DTYPES)], (int(torch.randint(
+        1, 700, (1,), generator=g)),), g) for i in range(400)}
+    tensors["big"] = _random(torch.float32, ((1 << 20) // 4 + 3,), g)
+    path = tmp_path / "groups.safetensors"
+    save_file(tensors, str(path))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    with fastsafetensors.configure(small_tensor_groups="on", backend="posix"):
+        got = fastsafetensors.load_file(str(path), device="cuda:0")
+    want = st_load_file(str(path))
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
+        assert got[name].data_ptr() % got[name].element_size() == 0, name
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in got.values()}
+    assert len(storages) < len(got) // 4                        # grouped
+    assert max(storages.values()) <= 8 << 20                     # GROUP_BYTES
+    assert got["big"].untyped_storage().nbytes() == got["big"].nbytes   # alone
+    # A group's memory stays while one of its tensors does, and goes with the last.
+    kept = got.pop("t000")
+    del got
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    assert 0 < held <= 8 << 20
+    assert torch.equal(_bytes(kept), _bytes(want["t000"]))
+    del kept
+    assert torch.cuda.memory_allocated() == base
 
 
 def test_tensors_are_allocated_on_the_consumers_stream(tmp_path):

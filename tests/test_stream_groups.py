@@ -1,0 +1,235 @@
+"""Runs of small tensors in one allocation (stream.py, ``Sink.finisher``), on the fake device."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+
+import pytest
+import torch
+from fake_device import FakeSink, GroupingFakeSink, as_bytes
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+from fastsafetensors.format import TensorInfo, read_header
+from fastsafetensors.loader import stream
+from fastsafetensors.loader.stream import GROUP_BYTES, GROUP_MEMBER, StreamOptions, stream_tensors
+
+
+def _mixed() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(300):
+        # Odd sizes, so that some tensors start at offsets their element size does not divide.
+        numel = int(torch.randint(1, 600, (1,), generator=g))
+        dtype = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64][i % 5]
+        out[f"t{i:03d}"] = (torch.randn(numel, generator=g) * 100).to(dtype)
+    out["big"] = torch.randn(GROUP_MEMBER // 4 + 5, generator=g)   # over GROUP_MEMBER bytes
+    out["empty"] = torch.zeros(0, 3)
+    out["scalar"] = torch.tensor(-1.25)
+    out["flags"] = torch.rand(37, generator=g) > 0.5
+    out["f8"] = torch.randn(11, 3, generator=g).to(torch.float8_e4m3fn)
+    out["c64"] = torch.randn(9, dtype=torch.complex64, generator=g)
+    return out
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    path = tmp_path / "mixed.safetensors"
+    save_file(_mixed(), str(path))
+    return str(path)
+
+
+def _load(paths, sink, *, names=None, **opts):
+    options = StreamOptions(threads=opts.pop("threads", 3), staging_bytes=opts.pop(
+        "staging_bytes", 6 * 16384), small_tensor_groups=opts.pop("groups", True), **opts)
+    return list(stream_tensors([(p, None, names) for p in paths], sink, options))
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
+def test_grouped_loads_equal_safetensors_bit_for_bit_in_file_order(mixed, io):
+    sink = GroupingFakeSink(delay=0.0005)
+    got = _load([mixed], sink, io=io)
+    want = st_load_file(mixed)
+    assert [name for name, _ in got] == [name for name, _ in _load([mixed], FakeSink(delay=0))]
+    for name, tensor in got:
+        assert tensor.dtype == want[name].dtype and tensor.shape == want[name].shape, name
+        assert torch.equal(as_bytes(tensor), as_bytes(want[name])), name
+        assert tensor.data_ptr() % tensor.element_size() == 0, name
+    assert sink.violations == []
+    # Groups were made, and every tensor of each was handed over from it.
+    assert sink.groups and sum(n for _, n in sink.groups) < len(got)
+    assert all(n >= 2 for _, n in sink.groups)
+    # The consumer's stream is made to wait before each tensor, grouped or not: it may switch
+    # streams between two tensors of a group.
+    assert sink.waits == len(got)
+
+
+def test_small_adjacent_tensors_share_one_allocation(tmp_path):
+    tensors = {f"t{i:05d}": torch.full((4,), float(i)) for i in range(5000)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    sink = GroupingFakeSink(delay=0)
+    got = dict(_load([str(path)], sink))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    # 80 KB of tensors: one group (one allocation) instead of 5000.
+    assert sink.allocations == 1 and sink.groups == [[5000 * 16, 5000]]
+    storages = {t.untyped_storage().data_ptr() for t in got.values()}
+    assert len(storages) == 1
+    # They share memory without overlapping, which safetensors saves as it would any tensors.
+    save_file(got, str(tmp_path / "again.safetensors"))
+    again = st_load_file(str(tmp_path / "again.safetensors"))
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+    # Off (the default), each tensor has its own allocation, as before.
+    sink = GroupingFakeSink(delay=0)
+    got = dict(_load([str(path)], sink, groups=False))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert sink.allocations == 5000 and sink.groups == []
+
+
+def test_large_misaligned_and_empty_tensors_start_or_stay_out_of_groups(tmp_path):
+    # a: 3 bytes; b: F32 at offset 3 (not a multiple of 4 within a group starting at a: it
+    # starts the next group); c: F32 after b; big: over GROUP_MEMBER, alone; e: empty; d: U8.
+    big = GROUP_MEMBER + 4
+    layout = [("a", "U8", [3], 3), ("b", "F32", [5], 20), ("c", "F32", [2], 8),
+              ("big", "U8", [big], big), ("e", "F32", [0], 0), ("d", "U8", [6], 6)]
+    header, offset, data = {}, 0, b""
+    for name, dtype, shape, nbytes in layout:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        data += bytes((offset + k) % 251 for k in range(nbytes))
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    sink = GroupingFakeSink(delay=0)
+    got = dict(_load([str(path)], sink, staging_bytes=6 * (1 << 20)))
+    want = st_load_file(str(path))
+    assert all(torch.equal(as_bytes(got[k]), as_bytes(want[k])) for k in want)
+    assert all(t.data_ptr() % t.element_size() == 0 for t in got.values())
+    # b and c share a group; a, big, e and d are alone (d follows an empty tensor, which
+    # ends a run: it is not allocated).
+    assert sink.groups == [[28, 2]]
+    assert got["b"].untyped_storage().data_ptr() == got["c"].untyped_storage().data_ptr()
+    assert got["big"].untyped_storage().nbytes() == big
+    assert sink.allocations == 4   # a, the group, big, d
+
+
+def test_groups_take_only_adjacent_wanted_tensors(mixed):
+    infos = list(read_header(mixed).tensors.values())
+    names = [info.name for info in infos[::3]]   # two tensors skipped between wanted ones
+    sink = GroupingFakeSink(delay=0)
+    got = dict(_load([mixed], sink, names=names))
+    want = st_load_file(mixed)
+    assert set(got) == set(names)
+    assert all(torch.equal(as_bytes(got[k]), as_bytes(want[k])) for k in names)
+    # No tensor is adjacent to another wanted one: nothing to group, nothing unwanted read
+    # into a group.
+    assert sink.groups == []
+
+
+def test_a_group_holds_at_most_group_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "GROUP_BYTES", 4096)
+    tensors = {f"t{i:04d}": torch.full((100,), float(i)) for i in range(200)}   # 400 B each
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    sink = GroupingFakeSink(delay=0)
+    got = dict(_load([str(path)], sink))
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert [size for size, _ in sink.groups] == [4000] * 20
+    assert GROUP_BYTES == 8 << 20   # the module's own value is untouched outside this test
+
+
+def test_a_memory_budget_allocates_each_tensor_on_its_own(tmp_path):
+    tensors = {f"t{i:04d}": torch.full((16,), float(i)) for i in range(300)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    sink = GroupingFakeSink(delay=0)
+    got = {}
+    for name, tensor in stream_tensors([(str(path), None, None)], sink,
+                                       StreamOptions(threads=2, staging_bytes=4 * 16384,
+                                                     max_device_bytes=64 << 10,
+                                                     small_tensor_groups=True)):
+        got[name] = tensor
+        sink.consumed(tensor.numel() * tensor.element_size())
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    assert sink.groups == [] and sink.allocations == 300
+
+
+def test_stopping_within_a_group_ends_the_load(tmp_path):
+    tensors = {f"t{i:04d}": torch.full((8,), float(i)) for i in range(1000)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    before = len(os.listdir("/proc/self/fd"))
+    sink = GroupingFakeSink(delay=0.001)
+    gen = stream_tensors([(str(path), None, None)], sink,
+                         StreamOptions(threads=2, staging_bytes=4 * 16384,
+                                       small_tensor_groups=True))
+    taken = [next(gen) for _ in range(3)]
+    gen.close()
+    assert [name for name, _ in taken] == ["t0000", "t0001", "t0002"]
+    assert torch.equal(taken[2][1], tensors["t0002"])
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert not [t.name for t in threading.enumerate()
+                if t.name.startswith("fastsafetensors-") and "idle" not in t.name]
+
+
+def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(monkeypatch):
+    # As finish() (test_stream.py): a tensor of a group handed over while the consumer is on
+    # another stream records the group's memory on that stream. Emulated on the CPU.
+    from fastsafetensors.loader import cuda
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    first, second = (torch.Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
+    current = [first]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    recorded: list[int] = []
+
+    class Block:
+        def record_stream(self, stream: torch.Stream) -> None:
+            recorded.append(stream.stream_id)
+
+    class Viewer:
+        @staticmethod
+        def viewer(block: Block):
+            return lambda offset, info: (offset, info.name)
+
+    monkeypatch.setattr(cuda, "TORCH", Viewer)
+    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
+    sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
+    sink._current, sink._dtypes, sink.calls = None, {}, None
+    finish = sink.finisher(Block())
+    out = []
+    for i, s in enumerate((first, second, first)):
+        current[0] = s
+        sink.consumer_wait([])
+        out.append(finish(16 * i, TensorInfo(f"w{i}", "F32", (4,), (16 * i, 16 * i + 16))))
+    assert out == [(0, "w0"), (16, "w1"), (32, "w2")]
+    assert recorded == [2]
+
+
+@pytest.mark.parametrize("groups", [None, "off", "on"])
+def test_the_option_reaches_the_engine_of_a_gpu_load(mixed, monkeypatch, groups):
+    import fastsafetensors
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    from fastsafetensors.loading import device_stream
+
+    sinks: list[GroupingFakeSink] = []
+
+    def sink(device: str, **kw: object) -> GroupingFakeSink:
+        sinks.append(GroupingFakeSink(delay=0))
+        return sinks[-1]
+
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
+    if groups is not None:
+        monkeypatch.setenv("FASTSAFETENSORS_SMALL_TENSOR_GROUPS", groups)
+    got = dict(device_stream([(mixed, None, None)], "cuda:0"))
+    want = st_load_file(mixed)
+    assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
+    assert bool(sinks[0].groups) == (groups == "on")   # off by default
+    with pytest.raises(Exception, match="small_tensor_groups"):
+        with fastsafetensors.configure(small_tensor_groups="yes"):
+            pass
