@@ -434,24 +434,33 @@ def build_checkpoint(folder: Path, size_gb: float, *, shards: int = 4,
     return info
 
 
+#: Layout of build_many's file: 2 since the fourteenth session, whose sizes are whole multiples
+#: of 16 bytes, as the small tensors of real checkpoints are (norms, biases, scales); 1 had
+#: any number of elements, so most tensors started off the 16-byte grid.
+MANY_LAYOUT = 2
+
+
 def build_many(path: Path, count: int = 20_000) -> dict[str, Any]:
-    """One file of ``count`` small tensors (256 B to 16 KiB, bf16 and f32), written once."""
+    """One file of ``count`` small tensors (128 B to 16 KiB, bf16 and f32, each a multiple of
+    8 elements), written once."""
     import torch
     from safetensors.torch import save_file
 
     stamp = path.with_suffix(".json")
-    if path.exists() and stamp.exists() and json.loads(stamp.read_text()).get("count") == count:
-        return json.loads(stamp.read_text())
+    if path.exists() and stamp.exists():
+        known = json.loads(stamp.read_text())
+        if known.get("count") == count and known.get("layout") == MANY_LAYOUT:
+            return known
     path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(1)
-    sizes = torch.randint(64, 4096, (count,), generator=gen).tolist()
+    sizes = (torch.randint(8, 512, (count,), generator=gen) * 8).tolist()
     tensors = {}
     for n, numel in enumerate(sizes):
         dtype = torch.float32 if n % 3 == 0 else torch.bfloat16
         tensors[f"blocks.{n // 8}.part{n % 8}.weight"] = torch.randn(numel, generator=gen).to(dtype)
     save_file(tensors, str(path))
-    info = {"count": count, "tensor_bytes": sum(t.numel() * t.element_size()
-                                                for t in tensors.values())}
+    info = {"count": count, "layout": MANY_LAYOUT,
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     stamp.write_text(json.dumps(info))
     return info
 

@@ -91,11 +91,12 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "torch by default until a GPU run shows that driver pays"),
     Option("small_tensor_groups", lambda: "off", ("off", "on"),
            help="loads to a GPU without a memory budget: on puts runs of small tensors "
-                "(under 1 MiB, adjacent in the file) in one device allocation of up to 8 MiB, "
-                "one copy and one view each instead of an allocation, a copy and three "
-                "views each (on the CPU VM the engine then handed 20,000 small tensors over "
-                "1.6-1.8x faster); their memory is freed once all tensors of the group are. "
-                "off (each tensor its own memory, as safetensors) until a GPU run measures it"),
+                "(under 1 MiB, adjacent in the file, 16-byte aligned) in one device "
+                "allocation of up to 8 MiB, filled by one copy per chunk, and hands each over "
+                "as one view of it, instead of an allocation, a share of a batched copy and "
+                "two views each (docs/benchmarks.md); their memory is freed once all tensors "
+                "of the group are. off (each tensor its own memory, as safetensors) until a "
+                "GPU run measures it"),
     Option("mapped_readers", lambda: 0, minimum=0,
            help="of a GPU load's reader threads, how many copy ranges already in the page "
                 "cache straight to the GPU (the file mapped, the range registered with CUDA: "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
 import threading
+import weakref
 
+import numpy as np
 import pytest
 import torch
 from fake_device import FakeSink, GroupingFakeSink, as_bytes
@@ -22,8 +25,9 @@ def _mixed() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     out: dict[str, torch.Tensor] = {}
     for i in range(300):
-        # Odd sizes, so that some tensors start at offsets their element size does not divide.
-        numel = int(torch.randint(1, 600, (1,), generator=g))
+        # Mostly whole multiples of 16 bytes, as in real checkpoints, which group; every fifth
+        # of an odd size, which ends a group (the next tensor starts off the 16-byte grid).
+        numel = int(torch.randint(1, 40, (1,), generator=g)) * 16 + (i % 5 == 4)
         dtype = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int64][i % 5]
         out[f"t{i:03d}"] = (torch.randn(numel, generator=g) * 100).to(dtype)
     out["big"] = torch.randn(GROUP_MEMBER // 4 + 5, generator=g)   # over GROUP_MEMBER bytes
@@ -90,11 +94,14 @@ def test_small_adjacent_tensors_share_one_allocation(tmp_path):
 
 
 def test_large_misaligned_and_empty_tensors_start_or_stay_out_of_groups(tmp_path):
-    # a: 3 bytes; b: F32 at offset 3 (not a multiple of 4 within a group starting at a: it
-    # starts the next group); c: F32 after b; big: over GROUP_MEMBER, alone; e: empty; d: U8.
-    big = GROUP_MEMBER + 4
-    layout = [("a", "U8", [3], 3), ("b", "F32", [5], 20), ("c", "F32", [2], 8),
-              ("big", "U8", [big], big), ("e", "F32", [0], 0), ("d", "U8", [6], 6)]
+    # a, b, c: a group (c is 3 bytes); d: F32 at 35, off the 16-byte grid of that group, ends
+    # it, and e (8 bytes after d) ends d's; big: over GROUP_MEMBER, alone, and f right after
+    # it (on its grid) stays out; g: empty, ends a run; h, i: a group.
+    big = GROUP_MEMBER + 16
+    layout = [("a", "U8", [16], 16), ("b", "F32", [4], 16), ("c", "U8", [3], 3),
+              ("d", "F32", [2], 8), ("e", "F32", [3], 12), ("big", "U8", [big], big),
+              ("f", "U8", [16], 16), ("g", "F32", [0], 0), ("h", "U8", [16], 16),
+              ("i", "U8", [16], 16)]
     header, offset, data = {}, 0, b""
     for name, dtype, shape, nbytes in layout:
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
@@ -108,12 +115,68 @@ def test_large_misaligned_and_empty_tensors_start_or_stay_out_of_groups(tmp_path
     want = st_load_file(str(path))
     assert all(torch.equal(as_bytes(got[k]), as_bytes(want[k])) for k in want)
     assert all(t.data_ptr() % t.element_size() == 0 for t in got.values())
-    # b and c share a group; a, big, e and d are alone (d follows an empty tensor, which
-    # ends a run: it is not allocated).
-    assert sink.groups == [[28, 2]]
+    assert sink.groups == [[35, 3], [32, 2]]
     assert got["b"].untyped_storage().data_ptr() == got["c"].untyped_storage().data_ptr()
+    assert (got["b"].data_ptr() - got["a"].data_ptr()) % 16 == 0
     assert got["big"].untyped_storage().nbytes() == big
-    assert sink.allocations == 4   # a, the group, big, d
+    assert sink.allocations == 6   # the two groups, d, e, big, f (g is empty)
+
+
+class _Watching(GroupingFakeSink):
+    """Each allocation over a numpy array, which its storage keeps alive: the array's weak
+    reference dies with the memory."""
+
+    def __init__(self, **kw: object):
+        super().__init__(**kw)
+        self.memory: list[weakref.ref[np.ndarray]] = []
+
+    def alloc(self, info: TensorInfo) -> torch.Tensor:
+        flat = super().alloc(info)
+        array = np.full(info.nbytes, 0xA5, dtype=np.uint8)
+        mine = torch.from_numpy(array)
+        with self.lock:
+            self.born[id(mine)] = self.born.pop(id(flat))
+        self.memory.append(weakref.ref(array))
+        return mine
+
+
+def test_a_group_is_freed_with_its_last_tensor(tmp_path):
+    tensors = {f"t{i:04d}": torch.full((4,), float(i)) for i in range(300)}
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, str(path))
+    sink = _Watching(delay=0)
+    got = dict(_load([str(path)], sink))
+    assert sink.groups == [[300 * 16, 300]] and len(sink.memory) == 1
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    kept = got.pop("t0150")
+    got.clear()
+    gc.collect()
+    assert sink.memory[0]() is not None and torch.equal(kept, tensors["t0150"])
+    del kept
+    assert sink.memory[0]() is None   # the engine keeps nothing of it (reference counts alone)
+
+
+def test_the_engine_lets_a_group_go_once_its_tensors_are_handed_over(tmp_path, monkeypatch):
+    # Two groups of 64 tensors, then a large tensor, all in one chunk (one batch): once the
+    # consumer has dropped the tensors of both groups, neither group's memory may be held by
+    # the engine while it hands the large one over.
+    monkeypatch.setattr(stream, "GROUP_BYTES", 1024)
+    tensors = {f"t{i:03d}": torch.full((4,), float(i)) for i in range(128)}
+    tensors["zbig"] = torch.ones(GROUP_MEMBER // 4)
+    path = tmp_path / "two.safetensors"
+    save_file(tensors, str(path))
+    sink = _Watching(delay=0)
+    gen = stream_tensors([(str(path), None, None)], sink,
+                         StreamOptions(threads=3, staging_bytes=24 << 20,
+                                       small_tensor_groups=True))
+    for i in range(128):
+        name, tensor = next(gen)
+        assert name == f"t{i:03d}" and torch.equal(tensor, tensors[name])
+        del tensor
+    name, big = next(gen)
+    assert name == "zbig" and sink.groups == [[1024, 64], [1024, 64]]
+    assert [ref() is None for ref in sink.memory] == [True, True, False]
+    gen.close()
 
 
 def test_groups_take_only_adjacent_wanted_tensors(mixed):

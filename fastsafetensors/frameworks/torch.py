@@ -62,7 +62,7 @@ class TorchFramework:
             dtype = torch_dtype(info.dtype, info.name)
             shape = torch_shape(info)
             if info.nbytes == 0:
-                return torch.empty(shape, dtype=dtype)
+                return torch.empty(shape, dtype=dtype, device=buffer.device)
             whole = typed.get(dtype)
             size = dtype.itemsize
             if whole is None:

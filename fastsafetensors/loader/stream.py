@@ -198,13 +198,19 @@ UNCOUNTED = 1 << 62
 #: ``small_tensor_groups``, where the sink can finish them from it (``Sink.finisher``) and no
 #: memory budget is set: one allocation and one copy per group, and one torch call per tensor
 #: to view it (``as_strided`` on a typed view of the group), in place of an allocation, a share
-#: of a batched copy and three calls to view it. Each of those calls releases the GIL and must
+#: of a batched copy and two calls to view it. Each of those calls releases the GIL and must
 #: take it back behind the engine's other threads: on the 2-core VM two threads making such
-#: calls at once took 1.8-2.4x as long as one thread making them all, 1.0x with both on one
+#: calls at once took 1.6-2.4x as long as one thread making them all, 1.0x with both on one
 #: core (benchmarks/probe_gil_handoff.py).
 GROUP_MEMBER = 1 << 20
 #: The largest group: its memory is freed only once every tensor of it is.
 GROUP_BYTES = 8 << 20
+#: A tensor joins a group only at a multiple of this from the group's first byte, so that every
+#: tensor of a group starts 16-byte aligned, as kernels that load 16 bytes at a time without
+#: checking need (a tensor allocated alone starts 512-byte aligned); another starts a new
+#: group. The small tensors of real checkpoints (norms, biases, scales) are whole multiples of
+#: 16 bytes, so this rarely splits a run.
+GROUP_ALIGN = 16
 
 
 @dataclass(slots=True)
@@ -809,15 +815,15 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
 
 def _group_end(infos: list[TensorInfo], first: int) -> int:
     """The index past the last tensor of the group that starts at ``infos[first]`` (a small
-    one): the tensors after it that are small, adjacent in the file, fit in GROUP_BYTES with
-    it, and start at a multiple of their element size within the group (the group's memory
-    is aligned for every dtype; a tensor that would not be ends it and starts the next)."""
+    one): the tensors after it that are small, not empty, adjacent in the file, fit in
+    GROUP_BYTES with it, and start at a multiple of GROUP_ALIGN within the group (a tensor
+    that does not ends it and may start the next)."""
     base, end = infos[first].data_offsets
     j = first + 1
     while j < len(infos):
         begin, stop = infos[j].data_offsets
         if (begin != end or not 0 < stop - begin < GROUP_MEMBER
-                or stop - base > GROUP_BYTES or (begin - base) % infos[j].itemsize):
+                or stop - base > GROUP_BYTES or (begin - base) % GROUP_ALIGN):
             break
         end = stop
         j += 1
