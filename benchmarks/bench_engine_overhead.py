@@ -78,7 +78,8 @@ class HostSink:
         dtype, shape = torch_dtype(info.dtype, info.name), torch_shape(info)
         if flat is None:
             return torch.empty(shape, dtype=dtype)
-        return flat.view(dtype).view(shape)
+        typed = flat.view(dtype)
+        return typed if len(shape) == 1 else typed.view(shape)   # as the CUDA sink
 
 
 class GroupingHostSink(HostSink):

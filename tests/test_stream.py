@@ -998,6 +998,32 @@ def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch):
     assert recorded == [2] and lookups == [1, 2, 1]   # one lookup each, the right stream
 
 
+@pytest.mark.parametrize("dtype, shape", [("F32", (6,)), ("BF16", (2, 3)), ("I64", ()),
+                                          ("F4", (8,)), ("U8", (0,))])
+def test_the_cuda_sink_views_the_flat_storage_with_dtype_and_shape(monkeypatch, dtype, shape):
+    # finish() views a flat uint8 allocation: a 1-D tensor with one call (dtype), others with
+    # two. Emulated on the CPU: the consumer never switched streams.
+    from fastsafetensors.format import DTYPES, TensorInfo
+    from fastsafetensors.frameworks.torch import torch_dtype, torch_shape
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    stream = torch.Stream(stream_id=1, device_index=0, device_type=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields finish() uses
+    sink.device, sink.consumer, sink._current, sink._dtypes = "cpu", stream, None, {}
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    nbytes = numel * DTYPES[dtype].bits // 8
+    info = TensorInfo("w", dtype, shape, (0, nbytes))
+    flat = torch.arange(nbytes, dtype=torch.uint8)
+    got = sink.finish(flat if nbytes else None, info)
+    assert got.dtype == torch_dtype(dtype) and tuple(got.shape) == torch_shape(info)
+    if nbytes:
+        assert got.data_ptr() == flat.data_ptr()   # a view, no copy
+        assert torch.equal(got.reshape(-1).view(torch.uint8), flat)
+
+
 def test_residency_is_indexed_by_the_systems_page_size(monkeypatch):
     # mincore answers one entry per page, 64 KiB on some aarch64 kernels: the map starts at the
     # page holding `base` (old code: 4 KiB steps from `base`, an empty slice here, so a cold

@@ -50,7 +50,8 @@ class TorchFramework:
         shape = torch_shape(info)
         if info.nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        return buffer[start:start + info.nbytes].view(dtype).view(shape)
+        typed = buffer[start:start + info.nbytes].view(dtype)
+        return typed if len(shape) == 1 else typed.view(shape)   # 1-D: shaped already
 
     def viewer(self, buffer: torch.Tensor) -> Callable[[int, TensorInfo], torch.Tensor]:
         """Like :meth:`view` for many tensors of one buffer: one ``as_strided`` each on a typed

@@ -335,7 +335,10 @@ class TorchCudaSink:
             # The consumer switched streams since the load started: the allocator only knows
             # the allocation stream, so without this it could reuse the memory too early.
             flat.record_stream(current)
-        return flat.view(dtype).view(shape)
+        typed = flat.view(dtype)
+        # A 1-D tensor (norms, biases: most small ones) has its shape already: one torch call
+        # fewer per tensor, each of which gives the GIL away.
+        return typed if len(shape) == 1 else typed.view(shape)
 
     def finisher(self, block: torch.Tensor) -> Callable[[int, TensorInfo], torch.Tensor]:
         """Tensors of a group (stream.py): one ``as_strided`` each on a typed view of the
