@@ -151,6 +151,23 @@ def _reject_constant(name: str) -> Any:
     raise _NotJSON(f"{name} is not a JSON value")
 
 
+def _loads(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys in any object.
+
+    Python's parser keeps the last of two equal keys; a hook that sees every object's pairs to
+    catch them made a 20,000-tensor header parse 1.4-2.6x slower. So the text is parsed plainly
+    first, then its ':' are counted: outside strings each separates one key from its value, so
+    when the text holds exactly as many as the header object and the objects directly in it
+    have keys, no key was dropped. A ':' inside a string, or an object nested deeper, only
+    makes the counts differ, and the text is parsed again with the hook."""
+    obj = json.loads(text, parse_constant=_reject_constant)
+    if type(obj) is dict and text.count(":") == len(obj) + sum(
+            len(v) for v in obj.values() if type(v) is dict):
+        return obj
+    return json.loads(text, object_pairs_hook=reject_duplicate_keys,
+                      parse_constant=_reject_constant)
+
+
 def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(v) is int for v in value)
 
@@ -235,8 +252,7 @@ def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | N
         raise HeaderError(spath, f"header is not valid UTF-8 ({exc.reason} at byte "
                                  f"{exc.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=reject_duplicate_keys,
-                         parse_constant=_reject_constant)
+        obj = _loads(text)
     except DuplicateKey as dup:
         # The hook cannot tell a tensor name from a field name, so name only the key.
         raise HeaderError(spath, f"the key {str(dup)!r} appears twice in one JSON object of the "

@@ -93,6 +93,38 @@ def test_tensors_are_in_file_order_whatever_the_json_order() -> None:
     assert list(header.tensors) == ["z", "y", "x"]
 
 
+def _dup_text(entries: dict[str, Any], where: str) -> bytes:
+    """The header of ``entries`` with a key written twice: a tensor, a field of the first entry,
+    or a metadata key."""
+    text = json.dumps(entries | {"__metadata__": {"note": "a: b", "format": "pt"}})
+    if where == "tensor":
+        first = next(iter(entries))
+        text = text.replace("{", '{' + json.dumps(first) + ': ' + json.dumps(entries[first])
+                            + ', ', 1)
+    elif where == "field":
+        text = text.replace('"dtype"', '"dtype": "U8", "dtype"', 1)
+    else:
+        text = text.replace('"format"', '"format": "np", "format"', 1)
+    return text.encode()
+
+
+@pytest.mark.parametrize("where", ["tensor", "field", "metadata"])
+@pytest.mark.parametrize("colon_in_a_string", [False, True])
+def test_a_key_written_twice_is_refused_with_or_without_colons_in_strings(
+        where: str, colon_in_a_string: bool) -> None:
+    # The parser counts ':' to know no key was dropped (format._loads); a ':' in a string
+    # (a name, a metadata value) makes it parse again key by key. Both ways refuse duplicates.
+    names = ["model.a:0", "b"] if colon_in_a_string else ["a", "b"]
+    entries = layout([(names[0], "U8", (2,)), (names[1], "U8", (3,))])
+    raw = header_bytes(entries)
+    assert list(parse_header(raw, file_size=8 + len(raw) + 5).tensors) == names
+    bad = _dup_text(entries, where)
+    if not colon_in_a_string:
+        bad = bad.replace(b'"note": "a: b", ', b"")
+    with pytest.raises(HeaderError, match="appears twice"):
+        parse_header(bad, file_size=8 + len(bad) + 5)
+
+
 def test_empty_header_and_no_metadata() -> None:
     raw = header_bytes({})
     header = parse_header(raw, file_size=8 + len(raw))
