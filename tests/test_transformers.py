@@ -479,12 +479,13 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("groups", ["off", "on"])
 def test_device_map_cuda(models: dict[str, Path], calls: Counter[str],
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+                         monkeypatch: pytest.MonkeyPatch, groups: str) -> None:
     from transformers import AutoModelForCausalLM
 
     # Whole tensors bound for a CUDA device are read in one batch per load (Batch), each
-    # tensor of a converter too.
+    # tensor of a converter too; with small_tensor_groups, the small ones share allocations.
     batches: list[str] = []
     read = seam.Batch._read
 
@@ -497,10 +498,16 @@ def test_device_map_cuda(models: dict[str, Path], calls: Counter[str],
         reference = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda")
         calls.clear()
         STATS.reset()   # the fixture reset it once; the second model must not count the first
-        model = AutoModelForCausalLM.from_pretrained(models[kind], device_map="cuda",
-                                                     loader="fastsafetensors")
+        model = AutoModelForCausalLM.from_pretrained(
+            models[kind], device_map="cuda", loader="fastsafetensors",
+            loader_options={"small_tensor_groups": groups})
         assert all(p.device.type == "cuda" for p in model.parameters())
         assert assert_same(model, reference) > 0
+        if kind == "llama":   # no converters: each parameter is a tensor read
+            storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            count = len(list(model.parameters()))
+            # Each its own memory, or (the tiny model's tensors all small) shared by groups.
+            assert len(storages) == count if groups == "off" else len(storages) < count
         assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models[kind])
     assert batches == [f"cuda:{torch.cuda.current_device()}"] * 2
 
