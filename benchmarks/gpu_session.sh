@@ -8,8 +8,8 @@
 #   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 480)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 460 s, 435 with PROBE=0; the two 30 s set-up steps, pinning probe and
-# transformers' wheel, take seconds, so 400 and 375 for the rest, under a call's 480; the most
+# (the limits add up to 475 s, 450 with PROBE=0; the two 30 s set-up steps, pinning probe and
+# transformers' wheel, take seconds, so 415 and 390 for the rest, under a call's 480; the most
 # wanted figures come first; the two runs on an H200 took 310 and 373 s in all, the first H100
 # run, with more rows and cold runs, 335 s). Rows and cold runs that earlier runs settled are
 # left out (since the twelfth session also the mapped-reader, huge-page and 16-thread rows of
@@ -75,7 +75,7 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
       "fastsafetensors", f.__version__, f.__file__)'
 
 step "GPU tests"
-timeout -k 5 75 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
+timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py tests/test_transformers_ahead.py tests/test_accelerate.py \
     tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
