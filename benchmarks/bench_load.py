@@ -659,11 +659,22 @@ def many_child(spec: dict[str, Any]) -> None:
     ref = st_load(path)
     same = all(torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8))
                for k in list(ref)[::997])
+    phases: dict[str, dict[str, float]] = {}
     if torch.cuda.is_available():
+        from fastsafetensors.loader.stream import PHASES
+
         grouped_out = to_cuda(grouped)
         same = same and all(torch.equal(grouped_out[k].cpu().view(torch.uint8),
                                         ref[k].view(torch.uint8)) for k in list(ref)[::97])
-    _emit({"times": res, "equal_sample": same and set(ours) == set(ref)})
+        del grouped_out
+        # Where the engine's threads spent one more load of each CUDA row (not timed).
+        for name, fn in (("fst_load_file_cuda", lambda: to_cuda(
+                lambda: fastsafetensors.load_file(path, device="cuda:0"))),
+                ("fst_load_file_cuda_groups", lambda: to_cuda(grouped))):
+            PHASES.reset()
+            fn()
+            phases[name] = PHASES.snapshot()
+    _emit({"times": res, "equal_sample": same and set(ours) == set(ref), "phases": phases})
 
 
 # --------------------------------------------------------------------------- parent side
@@ -1196,6 +1207,12 @@ def summary(report: dict[str, Any]) -> str:
                 out.append(f"  {k:22} {1e3 * C.median(v):8.1f} ms")
             else:
                 out.append(f"  {k:22} {v}")
+        for name, spent in (many.get("phases") or {}).items():
+            wall = spent.get("load: wall time")
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(spent.items())
+                              if k != "load: wall time")
+            out.append(f"  where {name}'s threads spent one more load (s): wall "
+                       f"{'?' if wall is None else f'{wall:.3f}'}; {parts}")
     elif many:
         out.append(f"per-tensor overhead: {many}")
     return "\n".join(out)
