@@ -52,6 +52,15 @@ def _load(paths, sink, *, names=None, **opts):
     return list(stream_tensors([(p, None, names) for p in paths], sink, options))
 
 
+def _small_file(tmp_path, count: int, numel: int, width: int = 4):
+    """``count`` F32 tensors of ``numel`` values (names of ``width`` digits, in file order) and
+    the file they were saved to."""
+    tensors = {f"t{i:0{width}d}": torch.full((numel,), float(i)) for i in range(count)}
+    path = tmp_path / "small.safetensors"
+    save_file(tensors, str(path))
+    return tensors, path
+
+
 @pytest.mark.parametrize("io", ["buffered", "direct", "auto"])
 def test_grouped_loads_equal_safetensors_bit_for_bit_in_file_order(mixed, io):
     sink = GroupingFakeSink(delay=0.0005)
@@ -72,9 +81,7 @@ def test_grouped_loads_equal_safetensors_bit_for_bit_in_file_order(mixed, io):
 
 
 def test_small_adjacent_tensors_share_one_allocation(tmp_path):
-    tensors = {f"t{i:05d}": torch.full((4,), float(i)) for i in range(5000)}
-    path = tmp_path / "many.safetensors"
-    save_file(tensors, str(path))
+    tensors, path = _small_file(tmp_path, 5000, 4, width=5)
     sink = GroupingFakeSink(delay=0)
     got = dict(_load([str(path)], sink))
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
@@ -141,9 +148,7 @@ class _Watching(GroupingFakeSink):
 
 
 def test_a_group_is_freed_with_its_last_tensor(tmp_path):
-    tensors = {f"t{i:04d}": torch.full((4,), float(i)) for i in range(300)}
-    path = tmp_path / "many.safetensors"
-    save_file(tensors, str(path))
+    tensors, path = _small_file(tmp_path, 300, 4)
     sink = _Watching(delay=0)
     got = dict(_load([str(path)], sink))
     assert sink.groups == [[300 * 16, 300]] and len(sink.memory) == 1
@@ -194,9 +199,7 @@ def test_groups_take_only_adjacent_wanted_tensors(mixed):
 
 def test_a_group_holds_at_most_group_bytes(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "GROUP_BYTES", 4096)
-    tensors = {f"t{i:04d}": torch.full((100,), float(i)) for i in range(200)}   # 400 B each
-    path = tmp_path / "many.safetensors"
-    save_file(tensors, str(path))
+    tensors, path = _small_file(tmp_path, 200, 100)   # 400 B each
     sink = GroupingFakeSink(delay=0)
     got = dict(_load([str(path)], sink))
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
@@ -205,9 +208,7 @@ def test_a_group_holds_at_most_group_bytes(tmp_path, monkeypatch):
 
 
 def test_a_memory_budget_allocates_each_tensor_on_its_own(tmp_path):
-    tensors = {f"t{i:04d}": torch.full((16,), float(i)) for i in range(300)}
-    path = tmp_path / "many.safetensors"
-    save_file(tensors, str(path))
+    tensors, path = _small_file(tmp_path, 300, 16)
     sink = GroupingFakeSink(delay=0)
     got = {}
     for name, tensor in stream_tensors([(str(path), None, None)], sink,
@@ -221,9 +222,7 @@ def test_a_memory_budget_allocates_each_tensor_on_its_own(tmp_path):
 
 
 def test_stopping_within_a_group_ends_the_load(tmp_path):
-    tensors = {f"t{i:04d}": torch.full((8,), float(i)) for i in range(1000)}
-    path = tmp_path / "many.safetensors"
-    save_file(tensors, str(path))
+    tensors, path = _small_file(tmp_path, 1000, 8)
     before = len(os.listdir("/proc/self/fd"))
     sink = GroupingFakeSink(delay=0.001)
     gen = stream_tensors([(str(path), None, None)], sink,
