@@ -154,8 +154,9 @@ def _reject_constant(name: str) -> Any:
 def _loads(text: str) -> Any:
     """``json.loads`` that refuses duplicate keys in any object.
 
-    Python's parser keeps the last of two equal keys; a hook that sees every object's pairs to
-    catch them made a 20,000-tensor header parse 1.4-2.6x slower. So the text is parsed plainly
+    Python's parser keeps the last of two equal keys; with a hook that sees every object's pairs
+    to catch them, ``json.loads`` of a 20,000-tensor header took 1.5-2.7x as long (the whole
+    parse a quarter longer, 66.5 against 53.7 ms). So the text is parsed plainly
     first, then its ':' are counted: outside strings each separates one key from its value, so
     when the text holds exactly as many as the header object and the objects directly in it
     have keys, no key was dropped. A ':' inside a string, or an object nested deeper, only
