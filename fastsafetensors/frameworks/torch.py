@@ -57,24 +57,34 @@ class TorchFramework:
         """Like :meth:`view` for many tensors of one buffer: one ``as_strided`` each on a typed
         view of the buffer made once per dtype, instead of three torch calls per tensor (a
         20,000-tensor file spends most of its view time in those calls)."""
-        typed: dict[torch.dtype, torch.Tensor] = {}
+        # Per dtype name: (dtype, the buffer viewed whole with it, where that view starts in its
+        # storage, in elements); per shape: its strides. Made once each: a 20,000-tensor file
+        # repeats a few of each.
+        typed: dict[str, tuple[torch.dtype, torch.Tensor, int]] = {}
+        strides: dict[tuple[int, ...], tuple[int, ...]] = {}
 
         def view(start: int, info: TensorInfo) -> torch.Tensor:
-            dtype = torch_dtype(info.dtype, info.name)
-            shape = torch_shape(info)
-            if info.nbytes == 0:
-                return torch.empty(shape, dtype=dtype, device=buffer.device)
-            whole = typed.get(dtype)
-            size = dtype.itemsize
-            if whole is None:
+            found = typed.get(info.dtype)
+            if found is None:
+                dtype = torch_dtype(info.dtype, info.name)
+                size = dtype.itemsize
                 # The buffer starts 64-byte aligned, so every dtype can view it whole.
-                whole = typed[dtype] = buffer[:buffer.numel() // size * size].view(dtype)
-            strides = []
-            step = 1
-            for dim in reversed(shape):
-                strides.append(step)
-                step *= dim
-            return whole.as_strided(shape, strides[::-1], whole.storage_offset() + start // size)
+                whole = buffer[:buffer.numel() // size * size].view(dtype)
+                found = typed[info.dtype] = (dtype, whole, int(whole.storage_offset()))
+            dtype, whole, base = found
+            shape = torch_shape(info)
+            begin, end = info.data_offsets
+            if begin == end:
+                return torch.empty(shape, dtype=dtype, device=buffer.device)
+            step = strides.get(shape)
+            if step is None:
+                walked = []
+                n = 1
+                for dim in reversed(shape):
+                    walked.append(n)
+                    n *= dim
+                step = strides[shape] = tuple(walked[::-1])
+            return whole.as_strided(shape, step, base + start // dtype.itemsize)
 
         return view
 
