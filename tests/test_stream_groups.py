@@ -295,3 +295,14 @@ def test_the_option_reaches_the_engine_of_a_gpu_load(mixed, monkeypatch, groups)
     with pytest.raises(Exception, match="small_tensor_groups"):
         with fastsafetensors.configure(small_tensor_groups="yes"):
             pass
+
+
+def test_groups_copied_straight_from_the_page_cache(mixed):
+    # Mapped readers copy cached chunks from the file's mapping instead of staging: a group
+    # is filled from there the same way (its pieces break at page boundaries there).
+    sink = GroupingFakeSink(delay=0.0005)
+    got = _load([mixed], sink, io="auto", mapped_readers=3, staging_bytes=6 * 65536)
+    want = st_load_file(mixed)
+    assert all(torch.equal(as_bytes(t), as_bytes(want[name])) for name, t in got)
+    assert sink.sourced > 0 and sink.groups and sink.violations == []
+    assert sink.sources == {}   # every registered range released
