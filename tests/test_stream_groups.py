@@ -70,9 +70,11 @@ def test_grouped_loads_equal_safetensors_bit_for_bit_in_file_order(mixed, io):
     for name, tensor in got:
         assert tensor.dtype == want[name].dtype and tensor.shape == want[name].shape, name
         assert torch.equal(as_bytes(tensor), as_bytes(want[name])), name
-        assert tensor.data_ptr() % tensor.element_size() == 0, name
+        # GROUP_ALIGN within a group, whose memory starts 64-byte aligned here.
+        assert tensor.data_ptr() % 16 == 0, name
     assert sink.violations == []
-    # Groups were made, and every tensor of each was handed over from it.
+    # Groups of two tensors or more were made, and not every tensor is in one (big and empty
+    # are not).
     assert sink.groups and sum(n for _, n in sink.groups) < len(got)
     assert all(n >= 2 for _, n in sink.groups)
     # The consumer's stream is made to wait before each tensor, grouped or not: it may switch
