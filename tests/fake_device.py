@@ -238,3 +238,17 @@ def record_lookups(monkeypatch: Any) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(stream_module, "resident_map", recorded)
     return asked
+
+
+def stream_ids(monkeypatch: Any, sink: Any, current: list[Any], ids: bool) -> None:
+    """For a TorchCudaSink emulated on the CPU: with ``ids``, the sink finds the consumer's
+    current stream by its ids (torch's call behind torch.cuda.current_stream, which a CPU
+    build lacks), emulated from ``current[0]``; without, through torch.cuda.current_stream."""
+    import fastsafetensors.loader.cuda as cuda_module
+
+    if ids:
+        monkeypatch.setattr(cuda_module, "_current_stream_ids",
+                            lambda index: (current[0].stream_id, index, 0))
+        sink._consumer_ids = (sink.consumer.stream_id, 0, 0)
+    else:
+        monkeypatch.setattr(cuda_module, "_current_stream_ids", None)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from fake_device import FakeSink, as_bytes, record_lookups
+from fake_device import FakeSink, as_bytes, record_lookups, stream_ids
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -916,8 +916,9 @@ def test_phases_say_where_the_engine_spent_its_time(checkpoint):
     assert PHASES.snapshot() == {}
 
 
+@pytest.mark.parametrize("ids", [False, True])
 @pytest.mark.parametrize("calls", ["torch", "driver"])
-def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch, calls):
+def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch, calls, ids):
     # TorchCudaSink skips the wait for an event its consumer's stream already waits on. A CUDA
     # stream compared with None by `!=` answers False (torch's C comparison), so the first
     # version never noticed a switch of streams: a tensor sharing a chunk's event with the one
@@ -949,10 +950,14 @@ def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch, calls):
 
     first, second = (Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
     current = [first]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    # A new object each call, as torch's: equal to the one before, not the same.
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(
+        stream_id=current[0].stream_id, device_index=0, device_type=0))
     sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields consumer_wait uses
     sink.device, sink._waited, sink._waited_on = "cuda:0", {}, None
     sink.index, sink.calls = 0, Driver() if calls == "driver" else None
+    sink.consumer = first
+    stream_ids(monkeypatch, sink, current, ids)
     event, other = object(), object()
     sink.consumer_wait([event])
     sink.consumer_wait([event, other])       # same stream: only the new event
@@ -961,7 +966,8 @@ def test_the_consumer_waits_again_after_it_switches_streams(monkeypatch, calls):
     assert waits == [(1, event), (1, other), (2, event)]
 
 
-def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch):
+@pytest.mark.parametrize("ids", [False, True])
+def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch, ids):
     # finish() uses the stream consumer_wait looked up just before (one lookup per tensor):
     # a tensor handed over while the consumer is on a stream other than the one it was
     # allocated on must be recorded on that stream, or freeing it could hand its memory out
@@ -975,7 +981,8 @@ def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch):
 
     def current_stream(device: object = None) -> torch.Stream:
         lookups.append(current[0].stream_id)
-        return current[0]
+        # A new object each call, as torch's: equal to the consumer's, not the same.
+        return torch.Stream(stream_id=current[0].stream_id, device_index=0, device_type=0)
 
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     recorded: list[int] = []
@@ -989,13 +996,16 @@ def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch):
 
     sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
     sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
-    sink._current, sink._dtypes, sink.calls = None, {}, None
+    sink._current, sink._dtypes, sink.calls, sink.index = None, {}, None, 0
+    stream_ids(monkeypatch, sink, current, ids)
     info = TensorInfo("w", "F32", (2,), (0, 8))
     for stream in (first, second, first):
         current[0] = stream
         sink.consumer_wait([])
         sink.finish(Flat(), info)
-    assert recorded == [2] and lookups == [1, 2, 1]   # one lookup each, the right stream
+    assert recorded == [2]
+    # One lookup each, the right stream; by ids, a Stream is built only for another stream.
+    assert lookups == ([2] if ids else [1, 2, 1])
 
 
 @pytest.mark.parametrize("dtype, shape", [("F32", (6,)), ("BF16", (2, 3)), ("I64", ()),

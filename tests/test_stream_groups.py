@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from fake_device import FakeSink, GroupingFakeSink, as_bytes
+from fake_device import FakeSink, GroupingFakeSink, as_bytes, stream_ids
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -239,7 +239,8 @@ def test_stopping_within_a_group_ends_the_load(tmp_path):
                 if t.name.startswith("fastsafetensors-") and "idle" not in t.name]
 
 
-def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(monkeypatch):
+@pytest.mark.parametrize("ids", [False, True])
+def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(monkeypatch, ids):
     # As finish() (test_stream.py): a tensor of a group handed over while the consumer is on
     # another stream records the group's memory on that stream. Emulated on the CPU.
     from fastsafetensors.loader import cuda
@@ -247,7 +248,14 @@ def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(mon
 
     first, second = (torch.Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
     current = [first]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    lookups: list[int] = []
+
+    def current_stream(device: object = None) -> torch.Stream:
+        lookups.append(current[0].stream_id)
+        # A new object each call, as torch's: equal to the consumer's, not the same.
+        return torch.Stream(stream_id=current[0].stream_id, device_index=0, device_type=0)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     recorded: list[int] = []
 
     class Block:
@@ -262,7 +270,8 @@ def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(mon
     monkeypatch.setattr(cuda, "TORCH", Viewer)
     sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
     sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
-    sink._current, sink._dtypes, sink.calls = None, {}, None
+    sink._current, sink._dtypes, sink.calls, sink.index = None, {}, None, 0
+    stream_ids(monkeypatch, sink, current, ids)
     finish = sink.finisher(Block())
     out = []
     for i, s in enumerate((first, second, first)):
@@ -270,7 +279,7 @@ def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(mon
         sink.consumer_wait([])
         out.append(finish(16 * i, TensorInfo(f"w{i}", "F32", (4,), (16 * i, 16 * i + 16))))
     assert out == [(0, "w0"), (16, "w1"), (32, "w2")]
-    assert recorded == [2]
+    assert recorded == [2] and lookups == ([2] if ids else [1, 2, 1])
 
 
 @pytest.mark.parametrize("groups", [None, "off", "on"])

@@ -136,6 +136,11 @@ def copy_runs(src: torch.Tensor, runs: list[list[Piece]], device: torch.device) 
 
 _driver_refused = False   # said once: the driver library cannot be loaded here
 
+#: ``(stream id, device index, device type)`` of a device's current stream: the call behind
+#: ``torch.cuda.current_stream``, without the Python calls and the Stream object that builds
+#: around it, once per tensor handed over. None in a build of torch without CUDA.
+_current_stream_ids = getattr(torch._C, "_cuda_getCurrentStream", None)
+
 
 def _driver_calls() -> Any:
     """loader/driver.py where the CUDA driver library can be used, else None (torch's calls),
@@ -173,6 +178,8 @@ class TorchCudaSink:
         # driver's.
         self.calls: Any = _driver_calls() if driver else None
         self.consumer = torch.cuda.current_stream(self.device)
+        self._consumer_ids = (self.consumer.stream_id, self.consumer.device_index,
+                              self.consumer.device_type)
         # Events the consumer's current stream already waits for: tensors of one chunk share
         # one event, and 20,000 small tensors must not cost 20,000 stream waits. Strong
         # references (an id could be reused by a new event), cleared once there are many.
@@ -306,11 +313,21 @@ class TorchCudaSink:
     def host_wait(self, event: Any) -> None:
         event.synchronize()
 
+    def _current_stream(self) -> torch.cuda.Stream:
+        """The consumer's current stream on the device: the load's own Stream object while the
+        consumer is still on it (the common case), else a new one."""
+        if (_current_stream_ids is not None
+                and tuple(_current_stream_ids(self.index)) == self._consumer_ids):
+            return self.consumer
+        return torch.cuda.current_stream(self.device)
+
     def consumer_wait(self, events: list[torch.cuda.Event]) -> None:
-        stream = self._current = torch.cuda.current_stream(self.device)
+        stream = self._current = self._current_stream()
         # `is None` first: a CUDA stream compared with None by `!=` answers False (torch's C
         # comparison), which left the dict in place after the consumer switched streams.
-        if self._waited_on is None or stream != self._waited_on or len(self._waited) > 256:
+        if (self._waited_on is None or (stream is not self._waited_on
+                                        and stream != self._waited_on)
+                or len(self._waited) > 256):
             self._waited = {}
             self._waited_on = stream
         for event in events:
@@ -330,8 +347,8 @@ class TorchCudaSink:
             return torch.empty(shape, dtype=dtype, device=self.device)
         current, self._current = self._current, None
         if current is None:
-            current = torch.cuda.current_stream(self.device)
-        if current != self.consumer:
+            current = self._current_stream()
+        if current is not self.consumer and current != self.consumer:
             # The consumer switched streams since the load started: the allocator only knows
             # the allocation stream, so without this it could reuse the memory too early.
             flat.record_stream(current)
@@ -348,8 +365,8 @@ class TorchCudaSink:
         def finish(offset: int, info: TensorInfo) -> torch.Tensor:
             current, self._current = self._current, None
             if current is None:
-                current = torch.cuda.current_stream(self.device)
-            if current != self.consumer:
+                current = self._current_stream()
+            if current is not self.consumer and current != self.consumer:
                 # As in finish(): the memory must not be handed out again under the
                 # consumer's new stream's work (recorded for the whole group).
                 block.record_stream(current)
