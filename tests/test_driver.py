@@ -92,9 +92,11 @@ def test_copies_land_at_the_addresses_of_their_pieces(fake):
 
 def test_each_device_uses_its_own_primary_context_retained_once(fake):
     one = torch.zeros(4, dtype=torch.uint8)
+    # Held by a name: addresses() gives only the source's address, and a temporary would be
+    # freed (and its memory reused) before the copy reads it.
+    ones = torch.ones(4, dtype=torch.uint8)
     for _ in range(3):
-        driver.copy_to_device(1, 0, cuda.addresses(torch.ones(4, dtype=torch.uint8),
-                                                   [(one, 0, 0, 4)]))
+        driver.copy_to_device(1, 0, cuda.addresses(ones, [(one, 0, 0, 4)]))
     assert fake.last_context == 0x1001 and fake.last_stream == 0 and fake.retains == 1
     assert bool(one.all())
     with pytest.raises(CudaError, match="CUDA_ERROR_INVALID_DEVICE"):
