@@ -209,6 +209,9 @@ def test_the_cuda_sinks_driver_branches(fake, monkeypatch):
     sink = object.__new__(cuda.TorchCudaSink)
     sink.device, sink.index, sink.calls, sink.blocking = torch.device("cuda", 1), 1, driver, True
     sink.consumer, sink._waited, sink._waited_on, sink._current = _Stream(3), {}, None, None
+    # The current stream through torch.cuda.current_stream (stood in for below), not by ids,
+    # which a CUDA build of torch would ask the real device 1 for.
+    monkeypatch.setattr(cuda, "_current_stream_ids", None)
     allocated = sink.alloc_event()
     assert isinstance(allocated, driver.Event) and fake.last_stream == 3
     assert fake.last_flags == driver.DISABLE_TIMING   # the host never waits on these

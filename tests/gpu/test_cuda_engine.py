@@ -358,6 +358,20 @@ def test_small_tensor_groups_give_the_same_data_and_free_their_memory(tmp_path, 
     assert torch.cuda.memory_allocated() == base
 
 
+def test_the_sink_finds_the_consumers_stream_by_its_ids():
+    # Before each tensor handed over the sink looks up the consumer's current stream: by its ids
+    # (torch._C._cuda_getCurrentStream), the load's own Stream object while the consumer stays
+    # on it, a new one only after a switch (a silent loss of the shortcut would go unseen).
+    assert cuda_loader._current_stream_ids is not None
+    sink = cuda_loader.TorchCudaSink("cuda:0")
+    assert sink._current_stream() is sink.consumer
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        found = sink._current_stream()
+        assert found is not sink.consumer and found == side
+    assert sink._current_stream() is sink.consumer
+
+
 def test_tensors_are_allocated_on_the_consumers_stream(tmp_path):
     # The planner, a pooled thread, allocates with the consumer's stream current there (set
     # once per load, not per tensor), so memory the consumer frees is handed out again in that
