@@ -252,3 +252,26 @@ def stream_ids(monkeypatch: Any, sink: Any, current: list[Any], ids: bool) -> No
         sink._consumer_ids = (sink.consumer.stream_id, 0, 0)
     else:
         monkeypatch.setattr(cuda_module, "_current_stream_ids", None)
+
+
+def emulated_cuda_sink(monkeypatch: Any, ids: bool) -> tuple[Any, list[Any], list[int], Any]:
+    """A TorchCudaSink with only the fields its stream calls use, emulated on the CPU: the
+    consumer's stream is torch.Stream 1, ``current[0]`` is the consumer's current stream, and
+    ``lookups`` lists the streams torch.cuda.current_stream was asked for (it answers a new,
+    equal object each call, as torch's does). Returns (sink, current, lookups, stream 2)."""
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    first, second = (torch.Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
+    current = [first]
+    lookups: list[int] = []
+
+    def current_stream(device: object = None) -> torch.Stream:
+        lookups.append(current[0].stream_id)
+        return torch.Stream(stream_id=current[0].stream_id, device_index=0, device_type=0)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    sink = object.__new__(TorchCudaSink)   # no CUDA here
+    sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
+    sink._current, sink._dtypes, sink.calls, sink.index = None, {}, None, 0
+    stream_ids(monkeypatch, sink, current, ids)
+    return sink, current, lookups, second

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from fake_device import FakeSink, as_bytes, record_lookups, stream_ids
+from fake_device import FakeSink, as_bytes, emulated_cuda_sink, record_lookups, stream_ids
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -973,18 +973,9 @@ def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch, ids):
     # allocated on must be recorded on that stream, or freeing it could hand its memory out
     # under that stream's work. Emulated on the CPU with torch.Stream objects.
     from fastsafetensors.format import TensorInfo
-    from fastsafetensors.loader.cuda import TorchCudaSink
 
-    first, second = (torch.Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
-    current = [first]
-    lookups: list[int] = []
-
-    def current_stream(device: object = None) -> torch.Stream:
-        lookups.append(current[0].stream_id)
-        # A new object each call, as torch's: equal to the consumer's, not the same.
-        return torch.Stream(stream_id=current[0].stream_id, device_index=0, device_type=0)
-
-    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    sink, current, lookups, second = emulated_cuda_sink(monkeypatch, ids)
+    first = sink.consumer
     recorded: list[int] = []
 
     class Flat:
@@ -994,10 +985,6 @@ def test_a_tensor_handed_to_another_stream_is_recorded_on_it(monkeypatch, ids):
         def view(self, what: object) -> Flat:
             return self
 
-    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
-    sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
-    sink._current, sink._dtypes, sink.calls, sink.index = None, {}, None, 0
-    stream_ids(monkeypatch, sink, current, ids)
     info = TensorInfo("w", "F32", (2,), (0, 8))
     for stream in (first, second, first):
         current[0] = stream

@@ -12,7 +12,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from fake_device import FakeSink, GroupingFakeSink, as_bytes, stream_ids
+from fake_device import FakeSink, GroupingFakeSink, as_bytes, emulated_cuda_sink
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -244,18 +244,9 @@ def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(mon
     # As finish() (test_stream.py): a tensor of a group handed over while the consumer is on
     # another stream records the group's memory on that stream. Emulated on the CPU.
     from fastsafetensors.loader import cuda
-    from fastsafetensors.loader.cuda import TorchCudaSink
 
-    first, second = (torch.Stream(stream_id=i, device_index=0, device_type=0) for i in (1, 2))
-    current = [first]
-    lookups: list[int] = []
-
-    def current_stream(device: object = None) -> torch.Stream:
-        lookups.append(current[0].stream_id)
-        # A new object each call, as torch's: equal to the consumer's, not the same.
-        return torch.Stream(stream_id=current[0].stream_id, device_index=0, device_type=0)
-
-    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    sink, current, lookups, second = emulated_cuda_sink(monkeypatch, ids)
+    first = sink.consumer
     recorded: list[int] = []
 
     class Block:
@@ -268,10 +259,6 @@ def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(mon
             return lambda offset, info: (offset, info.name)
 
     monkeypatch.setattr(cuda, "TORCH", Viewer)
-    sink = object.__new__(TorchCudaSink)   # no CUDA here: the fields these calls use
-    sink.device, sink.consumer, sink._waited, sink._waited_on = "cuda:0", first, {}, None
-    sink._current, sink._dtypes, sink.calls, sink.index = None, {}, None, 0
-    stream_ids(monkeypatch, sink, current, ids)
     finish = sink.finisher(Block())
     out = []
     for i, s in enumerate((first, second, first)):
