@@ -89,14 +89,15 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "the other threads' Python work) or driver (CUDA driver calls through ctypes "
                 "that keep the GIL for their few microseconds; host waits still release it). "
                 "torch by default until a GPU run shows that driver pays"),
-    Option("small_tensor_groups", lambda: "off", ("off", "on"),
-           help="loads to a GPU without a memory budget: on puts runs of small tensors "
-                "(under 1 MiB, adjacent in the file, 16-byte aligned) in one device "
+    Option("small_tensor_groups", lambda: "on", ("off", "on"),
+           help="loads to a GPU without a memory budget: on (the default) puts runs of small "
+                "tensors (under 1 MiB, adjacent in the file, 16-byte aligned) in one device "
                 "allocation of up to 8 MiB, filled by one copy per chunk, and hands each over "
                 "as one view of it, instead of an allocation, a share of a batched copy and "
-                "two views each (docs/benchmarks.md); their memory is freed once all tensors "
-                "of the group are. off (each tensor its own memory, as safetensors) until a "
-                "GPU run measures it"),
+                "two views each: 20,000 small tensors loaded 2.3x faster than with safetensors "
+                "and 3x faster than with off on the H200 machine (docs/benchmarks.md). Their "
+                "memory is freed once all tensors of the group are. off: each tensor its own "
+                "memory, as safetensors gives it"),
     Option("mapped_readers", lambda: 0, minimum=0,
            help="of a GPU load's reader threads, how many copy ranges already in the page "
                 "cache straight to the GPU (the file mapped, the range registered with CUDA: "
@@ -104,13 +105,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "Off by default: on the H100 machine CUDA registered pages no faster from 8 "
                 "threads than from 1 and stalled the other readers' copies meanwhile, so "
                 "loads ran slower (docs/benchmarks.md)"),
-    Option("read_ahead", lambda: "off", ("off", "on"),
-           help="transformers loads whose device_map is one batched device (CUDA): on starts "
-                "reading every tensor of the checkpoint as soon as its files are known, while "
-                "transformers builds the model, when all floating-point tensors have the "
-                "model's dtype, nothing is quantized or split, and the device has room for "
-                "them all plus 1 GiB; off (the default until a GPU run shows it pays: on the "
-                "2-core CPU VM it saved nothing) reads them once transformers asks"),
+    Option("read_ahead", lambda: "on", ("off", "on"),
+           help="transformers loads whose device_map is one batched device (CUDA): on (the "
+                "default) starts reading every tensor of the checkpoint as soon as its files "
+                "are known, while transformers builds the model, when all floating-point "
+                "tensors have the model's dtype, nothing is quantized or split, and the device "
+                "has room for them all plus 1 GiB (8 GB to an H200: 0.79 s against 0.98 s, "
+                "docs/transformers.md); off reads them once transformers asks"),
     Option("huge_pages", lambda: "auto", ("auto", "off", "on"),
            help="on: advise transparent huge pages for fresh host buffers (fewer page faults, "
                 "but on VMs that hand free memory back to the host a first load can get "

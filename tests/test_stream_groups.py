@@ -95,7 +95,7 @@ def test_small_adjacent_tensors_share_one_allocation(tmp_path):
     save_file(got, str(tmp_path / "again.safetensors"))
     again = st_load_file(str(tmp_path / "again.safetensors"))
     assert all(torch.equal(again[k], v) for k, v in tensors.items())
-    # Off (the default), each tensor has its own allocation, as before.
+    # Off, each tensor has its own allocation, as safetensors gives it.
     sink = GroupingFakeSink(delay=0)
     got = dict(_load([str(path)], sink, groups=False))
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
@@ -289,7 +289,7 @@ def test_the_option_reaches_the_engine_of_a_gpu_load(mixed, monkeypatch, groups)
     got = dict(device_stream([(mixed, None, None)], "cuda:0"))
     want = st_load_file(mixed)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
-    assert bool(sinks[0].groups) == (groups == "on")   # off by default
+    assert bool(sinks[0].groups) == (groups != "off")   # on by default
     with pytest.raises(Exception, match="small_tensor_groups"):
         with fastsafetensors.configure(small_tensor_groups="yes"):
             pass

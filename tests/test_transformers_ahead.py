@@ -49,7 +49,7 @@ from fastsafetensors.loader.posix import STATS  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def reading_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
-    """read_ahead="on" (off by default) for every load of this module."""
+    """read_ahead="on" (the default) for every load of this module, whatever the environment."""
     monkeypatch.setenv("FASTSAFETENSORS_READ_AHEAD", "on")
 
 
@@ -127,6 +127,20 @@ def test_reading_starts_before_the_model_is_built(models: dict[str, Path], calls
     assert batch.times["started"] < batch.times["finished"]
 
 
+def test_reading_ahead_is_the_default(models: dict[str, Path], calls: Counter[str],
+                                      batched: Counter[str], seen: dict[str, Any],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.delenv("FASTSAFETENSORS_READ_AHEAD")
+    folder = models["llama"]
+    reference = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    seen["at_build"].clear()
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", loader="fastsafetensors")
+    assert_same(model, reference)
+    assert seen["at_build"] and all(s == [(True, True)] for s in seen["at_build"])
+
+
 def with_unused_tensor(source: Path, folder: Path) -> Path:
     """A copy of ``source`` whose last shard also holds a tensor no model parameter uses."""
     from safetensors.torch import load_file, save_file
@@ -193,20 +207,20 @@ def test_what_nobody_asks_for_is_read_but_not_kept(models: dict[str, Path], tmp_
     assert waiting == [True] and after_loading == [None]
 
 
-@pytest.mark.parametrize("case", ["the default", "float16", "read_ahead=off", "no device_map",
-                                  "tp_plan"])
+@pytest.mark.parametrize("case", ["environment off", "float16", "read_ahead=off",
+                                  "no device_map", "tp_plan"])
 def test_no_reading_ahead_where_it_would_not_pay(models: dict[str, Path], calls: Counter[str],
                                                  batched: Counter[str], seen: dict[str, Any],
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  case: str) -> None:
-    # Off unless asked for; a cast would keep both copies on the device; without one
-    # device_map device the tensors' devices are not known before the model is built.
+    # Off where asked for; a cast would keep both copies on the device; without one device_map
+    # device the tensors' devices are not known before the model is built.
     from transformers import AutoModelForCausalLM
 
     folder = models["llama"]
     kwargs: dict[str, Any] = {"device_map": "cpu"}
-    if case == "the default":
-        monkeypatch.delenv("FASTSAFETENSORS_READ_AHEAD")
+    if case == "environment off":
+        monkeypatch.setenv("FASTSAFETENSORS_READ_AHEAD", "off")
     elif case == "float16":
         kwargs["dtype"] = torch.float16
     elif case == "read_ahead=off":

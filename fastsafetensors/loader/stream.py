@@ -18,9 +18,10 @@ With ``mapped_readers`` (off by default) the first readers copy a chunk that is 
 page cache straight from a read-only mapping of the file, registered with the device for the
 length of its copies, instead of reading it into staging.
 
-With ``small_tensor_groups`` (off by default) the planner gives a run of small tensors adjacent
-in the file one allocation (a group, at most ``GROUP_BYTES``), and the caller hands each over as
-a view of it: fewer torch calls per tensor, each of which gives the GIL away.
+With ``small_tensor_groups`` (on by default, off under a memory budget) the planner gives a run
+of small tensors adjacent in the file one allocation (a group, at most ``GROUP_BYTES``), and the
+caller hands each over as a view of it: fewer torch calls per tensor, each of which gives the GIL
+away.
 
 No whole-shard device buffer exists: the device holds the tensors themselves and nothing else.
 Device work goes through a :class:`Sink`, so the pipeline is tested on the CPU with a fake
