@@ -151,7 +151,15 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("driver", "cuda_calls=driver (copies, events, waits: GIL held)",
                  {"FASTSAFETENSORS_CUDA_CALLS": "driver"}),
                 ("t16driver", "threads=16, cuda_calls=driver",
-                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_CUDA_CALLS": "driver"})):
+                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_CUDA_CALLS": "driver"}),
+                # A staged chunk's wait, read, copies and event in one C call without the GIL
+                # (loader/native.py): one GIL hand-over per chunk, not five or more.
+                ("native", "cuda_calls=native (a chunk's wait, read, copies: one C call)",
+                 {"FASTSAFETENSORS_CUDA_CALLS": "native"}),
+                ("t12native", "threads=12, cuda_calls=native",
+                 {"FASTSAFETENSORS_THREADS": "12", "FASTSAFETENSORS_CUDA_CALLS": "native"}),
+                ("t16native", "threads=16, cuda_calls=native",
+                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_CUDA_CALLS": "native"})):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",
@@ -631,11 +639,19 @@ def many_child(spec: dict[str, Any]) -> None:
         timed("fst_load_file_cuda", lambda: to_cuda(
             lambda: fastsafetensors.load_file(path, device="cuda:0")))
 
-        def grouped() -> Any:   # runs of small tensors in one allocation each (config.py)
-            with fastsafetensors.configure(small_tensor_groups="on"):
-                return fastsafetensors.load_file(path, device="cuda:0")
+        def configured(**options: Any) -> Callable[[], Any]:
+            def load() -> Any:
+                with fastsafetensors.configure(**options):
+                    return fastsafetensors.load_file(path, device="cuda:0")
+            return load
 
+        # Runs of small tensors in one allocation each (config.py): on by default since the
+        # fifteenth session; off, each tensor its own allocation.
+        grouped = configured(small_tensor_groups="on")
         timed("fst_load_file_cuda_groups", lambda: to_cuda(grouped))
+        timed("fst_load_file_cuda_nogroups",
+              lambda: to_cuda(configured(small_tensor_groups="off")))
+        timed("fst_load_file_cuda_native", lambda: to_cuda(configured(cuda_calls="native")))
         timed("st_load_file_cuda", lambda: to_cuda(lambda: st_load(path, device="cuda:0")))
     # Where fastsafetensors' time goes, through its internals (skipped if they moved).
     try:

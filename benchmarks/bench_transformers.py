@@ -50,14 +50,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-#: ``fastsafetensors-ahead`` is ours with ``read_ahead="on"``: the batch reads while
-#: transformers builds the model, instead of once it has built it and asks (``--modes``).
-MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead")
+#: ``fastsafetensors-ahead`` is ours with ``read_ahead="on"`` (the default since the fifteenth
+#: session): the batch reads while transformers builds the model; ``-on-demand`` with it off,
+#: reading once transformers has built the model and asks; ``-native`` with
+#: ``cuda_calls="native"`` (``--modes``).
+MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
+         "fastsafetensors-native")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
     "fastsafetensors-ahead": {"loader": "fastsafetensors",
                               "loader_options": {"read_ahead": "on"}},
+    "fastsafetensors-on-demand": {"loader": "fastsafetensors",
+                                  "loader_options": {"read_ahead": "off"}},
+    "fastsafetensors-native": {"loader": "fastsafetensors",
+                               "loader_options": {"cuda_calls": "native"}},
 }
 
 
@@ -279,6 +286,12 @@ def main() -> None:
             # What reading while transformers builds the model saves, as a ratio of times.
             summary[f"{cache}/speedup_read_ahead"] = (
                 ours["seconds"] / summary[f"{cache}/fastsafetensors-ahead"]["seconds"])
+        if f"{cache}/fastsafetensors-on-demand" in summary:   # the same, from the other side
+            summary[f"{cache}/speedup_read_ahead"] = (
+                summary[f"{cache}/fastsafetensors-on-demand"]["seconds"] / ours["seconds"])
+        if f"{cache}/fastsafetensors-native" in summary:
+            summary[f"{cache}/speedup_native"] = (
+                ours["seconds"] / summary[f"{cache}/fastsafetensors-native"]["seconds"])
     if all(f"{c}/speedup" in summary for c in ("warm", "floor")):
         stock_bytes = summary["warm/stock"]["seconds"] - summary["floor/stock"]["seconds"]
         ours_bytes = (summary["warm/fastsafetensors"]["seconds"]

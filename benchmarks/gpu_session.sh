@@ -74,6 +74,10 @@ python3 -c 'import transformers, safetensors, fastsafetensors as f;
 print("transformers", transformers.__version__, "safetensors", safetensors.__version__,
       "fastsafetensors", f.__version__, f.__file__)'
 
+# cuda_calls="native" compiles loader/readcopy.c on first use: built here, outside every clock.
+timeout -k 5 15 python3 -c 'from fastsafetensors.loader import native
+print("native chunk calls:", native.build(), native.available() or "available")' || true
+
 step "GPU tests"
 timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py tests/test_transformers_ahead.py tests/test_accelerate.py \
@@ -84,10 +88,10 @@ timeout -k 5 35 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout -k 5 135 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
+timeout -k 5 125 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only 'h2d_pinned|raw_reused_t(8|16)|direct_reused_t8|^fst_cuda(_direct|_buffered|_driver|_t16driver|_t16huge)?$|sketch_cuda_(prepinned|procs)|instanttensor_buffered' \
-    --warm-only 'direct_reused|instanttensor|raw_reused_t16' \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_buffered|_native|_t12native|_t16native)?\$|sketch_cuda_procs16|instanttensor_buffered}" \
+    --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 100 --timeout 60 \
     --skip-many \
     --json "$OUT/bench-load.json"
@@ -99,15 +103,16 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
-# ahead: read_ahead="on", to see what reading while transformers builds the model saves.
+# on-demand: read_ahead="off", to see what reading while transformers builds the model saves
+# (on by default since the fifteenth session); native: cuda_calls="native".
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
-timeout -k 5 90 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
-    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 70 --run-timeout 30 --cache warm \
-    --no-floor --modes stock,fastsafetensors,fastsafetensors-ahead \
+timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
+    --no-floor --modes stock,fastsafetensors,fastsafetensors-on-demand,fastsafetensors-native \
     --json "$OUT/bench-transformers.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"
-timeout -k 5 40 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --only '^$' \
+timeout -k 5 50 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --only '^$' \
     --no-peers --repeat 3 --logs "$work/logs-many" --json "$OUT/bench-many.json"
 
 step "done"

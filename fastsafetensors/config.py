@@ -83,12 +83,15 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="how a reader thread waits for the GPU to finish copying out of its staging "
                 "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
                 "(frees the core for other readers, costs a wake-up)"),
-    Option("cuda_calls", lambda: "torch", ("torch", "driver"),
+    Option("cuda_calls", lambda: "torch", ("torch", "driver", "native"),
            help="how a GPU load's reader threads queue copies, events and stream waits: "
                 "torch (each call releases Python's GIL and takes it back, which waits for "
-                "the other threads' Python work) or driver (CUDA driver calls through ctypes "
-                "that keep the GIL for their few microseconds; host waits still release it). "
-                "torch by default until a GPU run shows that driver pays"),
+                "the other threads' Python work), driver (CUDA driver calls through ctypes "
+                "that keep the GIL for their few microseconds; host waits still release it) "
+                "or native (a staged chunk's wait, read, copies and event in one C call "
+                "without the GIL, built on first use with the system's C compiler; "
+                "loader/native.py). torch by default: driver ran no faster on the H200 "
+                "machine, native is not measured on a GPU yet"),
     Option("small_tensor_groups", lambda: "on", ("off", "on"),
            help="loads to a GPU without a memory budget: on (the default) puts runs of small "
                 "tensors (under 1 MiB, adjacent in the file, 16-byte aligned) in one device "

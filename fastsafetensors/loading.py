@@ -195,7 +195,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
                             small_tensor_groups=config.get("small_tensor_groups") == "on")
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
                          huge_pages=config.get("huge_pages") != "off",
-                         driver=config.get("cuda_calls") == "driver")
+                         driver=config.get("cuda_calls") == "driver",
+                         native=config.get("cuda_calls") == "native")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     return stream_tensors(files, sink, options)

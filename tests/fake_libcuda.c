@@ -29,6 +29,10 @@ unsigned fake_last_flags;
 long fake_fail_copy;
 int fake_copy_ms, fake_sync_ms;
 
+/* Counted atomically: native calls (loader/readcopy.c) make these from several threads at once,
+ * without the GIL. */
+#define COUNT(counter, n) __atomic_add_fetch(&(counter), (n), __ATOMIC_RELAXED)
+
 static __thread uintptr_t stack[16];
 static __thread int depth;
 
@@ -47,21 +51,21 @@ int cuDeviceGet(int *device, int ordinal) {
 
 int cuDevicePrimaryCtxRetain(void **context, int device) {
     if (device < 0 || device >= fake_devices) return INVALID_DEVICE;
-    fake_retains++;
+    COUNT(fake_retains, 1);
     *context = (void *)(uintptr_t)(0x1000 + device);
     return SUCCESS;
 }
 
 int cuCtxPushCurrent_v2(void *context) {
     if (!context || depth == 16) return INVALID_CONTEXT;
-    fake_pushes++;
+    COUNT(fake_pushes, 1);
     stack[depth++] = (uintptr_t)context;
     return SUCCESS;
 }
 
 int cuCtxPopCurrent_v2(void **context) {
     if (depth == 0) return INVALID_CONTEXT;
-    fake_pops++;
+    COUNT(fake_pops, 1);
     *context = (void *)stack[--depth];
     return SUCCESS;
 }
@@ -71,8 +75,8 @@ int cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t nbytes, void *str
     if (fake_fail_copy && fake_copies + 1 == fake_fail_copy) return ILLEGAL_ADDRESS;
     pause_ms(fake_copy_ms);
     memcpy((void *)(uintptr_t)dst, src, nbytes);
-    fake_copies++;
-    fake_copied_bytes += (long)nbytes;
+    COUNT(fake_copies, 1);
+    COUNT(fake_copied_bytes, (long)nbytes);
     fake_last_stream = (uintptr_t)stream;
     fake_last_context = stack[depth - 1];
     return SUCCESS;
@@ -85,7 +89,7 @@ int cuEventCreate(void **event, unsigned flags) {
     e->flags = flags;
     e->recorded = 0;
     fake_last_flags = flags;
-    fake_events_live++;
+    COUNT(fake_events_live, 1);
     *event = e;
     return SUCCESS;
 }
@@ -96,7 +100,7 @@ int cuEventRecord(void *event, void *stream) {
     if (depth == 0) return INVALID_CONTEXT;
     if (!valid(event)) return INVALID_HANDLE;
     ((event_t *)event)->recorded = 1;
-    fake_records++;
+    COUNT(fake_records, 1);
     fake_last_stream = (uintptr_t)stream;
     return SUCCESS;
 }
@@ -104,7 +108,7 @@ int cuEventRecord(void *event, void *stream) {
 int cuStreamWaitEvent(void *stream, void *event, unsigned flags) {
     if (depth == 0) return INVALID_CONTEXT;
     if (!valid(event) || flags) return INVALID_HANDLE;
-    fake_waits++;
+    COUNT(fake_waits, 1);
     fake_last_stream = (uintptr_t)stream;
     fake_last_context = stack[depth - 1];
     return SUCCESS;
@@ -113,7 +117,7 @@ int cuStreamWaitEvent(void *stream, void *event, unsigned flags) {
 int cuEventSynchronize(void *event) {
     if (!valid(event)) return INVALID_HANDLE;
     pause_ms(fake_sync_ms);
-    fake_syncs++;
+    COUNT(fake_syncs, 1);
     return SUCCESS;
 }
 
@@ -121,7 +125,7 @@ int cuEventDestroy_v2(void *event) {
     if (!valid(event)) return INVALID_HANDLE;
     ((event_t *)event)->magic = 0;
     free(event);
-    fake_events_live--;
+    COUNT(fake_events_live, -1);
     return SUCCESS;
 }
 

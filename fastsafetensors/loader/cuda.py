@@ -17,7 +17,9 @@ Stream hazards handled here:
 
 With ``driver=True`` (``cuda_calls="driver"``) the same copies, events and stream waits go
 through the CUDA driver with the GIL held (loader/driver.py), in the same order on the same
-streams; runs of small tensors still go through torch.
+streams; runs of small tensors still go through torch. With ``native=True``
+(``cuda_calls="native"``) a staged chunk's wait, read, copies and event are one C call
+without the GIL (loader/native.py), each piece its own copy; the other calls as with driver.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def copy_runs(src: torch.Tensor, runs: list[list[Piece]], device: torch.device) 
 
 
 _driver_refused = False   # said once: the driver library cannot be loaded here
+_native_refused = False   # said once: native chunk calls cannot be made here
 
 #: ``(stream id, device index, device type)`` of a device's current stream: the call behind
 #: ``torch.cuda.current_stream``, without the Python calls and the Stream object that builds
@@ -158,11 +161,27 @@ def _driver_calls() -> Any:
     return None
 
 
+def _native_calls() -> Any:
+    """loader/native.py where its C calls can be made, else None (the driver's calls, or
+    torch's), said once in the log."""
+    global _native_refused
+    from . import native
+
+    why = native.available()
+    if why is None:
+        return native
+    if not _native_refused:
+        _native_refused = True
+        logger.warning("cuda_calls=\"native\": the chunk calls cannot be made (%s); queuing "
+                       "copies through the CUDA driver's calls one by one, or torch's", why)
+    return None
+
+
 class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 
     def __init__(self, device: str | torch.device, *, blocking: bool = False,
-                 huge_pages: bool = False, driver: bool = False):
+                 huge_pages: bool = False, driver: bool = False, native: bool = False):
         self.device = torch.device(device)
         # Staging from registered huge pages kept for the process (loader/hostpool.py), not
         # from torch's pinned allocator.
@@ -176,7 +195,10 @@ class TorchCudaSink:
         # Copies, events and stream waits through the CUDA driver with the GIL held
         # (loader/driver.py), or None: through torch. All events of a load are then the
         # driver's.
-        self.calls: Any = _driver_calls() if driver else None
+        self.calls: Any = _driver_calls() if driver or native else None
+        # One C call per staged chunk (stream.Sink.read_copy), or None.
+        self.native: Any = _native_calls() if native and self.calls is not None else None
+        self.read_copy = self._read_copy if self.native is not None else None
         self.consumer = torch.cuda.current_stream(self.device)
         self._consumer_ids = (self.consumer.stream_id, self.consumer.device_index,
                               self.consumer.device_type)
@@ -312,6 +334,18 @@ class TorchCudaSink:
 
     def host_wait(self, event: Any) -> None:
         event.synchronize()
+
+    def _read_copy(self, stream: torch.cuda.Stream, staged: Any, fd: int, offset: int,
+                   length: int, needed: int, buffer: torch.Tensor, allocated: Any,
+                   pieces: list[Piece], path: str) -> tuple[int, Any]:
+        # Every piece its own copy: from C a copy call costs microseconds and no GIL, so
+        # small ones need no runs through torch.
+        return self.native.read_copy(
+            self.index, staged, fd, offset, length, needed, buffer.data_ptr(),
+            stream.cuda_stream, allocated,
+            [(dst.data_ptr() + dst_offset, src_offset, n)
+             for dst, dst_offset, src_offset, n in pieces],
+            blocking=self.blocking, path=path)
 
     def _current_stream(self) -> torch.cuda.Stream:
         """The consumer's current stream on the device: the load's own Stream object while the

@@ -177,6 +177,16 @@ class Event:
             self.handle = handle
             _check(held.cuEventRecord(handle, stream), "cuEventRecord")
 
+    @classmethod
+    def adopt(cls, device: int, handle: ctypes.c_void_p) -> Event:
+        """An event created and recorded elsewhere (loader/native.py's C calls), destroyed
+        with this object."""
+        self = cls.__new__(cls)
+        self.device = device
+        self.handle = handle
+        self.pid = os.getpid()
+        return self
+
     def synchronize(self) -> None:
         """Wait until the work before the event has run (the GIL released meanwhile)."""
         released = _libs_or_raise()[1]

@@ -103,7 +103,15 @@ def device_bytes(nbytes: int) -> int:
 
 
 class Sink(Protocol):
-    """The device side of the pipeline. Events are opaque; streams are per worker."""
+    """The device side of the pipeline. Events are opaque; streams are per worker.
+
+    Optional, not declared here: ``read_copy(stream, staged, fd, offset, length, needed,
+    buffer, allocated, pieces, path) -> (bytes read, event)``, an attribute that may be None.
+    A sink that has it gets each staged chunk in one call: ``host_wait(staged)`` (None:
+    nothing to wait for), read ``length`` bytes of ``fd`` at ``offset`` into ``buffer`` (from
+    ``staging``), then, if at least ``needed`` came, ``stream_wait(stream, allocated)``,
+    ``copy(stream, buffer, pieces)`` and ``record(stream)``; the event is None when fewer than
+    ``needed`` came (nothing was queued; the engine raises ReadError)."""
 
     def enter_thread(self) -> None:
         """Called first on each thread the engine starts, before any other call there."""
@@ -426,6 +434,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # buffers would be.
         sources: deque[list[Any]] = deque()
         mapper = mapped and index < options.mapped_readers
+        # The sink's one call per chunk (cuda_calls="native"), or None: a call per step.
+        read_copy = getattr(sink, "read_copy", None)
         turn = 0
         stream = None
         spent: dict[str, float] = defaultdict(float)   # this reader's time, by what it waited on
@@ -485,6 +495,36 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                         sink.host_wait(done)
                         sink.release_source(old)
                         spent["reader: wait for registered pages' copies"] += clock() - t3
+                    continue
+                if read_copy is not None:
+                    if buffers[turn] is None:
+                        buffers[turn] = sink.staging(options.buffer_bytes + 2 * DIRECT_ALIGN)
+                        t2 = clock()
+                        spent["reader: pin staging"] += t2 - t1
+                        t1 = t2
+                    f = chunk.file
+                    fd, begin, length, direct = _chunk_read(chunk, policy)
+                    skew = chunk.offset - begin
+                    # Waits for the staging's last copies, reads, queues the copies: one call.
+                    got, event = read_copy(
+                        stream, pending[turn], fd, begin, length, chunk.end - begin,
+                        buffers[turn][0], chunk.allocated,
+                        [(p.tensor.flat, p.tensor_offset, skew + p.file_offset - chunk.offset,
+                          p.length) for p in chunk.pieces], f.path)
+                    _file_done(f)
+                    if event is None:
+                        from ..errors import ReadError
+
+                        raise ReadError(f.path, begin, chunk.end - begin, got)
+                    STATS.add(got, direct=direct)
+                    pending[turn] = event
+                    turn ^= 1
+                    with stats_lock:
+                        stats["bytes"] += got
+                        stats["direct"] += direct
+                        stats["chunks"] += 1
+                    completion.queued(chunk.pieces, event)
+                    spent["reader: wait, read and queue copies in one call"] += clock() - t1
                     continue
                 if pending[turn] is not None:
                     sink.host_wait(pending[turn])
@@ -841,9 +881,10 @@ def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk | None, cancelled: thre
             continue
 
 
-def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int, int, bool]:
-    """Read the chunk into ``view``; returns (skew, bytes read, direct) where the chunk's first
-    byte sits at ``view[skew]``."""
+def _chunk_read(chunk: _Chunk, policy: IOPolicy) -> tuple[int, int, int, bool]:
+    """How to read the chunk: ``(descriptor, offset, length, direct)``. An O_DIRECT read is
+    widened to whole blocks at both ends (and may then end past the end of the file); the
+    chunk's first byte lands ``chunk.offset - offset`` bytes into the buffer."""
     f = chunk.file
     resident, base = None, 0
     if policy.mode == "auto" and f.direct_fd is not None:
@@ -851,18 +892,25 @@ def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int,
     direct = f.direct_fd is not None and policy.direct_range(resident, base, chunk.offset,
                                                              chunk.end)
     if direct:
+        assert f.direct_fd is not None
         begin = chunk.offset - chunk.offset % DIRECT_ALIGN
         end = -(-chunk.end // DIRECT_ALIGN) * DIRECT_ALIGN
-        assert f.direct_fd is not None
-        got = pread_into(f.direct_fd, view[:end - begin], begin, path=f.path, direct=True,
-                         allow_eof=end > f.header.file_size)
-        if begin + got < chunk.end:
-            from ..errors import ReadError
+        return f.direct_fd, begin, end - begin, True
+    return f.fd, chunk.offset, chunk.end - chunk.offset, False
 
-            raise ReadError(f.path, begin, chunk.end - begin, got)
-        return chunk.offset - begin, got, True
-    got = pread_into(f.fd, view[:chunk.end - chunk.offset], chunk.offset, path=f.path)
-    return 0, got, False
+
+def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int, int, bool]:
+    """Read the chunk into ``view``; returns (skew, bytes read, direct) where the chunk's first
+    byte sits at ``view[skew]``."""
+    f = chunk.file
+    fd, begin, length, direct = _chunk_read(chunk, policy)
+    got = pread_into(fd, view[:length], begin, path=f.path, direct=direct,
+                     allow_eof=direct and begin + length > f.header.file_size)
+    if begin + got < chunk.end:
+        from ..errors import ReadError
+
+        raise ReadError(f.path, begin, chunk.end - begin, got)
+    return chunk.offset - begin, got, direct
 
 
 def _map_chunk(chunk: _Chunk, sink: Sink, policy: IOPolicy) -> tuple[Any, int] | None:

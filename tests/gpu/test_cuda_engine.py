@@ -49,13 +49,21 @@ def slow_copies(monkeypatch):
     """Each worker's copies start 2 ms late on its stream. A GPU copies a chunk faster than
     the next pread, so without this the tests of the engine's waits would pass without them."""
     copy = cuda_loader.TorchCudaSink.copy
+    read_copy = cuda_loader.TorchCudaSink._read_copy
 
     def late(self, stream, src, pieces):
         with torch.cuda.stream(stream):
             torch.cuda._sleep(2_000_000)   # cycles: about 1-2 ms at the clocks of an H100
         copy(self, stream, src, pieces)
 
+    def late_native(self, stream, *args):
+        # cuda_calls="native": queued before the call, which queues the chunk's copies.
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(2_000_000)
+        return read_copy(self, stream, *args)
+
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "copy", late)
+    monkeypatch.setattr(cuda_loader.TorchCudaSink, "_read_copy", late_native)
 
 
 class DriverCounts:
@@ -66,14 +74,16 @@ class DriverCounts:
         self.mode = mode
         self.copies = 0
         self.blocking: list[bool] = []
+        self.chunks = 0   # native calls
 
 
-@pytest.fixture(params=["torch", "driver"])
+@pytest.fixture(params=["torch", "driver", "native"])
 def cuda_calls(request, monkeypatch):
-    """Both ways of queuing the readers' copies, events and stream waits (loader/driver.py).
-    With the driver's, the test fails unless its events were the driver's; the counts tell a
-    test what else went through the driver."""
-    from fastsafetensors.loader import driver
+    """Each way of queuing the readers' copies, events and stream waits (loader/driver.py,
+    loader/native.py). With the driver's, the test fails unless its events were the driver's;
+    with native calls, unless a chunk went through one; the counts tell a test what else went
+    through them."""
+    from fastsafetensors.loader import driver, native
 
     monkeypatch.setenv("FASTSAFETENSORS_CUDA_CALLS", request.param)
     counts = DriverCounts(request.param)
@@ -95,9 +105,23 @@ def cuda_calls(request, monkeypatch):
 
         monkeypatch.setattr(driver, "copy_to_device", counted)
         monkeypatch.setattr(driver, "Event", Event)
+    if request.param == "native":
+        assert native.available() is None, native.available()
+        call = native.read_copy
+
+        def counted_chunk(device, staged, fd, offset, length, needed, dest, stream, allocated,
+                          copies, **kw):
+            counts.chunks += 1
+            counts.copies += len(copies)
+            return call(device, staged, fd, offset, length, needed, dest, stream, allocated,
+                        copies, **kw)
+
+        monkeypatch.setattr(native, "read_copy", counted_chunk)
     yield counts
     if request.param == "driver":
         assert counts.blocking, "no event went through the driver"
+    if request.param == "native":
+        assert counts.chunks, "no chunk went through a native call"
 
 
 @pytest.fixture
@@ -220,7 +244,7 @@ def test_large_pieces_through_driver_copies_bit_for_bit(every_dtype, monkeypatch
     want = st_load_file(every_dtype)
     for name, tensor in want.items():
         assert torch.equal(_bytes(got[name]), _bytes(tensor)), name
-    if cuda_calls.mode == "driver":
+    if cuda_calls.mode != "torch":
         assert cuda_calls.copies >= sum(1 for t in want.values() if t.numel())
 
 

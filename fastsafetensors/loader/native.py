@@ -1,0 +1,168 @@
+"""A chunk's read and its copies in one C call (``cuda_calls="native"``).
+
+On the H200 machine 8 reader threads read cached files at 30.6 GB/s and 16 at 42.2 with plain
+``preadv`` calls, but the engine's readers moved 21-23 GB/s to the GPU with 8 and less with 16:
+each chunk takes a reader through five or more calls that give Python's GIL away and take it
+back behind the other threads (a host wait, the read, a stream wait, copies, an event), and
+the readers' time went to those hand-overs rather than to reading (docs/benchmarks.md,
+section 2). Here a reader makes one call per chunk, readcopy.c's ``fst_read_copy``, which does
+all of them with the GIL released, through the same CUDA driver functions as
+``cuda_calls="driver"`` (loader/driver.py): its events are driver events.
+
+readcopy.c is compiled on first use with the system's C compiler (``cc``) into a cache
+folder (``$XDG_CACHE_HOME/fastsafetensors`` or ``~/.cache/fastsafetensors``), so the package
+stays pure Python; where no compiler or driver is found, :func:`available` says why and the
+engine queues its copies through the driver or torch instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from array import array
+from pathlib import Path
+from typing import Any
+
+from . import driver
+
+__all__ = ["available", "read_copy"]
+
+SOURCE = Path(__file__).with_name("readcopy.c")
+#: fst_read_copy's failed steps, by number (readcopy.c's enum).
+STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEvent",
+         "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent")
+_READ = 3
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why not
+
+
+class _Calls(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("push", "pop", "sync", "wait", "copy", "create", "record")]
+
+
+_DRIVER_NAMES = ("cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuEventSynchronize",
+                 "cuStreamWaitEvent", "cuMemcpyHtoDAsync_v2", "cuEventCreate", "cuEventRecord")
+
+
+def cache_folder() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastsafetensors"
+
+
+def build(folder: Path | None = None) -> Path:
+    """The compiled readcopy.c, built once per source text and machine; raises RuntimeError
+    (with the compiler's output) where it cannot be built."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + os.uname().machine.encode()).hexdigest()[:16]
+    folder = folder or cache_folder()
+    target = folder / f"readcopy-{key}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH to build readcopy.c; install one "
+                           "(apt install gcc) or set CC")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed: another process building it at once, or one that
+    # loads it meanwhile, never sees half a file.
+    fd, partial = tempfile.mkstemp(prefix="readcopy-", suffix=".so.part", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} could not build {SOURCE}: "
+                               f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _load() -> dict[str, Any]:
+    if "lib" in _state or "missing" in _state:
+        return _state
+    with _lock:
+        if "lib" not in _state and "missing" not in _state:
+            why = driver.available()
+            if why is not None:
+                _state["missing"] = f"the CUDA driver library cannot be used ({why})"
+                return _state
+            try:
+                lib = ctypes.CDLL(str(build()))   # CDLL: the GIL is released around each call
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["missing"] = str(exc)
+                return _state
+            function = lib.fst_read_copy
+            function.restype = ctypes.c_int
+            function.argtypes = [
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)]
+            released = driver._libs_or_raise()[1]
+            calls = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p).value
+                             for name in _DRIVER_NAMES))
+            _state["calls"] = calls
+            _state["lib"] = lib
+    return _state
+
+
+def available() -> str | None:
+    """None when native chunk calls can be made here, else why not."""
+    return _load().get("missing")
+
+
+def forget() -> None:
+    """Load again on next use (tests that swap the driver library)."""
+    with _lock:
+        _state.clear()
+
+
+def read_copy(device: int, staged: Any, fd: int, offset: int, length: int, needed: int,
+              dest: int, stream: int, allocated: Any,
+              copies: list[tuple[int, int, int]], *, blocking: bool, path: str
+              ) -> tuple[int, driver.Event | None]:
+    """Wait for the driver event ``staged`` (None: nothing to wait for), read ``length`` bytes
+    of ``fd`` at ``offset`` into the pinned memory at ``dest``, then, if at least ``needed``
+    came, make ``stream`` wait for ``allocated`` and queue each ``(device address, offset in
+    dest, bytes)`` of ``copies`` on it: returns the bytes read and the event recorded after
+    the copies (None when fewer than ``needed`` came; nothing was queued then)."""
+    state = _load()
+    if "missing" in state:
+        from ..errors import CudaError
+
+        raise CudaError("dlopen", -1, f"native chunk calls cannot be made ({state['missing']})")
+    dst = array("Q", [c[0] for c in copies])
+    src = array("Q", [c[1] for c in copies])
+    lengths = array("Q", [c[2] for c in copies])
+    got = ctypes.c_int64()
+    event = ctypes.c_void_p()
+    failed = ctypes.c_int()
+    flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
+    code = state["lib"].fst_read_copy(
+        ctypes.byref(state["calls"]), driver._context(device),
+        None if staged is None else staged.handle, fd, offset, length, needed, dest,
+        ctypes.byref(got), stream, None if allocated is None else allocated.handle,
+        len(copies), dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0],
+        flags, ctypes.byref(event), ctypes.byref(failed))
+    made = driver.Event.adopt(device, event) if event.value else None
+    if code:
+        if failed.value == _READ:
+            raise OSError(code, os.strerror(code), path)
+        driver._check(code, STEPS[failed.value] if failed.value < len(STEPS) else "native")
+    return got.value, made
+
+
+if sys.platform != "linux":   # pread and the driver's calls as used here: Linux only
+    _state["missing"] = f"native chunk calls are built for Linux, not {sys.platform}"

@@ -1,0 +1,107 @@
+/* One chunk of a GPU load in one call without Python's GIL (cuda_calls="native", see
+ * native.py): wait until the staging buffer's last copies ran, read the chunk into it, make the
+ * copy stream wait for the tensors' allocation, queue one host-to-device copy per piece and
+ * record an event after them.
+ *
+ * A reader thread doing these steps through Python gives the GIL away and takes it back around
+ * each of them, behind the other threads' Python work; here the thread gives it away once per
+ * chunk (ctypes releases it around the call). The CUDA driver's functions are handed in as
+ * addresses (from the libcuda.so.1 Python loaded), so this file needs no CUDA headers or
+ * libraries to build: only a C compiler and libc. */
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <unistd.h>
+
+typedef int (*push_fn)(void *context);
+typedef int (*pop_fn)(void **context);
+typedef int (*sync_fn)(void *event);
+typedef int (*wait_fn)(void *stream, void *event, unsigned flags);
+typedef int (*copy_fn)(uint64_t dst, const void *src, size_t nbytes, void *stream);
+typedef int (*create_fn)(void **event, unsigned flags);
+typedef int (*record_fn)(void *event, void *stream);
+
+/* The driver calls, in this order (native.py fills it). */
+typedef struct {
+    push_fn push;
+    pop_fn pop;
+    sync_fn sync;
+    wait_fn wait;
+    copy_fn copy;
+    create_fn create;
+    record_fn record;
+} calls_t;
+
+/* Which step failed, for the error Python raises (native.STEPS names them). */
+enum { OK, PUSH, SYNC, READ, WAIT, COPY, CREATE, RECORD, POP };
+
+/* Linux caps one read at 0x7ffff000 bytes; ask for less. */
+#define MAX_READ (1 << 30)
+
+/* Returns 0, or the CUDA error code (or the read's errno) with *failed set to the step.
+ * *got: bytes read. Fewer than `needed` (end of file): nothing is queued and no event made,
+ * the caller raises. *event: the event recorded after the copies, or NULL. */
+int fst_read_copy(const calls_t *calls, void *context, void *staged, int fd, int64_t offset,
+                  int64_t length, int64_t needed, char *dest, int64_t *got, void *stream,
+                  void *allocated, int64_t pieces, const uint64_t *dst,
+                  const uint64_t *src, const uint64_t *len, unsigned flags, void **event,
+                  int *failed) {
+    int code = 0, step = OK;
+    int64_t done = 0;
+    void *popped = NULL;
+
+    *got = 0;
+    *event = NULL;
+    if ((code = calls->push(context)) != 0) {
+        *failed = PUSH;
+        return code;
+    }
+    if (staged && (code = calls->sync(staged)) != 0) {
+        step = SYNC;
+        goto out;
+    }
+    while (done < length) {
+        int64_t want = length - done < MAX_READ ? length - done : MAX_READ;
+        ssize_t n = pread(fd, dest + done, (size_t)want, (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            code = errno;
+            step = READ;
+            goto out;
+        }
+        if (n == 0)
+            break; /* end of file: the caller decides whether that is short */
+        done += n;
+    }
+    *got = done;
+    if (done < needed)
+        goto out;
+    if (allocated && (code = calls->wait(stream, allocated, 0)) != 0) {
+        step = WAIT;
+        goto out;
+    }
+    for (int64_t i = 0; i < pieces; i++) {
+        if ((code = calls->copy(dst[i], dest + src[i], (size_t)len[i], stream)) != 0) {
+            step = COPY;
+            goto out;
+        }
+    }
+    if ((code = calls->create(event, flags)) != 0) {
+        *event = NULL;
+        step = CREATE;
+        goto out;
+    }
+    if ((code = calls->record(*event, stream)) != 0)
+        step = RECORD; /* the event is handed back all the same, to be destroyed */
+out:
+    {
+        int popcode = calls->pop(&popped);
+        if (step == OK && popcode != 0) {
+            code = popcode;
+            step = POP;
+        }
+    }
+    *failed = step;
+    return step == OK ? 0 : code;
+}
