@@ -75,6 +75,7 @@ class DriverCounts:
         self.copies = 0
         self.blocking: list[bool] = []
         self.chunks = 0   # native calls
+        self.expect_chunks = True   # staged chunks, which native calls make (not mapped ones)
 
 
 @pytest.fixture(params=["torch", "driver", "native"])
@@ -113,6 +114,7 @@ def cuda_calls(request, monkeypatch):
                           copies, **kw):
             counts.chunks += 1
             counts.copies += len(copies)
+            counts.blocking.append(kw["blocking"])   # the flag of the event the call makes
             return call(device, staged, fd, offset, length, needed, dest, stream, allocated,
                         copies, **kw)
 
@@ -120,7 +122,7 @@ def cuda_calls(request, monkeypatch):
     yield counts
     if request.param == "driver":
         assert counts.blocking, "no event went through the driver"
-    if request.param == "native":
+    if request.param == "native" and counts.expect_chunks:
         assert counts.chunks, "no chunk went through a native call"
 
 
@@ -208,6 +210,8 @@ def test_cached_chunks_copied_straight_from_the_page_cache_give_the_same_data(
 
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "host_source", counted)
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "release_source", released)
+    # Every reader mapped and every chunk cached: none may be staged, so no native call.
+    cuda_calls.expect_chunks = budget is not None
     with fastsafetensors.configure(backend="posix", mapped_readers=4, threads=4,
                                    staging_bytes=8 << 20):
         got = {}
