@@ -8,15 +8,14 @@
 #   device call: bash benchmarks/gpu_session.sh      (carry: .whl; timeout_s 480)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 475 s, 450 with PROBE=0; the two 30 s set-up steps, pinning probe and
-# transformers' wheel, take seconds, so 415 and 390 for the rest, under a call's 480; the most
-# wanted figures come first; the two runs on an H200 took 310 and 373 s in all, the first H100
-# run, with more rows and cold runs, 335 s). Rows and cold runs that earlier runs settled are
-# left out (since the twelfth session also the mapped-reader, huge-page and 16-thread rows of
-# our loader, for the 16-thread raw read and the reader-process sketch; since the thirteenth
-# `load` and vLLM's sequence, which ran within 10% of load_file in H100 runs 1 and 3, for the
-# cuda_calls="driver" rows); a session with time to spare can add them back with
-# bench_load.py's --only;
+# (the limits add up to 505 s, 480 with PROBE=0; the set-up steps, pinning probe, transformers'
+# wheel and building the native calls, take seconds, so about 400 for the rest, under a call's
+# 480; the most wanted figures come first; the fifteenth session's runs on an H200 took 280 and
+# 218 s in all). Rows and cold runs that earlier runs settled are left out: since the fifteenth
+# session the cold runs (H200 run 3: ours 1.04x the raw read, io="auto" 0.97x the better fixed
+# mode), io="direct", the driver-call, huge-page and 16-thread torch rows, and all sketches but
+# the 16-process one; LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
+# regexes) bring any back;
 # the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
 # checks, summaries and JSON are written whatever the machine's speed.
 set -u -o pipefail

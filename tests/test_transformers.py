@@ -512,6 +512,31 @@ def test_device_map_cuda(models: dict[str, Path], calls: Counter[str],
     assert batches == [f"cuda:{torch.cuda.current_device()}"] * 2
 
 
+def test_parameters_sharing_a_group_save_and_load_back(models: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    # small_tensor_groups (on by default for loads to a GPU) hands small tensors over as views
+    # of one allocation. A model so loaded must still save: here its small parameters are made
+    # views of one buffer on the CPU, as a GPU load would give them.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], device_map="cpu")
+    small = [p for p in model.parameters() if p.nbytes < 1 << 20 and p.dim() == 1]
+    assert len(small) > 2
+    block = torch.empty(sum(p.nbytes for p in small), dtype=torch.uint8)
+    at = 0
+    with torch.no_grad():
+        for p in small:
+            view = block[at:at + p.nbytes].view(p.dtype).view(p.shape)
+            view.copy_(p)
+            p.data = view
+            at += p.nbytes
+    assert len({p.untyped_storage().data_ptr() for p in small}) == 1
+    model.save_pretrained(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_map="cpu",
+                                                 loader="fastsafetensors")
+    assert assert_same(again, model) > 0
+
+
 @pytest.mark.parametrize("case", ["bfloat16", "float16", "auto-from-config", "auto-probe"])
 def test_dtype_casts(models: dict[str, Path], calls: Counter[str], case: str) -> None:
     from transformers import AutoModelForCausalLM
