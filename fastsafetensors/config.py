@@ -101,6 +101,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "and 3x faster than with off on the H200 machine (docs/benchmarks.md). Their "
                 "memory is freed once all tensors of the group are. off: each tensor its own "
                 "memory, as safetensors gives it"),
+    Option("switch_interval_us", lambda: 500, minimum=0,
+           help="loads to a GPU: Python's thread switch interval while the load's reader "
+                "threads run, in microseconds, where the interpreter's is longer (5,000 by "
+                "default): a reader needs the GIL back after each read, and a thread running "
+                "Python meanwhile (transformers building the model, a consumer's code) keeps "
+                "it for up to that long. Process-wide, set back when the last load ends "
+                "(fastsafetensors/loader/switching.py); 0 leaves it alone"),
     Option("mapped_readers", lambda: 0, minimum=0,
            help="of a GPU load's reader threads, how many copy ranges already in the page "
                 "cache straight to the GPU (the file mapped, the range registered with CUDA: "

@@ -44,6 +44,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, header_of, open_readonly
+from . import switching
 from . import threads as pool
 from .cpu import PAGE, IOPolicy
 from .pagecache import map_file, resident_map, unmap
@@ -182,6 +183,9 @@ class StreamOptions:
     #: Runs of small tensors in one allocation, where the sink can finish them from it
     #: (``Sink.finisher``) and no memory budget is set.
     small_tensor_groups: bool = False
+    #: Python's thread switch interval while the load runs, in seconds, if shorter than the
+    #: interpreter's (switching.py); 0 leaves it alone.
+    switch_interval: float = 0.0
 
     @property
     def buffer_bytes(self) -> int:
@@ -590,6 +594,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     finished: list[threading.Event] = []
     count = 0
     tracked = pool.track(cancelled, finished)
+    # Readers get the GIL back sooner from threads running Python (switching.py).
+    switched = switching.shorten(options.switch_interval)
     try:
         # Started inside the try: if a thread cannot start, the cleanup below still stops
         # the ones that did and closes their files.
@@ -641,6 +647,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         if errors:
             raise errors[0]
     finally:
+        if switched:   # first: what follows may be interrupted
+            switching.restore()
         cancelled.set()
         _drain(work)
         # The drain may have taken the planner's stop markers: give each worker one back, or

@@ -1,0 +1,78 @@
+"""Python's thread switch interval, shortened while the engine's reader threads run.
+
+A reader thread that returns from a read (or from any call that released the GIL) needs the GIL
+back to go on. When another thread is running Python meanwhile (transformers building the model
+while the batch reads ahead, a consumer converting each tensor), CPython hands the GIL over only
+when that thread blocks or when the switch interval (5 ms by default) has passed: each reader
+then waits up to 5 ms several times a chunk. On the H200 machine a transformers batch read
+8.21 GB in 0.41-0.44 s once transformers waited for it, but took 0.71-0.81 s when it ran while
+transformers built the model (docs/benchmarks.md, section 4). On the 2-core CPU VM an engine
+load of 0.81 GB beside a thread running Python took 196-252 ms with the default interval and
+123-148 ms with 500 us, while that thread's own work took as long either way, and a load with
+no such thread took as long either way too (``benchmarks/bench_beside_python.py``).
+
+So an engine load sets the interval to ``switch_interval_us`` (500 us by default) while it runs,
+if it is longer, and sets it back when the last load running ends, unless something else set
+another value meanwhile (that value stays). The interval is the process's: other threads switch
+more often meanwhile too. 0 leaves it alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+__all__ = ["shorten", "restore"]
+
+_lock = threading.Lock()
+_depth = 0                  # loads running that asked for a shorter interval
+_saved: float | None = None   # the interval before the first of them, if it was changed
+_set: float | None = None     # what it was changed to
+
+
+def shorten(seconds: float) -> bool:
+    """Shorten the interval to ``seconds`` (if it is longer) until :func:`restore`; returns
+    whether a matching :func:`restore` is due (False for 0: nothing was done)."""
+    global _depth, _saved, _set
+    if seconds <= 0:
+        return False
+    with _lock:
+        if _depth == 0:
+            current = sys.getswitchinterval()
+            if seconds < current:
+                sys.setswitchinterval(seconds)
+                _saved, _set = current, sys.getswitchinterval()
+            else:
+                _saved = _set = None
+        _depth += 1
+    return True
+
+
+def restore() -> None:
+    """One load that :func:`shorten` ed ended: the last one sets the interval back, unless it was
+    changed meanwhile."""
+    global _depth, _saved, _set
+    with _lock:
+        if _depth == 0:   # a forked child's reset came in between
+            return
+        _depth -= 1
+        if _depth == 0 and _set is not None:
+            if sys.getswitchinterval() == _set and _saved is not None:
+                sys.setswitchinterval(_saved)
+            _saved = _set = None
+
+
+def _after_fork() -> None:
+    # A child keeps the forking thread only: loads other threads were running never end there.
+    global _lock, _depth, _saved, _set
+    _lock = threading.Lock()
+    if _depth and _set is not None and _saved is not None \
+            and sys.getswitchinterval() == _set:
+        sys.setswitchinterval(_saved)
+    _depth = 0
+    _saved = _set = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
