@@ -103,11 +103,12 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
 fi
 
 # on-demand: read_ahead="off", to see what reading while transformers builds the model saves
-# (on by default since the fifteenth session); native: cuda_calls="native".
+# (on by default since the fifteenth session); switch-off: switch_interval_us=0, to see what the
+# shorter switch interval while the batch reads (also new then) saves.
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
-    --no-floor --modes stock,fastsafetensors,fastsafetensors-on-demand,fastsafetensors-native \
+    --no-floor --modes stock,fastsafetensors,fastsafetensors-on-demand,fastsafetensors-switch-off \
     --json "$OUT/bench-transformers.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"
