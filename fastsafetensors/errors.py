@@ -19,7 +19,8 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     ├── ReadError(OSError)                      a read came back short (file changed under us)
     ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
     ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
-    ├── CudaError(RuntimeError)                 a CUDA driver call failed (cuda_calls="driver")
+    ├── CudaError(RuntimeError)                 a CUDA driver call failed (cuda_calls="driver"
+    │                                           or "native")
     ├── BudgetInfeasibleError(ValueError)       a load cannot fit ParallelLoader's
     │                                           device_memory_budget (upstream's name)
     ├── PeerLoadError(RuntimeError)             another rank failed to read its files, so this
@@ -271,8 +272,8 @@ class BackendUnavailableError(FastSafetensorsError, RuntimeError):
 
 
 class CudaError(FastSafetensorsError, RuntimeError):
-    """A CUDA driver call of the engine failed (``cuda_calls="driver"``): which call, its
-    error code and name."""
+    """A CUDA driver call of the engine failed (``cuda_calls="driver"`` or ``"native"``): which
+    call, its error code and name."""
 
     _fields = ("call", "code", "name")
 

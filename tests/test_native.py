@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import as_bytes, misaligned_entries, write_raw
+from builders import as_bytes, misaligned_entries, require_o_direct, write_raw
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
@@ -174,6 +174,8 @@ def test_the_engine_through_native_calls_equals_safetensors(calls, tmp_path, io)
                           (2500, torch.float32), (0, torch.float32), (70, torch.int8)])}
     first = tmp_path / "a.safetensors"
     save_file(tensors, str(first))
+    if io == "direct":
+        require_o_direct(first)
     entries, data, _ = misaligned_entries()
     second = write_raw(tmp_path / "b.safetensors", entries, data)
     sink = NativeHostSink()
@@ -219,6 +221,18 @@ def test_a_file_cut_short_while_loading_fails_the_load_with_a_read_error(calls, 
         dict(stream_tensors([(str(path), None, None)], sink,
                             StreamOptions(threads=2, staging_bytes=4 * 16384, io="buffered")))
     assert sink.calls >= 1 and calls.copies == 0   # nothing of a short read copied
+
+
+def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path):
+    # The third copy of the load fails: the error reaches the caller, every reader ends (no
+    # hang), and every context pushed was popped.
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.full((8192,), float(i)) for i in range(16)}, str(path))
+    calls.set("fail_copy", 3)
+    with pytest.raises(CudaError, match="cuMemcpyHtoDAsync"):
+        dict(stream_tensors([(str(path), None, None)], NativeHostSink(),
+                            StreamOptions(threads=2, staging_bytes=4 * 16384, io="buffered")))
+    assert calls.pushes == calls.pops
 
 
 def test_the_cuda_sink_makes_the_native_call(calls, monkeypatch):
@@ -268,9 +282,25 @@ def test_a_compiler_error_is_said(tmp_path, monkeypatch):
     assert not list((tmp_path / "out").iterdir())   # no half-built file left
 
 
-def test_the_build_is_cached_per_source(tmp_path):
+def test_the_build_is_cached_per_source(tmp_path, monkeypatch):
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("needs a C compiler (cc or gcc)")
     first = native.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    # Another source text (a new release): another file, the first one left as it was.
+    changed = tmp_path / "readcopy.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    second = native.build(tmp_path)
+    assert second != first and second.exists() and first.stat().st_mtime_ns == stamp
+
+
+def test_a_cached_file_others_may_write_is_not_loaded(tmp_path):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("needs a C compiler (cc or gcc)")
+    built = native.build(tmp_path)
+    assert built.stat().st_mode & 0o022 == 0
+    built.chmod(0o777)
+    with pytest.raises(RuntimeError, match="others may write it"):
+        native.build(tmp_path)

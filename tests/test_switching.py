@@ -140,3 +140,25 @@ def test_a_forked_child_gets_the_interval_back() -> None:
         assert os.WEXITSTATUS(status) == 0
     finally:
         switching.restore()
+
+
+def test_a_parents_load_closed_in_a_forked_child_leaves_the_childs_alone(shard: str) -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    parents = _stream(shard, 0.0005)
+    next(parents)
+    pid = os.fork()
+    if pid == 0:
+        ok = sys.getswitchinterval() == DEFAULT   # the parent's load does not run here
+        own = _stream(shard, 0.0005)
+        next(own)
+        ok = ok and sys.getswitchinterval() == pytest.approx(0.0005)
+        parents.close()   # counted in the parent, not here: the child's own load still runs
+        ok = ok and sys.getswitchinterval() == pytest.approx(0.0005)
+        own.close()
+        ok = ok and sys.getswitchinterval() == DEFAULT
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    parents.close()
+    assert os.WEXITSTATUS(status) == 0
+    assert sys.getswitchinterval() == pytest.approx(DEFAULT)

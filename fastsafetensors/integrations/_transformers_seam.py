@@ -27,8 +27,8 @@ in a small thread pool. These replacements, made once at install time, route tho
    0.39-0.41 s a load on the H100 machine, comes before it asks for any tensor), and the
    allocator warm-up, which would allocate the model's size beside the tensors already read,
    is skipped (``_transformers_ahead.start_reading_ahead`` says when this is done; option
-   ``read_ahead``, on by default since the H200 run showed it pays: 0.79 s against 0.98 s for
-   8 GB).
+   ``read_ahead``, on by default since the fifteenth session's H200 runs: 0.79 s against 0.98 s
+   for 8 GB in one, 0.89 s against 0.87 s in the other).
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of

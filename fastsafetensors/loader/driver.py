@@ -22,7 +22,8 @@ memory ``cuMemcpyHtoDAsync`` copies synchronously, and would hold the GIL meanwh
 that stays: CUDA says any call may block on the driver's own resources (another thread inside
 ``cudaMalloc``, ``cudaFree`` or ``cuMemHostRegister``, a full command queue), and such a wait
 here holds every Python thread of the process. No deadlock follows (nothing holds a driver lock
-while it waits for the GIL), but it is why this is opt-in until a GPU run measures it.
+while it waits for the GIL), but it is a risk to take only for a gain, and on the H200 machine
+there was none (20.47 against 21.32 GB/s with torch's calls): opt-in.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,17 +58,20 @@ def cache_folder() -> Path:
     return Path(base) / "fastsafetensors"
 
 
-def build(folder: Path | None = None) -> Path:
-    """The compiled readcopy.c, built once per source text and machine; raises RuntimeError
-    (with the compiler's output) where it cannot be built."""
+def build(folder: Path | None = None, *, again: bool = False) -> Path:
+    """The compiled readcopy.c, built once per source text and machine (``again``: built anew
+    even if there); raises RuntimeError (with the compiler's output) where it cannot be
+    built, or where the file there is not this user's own."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + os.uname().machine.encode()).hexdigest()[:16]
     folder = folder or cache_folder()
     target = folder / f"readcopy-{key}.so"
-    if target.exists():
+    if target.exists() and not again:
+        _check_owned(target)
         return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        found for found in (shutil.which("cc") or shutil.which("gcc"),) if found]
+    if not compiler:
         raise RuntimeError("no C compiler (cc or gcc) on PATH to build readcopy.c; install one "
                            "(apt install gcc) or set CC")
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,16 +80,31 @@ def build(folder: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(prefix="readcopy-", suffix=".so.part", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, str(SOURCE)],
-                              capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([*compiler, "-O2", "-shared", "-fPIC",
+                                   "-D_FILE_OFFSET_BITS=64", "-o", partial, str(SOURCE)],
+                                  capture_output=True, text=True, timeout=120)
+        except OSError as exc:
+            raise RuntimeError(f"the C compiler {' '.join(compiler)!r} cannot be run: {exc}; "
+                               f"install one (apt install gcc) or set CC") from None
         if done.returncode:
-            raise RuntimeError(f"{compiler} could not build {SOURCE}: "
+            raise RuntimeError(f"{' '.join(compiler)} could not build {SOURCE}: "
                                f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        os.chmod(partial, 0o755)   # whatever the umask: _check_owned refuses writable files
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _check_owned(path: Path) -> None:
+    """Code to be loaded into this process: only from a file of this user's that nobody else
+    may write (a shared cache folder could hold someone else's file of that name)."""
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is not this user's own file, or others may write it; "
+                           f"remove it, or set XDG_CACHE_HOME to a folder of your own")
 
 
 def _load() -> dict[str, Any]:
@@ -98,7 +117,11 @@ def _load() -> dict[str, Any]:
                 _state["missing"] = f"the CUDA driver library cannot be used ({why})"
                 return _state
             try:
-                lib = ctypes.CDLL(str(build()))   # CDLL: the GIL is released around each call
+                try:
+                    lib = ctypes.CDLL(str(build()))   # CDLL: the GIL is released around calls
+                except OSError:
+                    # A file there that does not load (built for another libc, say): anew.
+                    lib = ctypes.CDLL(str(build(again=True)))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state["missing"] = str(exc)
                 return _state

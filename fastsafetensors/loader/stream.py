@@ -647,7 +647,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         if errors:
             raise errors[0]
     finally:
-        if switched:   # first: what follows may be interrupted
+        # First: what follows may be interrupted. Not in a forked child, whose count started
+        # again from 0 (switching._after_fork): this load was counted in the parent.
+        if switched and os.getpid() == pid:
             switching.restore()
         cancelled.set()
         _drain(work)

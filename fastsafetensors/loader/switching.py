@@ -25,7 +25,9 @@ import threading
 
 __all__ = ["shorten", "restore"]
 
-_lock = threading.Lock()
+# Reentrant: a load collected by the garbage collector restores from a finalizer, which may run
+# on this thread inside one of the few statements below (sys.getswitchinterval allocates).
+_lock = threading.RLock()
 _depth = 0                  # loads running that asked for a shorter interval
 _saved: float | None = None   # the interval before the first of them, if it was changed
 _set: float | None = None     # what it was changed to
@@ -66,7 +68,7 @@ def restore() -> None:
 def _after_fork() -> None:
     # A child keeps the forking thread only: loads other threads were running never end there.
     global _lock, _depth, _saved, _set
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     if _depth and _set is not None and _saved is not None \
             and sys.getswitchinterval() == _set:
         sys.setswitchinterval(_saved)
