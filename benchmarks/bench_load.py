@@ -179,7 +179,26 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("t16native_s128", "threads=16, cuda_calls=native, staging_bytes=128 MiB "
                  "(4 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
-                                     "FASTSAFETENSORS_STAGING_BYTES": str(128 << 20)})):
+                                     "FASTSAFETENSORS_STAGING_BYTES": str(128 << 20)}),
+                # More readers with buffers of 16 or 32 MiB (H200 run 5's follow-ups: 12-16
+                # readers with 32 MiB buffers loaded 1.1-1.5x faster once their staging was
+                # pinned, but a first load, which pins it, ran slower): which of them is
+                # faster in a process's first load too, the row's first round?
+                ("t12_s384", "threads=12, staging_bytes=384 MiB (16 MiB buffers)",
+                 {"FASTSAFETENSORS_THREADS": "12",
+                  "FASTSAFETENSORS_STAGING_BYTES": str(384 << 20)}),
+                ("t12native_s384", "threads=12, cuda_calls=native, staging_bytes=384 MiB "
+                 "(16 MiB buffers)", {"FASTSAFETENSORS_THREADS": "12",
+                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
+                                      "FASTSAFETENSORS_STAGING_BYTES": str(384 << 20)}),
+                ("t16native_s512", "threads=16, cuda_calls=native, staging_bytes=512 MiB "
+                 "(16 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
+                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
+                                      "FASTSAFETENSORS_STAGING_BYTES": str(512 << 20)}),
+                ("t16native_s1g", "threads=16, cuda_calls=native, staging_bytes=1 GiB "
+                 "(32 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
+                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
+                                      "FASTSAFETENSORS_STAGING_BYTES": str(1 << 30)})):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",

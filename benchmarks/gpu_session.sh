@@ -13,9 +13,10 @@
 # 480; the most wanted figures come first; the fifteenth session's runs on an H200 took 280 and
 # 218 s in all). Rows and cold runs that earlier runs settled are left out: since the fifteenth
 # session the cold runs (H200 run 3: ours 1.04x the raw read, io="auto" 0.97x the better fixed
-# mode), io="direct", the driver-call, huge-page and 16-thread torch rows, and all sketches but
-# the 16-process one; LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
-# regexes) bring any back;
+# mode), io="direct", the driver-call, huge-page and 16-thread torch rows, the sketches, and
+# the native rows with 8 MiB buffers or fewer threads (no faster than torch's calls); the rows
+# now ask which number of readers and buffer size is fastest in a process's first load too;
+# LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only regexes) bring any back;
 # the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
 # checks, summaries and JSON are written whatever the machine's speed.
 set -u -o pipefail
@@ -89,7 +90,7 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 125 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_buffered|_native|_t12native|_t16native)?\$|sketch_cuda_procs16|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_buffered|_t12_s384|_t12native_s384|_t16native_s512|_t16native_s1g)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 100 --timeout 60 \
     --skip-many \
