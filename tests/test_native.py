@@ -23,7 +23,7 @@ from test_driver import DriverHostSink, _progress_during, _Stream, fake, fake_so
 from fastsafetensors import CudaError, ReadError
 from fastsafetensors.loader import cuda, driver, native
 from fastsafetensors.loader.posix import STATS
-from fastsafetensors.loader.stream import StreamOptions, stream_tensors
+from fastsafetensors.loader.stream import PHASES, StreamOptions, stream_tensors
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_one_call_reads_and_copies_each_piece_then_records(calls, tmp_path):
     syncs, waits = calls.syncs, calls.waits
     fd = os.open(path, os.O_RDONLY)
     try:
-        got, event = native.read_copy(
+        got, event, spent = native.read_copy(
             0, staged, fd, 1000, 5000, 5000, buffer.data_ptr(), 7, allocated,
             [(a.data_ptr() + 10, 3, 90), (b.data_ptr(), 4000, 7), (a.data_ptr(), 500, 10)],
             blocking=True, path=str(path))
@@ -64,6 +64,7 @@ def test_one_call_reads_and_copies_each_piece_then_records(calls, tmp_path):
         os.close(fd)
     want = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     assert got == 5000 and torch.equal(buffer[:5000], want[1000:6000])
+    assert len(spent) == 3 and all(0 <= s < 5 for s in spent) and spent[1] > 0
     assert torch.equal(a[10:], want[1003:1093]) and torch.equal(a[:10], want[1500:1510])
     assert torch.equal(b, want[5000:5007])
     # The staging's last copies waited for, the allocation waited for on the copy stream, one
@@ -85,15 +86,15 @@ def test_a_short_read_queues_nothing(calls, tmp_path):
     dst = torch.zeros(50, dtype=torch.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
-        got, event = native.read_copy(0, None, fd, 0, 4096, 150, buffer.data_ptr(), 7, None,
-                                      [(dst.data_ptr(), 100, 50)], blocking=False,
-                                      path=str(path))
+        got, event, _ = native.read_copy(0, None, fd, 0, 4096, 150, buffer.data_ptr(), 7,
+                                         None, [(dst.data_ptr(), 100, 50)], blocking=False,
+                                         path=str(path))
         assert (got, event) == (100, None) and calls.copies == 0
         # Up to the end of the file is enough when that is all that is needed (O_DIRECT
         # reads widened to whole blocks past the end).
-        got, event = native.read_copy(0, None, fd, 0, 4096, 100, buffer.data_ptr(), 7, None,
-                                      [(dst.data_ptr(), 50, 50)], blocking=False,
-                                      path=str(path))
+        got, event, _ = native.read_copy(0, None, fd, 0, 4096, 100, buffer.data_ptr(), 7,
+                                         None, [(dst.data_ptr(), 50, 50)], blocking=False,
+                                         path=str(path))
         assert got == 100 and event is not None and bool((dst == ord("x")).all())
     finally:
         os.close(fd)
@@ -153,15 +154,15 @@ class NativeHostSink(DriverHostSink):
 
     def read_copy(self, stream: int, staged: Any, fd: int, offset: int, length: int,
                   needed: int, buffer: Any, allocated: Any, pieces: list[Any],
-                  path: str) -> tuple[int, Any]:
+                  path: str) -> tuple[int, Any, Any]:
         self.calls += 1
-        got, event = native.read_copy(
+        got, event, spent = native.read_copy(
             0, staged, fd, offset, length, needed, buffer.data_ptr(), stream, allocated,
             [(dst.data_ptr() + at, src, n) for dst, at, src, n in pieces], blocking=False,
             path=path)
         if event is not None:
             self.events.append(event)
-        return got, event
+        return got, event, spent
 
 
 @pytest.mark.parametrize("io", ["buffered", "direct"])
@@ -181,8 +182,13 @@ def test_the_engine_through_native_calls_equals_safetensors(calls, tmp_path, io)
     sink = NativeHostSink()
     options = StreamOptions(threads=3, staging_bytes=6 * 16384, io=io)
     STATS.reset()
+    PHASES.reset()
     got = dict(stream_tensors([(str(first), None, None), (str(second), None, None)], sink,
                               options))
+    # The call's parts are counted under the phases the Python readers use.
+    phases = PHASES.snapshot()
+    assert phases["reader: read"] > 0 and "reader: around its native call" in phases
+    assert "reader: queue copies" in phases and "reader: wait for its staging's copies" in phases
     want = {**st_load_file(str(first)), **st_load_file(str(second))}
     assert list(got) == list(want)
     for name, tensor in want.items():
@@ -243,10 +249,11 @@ def test_the_cuda_sink_makes_the_native_call(calls, monkeypatch):
     sink.device, sink.index, sink.blocking = torch.device("cuda", 1), 1, False
     sink.calls, sink.native = driver, native
     made: list[Any] = []
-    monkeypatch.setattr(native, "read_copy", lambda *a, **k: made.append((a, k)) or (5, None))
+    monkeypatch.setattr(native, "read_copy",
+                        lambda *a, **k: made.append((a, k)) or (5, None, (0.0, 0.0, 0.0)))
     buffer, dst = staging(64), torch.zeros(8, dtype=torch.uint8)
     assert sink._read_copy(_Stream(6), None, 9, 0, 64, 64, buffer, None, [(dst, 2, 4, 6)],
-                           "p") == (5, None)
+                           "p") == (5, None, (0.0, 0.0, 0.0))
     ((args, kwargs),) = made
     assert args == (1, None, 9, 0, 64, 64, buffer.data_ptr(), 6, None,
                     [(dst.data_ptr() + 2, 4, 6)])

@@ -337,7 +337,7 @@ class TorchCudaSink:
 
     def _read_copy(self, stream: torch.cuda.Stream, staged: Any, fd: int, offset: int,
                    length: int, needed: int, buffer: torch.Tensor, allocated: Any,
-                   pieces: list[Piece], path: str) -> tuple[int, Any]:
+                   pieces: list[Piece], path: str) -> tuple[int, Any, tuple[float, ...]]:
         # Every piece its own copy: from C a copy call costs microseconds and no GIL, so
         # small ones need no runs through torch.
         return self.native.read_copy(

@@ -132,7 +132,8 @@ def _load() -> dict[str, Any]:
                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)]
+                ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
+                ctypes.POINTER(ctypes.c_double)]
             released = driver._libs_or_raise()[1]
             calls = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p).value
                              for name in _DRIVER_NAMES))
@@ -155,12 +156,13 @@ def forget() -> None:
 def read_copy(device: int, staged: Any, fd: int, offset: int, length: int, needed: int,
               dest: int, stream: int, allocated: Any,
               copies: list[tuple[int, int, int]], *, blocking: bool, path: str
-              ) -> tuple[int, driver.Event | None]:
+              ) -> tuple[int, driver.Event | None, tuple[float, float, float]]:
     """Wait for the driver event ``staged`` (None: nothing to wait for), read ``length`` bytes
     of ``fd`` at ``offset`` into the pinned memory at ``dest``, then, if at least ``needed``
     came, make ``stream`` wait for ``allocated`` and queue each ``(device address, offset in
-    dest, bytes)`` of ``copies`` on it: returns the bytes read and the event recorded after
-    the copies (None when fewer than ``needed`` came; nothing was queued then)."""
+    dest, bytes)`` of ``copies`` on it: returns the bytes read, the event recorded after the
+    copies (None when fewer than ``needed`` came; nothing was queued then), and the seconds
+    spent waiting for ``staged``, reading and queuing."""
     state = _load()
     if "missing" in state:
         from ..errors import CudaError
@@ -172,19 +174,20 @@ def read_copy(device: int, staged: Any, fd: int, offset: int, length: int, neede
     got = ctypes.c_int64()
     event = ctypes.c_void_p()
     failed = ctypes.c_int()
+    spent = (ctypes.c_double * 3)()
     flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
     code = state["lib"].fst_read_copy(
         ctypes.byref(state["calls"]), driver._context(device),
         None if staged is None else staged.handle, fd, offset, length, needed, dest,
         ctypes.byref(got), stream, None if allocated is None else allocated.handle,
         len(copies), dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0],
-        flags, ctypes.byref(event), ctypes.byref(failed))
+        flags, ctypes.byref(event), ctypes.byref(failed), spent)
     made = driver.Event.adopt(device, event) if event.value else None
     if code:
         if failed.value == _READ:
             raise OSError(code, os.strerror(code), path)
         driver._check(code, STEPS[failed.value] if failed.value < len(STEPS) else "native")
-    return got.value, made
+    return got.value, made, (spent[0], spent[1], spent[2])
 
 
 if sys.platform != "linux":   # pread and the driver's calls as used here: Linux only

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef int (*push_fn)(void *context);
@@ -38,20 +39,29 @@ enum { OK, PUSH, SYNC, READ, WAIT, COPY, CREATE, RECORD, POP };
 /* Linux caps one read at 0x7ffff000 bytes; ask for less. */
 #define MAX_READ (1 << 30)
 
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
 /* Returns 0, or the CUDA error code (or the read's errno) with *failed set to the step.
  * *got: bytes read. Fewer than `needed` (end of file): nothing is queued and no event made,
- * the caller raises. *event: the event recorded after the copies, or NULL. */
+ * the caller raises. *event: the event recorded after the copies, or NULL. spent[0..2]:
+ * seconds spent waiting for the staging's copies, reading, and queuing the copies. */
 int fst_read_copy(const calls_t *calls, void *context, void *staged, int fd, int64_t offset,
                   int64_t length, int64_t needed, char *dest, int64_t *got, void *stream,
                   void *allocated, int64_t pieces, const uint64_t *dst,
                   const uint64_t *src, const uint64_t *len, unsigned flags, void **event,
-                  int *failed) {
+                  int *failed, double *spent) {
     int code = 0, step = OK;
     int64_t done = 0;
     void *popped = NULL;
+    double t0 = now(), t1 = t0, t2 = t0;
 
     *got = 0;
     *event = NULL;
+    spent[0] = spent[1] = spent[2] = 0.0;
     if ((code = calls->push(context)) != 0) {
         *failed = PUSH;
         return code;
@@ -60,6 +70,7 @@ int fst_read_copy(const calls_t *calls, void *context, void *staged, int fd, int
         step = SYNC;
         goto out;
     }
+    t1 = now();
     while (done < length) {
         int64_t want = length - done < MAX_READ ? length - done : MAX_READ;
         ssize_t n = pread(fd, dest + done, (size_t)want, (off_t)(offset + done));
@@ -75,6 +86,7 @@ int fst_read_copy(const calls_t *calls, void *context, void *staged, int fd, int
         done += n;
     }
     *got = done;
+    t2 = now();
     if (done < needed)
         goto out;
     if (allocated && (code = calls->wait(stream, allocated, 0)) != 0) {
@@ -95,6 +107,9 @@ int fst_read_copy(const calls_t *calls, void *context, void *staged, int fd, int
     if ((code = calls->record(*event, stream)) != 0)
         step = RECORD; /* the event is handed back all the same, to be destroyed */
 out:
+    spent[0] = t1 - t0;
+    if (t2 > t1)
+        spent[1] = t2 - t1;
     {
         int popcode = calls->pop(&popped);
         if (step == OK && popcode != 0) {
@@ -102,6 +117,8 @@ out:
             step = POP;
         }
     }
+    if (t2 > t1)
+        spent[2] = now() - t2;
     *failed = step;
     return step == OK ? 0 : code;
 }
