@@ -181,13 +181,13 @@ def test_queuing_keeps_the_gil_and_a_host_wait_releases_it(fake):
 def test_a_missing_driver_library_is_said_once_and_torch_calls_are_used(monkeypatch, caplog):
     monkeypatch.setattr(driver, "_libs", None)
     monkeypatch.setattr(driver, "_missing", None)
-    monkeypatch.setattr(cuda, "_driver_refused", False)
+    monkeypatch.setattr(cuda, "_refused", set())
     assert driver._load("libcuda-that-is-not-here.so.1") is None
     assert "libcuda-that-is-not-here" in (driver.available() or "")
     with pytest.raises(CudaError, match="cannot be used"):
         driver.copy_to_device(0, 0, [])
     with caplog.at_level("WARNING", logger="fastsafetensors.loader.cuda"):
-        assert cuda._driver_calls() is None and cuda._driver_calls() is None
+        assert cuda._calls("driver") is None and cuda._calls("driver") is None
     assert [r.getMessage() for r in caplog.records if "cuda_calls" in r.getMessage()] == [
         f'cuda_calls="driver": the CUDA driver library cannot be used ({driver.available()}); '
         "queuing copies through torch"]

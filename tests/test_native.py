@@ -265,7 +265,7 @@ def test_without_a_compiler_native_falls_back_to_driver_calls_said_once(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("PATH", str(tmp_path))   # no cc, no gcc
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(cuda, "_native_refused", False)
+    monkeypatch.setattr(cuda, "_refused", set())
     native.forget()
     try:
         why = native.available()
@@ -273,7 +273,7 @@ def test_without_a_compiler_native_falls_back_to_driver_calls_said_once(
         with pytest.raises(CudaError, match="native chunk calls cannot be made"):
             native.read_copy(0, None, 0, 0, 0, 0, 0, 0, None, [], blocking=False, path="p")
         with caplog.at_level("WARNING", logger="fastsafetensors.loader.cuda"):
-            assert cuda._native_calls() is None and cuda._native_calls() is None
+            assert cuda._calls("native") is None and cuda._calls("native") is None
         assert len([r for r in caplog.records if "native" in r.getMessage()]) == 1
     finally:
         native.forget()

@@ -136,8 +136,9 @@ def copy_runs(src: torch.Tensor, runs: list[list[Piece]], device: torch.device) 
         torch._foreach_copy_(dsts, [parts[i] for i in keep], non_blocking=True)
 
 
-_driver_refused = False   # said once: the driver library cannot be loaded here
-_native_refused = False   # said once: native chunk calls cannot be made here
+#: cuda_calls modes said once in the log not to be usable here (the driver library, or the
+#: native calls, cannot be loaded).
+_refused: set[str] = set()
 
 #: ``(stream id, device index, device type)`` of a device's current stream: the call behind
 #: ``torch.cuda.current_stream``, without the Python calls and the Stream object that builds
@@ -145,35 +146,22 @@ _native_refused = False   # said once: native chunk calls cannot be made here
 _current_stream_ids = getattr(torch._C, "_cuda_getCurrentStream", None)
 
 
-def _driver_calls() -> Any:
-    """loader/driver.py where the CUDA driver library can be used, else None (torch's calls),
-    said once in the log."""
-    global _driver_refused
-    from . import driver
+def _calls(mode: str) -> Any:
+    """loader/driver.py (``mode="driver"``) or loader/native.py (``"native"``) where its calls
+    can be made, else None (the calls of the mode below it), said once in the log."""
+    from . import driver, native
 
-    why = driver.available()
+    module = driver if mode == "driver" else native
+    why = module.available()
     if why is None:
-        return driver
-    if not _driver_refused:
-        _driver_refused = True
-        logger.warning("cuda_calls=\"driver\": the CUDA driver library cannot be used (%s); "
-                       "queuing copies through torch", why)
-    return None
-
-
-def _native_calls() -> Any:
-    """loader/native.py where its C calls can be made, else None (the driver's calls, or
-    torch's), said once in the log."""
-    global _native_refused
-    from . import native
-
-    why = native.available()
-    if why is None:
-        return native
-    if not _native_refused:
-        _native_refused = True
-        logger.warning("cuda_calls=\"native\": the chunk calls cannot be made (%s); queuing "
-                       "copies through the CUDA driver's calls one by one, or torch's", why)
+        return module
+    if mode not in _refused:
+        _refused.add(mode)
+        below = "through torch" if mode == "driver" else (
+            "through the CUDA driver's calls one by one, or torch's")
+        logger.warning('cuda_calls="%s": the %s cannot be used (%s); queuing copies %s', mode,
+                       "CUDA driver library" if mode == "driver" else "chunk calls", why,
+                       below)
     return None
 
 
@@ -195,9 +183,9 @@ class TorchCudaSink:
         # Copies, events and stream waits through the CUDA driver with the GIL held
         # (loader/driver.py), or None: through torch. All events of a load are then the
         # driver's.
-        self.calls: Any = _driver_calls() if driver or native else None
+        self.calls: Any = _calls("driver") if driver or native else None
         # One C call per staged chunk (stream.Sink.read_copy), or None.
-        self.native: Any = _native_calls() if native and self.calls is not None else None
+        self.native: Any = _calls("native") if native and self.calls is not None else None
         self.read_copy = self._read_copy if self.native is not None else None
         self.consumer = torch.cuda.current_stream(self.device)
         self._consumer_ids = (self.consumer.stream_id, self.consumer.device_index,

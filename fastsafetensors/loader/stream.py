@@ -443,6 +443,19 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # The sink's one call per chunk (cuda_calls="native"), or None: a call per step.
         read_copy = getattr(sink, "read_copy", None)
         turn = 0
+
+        def staged(chunk: _Chunk, event: Any, got: int, direct: bool) -> None:
+            """The chunk's copies out of staging buffer ``turn`` are queued, ``event`` after
+            them: the buffer is reused once it completed, the next chunk goes to the other."""
+            nonlocal turn
+            pending[turn] = event
+            turn ^= 1
+            with stats_lock:
+                stats["bytes"] += got
+                stats["direct"] += direct
+                stats["chunks"] += 1
+            completion.queued(chunk.pieces, event)
+
         stream = None
         spent: dict[str, float] = defaultdict(float)   # this reader's time, by what it waited on
         clock = time.perf_counter
@@ -526,13 +539,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
 
                         raise ReadError(f.path, begin, chunk.end - begin, got)
                     STATS.add(got, direct=direct)
-                    pending[turn] = event
-                    turn ^= 1
-                    with stats_lock:
-                        stats["bytes"] += got
-                        stats["direct"] += direct
-                        stats["chunks"] += 1
-                    completion.queued(chunk.pieces, event)
+                    staged(chunk, event, got, direct)
                     # The call's own three parts are counted above; this is the Python around
                     # it (the pieces' addresses, the bookkeeping), the GIL waits included.
                     spent["reader: around its native call"] += (clock() - t1 - waited - read
@@ -558,14 +565,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 sink.copy(stream, src, [(p.tensor.flat, p.tensor_offset,
                                          skew + p.file_offset - chunk.offset, p.length)
                                         for p in chunk.pieces])
-                event = sink.record(stream)
-                pending[turn] = event
-                turn ^= 1
-                with stats_lock:
-                    stats["bytes"] += got
-                    stats["direct"] += direct
-                    stats["chunks"] += 1
-                completion.queued(chunk.pieces, event)
+                staged(chunk, sink.record(stream), got, direct)
                 spent["reader: queue copies"] += clock() - t3
         except BaseException as exc:  # noqa: BLE001
             fail(exc)
