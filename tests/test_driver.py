@@ -242,6 +242,19 @@ def test_the_cuda_sinks_driver_branches(fake, monkeypatch):
     assert fake.waits == 3 and fake.last_stream == 3
 
 
+def two_files(folder: Path, seed: int) -> tuple[Path, Path]:
+    """A file of tensors of several dtypes and sizes (an empty one too) that span chunks of the
+    engine's small test staging, and one of misaligned tensors (tests/builders.py)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"w{i}": torch.randn(n, 17, generator=g).to(dtype) for i, (n, dtype) in
+               enumerate([(1, torch.float32), (900, torch.bfloat16), (3, torch.float16),
+                          (2500, torch.float32), (0, torch.float32), (70, torch.int8)])}
+    first = folder / "a.safetensors"
+    save_file(tensors, str(first))
+    entries, data, _ = misaligned_entries()
+    return first, write_raw(folder / "b.safetensors", entries, data)
+
+
 class DriverHostSink(HostSink):
     """The CUDA sink's driver path (``addresses``, ``split_pieces``, driver copies and events)
     with host memory as the device (the benchmarks' host sink), on stream handle 7, the
@@ -287,14 +300,7 @@ def test_the_engine_through_driver_calls_equals_safetensors(fake, tmp_path, monk
     # become the addresses handed to the driver. With small_piece=64 almost every piece is
     # copied on its own by the driver; with the default, runs of small ones go through torch.
     monkeypatch.setattr(cuda, "SMALL_PIECE", small_piece)
-    g = torch.Generator().manual_seed(3)
-    tensors = {f"w{i}": torch.randn(n, 17, generator=g).to(dtype) for i, (n, dtype) in
-               enumerate([(1, torch.float32), (900, torch.bfloat16), (3, torch.float16),
-                          (2500, torch.float32), (0, torch.float32), (70, torch.int8)])}
-    first = tmp_path / "a.safetensors"
-    save_file(tensors, str(first))
-    entries, data, _ = misaligned_entries()
-    second = write_raw(tmp_path / "b.safetensors", entries, data)
+    first, second = two_files(tmp_path, seed=3)
     sink = DriverHostSink()
     options = StreamOptions(threads=3, staging_bytes=6 * 16384, io=io)
     got = dict(stream_tensors([(str(first), None, None), (str(second), None, None)], sink,

@@ -13,12 +13,19 @@ from typing import Any
 
 import pytest
 import torch
-from builders import as_bytes, misaligned_entries, require_o_direct, write_raw
+from builders import as_bytes, require_o_direct
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 # With test_driver's fixtures, found by pytest under these names (F811 where they are used).
-from test_driver import DriverHostSink, _progress_during, _Stream, fake, fake_so  # noqa: F401
+from test_driver import (  # noqa: F401
+    DriverHostSink,
+    _progress_during,
+    _Stream,
+    fake,
+    fake_so,
+    two_files,
+)
 
 from fastsafetensors import CudaError, ReadError
 from fastsafetensors.loader import cuda, driver, native
@@ -169,16 +176,9 @@ class NativeHostSink(DriverHostSink):
 def test_the_engine_through_native_calls_equals_safetensors(calls, tmp_path, io):
     # Real files through the engine: chunk offsets, O_DIRECT's widening and skew and misaligned
     # tensors become the reads and addresses of the C call; every byte counted once.
-    g = torch.Generator().manual_seed(5)
-    tensors = {f"w{i}": torch.randn(n, 17, generator=g).to(dtype) for i, (n, dtype) in
-               enumerate([(1, torch.float32), (900, torch.bfloat16), (3, torch.float16),
-                          (2500, torch.float32), (0, torch.float32), (70, torch.int8)])}
-    first = tmp_path / "a.safetensors"
-    save_file(tensors, str(first))
+    first, second = two_files(tmp_path, seed=5)
     if io == "direct":
         require_o_direct(first)
-    entries, data, _ = misaligned_entries()
-    second = write_raw(tmp_path / "b.safetensors", entries, data)
     sink = NativeHostSink()
     options = StreamOptions(threads=3, staging_bytes=6 * 16384, io=io)
     STATS.reset()
