@@ -213,6 +213,17 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
             cases.append(Case(f"sketch_cuda{key}", f"reference: plain-Python pipeline, {label}",
                               "reference", "sketch", {"device": dev, **params},
                               modes=("warm",)))
+        # No Python per chunk (benchmarks/sketch_ring.py): reader threads in C fill a ring of
+        # pinned windows, one thread queues the copies in order on one stream, InstantTensor's
+        # shape (12 reads in flight into 8 MiB windows on a 16-core machine).
+        for key, params in (("ring12", {"readers": 12, "window": 8 * C.MiB, "windows": 12}),
+                            ("ring16", {"readers": 16, "window": 8 * C.MiB, "windows": 24}),
+                            ("ring8x16", {"readers": 8, "window": 16 * C.MiB, "windows": 16})):
+            cases.append(Case(f"sketch_cuda_{key}",
+                              f"reference: C readers, ring of {params['windows']} x "
+                              f"{params['window'] // C.MiB} MiB, {params['readers']} readers, "
+                              "copies in order on one stream", "reference", "sketch_ring",
+                              {"device": dev, **params}, modes=("warm",)))
         # The same with reader processes (benchmarks/sketch_procs.py): no GIL between reads.
         for procs in (8, 16):
             cases.append(Case(f"sketch_cuda_procs{procs}",
@@ -442,15 +453,21 @@ class InstantTensorRunner(Runner):
 
 
 class SketchRunner(Runner):
-    """The reference pipelines: reader threads (sketch_pipeline.py) or, with ``procs`` in the
-    parameters, reader processes (sketch_procs.py)."""
+    """The reference pipelines: reader threads (sketch_pipeline.py), with ``procs`` in the
+    parameters reader processes (sketch_procs.py), with ``windows`` C readers filling a ring
+    (sketch_ring.py)."""
 
     def __init__(self, files: list[str], p: dict[str, Any]) -> None:
         self.device = p["device"]
         buffer = p.get("buffer", 16 * C.MiB)
         self.procs: Any = None
         self.sketch: Any
-        if "procs" in p:
+        if "windows" in p:
+            from sketch_ring import RingSketch
+
+            self.sketch = RingSketch(files, device=self.device, readers=p["readers"],
+                                     window=p["window"], windows=p["windows"])
+        elif "procs" in p:
             from sketch_procs import ProcSketch
 
             self.sketch = self.procs = ProcSketch(files, device=self.device, procs=p["procs"],
@@ -571,7 +588,7 @@ def child(case: str, spec: dict[str, Any]) -> None:
             runner = RunaiRunner(files, p)
         elif kind == "instanttensor":
             runner = InstantTensorRunner(files, p)
-        elif kind in ("sketch", "sketch_procs"):
+        elif kind in ("sketch", "sketch_procs", "sketch_ring"):
             runner = SketchRunner(files, p)
         elif kind == "h2d":
             runner = H2DRunner(sum(s.size for s in C.data_spans(files)))

@@ -90,7 +90,7 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 125 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_buffered|_t12_s384|_t12native_s384|_t16native_s512|_t16native_s1g)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_buffered|_t12_s384|_t12native_s384|_t16native_s512|_t16native_s1g)?\$|sketch_cuda_ring|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 100 --timeout 60 \
     --skip-many \

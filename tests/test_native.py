@@ -311,3 +311,33 @@ def test_a_cached_file_others_may_write_is_not_loaded(tmp_path):
     built.chmod(0o777)
     with pytest.raises(RuntimeError, match="others may write it"):
         native.build(tmp_path)
+
+
+def test_the_ring_sketch_equals_safetensors(calls, tmp_path):
+    # benchmarks/sketch_ring.c, a reference row of bench_load.py: its readers, its ring of
+    # windows reused in order, its copier; every tensor equal, across window and file edges.
+    # The stand-in driver copies at once, so that a window is not read into while its copy
+    # is still queued is checked on a GPU only (bench_load.py compares each row's tensors).
+    from sketch_ring import RingSketch
+
+    g = torch.Generator().manual_seed(9)
+    paths = []
+    for shard in range(2):
+        path = tmp_path / f"s{shard}.safetensors"
+        save_file({f"s{shard}.w{i}": torch.randn(n, generator=g).to(dtype) for i, (n, dtype)
+                   in enumerate([(3000, torch.float32), (1, torch.bfloat16),
+                                 (20000, torch.float16), (777, torch.float32)])}, str(path))
+        paths.append(str(path))
+    want = {**st_load_file(paths[0]), **st_load_file(paths[1])}
+    for readers, windows in ((3, 4), (1, 1), (5, 2)):
+        got = RingSketch(paths, device="cpu", readers=readers, window=8192,
+                         windows=windows).load()
+        assert list(got) == list(want), (readers, windows)
+        assert all(torch.equal(got[k], v) for k, v in want.items()), (readers, windows)
+    assert calls.pushes == calls.pops and calls.events_live == 0
+    # A file cut short after the plan was made: the read error reaches the caller.
+    sketch = RingSketch(paths, device="cpu", readers=2, window=8192, windows=4)
+    os.truncate(paths[1], 4000)
+    with pytest.raises(OSError):
+        sketch.load()
+    assert calls.pushes == calls.pops and calls.events_live == 0

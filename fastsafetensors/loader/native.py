@@ -58,14 +58,16 @@ def cache_folder() -> Path:
     return Path(base) / "fastsafetensors"
 
 
-def build(folder: Path | None = None, *, again: bool = False) -> Path:
-    """The compiled readcopy.c, built once per source text and machine (``again``: built anew
-    even if there); raises RuntimeError (with the compiler's output) where it cannot be
-    built, or where the file there is not this user's own."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + os.uname().machine.encode()).hexdigest()[:16]
+def build(folder: Path | None = None, *, again: bool = False, source: Path | None = None
+          ) -> Path:
+    """The compiled ``source`` (readcopy.c by default; the benchmarks build a sketch of theirs
+    so), built once per source text and machine (``again``: built anew even if there); raises
+    RuntimeError (with the compiler's output) where it cannot be built, or where the file
+    there is not this user's own."""
+    source = source or SOURCE
+    key = hashlib.sha256(source.read_bytes() + os.uname().machine.encode()).hexdigest()[:16]
     folder = folder or cache_folder()
-    target = folder / f"readcopy-{key}.so"
+    target = folder / f"{source.stem}-{key}.so"
     if target.exists() and not again:
         _check_owned(target)
         return target
@@ -77,18 +79,18 @@ def build(folder: Path | None = None, *, again: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed: another process building it at once, or one that
     # loads it meanwhile, never sees half a file.
-    fd, partial = tempfile.mkstemp(prefix="readcopy-", suffix=".so.part", dir=folder)
+    fd, partial = tempfile.mkstemp(prefix=f"{source.stem}-", suffix=".so.part", dir=folder)
     os.close(fd)
     try:
         try:
-            done = subprocess.run([*compiler, "-O2", "-shared", "-fPIC",
-                                   "-D_FILE_OFFSET_BITS=64", "-o", partial, str(SOURCE)],
+            done = subprocess.run([*compiler, "-O2", "-shared", "-fPIC", "-pthread",
+                                   "-D_FILE_OFFSET_BITS=64", "-o", partial, str(source)],
                                   capture_output=True, text=True, timeout=120)
         except OSError as exc:
             raise RuntimeError(f"the C compiler {' '.join(compiler)!r} cannot be run: {exc}; "
                                f"install one (apt install gcc) or set CC") from None
         if done.returncode:
-            raise RuntimeError(f"{' '.join(compiler)} could not build {SOURCE}: "
+            raise RuntimeError(f"{' '.join(compiler)} could not build {source}: "
                                f"{(done.stderr or done.stdout).strip()[-2000:]}")
         os.chmod(partial, 0o755)   # whatever the umask: _check_owned refuses writable files
         os.replace(partial, target)
