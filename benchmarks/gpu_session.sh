@@ -15,7 +15,8 @@
 # session the cold runs (H200 run 3: ours 1.04x the raw read, io="auto" 0.97x the better fixed
 # mode), io="direct", the driver-call, huge-page and 16-thread torch rows, the sketches, and
 # the native rows with 8 MiB buffers or fewer threads (no faster than torch's calls); the rows
-# now ask which number of readers and buffer size is fastest in a process's first load too;
+# now ask which number of readers and buffer size is fastest in a process's first load too, and
+# whether C readers filling a ring (sketch_ring.py, no Python per chunk) reach InstantTensor;
 # LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only regexes) bring any back;
 # the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
 # checks, summaries and JSON are written whatever the machine's speed.
