@@ -137,70 +137,64 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
         # H200 runs), 4 threads and 128 MiB of staging (slower than the default on the H100
         # machine: 12.92 and 16.34 against 19.20 GB/s), 16 threads with 8 or 16 mapped readers
         # (14.20 and 10.96 against 20.11 GB/s without mapped readers, same run).
-        for key, label, env in (
+        def env(threads: int = 0, calls: str = "", staging_mib: int = 0,
+                **other: str) -> dict[str, str]:
+            """The options of a tuning row, as the environment of its child."""
+            out = {f"FASTSAFETENSORS_{name.upper()}": value for name, value in other.items()}
+            if threads:
+                out["FASTSAFETENSORS_THREADS"] = str(threads)
+            if calls:
+                out["FASTSAFETENSORS_CUDA_CALLS"] = calls
+            if staging_mib:
+                out["FASTSAFETENSORS_STAGING_BYTES"] = str(staging_mib << 20)
+            return out
+
+        for key, label, options in (
                 ("m4", "mapped_readers=4 (half the readers copy from the page cache)",
-                 {"FASTSAFETENSORS_MAPPED_READERS": "4"}),
+                 env(mapped_readers="4")),
                 ("m8", "mapped_readers=8 (every cached chunk from the page cache)",
-                 {"FASTSAFETENSORS_MAPPED_READERS": "8"}),
+                 env(mapped_readers="8")),
                 ("huge", "huge_pages=on (staging on registered huge pages)",
-                 {"FASTSAFETENSORS_HUGE_PAGES": "on"}),
-                ("t16huge", "threads=16, huge_pages=on",
-                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_HUGE_PAGES": "on"}),
+                 env(huge_pages="on")),
+                ("t16huge", "threads=16, huge_pages=on", env(16, huge_pages="on")),
                 # Copies, events and stream waits through the CUDA driver with the GIL held
                 # (loader/driver.py): do the readers' waits for the GIL limit them?
                 ("driver", "cuda_calls=driver (copies, events, waits: GIL held)",
-                 {"FASTSAFETENSORS_CUDA_CALLS": "driver"}),
-                ("t16driver", "threads=16, cuda_calls=driver",
-                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_CUDA_CALLS": "driver"}),
+                 env(calls="driver")),
+                ("t16driver", "threads=16, cuda_calls=driver", env(16, "driver")),
                 # A staged chunk's wait, read, copies and event in one C call without the GIL
                 # (loader/native.py): one GIL hand-over per chunk, not five or more.
                 ("native", "cuda_calls=native (a chunk's wait, read, copies: one C call)",
-                 {"FASTSAFETENSORS_CUDA_CALLS": "native"}),
-                ("t12native", "threads=12, cuda_calls=native",
-                 {"FASTSAFETENSORS_THREADS": "12", "FASTSAFETENSORS_CUDA_CALLS": "native"}),
-                ("t16native", "threads=16, cuda_calls=native",
-                 {"FASTSAFETENSORS_THREADS": "16", "FASTSAFETENSORS_CUDA_CALLS": "native"}),
+                 env(calls="native")),
+                ("t12native", "threads=12, cuda_calls=native", env(12, "native")),
+                ("t16native", "threads=16, cuda_calls=native", env(16, "native")),
                 # Smaller staging buffers (2 or 4 MiB a buffer, not 16): does a chunk the copy
                 # engine reads soon after the read wrote it come from the CPU's cache rather
                 # than from memory, and leave the reads more memory bandwidth? Native calls
                 # keep the cost of the many more chunks low.
-                ("s32", "staging_bytes=32 MiB (2 MiB buffers)",
-                 {"FASTSAFETENSORS_STAGING_BYTES": str(32 << 20)}),
+                ("s32", "staging_bytes=32 MiB (2 MiB buffers)", env(staging_mib=32)),
                 ("native_s32", "cuda_calls=native, staging_bytes=32 MiB (2 MiB buffers)",
-                 {"FASTSAFETENSORS_CUDA_CALLS": "native",
-                  "FASTSAFETENSORS_STAGING_BYTES": str(32 << 20)}),
+                 env(calls="native", staging_mib=32)),
                 ("native_s64", "cuda_calls=native, staging_bytes=64 MiB (4 MiB buffers)",
-                 {"FASTSAFETENSORS_CUDA_CALLS": "native",
-                  "FASTSAFETENSORS_STAGING_BYTES": str(64 << 20)}),
+                 env(calls="native", staging_mib=64)),
                 ("t16native_s64", "threads=16, cuda_calls=native, staging_bytes=64 MiB "
-                 "(2 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
-                                     "FASTSAFETENSORS_CUDA_CALLS": "native",
-                                     "FASTSAFETENSORS_STAGING_BYTES": str(64 << 20)}),
+                 "(2 MiB buffers)", env(16, "native", 64)),
                 ("t16native_s128", "threads=16, cuda_calls=native, staging_bytes=128 MiB "
-                 "(4 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
-                                     "FASTSAFETENSORS_CUDA_CALLS": "native",
-                                     "FASTSAFETENSORS_STAGING_BYTES": str(128 << 20)}),
+                 "(4 MiB buffers)", env(16, "native", 128)),
                 # More readers with buffers of 16 or 32 MiB (H200 run 5's follow-ups: 12-16
                 # readers with 32 MiB buffers loaded 1.1-1.5x faster once their staging was
                 # pinned, but a first load, which pins it, ran slower): which of them is
                 # faster in a process's first load too, the row's first round?
                 ("t12_s384", "threads=12, staging_bytes=384 MiB (16 MiB buffers)",
-                 {"FASTSAFETENSORS_THREADS": "12",
-                  "FASTSAFETENSORS_STAGING_BYTES": str(384 << 20)}),
+                 env(12, staging_mib=384)),
                 ("t12native_s384", "threads=12, cuda_calls=native, staging_bytes=384 MiB "
-                 "(16 MiB buffers)", {"FASTSAFETENSORS_THREADS": "12",
-                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
-                                      "FASTSAFETENSORS_STAGING_BYTES": str(384 << 20)}),
+                 "(16 MiB buffers)", env(12, "native", 384)),
                 ("t16native_s512", "threads=16, cuda_calls=native, staging_bytes=512 MiB "
-                 "(16 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
-                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
-                                      "FASTSAFETENSORS_STAGING_BYTES": str(512 << 20)}),
+                 "(16 MiB buffers)", env(16, "native", 512)),
                 ("t16native_s1g", "threads=16, cuda_calls=native, staging_bytes=1 GiB "
-                 "(32 MiB buffers)", {"FASTSAFETENSORS_THREADS": "16",
-                                      "FASTSAFETENSORS_CUDA_CALLS": "native",
-                                      "FASTSAFETENSORS_STAGING_BYTES": str(1 << 30)})):
+                 "(32 MiB buffers)", env(16, "native", 1024))):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
-                              "ours", "fst", {"device": dev}, env=env, modes=("warm",)))
+                              "ours", "fst", {"device": dev}, env=options, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",
                           "fst_load", {"device": dev}))
         # A plain-Python pipeline of the engine's shape (benchmarks/sketch_pipeline.py): what

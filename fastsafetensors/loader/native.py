@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("readcopy.c")
 #: fst_read_copy's failed steps, by number (readcopy.c's enum).
 STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEvent",
          "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent")
-_READ = 3
+_READ = STEPS.index("pread")
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why not
