@@ -192,7 +192,19 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("t16native_s512", "threads=16, cuda_calls=native, staging_bytes=512 MiB "
                  "(16 MiB buffers)", env(16, "native", 512)),
                 ("t16native_s1g", "threads=16, cuda_calls=native, staging_bytes=1 GiB "
-                 "(32 MiB buffers)", env(16, "native", 1024))):
+                 "(32 MiB buffers)", env(16, "native", 1024)),
+                # No Python reader threads (loader/ring.py): C readers fill a ring of pinned
+                # windows (about two per reader, in the largest power of two within
+                # staging_bytes), one C thread queues their copies in order on one stream,
+                # InstantTensor's shape; the sketch rows below are the same with no engine.
+                ("ring", "cuda_calls=ring (8 C readers, 16 windows of 16 MiB)",
+                 env(calls="ring")),
+                ("ring_s128", "cuda_calls=ring, staging_bytes=128 MiB (8 C readers, 16 "
+                 "windows of 8 MiB)", env(calls="ring", staging_mib=128)),
+                ("t12ring", "threads=12, cuda_calls=ring (12 C readers, 32 windows of 8 MiB)",
+                 env(12, "ring")),
+                ("t16ring", "threads=16, cuda_calls=ring (16 C readers, 32 windows of 8 MiB)",
+                 env(16, "ring"))):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=options, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",

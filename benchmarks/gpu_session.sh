@@ -15,8 +15,9 @@
 # session the cold runs (H200 run 3: ours 1.04x the raw read, io="auto" 0.97x the better fixed
 # mode), io="direct", the driver-call, huge-page and 16-thread torch rows, the sketches, and
 # the native rows with 8 MiB buffers or fewer threads (no faster than torch's calls); the rows
-# now ask which number of readers and buffer size is fastest in a process's first load too, and
-# whether C readers filling a ring (sketch_ring.py, no Python per chunk) reach InstantTensor;
+# now ask whether the engine with cuda_calls="ring" (C readers filling a ring of pinned windows,
+# one C thread queuing the copies: no Python per chunk; sixteenth session) reaches InstantTensor,
+# beside the same shape without the engine (sketch_ring.py), and with how many readers;
 # LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only regexes) bring any back;
 # the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
 # checks, summaries and JSON are written whatever the machine's speed.
@@ -75,9 +76,11 @@ python3 -c 'import transformers, safetensors, fastsafetensors as f;
 print("transformers", transformers.__version__, "safetensors", safetensors.__version__,
       "fastsafetensors", f.__version__, f.__file__)'
 
-# cuda_calls="native" compiles loader/readcopy.c on first use: built here, outside every clock.
-timeout -k 5 15 python3 -c 'from fastsafetensors.loader import native
-print("native chunk calls:", native.build(), native.available() or "available")' || true
+# cuda_calls="native" and "ring" compile loader/readcopy.c and loader/ring.c on first use:
+# built here, outside every clock.
+timeout -k 5 20 python3 -c 'from fastsafetensors.loader import native, ring
+print("native chunk calls:", native.build(), native.available() or "available")
+print("ring:", native.build(source=ring.SOURCE), ring.available() or "available")' || true
 
 step "GPU tests"
 timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
@@ -91,7 +94,7 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 125 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
     --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_buffered|_t12_s384|_t12native_s384|_t16native_s512|_t16native_s1g)?\$|sketch_cuda_ring|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_ring|_ring_s128|_t12ring|_t16ring)?\$|sketch_cuda_ring1[26]|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 100 --timeout 60 \
     --skip-many \
@@ -104,13 +107,13 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
-# on-demand: read_ahead="off", to see what reading while transformers builds the model saves
-# (on by default since the fifteenth session); switch-off: switch_interval_us=0, to see what the
-# shorter switch interval while the batch reads (also new then) saves.
+# ring: cuda_calls="ring" (C threads read and copy; new in the sixteenth session); switch-off:
+# switch_interval_us=0, to see what the shorter switch interval while the batch reads (new in
+# the fifteenth) saves. (on-demand, read_ahead="off", was measured in H200 runs 3 and 4.)
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
-    --no-floor --modes stock,fastsafetensors,fastsafetensors-on-demand,fastsafetensors-switch-off \
+    --no-floor --modes stock,fastsafetensors,fastsafetensors-ring,fastsafetensors-switch-off \
     --json "$OUT/bench-transformers.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"

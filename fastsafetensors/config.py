@@ -83,14 +83,19 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="how a reader thread waits for the GPU to finish copying out of its staging "
                 "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
                 "(frees the core for other readers, costs a wake-up)"),
-    Option("cuda_calls", lambda: "torch", ("torch", "driver", "native"),
+    Option("cuda_calls", lambda: "torch", ("torch", "driver", "native", "ring"),
            help="how a GPU load's reader threads queue copies, events and stream waits: "
                 "torch (each call releases Python's GIL and takes it back, which waits for "
                 "the other threads' Python work), driver (CUDA driver calls through ctypes "
-                "that keep the GIL for their few microseconds; host waits still release it) "
-                "or native (a staged chunk's wait, read, copies and event in one C call "
+                "that keep the GIL for their few microseconds; host waits still release it), "
+                "native (a staged chunk's wait, read, copies and event in one C call "
                 "without the GIL, built on first use with the system's C compiler; "
-                "loader/native.py). torch by default: on the H200 machine neither driver "
+                "loader/native.py) or ring (no Python reader threads: as many C threads as "
+                "threads read the chunks in order into a ring of pinned windows within "
+                "staging_bytes, and one C thread queues their copies on one stream, the shape "
+                "InstantTensor has with io_uring; loader/ring.py; not with mapped_readers; not "
+                "yet timed on a GPU). "
+                "torch by default: on the H200 machine neither driver "
                 "(20.47 against 21.32 GB/s) nor native (22.83 against 23.07, 21.20 against "
                 "21.22) ran faster with the other defaults"),
     Option("small_tensor_groups", lambda: "on", ("off", "on"),

@@ -19,8 +19,8 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     ├── ReadError(OSError)                      a read came back short (file changed under us)
     ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
     ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
-    ├── CudaError(RuntimeError)                 a CUDA driver call failed (cuda_calls="driver"
-    │                                           or "native")
+    ├── CudaError(RuntimeError)                 a CUDA driver call failed (cuda_calls="driver",
+    │                                           "native" or "ring")
     ├── BudgetInfeasibleError(ValueError)       a load cannot fit ParallelLoader's
     │                                           device_memory_budget (upstream's name)
     ├── PeerLoadError(RuntimeError)             another rank failed to read its files, so this
@@ -272,7 +272,8 @@ class BackendUnavailableError(FastSafetensorsError, RuntimeError):
 
 
 class CudaError(FastSafetensorsError, RuntimeError):
-    """A CUDA driver call of the engine failed (``cuda_calls="driver"`` or ``"native"``): which
+    """A CUDA driver call of the engine failed (``cuda_calls`` ``"driver"``, ``"native"`` or
+    ``"ring"``): which
     call, its error code and name."""
 
     _fields = ("call", "code", "name")

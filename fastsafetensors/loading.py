@@ -197,7 +197,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
                          huge_pages=config.get("huge_pages") != "off",
                          driver=config.get("cuda_calls") == "driver",
-                         native=config.get("cuda_calls") == "native")
+                         native=config.get("cuda_calls") == "native",
+                         ring=config.get("cuda_calls") == "ring")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     return stream_tensors(files, sink, options)

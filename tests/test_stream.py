@@ -449,6 +449,7 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
 @pytest.mark.parametrize(("wait", "huge", "calls"), [("spin", "off", "torch"),
                                                      ("block", "on", "driver"),
                                                      ("spin", "on", "native"),
+                                                     ("block", "off", "ring"),
                                                      ("spin", "auto", None)])
 def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
         checkpoint, monkeypatch, wait, huge, calls):
@@ -457,11 +458,11 @@ def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
     import fastsafetensors.loader.gds as gds_module
     from fastsafetensors.loading import device_stream
 
-    made: list[tuple[bool, bool, bool, bool]] = []
+    made: list[tuple[bool, ...]] = []
 
     def sink(device: str, *, blocking: bool = False, huge_pages: bool = False,
-             driver: bool = False, native: bool = False) -> FakeSink:
-        made.append((blocking, huge_pages, driver, native))
+             driver: bool = False, native: bool = False, ring: bool = False) -> FakeSink:
+        made.append((blocking, huge_pages, driver, native, ring))
         return FakeSink()
 
     monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
@@ -471,7 +472,8 @@ def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
         got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
     # auto (the default) and on: staging on registered huge pages; off: torch's pinned memory.
     # cuda_calls: torch's calls by default.
-    assert made == [(wait == "block", huge != "off", calls == "driver", calls == "native")]
+    assert made == [(wait == "block", huge != "off", calls == "driver", calls == "native",
+                     calls == "ring")]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 

@@ -20,6 +20,8 @@ through the CUDA driver with the GIL held (loader/driver.py), in the same order 
 streams; runs of small tensors still go through torch. With ``native=True``
 (``cuda_calls="native"``) a staged chunk's wait, read, copies and event are one C call
 without the GIL (loader/native.py), each piece its own copy; the other calls as with driver.
+With ``ring=True`` (``cuda_calls="ring"``) C threads read the chunks into a ring of pinned
+windows and queue their copies on one stream (loader/ring.py); the other calls as with driver.
 """
 
 from __future__ import annotations
@@ -147,20 +149,24 @@ _current_stream_ids = getattr(torch._C, "_cuda_getCurrentStream", None)
 
 
 def _calls(mode: str) -> Any:
-    """loader/driver.py (``mode="driver"``) or loader/native.py (``"native"``) where its calls
-    can be made, else None (the calls of the mode below it), said once in the log."""
-    from . import driver, native
+    """loader/driver.py (``mode="driver"``), loader/native.py (``"native"``) or loader/ring.py
+    (``"ring"``) where its calls can be made, else None (the calls of the mode below it), said
+    once in the log."""
+    from . import driver, native, ring
 
-    module = driver if mode == "driver" else native
+    module = {"driver": driver, "native": native, "ring": ring}[mode]
     why = module.available()
     if why is None:
         return module
     if mode not in _refused:
         _refused.add(mode)
-        below = "through torch" if mode == "driver" else (
-            "through the CUDA driver's calls one by one, or torch's")
-        logger.warning('cuda_calls="%s": the %s cannot be used (%s); queuing copies %s', mode,
-                       "CUDA driver library" if mode == "driver" else "chunk calls", why,
+        what, below = {
+            "driver": ("CUDA driver library", "queuing copies through torch"),
+            "native": ("chunk calls",
+                       "queuing copies through the CUDA driver's calls one by one, or torch's"),
+            "ring": ("ring's C threads", "loading from Python reader threads"),
+        }[mode]
+        logger.warning('cuda_calls="%s": the %s cannot be used (%s); %s', mode, what, why,
                        below)
     return None
 
@@ -169,7 +175,8 @@ class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 
     def __init__(self, device: str | torch.device, *, blocking: bool = False,
-                 huge_pages: bool = False, driver: bool = False, native: bool = False):
+                 huge_pages: bool = False, driver: bool = False, native: bool = False,
+                 ring: bool = False):
         self.device = torch.device(device)
         # Staging from registered huge pages kept for the process (loader/hostpool.py), not
         # from torch's pinned allocator.
@@ -183,10 +190,13 @@ class TorchCudaSink:
         # Copies, events and stream waits through the CUDA driver with the GIL held
         # (loader/driver.py), or None: through torch. All events of a load are then the
         # driver's.
-        self.calls: Any = _calls("driver") if driver or native else None
+        self.calls: Any = _calls("driver") if driver or native or ring else None
         # One C call per staged chunk (stream.Sink.read_copy), or None.
         self.native: Any = _calls("native") if native and self.calls is not None else None
         self.read_copy = self._read_copy if self.native is not None else None
+        # C threads for the reads and copies (stream.Sink.ring), or None.
+        self.rings: Any = _calls("ring") if ring and self.calls is not None else None
+        self.ring = self._ring if self.rings is not None else None
         self.consumer = torch.cuda.current_stream(self.device)
         self._consumer_ids = (self.consumer.stream_id, self.consumer.device_index,
                               self.consumer.device_type)
@@ -334,6 +344,9 @@ class TorchCudaSink:
             [(dst.data_ptr() + dst_offset, src_offset, n)
              for dst, dst_offset, src_offset, n in pieces],
             blocking=self.blocking, path=path)
+
+    def _ring(self, **shape: int) -> Any:
+        return self.rings.Ring(self.index, blocking=self.blocking, **shape)
 
     def _current_stream(self) -> torch.cuda.Stream:
         """The consumer's current stream on the device: the load's own Stream object while the

@@ -18,6 +18,10 @@ With ``mapped_readers`` (off by default) the first readers copy a chunk that is 
 page cache straight from a read-only mapping of the file, registered with the device for the
 length of its copies, instead of reading it into staging.
 
+With ``cuda_calls="ring"`` (loader/ring.py) C threads do the workers' part: readers fill a ring
+of pinned windows in chunk order and one thread queues the copies on one stream; the planner
+submits the chunks to it and one Python thread (the reporter) takes the reports.
+
 With ``small_tensor_groups`` (on by default, off under a memory budget) the planner gives a run
 of small tensors adjacent in the file one allocation (a group, at most ``GROUP_BYTES``), and the
 caller hands each over as a view of it: fewer torch calls per tensor, each of which gives the GIL
@@ -49,6 +53,7 @@ from . import threads as pool
 from .cpu import PAGE, IOPolicy
 from .pagecache import map_file, resident_map, unmap
 from .posix import DIRECT_ALIGN, STATS, close_fds, open_direct, pread_into
+from .ring import RingFailure
 
 __all__ = ["Sink", "StreamOptions", "stream_tensors", "Source", "device_bytes", "PHASES"]
 
@@ -114,7 +119,14 @@ class Sink(Protocol):
     ``staging``), then, if at least ``needed`` came, ``stream_wait(stream, allocated)``,
     ``copy(stream, buffer, pieces)`` and ``record(stream)``; the event is None when fewer than
     ``needed`` came (nothing was queued; the engine raises ReadError). ``seconds``: the time
-    spent waiting for ``staged``, reading and queuing, for ``PHASES``."""
+    spent waiting for ``staged``, reading and queuing, for ``PHASES``.
+
+    Optional, not declared here: ``ring(readers=, windows=, stride=, capacity=)``, an
+    attribute that may be None, returning an unopened ``loader.ring.Ring``. A sink that has it
+    gets no reader threads of Python: the planner submits each chunk to the ring (device
+    addresses from ``data_ptr()``), one thread opens it on a stream of ``new_stream`` and on
+    ``staging``, and takes its reports; ``alloc_event`` and ``consumer_wait`` then deal in the
+    ring's driver events."""
 
     def enter_thread(self) -> None:
         """Called first on each thread the engine starts, before any other call there."""
@@ -389,6 +401,19 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     mapped = (policy.mode == "auto" and options.mapped_readers > 0
               and getattr(sink, "host_source", None) is not None)
     pid = os.getpid()
+    # cuda_calls="ring": C threads read and copy; the planner submits, report() takes reports.
+    make_ring = None if mapped else getattr(sink, "ring", None)
+    ring = None
+    if make_ring is not None:
+        stride = options.buffer_bytes + 2 * DIRECT_ALIGN   # an O_DIRECT chunk's widening
+        # The windows in the largest power of two within staging_bytes, which torch's pinned
+        # allocator would round any other size up to.
+        windows = max(2, ((1 << (options.staging_bytes.bit_length() - 1)) - DIRECT_ALIGN)
+                      // stride)
+        ring = make_ring(readers=options.threads, windows=windows, stride=stride,
+                         capacity=2 * windows + options.threads)
+    # Chunks submitted to the ring and not reported yet: (chunk, where its read begins, direct)
+    inflight: dict[int, tuple[_Chunk, int, bool]] = {}
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -417,7 +442,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 f = _open(path, header, policy, names, mapped)
                 PHASES.add({"planner: open files": time.perf_counter() - t0})
                 files.append(f)
-                _plan_file(f, sink, options, budget, work, ready, cancelled, completion)
+                _plan_file(f, sink, options, budget, hand, ready, cancelled, completion)
                 _file_done(f, planned=True)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
@@ -429,9 +454,66 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             except BaseException as exc:  # noqa: BLE001 - the markers below must still go out
                 fail(exc)
             finally:
-                for _ in range(options.threads):
-                    _put(work, None, cancelled)
+                if ring is not None:
+                    ring.end()
+                else:
+                    for _ in range(options.threads):
+                        _put(work, None, cancelled)
                 ready.put(None)
+
+    def hand(chunk: _Chunk) -> None:
+        """A planned chunk to the readers (blocks while they are busy)."""
+        if ring is None:
+            _put(work, chunk, cancelled)
+            return
+        fd, begin, length, direct = _chunk_read(chunk, policy)
+        skew = chunk.offset - begin
+        index = ring.submitted   # this thread is the only one submitting
+        inflight[index] = (chunk, begin, direct)   # before: its report may come at once
+        if ring.submit(fd, begin, length, chunk.end - begin, chunk.allocated,
+                       [(p.tensor.flat.data_ptr() + p.tensor_offset,
+                         skew + p.file_offset - chunk.offset, p.length)
+                        for p in chunk.pieces]) is None:
+            inflight.pop(index, None)   # the ring stopped; report() says why
+
+    def report() -> None:
+        """Ring mode: pin the windows, open the ring, and take its reports, in chunk order:
+        each chunk read and its copies queued goes to the caller."""
+        assert ring is not None
+        idents.add(threading.get_ident())
+        buffer = None
+        t0 = time.perf_counter()
+        try:
+            sink.enter_thread()
+            stream = sink.new_stream()
+            buffer = sink.staging(ring.nbytes)
+            t1 = time.perf_counter()
+            ring.open(getattr(stream, "cuda_stream", stream), buffer[0].data_ptr())
+            PHASES.add({"ring: pin staging": t1 - t0, "ring: open": time.perf_counter() - t1})
+            while (done := ring.next()) is not None:
+                index, got, event = done
+                chunk, _, direct = inflight.pop(index)
+                _file_done(chunk.file)
+                STATS.add(got, direct=direct)
+                with stats_lock:
+                    stats["bytes"] += got
+                    stats["direct"] += direct
+                    stats["chunks"] += 1
+                completion.queued(chunk.pieces, event)
+        except RingFailure as exc:
+            fail(_ring_error(exc, *inflight[exc.index][:2]))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            fail(exc)
+        finally:
+            # No copy may still read the windows or write a tensor once this returns.
+            try:
+                PHASES.add(ring.close())
+            except BaseException:
+                if buffer is not None:
+                    ABANDONED.append(buffer)
+                raise
+            if buffer is not None:
+                sink.release_staging(buffer[0])
 
     def worker(index: int) -> None:
         pending: list[Any] = [None, None]
@@ -608,7 +690,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # Started inside the try: if a thread cannot start, the cleanup below still stops
         # the ones that did and closes their files.
         finished.append(pool.start(plan, "fastsafetensors-plan"))
-        for i in range(options.threads):
+        if ring is not None:
+            finished.append(pool.start(report, "fastsafetensors-ring"))
+        for i in range(0 if ring is not None else options.threads):
             finished.append(pool.start(partial(worker, i), f"fastsafetensors-io-{i}"))
         clock = time.perf_counter
         while True:
@@ -660,6 +744,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         if switched and os.getpid() == pid:
             switching.restore()
         cancelled.set()
+        if ring is not None:
+            ring.cancel()   # a planner waiting for room in the ring, or the reporter, returns
         _drain(work)
         # The drain may have taken the planner's stop markers: give each worker one back, or
         # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
@@ -775,7 +861,7 @@ def _file_done(f: _File, *, planned: bool = False) -> None:
 
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
-               budget: _Budget, work: queue.Queue[_Chunk | None],
+               budget: _Budget, hand: Callable[[_Chunk], None],
                ready: queue.Queue[list[_Tensor] | BaseException | None],
                cancelled: threading.Event, completion: _Completion) -> None:
     """Allocate the file's wanted tensors in order, queue chunks covering their bytes, and
@@ -799,7 +885,7 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             with f.lock:
                 f.pending += 1
             t0 = clock()
-            _put(work, chunk, cancelled)   # blocks while the readers are busy
+            hand(chunk)   # blocks while the readers are busy
             spent["planner: wait for a free reader"] += clock() - t0
             flushes += 1
         chunk = None
@@ -929,6 +1015,20 @@ def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int,
 
         raise ReadError(f.path, begin, chunk.end - begin, got)
     return chunk.offset - begin, got, direct
+
+
+def _ring_error(failure: RingFailure, chunk: _Chunk, begin: int) -> BaseException:
+    """The public error for a chunk the ring could not load."""
+    from ..errors import CudaError, ReadError
+    from . import driver, ring
+
+    f = chunk.file
+    if failure.step == ring.SHORT:
+        return ReadError(f.path, begin, chunk.end - begin, failure.got)
+    if failure.step == ring.READ:
+        return OSError(failure.code, os.strerror(failure.code), f.path)
+    step = ring.STEPS[failure.step] if failure.step < len(ring.STEPS) else "ring"
+    return CudaError(step, failure.code, driver._name(failure.code))
 
 
 def _map_chunk(chunk: _Chunk, sink: Sink, policy: IOPolicy) -> tuple[Any, int] | None:

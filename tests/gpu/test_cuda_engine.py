@@ -65,6 +65,26 @@ def slow_copies(monkeypatch):
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "copy", late)
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "_read_copy", late_native)
 
+    # cuda_calls="ring": a sleep on the ring's stream as each chunk is submitted, queued there
+    # before that chunk's copies (the ring queues them once the chunk was read).
+    from fastsafetensors.loader import ring
+
+    open_ring, submit = ring.Ring.open, ring.Ring.submit
+
+    def opened(self, stream, address):
+        self.test_stream = torch.cuda.ExternalStream(stream, device=torch.device("cuda", 0))
+        open_ring(self, stream, address)
+
+    def late_submit(self, *args):
+        stream = getattr(self, "test_stream", None)
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(2_000_000)
+        return submit(self, *args)
+
+    monkeypatch.setattr(ring.Ring, "open", opened)
+    monkeypatch.setattr(ring.Ring, "submit", late_submit)
+
 
 class DriverCounts:
     """What went through loader/driver.py in a test: pieces copied, events made (and with
@@ -74,17 +94,17 @@ class DriverCounts:
         self.mode = mode
         self.copies = 0
         self.blocking: list[bool] = []
-        self.chunks = 0   # native calls
-        self.expect_chunks = True   # staged chunks, which native calls make (not mapped ones)
+        self.chunks = 0   # native calls, or chunks submitted to a ring
+        self.expect_chunks = True   # staged chunks, which these make (not mapped ones)
 
 
-@pytest.fixture(params=["torch", "driver", "native"])
+@pytest.fixture(params=["torch", "driver", "native", "ring"])
 def cuda_calls(request, monkeypatch):
     """Each way of queuing the readers' copies, events and stream waits (loader/driver.py,
-    loader/native.py). With the driver's, the test fails unless its events were the driver's;
-    with native calls, unless a chunk went through one; the counts tell a test what else went
-    through them."""
-    from fastsafetensors.loader import driver, native
+    loader/native.py, loader/ring.py). With the driver's, the test fails unless its events
+    were the driver's; with native calls or the ring, unless a chunk went through one; the
+    counts tell a test what else went through them."""
+    from fastsafetensors.loader import driver, native, ring
 
     monkeypatch.setenv("FASTSAFETENSORS_CUDA_CALLS", request.param)
     counts = DriverCounts(request.param)
@@ -119,11 +139,26 @@ def cuda_calls(request, monkeypatch):
                         copies, **kw)
 
         monkeypatch.setattr(native, "read_copy", counted_chunk)
+    if request.param == "ring":
+        assert ring.available() is None, ring.available()
+        made, submit = ring.Ring.__init__, ring.Ring.submit
+
+        def init(self, device, **kw):
+            counts.blocking.append(kw.get("blocking", False))   # its events' flag
+            made(self, device, **kw)
+
+        def counted_submit(self, fd, offset, length, needed, allocated, copies):
+            counts.chunks += 1
+            counts.copies += len(copies)
+            return submit(self, fd, offset, length, needed, allocated, copies)
+
+        monkeypatch.setattr(ring.Ring, "__init__", init)
+        monkeypatch.setattr(ring.Ring, "submit", counted_submit)
     yield counts
     if request.param == "driver":
         assert counts.blocking, "no event went through the driver"
-    if request.param == "native" and counts.expect_chunks:
-        assert counts.chunks, "no chunk went through a native call"
+    if request.param in ("native", "ring") and counts.expect_chunks:
+        assert counts.chunks, f"no chunk went through cuda_calls={request.param!r}"
 
 
 @pytest.fixture
@@ -210,8 +245,9 @@ def test_cached_chunks_copied_straight_from_the_page_cache_give_the_same_data(
 
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "host_source", counted)
     monkeypatch.setattr(cuda_loader.TorchCudaSink, "release_source", released)
-    # Every reader mapped and every chunk cached: none may be staged, so no native call.
-    cuda_calls.expect_chunks = budget is not None
+    # Every reader mapped and every chunk cached: none may be staged, so no native call. (The
+    # ring is not used with mapped readers.)
+    cuda_calls.expect_chunks = budget is not None and cuda_calls.mode != "ring"
     with fastsafetensors.configure(backend="posix", mapped_readers=4, threads=4,
                                    staging_bytes=8 << 20):
         got = {}

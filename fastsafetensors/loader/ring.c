@@ -1,0 +1,476 @@
+/* A GPU load with no Python per chunk (cuda_calls="ring", see ring.py): reader threads read the
+ * submitted chunks, in order, into a ring of pinned windows, and a copier thread queues each
+ * chunk's copies on one stream, in chunk order, as soon as its read is done. A window is read
+ * into again once the copies of the chunk that last used it have run: the copier waits for the
+ * chunk half a ring behind the one it just queued, so the readers have free windows ahead of
+ * them while the copy engine works.
+ *
+ * Python's part: one thread submits the chunks (fst_ring_submit, blocking while the ring is
+ * full), one takes the reports (fst_ring_next: a chunk's copies are queued, here is the event
+ * after them, owned by the caller from then on). Both calls release the GIL (ctypes).
+ *
+ * Every chunk's copies go on one stream in chunk order, so an event recorded after chunk k marks
+ * the end of every chunk up to k. The CUDA driver's functions are handed in as addresses, as for
+ * readcopy.c: no CUDA headers or libraries are needed to build this. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int (*push_fn)(void *context);
+typedef int (*pop_fn)(void **context);
+typedef int (*sync_fn)(void *event);
+typedef int (*wait_fn)(void *stream, void *event, unsigned flags);
+typedef int (*copy_fn)(uint64_t dst, const void *src, size_t nbytes, void *stream);
+typedef int (*create_fn)(void **event, unsigned flags);
+typedef int (*record_fn)(void *event, void *stream);
+typedef int (*destroy_fn)(void *event);
+
+/* The driver calls, in this order (ring.py fills it). */
+typedef struct {
+    push_fn push;
+    pop_fn pop;
+    sync_fn sync;
+    wait_fn wait;
+    copy_fn copy;
+    create_fn create;
+    record_fn record;
+    destroy_fn destroy;
+} calls_t;
+
+/* Which step failed, for the error Python raises (ring.STEPS names them). SHORT: the read
+ * ended before the bytes needed (the file is shorter than its header says). */
+enum { OK, PUSH, SYNC, READ, WAIT, COPY, CREATE, RECORD, POP, SHORT };
+
+enum { SUBMITTED, READ_DONE, QUEUED, FAILED };
+
+#define MAX_READERS 64
+#define MAX_READ (1 << 30) /* Linux caps one read at 0x7ffff000 bytes */
+
+typedef struct {
+    int64_t fd, offset, length, needed;
+    void *allocated; /* the copies wait for it on the stream (NULL: nothing) */
+    int64_t count;
+    uint64_t *dst;
+    int64_t *src, *len;
+    int state, code, step;
+    int64_t got;
+    void *event; /* recorded after its copies; the caller's once reported */
+} slot_t;
+
+typedef struct {
+    const calls_t *calls;
+    void *context, *stream;
+    char *base;
+    int64_t stride, windows, capacity, lag;
+    unsigned flags;
+    slot_t *slots; /* chunk k in slots[k % capacity] */
+    void **marks;  /* per window: recorded after the copies of the chunk that used it last */
+    int64_t submitted, claimed, freed, queued, reported;
+    int ended, cancelled, copier_done;
+    /* One lock; a condition per kind of waiter, so that a chunk's progress wakes the one thread
+     * that waits for it rather than every thread: readers wait for a chunk to read (`work`),
+     * the copier for a read (`read`), the reporting caller for queued copies (`copied`), the
+     * submitting caller for room (`room`). */
+    pthread_mutex_t lock;
+    pthread_cond_t work, read, copied, room;
+    pthread_t readers[MAX_READERS];
+    int started;
+    pthread_t copier;
+    int copier_started;
+    /* Seconds: readers reading (summed over them), readers waiting for a free window, the
+     * copier waiting for reads, queuing copies, and waiting for windows' copies to run. */
+    double spent[5];
+} ring_t;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+static slot_t *slot(ring_t *r, int64_t k) { return &r->slots[k % r->capacity]; }
+
+/* A reader may take the next chunk: it was submitted, and the chunk a ring before it, which
+ * used its window last, was copied out. */
+static int claimable(ring_t *r) {
+    return r->claimed < r->submitted && r->claimed - r->freed < r->windows;
+}
+
+/* Everyone: the ring ended, was cancelled, or the copier stopped (the caller holds the lock). */
+static void wake_all(ring_t *r) {
+    pthread_cond_broadcast(&r->work);
+    pthread_cond_broadcast(&r->read);
+    pthread_cond_broadcast(&r->copied);
+    pthread_cond_broadcast(&r->room);
+}
+
+static void *reader(void *arg) {
+    ring_t *r = arg;
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        double t0 = now();
+        while (!r->cancelled && !r->copier_done && !claimable(r) &&
+               !(r->ended && r->claimed >= r->submitted))
+            pthread_cond_wait(&r->work, &r->lock);
+        r->spent[1] += now() - t0;
+        if (r->cancelled || r->copier_done || r->claimed >= r->submitted)
+            break;
+        int64_t k = r->claimed++;
+        if (claimable(r)) /* each wake-up lets one reader in: pass it on */
+            pthread_cond_signal(&r->work);
+        slot_t *s = slot(r, k);
+        int fd = (int)s->fd;
+        int64_t offset = s->offset, length = s->length, done = 0;
+        char *dest = r->base + (k % r->windows) * r->stride;
+        int code = 0;
+        pthread_mutex_unlock(&r->lock);
+        t0 = now();
+        while (done < length) {
+            int64_t want = length - done < MAX_READ ? length - done : MAX_READ;
+            ssize_t n = pread(fd, dest + done, (size_t)want, (off_t)(offset + done));
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0) {
+                code = errno;
+                break;
+            }
+            if (n == 0)
+                break; /* end of file: the copier decides whether that is short */
+            done += n;
+        }
+        double t1 = now();
+        pthread_mutex_lock(&r->lock);
+        r->spent[0] += t1 - t0;
+        s->got = done;
+        if (code) {
+            s->code = code;
+            s->step = READ;
+        }
+        s->state = READ_DONE;
+        pthread_cond_signal(&r->read);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+/* Queue chunk k's copies and the events after them; 0 or the failed step (code in *code). */
+static int queue_copies(ring_t *r, int64_t k, slot_t *s, int *code) {
+    const calls_t *c = r->calls;
+    const char *window = r->base + (k % r->windows) * r->stride;
+    if (s->allocated && (*code = c->wait(r->stream, s->allocated, 0)) != 0)
+        return WAIT;
+    for (int64_t i = 0; i < s->count; i++)
+        if ((*code = c->copy(s->dst[i], window + s->src[i], (size_t)s->len[i], r->stream)))
+            return COPY;
+    if ((*code = c->create(&s->event, r->flags)) != 0) {
+        s->event = NULL;
+        return CREATE;
+    }
+    if ((*code = c->record(s->event, r->stream)) != 0)
+        return RECORD;
+    if ((*code = c->record(r->marks[k % r->windows], r->stream)) != 0)
+        return RECORD;
+    return OK;
+}
+
+static void *copier(void *arg) {
+    ring_t *r = arg;
+    const calls_t *c = r->calls;
+    void *popped = NULL;
+    int code = c->push(r->context);
+    int64_t k = 0;
+    pthread_mutex_lock(&r->lock);
+    if (code) {
+        /* Reported as chunk 0's failure, or lost when nothing is ever submitted. */
+        while (!r->cancelled && r->submitted == 0 && !r->ended)
+            pthread_cond_wait(&r->read, &r->lock);
+        if (r->submitted > 0) {
+            slot(r, 0)->state = FAILED;
+            slot(r, 0)->code = code;
+            slot(r, 0)->step = PUSH;
+            r->queued = 1;
+        }
+        r->copier_done = 1;
+        wake_all(r);
+        pthread_mutex_unlock(&r->lock);
+        return NULL;
+    }
+    for (;; k++) {
+        double t0 = now();
+        while (!r->cancelled && !(k < r->submitted && slot(r, k)->state != SUBMITTED) &&
+               !(r->ended && k >= r->submitted))
+            pthread_cond_wait(&r->read, &r->lock);
+        if (r->cancelled || k >= r->submitted)
+            break;
+        slot_t *s = slot(r, k);
+        pthread_mutex_unlock(&r->lock);
+        double t1 = now();
+        int step = s->step;
+        if (step == OK && s->got < s->needed)
+            step = SHORT;
+        if (step == OK)
+            step = queue_copies(r, k, s, &code);
+        else
+            code = s->code;
+        double t2 = now();
+        /* The window of the chunk `lag` behind this one is free once its copies ran. */
+        int64_t behind = k - r->lag;
+        if (step == OK && behind >= 0 && (code = c->sync(r->marks[behind % r->windows])))
+            step = SYNC;
+        double t3 = now();
+        pthread_mutex_lock(&r->lock);
+        r->spent[2] += t1 - t0;
+        r->spent[3] += t2 - t1;
+        r->spent[4] += t3 - t2;
+        s->state = step == OK ? QUEUED : FAILED;
+        s->code = code;
+        s->step = step;
+        r->queued = k + 1;
+        if (step == OK && behind >= 0) {
+            r->freed = behind + 1;
+            pthread_cond_signal(&r->work); /* one more window free: one more read */
+        }
+        pthread_cond_signal(&r->copied);
+        if (step != OK)
+            break;
+    }
+    r->copier_done = 1;
+    wake_all(r);
+    pthread_mutex_unlock(&r->lock);
+    c->pop(&popped);
+    return NULL;
+}
+
+static void release(ring_t *r) {
+    for (int64_t i = 0; r->slots && i < r->capacity; i++) {
+        free(r->slots[i].dst);
+        free(r->slots[i].src);
+        free(r->slots[i].len);
+    }
+    free(r->slots);
+    free(r->marks);
+    pthread_mutex_destroy(&r->lock);
+    pthread_cond_destroy(&r->work);
+    pthread_cond_destroy(&r->read);
+    pthread_cond_destroy(&r->copied);
+    pthread_cond_destroy(&r->room);
+    free(r);
+}
+
+/* A ring of `windows` windows of `stride` bytes at `base` (pinned host memory), `readers`
+ * reader threads and a copier thread queuing on `stream` in `context`. NULL when memory or
+ * threads cannot be had (*code: the errno), or a CUDA code with *code and *step set. */
+ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *base,
+                      int64_t stride, int64_t windows, int64_t readers, int64_t capacity,
+                      unsigned flags, int *code, int *step) {
+    *code = 0;
+    *step = OK;
+    if (windows < 2 || readers < 1 || readers > MAX_READERS || capacity < windows) {
+        *code = EINVAL;
+        return NULL;
+    }
+    ring_t *r = calloc(1, sizeof *r);
+    if (!r) {
+        *code = ENOMEM;
+        return NULL;
+    }
+    r->calls = calls;
+    r->context = context;
+    r->stream = stream;
+    r->base = base;
+    r->stride = stride;
+    r->windows = windows;
+    r->capacity = capacity;
+    r->lag = windows / 2;
+    r->flags = flags;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_cond_init(&r->work, NULL);
+    pthread_cond_init(&r->read, NULL);
+    pthread_cond_init(&r->copied, NULL);
+    pthread_cond_init(&r->room, NULL);
+    r->slots = calloc((size_t)capacity, sizeof(slot_t));
+    r->marks = calloc((size_t)windows, sizeof(void *));
+    if (!r->slots || !r->marks) {
+        release(r);
+        *code = ENOMEM;
+        return NULL;
+    }
+    void *popped = NULL;
+    if ((*code = calls->push(context)) != 0) {
+        *step = PUSH;
+        release(r);
+        return NULL;
+    }
+    for (int64_t w = 0; w < windows && !*code; w++)
+        if ((*code = calls->create(&r->marks[w], flags)) != 0) {
+            r->marks[w] = NULL;
+            *step = CREATE;
+        }
+    if (*code) {
+        for (int64_t w = 0; w < windows; w++)
+            if (r->marks[w])
+                calls->destroy(r->marks[w]);
+        calls->pop(&popped);
+        release(r);
+        return NULL;
+    }
+    calls->pop(&popped);
+    if (pthread_create(&r->copier, NULL, copier, r) == 0)
+        r->copier_started = 1;
+    for (; r->copier_started && r->started < readers; r->started++)
+        if (pthread_create(&r->readers[r->started], NULL, reader, r) != 0)
+            break;
+    if (r->started == 0) {
+        *code = EAGAIN;
+        pthread_mutex_lock(&r->lock);
+        r->cancelled = 1;
+        wake_all(r);
+        pthread_mutex_unlock(&r->lock);
+        if (r->copier_started)
+            pthread_join(r->copier, NULL);
+        if (calls->push(context) == 0) {
+            for (int64_t w = 0; w < windows; w++)
+                calls->destroy(r->marks[w]);
+            calls->pop(&popped);
+        }
+        release(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* Hand over the next chunk: read `length` bytes of `fd` at `offset` (at least `needed` of
+ * them), then copy each of the `count` pieces (device address, offset in the window, bytes).
+ * Blocks while `capacity` chunks are submitted and not reported. Returns the chunk's number,
+ * or -1 once the ring stopped (cancelled, or the copier ended on an error), or -2 when memory
+ * for the pieces cannot be had. */
+int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
+                        void *allocated, int64_t count, const uint64_t *dst,
+                        const int64_t *src, const int64_t *len) {
+    uint64_t *d = malloc((size_t)(count > 0 ? count : 1) * sizeof *d);
+    int64_t *s = malloc((size_t)(count > 0 ? count : 1) * sizeof *s);
+    int64_t *n = malloc((size_t)(count > 0 ? count : 1) * sizeof *n);
+    if (!d || !s || !n) {
+        free(d);
+        free(s);
+        free(n);
+        return -2;
+    }
+    memcpy(d, dst, (size_t)count * sizeof *d);
+    memcpy(s, src, (size_t)count * sizeof *s);
+    memcpy(n, len, (size_t)count * sizeof *n);
+    pthread_mutex_lock(&r->lock);
+    while (!r->cancelled && !r->copier_done && r->submitted - r->reported >= r->capacity)
+        pthread_cond_wait(&r->room, &r->lock);
+    if (r->cancelled || r->copier_done || r->ended) {
+        pthread_mutex_unlock(&r->lock);
+        free(d);
+        free(s);
+        free(n);
+        return -1;
+    }
+    int64_t k = r->submitted;
+    slot_t *t = slot(r, k);
+    free(t->dst);
+    free(t->src);
+    free(t->len);
+    *t = (slot_t){fd, offset, length, needed, allocated, count, d, s, n,
+                  SUBMITTED, 0, OK, 0, NULL};
+    r->submitted = k + 1;
+    pthread_cond_signal(&r->work);
+    pthread_cond_signal(&r->read); /* a copier that failed to start waits for a chunk */
+    pthread_mutex_unlock(&r->lock);
+    return k;
+}
+
+/* No more chunks will be submitted. */
+void fst_ring_end(ring_t *r) {
+    pthread_mutex_lock(&r->lock);
+    r->ended = 1;
+    wake_all(r);
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* Stop: the readers and the copier leave after their current chunk; waiting calls return. */
+void fst_ring_cancel(ring_t *r) {
+    pthread_mutex_lock(&r->lock);
+    r->cancelled = 1;
+    wake_all(r);
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* The next chunk's report, in chunk order: 0 with *chunk, *got and *event (the caller's to
+ * destroy) once its copies are queued; 1 when every submitted chunk was reported after
+ * fst_ring_end, or the ring was cancelled; else the failed chunk's errno or CUDA code, with
+ * *chunk, *step and *got set. */
+int fst_ring_next(ring_t *r, int64_t *chunk, int64_t *got, void **event, int *step) {
+    int result = 1;
+    *event = NULL;
+    *step = OK;
+    pthread_mutex_lock(&r->lock);
+    while (!r->cancelled && r->reported >= r->queued && !r->copier_done)
+        pthread_cond_wait(&r->copied, &r->lock);
+    if (!r->cancelled && r->reported < r->queued) {
+        slot_t *s = slot(r, r->reported);
+        *chunk = r->reported;
+        *got = s->got;
+        if (s->state == FAILED) {
+            *step = s->step;
+            result = s->code ? s->code : EIO;
+        } else {
+            *event = s->event;
+            s->event = NULL;
+            r->reported++;
+            result = 0;
+            pthread_cond_signal(&r->room);
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    return result;
+}
+
+/* Seconds spent so far, as named in ring_t. */
+void fst_ring_spent(ring_t *r, double *spent) {
+    pthread_mutex_lock(&r->lock);
+    memcpy(spent, r->spent, sizeof r->spent);
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* Stop the threads, wait until no copy can still read a window or write a tensor, and free
+ * the ring. 0, or the CUDA code of that wait (the windows must then never be reused). */
+int fst_ring_close(ring_t *r) {
+    const calls_t *c = r->calls;
+    void *popped = NULL, *last = NULL;
+    int code;
+    fst_ring_cancel(r);
+    for (int i = 0; i < r->started; i++)
+        pthread_join(r->readers[i], NULL);
+    if (r->copier_started)
+        pthread_join(r->copier, NULL);
+    if ((code = c->push(r->context)) != 0)
+        return code; /* the ring is kept: nothing may be freed that a copy might still use */
+    /* A copy that failed halfway left earlier ones queued with no event after them: an event
+     * recorded now on the stream marks the end of all of them. */
+    if ((code = c->create(&last, r->flags)) == 0) {
+        if ((code = c->record(last, r->stream)) == 0)
+            code = c->sync(last);
+        c->destroy(last);
+    }
+    if (!code) {
+        for (int64_t w = 0; w < r->windows; w++)
+            c->destroy(r->marks[w]);
+        /* Events of chunks queued but never reported (a cancelled load). */
+        for (int64_t i = 0; i < r->capacity; i++)
+            if (r->slots[i].event)
+                c->destroy(r->slots[i].event);
+    }
+    c->pop(&popped);
+    if (code)
+        return code;
+    release(r);
+    return 0;
+}

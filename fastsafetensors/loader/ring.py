@@ -1,0 +1,259 @@
+"""A GPU load's reads and copies in C threads, with no Python per chunk (``cuda_calls="ring"``).
+
+On the H200 machine the engine's Python readers moved 21-23 GB/s to the GPU with 8 threads,
+while InstantTensor reached 34-36 GB/s with about 12 reads in flight into a 96 MiB ring of
+pinned windows and one stream copying them in file order; more Python readers helped only with
+more pinned staging, which slowed a process's first load (docs/benchmarks.md, section 2). Here
+``ring.c`` has that shape with threads: ``readers`` C threads read the chunks, in order, into a
+ring of pinned windows, and one C thread queues each chunk's copies on one stream as soon as
+its read is done. The engine's planner submits the chunks (:meth:`Ring.submit`) and one Python
+thread takes the reports (:meth:`Ring.next`); nothing else of Python runs per chunk.
+
+Built and loaded as ``readcopy.c`` is (loader/native.py): compiled on first use with the
+system's C compiler into the cache folder, the CUDA driver's functions handed in as addresses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+from array import array
+from pathlib import Path
+from typing import Any
+
+from . import driver, native
+
+__all__ = ["Ring", "RingFailure", "available"]
+
+SOURCE = Path(__file__).with_name("ring.c")
+#: ring.c's failed steps, by number.
+STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEvent",
+         "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent", "short read")
+READ, SHORT = STEPS.index("pread"), STEPS.index("short read")
+#: What ring.c's spent[] counts, as PHASES names it (seconds, summed over threads).
+SPENT = ("ring: readers reading", "ring: readers waiting for a chunk or a free window",
+         "ring: copier waiting for a read", "ring: copier queuing copies",
+         "ring: copier waiting for a window's copies")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why not
+
+
+class _Calls(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("push", "pop", "sync", "wait", "copy", "create", "record", "destroy")]
+
+
+_DRIVER_NAMES = ("cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuEventSynchronize",
+                 "cuStreamWaitEvent", "cuMemcpyHtoDAsync_v2", "cuEventCreate", "cuEventRecord",
+                 "cuEventDestroy_v2")
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_SIGNATURES = {
+    "fst_ring_open": (_P, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_uint,
+                           ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
+    "fst_ring_submit": (_I64, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P]),
+    "fst_ring_end": (None, [_P]),
+    "fst_ring_cancel": (None, [_P]),
+    "fst_ring_next": (ctypes.c_int, [_P, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
+                                     ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
+    "fst_ring_spent": (None, [_P, ctypes.POINTER(ctypes.c_double)]),
+    "fst_ring_close": (ctypes.c_int, [_P]),
+}
+
+
+def _load() -> dict[str, Any]:
+    if "lib" in _state or "missing" in _state:
+        return _state
+    with _lock:
+        if "lib" not in _state and "missing" not in _state:
+            why = driver.available()
+            if why is not None:
+                _state["missing"] = f"the CUDA driver library cannot be used ({why})"
+                return _state
+            try:
+                try:
+                    lib = ctypes.CDLL(str(native.build(source=SOURCE)))   # GIL released
+                except OSError:
+                    lib = ctypes.CDLL(str(native.build(source=SOURCE, again=True)))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["missing"] = str(exc)
+                return _state
+            for name, (restype, argtypes) in _SIGNATURES.items():
+                function = getattr(lib, name)
+                function.restype, function.argtypes = restype, argtypes
+            released = driver._libs_or_raise()[1]
+            _state["calls"] = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p)
+                                       .value for name in _DRIVER_NAMES))
+            _state["lib"] = lib
+    return _state
+
+
+def available() -> str | None:
+    """None when the ring can run here, else why not."""
+    return _load().get("missing")
+
+
+def forget() -> None:
+    """Load again on next use (tests that swap the driver library)."""
+    with _lock:
+        _state.clear()
+
+
+class RingFailure(Exception):
+    """Chunk ``index`` failed at ``step`` (STEPS) with ``code`` (an errno for a read, else a
+    CUDA code) after ``got`` bytes were read; the engine turns it into its public error."""
+
+    def __init__(self, index: int, step: int, code: int, got: int):
+        super().__init__(index, step, code, got)
+        self.index, self.step, self.code, self.got = index, step, code, got
+
+
+class Ring:
+    """One load's ring. Made unopened; :meth:`open` starts its threads on pinned memory, and
+    until then :meth:`submit` waits for it. Thread-safe: :meth:`cancel` may come from any
+    thread at any time, and :meth:`close` waits for calls still inside the C code."""
+
+    def __init__(self, device: int, *, readers: int, windows: int, stride: int,
+                 capacity: int, blocking: bool = False):
+        self.device, self.readers, self.windows = device, readers, windows
+        self.stride, self.capacity = stride, capacity
+        self.flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
+        self._cond = threading.Condition()
+        self._handle: int | None = None
+        self._inside = 0              # submit/next calls inside the C code
+        self._ended = self._cancelled = self._closed = False
+        self.submitted = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Pinned bytes :meth:`open` needs at its address."""
+        return self.windows * self.stride
+
+    def open(self, stream: int, address: int) -> None:
+        """Start the threads: ``address`` holds :attr:`nbytes` of pinned memory, aligned for
+        O_DIRECT, and copies go on ``stream`` (a driver handle)."""
+        state = _load()
+        if "missing" in state:
+            from ..errors import CudaError
+
+            raise CudaError("dlopen", -1, f"the ring cannot be used ({state['missing']})")
+        code, step = ctypes.c_int(), ctypes.c_int()
+        handle = state["lib"].fst_ring_open(
+            ctypes.byref(state["calls"]), driver._context(self.device), stream, address,
+            self.stride, self.windows, self.readers, self.capacity, self.flags,
+            ctypes.byref(code), ctypes.byref(step))
+        if not handle:
+            if step.value:
+                driver._check(code.value, STEPS[step.value])
+            raise OSError(code.value, f"the ring's threads cannot start: "
+                                      f"{os.strerror(code.value)}")
+        with self._cond:
+            self._handle = handle
+            if self._ended:
+                state["lib"].fst_ring_end(handle)
+            if self._cancelled:
+                state["lib"].fst_ring_cancel(handle)
+            self._cond.notify_all()
+
+    def _enter(self, wait: bool) -> int | None:
+        with self._cond:
+            while wait and self._handle is None and not (self._cancelled or self._closed):
+                self._cond.wait(0.1)
+            if self._handle is None or self._closed:
+                return None
+            self._inside += 1
+            return self._handle
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._cond.notify_all()
+
+    def submit(self, fd: int, offset: int, length: int, needed: int, allocated: Any,
+               copies: list[tuple[int, int, int]]) -> int | None:
+        """Read ``length`` bytes of ``fd`` at ``offset`` (at least ``needed``) into the next
+        window, then copy each ``(device address, offset in the window, bytes)`` after
+        ``allocated`` (a driver event, or None). Returns the chunk's number, in submission
+        order, or None once the ring stopped (the reason comes from :meth:`next`)."""
+        handle = self._enter(wait=True)
+        if handle is None:
+            return None
+        try:
+            dst = array("Q", [c[0] for c in copies])
+            src = array("q", [c[1] for c in copies])
+            lengths = array("q", [c[2] for c in copies])
+            index = _state["lib"].fst_ring_submit(
+                handle, fd, offset, length, needed,
+                None if allocated is None else allocated.handle, len(copies),
+                dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0])
+        finally:
+            self._leave()
+        if index == -2:
+            raise MemoryError("no memory for a chunk's pieces")
+        if index < 0:
+            return None
+        self.submitted += 1
+        return int(index)
+
+    def end(self) -> None:
+        """No more chunks: :meth:`next` ends once every one was reported."""
+        with self._cond:
+            self._ended = True
+            if self._handle is not None and not self._closed:
+                _state["lib"].fst_ring_end(self._handle)
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            if self._handle is not None and not self._closed:
+                _state["lib"].fst_ring_cancel(self._handle)
+            self._cond.notify_all()
+
+    def next(self) -> tuple[int, int, driver.Event] | None:
+        """The next chunk whose copies are queued, in order: ``(its number, bytes read, the
+        event after its copies)``; None at the end or once cancelled. Raises RingFailure."""
+        handle = self._enter(wait=False)
+        if handle is None:
+            return None
+        try:
+            index, got, event, step = _I64(), _I64(), ctypes.c_void_p(), ctypes.c_int()
+            code = _state["lib"].fst_ring_next(handle, ctypes.byref(index), ctypes.byref(got),
+                                               ctypes.byref(event), ctypes.byref(step))
+        finally:
+            self._leave()
+        if code == 0:
+            return index.value, got.value, driver.Event.adopt(self.device, event)
+        if code == 1 and step.value == 0:
+            return None
+        raise RingFailure(index.value, step.value, code, got.value)
+
+    def close(self) -> dict[str, float]:
+        """Stop the threads and wait until no copy can touch the windows or the tensors any
+        more; returns the seconds of SPENT. Raises CudaError if that wait fails (the windows
+        must then never be reused)."""
+        with self._cond:
+            self._cancelled = True
+            handle = self._handle
+            if handle is not None and not self._closed:
+                _state["lib"].fst_ring_cancel(handle)
+            self._closed = True
+            while self._inside:
+                self._cond.wait(0.1)
+        if handle is None:
+            return {}
+        spent = (ctypes.c_double * len(SPENT))()
+        _state["lib"].fst_ring_spent(handle, spent)
+        code = _state["lib"].fst_ring_close(handle)
+        if code:
+            driver._check(code, "cuEventSynchronize")
+        return dict(zip(SPENT, spent))
+
+
+if sys.platform != "linux":   # pread and the driver's calls as used here: Linux only
+    _state["missing"] = f"the ring is built for Linux, not {sys.platform}"

@@ -1,0 +1,323 @@
+"""A GPU load's reads and copies in C threads (cuda_calls="ring"): loader/ring.py and
+loader/ring.c, built here with the system's C compiler, against tests/fake_libcuda.c (whose
+"device" memory is host memory and whose copies run at once, when queued). tests/gpu runs the
+real driver."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import as_bytes, require_o_direct
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file
+
+# With test_driver's fixtures, found by pytest under these names (F811 where they are used).
+from test_driver import DriverHostSink, _Stream, fake, fake_so, two_files  # noqa: F401
+
+from fastsafetensors import CudaError, ReadError, configure
+from fastsafetensors.loader import cuda, driver, ring
+from fastsafetensors.loader.posix import STATS
+from fastsafetensors.loader.stream import PHASES, StreamOptions, stream_tensors
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def calls(fake: Any, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Any:  # noqa: F811
+    """ring.py bound to the stand-in driver (``fake``), built into a folder of this module."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    ring.forget()
+    assert ring.available() is None
+    yield fake
+    ring.forget()
+
+
+class RingHostSink(DriverHostSink):
+    """DriverHostSink with a ring, as TorchCudaSink has it with cuda_calls="ring"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rings: list[ring.Ring] = []
+        self.staged: list[Any] = []
+
+    def ring(self, **shape: int) -> ring.Ring:
+        made = ring.Ring(0, **shape)
+        self.rings.append(made)
+        return made
+
+    def staging(self, nbytes: int) -> tuple[Any, memoryview]:
+        self.staged.append(nbytes)
+        return super().staging(nbytes)
+
+
+def load(paths: list[Path], sink: Any, **options: Any) -> dict[str, torch.Tensor]:
+    shape = {"threads": 3, "staging_bytes": 6 * 16384, "io": "buffered", **options}
+    return dict(stream_tensors([(str(p), None, None) for p in paths], sink,
+                               StreamOptions(**shape)))
+
+
+def assert_same(got: dict[str, torch.Tensor], paths: list[Path]) -> None:
+    want: dict[str, torch.Tensor] = {}
+    for path in paths:
+        want.update(st_load_file(str(path)))
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
+
+
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+def test_the_engine_through_the_ring_equals_safetensors(calls, tmp_path, io):
+    # Real files through the engine: O_DIRECT's widening and skew, misaligned tensors and
+    # chunks across window edges become the ring's reads and copies; every byte counted once.
+    first, second = two_files(tmp_path, seed=5)
+    if io == "direct":
+        require_o_direct(first)
+    sink = RingHostSink()
+    STATS.reset()
+    PHASES.reset()
+    events = calls.events_live
+    got = load([first, second], sink, io=io)
+    assert_same(got, [first, second])
+    (made,) = sink.rings
+    # 6 x 16 KiB of staging: 64 KiB (the power of two within it) of windows of a chunk each.
+    assert made.windows == (65536 - 4096) // made.stride and made.stride % 4096 == 0
+    assert sink.staged == [made.nbytes] and made.readers == 3
+    phases = PHASES.snapshot()
+    assert phases["ring: readers reading"] > 0 and "ring: copier queuing copies" in phases
+    assert "reader: read" not in phases   # no Python reader ran
+    wanted = sum(t.numel() * t.element_size() for t in got.values())
+    if io == "buffered":
+        assert STATS.bytes_read == wanted and STATS.direct_reads == 0
+    else:
+        assert STATS.bytes_read >= wanted and STATS.direct_reads == made.submitted
+    # One copy per piece, every chunk waited for its allocation, and one event per chunk
+    # handed to Python; the windows' own events are gone with the ring.
+    assert calls.copies >= len(got) - 1 and calls.waits >= made.submitted > 3
+    assert calls.pushes == calls.pops
+    del got
+    gc.collect()
+    assert calls.events_live == events
+
+
+def test_windows_are_read_into_again_only_after_their_copies(calls, tmp_path):
+    # Two windows, slow copies: readers that took a window before its copy had run would
+    # overwrite bytes still to be copied, and some tensor would differ.
+    g = torch.Generator().manual_seed(2)
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.randn(3000 + 7 * i, generator=g) for i in range(12)}, str(path))
+    calls.set("copy_ms", 3)
+    sink = RingHostSink()
+    assert_same(load([path], sink, threads=4, staging_bytes=2 * 16384 + 4096), [path])
+    assert sink.rings[0].windows == 2 and sink.rings[0].submitted >= 10
+
+
+def test_a_file_cut_short_while_loading_fails_the_load_with_a_read_error(calls, tmp_path,
+                                                                          monkeypatch):
+    from fastsafetensors.loader import stream
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
+    plan = stream._chunk_read
+
+    def cut_first(chunk: Any, policy: Any) -> Any:
+        os.truncate(path, 1000)   # after the header was read and checked
+        return plan(chunk, policy)
+
+    monkeypatch.setattr(stream, "_chunk_read", cut_first)
+    with pytest.raises(ReadError, match="a.safetensors"):
+        load([path], RingHostSink(), threads=2, staging_bytes=4 * 16384)
+    assert calls.copies == 0 and calls.pushes == calls.pops   # nothing of a short read copied
+
+
+def test_a_read_error_is_an_os_error_naming_the_file(calls, tmp_path, monkeypatch):
+    from fastsafetensors.loader import stream
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
+    plan = stream._chunk_read
+    folder = os.open(tmp_path, os.O_RDONLY)   # pread() there fails with EISDIR
+
+    def from_a_folder(chunk: Any, policy: Any) -> Any:
+        _, begin, length, direct = plan(chunk, policy)
+        return folder, begin, length, direct
+
+    monkeypatch.setattr(stream, "_chunk_read", from_a_folder)
+    try:
+        with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+            load([path], RingHostSink(), threads=2, staging_bytes=4 * 16384)
+    finally:
+        os.close(folder)
+    assert calls.copies == 0 and calls.pushes == calls.pops
+
+
+def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path):
+    # The third copy fails: the error reaches the caller, the ring's threads end (no hang),
+    # every context pushed was popped and every event destroyed.
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.full((8192,), float(i)) for i in range(16)}, str(path))
+    events = calls.events_live
+    calls.set("fail_copy", 3)
+    with pytest.raises(CudaError, match="cuMemcpyHtoDAsync") as info:
+        load([path], RingHostSink(), threads=2, staging_bytes=4 * 16384)
+    assert "CUDA_ERROR_ILLEGAL_ADDRESS" in str(info.value)
+    assert calls.pushes == calls.pops
+    del info   # its traceback holds the load's frames, and their events
+    gc.collect()
+    assert calls.events_live == events
+
+
+def test_a_consumer_that_stops_early_ends_the_ring(calls, tmp_path):
+    # Many more chunks than the ring holds, the consumer gone after the first tensor: the
+    # planner waiting for room and the ring's threads end, the files close.
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.full((4096,), float(i)) for i in range(64)}, str(path))
+    calls.set("copy_ms", 2)
+    sink = RingHostSink()
+    before = set(os.listdir("/proc/self/fd"))
+    it = stream_tensors([(str(path), None, None)], sink,
+                        StreamOptions(threads=2, staging_bytes=4 * 16384, io="buffered"))
+    name, tensor = next(it)
+    assert name == "w0" and bool((tensor == 0).all())
+    started = time.monotonic()
+    it.close()
+    assert time.monotonic() - started < 5
+    (made,) = sink.rings
+    assert made.submitted < 64   # it stopped, rather than loading the rest
+    assert set(os.listdir("/proc/self/fd")) <= before
+    assert calls.pushes == calls.pops
+
+
+def test_submit_waits_for_room_and_a_cancel_frees_it(calls, tmp_path):
+    # The ring itself: with `capacity` chunks submitted and none reported, a submit waits
+    # (without the GIL) until cancel() comes from another thread, then says the ring stopped.
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(4 * 100, dtype=torch.uint8)
+    made = ring.Ring(0, readers=2, windows=2, stride=4096, capacity=2)
+    made.open(7, windows.data_ptr())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for k in range(2):
+            assert made.submit(fd, 100 * k, 100, 100, None,
+                               [(dst.data_ptr() + 100 * k, 0, 100)]) == k
+        result: list[Any] = []
+        waiter = threading.Thread(target=lambda: result.append(
+            made.submit(fd, 200, 100, 100, None, [(dst.data_ptr() + 200, 0, 100)])))
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()   # no room until a report is taken
+        first = made.next()
+        assert first is not None and first[:2] == (0, 100)
+        waiter.join(5)
+        assert result == [2]
+        made.end()
+        assert [r[:2] for r in iter(made.next, None)] == [(1, 100), (2, 100)]
+        assert made.submit(fd, 0, 1, 1, None, []) is None   # after end(): refused
+        assert torch.equal(dst[:300], torch.frombuffer(bytearray(path.read_bytes()[:300]),
+                                                       dtype=torch.uint8))
+    finally:
+        made.close()
+        os.close(fd)
+    assert made.next() is None and made.submit(fd, 0, 1, 1, None, []) is None
+    assert calls.pushes == calls.pops
+
+
+def test_a_cancel_wakes_a_submit_waiting_for_room(calls, tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(8192))
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2)
+    made.open(7, windows.data_ptr())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert made.submit(fd, 0, 10, 10, None, []) == 0
+        assert made.submit(fd, 0, 10, 10, None, []) == 1
+        result: list[Any] = []
+        waiter = threading.Thread(target=lambda: result.append(
+            made.submit(fd, 0, 10, 10, None, [])))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()
+        made.cancel()
+        waiter.join(5)
+        assert result == [None] and made.next() is None
+    finally:
+        made.close()
+        os.close(fd)
+
+
+def test_a_submit_before_the_ring_opens_waits_for_it(calls, tmp_path):
+    # The planner may plan its first chunk while the reporter still pins the windows.
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"abcdefgh" * 512)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(8, dtype=torch.uint8)
+    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=4)
+    fd = os.open(path, os.O_RDONLY)
+    result: list[Any] = []
+    try:
+        waiter = threading.Thread(target=lambda: result.append(
+            made.submit(fd, 8, 8, 8, None, [(dst.data_ptr(), 0, 8)])))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive() and made.next() is None   # nothing to report: not open
+        made.end()   # said before it opens: kept until then
+        made.open(7, windows.data_ptr())
+        waiter.join(5)
+        assert result == [None]   # ended first: nothing more is taken
+        assert made.next() is None
+    finally:
+        made.close()
+        os.close(fd)
+
+
+def test_the_cuda_sink_makes_a_ring_of_its_device(calls, monkeypatch):
+    # TorchCudaSink itself with ring=True, its torch parts stood in for on the CPU.
+    monkeypatch.setattr(cuda.torch.cuda, "current_stream", lambda device=None: _Stream(3))
+    sink = cuda.TorchCudaSink.__new__(cuda.TorchCudaSink)
+    sink.device, sink.index, sink.blocking = torch.device("cuda", 1), 1, True
+    sink.calls, sink.rings = driver, ring
+    made = sink._ring(readers=5, windows=4, stride=8192, capacity=12)
+    assert (made.device, made.readers, made.windows, made.stride, made.capacity) == (
+        1, 5, 4, 8192, 12)
+    assert made.flags == driver.DISABLE_TIMING | driver.BLOCKING_SYNC and made.nbytes == 32768
+    made.close()   # never opened: nothing to stop
+
+
+def test_without_a_compiler_the_ring_falls_back_said_once(fake, tmp_path, monkeypatch,  # noqa: F811
+                                                          caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("PATH", str(tmp_path))   # no cc, no gcc
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(cuda, "_refused", set())
+    ring.forget()
+    try:
+        why = ring.available()
+        assert why is not None and "no C compiler" in why
+        with pytest.raises(CudaError, match="the ring cannot be used"):
+            ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2).open(0, 0)
+        with caplog.at_level("WARNING", logger="fastsafetensors.loader.cuda"):
+            assert cuda._calls("ring") is None and cuda._calls("ring") is None
+        said = [r.getMessage() for r in caplog.records if "ring" in r.getMessage()]
+        assert len(said) == 1 and "from Python reader threads" in said[0]
+    finally:
+        ring.forget()
+
+
+def test_the_option_takes_ring():
+    from fastsafetensors import config
+
+    with configure(cuda_calls="ring"):
+        assert config.get("cuda_calls") == "ring"
