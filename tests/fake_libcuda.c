@@ -1,6 +1,8 @@
 /* A stand-in for libcuda.so.1 with the calls fastsafetensors/loader/driver.py makes, for
  * tests on machines without a GPU (tests/test_driver.py compiles it). "Device" memory is host
- * memory: a copy is a memcpy, done at once. It checks what the real driver would refuse: no
+ * memory: a copy is a memcpy, done at once, or with fake_defer_copies only once an event
+ * recorded after it is waited for (in queued order, every stream as one), as a GPU that has
+ * not run it yet would leave it. It checks what the real driver would refuse: no
  * context current, an unknown event, a pop with nothing pushed. Knobs and counters are plain
  * globals that the tests read and set through ctypes. */
 #include <stdint.h>
@@ -17,21 +19,46 @@
 
 #define EVENT_MAGIC 0x45564e54
 
-typedef struct { int magic; unsigned flags; int recorded; } event_t;
+typedef struct { int magic; unsigned flags; int recorded; long upto; } event_t;
 
 /* Counters. */
 int fake_devices = 2;
 long fake_retains, fake_copies, fake_copied_bytes, fake_records, fake_waits, fake_syncs;
-long fake_events_live, fake_pushes, fake_pops;
+long fake_events_live, fake_pushes, fake_pops, fake_push_calls;
 uintptr_t fake_last_stream, fake_last_context;
 unsigned fake_last_flags;
-/* Knobs: the copy number that fails (0: none), and how long a copy or a sync takes (ms). */
-long fake_fail_copy;
+/* Knobs: the copy and the context push numbers that fail (0: none), and how long a copy or a
+ * sync takes (ms). */
+long fake_fail_copy, fake_fail_push;
 int fake_copy_ms, fake_sync_ms;
+/* Copies run when an event recorded after them is synchronized, not when queued. */
+int fake_defer_copies;
 
 /* Counted atomically: native calls (loader/readcopy.c) make these from several threads at once,
  * without the GIL. */
 #define COUNT(counter, n) __atomic_add_fetch(&(counter), (n), __ATOMIC_RELAXED)
+
+/* Deferred copies, in queued order: those before `pending_done` ran. */
+typedef struct { uint64_t dst; const void *src; size_t nbytes; } pending_t;
+static pending_t *pending;
+static long pending_len, pending_cap, pending_done;
+static char pending_lock;
+
+static void lock_pending(void) {
+    while (__atomic_test_and_set(&pending_lock, __ATOMIC_ACQUIRE))
+        ;
+}
+
+static void unlock_pending(void) { __atomic_clear(&pending_lock, __ATOMIC_RELEASE); }
+
+/* Run the deferred copies up to number `upto`. */
+static void run_pending(long upto) {
+    lock_pending();
+    for (; pending_done < upto; pending_done++)
+        memcpy((void *)(uintptr_t)pending[pending_done].dst, pending[pending_done].src,
+               pending[pending_done].nbytes);
+    unlock_pending();
+}
 
 static __thread uintptr_t stack[16];
 static __thread int depth;
@@ -58,6 +85,7 @@ int cuDevicePrimaryCtxRetain(void **context, int device) {
 
 int cuCtxPushCurrent_v2(void *context) {
     if (!context || depth == 16) return INVALID_CONTEXT;
+    if (fake_fail_push && COUNT(fake_push_calls, 1) == fake_fail_push) return INVALID_CONTEXT;
     COUNT(fake_pushes, 1);
     stack[depth++] = (uintptr_t)context;
     return SUCCESS;
@@ -74,7 +102,17 @@ int cuMemcpyHtoDAsync_v2(uint64_t dst, const void *src, size_t nbytes, void *str
     if (depth == 0) return INVALID_CONTEXT;
     if (fake_fail_copy && fake_copies + 1 == fake_fail_copy) return ILLEGAL_ADDRESS;
     pause_ms(fake_copy_ms);
-    memcpy((void *)(uintptr_t)dst, src, nbytes);
+    if (fake_defer_copies) {
+        lock_pending();
+        if (pending_len == pending_cap) {
+            pending_cap = pending_cap ? 2 * pending_cap : 64;
+            pending = realloc(pending, (size_t)pending_cap * sizeof *pending);
+        }
+        pending[pending_len++] = (pending_t){dst, src, nbytes};
+        unlock_pending();
+    } else {
+        memcpy((void *)(uintptr_t)dst, src, nbytes);
+    }
     COUNT(fake_copies, 1);
     COUNT(fake_copied_bytes, (long)nbytes);
     fake_last_stream = (uintptr_t)stream;
@@ -88,6 +126,7 @@ int cuEventCreate(void **event, unsigned flags) {
     e->magic = EVENT_MAGIC;
     e->flags = flags;
     e->recorded = 0;
+    e->upto = 0;
     fake_last_flags = flags;
     COUNT(fake_events_live, 1);
     *event = e;
@@ -100,6 +139,9 @@ int cuEventRecord(void *event, void *stream) {
     if (depth == 0) return INVALID_CONTEXT;
     if (!valid(event)) return INVALID_HANDLE;
     ((event_t *)event)->recorded = 1;
+    lock_pending();
+    ((event_t *)event)->upto = pending_len;
+    unlock_pending();
     COUNT(fake_records, 1);
     fake_last_stream = (uintptr_t)stream;
     return SUCCESS;
@@ -117,6 +159,7 @@ int cuStreamWaitEvent(void *stream, void *event, unsigned flags) {
 int cuEventSynchronize(void *event) {
     if (!valid(event)) return INVALID_HANDLE;
     pause_ms(fake_sync_ms);
+    run_pending(((event_t *)event)->upto);
     COUNT(fake_syncs, 1);
     return SUCCESS;
 }

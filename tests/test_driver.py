@@ -50,7 +50,7 @@ class Fake:
     def _var(self, name: str) -> Any:
         kinds = {"fake_last_stream": "c_size_t", "fake_last_context": "c_size_t",
                  "fake_last_flags": "c_uint", "fake_devices": "c_int", "fake_copy_ms": "c_int",
-                 "fake_sync_ms": "c_int"}
+                 "fake_sync_ms": "c_int", "fake_defer_copies": "c_int"}
         import ctypes
 
         return getattr(ctypes, kinds.get(name, "c_long")).in_dll(self.lib, name)

@@ -110,16 +110,21 @@ def test_the_engine_through_the_ring_equals_safetensors(calls, tmp_path, io):
     assert calls.events_live == events
 
 
-def test_windows_are_read_into_again_only_after_their_copies(calls, tmp_path):
-    # Two windows, slow copies: readers that took a window before its copy had run would
-    # overwrite bytes still to be copied, and some tensor would differ.
+@pytest.mark.parametrize(("threads", "staging"), [(4, 2 * 16384 + 4096), (3, 6 * 16384)])
+def test_windows_are_read_into_again_only_after_their_copies(calls, tmp_path, threads,
+                                                             staging):
+    # Copies run only once an event after them is waited for, as on a GPU that has not run
+    # them yet: a reader that took a window before the copies out of it ran would overwrite
+    # bytes still to be copied, and some tensor would differ (a ring that frees a window once
+    # its copies are queued fails here).
     g = torch.Generator().manual_seed(2)
     path = tmp_path / "a.safetensors"
-    save_file({f"w{i}": torch.randn(3000 + 7 * i, generator=g) for i in range(12)}, str(path))
-    calls.set("copy_ms", 3)
+    save_file({f"w{i}": torch.randn(3000 + 7 * i, generator=g) for i in range(24)}, str(path))
+    calls.set("defer_copies", 1)
     sink = RingHostSink()
-    assert_same(load([path], sink, threads=4, staging_bytes=2 * 16384 + 4096), [path])
-    assert sink.rings[0].windows == 2 and sink.rings[0].submitted >= 10
+    assert_same(load([path], sink, threads=threads, staging_bytes=staging), [path])
+    (made,) = sink.rings
+    assert made.submitted > 2 * made.windows   # every window reused
 
 
 def test_a_file_cut_short_while_loading_fails_the_load_with_a_read_error(calls, tmp_path,
@@ -281,6 +286,44 @@ def test_a_submit_before_the_ring_opens_waits_for_it(calls, tmp_path):
     finally:
         made.close()
         os.close(fd)
+
+
+def test_a_copier_that_cannot_push_the_context_fails_the_first_chunk(calls, tmp_path):
+    # The ring opens (its own push works), its copier's push fails: the first chunk is
+    # reported failed, also when its read ends after the copier failed it (a read of 4 MiB
+    # takes longer than the copier takes to fail), never as loaded.
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(4 << 20))
+    windows = torch.zeros(2 * (4 << 20), dtype=torch.uint8)
+    dst = torch.zeros(10, dtype=torch.uint8)
+    for _ in range(10):
+        calls.set("push_calls", 0)
+        calls.set("fail_push", 2)   # open()'s is the first, the copier's the second
+        made = ring.Ring(0, readers=2, windows=2, stride=4 << 20, capacity=4)
+        made.open(7, windows.data_ptr())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            made.submit(fd, 0, 4 << 20, 4 << 20, None, [(dst.data_ptr(), 0, 10)])
+            time.sleep(0.02)   # the read is over by now
+            with pytest.raises(ring.RingFailure) as info:
+                made.next()
+            assert (info.value.index, ring.STEPS[info.value.step]) == (0, "cuCtxPushCurrent")
+        finally:
+            made.close()
+            os.close(fd)
+    calls.set("fail_push", 0)
+
+
+def test_close_twice_and_a_read_larger_than_a_window(calls, tmp_path):
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2)
+    made.open(7, windows.data_ptr())
+    with pytest.raises(ValueError, match="does not fit in the ring's windows of 4096 bytes"):
+        made.submit(0, 0, 4097, 4097, None, [])
+    with pytest.raises(ValueError, match="does not fit"):
+        made.submit(0, 0, 100, 100, None, [(windows.data_ptr(), 90, 20)])
+    assert made.close() is not None and made.close() == {}   # the second finds nothing
+    assert calls.pushes == calls.pops
 
 
 def test_the_cuda_sink_makes_a_ring_of_its_device(calls, monkeypatch):

@@ -180,8 +180,8 @@ class Event:
 
     @classmethod
     def adopt(cls, device: int, handle: ctypes.c_void_p) -> Event:
-        """An event created and recorded elsewhere (loader/native.py's C calls), destroyed
-        with this object."""
+        """An event created and recorded elsewhere (the C calls of loader/native.py and
+        loader/ring.py), destroyed with this object."""
         self = cls.__new__(cls)
         self.device = device
         self.handle = handle

@@ -146,11 +146,13 @@ static void *reader(void *arg) {
         pthread_mutex_lock(&r->lock);
         r->spent[0] += t1 - t0;
         s->got = done;
-        if (code) {
-            s->code = code;
-            s->step = READ;
+        if (s->state == SUBMITTED) { /* not failed meanwhile by a copier that cannot start */
+            if (code) {
+                s->code = code;
+                s->step = READ;
+            }
+            s->state = READ_DONE;
         }
-        s->state = READ_DONE;
         pthread_cond_signal(&r->read);
     }
     pthread_mutex_unlock(&r->lock);
@@ -346,11 +348,16 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
 /* Hand over the next chunk: read `length` bytes of `fd` at `offset` (at least `needed` of
  * them), then copy each of the `count` pieces (device address, offset in the window, bytes).
  * Blocks while `capacity` chunks are submitted and not reported. Returns the chunk's number,
- * or -1 once the ring stopped (cancelled, or the copier ended on an error), or -2 when memory
- * for the pieces cannot be had. */
+ * or -1 once the ring stopped (cancelled, or the copier ended on an error), -2 when memory
+ * for the pieces cannot be had, or -3 when the read or a piece does not fit in a window. */
 int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
                         void *allocated, int64_t count, const uint64_t *dst,
                         const int64_t *src, const int64_t *len) {
+    if (length < 0 || length > r->stride || needed > length || count < 0)
+        return -3;
+    for (int64_t i = 0; i < count; i++)
+        if (src[i] < 0 || len[i] < 0 || src[i] + len[i] > needed)
+            return -3;
     uint64_t *d = malloc((size_t)(count > 0 ? count : 1) * sizeof *d);
     int64_t *s = malloc((size_t)(count > 0 ? count : 1) * sizeof *s);
     int64_t *n = malloc((size_t)(count > 0 ? count : 1) * sizeof *n);
@@ -441,8 +448,9 @@ void fst_ring_spent(ring_t *r, double *spent) {
 }
 
 /* Stop the threads, wait until no copy can still read a window or write a tensor, and free
- * the ring. 0, or the CUDA code of that wait (the windows must then never be reused). */
-int fst_ring_close(ring_t *r) {
+ * the ring. 0, or the CUDA code of that wait with *step set (the ring is then kept: the
+ * windows must never be reused). Once only. */
+int fst_ring_close(ring_t *r, int *step) {
     const calls_t *c = r->calls;
     void *popped = NULL, *last = NULL;
     int code;
@@ -451,13 +459,18 @@ int fst_ring_close(ring_t *r) {
         pthread_join(r->readers[i], NULL);
     if (r->copier_started)
         pthread_join(r->copier, NULL);
+    *step = PUSH;
     if ((code = c->push(r->context)) != 0)
-        return code; /* the ring is kept: nothing may be freed that a copy might still use */
+        return code;
     /* A copy that failed halfway left earlier ones queued with no event after them: an event
      * recorded now on the stream marks the end of all of them. */
+    *step = CREATE;
     if ((code = c->create(&last, r->flags)) == 0) {
-        if ((code = c->record(last, r->stream)) == 0)
+        *step = RECORD;
+        if ((code = c->record(last, r->stream)) == 0) {
+            *step = SYNC;
             code = c->sync(last);
+        }
         c->destroy(last);
     }
     if (!code) {
@@ -471,6 +484,7 @@ int fst_ring_close(ring_t *r) {
     c->pop(&popped);
     if (code)
         return code;
+    *step = OK;
     release(r);
     return 0;
 }

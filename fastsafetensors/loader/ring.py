@@ -33,6 +33,8 @@ SOURCE = Path(__file__).with_name("ring.c")
 STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEvent",
          "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent", "short read")
 READ, SHORT = STEPS.index("pread"), STEPS.index("short read")
+#: ring.c's limit on reader threads.
+MAX_READERS = 64
 #: What ring.c's spent[] counts, as PHASES names it (seconds, summed over threads).
 SPENT = ("ring: readers reading", "ring: readers waiting for a chunk or a free window",
          "ring: copier waiting for a read", "ring: copier queuing copies",
@@ -62,7 +64,7 @@ _SIGNATURES = {
     "fst_ring_next": (ctypes.c_int, [_P, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
                                      ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
     "fst_ring_spent": (None, [_P, ctypes.POINTER(ctypes.c_double)]),
-    "fst_ring_close": (ctypes.c_int, [_P]),
+    "fst_ring_close": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
 }
 
 
@@ -120,11 +122,16 @@ class Ring:
 
     def __init__(self, device: int, *, readers: int, windows: int, stride: int,
                  capacity: int, blocking: bool = False):
-        self.device, self.readers, self.windows = device, readers, windows
+        self.device, self.windows = device, windows
+        self.readers = min(readers, MAX_READERS)
         self.stride, self.capacity = stride, capacity
         self.flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
         self._cond = threading.Condition()
         self._handle: int | None = None
+        # The library and the driver's addresses the C side holds: kept with the ring, so that
+        # a forget() meanwhile does not free them under its threads.
+        self._lib: Any = None
+        self._calls: Any = None
         self._inside = 0              # submit/next calls inside the C code
         self._ended = self._cancelled = self._closed = False
         self.submitted = 0
@@ -142,22 +149,26 @@ class Ring:
             from ..errors import CudaError
 
             raise CudaError("dlopen", -1, f"the ring cannot be used ({state['missing']})")
+        lib, calls = state["lib"], state["calls"]
         code, step = ctypes.c_int(), ctypes.c_int()
-        handle = state["lib"].fst_ring_open(
-            ctypes.byref(state["calls"]), driver._context(self.device), stream, address,
-            self.stride, self.windows, self.readers, self.capacity, self.flags,
-            ctypes.byref(code), ctypes.byref(step))
-        if not handle:
-            if step.value:
-                driver._check(code.value, STEPS[step.value])
-            raise OSError(code.value, f"the ring's threads cannot start: "
-                                      f"{os.strerror(code.value)}")
         with self._cond:
-            self._handle = handle
+            if self._closed:   # closed before it opened: nothing to start
+                return
+            # Under the lock: a close() from another thread waits for it, then stops it.
+            handle = lib.fst_ring_open(
+                ctypes.byref(calls), driver._context(self.device), stream, address,
+                self.stride, self.windows, self.readers, self.capacity, self.flags,
+                ctypes.byref(code), ctypes.byref(step))
+            if not handle:
+                if step.value:
+                    driver._check(code.value, STEPS[step.value])
+                raise OSError(code.value, f"the ring's threads cannot start: "
+                                          f"{os.strerror(code.value)}")
+            self._handle, self._lib, self._calls = handle, lib, calls
             if self._ended:
-                state["lib"].fst_ring_end(handle)
+                lib.fst_ring_end(handle)
             if self._cancelled:
-                state["lib"].fst_ring_cancel(handle)
+                lib.fst_ring_cancel(handle)
             self._cond.notify_all()
 
     def _enter(self, wait: bool) -> int | None:
@@ -187,7 +198,7 @@ class Ring:
             dst = array("Q", [c[0] for c in copies])
             src = array("q", [c[1] for c in copies])
             lengths = array("q", [c[2] for c in copies])
-            index = _state["lib"].fst_ring_submit(
+            index = self._lib.fst_ring_submit(
                 handle, fd, offset, length, needed,
                 None if allocated is None else allocated.handle, len(copies),
                 dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0])
@@ -195,6 +206,9 @@ class Ring:
             self._leave()
         if index == -2:
             raise MemoryError("no memory for a chunk's pieces")
+        if index == -3:
+            raise ValueError(f"a read of {length} bytes (or a piece of it) does not fit in the "
+                             f"ring's windows of {self.stride} bytes")
         if index < 0:
             return None
         self.submitted += 1
@@ -205,14 +219,14 @@ class Ring:
         with self._cond:
             self._ended = True
             if self._handle is not None and not self._closed:
-                _state["lib"].fst_ring_end(self._handle)
+                self._lib.fst_ring_end(self._handle)
             self._cond.notify_all()
 
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
             if self._handle is not None and not self._closed:
-                _state["lib"].fst_ring_cancel(self._handle)
+                self._lib.fst_ring_cancel(self._handle)
             self._cond.notify_all()
 
     def next(self) -> tuple[int, int, driver.Event] | None:
@@ -223,11 +237,13 @@ class Ring:
             return None
         try:
             index, got, event, step = _I64(), _I64(), ctypes.c_void_p(), ctypes.c_int()
-            code = _state["lib"].fst_ring_next(handle, ctypes.byref(index), ctypes.byref(got),
-                                               ctypes.byref(event), ctypes.byref(step))
+            code = self._lib.fst_ring_next(handle, ctypes.byref(index), ctypes.byref(got),
+                                           ctypes.byref(event), ctypes.byref(step))
         finally:
             self._leave()
         if code == 0:
+            if not event.value:   # reported done, yet no event after its copies
+                raise RingFailure(index.value, STEPS.index("cuEventRecord"), 1, got.value)
             return index.value, got.value, driver.Event.adopt(self.device, event)
         if code == 1 and step.value == 0:
             return None
@@ -239,19 +255,24 @@ class Ring:
         must then never be reused)."""
         with self._cond:
             self._cancelled = True
-            handle = self._handle
+            # Taken once: a second close() finds nothing, and nothing else touches the C ring
+            # once _closed is set and the calls inside it have left.
+            handle, self._handle = self._handle, None
             if handle is not None and not self._closed:
-                _state["lib"].fst_ring_cancel(handle)
+                self._lib.fst_ring_cancel(handle)
             self._closed = True
             while self._inside:
                 self._cond.wait(0.1)
         if handle is None:
             return {}
         spent = (ctypes.c_double * len(SPENT))()
-        _state["lib"].fst_ring_spent(handle, spent)
-        code = _state["lib"].fst_ring_close(handle)
+        self._lib.fst_ring_spent(handle, spent)
+        step = ctypes.c_int()
+        code = self._lib.fst_ring_close(handle, ctypes.byref(step))
         if code:
-            driver._check(code, "cuEventSynchronize")
+            # The C ring is kept (its threads have ended): freed, it could let a copy still
+            # queued write into memory handed out again.
+            driver._check(code, STEPS[step.value] if step.value < len(STEPS) else "ring")
         return dict(zip(SPENT, spent))
 
 

@@ -500,6 +500,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     stats["direct"] += direct
                     stats["chunks"] += 1
                 completion.queued(chunk.pieces, event)
+            if inflight and not cancelled.is_set():
+                # Ended with chunks unreported and no error said: their tensors' waits would
+                # never end.
+                raise RuntimeError(f"the ring ended with {len(inflight)} chunks not loaded")
         except RingFailure as exc:
             fail(_ring_error(exc, *inflight[exc.index][:2]))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -508,9 +512,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             # No copy may still read the windows or write a tensor once this returns.
             try:
                 PHASES.add(ring.close())
-            except BaseException:
+            except BaseException as exc:
                 if buffer is not None:
                     ABANDONED.append(buffer)
+                fail(exc)   # the load must not pass for done
                 raise
             if buffer is not None:
                 sink.release_staging(buffer[0])
@@ -744,7 +749,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         if switched and os.getpid() == pid:
             switching.restore()
         cancelled.set()
-        if ring is not None:
+        if ring is not None and os.getpid() == pid:
             ring.cancel()   # a planner waiting for room in the ring, or the reporter, returns
         _drain(work)
         # The drain may have taken the planner's stop markers: give each worker one back, or
