@@ -505,7 +505,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 # never end.
                 raise RuntimeError(f"the ring ended with {len(inflight)} chunks not loaded")
         except RingFailure as exc:
-            fail(_ring_error(exc, *inflight[exc.index][:2]))
+            where = inflight.get(exc.index)
+            fail(exc if where is None else _ring_error(exc, where[0], where[1]))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
         finally:
