@@ -15,23 +15,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-typedef int (*push_fn)(void *context);
-typedef int (*pop_fn)(void **context);
-typedef int (*sync_fn)(void *event);
-typedef int (*copy_fn)(uint64_t dst, const void *src, size_t nbytes, void *stream);
-typedef int (*create_fn)(void **event, unsigned flags);
-typedef int (*record_fn)(void *event, void *stream);
-typedef int (*destroy_fn)(void *event);
-
-typedef struct {
-    push_fn push;
-    pop_fn pop;
-    sync_fn sync;
-    copy_fn copy;
-    create_fn create;
-    record_fn record;
-    destroy_fn destroy;
-} ring_calls_t;
+#include "driver_calls.h" /* fastsafetensors/loader's: the driver calls (native.build finds it) */
 
 typedef struct {
     int64_t fd, offset, length, first, count; /* its pieces: pieces[first .. first+count) */
@@ -98,7 +82,7 @@ static void *reader(void *arg) {
 }
 
 /* Returns 0, a read's errno (negated), or a CUDA error code. */
-int sketch_ring(const ring_calls_t *calls, void *context, void *stream,
+int sketch_ring(const calls_t *calls, void *context, void *stream,
                 const ring_chunk_t *chunks, int64_t n, const ring_piece_t *pieces, char *ring,
                 int64_t window, int64_t windows, int64_t readers) {
     ring_t r = {chunks, n, ring, window, windows, 0, 0, NULL, 0,

@@ -27,15 +27,6 @@ from sketch_pipeline import plan, read_layout, tensors
 SOURCE = Path(__file__).with_name("sketch_ring.c")
 
 
-class _Calls(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("push", "pop", "sync", "copy", "create", "record", "destroy")]
-
-
-_NAMES = ("cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuEventSynchronize",
-          "cuMemcpyHtoDAsync_v2", "cuEventCreate", "cuEventRecord", "cuEventDestroy_v2")
-
-
 class _Chunk(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("fd", "offset", "length", "first", "count")]
 
@@ -44,21 +35,15 @@ class _Piece(ctypes.Structure):
     _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_int64), ("length", ctypes.c_int64)]
 
 
-def _library() -> tuple[Any, _Calls]:
-    from fastsafetensors.loader import driver, native
+def _library() -> tuple[Any, Any]:
+    from fastsafetensors.loader import native
 
-    why = driver.available()
-    if why is not None:
-        raise RuntimeError(f"the CUDA driver library cannot be used: {why}")
-    lib = ctypes.CDLL(str(native.build(source=SOURCE)))
-    lib.sketch_ring.restype = ctypes.c_int
-    lib.sketch_ring.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    released = driver._libs_or_raise()[1]
-    calls = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p).value
-                     for name in _NAMES))
-    return lib, calls
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    state = native.load_into({}, SOURCE, {"sketch_ring": (ctypes.c_int, [
+        p, p, p, p, i64, p, p, i64, i64, i64])})
+    if "missing" in state:
+        raise RuntimeError(f"the sketch cannot be built or run: {state['missing']}")
+    return state["lib"], state["calls"]
 
 
 class RingSketch:

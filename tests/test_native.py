@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,20 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def bound(module: Any, stand_in: Any, folder: Path, monkeypatch: pytest.MonkeyPatch
+          ) -> Iterator[Any]:
+    """``module`` (native.py, ring.py) bound to the stand-in driver, its C file built into
+    ``folder``, for the length of a test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    module.forget()
+    assert module.available() is None
+    yield stand_in
+    module.forget()
+
+
 @pytest.fixture
-def calls(fake: Any, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Any:  # noqa: F811
-    """native.py bound to the stand-in driver (``fake``), built into a folder of this module."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    native.forget()
-    assert native.available() is None
-    yield fake
-    native.forget()
+def calls(fake: Any, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:  # noqa: F811
+    yield from bound(native, fake, cache, monkeypatch)
 
 
 def staging(nbytes: int) -> torch.Tensor:
@@ -241,13 +248,23 @@ def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path):
     assert calls.pushes == calls.pops
 
 
-def test_the_cuda_sink_makes_the_native_call(calls, monkeypatch):
-    # TorchCudaSink itself with native=True, its torch parts stood in for on the CPU: pieces
-    # become device addresses, the staging buffer its address, the stream its handle.
+def sink_of_device_1(monkeypatch: pytest.MonkeyPatch, blocking: bool, **modules: Any
+                     ) -> cuda.TorchCudaSink:
+    """TorchCudaSink itself, its torch parts stood in for on the CPU, with the driver's calls
+    and ``modules`` (native=native.py, rings=ring.py)."""
     monkeypatch.setattr(cuda.torch.cuda, "current_stream", lambda device=None: _Stream(3))
     sink = cuda.TorchCudaSink.__new__(cuda.TorchCudaSink)
-    sink.device, sink.index, sink.blocking = torch.device("cuda", 1), 1, False
-    sink.calls, sink.native = driver, native
+    sink.device, sink.index, sink.calls = torch.device("cuda", 1), 1, driver
+    sink.blocking = blocking
+    for name, module in modules.items():
+        setattr(sink, name, module)
+    return sink
+
+
+def test_the_cuda_sink_makes_the_native_call(calls, monkeypatch):
+    # With native=True: pieces become device addresses, the staging buffer its address, the
+    # stream its handle.
+    sink = sink_of_device_1(monkeypatch, False, native=native)
     made: list[Any] = []
     monkeypatch.setattr(native, "read_copy",
                         lambda *a, **k: made.append((a, k)) or (5, None, (0.0, 0.0, 0.0)))
@@ -260,23 +277,34 @@ def test_the_cuda_sink_makes_the_native_call(calls, monkeypatch):
     assert kwargs == {"blocking": False, "path": "p"}
 
 
-def test_without_a_compiler_native_falls_back_to_driver_calls_said_once(
-        fake, tmp_path, monkeypatch, caplog):  # noqa: F811
+@pytest.mark.parametrize("mode", ["native", "ring"])
+def test_without_a_compiler_the_c_calls_fall_back_said_once(
+        fake, tmp_path, monkeypatch, caplog, mode):  # noqa: F811
+    from fastsafetensors.loader import ring
+
+    module, fallback = {"native": (native, "through the CUDA driver's calls one by one"),
+                        "ring": (ring, "from Python reader threads")}[mode]
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("PATH", str(tmp_path))   # no cc, no gcc
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(cuda, "_refused", set())
-    native.forget()
+    module.forget()
     try:
-        why = native.available()
+        why = module.available()
         assert why is not None and "no C compiler" in why and "install" in why
-        with pytest.raises(CudaError, match="native chunk calls cannot be made"):
-            native.read_copy(0, None, 0, 0, 0, 0, 0, 0, None, [], blocking=False, path="p")
+        with pytest.raises(CudaError, match="cannot be made|cannot be used"):
+            if mode == "native":
+                native.read_copy(0, None, 0, 0, 0, 0, 0, 0, None, [], blocking=False,
+                                 path="p")
+            else:
+                ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2).open(0, 0)
         with caplog.at_level("WARNING", logger="fastsafetensors.loader.cuda"):
-            assert cuda._calls("native") is None and cuda._calls("native") is None
-        assert len([r for r in caplog.records if "native" in r.getMessage()]) == 1
+            assert cuda._calls(mode) is None and cuda._calls(mode) is None
+        said = [r.getMessage() for r in caplog.records
+                if f'cuda_calls="{mode}"' in r.getMessage()]
+        assert len(said) == 1 and fallback in said[0]
     finally:
-        native.forget()
+        module.forget()
 
 
 def test_a_compiler_error_is_said(tmp_path, monkeypatch):

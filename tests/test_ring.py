@@ -9,6 +9,7 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +21,17 @@ from safetensors.torch import save_file
 
 # With test_driver's fixtures, found by pytest under these names (F811 where they are used).
 from test_driver import DriverHostSink, _Stream, fake, fake_so, two_files  # noqa: F401
+from test_native import bound, cache, sink_of_device_1  # noqa: F401
 
 from fastsafetensors import CudaError, ReadError, configure
-from fastsafetensors.loader import cuda, driver, ring
+from fastsafetensors.loader import driver, ring
 from fastsafetensors.loader.posix import STATS
 from fastsafetensors.loader.stream import PHASES, StreamOptions, stream_tensors
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture
-def calls(fake: Any, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Any:  # noqa: F811
-    """ring.py bound to the stand-in driver (``fake``), built into a folder of this module."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
-    ring.forget()
-    assert ring.available() is None
-    yield fake
-    ring.forget()
+def calls(fake: Any, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:  # noqa: F811
+    yield from bound(ring, fake, cache, monkeypatch)
 
 
 class RingHostSink(DriverHostSink):
@@ -327,36 +319,12 @@ def test_close_twice_and_a_read_larger_than_a_window(calls, tmp_path):
 
 
 def test_the_cuda_sink_makes_a_ring_of_its_device(calls, monkeypatch):
-    # TorchCudaSink itself with ring=True, its torch parts stood in for on the CPU.
-    monkeypatch.setattr(cuda.torch.cuda, "current_stream", lambda device=None: _Stream(3))
-    sink = cuda.TorchCudaSink.__new__(cuda.TorchCudaSink)
-    sink.device, sink.index, sink.blocking = torch.device("cuda", 1), 1, True
-    sink.calls, sink.rings = driver, ring
+    sink = sink_of_device_1(monkeypatch, True, rings=ring)
     made = sink._ring(readers=5, windows=4, stride=8192, capacity=12)
     assert (made.device, made.readers, made.windows, made.stride, made.capacity) == (
         1, 5, 4, 8192, 12)
     assert made.flags == driver.DISABLE_TIMING | driver.BLOCKING_SYNC and made.nbytes == 32768
     made.close()   # never opened: nothing to stop
-
-
-def test_without_a_compiler_the_ring_falls_back_said_once(fake, tmp_path, monkeypatch,  # noqa: F811
-                                                          caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
-    monkeypatch.setenv("PATH", str(tmp_path))   # no cc, no gcc
-    monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(cuda, "_refused", set())
-    ring.forget()
-    try:
-        why = ring.available()
-        assert why is not None and "no C compiler" in why
-        with pytest.raises(CudaError, match="the ring cannot be used"):
-            ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2).open(0, 0)
-        with caplog.at_level("WARNING", logger="fastsafetensors.loader.cuda"):
-            assert cuda._calls("ring") is None and cuda._calls("ring") is None
-        said = [r.getMessage() for r in caplog.records if "ring" in r.getMessage()]
-        assert len(said) == 1 and "from Python reader threads" in said[0]
-    finally:
-        ring.forget()
 
 
 def test_the_option_takes_ring():

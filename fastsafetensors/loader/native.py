@@ -35,9 +35,12 @@ from . import driver
 __all__ = ["available", "read_copy"]
 
 SOURCE = Path(__file__).with_name("readcopy.c")
-#: fst_read_copy's failed steps, by number (readcopy.c's enum).
+#: The header readcopy.c and ring.c include: part of what their builds are keyed on.
+HEADER = Path(__file__).with_name("driver_calls.h")
+#: The failed steps of the C calls, by number (driver_calls.h's enum).
 STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEvent",
-         "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent")
+         "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent",
+         "short read")
 _READ = STEPS.index("pread")
 
 _lock = threading.Lock()
@@ -45,12 +48,15 @@ _state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why
 
 
 class _Calls(ctypes.Structure):
+    """driver_calls.h's calls_t."""
+
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("push", "pop", "sync", "wait", "copy", "create", "record")]
+                ("push", "pop", "sync", "wait", "copy", "create", "record", "destroy")]
 
 
 _DRIVER_NAMES = ("cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuEventSynchronize",
-                 "cuStreamWaitEvent", "cuMemcpyHtoDAsync_v2", "cuEventCreate", "cuEventRecord")
+                 "cuStreamWaitEvent", "cuMemcpyHtoDAsync_v2", "cuEventCreate", "cuEventRecord",
+                 "cuEventDestroy_v2")
 
 
 def cache_folder() -> Path:
@@ -65,7 +71,10 @@ def build(folder: Path | None = None, *, again: bool = False, source: Path | Non
     RuntimeError (with the compiler's output) where it cannot be built, or where the file
     there is not this user's own."""
     source = source or SOURCE
-    key = hashlib.sha256(source.read_bytes() + os.uname().machine.encode()).hexdigest()[:16]
+    text = source.read_bytes()
+    if HEADER.name.encode() in text:   # a change to the header builds anew too
+        text += HEADER.read_bytes()
+    key = hashlib.sha256(text + os.uname().machine.encode()).hexdigest()[:16]
     folder = folder or cache_folder()
     target = folder / f"{source.stem}-{key}.so"
     if target.exists() and not again:
@@ -84,7 +93,8 @@ def build(folder: Path | None = None, *, again: bool = False, source: Path | Non
     try:
         try:
             done = subprocess.run([*compiler, "-O2", "-shared", "-fPIC", "-pthread",
-                                   "-D_FILE_OFFSET_BITS=64", "-o", partial, str(source)],
+                                   "-D_FILE_OFFSET_BITS=64", f"-I{HEADER.parent}", "-o",
+                                   partial, str(source)],
                                   capture_output=True, text=True, timeout=120)
         except OSError as exc:
             raise RuntimeError(f"the C compiler {' '.join(compiler)!r} cannot be run: {exc}; "
@@ -109,39 +119,48 @@ def _check_owned(path: Path) -> None:
                            f"remove it, or set XDG_CACHE_HOME to a folder of your own")
 
 
-def _load() -> dict[str, Any]:
-    if "lib" in _state or "missing" in _state:
-        return _state
+def load_into(state: dict[str, Any], source: Path,
+              signatures: dict[str, tuple[Any, list[Any]]]) -> dict[str, Any]:
+    """Fill ``state`` once: ``"lib"`` (``source`` built and loaded, its functions typed as
+    ``signatures`` says: name -> (restype, argtypes)) and ``"calls"`` (the driver's functions
+    for calls_t), or ``"missing"``: why they cannot be had."""
+    if "lib" in state or "missing" in state:
+        return state
     with _lock:
-        if "lib" not in _state and "missing" not in _state:
+        if "lib" not in state and "missing" not in state:
             why = driver.available()
             if why is not None:
-                _state["missing"] = f"the CUDA driver library cannot be used ({why})"
-                return _state
+                state["missing"] = f"the CUDA driver library cannot be used ({why})"
+                return state
             try:
                 try:
-                    lib = ctypes.CDLL(str(build()))   # CDLL: the GIL is released around calls
+                    # CDLL: the GIL is released around calls.
+                    lib = ctypes.CDLL(str(build(source=source)))
                 except OSError:
                     # A file there that does not load (built for another libc, say): anew.
-                    lib = ctypes.CDLL(str(build(again=True)))
+                    lib = ctypes.CDLL(str(build(source=source, again=True)))
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _state["missing"] = str(exc)
-                return _state
-            function = lib.fst_read_copy
-            function.restype = ctypes.c_int
-            function.argtypes = [
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int),
-                ctypes.POINTER(ctypes.c_double)]
+                state["missing"] = str(exc)
+                return state
+            for name, (restype, argtypes) in signatures.items():
+                function = getattr(lib, name)
+                function.restype, function.argtypes = restype, argtypes
             released = driver._libs_or_raise()[1]
-            calls = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p).value
-                             for name in _DRIVER_NAMES))
-            _state["calls"] = calls
-            _state["lib"] = lib
-    return _state
+            state["calls"] = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p)
+                                      .value for name in _DRIVER_NAMES))
+            state["lib"] = lib
+    return state
+
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {"fst_read_copy": (ctypes.c_int, [
+    _P, _P, _P, ctypes.c_int, _I64, _I64, _I64, _P, ctypes.POINTER(_I64), _P, _P, _I64, _P, _P,
+    _P, ctypes.c_uint, ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int),
+    ctypes.POINTER(ctypes.c_double)])}
+
+
+def _load() -> dict[str, Any]:
+    return load_into(_state, SOURCE, _SIGNATURES)
 
 
 def available() -> str | None:

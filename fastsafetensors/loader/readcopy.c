@@ -6,44 +6,11 @@
  * A reader thread doing these steps through Python gives the GIL away and takes it back around
  * each of them, behind the other threads' Python work; here the thread gives it away once per
  * chunk (ctypes releases it around the call). The CUDA driver's functions are handed in as
- * addresses (from the libcuda.so.1 Python loaded), so this file needs no CUDA headers or
- * libraries to build: only a C compiler and libc. */
+ * addresses (driver_calls.h): only a C compiler and libc are needed to build this. */
 #include <errno.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <time.h>
 #include <unistd.h>
 
-typedef int (*push_fn)(void *context);
-typedef int (*pop_fn)(void **context);
-typedef int (*sync_fn)(void *event);
-typedef int (*wait_fn)(void *stream, void *event, unsigned flags);
-typedef int (*copy_fn)(uint64_t dst, const void *src, size_t nbytes, void *stream);
-typedef int (*create_fn)(void **event, unsigned flags);
-typedef int (*record_fn)(void *event, void *stream);
-
-/* The driver calls, in this order (native.py fills it). */
-typedef struct {
-    push_fn push;
-    pop_fn pop;
-    sync_fn sync;
-    wait_fn wait;
-    copy_fn copy;
-    create_fn create;
-    record_fn record;
-} calls_t;
-
-/* Which step failed, for the error Python raises (native.STEPS names them). */
-enum { OK, PUSH, SYNC, READ, WAIT, COPY, CREATE, RECORD, POP };
-
-/* Linux caps one read at 0x7ffff000 bytes; ask for less. */
-#define MAX_READ (1 << 30)
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
+#include "driver_calls.h"
 
 /* Returns 0, or the CUDA error code (or the read's errno) with *failed set to the step.
  * *got: bytes read. Fewer than `needed` (end of file): nothing is queued and no event made,

@@ -10,45 +10,19 @@
  * after them, owned by the caller from then on). Both calls release the GIL (ctypes).
  *
  * Every chunk's copies go on one stream in chunk order, so an event recorded after chunk k marks
- * the end of every chunk up to k. The CUDA driver's functions are handed in as addresses, as for
- * readcopy.c: no CUDA headers or libraries are needed to build this. */
+ * the end of every chunk up to k. The CUDA driver's functions are handed in as addresses
+ * (driver_calls.h): no CUDA headers or libraries are needed to build this. */
 #include <errno.h>
 #include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
-typedef int (*push_fn)(void *context);
-typedef int (*pop_fn)(void **context);
-typedef int (*sync_fn)(void *event);
-typedef int (*wait_fn)(void *stream, void *event, unsigned flags);
-typedef int (*copy_fn)(uint64_t dst, const void *src, size_t nbytes, void *stream);
-typedef int (*create_fn)(void **event, unsigned flags);
-typedef int (*record_fn)(void *event, void *stream);
-typedef int (*destroy_fn)(void *event);
-
-/* The driver calls, in this order (ring.py fills it). */
-typedef struct {
-    push_fn push;
-    pop_fn pop;
-    sync_fn sync;
-    wait_fn wait;
-    copy_fn copy;
-    create_fn create;
-    record_fn record;
-    destroy_fn destroy;
-} calls_t;
-
-/* Which step failed, for the error Python raises (ring.STEPS names them). SHORT: the read
- * ended before the bytes needed (the file is shorter than its header says). */
-enum { OK, PUSH, SYNC, READ, WAIT, COPY, CREATE, RECORD, POP, SHORT };
+#include "driver_calls.h"
 
 enum { SUBMITTED, READ_DONE, QUEUED, FAILED };
 
 #define MAX_READERS 64
-#define MAX_READ (1 << 30) /* Linux caps one read at 0x7ffff000 bytes */
 
 typedef struct {
     int64_t fd, offset, length, needed;
@@ -85,12 +59,6 @@ typedef struct {
      * copier waiting for reads, queuing copies, and waiting for windows' copies to run. */
     double spent[5];
 } ring_t;
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
-}
 
 static slot_t *slot(ring_t *r, int64_t k) { return &r->slots[k % r->capacity]; }
 

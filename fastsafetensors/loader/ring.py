@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import sys
 import threading
 from array import array
@@ -29,9 +28,8 @@ from . import driver, native
 __all__ = ["Ring", "RingFailure", "available"]
 
 SOURCE = Path(__file__).with_name("ring.c")
-#: ring.c's failed steps, by number.
-STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEvent",
-         "cuMemcpyHtoDAsync", "cuEventCreate", "cuEventRecord", "cuCtxPopCurrent", "short read")
+#: ring.c's failed steps, by number (driver_calls.h's enum).
+STEPS = native.STEPS
 READ, SHORT = STEPS.index("pread"), STEPS.index("short read")
 #: ring.c's limit on reader threads.
 MAX_READERS = 64
@@ -40,22 +38,11 @@ SPENT = ("ring: readers reading", "ring: readers waiting for a chunk or a free w
          "ring: copier waiting for a read", "ring: copier queuing copies",
          "ring: copier waiting for a window's copies")
 
-_lock = threading.Lock()
 _state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why not
-
-
-class _Calls(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("push", "pop", "sync", "wait", "copy", "create", "record", "destroy")]
-
-
-_DRIVER_NAMES = ("cuCtxPushCurrent_v2", "cuCtxPopCurrent_v2", "cuEventSynchronize",
-                 "cuStreamWaitEvent", "cuMemcpyHtoDAsync_v2", "cuEventCreate", "cuEventRecord",
-                 "cuEventDestroy_v2")
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-_SIGNATURES = {
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "fst_ring_open": (_P, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_uint,
                            ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
     "fst_ring_submit": (_I64, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P]),
@@ -69,30 +56,7 @@ _SIGNATURES = {
 
 
 def _load() -> dict[str, Any]:
-    if "lib" in _state or "missing" in _state:
-        return _state
-    with _lock:
-        if "lib" not in _state and "missing" not in _state:
-            why = driver.available()
-            if why is not None:
-                _state["missing"] = f"the CUDA driver library cannot be used ({why})"
-                return _state
-            try:
-                try:
-                    lib = ctypes.CDLL(str(native.build(source=SOURCE)))   # GIL released
-                except OSError:
-                    lib = ctypes.CDLL(str(native.build(source=SOURCE, again=True)))
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _state["missing"] = str(exc)
-                return _state
-            for name, (restype, argtypes) in _SIGNATURES.items():
-                function = getattr(lib, name)
-                function.restype, function.argtypes = restype, argtypes
-            released = driver._libs_or_raise()[1]
-            _state["calls"] = _Calls(*(ctypes.cast(getattr(released, name), ctypes.c_void_p)
-                                       .value for name in _DRIVER_NAMES))
-            _state["lib"] = lib
-    return _state
+    return native.load_into(_state, SOURCE, _SIGNATURES)
 
 
 def available() -> str | None:
@@ -102,7 +66,7 @@ def available() -> str | None:
 
 def forget() -> None:
     """Load again on next use (tests that swap the driver library)."""
-    with _lock:
+    with native._lock:
         _state.clear()
 
 
