@@ -6,8 +6,8 @@
  * them while the copy engine works.
  *
  * Python's part: one thread submits the chunks (fst_ring_submit, blocking while the ring is
- * full), one takes the reports (fst_ring_next: a chunk's copies are queued, here is the event
- * after them, owned by the caller from then on). Both calls release the GIL (ctypes).
+ * full), one takes the reports (fst_ring_next: these chunks' copies are queued, here are the
+ * events after them, owned by the caller from then on). Both calls release the GIL (ctypes).
  *
  * Every chunk's copies go on one stream in chunk order, so an event recorded after chunk k marks
  * the end of every chunk up to k. The CUDA driver's functions are handed in as addresses
@@ -315,12 +315,15 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
 
 /* Hand over the next chunk: read `length` bytes of `fd` at `offset` (at least `needed` of
  * them), then copy each of the `count` pieces (device address, offset in the window, bytes).
- * Blocks while `capacity` chunks are submitted and not reported. Returns the chunk's number,
- * or -1 once the ring stopped (cancelled, or the copier ended on an error), -2 when memory
- * for the pieces cannot be had, or -3 when the read or a piece does not fit in a window. */
+ * While `capacity` chunks are submitted and not reported, blocks if `wait`, else returns -4.
+ * Returns the chunk's number, or -1 once the ring stopped (cancelled, or the copier ended on an
+ * error), -2 when memory for the pieces cannot be had, or -3 when the read or a piece does not
+ * fit in a window. Without `wait` it never blocks, so Python calls it keeping the GIL: a call
+ * that gave it away would wait to get it back behind any thread running Python, once per
+ * chunk. */
 int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
                         void *allocated, int64_t count, const uint64_t *dst,
-                        const int64_t *src, const int64_t *len) {
+                        const int64_t *src, const int64_t *len, int wait) {
     if (length < 0 || length > r->stride || needed > length || count < 0)
         return -3;
     for (int64_t i = 0; i < count; i++)
@@ -339,14 +342,16 @@ int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, i
     memcpy(s, src, (size_t)count * sizeof *s);
     memcpy(n, len, (size_t)count * sizeof *n);
     pthread_mutex_lock(&r->lock);
-    while (!r->cancelled && !r->copier_done && r->submitted - r->reported >= r->capacity)
+    while (wait && !r->cancelled && !r->copier_done && r->submitted - r->reported >= r->capacity)
         pthread_cond_wait(&r->room, &r->lock);
-    if (r->cancelled || r->copier_done || r->ended) {
+    int64_t refused = r->cancelled || r->copier_done || r->ended ? -1
+                      : r->submitted - r->reported >= r->capacity ? -4 : 0;
+    if (refused) {
         pthread_mutex_unlock(&r->lock);
         free(d);
         free(s);
         free(n);
-        return -1;
+        return refused;
     }
     int64_t k = r->submitted;
     slot_t *t = slot(r, k);
@@ -378,28 +383,37 @@ void fst_ring_cancel(ring_t *r) {
     pthread_mutex_unlock(&r->lock);
 }
 
-/* The next chunk's report, in chunk order: 0 with *chunk, *got and *event (the caller's to
- * destroy) once its copies are queued; 1 when every submitted chunk was reported after
- * fst_ring_end, or the ring was cancelled; else the failed chunk's errno or CUDA code, with
- * *chunk, *step and *got set. */
-int fst_ring_next(ring_t *r, int64_t *chunk, int64_t *got, void **event, int *step) {
+/* The next chunks' reports, in chunk order: 0 once the copies of at least one are queued,
+ * with *count (at most `most`) chunks from *first, each one's bytes read in got[] and the event
+ * after its copies in events[] (the caller's to destroy). All that are ready at once: the caller
+ * needs Python's GIL back for each call, and a thread running Python meanwhile keeps it for up
+ * to a switch interval. 1 when every submitted chunk was reported after fst_ring_end, or the
+ * ring was cancelled; else the failed chunk's errno or CUDA code, with *first, *step and
+ * got[0] set (chunks before it come in a call of their own first). */
+int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64_t *got,
+                  void **events, int *step) {
     int result = 1;
-    *event = NULL;
+    *count = 0;
     *step = OK;
     pthread_mutex_lock(&r->lock);
     while (!r->cancelled && r->reported >= r->queued && !r->copier_done)
         pthread_cond_wait(&r->copied, &r->lock);
     if (!r->cancelled && r->reported < r->queued) {
+        *first = r->reported;
         slot_t *s = slot(r, r->reported);
-        *chunk = r->reported;
-        *got = s->got;
         if (s->state == FAILED) {
             *step = s->step;
+            got[0] = s->got;
             result = s->code ? s->code : EIO;
         } else {
-            *event = s->event;
-            s->event = NULL;
-            r->reported++;
+            for (; *count < most && r->reported < r->queued; ++*count, r->reported++) {
+                s = slot(r, r->reported);
+                if (s->state == FAILED)
+                    break; /* reported by the next call */
+                got[*count] = s->got;
+                events[*count] = s->event;
+                s->event = NULL;
+            }
             result = 0;
             pthread_cond_signal(&r->room);
         }

@@ -33,6 +33,8 @@ STEPS = native.STEPS
 READ, SHORT = STEPS.index("pread"), STEPS.index("short read")
 #: ring.c's limit on reader threads.
 MAX_READERS = 64
+#: The most chunks one report hands over.
+REPORT = 64
 #: What ring.c's spent[] counts, as PHASES names it (seconds, summed over threads).
 SPENT = ("ring: readers reading", "ring: readers waiting for a chunk or a free window",
          "ring: copier waiting for a read", "ring: copier queuing copies",
@@ -45,18 +47,25 @@ _I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "fst_ring_open": (_P, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_uint,
                            ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
-    "fst_ring_submit": (_I64, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P]),
+    "fst_ring_submit": (_I64, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int]),
     "fst_ring_end": (None, [_P]),
     "fst_ring_cancel": (None, [_P]),
-    "fst_ring_next": (ctypes.c_int, [_P, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
-                                     ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
+    "fst_ring_next": (ctypes.c_int, [_P, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
+                                     _P, _P, ctypes.POINTER(ctypes.c_int)]),
     "fst_ring_spent": (None, [_P, ctypes.POINTER(ctypes.c_double)]),
     "fst_ring_close": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
 }
 
 
 def _load() -> dict[str, Any]:
-    return native.load_into(_state, SOURCE, _SIGNATURES)
+    state = native.load_into(_state, SOURCE, _SIGNATURES)
+    if "lib" in state and "held" not in state:
+        # The same library called keeping the GIL, for a submit that does not wait.
+        held = ctypes.PyDLL(state["lib"]._name)
+        held.fst_ring_submit.restype, held.fst_ring_submit.argtypes = _SIGNATURES[
+            "fst_ring_submit"]
+        state["held"] = held
+    return state
 
 
 def available() -> str | None:
@@ -92,9 +101,11 @@ class Ring:
         self.flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
         self._cond = threading.Condition()
         self._handle: int | None = None
-        # The library and the driver's addresses the C side holds: kept with the ring, so that
-        # a forget() meanwhile does not free them under its threads.
+        # The library (twice: calls that release the GIL, and that keep it) and the driver's
+        # addresses the C side holds: kept with the ring, so that a forget() meanwhile does not
+        # free them under its threads.
         self._lib: Any = None
+        self._held: Any = None
         self._calls: Any = None
         self._inside = 0              # submit/next calls inside the C code
         self._ended = self._cancelled = self._closed = False
@@ -113,7 +124,7 @@ class Ring:
             from ..errors import CudaError
 
             raise CudaError("dlopen", -1, f"the ring cannot be used ({state['missing']})")
-        lib, calls = state["lib"], state["calls"]
+        lib, held, calls = state["lib"], state["held"], state["calls"]
         code, step = ctypes.c_int(), ctypes.c_int()
         with self._cond:
             if self._closed:   # closed before it opened: nothing to start
@@ -128,7 +139,7 @@ class Ring:
                     driver._check(code.value, STEPS[step.value])
                 raise OSError(code.value, f"the ring's threads cannot start: "
                                           f"{os.strerror(code.value)}")
-            self._handle, self._lib, self._calls = handle, lib, calls
+            self._handle, self._lib, self._held, self._calls = handle, lib, held, calls
             if self._ended:
                 lib.fst_ring_end(handle)
             if self._cancelled:
@@ -162,10 +173,12 @@ class Ring:
             dst = array("Q", [c[0] for c in copies])
             src = array("q", [c[1] for c in copies])
             lengths = array("q", [c[2] for c in copies])
-            index = self._lib.fst_ring_submit(
-                handle, fd, offset, length, needed,
-                None if allocated is None else allocated.handle, len(copies),
-                dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0])
+            args = (handle, fd, offset, length, needed,
+                    None if allocated is None else allocated.handle, len(copies),
+                    dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0])
+            index = self._held.fst_ring_submit(*args, 0)   # keeps the GIL: never waits
+            if index == -4:   # full: wait for room without the GIL
+                index = self._lib.fst_ring_submit(*args, 1)
         finally:
             self._leave()
         if index == -2:
@@ -193,25 +206,34 @@ class Ring:
                 self._lib.fst_ring_cancel(self._handle)
             self._cond.notify_all()
 
-    def next(self) -> tuple[int, int, driver.Event] | None:
-        """The next chunk whose copies are queued, in order: ``(its number, bytes read, the
-        event after its copies)``; None at the end or once cancelled. Raises RingFailure."""
+    def next(self) -> list[tuple[int, int, driver.Event]] | None:
+        """The next chunks whose copies are queued, in order, all that are ready (at least
+        one): ``(number, bytes read, the event after its copies)`` each; None at the end or
+        once cancelled. Raises RingFailure."""
         handle = self._enter(wait=False)
         if handle is None:
             return None
         try:
-            index, got, event, step = _I64(), _I64(), ctypes.c_void_p(), ctypes.c_int()
-            code = self._lib.fst_ring_next(handle, ctypes.byref(index), ctypes.byref(got),
-                                           ctypes.byref(event), ctypes.byref(step))
+            first, count, step = _I64(), _I64(), ctypes.c_int()
+            got, events = (_I64 * REPORT)(), (_P * REPORT)()
+            code = self._lib.fst_ring_next(handle, REPORT, ctypes.byref(first),
+                                           ctypes.byref(count), got, events,
+                                           ctypes.byref(step))
         finally:
             self._leave()
-        if code == 0:
-            if not event.value:   # reported done, yet no event after its copies
-                raise RingFailure(index.value, STEPS.index("cuEventRecord"), 1, got.value)
-            return index.value, got.value, driver.Event.adopt(self.device, event)
         if code == 1 and step.value == 0:
             return None
-        raise RingFailure(index.value, step.value, code, got.value)
+        if code:
+            raise RingFailure(first.value, step.value, code, got[0])
+        # Each adopted (destroyed with its object) before anything is raised.
+        adopted = [driver.Event.adopt(self.device, ctypes.c_void_p(event)) if event else None
+                   for event in events[:count.value]]
+        if None in adopted:   # reported done, yet no event after its copies
+            missing = adopted.index(None)
+            raise RingFailure(first.value + missing, STEPS.index("cuEventRecord"), 1,
+                              got[missing])
+        return [(first.value + i, got[i], event) for i, event in enumerate(adopted)
+                if event is not None]
 
     def close(self) -> dict[str, float]:
         """Stop the threads and wait until no copy can touch the windows or the tensors any

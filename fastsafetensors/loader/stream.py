@@ -491,15 +491,15 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             ring.open(getattr(stream, "cuda_stream", stream), buffer[0].data_ptr())
             PHASES.add({"ring: pin staging": t1 - t0, "ring: open": time.perf_counter() - t1})
             while (done := ring.next()) is not None:
-                index, got, event = done
-                chunk, _, direct = inflight.pop(index)
-                _file_done(chunk.file)
-                STATS.add(got, direct=direct)
-                with stats_lock:
-                    stats["bytes"] += got
-                    stats["direct"] += direct
-                    stats["chunks"] += 1
-                completion.queued(chunk.pieces, event)
+                for index, got, event in done:
+                    chunk, _, direct = inflight.pop(index)
+                    _file_done(chunk.file)
+                    STATS.add(got, direct=direct)
+                    with stats_lock:
+                        stats["bytes"] += got
+                        stats["direct"] += direct
+                        stats["chunks"] += 1
+                    completion.queued(chunk.pieces, event)
             if inflight and not cancelled.is_set():
                 # Ended with chunks unreported and no error said: their tensors' waits would
                 # never end.
