@@ -78,7 +78,7 @@ print("transformers", transformers.__version__, "safetensors", safetensors.__ver
 
 # cuda_calls="native" and "ring" compile loader/readcopy.c and loader/ring.c on first use:
 # built here, outside every clock.
-timeout -k 5 20 python3 -c 'from fastsafetensors.loader import native, ring
+timeout -k 5 15 python3 -c 'from fastsafetensors.loader import native, ring
 print("native chunk calls:", native.build(), native.available() or "available")
 print("ring:", native.build(source=ring.SOURCE), ring.available() or "available")' || true
 
