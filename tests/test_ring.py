@@ -1,7 +1,7 @@
 """A GPU load's reads and copies in C threads (cuda_calls="ring"): loader/ring.py and
 loader/ring.c, built here with the system's C compiler, against tests/fake_libcuda.c (whose
-"device" memory is host memory and whose copies run at once, when queued). tests/gpu runs the
-real driver."""
+"device" memory is host memory and whose copies run when queued, or with its defer_copies knob
+only once an event after them is waited for). tests/gpu runs the real driver."""
 
 from __future__ import annotations
 

@@ -5,9 +5,10 @@
  * chunk half a ring behind the one it just queued, so the readers have free windows ahead of
  * them while the copy engine works.
  *
- * Python's part: one thread submits the chunks (fst_ring_submit, blocking while the ring is
- * full), one takes the reports (fst_ring_next: these chunks' copies are queued, here are the
- * events after them, owned by the caller from then on). Both calls release the GIL (ctypes).
+ * Python's part: one thread submits the chunks (fst_ring_submit, keeping the GIL unless the ring
+ * is full and it must wait), one takes the reports (fst_ring_next, without the GIL: these
+ * chunks' copies are queued, here are the events after them, owned by the caller from then
+ * on).
  *
  * Every chunk's copies go on one stream in chunk order, so an event recorded after chunk k marks
  * the end of every chunk up to k. The CUDA driver's functions are handed in as addresses

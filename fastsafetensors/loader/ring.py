@@ -77,6 +77,12 @@ def forget() -> None:
     """Load again on next use (tests that swap the driver library)."""
     with native._lock:
         _state.clear()
+        _not_here()
+
+
+def _not_here() -> None:
+    if sys.platform != "linux":   # pread and the driver's calls as used here: Linux only
+        _state["missing"] = f"the ring is built for Linux, not {sys.platform}"
 
 
 class RingFailure(Exception):
@@ -262,5 +268,4 @@ class Ring:
         return dict(zip(SPENT, spent))
 
 
-if sys.platform != "linux":   # pread and the driver's calls as used here: Linux only
-    _state["missing"] = f"the ring is built for Linux, not {sys.platform}"
+_not_here()

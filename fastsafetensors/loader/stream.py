@@ -470,11 +470,14 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         skew = chunk.offset - begin
         index = ring.submitted   # this thread is the only one submitting
         inflight[index] = (chunk, begin, direct)   # before: its report may come at once
-        if ring.submit(fd, begin, length, chunk.end - begin, chunk.allocated,
-                       [(p.tensor.flat.data_ptr() + p.tensor_offset,
-                         skew + p.file_offset - chunk.offset, p.length)
-                        for p in chunk.pieces]) is None:
+        got = ring.submit(fd, begin, length, chunk.end - begin, chunk.allocated,
+                          [(p.tensor.flat.data_ptr() + p.tensor_offset,
+                            skew + p.file_offset - chunk.offset, p.length)
+                           for p in chunk.pieces])
+        if got is None:
             inflight.pop(index, None)   # the ring stopped; report() says why
+        elif got != index:
+            raise RuntimeError(f"the ring numbered chunk {index} as {got}")
 
     def report() -> None:
         """Ring mode: pin the windows, open the ring, and take its reports, in chunk order:
@@ -514,10 +517,16 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             try:
                 PHASES.add(ring.close())
             except BaseException as exc:
-                if buffer is not None:
-                    ABANDONED.append(buffer)
+                # Copies may still run: the windows and the chunks' tensors are kept for the
+                # process, never handed back to an allocator.
+                ABANDONED.extend([buffer, dict(inflight)] if buffer is not None else
+                                 [dict(inflight)])
+                inflight.clear()
                 fail(exc)   # the load must not pass for done
                 raise
+            # Chunks never reported (a failed or stopped load): their tensors go now, not
+            # whenever an error that holds this frame's traceback goes.
+            inflight.clear()
             if buffer is not None:
                 sink.release_staging(buffer[0])
 

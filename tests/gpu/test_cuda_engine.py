@@ -72,7 +72,8 @@ def slow_copies(monkeypatch):
     open_ring, submit = ring.Ring.open, ring.Ring.submit
 
     def opened(self, stream, address):
-        self.test_stream = torch.cuda.ExternalStream(stream, device=torch.device("cuda", 0))
+        self.test_stream = torch.cuda.ExternalStream(stream,
+                                                     device=torch.device("cuda", self.device))
         open_ring(self, stream, address)
 
     def late_submit(self, *args):
