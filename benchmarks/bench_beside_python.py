@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,9 +49,9 @@ def load(path: str, threads: int, staging: int, interval: float) -> float:
     return time.perf_counter() - t0
 
 
-def beside(path: str, threads: int, staging: int, interval: float, steps: int
-           ) -> tuple[float, float]:
-    """(load seconds, work seconds) with the work running on another thread meanwhile."""
+def beside_work(run: Callable[[], float], steps: int) -> tuple[float, float]:
+    """(``run()``'s seconds, the work's seconds) with the work running on another thread
+    meanwhile."""
     spent: list[float] = []
 
     def work() -> None:
@@ -60,33 +61,64 @@ def beside(path: str, threads: int, staging: int, interval: float, steps: int
 
     thread = threading.Thread(target=work)
     thread.start()
-    seconds = load(path, threads, staging, interval)
+    seconds = run()
     thread.join()
     return seconds, spent[0]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def beside(path: str, threads: int, staging: int, interval: float, steps: int
+           ) -> tuple[float, float]:
+    """(load seconds, work seconds) with the work running on another thread meanwhile."""
+    return beside_work(lambda: load(path, threads, staging, interval), steps)
+
+
+def zeros_file(folder: Path, size_mb: int) -> Path:
+    """A file of ``size_mb`` MiB of 64 MiB tensors (written once), warm."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"big-{size_mb}mb.safetensors"
+    if not path.exists():
+        per = 64 << 20
+        save_file({f"w{i}": torch.zeros(per, dtype=torch.uint8)
+                   for i in range(max(1, (size_mb << 20) // per))}, str(path))
+    C.warm([str(path)])
+    return path
+
+
+def print_rows(rows: dict[str, list[tuple[float, float]]], nbytes: int) -> None:
+    """Each row's median load time (and GB/s) and, beside work, the work's median time."""
+    for name, values in rows.items():
+        seconds = statistics.median(v[0] for v in values)
+        work = statistics.median(v[1] for v in values)
+        line = f"  {name:40s} load {seconds * 1e3:6.0f} ms ({nbytes / 1e9 / seconds:5.2f} GB/s)"
+        if work:
+            line += f"   work {work * 1e3:4.0f} ms"
+        print(line)
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options this benchmark and bench_ring_cpu.py share."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=800)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--staging-mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3_000_000, help="the work's loop length")
-    ap.add_argument("--interval-us", type=int, default=500, help="the engine's interval")
     ap.add_argument("--dir", default=None)
+    return ap
+
+
+def main() -> None:
+    ap = arguments(__doc__)
+    ap.add_argument("--interval-us", type=int, default=500, help="the engine's interval")
     args = ap.parse_args()
 
     import torch
-    from safetensors.torch import save_file
 
-    folder = Path(args.dir or tempfile.gettempdir()) / "fastsafetensors-bench-beside"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"big-{args.size_mb}mb.safetensors"
-    if not path.exists():
-        per = 64 << 20
-        save_file({f"w{i}": torch.zeros(per, dtype=torch.uint8)
-                   for i in range(max(1, (args.size_mb << 20) // per))}, str(path))
-    C.warm([str(path)])
+    path = zeros_file(Path(args.dir or tempfile.gettempdir()) / "fastsafetensors-bench-beside",
+                      args.size_mb)
     nbytes = path.stat().st_size
     staging = args.staging_mib << 20
     shorter = args.interval_us / 1e6
@@ -109,13 +141,7 @@ def main() -> None:
     print(f"{nbytes / 1e9:.2f} GB warm, {args.threads} readers, {args.staging_mib} MiB of "
           f"staging, {args.rounds} interleaved rounds, medians; the work alone: "
           f"{alone_work * 1e3:.0f} ms")
-    for name, values in rows.items():
-        seconds = statistics.median(v[0] for v in values)
-        work = statistics.median(v[1] for v in values)
-        line = f"  {name:40s} load {seconds * 1e3:6.0f} ms ({nbytes / 1e9 / seconds:5.2f} GB/s)"
-        if work:
-            line += f"   work {work * 1e3:4.0f} ms"
-        print(line)
+    print_rows(rows, nbytes)
 
 
 if __name__ == "__main__":

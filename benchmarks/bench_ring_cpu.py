@@ -15,21 +15,26 @@ pure-Python work (the engine's switch interval, 500 us, in both).
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from bench_beside_python import python_work  # noqa: E402
-from bench_engine_reads import NullSink  # noqa: E402
+from bench_beside_python import (  # noqa: E402
+    arguments,
+    beside_work,
+    print_rows,
+    python_work,
+    zeros_file,
+)
+from bench_engine_overhead import HostSink  # noqa: E402
 
 from fastsafetensors.format import TensorInfo  # noqa: E402
 from fastsafetensors.loader import cuda, driver, native, ring  # noqa: E402
@@ -38,20 +43,10 @@ from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa:
 STAND_IN = Path(__file__).resolve().parent.parent / "tests" / "fake_libcuda.c"
 
 
-class StandInSink(NullSink):
-    """The CUDA sink's driver path on the stand-in driver: driver events and stream waits,
-    copies queued through it (and not done), staging kept across loads; with ``mode`` native,
-    a chunk's wait, read and copies in one C call; with ring, the ring."""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__(kept=True)
-        self.read_copy = self._read_copy if mode == "native" else None
-        self.ring = self._ring if mode == "ring" else None
-
-    def alloc(self, info: TensorInfo) -> Any:
-        import torch
-
-        return torch.empty(info.nbytes, dtype=torch.uint8)   # never touched: no page faults
+class DriverSink(HostSink):
+    """The CUDA sink's driver path (``addresses``, ``split_pieces``, driver copies, events and
+    stream waits) with host memory as the device, on stream handle 7, the consumer's being 0
+    (tests/test_driver.py counts its calls)."""
 
     def alloc_event(self) -> Any:
         return driver.Event(0, 0)
@@ -63,7 +58,9 @@ class StandInSink(NullSink):
         driver.stream_wait(0, stream, event)
 
     def copy(self, stream: int, src: Any, pieces: list[Any]) -> None:
-        driver.copy_to_device(0, stream, cuda.addresses(src, pieces))
+        singles, runs = cuda.split_pieces(pieces)
+        driver.copy_to_device(0, stream, cuda.addresses(src, singles))
+        cuda.copy_runs(src, runs, torch.device("cpu"))
 
     def record(self, stream: int) -> Any:
         return driver.Event(0, stream)
@@ -74,6 +71,29 @@ class StandInSink(NullSink):
     def consumer_wait(self, events: list[Any]) -> None:
         for event in events:
             driver.stream_wait(0, 0, event)
+
+
+class StandInSink(DriverSink):
+    """DriverSink with staging kept across loads (as torch's pinned cache keeps it), tensors
+    never touched (the stand-in does not copy), and with ``mode`` native a chunk's wait, read
+    and copies in one C call, with ring the ring."""
+
+    kept: dict[int, list[tuple[Any, memoryview]]] = {}
+
+    def __init__(self, mode: str) -> None:
+        self.read_copy = self._read_copy if mode == "native" else None
+        self.ring = self._ring if mode == "ring" else None
+        self.lent: dict[int, tuple[Any, memoryview]] = {}
+
+    def staging(self, nbytes: int) -> tuple[Any, memoryview]:
+        free = self.kept.setdefault(nbytes, [])
+        buffer = free.pop() if free else super().staging(nbytes)
+        self.lent[id(buffer[0])] = buffer
+        return buffer
+
+    def release_staging(self, buffer: Any) -> None:
+        lent = self.lent.pop(id(buffer))
+        self.kept[len(lent[1])].append(lent)
 
     def finish(self, flat: Any, info: TensorInfo) -> Any:
         return flat
@@ -119,51 +139,20 @@ def load(path: str, mode: str, threads: int, staging: int) -> float:
     return time.perf_counter() - t0
 
 
-def beside(path: str, mode: str, threads: int, staging: int, steps: int
-           ) -> tuple[float, float]:
-    """(load seconds, work seconds) with the work running on another thread meanwhile."""
-    spent: list[float] = []
-
-    def work() -> None:
-        t0 = time.perf_counter()
-        python_work(steps)
-        spent.append(time.perf_counter() - t0)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    seconds = load(path, mode, threads, staging)
-    thread.join()
-    return seconds, spent[0]
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mb", type=int, default=800)
-    ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--staging-mib", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=3_000_000, help="the work's loop length")
+    ap = arguments(__doc__)
     ap.add_argument("--modes", default="driver,native,ring")
-    ap.add_argument("--dir", default=None)
     args = ap.parse_args()
-
-    import torch
-    from safetensors.torch import save_file
 
     folder = Path(args.dir or tempfile.gettempdir()) / "fastsafetensors-bench-ring"
     folder.mkdir(parents=True, exist_ok=True)
     stand_in(folder)
-    path = folder / f"big-{args.size_mb}mb.safetensors"
-    if not path.exists():
-        per = 64 << 20
-        save_file({f"w{i}": torch.zeros(per, dtype=torch.uint8)
-                   for i in range(max(1, (args.size_mb << 20) // per))}, str(path))
-    C.warm([str(path)])
-    nbytes = path.stat().st_size
+    path = str(zeros_file(folder, args.size_mb))
+    nbytes = Path(path).stat().st_size
     staging = args.staging_mib << 20
     modes = args.modes.split(",")
     for mode in modes:
-        load(str(path), mode, args.threads, staging)   # staging made, C built, code warm
+        load(path, mode, args.threads, staging)   # staging made, C built, code warm
     t0 = time.perf_counter()
     python_work(args.steps)
     alone_work = time.perf_counter() - t0
@@ -171,21 +160,15 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode in modes:
             rows.setdefault(f"{mode}, alone", []).append(
-                (load(str(path), mode, args.threads, staging), 0.0))
-            rows.setdefault(f"{mode}, beside Python", []).append(
-                beside(str(path), mode, args.threads, staging, args.steps))
+                (load(path, mode, args.threads, staging), 0.0))
+            rows.setdefault(f"{mode}, beside Python", []).append(beside_work(
+                lambda: load(path, mode, args.threads, staging), args.steps))  # noqa: B023
     m = C.machine()
     print(f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {torch.__version__}")
     print(f"{nbytes / 1e9:.2f} GB warm, {args.threads} readers, {args.staging_mib} MiB of "
           f"staging, copies counted and not done, {args.rounds} interleaved rounds, medians; "
           f"the work alone: {alone_work * 1e3:.0f} ms")
-    for name, values in rows.items():
-        seconds = statistics.median(v[0] for v in values)
-        work = statistics.median(v[1] for v in values)
-        line = f"  {name:24s} load {seconds * 1e3:6.0f} ms ({nbytes / 1e9 / seconds:5.2f} GB/s)"
-        if work:
-            line += f"   work {work * 1e3:4.0f} ms"
-        print(line)
+    print_rows(rows, nbytes)
 
 
 if __name__ == "__main__":

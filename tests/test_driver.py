@@ -25,7 +25,7 @@ from fastsafetensors.loader import cuda, driver
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_engine_overhead import HostSink  # noqa: E402
+from bench_ring_cpu import DriverSink  # noqa: E402
 
 SOURCE = Path(__file__).with_name("fake_libcuda.c")
 
@@ -255,10 +255,9 @@ def two_files(folder: Path, seed: int) -> tuple[Path, Path]:
     return first, write_raw(folder / "b.safetensors", entries, data)
 
 
-class DriverHostSink(HostSink):
-    """The CUDA sink's driver path (``addresses``, ``split_pieces``, driver copies and events)
-    with host memory as the device (the benchmarks' host sink), on stream handle 7, the
-    consumer's being 0."""
+class DriverHostSink(DriverSink):
+    """The CUDA sink's driver path with host memory as the device (benchmarks/bench_ring_cpu.py),
+    its events counted."""
 
     def __init__(self) -> None:
         self.events: list[Any] = []    # recorded on the copy streams
@@ -266,30 +265,12 @@ class DriverHostSink(HostSink):
 
     def alloc_event(self) -> Any:
         self.allocated += 1
-        return driver.Event(0, 0)
-
-    def new_stream(self) -> int:
-        return 7
-
-    def stream_wait(self, stream: int, event: Any) -> None:
-        driver.stream_wait(0, stream, event)
-
-    def copy(self, stream: int, src: Any, pieces: list[Any]) -> None:
-        singles, runs = cuda.split_pieces(pieces)
-        driver.copy_to_device(0, stream, cuda.addresses(src, singles))
-        cuda.copy_runs(src, runs, torch.device("cpu"))
+        return super().alloc_event()
 
     def record(self, stream: int) -> Any:
-        event = driver.Event(0, stream)
+        event = super().record(stream)
         self.events.append(event)
         return event
-
-    def host_wait(self, event: Any) -> None:
-        event.synchronize()
-
-    def consumer_wait(self, events: list[Any]) -> None:
-        for event in events:
-            driver.stream_wait(0, 0, event)
 
 
 @pytest.mark.parametrize("io", ["buffered", "direct"])
