@@ -83,7 +83,7 @@ def build(folder: Path | None = None, *, again: bool = False, source: Path | Non
     compiler = shlex.split(os.environ.get("CC", "")) or [
         found for found in (shutil.which("cc") or shutil.which("gcc"),) if found]
     if not compiler:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH to build readcopy.c; install one "
+        raise RuntimeError(f"no C compiler (cc or gcc) on PATH to build {source.name}; install one "
                            "(apt install gcc) or set CC")
     folder.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed: another process building it at once, or one that
