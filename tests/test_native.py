@@ -179,6 +179,19 @@ class NativeHostSink(DriverHostSink):
         return got, event, spent
 
 
+def assert_same(got: dict[str, torch.Tensor], paths: list[Path]) -> dict[str, torch.Tensor]:
+    """``got`` holds the tensors of ``paths`` in their order, each equal to safetensors' bit
+    for bit; returns safetensors' tensors."""
+    want: dict[str, torch.Tensor] = {}
+    for path in paths:
+        want.update(st_load_file(str(path)))
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
+    return want
+
+
 @pytest.mark.parametrize("io", ["buffered", "direct"])
 def test_the_engine_through_native_calls_equals_safetensors(calls, tmp_path, io):
     # Real files through the engine: chunk offsets, O_DIRECT's widening and skew and misaligned
@@ -196,11 +209,7 @@ def test_the_engine_through_native_calls_equals_safetensors(calls, tmp_path, io)
     phases = PHASES.snapshot()
     assert phases["reader: read"] > 0 and "reader: around its native call" in phases
     assert "reader: queue copies" in phases and "reader: wait for its staging's copies" in phases
-    want = {**st_load_file(str(first)), **st_load_file(str(second))}
-    assert list(got) == list(want)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
-        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
+    want = assert_same(got, [first, second])
     # Each staged chunk in one call with an event of its own (and each reader's last wait,
     # on an event recorded as it ends), each piece one copy of the driver.
     chunks = sink.calls

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 import torch
-from builders import as_bytes, require_o_direct
-from safetensors.torch import load_file as st_load_file
+from builders import require_o_direct
 from safetensors.torch import save_file
 
 # With test_driver's fixtures, found by pytest under these names (F811 where they are used).
 from test_driver import DriverHostSink, _Stream, fake, fake_so, two_files  # noqa: F401
-from test_native import bound, cache, sink_of_device_1  # noqa: F401
+from test_native import assert_same, bound, cache, sink_of_device_1  # noqa: F401
 
 from fastsafetensors import CudaError, ReadError, configure
 from fastsafetensors.loader import driver, ring
@@ -56,16 +55,6 @@ def load(paths: list[Path], sink: Any, **options: Any) -> dict[str, torch.Tensor
     shape = {"threads": 3, "staging_bytes": 6 * 16384, "io": "buffered", **options}
     return dict(stream_tensors([(str(p), None, None) for p in paths], sink,
                                StreamOptions(**shape)))
-
-
-def assert_same(got: dict[str, torch.Tensor], paths: list[Path]) -> None:
-    want: dict[str, torch.Tensor] = {}
-    for path in paths:
-        want.update(st_load_file(str(path)))
-    assert list(got) == list(want)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
-        assert torch.equal(as_bytes(got[name]), as_bytes(tensor)), name
 
 
 @pytest.mark.parametrize("io", ["buffered", "direct"])
