@@ -1,0 +1,159 @@
+"""transformers' table of key renamings and converters, built lazily by our loads
+(fastsafetensors/integrations/_transformers_mapping.py).
+
+Each load test resets the table (transformers builds it once per process) so that the load under
+test is the one that builds it, and compares every parameter and buffer with a stock load that
+built the table the stock way.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.transformers
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tf_models  # noqa: E402  (tests/ is on sys.path via conftest)
+from test_transformers import assert_same, logits  # noqa: E402
+
+import fastsafetensors.integrations.transformers as ft  # noqa: E402
+from fastsafetensors.integrations import _transformers_mapping as mapping  # noqa: E402
+
+conversion_mapping = pytest.importorskip("transformers.conversion_mapping")
+if not mapping.fits():
+    pytest.skip("this transformers builds no conversion table the seam knows",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tf_models.build("mixtral", tmp_path_factory.mktemp("map") / "mixtral", shard="100KB")
+
+
+@pytest.fixture
+def fresh_table(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's table unbuilt; the one built before is put back afterwards."""
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    yield
+
+
+def table() -> dict[str, Any]:
+    built = conversion_mapping._checkpoint_conversion_mapping_cache
+    assert built is not None, "no load built the table"
+    return built
+
+
+def patterns(built: dict[str, Any]) -> list[Any]:
+    """Each transform of the table once (model types share lists and transforms)."""
+    seen: dict[int, Any] = {}
+    for transforms in built.values():
+        for transform in transforms or ():
+            seen[id(transform)] = transform.compiled_sources
+    return list(seen.values())
+
+
+def handed_out(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Records every transform transformers takes from the table."""
+    taken: list[Any] = []
+    real = conversion_mapping.get_checkpoint_conversion_mapping
+
+    def spy(model_type: Any) -> Any:
+        transforms = real(model_type)
+        taken.extend(transforms or ())
+        return transforms
+
+    monkeypatch.setattr(conversion_mapping, "get_checkpoint_conversion_mapping", spy)
+    return taken
+
+
+def test_our_load_compiles_only_what_it_uses(mixtral: Path, fresh_table: None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import MixtralForCausalLM
+
+    reference = MixtralForCausalLM.from_pretrained(mixtral)
+    stock = patterns(table())
+    assert stock and all(isinstance(p, re.Pattern) for p in stock)
+
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    taken = handed_out(monkeypatch)
+    model = MixtralForCausalLM.from_pretrained(mixtral, loader="fastsafetensors")
+    assert assert_same(model, reference) > 0
+    assert torch.equal(logits(model), logits(reference))
+    # What transformers got are compiled patterns, as stock; Mixtral's experts are fused by them.
+    assert taken and all(isinstance(t.compiled_sources, re.Pattern) for t in taken)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in dict(model.named_parameters())
+    lazy = patterns(table())
+    assert len(lazy) == len(stock)
+    assert all(isinstance(p, mapping.LazyPattern) for p in lazy)
+    compiled = [p for p in lazy if p._compiled is not None]
+    # 8 of 1,044 with 5.23 (the table of 5.0 has 36).
+    assert 0 < len(compiled) <= len(taken) < len(lazy)
+
+
+def test_stock_loads_build_the_table_as_before(mixtral: Path, fresh_table: None) -> None:
+    from transformers import MixtralForCausalLM
+
+    MixtralForCausalLM.from_pretrained(mixtral, loader="safetensors")
+    assert all(isinstance(p, re.Pattern) for p in patterns(table()))
+
+
+def test_a_table_entry_used_in_place_works(mixtral: Path, fresh_table: None) -> None:
+    from transformers import MixtralForCausalLM
+
+    MixtralForCausalLM.from_pretrained(mixtral, loader="fastsafetensors")
+    entry = next(p for p in patterns(table()) if p._compiled is None)
+    expected = re.compile(entry.pattern, entry.flags)
+    assert entry.groupindex == expected.groupindex
+    assert entry == expected and hash(entry) == hash(expected)
+    assert entry._compiled is not None
+
+
+def test_lazy_pattern_copies_and_pickles_as_a_compiled_pattern() -> None:
+    lazy = mapping.LazyPattern(r"(?P<g0>\.w1\.weight)", re.IGNORECASE)
+    assert "w1" in repr(lazy) and lazy._compiled is None
+    expected = re.compile(r"(?P<g0>\.w1\.weight)", re.IGNORECASE)
+    for twin in (copy.deepcopy(lazy), copy.copy(lazy), pickle.loads(pickle.dumps(lazy))):
+        assert isinstance(twin, re.Pattern) and twin == expected
+    assert lazy.search("experts.0.W1.weight").group("g0") == ".W1.weight"
+
+
+def test_compiles_are_lazy_only_in_the_building_thread() -> None:
+    seen: dict[str, Any] = {}
+
+    def build() -> None:
+        seen["here"] = mapping._compile("a+")
+        other = threading.Thread(target=lambda: seen.update(there=mapping._compile("b+")))
+        other.start()
+        other.join()
+
+    mapping.make_build_hook(build, lambda: True)()
+    assert isinstance(seen["here"], mapping.LazyPattern)
+    assert isinstance(seen["there"], re.Pattern)
+    mapping.make_build_hook(build, lambda: False)()
+    assert isinstance(seen["here"], re.Pattern)
+    assert isinstance(mapping._compile("c+"), re.Pattern)
+
+
+def test_uninstall_puts_re_and_the_build_back() -> None:
+    from transformers import core_model_loading
+
+    assert core_model_loading.re is not re
+    assert core_model_loading.re.__fastsafetensors_original__ is re
+    ft.uninstall()
+    try:
+        assert core_model_loading.re is re
+        assert not hasattr(conversion_mapping._build_checkpoint_conversion_mapping,
+                           "__fastsafetensors_original__")
+    finally:
+        ft.install()
+    assert core_model_loading.re.__fastsafetensors_original__ is re
