@@ -5,11 +5,11 @@
 # Everything it prints lands in $OUT too.
 #
 #   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
-#   device call: PROBE=0 bash benchmarks/gpu_session.sh   (carry: .whl; timeout_s 540)
+#   device call: PROBE=0 bash benchmarks/gpu_session.sh   (carry: .whl; timeout_s 590)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 505 s, 480 with PROBE=0, plus up to 5 s of grace each and the unlimited
-# imports and nvidia-smi: a call's timeout_s of 540 leaves room; the set-up steps, pinning probe,
+# (the limits add up to 550 s, 525 with PROBE=0, plus up to 5 s of grace each and the unlimited
+# imports and nvidia-smi: a call's timeout_s of 590 leaves room; the set-up steps, pinning probe,
 # transformers' wheel and building the C calls, take seconds; the most wanted figures come
 # first; the fifteenth session's runs on an H200 took 280 and 218 s in all). Rows and cold runs that earlier runs settled are left out: since the fifteenth
 # session the cold runs (H200 run 3: ours 1.04x the raw read, io="auto" 0.97x the better fixed
@@ -45,7 +45,15 @@ if torch.cuda.is_available():
     for mib in (64, 256, 1024):
         t = time.perf_counter(); b = torch.empty(mib << 20, dtype=torch.uint8, pin_memory=True)
         print(f"pinning {mib} MiB of new host memory: {time.perf_counter() - t:.3f} s"); del b
-        torch._C._host_emptyCache() if hasattr(torch._C, "_host_emptyCache") else None' || true
+        torch._C._host_emptyCache() if hasattr(torch._C, "_host_emptyCache") else None
+    # What a load pays to allocate its tensors on the device (a fresh caching allocator asks
+    # the driver for each): 8 GiB at once (transformers warm-up), then in 16 MiB tensors.
+    for label, sizes in (("8 GiB at once", [8 << 30]), ("8 GiB in 512 tensors", [16 << 20] * 512)):
+        torch.cuda.empty_cache(); torch.cuda.synchronize(); t = time.perf_counter()
+        held = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
+        torch.cuda.synchronize()
+        print(f"allocating {label} on the device: {time.perf_counter() - t:.3f} s"); del held
+    torch.cuda.empty_cache()' || true
 
 # transformers as pinned in .ci/run (the image's may be older); peers stay out of PYTHONPATH:
 # bench_load.py installs each into its own folder, from .whl/ since there is no network.
@@ -115,6 +123,14 @@ timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --re
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
     --no-floor --modes stock,fastsafetensors,fastsafetensors-ring,fastsafetensors-switch-off \
     --json "$OUT/bench-transformers.json"
+
+# Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under
+# cProfile; new in the seventeenth session (on the H100 machine the twin took 0.39-0.41 s, on
+# the 2-core CPU VM 0.19).
+step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
+timeout -k 5 45 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
+    --modes stock,fastsafetensors,fastsafetensors-ring --repeat 2 --profile 25 --deadline 35 \
+    --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"
 timeout -k 5 40 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --only '^$' \

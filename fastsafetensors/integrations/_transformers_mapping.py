@@ -1,7 +1,7 @@
 """transformers' conversion mapping with its regular expressions compiled when used (internal).
 
 Before it loads any weight, transformers 5 builds once per process a table of key renamings and
-weight converters for every model family it knows (1,173 of them in 5.23), and each compiles a
+weight converters for every model family it knows (1,044 of them in 5.23), and each compiles a
 regular expression as it is made; a load then takes copies of the few its model uses. On the
 2-core CPU VM that build took 0.08 s of a 0.2 s load of a model with no bytes to move
 (docs/transformers.md, "Before transformers asks"). When a fastsafetensors load is the one that

@@ -31,7 +31,7 @@ in a small thread pool. These replacements, made once at install time, route tho
    for 8 GB in one, 0.89 s against 0.87 s in the other).
 6. ``conversion_mapping._build_checkpoint_conversion_mapping`` and the ``re`` global of
    ``core_model_loading``: when one of our loads is the first of the process to need
-   transformers' table of key renamings and converters (every model family's, 1,173 regular
+   transformers' table of key renamings and converters (every model family's, 1,044 regular
    expressions in 5.23), the table's expressions are compiled when a load uses them instead of
    all at once (``_transformers_mapping.py``; 0.08 s of a 0.2 s load on the CPU VM).
 
