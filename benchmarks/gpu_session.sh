@@ -47,9 +47,14 @@ if torch.cuda.is_available():
         print(f"pinning {mib} MiB of new host memory: {time.perf_counter() - t:.3f} s"); del b
         torch._C._host_emptyCache() if hasattr(torch._C, "_host_emptyCache") else None
     # What a load pays to allocate its tensors on the device (a fresh caching allocator asks
-    # the driver for each): 8 GiB at once (transformers warm-up), then in 16 MiB tensors.
-    for label, sizes in (("8 GiB at once", [8 << 30]), ("8 GiB in 512 tensors", [16 << 20] * 512)):
+    # the driver for each): 8 GiB at once (transformers warm-up), in 16 MiB tensors, and in
+    # 16 MiB tensors carved from 8 GiB allocated and freed first (the warm-up then the load).
+    for label, sizes, warm in (("8 GiB at once", [8 << 30], False),
+                               ("8 GiB in 512 tensors", [16 << 20] * 512, False),
+                               ("8 GiB in 512 tensors after a warm-up", [16 << 20] * 512, True)):
         torch.cuda.empty_cache(); torch.cuda.synchronize(); t = time.perf_counter()
+        if warm:
+            del_me = torch.empty(8 << 30, dtype=torch.uint8, device="cuda"); del del_me
         held = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
         torch.cuda.synchronize()
         print(f"allocating {label} on the device: {time.perf_counter() - t:.3f} s"); del held

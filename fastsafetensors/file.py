@@ -231,6 +231,10 @@ class FastSafetensorsFile:
         return memoryview(array).cast("B")
 
     def _read_index(self, info: TensorInfo, index: Any) -> Any:
+        if index is Ellipsis or (type(index) is tuple and not index):
+            # The whole tensor (``slice[...]``, how transformers reads): no plan to make.
+            return self._finish(self._framework.view(
+                self._read_range(info.data_offsets[0], info.nbytes), 0, info))
         per_row = row_bytes(info)
         if per_row is None or not is_basic_index(index):
             # 0-d and packed 4-bit tensors, and indices beyond integers and slices (None,
