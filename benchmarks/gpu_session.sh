@@ -134,7 +134,7 @@ timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --re
 # the 2-core CPU VM 0.19).
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
 timeout -k 5 45 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
-    --modes stock,fastsafetensors,fastsafetensors-ring --repeat 2 --profile 25 --deadline 35 \
+    --modes stock,fastsafetensors,fastsafetensors-ring --repeat 2 --profile 20 --deadline 35 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"

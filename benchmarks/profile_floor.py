@@ -17,8 +17,9 @@ the installed transformers has it:
 
 Printed per loader: the median total and, for the round with the median total, each step's start
 and duration (nested steps indented) and the time outside every step. ``--profile N`` adds one
-more load per loader under cProfile and prints its N functions with the most time of their own
-(the profiler slows the load; read it for proportions).
+more load per loader under cProfile and prints its N functions with the most time of their own,
+then the N with the most time including their callees (the profiler slows the load; read it for
+proportions).
 
     python benchmarks/profile_floor.py --repeat 3                       # CPU, 8 GB's twin
     python benchmarks/profile_floor.py --device cuda --profile 25       # GPU machine
@@ -112,7 +113,9 @@ def child(args: argparse.Namespace) -> None:
     if profiler is not None:
         profiler.disable()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile)
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        stats.sort_stats("cumulative").print_stats(args.profile)
         result["profile"] = text.getvalue()
     print(json.dumps(result), flush=True)
 
@@ -211,7 +214,8 @@ def main() -> None:
         if middle["missing_steps"]:
             print(f"  (not in this transformers: {', '.join(middle['missing_steps'])})")
     for mode, text in profiles.items():
-        print(f"\n{mode} under cProfile, top {args.profile} by own time:\n{text}")
+        print(f"\n{mode} under cProfile, top {args.profile} by own time, then by time with "
+              f"callees:\n{text}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": C.machine(), "args": vars(args),
                                                "twin": info, "summary": summary,
