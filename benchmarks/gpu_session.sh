@@ -8,7 +8,7 @@
 #   device call: PROBE=0 bash benchmarks/gpu_session.sh   (carry: .whl; timeout_s 590)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 550 s, 525 with PROBE=0, plus up to 5 s of grace each and the unlimited
+# (the limits add up to 565 s, 540 with PROBE=0, plus up to 5 s of grace each and the unlimited
 # imports and nvidia-smi: a call's timeout_s of 590 leaves room; the set-up steps, pinning probe,
 # transformers' wheel and building the C calls, take seconds; the most wanted figures come
 # first; the fifteenth session's runs on an H200 took 280 and 218 s in all). Rows and cold runs that earlier runs settled are left out: since the fifteenth
@@ -133,8 +133,8 @@ timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --re
 # cProfile; new in the seventeenth session (on the H100 machine the twin took 0.39-0.41 s, on
 # the 2-core CPU VM 0.19).
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
-timeout -k 5 45 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
-    --modes stock,fastsafetensors,fastsafetensors-ring --repeat 2 --profile 20 --deadline 35 \
+timeout -k 5 60 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
+    --modes stock,fastsafetensors,fastsafetensors-ring --repeat 2 --profile 20 --deadline 50 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"

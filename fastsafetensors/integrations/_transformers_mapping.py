@@ -4,7 +4,7 @@ Before it loads any weight, transformers 5 builds once per process a table of ke
 weight converters for every model family it knows (1,044 of them in 5.23), and each compiles a
 regular expression as it is made; a load then takes copies of the few its model uses. On the
 2-core CPU VM that build took 0.08 s of a 0.2 s load of a model with no bytes to move
-(docs/transformers.md, "Before transformers asks"). When a fastsafetensors load is the one that
+(docs/transformers.md, "Reading ahead"). When a fastsafetensors load is the one that
 builds the table, each expression is compiled when a copy of it is taken (transformers hands
 out deep copies) or when it is used, so a load gets the same compiled patterns as stock and the
 rest are never compiled.
