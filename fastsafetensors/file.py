@@ -320,9 +320,11 @@ class FastSafetensorsFile:
         returned view is the tensor's bytes with no second copy: its storage is less than
         three blocks larger (the widening at both ends, and the allocator's alignment slack),
         and its data is aligned to 8 bytes (not 64), which every dtype's elements need."""
-        mode = config.get("io")
         # An element must not straddle its natural alignment (8 covers every dtype).
-        if mode == "buffered" or length < DIRECT_MIN_BYTES or offset % 8:
+        if length < DIRECT_MIN_BYTES or offset % 8:
+            return None
+        mode = config.get("io")
+        if mode == "buffered":
             return None
         with self._in_use() as fd:
             first = offset - offset % DIRECT_ALIGN

@@ -46,6 +46,7 @@ and keeps no tensor once it has handed it over: what transformers frees after co
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import importlib
@@ -154,7 +155,8 @@ class Load:
         self._lock = threading.Lock()
 
     def configured(self) -> Any:
-        return config.configure(**self.options)
+        # Entered for every tensor read: no options, nothing to set.
+        return config.configure(**self.options) if self.options else contextlib.nullcontext()
 
     def open(self, path: str | os.PathLike[str]) -> TransformersFile:
         handle = TransformersFile(path, self)
