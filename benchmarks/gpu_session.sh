@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and timing of this repository in one call on a lent NVIDIA machine, sized to
 # fit a session's 15 minutes of device time with a machine start: GPU tests, the loading
-# benchmark against the peers, and transformers' from_pretrained with device_map="cuda".
+# benchmark against the peers, and transformers' from_pretrained with device_map="cuda" (and,
+# since the seventeenth session, where its own time goes: profile_floor.py).
 # Everything it prints lands in $OUT too.
 #
 #   here:        benchmarks/gpu_wheels.sh            (fills .whl/, needs network)
