@@ -1,5 +1,6 @@
-"""transformers' table of key renamings and converters, built lazily by our loads
-(fastsafetensors/integrations/_transformers_mapping.py).
+"""The regular expressions transformers compiles while it loads, compiled when used during our
+loads (fastsafetensors/integrations/_transformers_mapping.py): its table of key renamings and
+converters, and its renaming of each key.
 
 Each load test resets the table (transformers builds it once per process) so that the load under
 test is the one that builds it, and compares every parameter and buffer with a stock load that
@@ -76,13 +77,29 @@ def handed_out(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return taken
 
 
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every LazyPattern made from here on."""
+    patterns: list[Any] = []
+    real_init = mapping.LazyPattern.__init__
+
+    def counted(self: Any, *args: Any) -> None:
+        real_init(self, *args)
+        patterns.append(self)
+
+    monkeypatch.setattr(mapping.LazyPattern, "__init__", counted)
+    return patterns
+
+
 def test_our_load_compiles_only_what_it_uses(mixtral: Path, fresh_table: None,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             made: list[Any]) -> None:
     from transformers import MixtralForCausalLM
 
     reference = MixtralForCausalLM.from_pretrained(mixtral)
     stock = patterns(table())
     assert stock and all(isinstance(p, re.Pattern) for p in stock)
+    assert made == []
 
     monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
     taken = handed_out(monkeypatch)
@@ -98,13 +115,18 @@ def test_our_load_compiles_only_what_it_uses(mixtral: Path, fresh_table: None,
     compiled = [p for p in lazy if p._compiled is not None]
     # 8 of 1,044 with 5.23 (the table of 5.0 has 36).
     assert 0 < len(compiled) <= len(taken) < len(lazy)
+    # Besides the table, a renaming per key that no converter takes: not compiled either.
+    others = [p for p in made if all(p is not q for q in lazy)]
+    assert others and not any(p._compiled is not None for p in others)
 
 
-def test_stock_loads_build_the_table_as_before(mixtral: Path, fresh_table: None) -> None:
+def test_stock_loads_compile_as_before(mixtral: Path, fresh_table: None,
+                                      made: list[Any]) -> None:
     from transformers import MixtralForCausalLM
 
     MixtralForCausalLM.from_pretrained(mixtral, loader="safetensors")
     assert all(isinstance(p, re.Pattern) for p in patterns(table()))
+    assert made == []
 
 
 def test_a_table_entry_used_in_place_works(mixtral: Path, fresh_table: None) -> None:
@@ -127,24 +149,37 @@ def test_lazy_pattern_copies_and_pickles_as_a_compiled_pattern() -> None:
     assert lazy.search("experts.0.W1.weight").group("g0") == ".W1.weight"
 
 
-def test_compiles_are_lazy_only_in_the_building_thread() -> None:
-    seen: dict[str, Any] = {}
-
-    def build() -> None:
-        seen["here"] = mapping._compile("a+")
-        other = threading.Thread(target=lambda: seen.update(there=mapping._compile("b+")))
-        other.start()
-        other.join()
-
-    mapping.make_build_hook(build, lambda: True)()
-    assert isinstance(seen["here"], mapping.LazyPattern)
-    assert isinstance(seen["there"], re.Pattern)
-    mapping.make_build_hook(build, lambda: False)()
-    assert isinstance(seen["here"], re.Pattern)
-    assert isinstance(mapping._compile("c+"), re.Pattern)
+def test_compiles_are_lazy_only_while_ours_says_so() -> None:
+    state = {"ours": True}
+    lazy = mapping.lazy_re(lambda: state["ours"])
+    assert isinstance(lazy.compile("a+"), mapping.LazyPattern)
+    assert isinstance(lazy.compile(re.compile("a+")), re.Pattern)   # already compiled
+    assert lazy.search("a+", "baa").group() == "aa" and lazy.IGNORECASE is re.IGNORECASE
+    state["ours"] = False
+    assert isinstance(lazy.compile("a+"), re.Pattern)
 
 
-def test_uninstall_puts_re_and_the_build_back() -> None:
+def test_lazy_only_in_the_context_of_our_load() -> None:
+    """transformers' worker threads (a fresh context each) and stock loads compile as before."""
+    from transformers import core_model_loading
+
+    from fastsafetensors.integrations import _transformers_seam as seam
+
+    seen: dict[str, Any] = {"outside": core_model_loading.re.compile("a+")}
+    token = seam._ACTIVE.set(seam.Load({}))
+    try:
+        seen["inside"] = core_model_loading.re.compile("b+")
+        worker = threading.Thread(
+            target=lambda: seen.update(worker=core_model_loading.re.compile("c+")))
+        worker.start()
+        worker.join()
+    finally:
+        seam._ACTIVE.reset(token)
+    assert isinstance(seen["inside"], mapping.LazyPattern)
+    assert isinstance(seen["outside"], re.Pattern) and isinstance(seen["worker"], re.Pattern)
+
+
+def test_uninstall_puts_re_back() -> None:
     from transformers import core_model_loading
 
     assert core_model_loading.re is not re
@@ -152,8 +187,6 @@ def test_uninstall_puts_re_and_the_build_back() -> None:
     ft.uninstall()
     try:
         assert core_model_loading.re is re
-        assert not hasattr(conversion_mapping._build_checkpoint_conversion_mapping,
-                           "__fastsafetensors_original__")
     finally:
         ft.install()
     assert core_model_loading.re.__fastsafetensors_original__ is re

@@ -1,40 +1,43 @@
-"""transformers' conversion mapping with its regular expressions compiled when used (internal).
+"""Regular expressions of transformers' loading code, compiled when first used (internal).
 
-Before it loads any weight, transformers 5 builds once per process a table of key renamings and
-weight converters for every model family it knows (1,044 of them in 5.23), and each compiles a
-regular expression as it is made; a load then takes copies of the few its model uses. On the
-2-core CPU VM that build took 0.08 s of a 0.2 s load of a model with no bytes to move
-(docs/transformers.md, "Reading ahead"). When a fastsafetensors load is the one that
-builds the table, each expression is compiled when a copy of it is taken (transformers hands
-out deep copies) or when it is used, so a load gets the same compiled patterns as stock and the
-rest are never compiled.
+transformers 5 compiles many regular expressions while it loads a checkpoint, and uses few:
 
-How: ``transformers.core_model_loading`` compiles through its module global ``re``; install()
-puts there a module that is ``re`` except that its ``compile`` returns a :class:`LazyPattern`
-while this thread builds the table for one of our loads. Stock loads, and tables built outside
-our loads, compile as before.
+* once per process, before it loads any weight, it builds a table of key renamings and weight
+  converters for every model family it knows (1,044 of them in 5.23), each compiling an
+  expression as it is made; a load then takes deep copies of the few its model uses. On the
+  2-core CPU VM that build took 0.08 s of a 0.2 s load of a model with no bytes to move
+  (docs/transformers.md, "Reading ahead");
+* for every checkpoint key that no converter takes, it makes a renaming of that one key, which
+  compiles the key as an expression (about 0.1 ms a key there) and never matches anything with
+  it: 129 keys for the 8 GB Llama-shaped benchmark checkpoint, tens of thousands for some.
+
+During a fastsafetensors load every expression that ``transformers.core_model_loading``
+compiles is a :class:`LazyPattern`, compiled when it is first used or when a copy of it is
+taken. What transformers then uses behaves as the compiled pattern; the table's entries, which
+it hands out as deep copies, give it compiled patterns.
+
+How: ``core_model_loading`` compiles through its module global ``re``; install() puts there a
+module that is ``re`` except for ``compile``, which returns a :class:`LazyPattern` while one of
+our loads runs in the calling context (the thread that called ``from_pretrained``; transformers'
+worker threads, and stock loads, compile as before).
 """
 
 from __future__ import annotations
 
 import re
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
 
-#: The function that builds the table, and the module whose ``re`` global it compiles through.
-BUILD_SITE = ("transformers.conversion_mapping", "_build_checkpoint_conversion_mapping")
+#: The module whose ``re`` global is replaced.
 COMPILE_SITE = ("transformers.core_model_loading", "re")
-
-_building = threading.local()
 
 
 class LazyPattern:
     """A regular expression compiled on first use; a copy of it is the compiled ``re.Pattern``.
 
     Attribute access (``search``, ``groupindex``, ...) goes to the compiled pattern, so code that
-    uses the table's own entries without copying them works the same.
+    uses it in place works the same.
     """
 
     __slots__ = ("pattern", "flags", "_compiled")
@@ -74,46 +77,27 @@ class LazyPattern:
         return f"LazyPattern({self.pattern!r}, {self.flags})"
 
 
-def _compile(pattern: Any, flags: int = 0) -> Any:
-    if getattr(_building, "active", False) and isinstance(pattern, str):
-        return LazyPattern(pattern, flags)
-    return re.compile(pattern, flags)
+def lazy_re(ours: Callable[[], bool]) -> types.ModuleType:
+    """A module with everything of ``re`` but its ``compile``, which is lazy while ``ours()``."""
 
+    def compile(pattern: Any, flags: int = 0) -> Any:  # noqa: A001 - re's own name
+        if isinstance(pattern, str) and ours():
+            return LazyPattern(pattern, flags)
+        return re.compile(pattern, flags)
 
-def lazy_re() -> types.ModuleType:
-    """A module with everything of ``re`` but its own ``compile`` (see the module docstring)."""
     module = types.ModuleType("re", re.__doc__)
     module.__dict__.update({k: v for k, v in vars(re).items() if not k.startswith("__")})
-    module.compile = _compile  # type: ignore[attr-defined]
+    module.compile = compile  # type: ignore[attr-defined]
     module.__fastsafetensors_original__ = re  # type: ignore[attr-defined]
     return module
 
 
-def make_build_hook(original: Callable[[], Any],
-                    ours: Callable[[], bool]) -> Callable[[], Any]:
-    """``_build_checkpoint_conversion_mapping`` that compiles lazily when ``ours()`` says this
-    thread runs one of our loads."""
-
-    def _build_checkpoint_conversion_mapping() -> Any:
-        if not ours() or getattr(_building, "active", False):
-            return original()
-        _building.active = True
-        try:
-            return original()
-        finally:
-            _building.active = False
-
-    _build_checkpoint_conversion_mapping.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
-    return _build_checkpoint_conversion_mapping
-
-
 def fits() -> bool:
-    """Whether this transformers builds its table and compiles as described above (5.0 to
-    5.23 do); where not, nothing is replaced and loads compile as stock."""
+    """Whether this transformers compiles through ``core_model_loading``'s ``re`` global (5.0
+    to 5.23 do); where not, nothing is replaced and loads compile as stock."""
     try:
-        from transformers import conversion_mapping, core_model_loading
+        from transformers import core_model_loading
     except ImportError:
         return False
     current = getattr(core_model_loading, "re", None)
-    return (callable(getattr(conversion_mapping, BUILD_SITE[1], None))
-            and (current is re or getattr(current, "__fastsafetensors_original__", None) is re))
+    return current is re or getattr(current, "__fastsafetensors_original__", None) is re

@@ -29,11 +29,11 @@ in a small thread pool. These replacements, made once at install time, route tho
    is skipped (``_transformers_ahead.start_reading_ahead`` says when this is done; option
    ``read_ahead``, on by default since the fifteenth session's H200 runs: 0.79 s against 0.98 s
    for 8 GB in one, 0.89 s against 0.87 s in the other).
-6. ``conversion_mapping._build_checkpoint_conversion_mapping`` and the ``re`` global of
-   ``core_model_loading``: when one of our loads is the first of the process to need
-   transformers' table of key renamings and converters (every model family's, 1,044 regular
-   expressions in 5.23), the table's expressions are compiled when a load uses them instead of
-   all at once (``_transformers_mapping.py``; 0.08 s of a 0.2 s load on the CPU VM).
+6. The ``re`` global of ``core_model_loading``: during our loads, the regular expressions it
+   compiles (transformers' table of key renamings and converters for every model family, 1,044
+   in 5.23, built once per process; a renaming per checkpoint key) are compiled when used, and
+   most never are (``_transformers_mapping.py``; the table took 0.08 s of a 0.2 s load on the
+   CPU VM).
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
@@ -514,8 +514,8 @@ def check_transformers() -> None:
 _install_lock = threading.Lock()
 
 
-def _lazy_build(original: Callable[[], Any]) -> Callable[[], Any]:
-    return mapping.make_build_hook(original, lambda: _ACTIVE.get() is not None)
+def _lazy_re(original: Any) -> Any:
+    return mapping.lazy_re(lambda: _ACTIVE.get() is not None)
 
 
 def install() -> None:
@@ -537,8 +537,7 @@ def install() -> None:
         if all(_signature_problem(*entry) is None for entry in AHEAD_SIGNATURES):
             sites += [(DTYPE_SITE, make_dtype_hook), (WARMUP_SITE, make_warmup_hook)]
         if mapping.fits():
-            sites += [(mapping.BUILD_SITE, _lazy_build),
-                      (mapping.COMPILE_SITE, lambda _re: mapping.lazy_re())]
+            sites.append((mapping.COMPILE_SITE, _lazy_re))
         for (module_name, attr), make in sites:
             module = importlib.import_module(module_name)
             current = getattr(module, attr)
@@ -563,7 +562,7 @@ def uninstall() -> None:
             if original is not None:
                 module.safe_open = original  # type: ignore[union-attr]
         for module_name, attr in (MATERIALIZE_SITE, SPAWN_SITE, DTYPE_SITE, WARMUP_SITE,
-                                  mapping.BUILD_SITE, mapping.COMPILE_SITE):
+                                  mapping.COMPILE_SITE):
             module = sys.modules.get(module_name)
             original = getattr(getattr(module, attr, None), "__fastsafetensors_original__", None)
             if original is not None:
