@@ -142,6 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=8.0,
                     help="the checkpoint whose twin is loaded (layers and names)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers instead of those of --size-gb (9 tensors each)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--dir", default=None, help="the twin's folder (default: a temporary one)")
     ap.add_argument("--device", default="cpu", help="device_map: cpu, cuda, ...")
@@ -166,9 +168,11 @@ def main() -> None:
         ap.error(f"--modes: choose from {', '.join(MODES)}")
     started = time.monotonic()
     cfg = C.floor_config(C.llama_shapes(int(args.size_gb * 1e9))[1])
-    folder = Path(args.dir or Path(tempfile.gettempdir()) / f"fst-floor-{args.size_gb:g}gb")
+    if args.layers is not None:
+        cfg["layers"] = args.layers
+    folder = Path(args.dir or Path(tempfile.gettempdir()) / f"fst-floor-{cfg['layers']}layers")
     info = C.build_checkpoint(folder, 0, shards=args.shards, cfg=cfg)
-    print(f"floor twin of {args.size_gb:g} GB: {info['tensors']} tensors, "
+    print(f"floor twin of {args.size_gb:g} GB, {cfg['layers']} layers: {info['tensors']} tensors, "
           f"{info['tensor_bytes'] / 1e6:.1f} MB in {folder}; device_map={args.device}",
           flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
