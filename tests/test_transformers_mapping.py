@@ -166,9 +166,17 @@ def test_lazy_only_in_the_context_of_our_load() -> None:
     from fastsafetensors.integrations import _transformers_seam as seam
 
     seen: dict[str, Any] = {"outside": core_model_loading.re.compile("a+")}
+    globs = ["*.norm.weight", "lm_head.weight"]
+    stock, _, _ = core_model_loading.build_glob_alternation(globs)
     token = seam._ACTIVE.set(seam.Load({}))
     try:
         seen["inside"] = core_model_loading.re.compile("b+")
+        # What transformers builds from globs (dtype plans) works lazily as it does compiled.
+        lazy, _, _ = core_model_loading.build_glob_alternation(globs)
+        assert isinstance(lazy, mapping.LazyPattern) and isinstance(stock, re.Pattern)
+        for key in ("model.layers.0.norm.weight", "lm_head.weight", "model.embed.weight"):
+            got, expected = lazy.search(key), stock.search(key)
+            assert (got and got.lastgroup) == (expected and expected.lastgroup), key
         worker = threading.Thread(
             target=lambda: seen.update(worker=core_model_loading.re.compile("c+")))
         worker.start()
