@@ -201,6 +201,15 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                  env(calls="ring")),
                 ("ring_s128", "cuda_calls=ring, staging_bytes=128 MiB (8 C readers, 16 "
                  "windows of 8 MiB)", env(calls="ring", staging_mib=128)),
+                # Windows of chunk_bytes (eighteenth session): on the H200 machine 8 MiB
+                # windows (ring_s128, t12ring) ran faster than 16 MiB ones (ring).
+                ("ring_c8", "cuda_calls=ring, chunk_bytes=8 MiB (8 C readers, 32 windows of "
+                 "8 MiB)", env(calls="ring", chunk_bytes=str(8 << 20))),
+                ("ring_c4", "cuda_calls=ring, chunk_bytes=4 MiB (8 C readers, 64 windows of "
+                 "4 MiB)", env(calls="ring", chunk_bytes=str(4 << 20))),
+                ("ring_s128_c4", "cuda_calls=ring, staging_bytes=128 MiB, chunk_bytes=4 MiB "
+                 "(8 C readers, 32 windows of 4 MiB)",
+                 env(calls="ring", staging_mib=128, chunk_bytes=str(4 << 20))),
                 ("t12ring", "threads=12, cuda_calls=ring (12 C readers, 32 windows of 8 MiB)",
                  env(12, "ring")),
                 ("t16ring", "threads=16, cuda_calls=ring (16 C readers, 32 windows of 8 MiB)",

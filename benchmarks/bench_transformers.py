@@ -53,11 +53,13 @@ import _common as C  # noqa: E402
 #: ``fastsafetensors-ahead`` is ours with ``read_ahead="on"`` (the default since the fifteenth
 #: session): the batch reads while transformers builds the model; ``-on-demand`` with it off,
 #: reading once transformers has built the model and asks; ``-native`` with
-#: ``cuda_calls="native"``; ``-ring`` with ``cuda_calls="ring"`` (C threads read and copy);
+#: ``cuda_calls="native"``; ``-ring`` with ``cuda_calls="ring"`` (C threads read and copy),
+#: ``-ring8`` the same in windows of 8 MiB (``chunk_bytes``);
 #: ``-switch-off`` with ``switch_interval_us=0``, the interpreter's switch interval left as it
 #: is while the batch reads (``--modes``).
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
-         "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-switch-off")
+         "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
+         "fastsafetensors-switch-off")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -69,6 +71,8 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
                                "loader_options": {"cuda_calls": "native"}},
     "fastsafetensors-ring": {"loader": "fastsafetensors",
                              "loader_options": {"cuda_calls": "ring"}},
+    "fastsafetensors-ring8": {"loader": "fastsafetensors",
+                              "loader_options": {"cuda_calls": "ring", "chunk_bytes": 8 << 20}},
     "fastsafetensors-switch-off": {"loader": "fastsafetensors",
                                    "loader_options": {"switch_interval_us": 0}},
 }
@@ -301,6 +305,9 @@ def main() -> None:
         if f"{cache}/fastsafetensors-ring" in summary:
             summary[f"{cache}/speedup_ring"] = (
                 ours["seconds"] / summary[f"{cache}/fastsafetensors-ring"]["seconds"])
+        if f"{cache}/fastsafetensors-ring8" in summary:
+            summary[f"{cache}/speedup_ring8"] = (
+                ours["seconds"] / summary[f"{cache}/fastsafetensors-ring8"]["seconds"])
         if f"{cache}/fastsafetensors-switch-off" in summary:   # what the shorter interval saves
             summary[f"{cache}/speedup_switch_interval"] = (
                 summary[f"{cache}/fastsafetensors-switch-off"]["seconds"] / ours["seconds"])

@@ -106,9 +106,9 @@ timeout -k 5 35 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout -k 5 120 python3 benchmarks/bench_load.py --size-gb "$size" --repeat 2 --threads 8 \
-    --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t(8|16)|^fst_cuda(_ring|_ring_s128|_t12ring|_t16ring)?\$|sketch_cuda_ring1[26]|instanttensor_buffered}" \
+timeout -k 5 120 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
+    --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
+    --only "${LOAD_ROWS:-h2d_pinned|^fst_cuda(_ring|_ring_s128|_ring_c8|_ring_c4|_ring_s128_c4|_t12ring)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 95 --timeout 60 \
     --skip-many \
@@ -125,22 +125,24 @@ fi
 # switch_interval_us=0, to see what the shorter switch interval while the batch reads (new in
 # the fifteenth) saves. (on-demand, read_ahead="off", was measured in H200 runs 3 and 4.)
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
-timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 2 \
+timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
-    --no-floor --modes stock,fastsafetensors,fastsafetensors-ring,fastsafetensors-switch-off \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-ring8}" \
     --json "$OUT/bench-transformers.json"
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under
 # cProfile; new in the seventeenth session (on the H100 machine the twin took 0.39-0.41 s, on
 # the 2-core CPU VM 0.19).
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
-timeout -k 5 60 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
-    --modes stock,fastsafetensors,fastsafetensors-ring --repeat 2 --profile 20 --deadline 50 \
+timeout -k 5 75 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
+    --modes stock,fastsafetensors-ring8 --repeat 3 --profile 25 --deadline 65 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 
+if [ "${PER_TENSOR:-1}" != 0 ]; then   # PER_TENSOR=0: left out (measured in this session)
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"
 timeout -k 5 40 python3 benchmarks/bench_load.py --size-gb "$size" --dir "$ckpt" --only '^$' \
     --no-peers --repeat 3 --logs "$work/logs-many" --json "$OUT/bench-many.json"
+fi
 
 step "done"
 sleep 1   # lets tee flush session.log before $OUT is collected

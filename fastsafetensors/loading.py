@@ -193,7 +193,8 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes),
                             mapped_readers=config.get("mapped_readers"),
                             small_tensor_groups=config.get("small_tensor_groups") == "on",
-                            switch_interval=config.get("switch_interval_us") / 1e6)
+                            switch_interval=config.get("switch_interval_us") / 1e6,
+                            chunk_bytes=config.get("chunk_bytes"))
     sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
                          huge_pages=config.get("huge_pages") != "off",
                          driver=config.get("cuda_calls") == "driver",

@@ -91,6 +91,23 @@ def test_the_engine_through_the_ring_equals_safetensors(calls, tmp_path, io):
     assert calls.events_live == events
 
 
+def test_chunk_bytes_makes_more_and_smaller_windows(calls, tmp_path):
+    # The same staging (12 x 16 KiB: 128 KiB of windows) for 3 readers, in windows of 32 KiB
+    # (a buffer's share) less the slack, or with chunk_bytes of 16 KiB in windows of 16 KiB.
+    first, second = two_files(tmp_path, seed=6)
+    shapes = []
+    for chunk in (0, 16384):
+        sink = RingHostSink()
+        STATS.reset()
+        got = load([first, second], sink, staging_bytes=12 * 16384, chunk_bytes=chunk)
+        assert_same(got, [first, second])
+        (made,) = sink.rings
+        assert sink.staged == [made.nbytes] and made.windows == (131072 - 4096) // made.stride
+        shapes.append((made.stride, made.windows, made.submitted))
+    assert [shape[:2] for shape in shapes] == [(32768 - 4096, 4), (16384, 7)]
+    assert shapes[1][2] > shapes[0][2]   # more, smaller reads
+
+
 @pytest.mark.parametrize(("threads", "staging"), [(4, 2 * 16384 + 4096), (3, 6 * 16384)])
 def test_windows_are_read_into_again_only_after_their_copies(calls, tmp_path, threads,
                                                              staging):

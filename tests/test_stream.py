@@ -340,6 +340,15 @@ def test_pinned_staging_stays_within_staging_bytes(threads: int) -> None:
     assert 2 * threads * request <= options.staging_bytes < 4 * threads * request
 
 
+@pytest.mark.parametrize(("chunk", "buffer"), [(0, 16 << 20), (32 << 20, 16 << 20),
+                                               (8 << 20, 8 << 20), (5 << 20, 4 << 20)])
+def test_chunk_bytes_caps_each_buffer(chunk: int, buffer: int) -> None:
+    # chunk_bytes caps the share of staging a buffer gets (rounded down to a power of two,
+    # as every pinned request), never raises it: 8 threads of 256 MiB share 16 MiB each.
+    options = StreamOptions(threads=8, staging_bytes=256 << 20, chunk_bytes=chunk)
+    assert options.buffer_bytes + 3 * DIRECT_ALIGN == buffer
+
+
 def test_closing_iter_tensors_joins_the_engine_even_if_its_stream_is_still_referenced(
         checkpoint, monkeypatch):
     # iter_tensors wraps the engine's generator. Its close() must end the engine itself: left

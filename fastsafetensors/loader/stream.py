@@ -200,6 +200,9 @@ class StreamOptions:
     #: Python's thread switch interval while the load runs, in seconds, if shorter than the
     #: interpreter's (switching.py); 0 leaves it alone.
     switch_interval: float = 0.0
+    #: The largest chunk (one read, one staging buffer, one ring window), if smaller than
+    #: the share of staging_bytes a buffer gets; 0: that share.
+    chunk_bytes: int = 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -210,6 +213,8 @@ class StreamOptions:
         # carries 3 blocks of slack (O_DIRECT widening at both ends, and alignment), so that
         # the pinned request is exactly that share.
         share = self.staging_bytes // (2 * self.threads)
+        if self.chunk_bytes:
+            share = min(share, self.chunk_bytes)
         per = (1 << (share.bit_length() - 1) if share else 0) - 3 * DIRECT_ALIGN
         per -= per % DIRECT_ALIGN
         return max(per, 2 * DIRECT_ALIGN)
