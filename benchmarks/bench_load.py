@@ -129,8 +129,9 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
         for io in ("buffered", "direct"):   # the fixed modes io="auto" must keep up with
             cases.append(Case(f"fst_cuda_{io}", f"fastsafetensors.load_file(cuda:0) io={io}",
                               "ours", "fst", {"device": dev, "io": io}))
-        # Warm-only tuning rows: would another setting than the defaults (8 threads to a GPU,
-        # 256 MiB of staging, no mapped readers) be faster on this machine? The first run of
+        # Warm-only tuning rows: would another setting than the defaults (the ring's 12 C
+        # readers to a GPU since the eighteenth session, 8 Python readers with torch's calls
+        # before; 256 MiB of staging, no mapped readers) be faster on this machine? The first run of
         # each is a fresh process's first load (pinned staging allocated); a second reuses
         # what torch's pinned-memory cache kept. Rows earlier runs settled are gone, to leave
         # the time to new ones: blocking event waits, 16 threads and 1 GiB of staging (two
@@ -139,7 +140,9 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
         # (14.20 and 10.96 against 20.11 GB/s without mapped readers, same run).
         def env(threads: int = 0, calls: str = "", staging_mib: int = 0,
                 **other: str) -> dict[str, str]:
-            """The options of a tuning row, as the environment of its child."""
+            """The options of a tuning row, as the environment of its child (each row names
+            what it changes from the defaults it was first measured with: cuda_calls="torch"
+            until the eighteenth session)."""
             out = {f"FASTSAFETENSORS_{name.upper()}": value for name, value in other.items()}
             if threads:
                 out["FASTSAFETENSORS_THREADS"] = str(threads)
@@ -151,12 +154,12 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
 
         for key, label, options in (
                 ("m4", "mapped_readers=4 (half the readers copy from the page cache)",
-                 env(mapped_readers="4")),
+                 env(calls="torch", mapped_readers="4")),
                 ("m8", "mapped_readers=8 (every cached chunk from the page cache)",
-                 env(mapped_readers="8")),
+                 env(calls="torch", mapped_readers="8")),
                 ("huge", "huge_pages=on (staging on registered huge pages)",
-                 env(huge_pages="on")),
-                ("t16huge", "threads=16, huge_pages=on", env(16, huge_pages="on")),
+                 env(calls="torch", huge_pages="on")),
+                ("t16huge", "threads=16, huge_pages=on", env(16, "torch", huge_pages="on")),
                 # Copies, events and stream waits through the CUDA driver with the GIL held
                 # (loader/driver.py): do the readers' waits for the GIL limit them?
                 ("driver", "cuda_calls=driver (copies, events, waits: GIL held)",
@@ -172,7 +175,8 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 # engine reads soon after the read wrote it come from the CPU's cache rather
                 # than from memory, and leave the reads more memory bandwidth? Native calls
                 # keep the cost of the many more chunks low.
-                ("s32", "staging_bytes=32 MiB (2 MiB buffers)", env(staging_mib=32)),
+                ("s32", "staging_bytes=32 MiB (2 MiB buffers)",
+                 env(calls="torch", staging_mib=32)),
                 ("native_s32", "cuda_calls=native, staging_bytes=32 MiB (2 MiB buffers)",
                  env(calls="native", staging_mib=32)),
                 ("native_s64", "cuda_calls=native, staging_bytes=64 MiB (4 MiB buffers)",
@@ -186,7 +190,7 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 # pinned, but a first load, which pins it, ran slower): which of them is
                 # faster in a process's first load too, the row's first round?
                 ("t12_s384", "threads=12, staging_bytes=384 MiB (16 MiB buffers)",
-                 env(12, staging_mib=384)),
+                 env(12, "torch", 384)),
                 ("t12native_s384", "threads=12, cuda_calls=native, staging_bytes=384 MiB "
                  "(16 MiB buffers)", env(12, "native", 384)),
                 ("t16native_s512", "threads=16, cuda_calls=native, staging_bytes=512 MiB "
@@ -197,19 +201,29 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 # windows (about two per reader, in the largest power of two within
                 # staging_bytes), one C thread queues their copies in order on one stream,
                 # InstantTensor's shape; the sketch rows below are the same with no engine.
-                ("ring", "cuda_calls=ring (8 C readers, 16 windows of 16 MiB)",
-                 env(calls="ring")),
-                ("ring_s128", "cuda_calls=ring, staging_bytes=128 MiB (8 C readers, 16 "
-                 "windows of 8 MiB)", env(calls="ring", staging_mib=128)),
+                ("ring", "threads=8, cuda_calls=ring (8 C readers, 16 windows of 16 MiB)",
+                 env(8, "ring")),
+                ("ring_s128", "threads=8, cuda_calls=ring, staging_bytes=128 MiB (8 C "
+                 "readers, 16 windows of 8 MiB)", env(8, "ring", 128)),
                 # Windows of chunk_bytes (eighteenth session): on the H200 machine 8 MiB
                 # windows (ring_s128, t12ring) ran faster than 16 MiB ones (ring).
-                ("ring_c8", "cuda_calls=ring, chunk_bytes=8 MiB (8 C readers, 32 windows of "
-                 "8 MiB)", env(calls="ring", chunk_bytes=str(8 << 20))),
-                ("ring_c4", "cuda_calls=ring, chunk_bytes=4 MiB (8 C readers, 64 windows of "
-                 "4 MiB)", env(calls="ring", chunk_bytes=str(4 << 20))),
-                ("ring_s128_c4", "cuda_calls=ring, staging_bytes=128 MiB, chunk_bytes=4 MiB "
-                 "(8 C readers, 32 windows of 4 MiB)",
-                 env(calls="ring", staging_mib=128, chunk_bytes=str(4 << 20))),
+                ("ring_c8", "threads=8, cuda_calls=ring, chunk_bytes=8 MiB (8 C readers, 32 "
+                 "windows of 8 MiB)", env(8, "ring", chunk_bytes=str(8 << 20))),
+                ("ring_c4", "threads=8, cuda_calls=ring, chunk_bytes=4 MiB (8 C readers, 64 "
+                 "windows of 4 MiB)", env(8, "ring", chunk_bytes=str(4 << 20))),
+                ("ring_s128_c4", "threads=8, cuda_calls=ring, staging_bytes=128 MiB, "
+                 "chunk_bytes=4 MiB (8 C readers, 32 windows of 4 MiB)",
+                 env(8, "ring", 128, chunk_bytes=str(4 << 20))),
+                # The default before the eighteenth session: 8 Python readers, torch's calls
+                # (the default row is the ring with 12 C readers since).
+                ("torch", "cuda_calls=torch (8 Python readers)", env(calls="torch")),
+                # A process's first load pins the ring's whole staging before its first read:
+                # in H200 runs 6 and 7 it ran at 25-27 GB/s, the later ones at 36-38. Less
+                # staging, or torch's pinned memory instead of registered huge pages?
+                ("s128", "staging_bytes=128 MiB (12 C readers, 32 windows of 4 MiB)",
+                 env(staging_mib=128)),
+                ("nohuge", "huge_pages=off (the ring's staging from torch's pinned memory)",
+                 env(huge_pages="off")),
                 ("t12ring", "threads=12, cuda_calls=ring (12 C readers, 32 windows of 8 MiB)",
                  env(12, "ring")),
                 ("t16ring", "threads=16, cuda_calls=ring (16 C readers, 32 windows of 8 MiB)",

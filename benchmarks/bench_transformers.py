@@ -54,12 +54,13 @@ import _common as C  # noqa: E402
 #: session): the batch reads while transformers builds the model; ``-on-demand`` with it off,
 #: reading once transformers has built the model and asks; ``-native`` with
 #: ``cuda_calls="native"``; ``-ring`` with ``cuda_calls="ring"`` (C threads read and copy),
-#: ``-ring8`` the same in windows of 8 MiB (``chunk_bytes``);
+#: ``-ring8`` the same in windows of 8 MiB (``chunk_bytes``); both the default since the
+#: eighteenth session, whose ``-torch`` is the default before (``cuda_calls="torch"``);
 #: ``-switch-off`` with ``switch_interval_us=0``, the interpreter's switch interval left as it
 #: is while the batch reads (``--modes``).
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
-         "fastsafetensors-switch-off")
+         "fastsafetensors-torch", "fastsafetensors-switch-off")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -73,6 +74,8 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
                              "loader_options": {"cuda_calls": "ring"}},
     "fastsafetensors-ring8": {"loader": "fastsafetensors",
                               "loader_options": {"cuda_calls": "ring", "chunk_bytes": 8 << 20}},
+    "fastsafetensors-torch": {"loader": "fastsafetensors",
+                              "loader_options": {"cuda_calls": "torch"}},
     "fastsafetensors-switch-off": {"loader": "fastsafetensors",
                                    "loader_options": {"switch_interval_us": 0}},
 }
@@ -308,6 +311,9 @@ def main() -> None:
         if f"{cache}/fastsafetensors-ring8" in summary:
             summary[f"{cache}/speedup_ring8"] = (
                 ours["seconds"] / summary[f"{cache}/fastsafetensors-ring8"]["seconds"])
+        if f"{cache}/fastsafetensors-torch" in summary:   # what the ring saves
+            summary[f"{cache}/speedup_over_torch_calls"] = (
+                summary[f"{cache}/fastsafetensors-torch"]["seconds"] / ours["seconds"])
         if f"{cache}/fastsafetensors-switch-off" in summary:   # what the shorter interval saves
             summary[f"{cache}/speedup_switch_interval"] = (
                 summary[f"{cache}/fastsafetensors-switch-off"]["seconds"] / ours["seconds"])

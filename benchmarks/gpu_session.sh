@@ -9,19 +9,18 @@
 #   device call: PROBE=0 bash benchmarks/gpu_session.sh   (carry: .whl; timeout_s 590)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 565 s, 540 with PROBE=0, plus up to 5 s of grace each and the unlimited
-# imports and nvidia-smi: a call's timeout_s of 590 leaves room; the set-up steps, pinning probe,
-# transformers' wheel and building the C calls, take seconds; the most wanted figures come
-# first; the fifteenth session's runs on an H200 took 280 and 218 s in all). Rows and cold runs that earlier runs settled are left out: since the fifteenth
-# session the cold runs (H200 run 3: ours 1.04x the raw read, io="auto" 0.97x the better fixed
-# mode), io="direct", the driver-call, huge-page and 16-thread torch rows, the sketches, and
-# the native rows with 8 MiB buffers or fewer threads (no faster than torch's calls); the rows
-# now ask whether the engine with cuda_calls="ring" (C readers filling a ring of pinned windows,
-# one C thread queuing the copies: no Python per chunk; sixteenth session) reaches InstantTensor,
-# beside the same shape without the engine (sketch_ring.py), and with how many readers;
-# LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only regexes) bring any back;
-# the benchmarks also stop starting timed runs at a deadline inside that limit, so that their
-# checks, summaries and JSON are written whatever the machine's speed.
+# (the limits add up to 595 s, 570 with PROBE=0, plus up to 5 s of grace each and the unlimited
+# imports and nvidia-smi; the steps take far less: the eighteenth session's runs on an H200 took
+# 308 and 276 s in all, and a call's timeout_s of 590 leaves room; the most wanted figures come
+# first). Rows and cold runs that earlier runs settled are left out (the cold runs: H200 run 3,
+# ours 1.04x the raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
+# native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6 and 7); the
+# rows now check the default since the eighteenth session, cuda_calls="ring" with 12 C
+# readers, against the default before it (cuda_calls="torch", 8 Python readers), 16 readers
+# and InstantTensor. LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
+# regexes) bring any row back; the benchmarks also stop starting timed runs at a deadline
+# inside their limit, so that their checks, summaries and JSON are written whatever the
+# machine's speed.
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -86,6 +85,13 @@ print(found[-1] if found else "")')
         echo "libcudart.so -> $rt (for upstream fastsafetensors)"
     fi
 fi
+# Byte-compiled before any clock: on the H200 machine (eighteenth session) every load compiled
+# some 40 modules of transformers (installed above with --no-compile) and of this checkout from
+# source inside the timed from_pretrained, as a user's installed packages never do.
+python3 -c 'import os, sys; print("dont_write_bytecode", sys.flags.dont_write_bytecode,
+    "PYTHONDONTWRITEBYTECODE", os.environ.get("PYTHONDONTWRITEBYTECODE"))'
+timeout -k 5 40 python3 -m compileall -q -j 0 fastsafetensors benchmarks \
+    ${site:+"$site"} >/dev/null || echo "compileall failed: imports compile from source"
 python3 -c 'import transformers, safetensors, fastsafetensors as f;
 print("transformers", transformers.__version__, "safetensors", safetensors.__version__,
       "fastsafetensors", f.__version__, f.__file__)'
@@ -97,7 +103,7 @@ print("native chunk calls:", native.build(), native.available() or "available")
 print("ring:", native.build(source=ring.SOURCE), ring.available() or "available")' || true
 
 step "GPU tests"
-timeout -k 5 105 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
+timeout -k 5 90 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py tests/test_transformers_ahead.py tests/test_accelerate.py \
     tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 
@@ -106,11 +112,11 @@ timeout -k 5 35 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
 step "bench_load: $size GB, warm and cold, peers"
-timeout -k 5 120 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
+timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|^fst_cuda(_ring|_ring_s128|_ring_c8|_ring_c4|_ring_s128_c4|_t12ring)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_nohuge|_t16ring)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
-    --deadline 95 --timeout 60 \
+    --deadline 85 --timeout 60 \
     --skip-many \
     --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
@@ -121,13 +127,13 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
-# ring: cuda_calls="ring" (C threads read and copy; new in the sixteenth session); switch-off:
-# switch_interval_us=0, to see what the shorter switch interval while the batch reads (new in
-# the fifteenth) saves. (on-demand, read_ahead="off", was measured in H200 runs 3 and 4.)
+# torch: cuda_calls="torch", the default before the eighteenth session (the ring's 12 C readers
+# since). (on-demand, read_ahead="off", was measured in H200 runs 3 and 4; switch-off, the
+# interpreter's switch interval left alone, in run 6: 0.98x.)
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
-    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-ring8}" \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-torch}" \
     --json "$OUT/bench-transformers.json"
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under
@@ -135,7 +141,7 @@ timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --re
 # the 2-core CPU VM 0.19).
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
 timeout -k 5 75 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
-    --modes stock,fastsafetensors-ring8 --repeat 3 --profile 25 --deadline 65 \
+    --modes stock,fastsafetensors --repeat 3 --profile 25 --deadline 65 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 
 if [ "${PER_TENSOR:-1}" != 0 ]; then   # PER_TENSOR=0: left out (measured in this session)

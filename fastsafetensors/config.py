@@ -67,7 +67,8 @@ class Option:
 
 OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("threads", _default_threads,
-           help="reader threads per load (to a GPU, at most 8 unless set: device_threads)"),
+           help="reader threads per load (to a GPU, unless set, at most 8, or 12 through the "
+                "ring: device_threads)"),
     Option("io", lambda: "auto", ("auto", "buffered", "direct"),
            "page-cache policy: auto picks per file from page-cache residency"),
     Option("backend", lambda: "auto", ("auto", "gds", "posix"),
@@ -83,21 +84,21 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            help="how a reader thread waits for the GPU to finish copying out of its staging "
                 "buffer: spin (CUDA's default, the fastest wake-up, keeps a core busy) or block "
                 "(frees the core for other readers, costs a wake-up)"),
-    Option("cuda_calls", lambda: "torch", ("torch", "driver", "native", "ring"),
-           help="how a GPU load's reader threads queue copies, events and stream waits: "
-                "torch (each call releases Python's GIL and takes it back, which waits for "
-                "the other threads' Python work), driver (CUDA driver calls through ctypes "
-                "that keep the GIL for their few microseconds; host waits still release it), "
-                "native (a staged chunk's wait, read, copies and event in one C call "
-                "without the GIL, built on first use with the system's C compiler; "
-                "loader/native.py) or ring (no Python reader threads: as many C threads as "
-                "threads read the chunks in order into a ring of pinned windows within "
-                "staging_bytes, and one C thread queues their copies on one stream, the shape "
-                "InstantTensor has with io_uring; loader/ring.py; not with mapped_readers; not "
-                "yet timed on a GPU). "
-                "torch by default: on the H200 machine neither driver "
-                "(20.47 against 21.32 GB/s) nor native (22.83 against 23.07, 21.20 against "
-                "21.22) ran faster with the other defaults"),
+    Option("cuda_calls", lambda: "ring", ("torch", "driver", "native", "ring"),
+           help="how a GPU load reads and queues its copies: ring (the default: no Python "
+                "reader threads; C threads, 12 unless threads is set, read the chunks in order "
+                "into a ring of pinned windows within staging_bytes, and one C thread queues "
+                "their copies on one stream, the shape InstantTensor has with io_uring; built "
+                "on first use with the system's C compiler, loader/ring.py; not with "
+                "mapped_readers). Where the ring cannot run (no C compiler, not Linux), the "
+                "default goes on with torch, said once in the log. The others have Python "
+                "reader threads queue the copies, events and stream waits: torch (each call "
+                "releases Python's GIL and takes it back, which waits for the other threads' "
+                "Python work), driver (CUDA driver calls through ctypes that keep the GIL for "
+                "their few microseconds; host waits still release it) or native (a staged "
+                "chunk's wait, read, copies and event in one C call without the GIL). On the "
+                "H200 machine the ring loaded 8 GB at 36.9 GB/s, torch at 25.7, InstantTensor "
+                "at 37.2 (medians of 4 in one run; docs/benchmarks.md section 2)"),
     Option("small_tensor_groups", lambda: "on", ("off", "on"),
            help="loads to a GPU without a memory budget: on (the default) puts runs of small "
                 "tensors (under 1 MiB, adjacent in the file, 16-byte aligned) in one device "
@@ -165,18 +166,25 @@ def get(name: str, explicit: Any = None) -> Any:
     return option.default()
 
 
-#: Reader threads of a load to a GPU while the threads option is left to its default. On the
-#: H200 machine (16 cores), 8 threads loaded 8 GB 11% and 36% faster than 16 (two runs, the
-#: first load of a fresh process each; docs/benchmarks.md section 2).
+#: Python reader threads of a load to a GPU (any cuda_calls but the ring) while the threads
+#: option is left to its default. On the H200 machine (16 cores), 8 threads loaded 8 GB 11% and
+#: 36% faster than 16 (two runs, the first load of a fresh process each; docs/benchmarks.md
+#: section 2).
 DEVICE_THREADS = 8
 
 
-def device_threads(explicit: int | None = None) -> int:
+#: The same through the ring (cuda_calls="ring"), whose C readers never wait for Python's GIL:
+#: on the H200 machine 12 of them loaded 8 GB at 36.9 GB/s, 8 at 30.2 (32 windows of 8 MiB
+#: each; medians of 4 in one run, docs/benchmarks.md section 2).
+RING_THREADS = 12
+
+
+def device_threads(explicit: int | None = None, *, ring: bool = False) -> int:
     """The ``threads`` option for a load to a GPU: as given or set, else the default (two per
-    core, at most 16) capped at ``DEVICE_THREADS``."""
+    core, at most 16) capped at ``DEVICE_THREADS``, or ``RING_THREADS`` for the ring."""
     if explicit is not None or is_set("threads"):
         return int(get("threads", explicit))
-    return min(DEVICE_THREADS, int(get("threads")))
+    return min(RING_THREADS if ring else DEVICE_THREADS, int(get("threads")))
 
 
 def is_set(name: str) -> bool:

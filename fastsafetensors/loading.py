@@ -182,24 +182,29 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
                   max_device_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
     """``(path, header or None, names or None)`` sources to a resolved CUDA ``device``, with
     the engine (or GDS); options not given come from the configuration."""
-    from .loader.cuda import TorchCudaSink
+    from .loader import cuda
     from .loader.gds import select_backend, stream_gds
     from .loader.stream import StreamOptions, stream_tensors
 
+    calls = config.get("cuda_calls")
+    if calls == "ring" and not config.is_set("cuda_calls") and not cuda.ring_usable():
+        calls = "torch"   # the default, where the ring's C threads cannot run
+    sink = cuda.TorchCudaSink(device, blocking=config.get("event_wait") == "block",
+                              huge_pages=config.get("huge_pages") != "off",
+                              driver=calls == "driver", native=calls == "native",
+                              ring=calls == "ring")
+    mapped_readers = config.get("mapped_readers")
+    # C readers never wait for the GIL: more of them by default than of Python readers.
+    ring = getattr(sink, "ring", None) is not None and not mapped_readers
     # Every option checked before the backend is chosen: GDS uses few of them, and a typo
     # must not pass silently there.
-    options = StreamOptions(threads=config.device_threads(threads),
+    options = StreamOptions(threads=config.device_threads(threads, ring=ring),
                             staging_bytes=config.get("staging_bytes", staging_bytes),
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes),
-                            mapped_readers=config.get("mapped_readers"),
+                            mapped_readers=mapped_readers,
                             small_tensor_groups=config.get("small_tensor_groups") == "on",
                             switch_interval=config.get("switch_interval_us") / 1e6,
                             chunk_bytes=config.get("chunk_bytes"))
-    sink = TorchCudaSink(device, blocking=config.get("event_wait") == "block",
-                         huge_pages=config.get("huge_pages") != "off",
-                         driver=config.get("cuda_calls") == "driver",
-                         native=config.get("cuda_calls") == "native",
-                         ring=config.get("cuda_calls") == "ring")
     if select_backend(backend, device=device) == "gds":
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     return stream_tensors(files, sink, options)

@@ -475,14 +475,15 @@ def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
         return FakeSink()
 
     monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
+    monkeypatch.setattr(cuda_module, "ring_usable", lambda: True)
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
     options = {"event_wait": wait, "huge_pages": huge, "cuda_calls": calls}
     with fastsafetensors.configure(**{k: v for k, v in options.items() if v is not None}):
         got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
     # auto (the default) and on: staging on registered huge pages; off: torch's pinned memory.
-    # cuda_calls: torch's calls by default.
+    # cuda_calls: the ring by default, where it can run.
     assert made == [(wait == "block", huge != "off", calls == "driver", calls == "native",
-                     calls == "ring")]
+                     calls in ("ring", None))]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 
@@ -498,6 +499,7 @@ def test_a_load_to_a_gpu_takes_8_threads_unless_told_otherwise(monkeypatch):
 
     asked: list[int] = []
     monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, **_: FakeSink())
+    monkeypatch.setattr(cuda_module, "ring_usable", lambda: False)
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
     monkeypatch.setattr(stream_module, "stream_tensors",
                         lambda files, sink, options: asked.append(options.threads) or iter(()))
@@ -514,6 +516,68 @@ def test_a_load_to_a_gpu_takes_8_threads_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     device_stream([], "cuda:0")
     assert asked == [8, 12, 16, 10, 4]
+
+
+class _RingFakeSink(FakeSink):
+    """A FakeSink that has a ring, as TorchCudaSink has with cuda_calls="ring"."""
+
+    @staticmethod
+    def ring(**shape: int) -> None:
+        raise AssertionError("not opened in these tests")
+
+
+def test_a_load_through_the_ring_takes_12_threads_unless_told_otherwise(monkeypatch):
+    # C readers never wait for the GIL: on the H200 machine 12 of them loaded faster than 8.
+    # Python readers (another cuda_calls, mapped readers, no ring here) keep 8.
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    import fastsafetensors.loader.stream as stream_module
+    from fastsafetensors import config
+    from fastsafetensors.loading import device_stream
+
+    asked: list[tuple[int, bool]] = []
+    usable = [True]
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, *, ring=False, **_:
+                        _RingFakeSink() if ring else FakeSink())
+    monkeypatch.setattr(cuda_module, "ring_usable", lambda: usable[0])
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
+    monkeypatch.setattr(stream_module, "stream_tensors", lambda files, sink, options: asked.append(
+        (options.threads, isinstance(sink, _RingFakeSink))) or iter(()))
+    monkeypatch.delenv("FASTSAFETENSORS_THREADS", raising=False)
+    monkeypatch.delenv("FASTSAFETENSORS_CUDA_CALLS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    device_stream([], "cuda:0")
+    device_stream([], "cuda:0", threads=6)
+    with config.configure(cuda_calls="torch"):
+        device_stream([], "cuda:0")
+    with config.configure(mapped_readers=2):
+        device_stream([], "cuda:0")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    device_stream([], "cuda:0")
+    usable[0] = False   # the default falls back to torch's calls; the ring asked for stays
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    device_stream([], "cuda:0")
+    with config.configure(cuda_calls="ring"):
+        device_stream([], "cuda:0")
+    assert asked == [(12, True), (6, True), (8, False), (8, True), (4, True), (8, False),
+                     (12, True)]
+
+
+def test_where_the_ring_cannot_run_the_default_says_why_once_at_info(monkeypatch, caplog):
+    import logging
+
+    import fastsafetensors.loader.cuda as cuda_module
+    from fastsafetensors.loader import driver
+
+    monkeypatch.setattr(driver, "available", lambda: "libcuda.so.1 not found")
+    monkeypatch.setattr(cuda_module, "_refused", set())
+    with caplog.at_level(logging.INFO, logger=cuda_module.__name__):
+        assert cuda_module.ring_usable() is False
+        assert cuda_module.ring_usable() is False
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("INFO", "cuda_calls left to its default, ring: its C threads cannot be "
+                             "used (libcuda.so.1 not found); loading from Python reader "
+                             "threads with torch's calls")]
 
 
 # -- resources while a load runs or stops -----------------------------------------------------

@@ -171,6 +171,21 @@ def _calls(mode: str) -> Any:
     return None
 
 
+def ring_usable() -> bool:
+    """Whether ``cuda_calls="ring"`` can run here (the CUDA driver loaded, ring.c built). The
+    option's default asks this: where the ring cannot run, a load goes on with torch's calls,
+    said once in the log at info level (nothing was asked that could not be given; a ring
+    asked for by name is warned about by the sink)."""
+    from . import driver, ring
+
+    why = driver.available() or ring.available()
+    if why is not None and "ring-default" not in _refused:
+        _refused.add("ring-default")
+        logger.info("cuda_calls left to its default, ring: its C threads cannot be used (%s); "
+                    "loading from Python reader threads with torch's calls", why)
+    return why is None
+
+
 class TorchCudaSink:
     """A :class:`~fastsafetensors.loader.stream.Sink` for one CUDA device."""
 

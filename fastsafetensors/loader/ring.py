@@ -7,7 +7,9 @@ more pinned staging, which slowed a process's first load (docs/benchmarks.md, se
 ``ring.c`` has that shape with threads: ``readers`` C threads read the chunks, in order, into a
 ring of pinned windows, and one C thread queues each chunk's copies on one stream as soon as
 its read is done. The engine's planner submits the chunks (:meth:`Ring.submit`) and one Python
-thread takes the reports (:meth:`Ring.next`); nothing else of Python runs per chunk.
+thread takes the reports (:meth:`Ring.next`); nothing else of Python runs per chunk. Timed there
+in the eighteenth session: 12 readers with 32 windows of 8 MiB moved 36.9 GB/s, the Python
+readers 25.7 and InstantTensor 37.2 in the same run, so it is the default since.
 
 Built and loaded as ``readcopy.c`` is (loader/native.py): compiled on first use with the
 system's C compiler into the cache folder, the CUDA driver's functions handed in as addresses.
