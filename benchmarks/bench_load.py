@@ -227,7 +227,14 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("t12ring", "threads=12, cuda_calls=ring (12 C readers, 32 windows of 8 MiB)",
                  env(12, "ring")),
                 ("t16ring", "threads=16, cuda_calls=ring (16 C readers, 32 windows of 8 MiB)",
-                 env(16, "ring"))):
+                 env(16, "ring")),
+                # 16 readers waited for a chunk or a free window 1.2 thread-seconds of a 0.31 s
+                # load in H200 run 6, with 2 windows each: with 4 each, do they reach the
+                # 16-thread raw read (44 GB/s there)?
+                ("t16ring_c4", "threads=16, cuda_calls=ring, chunk_bytes=4 MiB (16 C readers, "
+                 "64 windows of 4 MiB)", env(16, "ring", chunk_bytes=str(4 << 20))),
+                ("t16ring_s512", "threads=16, cuda_calls=ring, staging_bytes=512 MiB (16 C "
+                 "readers, 64 windows of 8 MiB)", env(16, "ring", 512, chunk_bytes=str(8 << 20)))):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=options, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",

@@ -130,9 +130,9 @@ def stand_in(folder: Path) -> Any:
     return lib
 
 
-def load(path: str, mode: str, threads: int, staging: int) -> float:
+def load(path: str, mode: str, threads: int, staging: int, chunk: int = 0) -> float:
     options = StreamOptions(threads=threads, staging_bytes=staging, io="buffered",
-                            switch_interval=500e-6)
+                            switch_interval=500e-6, chunk_bytes=chunk)
     t0 = time.perf_counter()
     for _ in stream_tensors([(path, None, None)], StandInSink(mode), options):
         pass
@@ -142,6 +142,9 @@ def load(path: str, mode: str, threads: int, staging: int) -> float:
 def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--modes", default="driver,native,ring")
+    ap.add_argument("--chunk-mib", type=int, default=0,
+                    help="chunk_bytes: the largest chunk, so the ring's windows (0: the share of "
+                         "staging a buffer gets)")
     args = ap.parse_args()
 
     folder = Path(args.dir or tempfile.gettempdir()) / "fastsafetensors-bench-ring"
@@ -150,9 +153,10 @@ def main() -> None:
     path = str(zeros_file(folder, args.size_mb))
     nbytes = Path(path).stat().st_size
     staging = args.staging_mib << 20
+    chunk = args.chunk_mib << 20
     modes = args.modes.split(",")
     for mode in modes:
-        load(path, mode, args.threads, staging)   # staging made, C built, code warm
+        load(path, mode, args.threads, staging, chunk)   # staging made, C built, code warm
     t0 = time.perf_counter()
     python_work(args.steps)
     alone_work = time.perf_counter() - t0
@@ -160,13 +164,14 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode in modes:
             rows.setdefault(f"{mode}, alone", []).append(
-                (load(path, mode, args.threads, staging), 0.0))
+                (load(path, mode, args.threads, staging, chunk), 0.0))
             rows.setdefault(f"{mode}, beside Python", []).append(beside_work(
-                lambda: load(path, mode, args.threads, staging), args.steps))  # noqa: B023
+                lambda: load(path, mode, args.threads, staging, chunk), args.steps))  # noqa: B023
     m = C.machine()
     print(f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {torch.__version__}")
     print(f"{nbytes / 1e9:.2f} GB warm, {args.threads} readers, {args.staging_mib} MiB of "
-          f"staging, copies counted and not done, {args.rounds} interleaved rounds, medians; "
+          f"staging, chunks of {args.chunk_mib or 'a buffer share of'} MiB, copies counted "
+          f"and not done, {args.rounds} interleaved rounds, medians; "
           f"the work alone: {alone_work * 1e3:.0f} ms")
     print_rows(rows, nbytes)
 

@@ -125,6 +125,50 @@ def test_windows_are_read_into_again_only_after_their_copies(calls, tmp_path, th
     assert made.submitted > 2 * made.windows   # every window reused
 
 
+def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path):
+    # 31 windows: the planner waits for 7 free slots at a time, the reporter for 7 chunks
+    # ready, so that each wake (each needs the GIL back) moves 7 chunks. With copies run late
+    # and far more chunks than the ring holds, every tensor still arrives whole.
+    g = torch.Generator().manual_seed(4)
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.randn(12000 + 5 * i, generator=g) for i in range(40)}, str(path))
+    calls.set("defer_copies", 1)
+    sink = RingHostSink()
+    assert_same(load([path], sink, staging_bytes=48 * 16384, chunk_bytes=16384), [path])
+    (made,) = sink.rings
+    assert (made.windows, made.batch, made.capacity) == (31, 7, 65)
+    assert made.submitted > 3 * made.capacity   # the planner waited for room many times
+
+
+def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(500, dtype=torch.uint8)
+    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=4, batch=3)
+    made.open(7, windows.data_ptr())
+    fd = os.open(path, os.O_RDONLY)
+
+    def submit(k: int) -> int | None:
+        return made.submit(fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 100)])
+
+    try:
+        assert submit(0) == 0
+        assert [r[0] for r in made.next() or []] == [0]   # one submitted: one is enough
+        assert [submit(k) for k in (1, 2)] == [1, 2]
+        assert [r[0] for r in made.next() or []] == [1, 2]   # both, in one report
+        assert [submit(k) for k in (3, 4)] == [3, 4]
+        made.end()
+        assert [r[0] for batch in iter(made.next, None) for r in batch] == [3, 4]
+        assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
+                                                 dtype=torch.uint8))
+    finally:
+        made.close()
+        os.close(fd)
+    assert made.batch == 3 and ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2,
+                                         batch=9).batch == 2
+
+
 def test_a_file_cut_short_while_loading_fails_the_load_with_a_read_error(calls, tmp_path,
                                                                           monkeypatch):
     from fastsafetensors.loader import stream

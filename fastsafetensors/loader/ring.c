@@ -41,6 +41,11 @@ typedef struct {
     void *context, *stream;
     char *base;
     int64_t stride, windows, capacity, lag;
+    /* The caller's Python threads wake for this many chunks at once: a report waits until as
+     * many are ready (or all submitted ones are), a submit waiting for room until as many slots
+     * are free. Each wake needs Python's GIL back, which a thread running Python meanwhile
+     * (transformers building the model) keeps for up to a switch interval. */
+    int64_t batch;
     unsigned flags;
     slot_t *slots; /* chunk k in slots[k % capacity] */
     void **marks;  /* per window: recorded after the copies of the chunk that used it last */
@@ -62,6 +67,13 @@ typedef struct {
 } ring_t;
 
 static slot_t *slot(ring_t *r, int64_t k) { return &r->slots[k % r->capacity]; }
+
+/* Chunks a report waits for: `batch`, or every chunk submitted and not reported if fewer (at
+ * least one). */
+static int64_t wanted(ring_t *r) {
+    int64_t pending = r->submitted - r->reported;
+    return pending >= r->batch ? r->batch : pending > 1 ? pending : 1;
+}
 
 /* A reader may take the next chunk: it was submitted, and the chunk a ring before it, which
  * used its window last, was copied out. */
@@ -237,10 +249,11 @@ static void release(ring_t *r) {
  * threads cannot be had (*code: the errno), or a CUDA code with *code and *step set. */
 ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *base,
                       int64_t stride, int64_t windows, int64_t readers, int64_t capacity,
-                      unsigned flags, int *code, int *step) {
+                      int64_t batch, unsigned flags, int *code, int *step) {
     *code = 0;
     *step = OK;
-    if (windows < 2 || readers < 1 || readers > MAX_READERS || capacity < windows) {
+    if (windows < 2 || readers < 1 || readers > MAX_READERS || capacity < windows || batch < 1 ||
+        batch > capacity) {
         *code = EINVAL;
         return NULL;
     }
@@ -256,6 +269,7 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
     r->stride = stride;
     r->windows = windows;
     r->capacity = capacity;
+    r->batch = batch;
     r->lag = windows / 2;
     r->flags = flags;
     pthread_mutex_init(&r->lock, NULL);
@@ -316,7 +330,8 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
 
 /* Hand over the next chunk: read `length` bytes of `fd` at `offset` (at least `needed` of
  * them), then copy each of the `count` pieces (device address, offset in the window, bytes).
- * While `capacity` chunks are submitted and not reported, blocks if `wait`, else returns -4.
+ * While `capacity` chunks are submitted and not reported, returns -4 without `wait`; with it,
+ * blocks until `batch` slots are free.
  * Returns the chunk's number, or -1 once the ring stopped (cancelled, or the copier ended on an
  * error), -2 when memory for the pieces cannot be had, or -3 when the read or a piece does not
  * fit in a window. Without `wait` it never blocks, so Python calls it keeping the GIL: a call
@@ -343,7 +358,8 @@ int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, i
     memcpy(s, src, (size_t)count * sizeof *s);
     memcpy(n, len, (size_t)count * sizeof *n);
     pthread_mutex_lock(&r->lock);
-    while (wait && !r->cancelled && !r->copier_done && r->submitted - r->reported >= r->capacity)
+    while (wait && !r->cancelled && !r->copier_done &&
+           r->submitted - r->reported > r->capacity - r->batch)
         pthread_cond_wait(&r->room, &r->lock);
     int64_t refused = r->cancelled || r->copier_done || r->ended ? -1
                       : r->submitted - r->reported >= r->capacity ? -4 : 0;
@@ -384,11 +400,11 @@ void fst_ring_cancel(ring_t *r) {
     pthread_mutex_unlock(&r->lock);
 }
 
-/* The next chunks' reports, in chunk order: 0 once the copies of at least one are queued,
- * with *count (at most `most`) chunks from *first, each one's bytes read in got[] and the event
- * after its copies in events[] (the caller's to destroy). All that are ready at once: the caller
- * needs Python's GIL back for each call, and a thread running Python meanwhile keeps it for up
- * to a switch interval. 1 when every submitted chunk was reported after fst_ring_end, or the
+/* The next chunks' reports, in chunk order: 0 once the copies of `batch` of them are queued
+ * (or of every chunk submitted, if fewer), with *count (at most `most`) chunks from *first,
+ * each one's bytes read in got[] and the event after its copies in events[] (the caller's to
+ * destroy). All that are ready at once: the caller needs Python's GIL back for each call, and a
+ * thread running Python meanwhile keeps it for up to a switch interval. 1 when every submitted chunk was reported after fst_ring_end, or the
  * ring was cancelled; else the failed chunk's errno or CUDA code, with *first, *step and
  * got[0] set (chunks before it come in a call of their own first). */
 int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64_t *got,
@@ -397,7 +413,7 @@ int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64
     *count = 0;
     *step = OK;
     pthread_mutex_lock(&r->lock);
-    while (!r->cancelled && r->reported >= r->queued && !r->copier_done)
+    while (!r->cancelled && !r->copier_done && r->queued - r->reported < wanted(r))
         pthread_cond_wait(&r->copied, &r->lock);
     if (!r->cancelled && r->reported < r->queued) {
         *first = r->reported;

@@ -47,7 +47,7 @@ _state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
-    "fst_ring_open": (_P, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_uint,
+    "fst_ring_open": (_P, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_uint,
                            ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
     "fst_ring_submit": (_I64, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int]),
     "fst_ring_end": (None, [_P]),
@@ -102,10 +102,13 @@ class Ring:
     thread at any time, and :meth:`close` waits for calls still inside the C code."""
 
     def __init__(self, device: int, *, readers: int, windows: int, stride: int,
-                 capacity: int, blocking: bool = False):
+                 capacity: int, batch: int = 1, blocking: bool = False):
         self.device, self.windows = device, windows
         self.readers = min(readers, MAX_READERS)
         self.stride, self.capacity = stride, capacity
+        # Chunks a report waits for, and slots a submit waiting for room waits for (ring.c):
+        # each wake of the caller's threads needs the GIL back.
+        self.batch = max(1, min(batch, capacity))
         self.flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
         self._cond = threading.Condition()
         self._handle: int | None = None
@@ -140,7 +143,7 @@ class Ring:
             # Under the lock: a close() from another thread waits for it, then stops it.
             handle = lib.fst_ring_open(
                 ctypes.byref(calls), driver._context(self.device), stream, address,
-                self.stride, self.windows, self.readers, self.capacity, self.flags,
+                self.stride, self.windows, self.readers, self.capacity, self.batch, self.flags,
                 ctypes.byref(code), ctypes.byref(step))
             if not handle:
                 if step.value:
@@ -172,7 +175,8 @@ class Ring:
                copies: list[tuple[int, int, int]]) -> int | None:
         """Read ``length`` bytes of ``fd`` at ``offset`` (at least ``needed``) into the next
         window, then copy each ``(device address, offset in the window, bytes)`` after
-        ``allocated`` (a driver event, or None). Returns the chunk's number, in submission
+        ``allocated`` (a driver event, or None). With :attr:`capacity` chunks submitted and
+        not reported, waits until :attr:`batch` are. Returns the chunk's number, in submission
         order, or None once the ring stopped (the reason comes from :meth:`next`)."""
         handle = self._enter(wait=True)
         if handle is None:
@@ -215,9 +219,10 @@ class Ring:
             self._cond.notify_all()
 
     def next(self) -> list[tuple[int, int, driver.Event]] | None:
-        """The next chunks whose copies are queued, in order, all that are ready (at least
-        one): ``(number, bytes read, the event after its copies)`` each; None at the end or
-        once cancelled. Raises RingFailure."""
+        """The next chunks whose copies are queued, in order, all that are ready once
+        :attr:`batch` are (or every chunk submitted, if fewer): ``(number, bytes read, the
+        event after its copies)`` each; None at the end or once cancelled. Raises
+        RingFailure."""
         handle = self._enter(wait=False)
         if handle is None:
             return None
