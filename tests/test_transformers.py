@@ -459,6 +459,9 @@ def test_materialize_sends_our_slices_straight_to_cuda(models: dict[str, Path],
         def __init__(self, device: Any):
             self.device = str(device)
 
+        def query(self) -> bool:   # copies still queued: waited for
+            return False
+
         def synchronize(self) -> None:
             steps.append(f"wait on {self.device}")
 

@@ -533,3 +533,25 @@ def test_reading_ahead_to_cuda_keeps_the_device_peak(tmp_path: Path, calls: Coun
     assert assert_same(loaded["on demand"], loaded["stock"]) > 0
     assert [b.ahead for b in seen["batches"]] == [False, True]
     assert peaks["ahead"] <= peaks["on demand"] + (1 << 20), peaks
+
+
+@pytest.mark.parametrize("ran", [True, False])
+def test_a_tensor_is_completed_without_a_wait_once_its_copies_ran(monkeypatch, ran):
+    # A wait gives the GIL away, and taking it back waits behind transformers' thread for up
+    # to a switch interval, once per tensor: asked first, the stream is waited for only while
+    # copies are still queued on it.
+    from fastsafetensors.integrations import _transformers_batch
+
+    calls: list[str] = []
+
+    class Stream:
+        def query(self) -> bool:
+            calls.append("query")
+            return ran
+
+        def synchronize(self) -> None:
+            calls.append("synchronize")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    _transformers_batch.complete("cuda:0")
+    assert calls == (["query"] if ran else ["query", "synchronize"])

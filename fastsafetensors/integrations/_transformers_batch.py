@@ -51,6 +51,18 @@ _Wanted = dict[str, list[tuple[Any, Future[Any]]]]
 _ENDED = "fastsafetensors: the load ended before this tensor was read"
 
 
+def complete(device: Any) -> None:
+    """Wait until the work queued so far on this thread's current stream of ``device`` ran.
+    Asks first, keeping the GIL: a wait gives it away, and taking it back waits behind any
+    thread running Python (transformers building the model) for up to a switch interval, once
+    per tensor; where the copies already ran there is nothing to wait for."""
+    import torch
+
+    stream = torch.cuda.current_stream(device)
+    if not stream.query():
+        stream.synchronize()
+
+
 class _Pending(Future[Any]):
     """A tensor of a batch. The first ``result()`` of a load starts its on-demand batches and
     ends the requests of its read-ahead ones."""
@@ -273,7 +285,7 @@ class Batch:
                 if cuda:
                     # Complete for any stream of any thread, as the stock path's tensors are
                     # (the engine ordered the copies on this thread's stream only).
-                    torch.cuda.current_stream(self.device).synchronize()
+                    complete(self.device)
                 with self.lock:
                     # Dropped here: transformers frees a tensor once it is converted (MoE
                     # experts fused, weights quantized), and the batch must not keep it.
@@ -290,7 +302,6 @@ class Batch:
 
     def _hand_over(self, tensor: Any, entries: list[tuple[Any, Future[Any]]]) -> None:
         """Complete the futures of one tensor, each with its own tensor in its dtype."""
-        import torch
 
         for i, (dtype, future) in enumerate(entries):
             try:
@@ -303,7 +314,7 @@ class Batch:
                 if result is not tensor and result.device.type == "cuda":
                     # The cast or copy ran on this thread's stream: complete it for every
                     # stream.
-                    torch.cuda.current_stream(result.device).synchronize()
+                    complete(result.device)
             except BaseException as exc:  # noqa: BLE001 - out of memory while casting, ...
                 # These futures are out of `wanted` already: _fail would not reach them.
                 future.set_exception(exc)

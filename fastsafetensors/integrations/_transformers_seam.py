@@ -65,7 +65,7 @@ from ..lazy_tensor_factory import LazyTensor
 from . import _transformers_ahead as ahead
 from . import _transformers_mapping as mapping
 from . import human_size, major_version
-from ._transformers_batch import Batch, _Pending  # noqa: F401  (_Pending: for the tests)
+from ._transformers_batch import Batch, _Pending, complete  # noqa: F401  (_Pending: tests)
 
 logger = logging.getLogger("fastsafetensors.integrations.transformers")
 
@@ -245,7 +245,7 @@ def make_materializer(original: Callable[..., Any]) -> Callable[..., Any]:
                 # The copies are ordered on this pool thread's current stream only, and the
                 # caller's thread may use the tensor on another stream: wait for them here
                 # (the tail of this tensor's copies; the reads are done by now).
-                torch.cuda.current_stream(target).synchronize()
+                complete(target)
                 return result
         return original(tensor, device, dtype)
 
