@@ -302,7 +302,6 @@ class Batch:
 
     def _hand_over(self, tensor: Any, entries: list[tuple[Any, Future[Any]]]) -> None:
         """Complete the futures of one tensor, each with its own tensor in its dtype."""
-
         for i, (dtype, future) in enumerate(entries):
             try:
                 if dtype is not None and dtype != tensor.dtype:
