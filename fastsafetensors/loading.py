@@ -10,6 +10,7 @@ streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
@@ -187,26 +188,28 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     from .loader.stream import StreamOptions, stream_tensors
 
     calls = config.get("cuda_calls")
-    if calls == "ring" and not config.is_set("cuda_calls") and not cuda.ring_usable():
-        calls = "torch"   # the default, where the ring's C threads cannot run
-    sink = cuda.TorchCudaSink(device, blocking=config.get("event_wait") == "block",
-                              huge_pages=config.get("huge_pages") != "off",
-                              driver=calls == "driver", native=calls == "native",
-                              ring=calls == "ring")
-    mapped_readers = config.get("mapped_readers")
-    # C readers never wait for the GIL: more of them by default than of Python readers.
-    ring = getattr(sink, "ring", None) is not None and not mapped_readers
+    blocking = config.get("event_wait") == "block"
+    huge_pages = config.get("huge_pages") != "off"
     # Every option checked before the backend is chosen: GDS uses few of them, and a typo
     # must not pass silently there.
-    options = StreamOptions(threads=config.device_threads(threads, ring=ring),
+    options = StreamOptions(threads=config.device_threads(threads),
                             staging_bytes=config.get("staging_bytes", staging_bytes),
                             io=config.get("io", io), max_device_bytes=_budget(max_device_bytes),
-                            mapped_readers=mapped_readers,
+                            mapped_readers=config.get("mapped_readers"),
                             small_tensor_groups=config.get("small_tensor_groups") == "on",
                             switch_interval=config.get("switch_interval_us") / 1e6,
                             chunk_bytes=config.get("chunk_bytes"))
-    if select_backend(backend, device=device) == "gds":
+    gds = select_backend(backend, device=device) == "gds"
+    if not config.is_set("cuda_calls") and (gds or not cuda.ring_usable()):
+        calls = "torch"   # the default where the ring's C threads do not run (GDS reads alone)
+    sink = cuda.TorchCudaSink(device, blocking=blocking, huge_pages=huge_pages,
+                              driver=calls == "driver", native=calls == "native",
+                              ring=calls == "ring")
+    if gds:
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
+    if getattr(sink, "ring", None) is not None and not options.mapped_readers:
+        # C readers never wait for the GIL: more of them by default than of Python readers.
+        options = dataclasses.replace(options, threads=config.device_threads(threads, ring=True))
     return stream_tensors(files, sink, options)
 
 

@@ -563,6 +563,31 @@ def test_a_load_through_the_ring_takes_12_threads_unless_told_otherwise(monkeypa
                      (12, True)]
 
 
+def test_a_gds_load_neither_builds_nor_asks_for_the_ring(monkeypatch):
+    # GDS reads straight to the device: the default takes torch's calls there, without
+    # building ring.c to find out whether it could run; a mode asked for by name is kept.
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    from fastsafetensors import config
+    from fastsafetensors.loading import device_stream
+
+    made: list[bool] = []
+
+    def no_probe() -> bool:
+        raise AssertionError("the ring was probed for a GDS load")
+
+    monkeypatch.delenv("FASTSAFETENSORS_CUDA_CALLS", raising=False)
+    monkeypatch.setattr(cuda_module, "ring_usable", no_probe)
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, *, ring=False, **_:
+                        made.append(ring) or FakeSink())
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "gds")
+    monkeypatch.setattr(gds_module, "stream_gds", lambda files, sink, **_: iter(()))
+    device_stream([], "cuda:0")
+    with config.configure(cuda_calls="ring"):
+        device_stream([], "cuda:0")
+    assert made == [False, True]
+
+
 def test_where_the_ring_cannot_run_the_default_says_why_once_at_info(monkeypatch, caplog):
     import logging
 
