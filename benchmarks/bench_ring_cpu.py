@@ -11,6 +11,12 @@ each round times, interleaved, every mode alone and beside a thread doing a fixe
 pure-Python work (the engine's switch interval, 500 us, in both).
 
     python benchmarks/bench_ring_cpu.py --size-mb 800 --rounds 7
+
+``--work sorts`` makes the other thread sort a list of floats (``--steps`` / 10 of them) over
+and over until the load ends instead: each sort is one C call that keeps the GIL throughout
+(75-115 ms for 300,000 on the 2-core VM), as a long torch call or a C extension would; the
+Python around the ring waits for each. ``ring_few_slots`` against ``ring`` shows what the ring's
+slots for a whole load (``stream.RING_SLOTS``) change then.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +45,7 @@ from bench_beside_python import (  # noqa: E402
 from bench_engine_overhead import HostSink  # noqa: E402
 
 from fastsafetensors.format import TensorInfo  # noqa: E402
-from fastsafetensors.loader import cuda, driver, native, ring  # noqa: E402
+from fastsafetensors.loader import cuda, driver, native, ring, stream  # noqa: E402
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa: E402
 
 STAND_IN = Path(__file__).resolve().parent.parent / "tests" / "fake_libcuda.c"
@@ -133,18 +141,50 @@ def stand_in(folder: Path) -> Any:
 def load(path: str, mode: str, threads: int, staging: int, chunk: int = 0) -> float:
     options = StreamOptions(threads=threads, staging_bytes=staging, io="buffered",
                             switch_interval=500e-6, chunk_bytes=chunk)
-    t0 = time.perf_counter()
-    for _ in stream_tensors([(path, None, None)], StandInSink(mode), options):
-        pass
-    return time.perf_counter() - t0
+    # "ring_few_slots": the ring with only the slots its windows need (2 * windows + readers),
+    # as before stream.RING_SLOTS: the planner waits for reports once they are taken.
+    slots = stream.RING_SLOTS
+    if mode == "ring_few_slots":
+        mode, stream.RING_SLOTS = "ring", 0
+    try:
+        t0 = time.perf_counter()
+        for _ in stream_tensors([(path, None, None)], StandInSink(mode), options):
+            pass
+        return time.perf_counter() - t0
+    finally:
+        stream.RING_SLOTS = slots
+
+
+def beside_sorts(run: Callable[[], float], steps: int) -> tuple[float, float]:
+    """(``run()``'s seconds, 0) with another thread sorting ``steps // 10`` floats over and
+    over meanwhile: each sort keeps the GIL for all of its C call."""
+    import random
+
+    data = [random.random() for _ in range(steps // 10)]
+    stop = threading.Event()
+
+    def sorts() -> None:
+        while not stop.is_set():
+            sorted(data)
+
+    thread = threading.Thread(target=sorts)
+    thread.start()
+    try:
+        return run(), 0.0
+    finally:
+        stop.set()
+        thread.join()
 
 
 def main() -> None:
     ap = arguments(__doc__)
-    ap.add_argument("--modes", default="driver,native,ring")
+    ap.add_argument("--modes", default="driver,native,ring",
+                    help="of driver, native, ring, ring_few_slots")
     ap.add_argument("--chunk-mib", type=int, default=0,
                     help="chunk_bytes: the largest chunk, so the ring's windows (0: the share of "
                          "staging a buffer gets)")
+    ap.add_argument("--work", choices=("python", "sorts"), default="python",
+                    help="the other thread's work: pure Python, or sorts (long C calls)")
     args = ap.parse_args()
 
     folder = Path(args.dir or tempfile.gettempdir()) / "fastsafetensors-bench-ring"
@@ -165,14 +205,16 @@ def main() -> None:
         for mode in modes:
             rows.setdefault(f"{mode}, alone", []).append(
                 (load(path, mode, args.threads, staging, chunk), 0.0))
-            rows.setdefault(f"{mode}, beside Python", []).append(beside_work(
-                lambda: load(path, mode, args.threads, staging, chunk), args.steps))  # noqa: B023
+            run = lambda: load(path, mode, args.threads, staging, chunk)  # noqa: B023, E731
+            rows.setdefault(f"{mode}, beside {args.work}", []).append(
+                beside_sorts(run, args.steps) if args.work == "sorts"
+                else beside_work(run, args.steps))
     m = C.machine()
     print(f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {torch.__version__}")
     print(f"{nbytes / 1e9:.2f} GB warm, {args.threads} readers, {args.staging_mib} MiB of "
           f"staging, chunks of {args.chunk_mib or 'a buffer share of'} MiB, copies counted "
           f"and not done, {args.rounds} interleaved rounds, medians; "
-          f"the work alone: {alone_work * 1e3:.0f} ms")
+          f"the Python work alone: {alone_work * 1e3:.0f} ms")
     print_rows(rows, nbytes)
 
 

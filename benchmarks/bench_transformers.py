@@ -57,10 +57,11 @@ import _common as C  # noqa: E402
 #: ``-ring8`` the same in windows of 8 MiB (``chunk_bytes``); both the default since the
 #: eighteenth session, whose ``-torch`` is the default before (``cuda_calls="torch"``);
 #: ``-switch-off`` with ``switch_interval_us=0``, the interpreter's switch interval left as it
-#: is while the batch reads (``--modes``).
+#: is while the batch reads; ``-few-slots`` with the ring's slots as before the nineteenth
+#: session (``stream.RING_SLOTS = 0``: the planner waits for reports) (``--modes``).
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
-         "fastsafetensors-torch", "fastsafetensors-switch-off")
+         "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -78,6 +79,7 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
                               "loader_options": {"cuda_calls": "torch"}},
     "fastsafetensors-switch-off": {"loader": "fastsafetensors",
                                    "loader_options": {"switch_interval_us": 0}},
+    "fastsafetensors-few-slots": {"loader": "fastsafetensors"},
 }
 
 
@@ -120,6 +122,11 @@ def child(args: argparse.Namespace) -> None:
     from transformers.utils import logging as hf_logging
 
     import fastsafetensors.integrations.transformers  # noqa: F401  (installs the hook)
+
+    if args.mode == "fastsafetensors-few-slots":
+        from fastsafetensors.loader import stream
+
+        stream.RING_SLOTS = 0
 
     hf_logging.disable_progress_bar()
     # Our one INFO line per load says when its engine runs read and when transformers first
@@ -317,6 +324,9 @@ def main() -> None:
         if f"{cache}/fastsafetensors-switch-off" in summary:   # what the shorter interval saves
             summary[f"{cache}/speedup_switch_interval"] = (
                 summary[f"{cache}/fastsafetensors-switch-off"]["seconds"] / ours["seconds"])
+        if f"{cache}/fastsafetensors-few-slots" in summary:   # what the ring's slots save
+            summary[f"{cache}/speedup_ring_slots"] = (
+                summary[f"{cache}/fastsafetensors-few-slots"]["seconds"] / ours["seconds"])
     if all(f"{c}/speedup" in summary for c in ("warm", "floor")):
         stock_bytes = summary["warm/stock"]["seconds"] - summary["floor/stock"]["seconds"]
         ours_bytes = (summary["warm/fastsafetensors"]["seconds"]

@@ -127,13 +127,17 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
-# torch: cuda_calls="torch", the default before the eighteenth session (the ring's 12 C readers
-# since). (on-demand, read_ahead="off", was measured in H200 runs 3 and 4; switch-off, the
-# interpreter's switch interval left alone, in run 6: 0.98x.)
+# few-slots: the ring with the slots of H200 runs 6 and 7 (twice its windows' chunks and one
+# per reader, so the planner waits for the reporter, which needs the GIL beside transformers'
+# thread); the default since the nineteenth session has slots for a whole load
+# (stream.RING_SLOTS). (torch's calls,
+# cuda_calls="torch", were measured in H200 runs 6 and 7: 0.80-0.82 s; on-demand,
+# read_ahead="off", in runs 3 and 4; switch-off, the interpreter's switch interval left alone,
+# in run 6: 0.98x.)
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 105 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 85 --run-timeout 30 --cache warm \
-    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-torch}" \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-few-slots}" \
     --json "$OUT/bench-transformers.json"
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under

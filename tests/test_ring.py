@@ -125,10 +125,21 @@ def test_windows_are_read_into_again_only_after_their_copies(calls, tmp_path, th
     assert made.submitted > 2 * made.windows   # every window reused
 
 
-def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path):
+def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path,
+                                                                   monkeypatch):
     # 31 windows: the planner waits for 7 free slots at a time, the reporter for 7 chunks
     # ready, so that each wake (each needs the GIL back) moves 7 chunks. With copies run late
     # and far more chunks than the ring holds, every tensor still arrives whole.
+    from fastsafetensors.loader import stream
+
+    monkeypatch.setattr(stream, "RING_SLOTS", 0)   # the slots the windows need, no more
+    real_next = ring.Ring.next
+
+    def slow_next(self: ring.Ring) -> Any:
+        time.sleep(0.02)   # a reporter slower than the planner: the slots fill up
+        return real_next(self)
+
+    monkeypatch.setattr(ring.Ring, "next", slow_next)
     g = torch.Generator().manual_seed(4)
     path = tmp_path / "a.safetensors"
     save_file({f"w{i}": torch.randn(12000 + 5 * i, generator=g) for i in range(40)}, str(path))
@@ -137,7 +148,52 @@ def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path
     assert_same(load([path], sink, staging_bytes=48 * 16384, chunk_bytes=16384), [path])
     (made,) = sink.rings
     assert (made.windows, made.batch, made.capacity) == (31, 7, 65)
-    assert made.submitted > 3 * made.capacity   # the planner waited for room many times
+    assert made.submitted > 3 * made.capacity
+    assert made.room_waits > 0   # the planner waited for room
+
+
+def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_path,
+                                                                      monkeypatch):
+    # The ring has a slot for every chunk of the load (RING_SLOTS): while the reporter cannot
+    # take a report (here it waits until the planner has submitted the last chunk, as when
+    # another thread keeps the GIL), the C threads still read and copy every chunk, in windows
+    # reused many times.
+    g = torch.Generator().manual_seed(5)
+    path = tmp_path / "a.safetensors"
+    tensors = {f"w{i}": torch.randn(12000 + 5 * i, generator=g) for i in range(40)}
+    save_file(tensors, str(path))
+    destinations: list[torch.Tensor] = []
+    planned = threading.Event()
+    real_end, real_next = ring.Ring.end, ring.Ring.next
+
+    def end(self: ring.Ring) -> None:
+        planned.set()
+        real_end(self)
+
+    def late_next(self: ring.Ring) -> Any:
+        assert planned.wait(10)
+        # Every chunk was read and copied before the first report is taken.
+        deadline = time.monotonic() + 10
+        while not all(torch.equal(d, tensors[n]) for n, d in destinations):
+            assert time.monotonic() < deadline, "the ring's threads stopped without reports"
+            time.sleep(0.01)
+        return real_next(self)
+
+    monkeypatch.setattr(ring.Ring, "end", end)
+    monkeypatch.setattr(ring.Ring, "next", late_next)
+    sink = RingHostSink()
+    real_alloc = sink.alloc
+
+    def alloc(info: Any) -> Any:
+        flat = real_alloc(info)
+        destinations.append((info.name, flat.view(torch.float32)))
+        return flat
+
+    sink.alloc = alloc   # type: ignore[method-assign]
+    assert_same(load([path], sink, staging_bytes=48 * 16384, chunk_bytes=16384), [path])
+    (made,) = sink.rings
+    assert made.submitted > 3 * made.windows and made.capacity >= made.submitted
+    assert made.room_waits == 0
 
 
 def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
@@ -224,9 +280,12 @@ def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path):
     assert calls.events_live == events
 
 
-def test_a_consumer_that_stops_early_ends_the_ring(calls, tmp_path):
+def test_a_consumer_that_stops_early_ends_the_ring(calls, tmp_path, monkeypatch):
     # Many more chunks than the ring holds, the consumer gone after the first tensor: the
     # planner waiting for room and the ring's threads end, the files close.
+    from fastsafetensors.loader import stream
+
+    monkeypatch.setattr(stream, "RING_SLOTS", 0)
     path = tmp_path / "a.safetensors"
     save_file({f"w{i}": torch.full((4096,), float(i)) for i in range(64)}, str(path))
     calls.set("copy_ms", 2)

@@ -121,6 +121,7 @@ class Ring:
         self._inside = 0              # submit/next calls inside the C code
         self._ended = self._cancelled = self._closed = False
         self.submitted = 0
+        self.room_waits = 0           # submits that found every slot taken and waited
 
     @property
     def nbytes(self) -> int:
@@ -190,6 +191,7 @@ class Ring:
                     dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0])
             index = self._held.fst_ring_submit(*args, 0)   # keeps the GIL: never waits
             if index == -4:   # full: wait for room without the GIL
+                self.room_waits += 1
                 index = self._lib.fst_ring_submit(*args, 1)
         finally:
             self._leave()

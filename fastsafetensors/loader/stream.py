@@ -65,6 +65,15 @@ Source = tuple[str, "Header | None", "list[str] | None"]
 #: How often an idle worker looks at ``cancelled`` (seconds). Only a fallback: a load that ends
 #: hands each worker a stop marker.
 WORKER_POLL = 0.1
+#: Chunks the planner may submit to the ring (``cuda_calls="ring"``) before their reports are
+#: taken, when more than its windows need: ring.c's slots, some 100 bytes each; 4096 chunks of
+#: 8 MiB are 32 GiB. Once submitted, a chunk is read and its copies queued by C threads alone;
+#: only taking its report needs Python's GIL. With a few slots over the windows' count, a
+#: reporter kept from the GIL (by transformers building the model while a batch reads ahead)
+#: holds up the reads once the slots are full: on the H200 machine, with 76 slots, they moved
+#: 14.9 GB/s beside transformers and 36.9 alone (eighteenth session; not yet timed with this).
+#: A memory budget still holds the planner back (it allocates each chunk's tensors first).
+RING_SLOTS = 4096
 
 
 class PhaseStats:
@@ -418,7 +427,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # The planner and the reporter wake for a quarter of the windows' chunks at once: on
         # the H200 machine a batch read beside transformers' work moved 15 GB/s, alone 37.
         ring = make_ring(readers=options.threads, windows=windows, stride=stride,
-                         capacity=2 * windows + options.threads, batch=max(1, windows // 4))
+                         capacity=max(2 * windows + options.threads, RING_SLOTS),
+                         batch=max(1, windows // 4))
     # Chunks submitted to the ring and not reported yet: (chunk, where its read begins, direct)
     inflight: dict[int, tuple[_Chunk, int, bool]] = {}
 
