@@ -15,8 +15,9 @@ pure-Python work (the engine's switch interval, 500 us, in both).
 ``--work sorts`` makes the other thread sort a list of floats (``--steps`` / 10 of them) over
 and over until the load ends instead: each sort is one C call that keeps the GIL throughout
 (75-115 ms for 300,000 on the 2-core VM), as a long torch call or a C extension would; the
-Python around the ring waits for each. ``ring_few_slots`` against ``ring`` shows what the ring's
-slots for a whole load (``stream.RING_SLOTS``) change then.
+Python around the ring waits for each. ``ring_few_slots`` (as ``iter_tensors`` runs the ring)
+against ``ring`` (as ``load()`` does) shows what the ring's slots for a whole load
+(``stream.RING_SLOTS``) change then.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from bench_beside_python import (  # noqa: E402
 from bench_engine_overhead import HostSink  # noqa: E402
 
 from fastsafetensors.format import TensorInfo  # noqa: E402
-from fastsafetensors.loader import cuda, driver, native, ring, stream  # noqa: E402
+from fastsafetensors.loader import cuda, driver, native, ring  # noqa: E402
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa: E402
 
 STAND_IN = Path(__file__).resolve().parent.parent / "tests" / "fake_libcuda.c"
@@ -139,20 +140,18 @@ def stand_in(folder: Path) -> Any:
 
 
 def load(path: str, mode: str, threads: int, staging: int, chunk: int = 0) -> float:
+    # "ring" as load() and transformers' batches run it (keeps_all: a slot per chunk of the
+    # load, stream.RING_SLOTS); "ring_few_slots" as iter_tensors does, with the slots its
+    # windows need (2 * windows + readers): the planner waits for reports once they are taken.
     options = StreamOptions(threads=threads, staging_bytes=staging, io="buffered",
-                            switch_interval=500e-6, chunk_bytes=chunk)
-    # "ring_few_slots": the ring with only the slots its windows need (2 * windows + readers),
-    # as before stream.RING_SLOTS: the planner waits for reports once they are taken.
-    slots = stream.RING_SLOTS
+                            switch_interval=500e-6, chunk_bytes=chunk,
+                            keeps_all=mode == "ring")
     if mode == "ring_few_slots":
-        mode, stream.RING_SLOTS = "ring", 0
-    try:
-        t0 = time.perf_counter()
-        for _ in stream_tensors([(path, None, None)], StandInSink(mode), options):
-            pass
-        return time.perf_counter() - t0
-    finally:
-        stream.RING_SLOTS = slots
+        mode = "ring"
+    t0 = time.perf_counter()
+    for _ in stream_tensors([(path, None, None)], StandInSink(mode), options):
+        pass
+    return time.perf_counter() - t0
 
 
 def beside_sorts(run: Callable[[], float], steps: int) -> tuple[float, float]:

@@ -113,6 +113,18 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     ...         "model.safetensors", device="cuda:0"):
     ...     model.load_param(name, t)
     """
+    return _checked(False, source, device=device, dtype=dtype, framework=framework,
+                    tensors=tensors, threads=threads, io=io, backend=backend,
+                    staging_bytes=staging_bytes, max_device_bytes=max_device_bytes,
+                    **hub_options)
+
+
+def _checked(keeps_all: bool, source: Any, /, *, device: str = "cpu", dtype: Any = None,
+             framework: str = "pt", tensors: Sequence[str] | None = None,
+             threads: int | None = None, io: str | None = None, backend: str | None = None,
+             staging_bytes: int | None = None, max_device_bytes: int | None = None,
+             **hub_options: Any) -> Generator[tuple[str, Any], None, None]:
+    """iter_tensors, and for a caller that keeps every tensor (load()) with ``keeps_all``."""
     # Checked when called, not at the first next(): a missing GPU or a typo shows where it is.
     fw = get_framework(framework)
     target = resolve_device(device, framework)
@@ -122,20 +134,21 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     _budget(max_device_bytes)
     return _iter_tensors(source, fw, target, dtype, tensors, hub_options, threads=threads,
                          io=io, backend=backend, staging_bytes=staging_bytes,
-                         max_device_bytes=max_device_bytes)
+                         max_device_bytes=max_device_bytes, keeps_all=keeps_all)
 
 
 def _iter_tensors(source: Any, fw: Any, target: str, dtype: Any,
                   tensors: Sequence[str] | None, hub_options: dict[str, Any], *,
                   threads: int | None, io: str | None, backend: str | None,
-                  staging_bytes: int | None, max_device_bytes: int | None
-                  ) -> Generator[tuple[str, Any], None, None]:
+                  staging_bytes: int | None, max_device_bytes: int | None,
+                  keeps_all: bool = False) -> Generator[tuple[str, Any], None, None]:
     files = sources_of(source, tensors=tensors, **hub_options)
     if target == "cpu":
         stream = _host_stream(files, fw, threads=threads, io=io)
     else:
         stream = device_stream(files, target, threads=threads, io=io, backend=backend,
-                               staging_bytes=staging_bytes, max_device_bytes=max_device_bytes)
+                               staging_bytes=staging_bytes, max_device_bytes=max_device_bytes,
+                               keeps_all=keeps_all)
     try:
         for name, tensor in stream:
             yield name, tensor if dtype is None else fw.convert(tensor, device=None, dtype=dtype)
@@ -161,7 +174,7 @@ def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
     # repo id, whose load may wait for downloads, too long to pause the collector.
     hub = isinstance(source, (str, os.PathLike)) and not os.path.exists(source)
     with contextlib.nullcontext() if hub else paused():
-        return dict(iter_tensors(source, device=device, dtype=dtype, **options))
+        return dict(_checked(True, source, device=device, dtype=dtype, **options))
 
 
 def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,
@@ -180,9 +193,11 @@ def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,
 def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: str, *,
                   threads: int | None = None, io: str | None = None,
                   backend: str | None = None, staging_bytes: int | None = None,
-                  max_device_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
+                  max_device_bytes: int | None = None, keeps_all: bool = False
+                  ) -> Iterator[tuple[str, Any]]:
     """``(path, header or None, names or None)`` sources to a resolved CUDA ``device``, with
-    the engine (or GDS); options not given come from the configuration."""
+    the engine (or GDS); options not given come from the configuration. ``keeps_all``: the
+    caller keeps every tensor until the load ends (StreamOptions.keeps_all)."""
     from .loader import cuda
     from .loader.gds import select_backend, stream_gds
     from .loader.stream import StreamOptions, stream_tensors
@@ -198,7 +213,7 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
                             mapped_readers=config.get("mapped_readers"),
                             small_tensor_groups=config.get("small_tensor_groups") == "on",
                             switch_interval=config.get("switch_interval_us") / 1e6,
-                            chunk_bytes=config.get("chunk_bytes"))
+                            chunk_bytes=config.get("chunk_bytes"), keeps_all=keeps_all)
     gds = select_backend(backend, device=device) == "gds"
     if not config.is_set("cuda_calls") and (gds or not cuda.ring_usable()):
         calls = "torch"   # the default where the ring's C threads do not run (GDS reads alone)

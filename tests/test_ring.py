@@ -130,9 +130,7 @@ def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path
     # 31 windows: the planner waits for 7 free slots at a time, the reporter for 7 chunks
     # ready, so that each wake (each needs the GIL back) moves 7 chunks. With copies run late
     # and far more chunks than the ring holds, every tensor still arrives whole.
-    from fastsafetensors.loader import stream
-
-    monkeypatch.setattr(stream, "RING_SLOTS", 0)   # the slots the windows need, no more
+    # Not keeps_all: the slots the windows need, no more.
     real_next = ring.Ring.next
 
     def slow_next(self: ring.Ring) -> Any:
@@ -154,10 +152,10 @@ def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path
 
 def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_path,
                                                                       monkeypatch):
-    # The ring has a slot for every chunk of the load (RING_SLOTS): while the reporter cannot
-    # take a report (here it waits until the planner has submitted the last chunk, as when
-    # another thread keeps the GIL), the C threads still read and copy every chunk, in windows
-    # reused many times.
+    # A caller that keeps every tensor (load(), a transformers batch) gets a ring with a slot
+    # for every chunk of the load (RING_SLOTS): while the reporter cannot take a report (here
+    # it waits until the planner has submitted the last chunk, as when another thread keeps
+    # the GIL), the C threads still read and copy every chunk, in windows reused many times.
     g = torch.Generator().manual_seed(5)
     path = tmp_path / "a.safetensors"
     tensors = {f"w{i}": torch.randn(12000 + 5 * i, generator=g) for i in range(40)}
@@ -190,10 +188,46 @@ def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_
         return flat
 
     sink.alloc = alloc   # type: ignore[method-assign]
-    assert_same(load([path], sink, staging_bytes=48 * 16384, chunk_bytes=16384), [path])
+    assert_same(load([path], sink, staging_bytes=48 * 16384, chunk_bytes=16384,
+                     keeps_all=True), [path])
     (made,) = sink.rings
     assert made.submitted > 3 * made.windows and made.capacity >= made.submitted
     assert made.room_waits == 0
+
+
+def test_a_planner_ahead_of_the_reports_keeps_few_files_open(calls, tmp_path, monkeypatch):
+    # A file is closed once its last chunk is reported: with the reports held back, a planner
+    # with slots for the whole load would open every file of it, and hundreds of shards would
+    # run out of descriptors. It opens OPEN_FILES at most, then waits for one to close.
+    from fastsafetensors.loader import stream
+
+    monkeypatch.setattr(stream, "OPEN_FILES", 4)
+    paths = []
+    for i in range(30):
+        path = tmp_path / f"s{i:02d}.safetensors"
+        save_file({f"t{i}": torch.full((1024,), float(i))}, str(path))
+        paths.append(path)
+    opened: list[Any] = []
+    most = [0]
+    real_open, real_next = stream._open, ring.Ring.next
+
+    def counting_open(*args: Any, **kwargs: Any) -> Any:
+        f = real_open(*args, **kwargs)
+        opened.append(f)
+        most[0] = max(most[0], sum(g.fd >= 0 for g in opened))
+        return f
+
+    def late_next(self: ring.Ring) -> Any:
+        if self.submitted < 8:
+            time.sleep(0.3)   # reports held back: the planner runs ahead meanwhile
+        return real_next(self)
+
+    monkeypatch.setattr(stream, "_open", counting_open)
+    monkeypatch.setattr(ring.Ring, "next", late_next)
+    sink = RingHostSink()
+    assert_same(load(paths, sink, keeps_all=True), paths)
+    assert len(opened) == 30 and 1 < most[0] <= 4
+    assert all(f.fd == -1 and f.gate is None for f in opened)
 
 
 def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
@@ -280,12 +314,9 @@ def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path):
     assert calls.events_live == events
 
 
-def test_a_consumer_that_stops_early_ends_the_ring(calls, tmp_path, monkeypatch):
+def test_a_consumer_that_stops_early_ends_the_ring(calls, tmp_path):
     # Many more chunks than the ring holds, the consumer gone after the first tensor: the
     # planner waiting for room and the ring's threads end, the files close.
-    from fastsafetensors.loader import stream
-
-    monkeypatch.setattr(stream, "RING_SLOTS", 0)
     path = tmp_path / "a.safetensors"
     save_file({f"w{i}": torch.full((4096,), float(i)) for i in range(64)}, str(path))
     calls.set("copy_ms", 2)

@@ -374,6 +374,33 @@ def test_closing_iter_tensors_joins_the_engine_even_if_its_stream_is_still_refer
     assert held[0].gi_frame is None   # closed, not merely dropped
 
 
+def test_only_a_caller_that_keeps_every_tensor_lets_the_ring_run_ahead(checkpoint,
+                                                                        monkeypatch):
+    # load() keeps every tensor: the ring may plan the whole load ahead of its reports
+    # (stream.RING_SLOTS). iter_tensors' consumer may drop each tensor as it comes: tensors
+    # allocated ahead of their reads would raise its peak.
+    import fastsafetensors
+    import fastsafetensors.loading as loading
+
+    asked = []
+
+    def device_stream(files, device, **options):
+        asked.append(options["keeps_all"])
+        return stream_tensors(files, FakeSink(delay=0),
+                              StreamOptions(threads=2, staging_bytes=8 * 16384))
+
+    monkeypatch.setattr(loading, "resolve_device", lambda device, framework: "cuda:0")
+    monkeypatch.setattr(loading, "device_stream", device_stream)
+    expected = _expected(checkpoint)
+    loaded = fastsafetensors.load(checkpoint, device="cuda:0")
+    assert asked == [True] and loaded.keys() == expected.keys()
+    assert dict(fastsafetensors.iter_tensors(checkpoint, device="cuda:0")).keys() == \
+        expected.keys()
+    assert asked == [True, False]
+    with pytest.raises(TypeError, match="keeps_all"):   # not an option of iter_tensors
+        dict(fastsafetensors.iter_tensors(checkpoint, device="cuda:0", keeps_all=True))
+
+
 @pytest.mark.parametrize("stop_early", [False, True])
 def test_workers_leave_at_once_when_a_load_ends(checkpoint, monkeypatch, stop_early):
     # Per-tensor reads to a device run one load per tensor: a worker that noticed the end only

@@ -433,6 +433,37 @@ def test_a_cast_that_fails_fails_its_future(tmp_path: Path) -> None:
     load.close()
 
 
+def test_a_batch_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The batch holds each tensor until transformers takes it: the engine may allocate them
+    # all ahead of their reads (StreamOptions.keeps_all), and its ring need not wait for its
+    # reports, which need the GIL that transformers' thread holds while it builds the model.
+    from safetensors.torch import load_file
+
+    import fastsafetensors.loading as loading
+
+    asked: list[tuple[str, dict[str, Any]]] = []
+
+    def device_stream(sources: list[Any], device: str, **options: Any) -> Iterator[Any]:
+        asked.append((device, options))
+        for source, _, names in sources:
+            tensors = load_file(source)
+            for name in sorted(names, key=lambda n: list(tensors).index(n)):
+                yield name, tensors[name]
+
+    monkeypatch.setattr(loading, "device_stream", device_stream)
+    monkeypatch.setattr(batching, "complete", lambda device: None)   # no CUDA stream here
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cuda:0")
+    batch.read_ahead(handles)
+    read_through(batch)
+    assert asked == [("cuda:0", {"keeps_all": True})]
+    future = batch.add(handles[1].get_slice("w"), None)
+    assert future is not None and future.result(timeout=5).tolist() == [1.0] * 4
+    load.close()
+
+
 def test_a_file_replaced_at_its_path_is_not_served(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

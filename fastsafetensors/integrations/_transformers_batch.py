@@ -269,7 +269,8 @@ class Batch:
         order = [files[source] for source, _, _ in sources]
         current = 0
         if cuda:
-            stream = device_stream(sources, self.device)
+            # Every tensor is held until transformers takes it, however fast it asks.
+            stream = device_stream(sources, self.device, keeps_all=True)
         else:
             stream = _host_stream(sources, files[sources[0][0]][0]._framework, threads=None,
                                   io=None)

@@ -199,6 +199,15 @@ static void *copier(void *arg) {
             step = queue_copies(r, k, s, &code);
         else
             code = s->code;
+        /* The pieces are not needed once queued: freed now, not when the slot is reused, which
+         * with a slot per chunk of the load (stream.RING_SLOTS) would be at the end. No other
+         * thread touches a slot between its read and its report. */
+        free(s->dst);
+        free(s->src);
+        free(s->len);
+        s->dst = NULL;
+        s->src = s->len = NULL;
+        s->count = 0;
         double t2 = now();
         /* The window of the chunk `lag` behind this one is free once its copies ran. */
         int64_t behind = k - r->lag;
@@ -414,7 +423,9 @@ int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64
     *count = 0;
     *step = OK;
     pthread_mutex_lock(&r->lock);
-    while (!r->cancelled && !r->copier_done && r->queued - r->reported < wanted(r))
+    /* At most `most` at once: waiting for more would hold back the first ones. */
+    while (!r->cancelled && !r->copier_done &&
+           r->queued - r->reported < (wanted(r) < most ? wanted(r) : most))
         pthread_cond_wait(&r->copied, &r->lock);
     if (!r->cancelled && r->reported < r->queued) {
         *first = r->reported;

@@ -262,6 +262,7 @@ class Ring:
             if handle is not None and not self._closed:
                 self._lib.fst_ring_cancel(handle)
             self._closed = True
+            self._cond.notify_all()   # a submit waiting for the ring to open returns now
             while self._inside:
                 self._cond.wait(0.1)
         if handle is None:

@@ -66,14 +66,21 @@ Source = tuple[str, "Header | None", "list[str] | None"]
 #: hands each worker a stop marker.
 WORKER_POLL = 0.1
 #: Chunks the planner may submit to the ring (``cuda_calls="ring"``) before their reports are
-#: taken, when more than its windows need: ring.c's slots, some 100 bytes each; 4096 chunks of
-#: 8 MiB are 32 GiB. Once submitted, a chunk is read and its copies queued by C threads alone;
-#: only taking its report needs Python's GIL. With a few slots over the windows' count, a
-#: reporter kept from the GIL (by transformers building the model while a batch reads ahead)
-#: holds up the reads once the slots are full: on the H200 machine, with 76 slots, they moved
-#: 14.9 GB/s beside transformers and 36.9 alone (eighteenth session; not yet timed with this).
-#: A memory budget still holds the planner back (it allocates each chunk's tensors first).
+#: taken, for a load whose caller keeps every tensor (``StreamOptions.keeps_all``): ring.c's
+#: slots, some 100 bytes each; 4096 chunks of 8 MiB are 32 GiB. Once submitted, a chunk is read
+#: and its copies queued by C threads alone; only taking its report needs Python's GIL. With a
+#: few slots over the windows' count, a reporter kept from the GIL (by transformers building
+#: the model while a batch reads ahead) holds up the reads once the slots are full: on the H200
+#: machine, with 76 slots, they moved 14.9 GB/s beside transformers and 36.9 alone (eighteenth
+#: session; not yet timed with this). The planner allocates each chunk's tensors before it
+#: submits it, so only a caller that keeps them all gets this: for the others the tensors
+#: allocated ahead of the reads stay a few windows' worth. A memory budget still holds the
+#: planner back.
 RING_SLOTS = 4096
+#: Files the planner keeps open, read or not, before it waits for one to be done: a file is
+#: closed once its last chunk is reported, and with a reporter kept from the GIL a load of
+#: hundreds of small files could otherwise run out of descriptors (two a file with O_DIRECT).
+OPEN_FILES = 64
 
 
 class PhaseStats:
@@ -212,6 +219,10 @@ class StreamOptions:
     #: The largest chunk (one read, one staging buffer, one ring window), if smaller than
     #: the share of staging_bytes a buffer gets; 0: that share.
     chunk_bytes: int = 0
+    #: The caller keeps every tensor until the load ends (``load()``, a transformers batch):
+    #: allocating them all ahead of their reads costs it nothing, so the ring may take the
+    #: whole load at once (RING_SLOTS).
+    keeps_all: bool = False
 
     @property
     def buffer_bytes(self) -> int:
@@ -306,6 +317,8 @@ class _File:
     # done, since copies out of it may still run after the last chunk was taken.
     mapping: int | None = None
     mapped: bool = False          # mapped readers may copy from it
+    # The planner's bound on open files (OPEN_FILES), released once when the file is shut.
+    gate: threading.Semaphore | None = field(default=None, repr=False)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -427,10 +440,12 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         # The planner and the reporter wake for a quarter of the windows' chunks at once: on
         # the H200 machine a batch read beside transformers' work moved 15 GB/s, alone 37.
         ring = make_ring(readers=options.threads, windows=windows, stride=stride,
-                         capacity=max(2 * windows + options.threads, RING_SLOTS),
+                         capacity=max(2 * windows + options.threads,
+                                      RING_SLOTS if options.keeps_all else 0),
                          batch=max(1, windows // 4))
     # Chunks submitted to the ring and not reported yet: (chunk, where its read begins, direct)
     inflight: dict[int, tuple[_Chunk, int, bool]] = {}
+    open_files = threading.Semaphore(OPEN_FILES)   # released as each file is shut
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -456,8 +471,18 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if cancelled.is_set():
                     break
                 t0 = time.perf_counter()
-                f = _open(path, header, policy, names, mapped)
-                PHASES.add({"planner: open files": time.perf_counter() - t0})
+                while not open_files.acquire(timeout=WORKER_POLL):
+                    if cancelled.is_set():
+                        return
+                t1 = time.perf_counter()
+                try:
+                    f = _open(path, header, policy, names, mapped)
+                except BaseException:
+                    open_files.release()
+                    raise
+                f.gate = open_files
+                PHASES.add({"planner: wait for a file to close": t1 - t0,
+                            "planner: open files": time.perf_counter() - t1})
                 files.append(f)
                 _plan_file(f, sink, options, budget, hand, ready, cancelled, completion)
                 _file_done(f, planned=True)
@@ -875,9 +900,13 @@ def _shut(f: _File) -> None:
     """Close the file's descriptors (the caller holds ``f.lock``); idempotent, even when a
     close is interrupted (the fields are cleared first: a retry must not close numbers that
     another file may have been given since)."""
-    fds = f.fd, f.direct_fd
-    f.fd, f.direct_fd = -1, None
-    close_fds(*fds)
+    fds, gate = (f.fd, f.direct_fd), f.gate
+    f.fd, f.direct_fd, f.gate = -1, None, None
+    try:
+        close_fds(*fds)
+    finally:
+        if gate is not None:
+            gate.release()   # the planner may open another file
 
 
 def _file_done(f: _File, *, planned: bool = False) -> None:
