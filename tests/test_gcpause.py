@@ -84,11 +84,11 @@ def test_a_hub_repo_id_loads_without_pausing(monkeypatch, many):
 
     seen: list[bool] = []
 
-    def recorded(source: Any, **options: Any) -> Iterator[tuple[str, Any]]:
+    def recorded(keeps_all: bool, source: Any, **options: Any) -> Iterator[tuple[str, Any]]:
         seen.append(gc.isenabled())
         return iter([])
 
-    monkeypatch.setattr(loading, "iter_tensors", recorded)
+    monkeypatch.setattr(loading, "_checked", recorded)
     assert fastsafetensors.load("org/model") == {}
     assert fastsafetensors.load(many) == {}   # a local file: paused
     assert seen == [True, False]

@@ -75,7 +75,8 @@ WORKER_POLL = 0.1
 #: session; not yet timed with this). The planner allocates each chunk's tensors before it
 #: submits it, so only a caller that keeps them all gets this: for the others the tensors
 #: allocated ahead of the reads stay a few windows' worth. A memory budget still holds the
-#: planner back.
+#: planner back. io="auto" looks up a chunk's page-cache residency when the chunk is submitted,
+#: so up to a whole load before its read: pages evicted or cached meanwhile only cost speed.
 RING_SLOTS = 4096
 #: Files the planner keeps open, read or not, before it waits for one to be done: a file is
 #: closed once its last chunk is reported, and with a reporter kept from the GIL a load of
