@@ -401,6 +401,92 @@ def test_only_a_caller_that_keeps_every_tensor_lets_the_ring_run_ahead(checkpoin
         dict(fastsafetensors.iter_tensors(checkpoint, device="cuda:0", keeps_all=True))
 
 
+class ReservingSink(FakeSink):
+    def __init__(self) -> None:
+        super().__init__(delay=0)
+        self.reserved: list[tuple[int, int]] = []   # (bytes, allocations made before)
+
+    def reserve(self, nbytes: int) -> None:
+        self.reserved.append((nbytes, self.allocations))
+
+
+@pytest.mark.parametrize("how", ["keeps all", "streams", "budget"])
+def test_a_load_that_keeps_every_tensor_reserves_each_files_memory_first(checkpoint, how):
+    # One reservation per file, before its first tensor is allocated, of what its tensors take
+    # (device_bytes each: 512-byte granules); not for a consumer that may drop each tensor, nor
+    # under a memory budget, where memory held at once is what the caller bounds.
+    from fastsafetensors.format import read_header
+    from fastsafetensors.loader.stream import device_bytes
+
+    sink = ReservingSink()
+    options = StreamOptions(threads=2, staging_bytes=8 * 16384, keeps_all=how != "streams",
+                            max_device_bytes=1 << 30 if how == "budget" else None)
+    got = dict(stream_tensors([(p, None, None) for p in checkpoint], sink, options))
+    expected = _expected(checkpoint)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    if how != "keeps all":
+        assert sink.reserved == []
+        return
+    sizes = [sum(device_bytes(i.nbytes) for i in read_header(p).tensors.values())
+             for p in checkpoint]
+    counts = [sum(i.nbytes > 0 for i in read_header(p).tensors.values())   # allocated ones
+              for p in checkpoint]
+    assert sink.reserved == [(sizes[i], sum(counts[:i])) for i in range(len(checkpoint))]
+
+
+@pytest.mark.parametrize(("nbytes", "held", "conf", "reserved"), [
+    (128 << 20, 0, None, True),
+    (128 << 20, 127 << 20, None, True),
+    (128 << 20, 128 << 20, None, False),          # the allocator holds that much unused
+    (32 << 20, 0, None, False),                   # under RESERVE_MIN
+    (128 << 20, 0, "max_split_size_mb:64", False),   # would not cut tensors from the block
+])
+def test_the_cuda_sink_reserves_a_files_memory_only_where_it_helps(monkeypatch, nbytes, held,
+                                                                   conf, reserved):
+    # TorchCudaSink.reserve on the CPU, torch.cuda's allocator calls stood in for.
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    asked: list[int] = []
+    nothing = torch.empty(0)
+
+    def empty(n: int, **kwargs: Any) -> torch.Tensor:
+        asked.append(n)
+        return nothing
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    if conf:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: (1 << 30) + held)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    sink = object.__new__(TorchCudaSink)   # no CUDA here
+    sink.device, sink._entered = "cuda:0", threading.local()
+    sink._entered.yes = True
+    monkeypatch.setattr(torch, "empty", empty)
+    sink.reserve(nbytes)
+    assert asked == ([nbytes] if reserved else [])
+
+
+def test_a_reservation_the_device_cannot_hold_is_left_out(monkeypatch):
+    from fastsafetensors.loader.cuda import TorchCudaSink
+
+    def empty(n: int, **kwargs: Any) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    sink = object.__new__(TorchCudaSink)
+    sink.device, sink._entered = "cuda:0", threading.local()
+    sink._entered.yes = True
+    monkeypatch.setattr(torch, "empty", empty)
+    sink.reserve(1 << 30)   # no error: the tensors are then allocated one by one
+
+
 @pytest.mark.parametrize("stop_early", [False, True])
 def test_workers_leave_at_once_when_a_load_ends(checkpoint, monkeypatch, stop_early):
     # Per-tensor reads to a device run one load per tensor: a worker that noticed the end only

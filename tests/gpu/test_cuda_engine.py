@@ -483,6 +483,35 @@ def test_peak_device_memory_is_tensors_plus_slack(tmp_path):
     assert peak <= nbytes + 256 * 2**20
 
 
+def test_a_whole_load_asks_the_driver_for_each_files_memory_at_once(tmp_path):
+    # load() keeps every tensor: each file's memory is allocated at once and freed before its
+    # tensors are cut from it (TorchCudaSink.reserve), one driver allocation a file rather than
+    # one a tensor. iter_tensors, whose consumer may drop each tensor, allocates one by one.
+    paths = []
+    for f in range(2):
+        path = tmp_path / f"part{f}.safetensors"
+        save_file({f"f{f}.w{i}": torch.randn(2048, 2048) for i in range(8)}, str(path))  # 128 MiB
+        paths.append(str(path))
+    expected = {k: v for p in paths for k, v in st_load_file(p).items()}
+
+    def segments() -> int:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_stats()["segment.large_pool.allocated"]
+
+    torch.cuda.empty_cache()
+    before = segments()
+    got = fastsafetensors.load(paths, device="cuda:0")
+    whole = segments() - before
+    assert all(torch.equal(got[k].cpu(), v) for k, v in expected.items())
+    del got
+    torch.cuda.empty_cache()
+    before = segments()
+    streamed = dict(fastsafetensors.iter_tensors(paths, device="cuda:0"))
+    one_by_one = segments() - before
+    assert all(torch.equal(streamed[k].cpu(), v) for k, v in expected.items())
+    assert whole <= 2 < len(expected) <= one_by_one
+
+
 def test_budget_bounds_iter_tensors(tmp_path):
     tensors = {f"w{i}": torch.randn(1024, 1024) for i in range(16)}  # 4 MiB each
     path = tmp_path / "budget.safetensors"
