@@ -414,11 +414,12 @@ class SafeTensorsFileLoader:
 
     def _read_all(self, paths: list[str], names: list[str] | None) -> dict[str, Any]:
         if self.device != "cpu":
-            from .loading import iter_tensors
+            from .loading import _checked
 
-            return dict(iter_tensors(paths, device=self.device, tensors=names,
-                                     threads=self.max_threads,
-                                     backend="posix" if self.nogds else None))
+            # Every tensor kept (StreamOptions.keeps_all).
+            return dict(_checked(True, paths, device=self.device, tensors=names,
+                                 threads=self.max_threads,
+                                 backend="posix" if self.nogds else None))
         from .frameworks import get_framework
         from .loader.cpu import close_job, load_host, open_job
 

@@ -173,8 +173,10 @@ def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
     # gcpause.py: full collections would cost a third of a 20,000-tensor load. Not for a Hub
     # repo id, whose load may wait for downloads, too long to pause the collector.
     hub = isinstance(source, (str, os.PathLike)) and not os.path.exists(source)
+    # Each tensor is kept, unless cast: then its original is dropped once cast (and the engine
+    # must not allocate all the originals ahead of their reads).
     with contextlib.nullcontext() if hub else paused():
-        return dict(_checked(True, source, device=device, dtype=dtype, **options))
+        return dict(_checked(dtype is None, source, device=device, dtype=dtype, **options))
 
 
 def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,

@@ -1051,15 +1051,15 @@ def test_max_threads_left_out_means_this_packages_default(tmp_path: Path,
     save_file({"w": torch.ones(4)}, str(path))
     asked: list[Any] = []
 
-    def iter_tensors(paths: Any, **options: Any) -> Any:
-        asked.append(options["threads"])
+    def checked(keeps_all: bool, paths: Any, **options: Any) -> Any:
+        asked.append((keeps_all, options["threads"]))
         return iter([("w", torch.ones(4))])
 
-    monkeypatch.setattr(loading, "iter_tensors", iter_tensors)
+    monkeypatch.setattr(loading, "_checked", checked)
     monkeypatch.setattr(compat, "resolve_device", lambda *a, **k: "cuda:0")
     for max_threads in (None, 5):
         loader = SafeTensorsFileLoader(None, "cuda:0", nogds=True,
                                        **({} if max_threads is None else
                                           {"max_threads": max_threads}))
         assert loader._read([str(path)])["w"].sum() == 4
-    assert asked == [None, 5]
+    assert asked == [(True, None), (True, 5)]   # a dict of every tensor: all kept

@@ -397,6 +397,10 @@ def test_only_a_caller_that_keeps_every_tensor_lets_the_ring_run_ahead(checkpoin
     assert dict(fastsafetensors.iter_tensors(checkpoint, device="cuda:0")).keys() == \
         expected.keys()
     assert asked == [True, False]
+    # Cast: each original is dropped once cast, and must not all be allocated ahead.
+    assert fastsafetensors.load(checkpoint, device="cuda:0", dtype=torch.float64).keys() == \
+        expected.keys()
+    assert asked == [True, False, False]
     with pytest.raises(TypeError, match="keeps_all"):   # not an option of iter_tensors
         dict(fastsafetensors.iter_tensors(checkpoint, device="cuda:0", keeps_all=True))
 
@@ -435,18 +439,35 @@ def test_a_load_that_keeps_every_tensor_reserves_each_files_memory_first(checkpo
     assert sink.reserved == [(sizes[i], sum(counts[:i])) for i in range(len(checkpoint))]
 
 
-@pytest.mark.parametrize(("nbytes", "held", "conf", "reserved"), [
-    (128 << 20, 0, None, True),
-    (128 << 20, 127 << 20, None, True),
-    (128 << 20, 128 << 20, None, False),          # the allocator holds that much unused
-    (32 << 20, 0, None, False),                   # under RESERVE_MIN
-    (128 << 20, 0, "max_split_size_mb:64", False),   # would not cut tensors from the block
-])
-def test_the_cuda_sink_reserves_a_files_memory_only_where_it_helps(monkeypatch, nbytes, held,
-                                                                   conf, reserved):
-    # TorchCudaSink.reserve on the CPU, torch.cuda's allocator calls stood in for.
+def _reserving_sink(monkeypatch: pytest.MonkeyPatch, *, held: int = 0, free: int = 80 << 30,
+                    conf: str = "") -> Any:
+    """TorchCudaSink with what its reserve() uses, on the CPU: torch.cuda's allocator calls
+    stood in for (``held`` bytes cached unused, ``free`` on the device), allocator settings
+    ``conf``."""
     from fastsafetensors.loader.cuda import TorchCudaSink
 
+    monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: conf,
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: (1 << 30) + held)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    sink = object.__new__(TorchCudaSink)   # no CUDA here
+    sink.device, sink._entered, sink._unreserved = "cuda:0", threading.local(), False
+    sink._entered.yes = True
+    return sink
+
+
+@pytest.mark.parametrize(("nbytes", "held", "free", "conf", "reserved"), [
+    (128 << 20, 0, 80 << 30, "", True),
+    (128 << 20, 127 << 20, 80 << 30, "", True),
+    (128 << 20, 128 << 20, 80 << 30, "", False),      # the allocator holds that much unused
+    (32 << 20, 0, 80 << 30, "", False),               # under RESERVE_MIN
+    (128 << 20, 0, 80 << 30, "max_split_size_mb:64", False),   # would not cut tensors from it
+    (128 << 20, 0, 150 << 20, "", False),             # not that much free on the device
+])
+def test_the_cuda_sink_reserves_a_files_memory_only_where_it_helps(monkeypatch, nbytes, held,
+                                                                   free, conf, reserved):
     asked: list[int] = []
     nothing = torch.empty(0)
 
@@ -454,37 +475,24 @@ def test_the_cuda_sink_reserves_a_files_memory_only_where_it_helps(monkeypatch, 
         asked.append(n)
         return nothing
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    if conf:
-        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", conf)
-    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: (1 << 30) + held)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
-    sink = object.__new__(TorchCudaSink)   # no CUDA here
-    sink.device, sink._entered = "cuda:0", threading.local()
-    sink._entered.yes = True
+    sink = _reserving_sink(monkeypatch, held=held, free=free, conf=conf)
     monkeypatch.setattr(torch, "empty", empty)
     sink.reserve(nbytes)
     assert asked == ([nbytes] if reserved else [])
 
 
-def test_a_reservation_the_device_cannot_hold_is_left_out(monkeypatch):
-    from fastsafetensors.loader.cuda import TorchCudaSink
+def test_after_a_reservation_runs_out_of_memory_a_load_makes_no_more(monkeypatch):
+    asked: list[int] = []
 
     def empty(n: int, **kwargs: Any) -> torch.Tensor:
+        asked.append(n)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
-    sink = object.__new__(TorchCudaSink)
-    sink.device, sink._entered = "cuda:0", threading.local()
-    sink._entered.yes = True
+    sink = _reserving_sink(monkeypatch)
     monkeypatch.setattr(torch, "empty", empty)
     sink.reserve(1 << 30)   # no error: the tensors are then allocated one by one
+    sink.reserve(1 << 30)   # each failed try would first free torch's whole cache
+    assert asked == [1 << 30]
 
 
 @pytest.mark.parametrize("stop_early", [False, True])

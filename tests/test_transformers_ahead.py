@@ -433,11 +433,12 @@ def test_a_cast_that_fails_fails_its_future(tmp_path: Path) -> None:
     load.close()
 
 
-def test_a_batch_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_ahead(
+def test_a_batch_reading_ahead_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_ahead(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The batch holds each tensor until transformers takes it: the engine may allocate them
-    # all ahead of their reads (StreamOptions.keeps_all), and its ring need not wait for its
-    # reports, which need the GIL that transformers' thread holds while it builds the model.
+    # Read ahead, the batch holds each tensor until transformers takes it: the engine may
+    # allocate them all ahead of their reads (StreamOptions.keeps_all), and its ring need not
+    # wait for its reports, which need the GIL that transformers' thread holds while it
+    # builds the model.
     from safetensors.torch import load_file
 
     import fastsafetensors.loading as loading
@@ -461,6 +462,17 @@ def test_a_batch_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_ahead(
     assert asked == [("cuda:0", {"keeps_all": True})]
     future = batch.add(handles[1].get_slice("w"), None)
     assert future is not None and future.result(timeout=5).tolist() == [1.0] * 4
+    load.close()
+    # On demand, transformers may convert and free each tensor as it comes (here a cast): the
+    # engine must not allocate them all ahead of their reads.
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cuda:0")
+    cast = batch.add(handles[0].get_slice("w"), torch.float16)
+    batch.start()
+    read_through(batch)
+    assert asked[1:] == [("cuda:0", {"keeps_all": False})]
+    assert cast is not None and cast.result(timeout=5).dtype == torch.float16
     load.close()
 
 

@@ -269,8 +269,10 @@ class Batch:
         order = [files[source] for source, _, _ in sources]
         current = 0
         if cuda:
-            # Every tensor is held until transformers takes it, however fast it asks.
-            stream = device_stream(sources, self.device, keeps_all=True)
+            # Read ahead, every tensor is held until transformers takes it: the engine may
+            # allocate them all ahead of their reads. On demand, transformers may convert and
+            # free each as it comes (a cast here, fused experts): not then.
+            stream = device_stream(sources, self.device, keeps_all=self.ahead)
         else:
             stream = _host_stream(sources, files[sources[0][0]][0]._framework, threads=None,
                                   io=None)

@@ -191,8 +191,13 @@ def ring_usable() -> bool:
 
 
 def _plain_allocator() -> bool:
-    """torch's caching allocator, configured by nothing (PYTORCH_CUDA_ALLOC_CONF)."""
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+    """torch's caching allocator, configured by nothing (PYTORCH_CUDA_ALLOC_CONF, or in code
+    where torch can say)."""
+    settings = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if settings is not None:
+        if settings():
+            return False
+    elif os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return False
     backend = getattr(torch.cuda, "get_allocator_backend", None)
     return backend is not None and backend() == "native"
@@ -238,6 +243,7 @@ class TorchCudaSink:
         # Threads of the engine (enter_thread), whose current device and stream are set.
         self._entered = threading.local()
         self._dtypes: dict[str, torch.dtype] = {}
+        self._unreserved = False   # a reservation ran out of memory: no more (reserve)
 
     def enter_thread(self) -> None:
         # A new thread starts on device 0. Leaving a ``torch.cuda.stream(...)`` block there
@@ -271,10 +277,12 @@ class TorchCudaSink:
         # holds that much unused (a process's later loads), and where the allocator is not
         # torch's own with its defaults: with max_split_size_mb it would not cut the tensors
         # from the block reserved, and would keep that block besides.
-        if nbytes < RESERVE_MIN or not _plain_allocator():
+        # Nor where the device has not that much free besides: the allocator would first free
+        # every cached block (and wait for the device) before failing.
+        if nbytes < RESERVE_MIN or self._unreserved or not _plain_allocator():
             return
         held = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        if held >= nbytes:
+        if held >= nbytes or torch.cuda.mem_get_info(self.device)[0] < nbytes + RESERVE_MIN:
             return
         try:
             if getattr(self._entered, "yes", False):
@@ -283,7 +291,9 @@ class TorchCudaSink:
                 with torch.cuda.device(self.device), torch.cuda.stream(self.consumer):
                     block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         except torch.cuda.OutOfMemoryError:
-            return   # not that much in one piece: the tensors are allocated one by one
+            # Not that much in one piece: this load's tensors are allocated one by one.
+            self._unreserved = True
+            return
         del block
 
     def staging(self, nbytes: int) -> tuple[torch.Tensor, memoryview]:

@@ -225,9 +225,10 @@ class StreamOptions:
     #: The largest chunk (one read, one staging buffer, one ring window), if smaller than
     #: the share of staging_bytes a buffer gets; 0: that share.
     chunk_bytes: int = 0
-    #: The caller keeps every tensor until the load ends (``load()``, a transformers batch):
-    #: allocating them all ahead of their reads costs it nothing, so the ring may take the
-    #: whole load at once (RING_SLOTS).
+    #: The caller keeps every tensor until the load ends (``load()`` without a cast, a
+    #: transformers batch reading ahead): allocating them all ahead of their reads costs it
+    #: nothing, so the ring may take the whole load at once (RING_SLOTS), and each file's
+    #: memory is reserved at once (``Sink.reserve``).
     keeps_all: bool = False
 
     @property
