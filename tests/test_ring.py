@@ -152,15 +152,16 @@ def test_the_planner_and_the_reporter_wake_for_a_batch_of_chunks(calls, tmp_path
 
 def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_path,
                                                                       monkeypatch):
-    # A caller that keeps every tensor (load(), a transformers batch) gets a ring with a slot
-    # for every chunk of the load (RING_SLOTS): while the reporter cannot take a report (here
-    # it waits until the planner has submitted the last chunk, as when another thread keeps
-    # the GIL), the C threads still read and copy every chunk, in windows reused many times.
+    # A caller that keeps every tensor (load(), a transformers batch reading ahead) gets a
+    # ring with a slot for every chunk of the load (RING_SLOTS): while the reporter cannot
+    # take a report (here it waits until the planner has submitted the last chunk, as when
+    # another thread keeps the GIL), the C threads still read and copy every chunk, in
+    # windows reused many times.
     g = torch.Generator().manual_seed(5)
     path = tmp_path / "a.safetensors"
     tensors = {f"w{i}": torch.randn(12000 + 5 * i, generator=g) for i in range(40)}
     save_file(tensors, str(path))
-    destinations: list[torch.Tensor] = []
+    destinations: list[tuple[str, torch.Tensor]] = []
     planned = threading.Event()
     real_end, real_next = ring.Ring.end, ring.Ring.next
 

@@ -376,9 +376,9 @@ def test_closing_iter_tensors_joins_the_engine_even_if_its_stream_is_still_refer
 
 def test_only_a_caller_that_keeps_every_tensor_lets_the_ring_run_ahead(checkpoint,
                                                                         monkeypatch):
-    # load() keeps every tensor: the ring may plan the whole load ahead of its reports
-    # (stream.RING_SLOTS). iter_tensors' consumer may drop each tensor as it comes: tensors
-    # allocated ahead of their reads would raise its peak.
+    # load() without a cast keeps every tensor: the ring may plan the whole load ahead of its
+    # reports (stream.RING_SLOTS). iter_tensors' consumer may drop each tensor as it comes:
+    # tensors allocated ahead of their reads would raise its peak.
     import fastsafetensors
     import fastsafetensors.loading as loading
 
