@@ -224,6 +224,10 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                  env(staging_mib=128)),
                 ("nohuge", "huge_pages=off (the ring's staging from torch's pinned memory)",
                  env(huge_pages="off")),
+                # Each file's memory reserved at once (nineteenth session): a first load's
+                # 0.08 s of allocations in H200 runs 6 and 7 against this row's first round.
+                ("noreserve", "reserve_memory=off (a driver allocation per tensor in a first "
+                 "load)", env(reserve_memory="off")),
                 ("t12ring", "threads=12, cuda_calls=ring (12 C readers, 32 windows of 8 MiB)",
                  env(12, "ring")),
                 ("t16ring", "threads=16, cuda_calls=ring (16 C readers, 32 windows of 8 MiB)",

@@ -115,7 +115,7 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_nohuge|_t16ring|_t16ring_c4|_t16ring_s512)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_nohuge|_noreserve|_t16ring|_t16ring_c4|_t16ring_s512)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 85 --timeout 60 \
     --skip-many \

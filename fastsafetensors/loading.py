@@ -220,6 +220,7 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
     if not config.is_set("cuda_calls") and (gds or not cuda.ring_usable()):
         calls = "torch"   # the default where the ring's C threads do not run (GDS reads alone)
     sink = cuda.TorchCudaSink(device, blocking=blocking, huge_pages=huge_pages,
+                              reserve=config.get("reserve_memory") == "on",
                               driver=calls == "driver", native=calls == "native",
                               ring=calls == "ring")
     if gds:

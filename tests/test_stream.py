@@ -477,7 +477,7 @@ def test_the_cuda_sink_reserves_a_files_memory_only_where_it_helps(monkeypatch, 
 
     sink = _reserving_sink(monkeypatch, held=held, free=free, conf=conf)
     monkeypatch.setattr(torch, "empty", empty)
-    sink.reserve(nbytes)
+    sink._reserve(nbytes)
     assert asked == ([nbytes] if reserved else [])
 
 
@@ -490,8 +490,8 @@ def test_after_a_reservation_runs_out_of_memory_a_load_makes_no_more(monkeypatch
 
     sink = _reserving_sink(monkeypatch)
     monkeypatch.setattr(torch, "empty", empty)
-    sink.reserve(1 << 30)   # no error: the tensors are then allocated one by one
-    sink.reserve(1 << 30)   # each failed try would first free torch's whole cache
+    sink._reserve(1 << 30)   # no error: the tensors are then allocated one by one
+    sink._reserve(1 << 30)   # each failed try would first free torch's whole cache
     assert asked == [1 << 30]
 
 
@@ -576,13 +576,14 @@ def test_a_one_tensor_load_asks_residency_of_that_tensor_only(tmp_path, monkeypa
     assert all(a[1] == b[0] for a, b in zip(asked, asked[1:]))
 
 
-@pytest.mark.parametrize(("wait", "huge", "calls"), [("spin", "off", "torch"),
-                                                     ("block", "on", "driver"),
-                                                     ("spin", "on", "native"),
-                                                     ("block", "off", "ring"),
-                                                     ("spin", "auto", None)])
+@pytest.mark.parametrize(("wait", "huge", "calls", "reserve"),
+                         [("spin", "off", "torch", "off"),
+                          ("block", "on", "driver", "on"),
+                          ("spin", "on", "native", None),
+                          ("block", "off", "ring", "off"),
+                          ("spin", "auto", None, None)])
 def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
-        checkpoint, monkeypatch, wait, huge, calls):
+        checkpoint, monkeypatch, wait, huge, calls, reserve):
     import fastsafetensors
     import fastsafetensors.loader.cuda as cuda_module
     import fastsafetensors.loader.gds as gds_module
@@ -591,20 +592,22 @@ def test_event_wait_huge_pages_and_cuda_calls_options_reach_the_cuda_sink(
     made: list[tuple[bool, ...]] = []
 
     def sink(device: str, *, blocking: bool = False, huge_pages: bool = False,
-             driver: bool = False, native: bool = False, ring: bool = False) -> FakeSink:
-        made.append((blocking, huge_pages, driver, native, ring))
+             driver: bool = False, native: bool = False, ring: bool = False,
+             reserve: bool = False) -> FakeSink:
+        made.append((blocking, huge_pages, driver, native, ring, reserve))
         return FakeSink()
 
     monkeypatch.setattr(cuda_module, "TorchCudaSink", sink)
     monkeypatch.setattr(cuda_module, "ring_usable", lambda: True)
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
-    options = {"event_wait": wait, "huge_pages": huge, "cuda_calls": calls}
+    options = {"event_wait": wait, "huge_pages": huge, "cuda_calls": calls,
+               "reserve_memory": reserve}
     with fastsafetensors.configure(**{k: v for k, v in options.items() if v is not None}):
         got = dict(device_stream([(path, None, None) for path in checkpoint], "cuda:0"))
     # auto (the default) and on: staging on registered huge pages; off: torch's pinned memory.
-    # cuda_calls: the ring by default, where it can run.
+    # cuda_calls: the ring by default, where it can run. reserve_memory: on by default.
     assert made == [(wait == "block", huge != "off", calls == "driver", calls == "native",
-                     calls in ("ring", None))]
+                     calls in ("ring", None), reserve != "off")]
     want = _expected(checkpoint)
     assert all(torch.equal(as_bytes(got[k]), as_bytes(v)) for k, v in want.items())
 

@@ -208,7 +208,7 @@ class TorchCudaSink:
 
     def __init__(self, device: str | torch.device, *, blocking: bool = False,
                  huge_pages: bool = False, driver: bool = False, native: bool = False,
-                 ring: bool = False):
+                 ring: bool = False, reserve: bool = False):
         self.device = torch.device(device)
         # Staging from registered huge pages kept for the process (loader/hostpool.py), not
         # from torch's pinned allocator.
@@ -243,7 +243,9 @@ class TorchCudaSink:
         # Threads of the engine (enter_thread), whose current device and stream are set.
         self._entered = threading.local()
         self._dtypes: dict[str, torch.dtype] = {}
-        self._unreserved = False   # a reservation ran out of memory: no more (reserve)
+        # Each file's memory at once (stream.Sink.reserve), or None: a tensor at a time.
+        self.reserve = self._reserve if reserve else None
+        self._unreserved = False   # a reservation ran out of memory: no more
 
     def enter_thread(self) -> None:
         # A new thread starts on device 0. Leaving a ``torch.cuda.stream(...)`` block there
@@ -266,7 +268,7 @@ class TorchCudaSink:
         with torch.cuda.device(self.device), torch.cuda.stream(self.consumer):
             return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
 
-    def reserve(self, nbytes: int) -> None:
+    def _reserve(self, nbytes: int) -> None:
         # A file's tensors allocated one by one from a fresh caching allocator each ask the
         # driver for memory: on the H200 machine 8 GiB in 512 tensors took 0.039-0.042 s, and
         # 0.003-0.004 s once 8 GiB had been allocated at once and freed (0.001 s), which is

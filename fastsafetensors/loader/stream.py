@@ -143,18 +143,18 @@ class Sink(Protocol):
     gets no reader threads of Python: the planner submits each chunk to the ring (device
     addresses from ``data_ptr()``), one thread opens it on a stream of ``new_stream`` and on
     ``staging``, and takes its reports; ``alloc_event`` and ``consumer_wait`` then deal in the
-    ring's driver events."""
+    ring's driver events.
+
+    Optional, not declared here: ``reserve(nbytes)``, an attribute that may be None: ``alloc``
+    is about to be called for ``nbytes`` in all (one file's tensors, in a load whose caller
+    keeps every tensor and sets no budget), and the sink may prepare for it (have its
+    allocator hold that much at once)."""
 
     def enter_thread(self) -> None:
         """Called first on each thread the engine starts, before any other call there."""
 
     def alloc(self, info: TensorInfo) -> Any:
         """Final storage of one tensor: a flat uint8 device tensor of ``info.nbytes``."""
-
-    def reserve(self, nbytes: int) -> None:
-        """Optional. ``alloc`` is about to be called for ``nbytes`` in all (one file's tensors,
-        in a load whose caller keeps every tensor and sets no budget): the sink may prepare
-        for it (have its allocator hold that much at once)."""
 
     def staging(self, nbytes: int) -> tuple[Any, memoryview]:
         """A pinned host buffer (4096-aligned) and a writable view of it."""

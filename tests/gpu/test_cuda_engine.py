@@ -486,7 +486,8 @@ def test_peak_device_memory_is_tensors_plus_slack(tmp_path):
 def test_a_whole_load_asks_the_driver_for_each_files_memory_at_once(tmp_path):
     # load() keeps every tensor: each file's memory is allocated at once and freed before its
     # tensors are cut from it (TorchCudaSink.reserve), one driver allocation a file rather than
-    # one a tensor. iter_tensors, whose consumer may drop each tensor, allocates one by one.
+    # one a tensor. iter_tensors, whose consumer may drop each tensor, allocates one by one, as
+    # does load() with reserve_memory="off".
     if not cuda_loader._plain_allocator():
         pytest.skip("torch's allocator is configured here (PYTORCH_CUDA_ALLOC_CONF): loads "
                     "do not reserve then")
@@ -512,7 +513,14 @@ def test_a_whole_load_asks_the_driver_for_each_files_memory_at_once(tmp_path):
     streamed = dict(fastsafetensors.iter_tensors(paths, device="cuda:0"))
     one_by_one = segments() - before
     assert all(torch.equal(streamed[k].cpu(), v) for k, v in expected.items())
-    assert whole <= 2 < len(expected) <= one_by_one
+    del streamed
+    torch.cuda.empty_cache()
+    before = segments()
+    with fastsafetensors.configure(reserve_memory="off"):
+        unreserved = fastsafetensors.load(paths, device="cuda:0")
+    turned_off = segments() - before
+    assert all(torch.equal(unreserved[k].cpu(), v) for k, v in expected.items())
+    assert whole <= 2 < len(expected) <= min(one_by_one, turned_off)
 
 
 def test_budget_bounds_iter_tensors(tmp_path):
