@@ -260,13 +260,17 @@ class TorchCudaSink:
         self._entered.yes = True
 
     def alloc(self, info: TensorInfo) -> torch.Tensor:
+        return self._empty(info.nbytes)
+
+    def _empty(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of the device, from torch's caching allocator on the consumer's stream."""
         if getattr(self._entered, "yes", False):
-            return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         # Another thread (the consumer's, for GDS), whose current device may be another one;
         # leaving the stream block must not make that thread switch to (and initialise)
         # device 0.
         with torch.cuda.device(self.device), torch.cuda.stream(self.consumer):
-            return torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def _reserve(self, nbytes: int) -> None:
         # A file's tensors allocated one by one from a fresh caching allocator each ask the
@@ -287,11 +291,7 @@ class TorchCudaSink:
         if held >= nbytes or torch.cuda.mem_get_info(self.device)[0] < nbytes + RESERVE_MIN:
             return
         try:
-            if getattr(self._entered, "yes", False):
-                block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            else:
-                with torch.cuda.device(self.device), torch.cuda.stream(self.consumer):
-                    block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            block = self._empty(nbytes)
         except torch.cuda.OutOfMemoryError:
             # Not that much in one piece: this load's tensors are allocated one by one.
             self._unreserved = True
