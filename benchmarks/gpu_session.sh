@@ -131,10 +131,9 @@ fi
 # few-slots: the ring with the slots of H200 runs 6 and 7 (twice its windows' chunks and one
 # per reader, so the planner waits for the reporter, which needs the GIL beside transformers'
 # thread); the default since the nineteenth session has slots for a whole load
-# (stream.RING_SLOTS). (torch's calls,
-# cuda_calls="torch", were measured in H200 runs 6 and 7: 0.80-0.82 s; on-demand,
-# read_ahead="off", in runs 3 and 4; switch-off, the interpreter's switch interval left alone,
-# in run 6: 0.98x.)
+# (stream.RING_SLOTS). (torch's calls, cuda_calls="torch", were measured in H200 runs 6 and 7:
+# 0.80-0.82 s; on-demand, read_ahead="off", in runs 3 and 4; switch-off, the interpreter's
+# switch interval left alone, in run 6: 0.98x.)
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 170 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 150 --run-timeout 30 --cache warm \
