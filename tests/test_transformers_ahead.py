@@ -119,12 +119,12 @@ def test_reading_starts_before_the_model_is_built(models: dict[str, Path], calls
     (line,) = our_records(caplog)
     assert "read ahead while transformers built the model" in line
     # Its timeline: the batch started reading before transformers first waited.
-    times = re.search(r"cpu: read (\d+\.\d+)-(\d+\.\d+) s, first waited on at (\d+\.\d+) s",
-                      line)
+    times = re.search(r"cpu: read (\d+\.\d+)-(\d+\.\d+) s, first waited on at (\d+\.\d+) s, "
+                      r"last tensor at (\d+\.\d+) s", line)
     assert times is not None, line
     (batch,) = [b for b in seen["batches"] if b.ahead]
     assert batch.times["started"] < batch.times["asked"]   # (the reads may end before it)
-    assert batch.times["started"] < batch.times["finished"]
+    assert batch.times["started"] < batch.times["last"] <= batch.times["finished"]
 
 
 def test_reading_ahead_is_the_default(models: dict[str, Path], calls: Counter[str],

@@ -105,8 +105,9 @@ class Batch:
         self.stopped = threading.Event()
         self.last_add = 0.0
         self.watchdog: threading.Thread | None = None
-        # perf_counter() when the engine run started and ended, and when transformers first
-        # waited: where a load's time went, for its INFO line.
+        # perf_counter() when the engine run started and ended, when transformers first
+        # waited and when the engine yielded its last tensor: where a load's time went, for
+        # its INFO line.
         self.times: dict[str, float] = {}
 
     def timeline(self, since: float) -> str:
@@ -116,7 +117,9 @@ class Batch:
         reads = (f"read {t['started']:.2f}-{t['finished']:.2f} s" if "finished" in t
                  else f"read from {t['started']:.2f} s" if "started" in t else "not read")
         waited = f", first waited on at {t['asked']:.2f} s" if "asked" in t else ""
-        return f"{self.device}: {reads}{waited}"
+        # The last tensor's reads landed then; after it the engine's threads are joined.
+        last = f", last tensor at {t['last']:.2f} s" if "last" in t else ""
+        return f"{self.device}: {reads}{waited}{last}"
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class Batch:
                                   io=None)
         try:
             for name, tensor in stream:
+                self.times["last"] = time.perf_counter()
                 if self.stopped.is_set():
                     return
                 while name not in order[current][1]:
