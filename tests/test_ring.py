@@ -23,7 +23,7 @@ from test_driver import DriverHostSink, _Stream, fake, fake_so, two_files  # noq
 from test_native import assert_same, bound, cache, sink_of_device_1  # noqa: F401
 
 from fastsafetensors import CudaError, ReadError, configure
-from fastsafetensors.loader import driver, ring
+from fastsafetensors.loader import driver, ring, stream
 from fastsafetensors.loader.posix import STATS
 from fastsafetensors.loader.stream import PHASES, StreamOptions, stream_tensors
 
@@ -194,6 +194,87 @@ def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_
     (made,) = sink.rings
     assert made.submitted > 3 * made.windows and made.capacity >= made.submitted
     assert made.room_waits == 0
+
+
+@pytest.mark.parametrize("keeps_all", [True, False])
+def test_a_planner_with_a_slot_for_every_chunk_submits_them_in_batches(calls, tmp_path,
+                                                                        monkeypatch, keeps_all):
+    # Each submit is Python under the GIL, which beside transformers' thread the planner has
+    # only part of the time: with a slot for every chunk, SUBMIT_BATCH chunks go in one call
+    # (and the last of each file at its end). Each allocation event serves every chunk
+    # planned after it, and the consumer waits on a tensor's last chunk only (one stream,
+    # chunk order). Without keeps_all, one chunk a call, as the ring's room frees.
+    g = torch.Generator().manual_seed(8)
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for k, path in enumerate(paths):
+        save_file({f"w{k}.{i}": torch.randn(20000 + 7 * i, generator=g) for i in range(6)},
+                  str(path))
+    sizes: list[int] = []
+    real_many = ring.Ring.submit_many
+
+    def submit_many(self: ring.Ring, chunks: list[Any]) -> int | None:
+        sizes.append(len(chunks))
+        return real_many(self, chunks)
+
+    monkeypatch.setattr(ring.Ring, "submit_many", submit_many)
+    sink = RingHostSink()
+    events, waited = [], []
+    real_event, real_wait = sink.alloc_event, sink.consumer_wait
+    sink.alloc_event = lambda: events.append(real_event()) or events[-1]  # type: ignore
+    sink.consumer_wait = lambda e: waited.append(len(e)) or real_wait(e)  # type: ignore
+    assert_same(load(paths, sink, staging_bytes=48 * 16384, chunk_bytes=16384,
+                     keeps_all=keeps_all), paths)
+    (made,) = sink.rings
+    assert sum(sizes) == made.submitted and made.submitted > 12 * len(paths)
+    if keeps_all:
+        assert max(sizes) == stream.SUBMIT_BATCH and len(sizes) < made.submitted / 4
+    else:
+        assert set(sizes) == {1}
+    # 80 KB tensors in 16 KiB chunks: an event per tensor at most, not per chunk.
+    assert len(events) <= 12 < made.submitted
+    assert len(waited) == 12 and set(waited) == {1}
+
+
+def test_submit_many_takes_what_fits_and_the_rest_as_room_frees(calls, tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(500, dtype=torch.uint8)
+    made = ring.Ring(0, readers=2, windows=2, stride=4096, capacity=3)
+    made.open(7, windows.data_ptr())
+    fd = os.open(path, os.O_RDONLY)
+
+    def chunk(k: int) -> tuple[Any, ...]:
+        return (fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 60),
+                                             (dst.data_ptr() + 100 * k + 60, 60, 40)])
+
+    try:
+        # A chunk that does not fit: an error, and none of the others taken either.
+        too_big = (fd, 0, 4097, 4097, None, [])
+        with pytest.raises(ValueError, match="does not fit in the ring's windows"):
+            made.submit_many([chunk(0), too_big])
+        assert made.submitted == 0
+        result: list[Any] = []
+        submitter = threading.Thread(target=lambda: result.append(
+            made.submit_many([chunk(k) for k in range(5)])))
+        submitter.start()
+        submitter.join(0.3)
+        assert submitter.is_alive() and made.submitted == 3   # 3 slots: 3 taken at once
+        reported = [r[0] for r in made.next() or []]
+        while len(reported) < 5:
+            reported += [r[0] for r in made.next() or []]
+        submitter.join(5)
+        assert result == [0] and reported == [0, 1, 2, 3, 4]
+        assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
+                                                 dtype=torch.uint8))
+        assert made.submit_many([]) == 5
+        made.end()
+        assert made.submit_many([chunk(0)]) is None   # after end(): refused
+    finally:
+        made.close()
+        os.close(fd)
+    assert made.submit_many([chunk(0)]) is None
+    assert calls.pushes == calls.pops
 
 
 def test_a_planner_ahead_of_the_reports_keeps_few_files_open(calls, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@
  * (driver_calls.h): no CUDA headers or libraries are needed to build this. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -337,6 +338,59 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
     return r;
 }
 
+/* A chunk's read and pieces fit in a window: 0, else -3. */
+static int64_t fits(const ring_t *r, int64_t length, int64_t needed, int64_t count,
+                    const int64_t *src, const int64_t *len) {
+    if (length < 0 || length > r->stride || needed > length || count < 0)
+        return -3;
+    for (int64_t i = 0; i < count; i++)
+        if (src[i] < 0 || len[i] < 0 || src[i] + len[i] > needed)
+            return -3;
+    return 0;
+}
+
+/* The chunk's own copy of its pieces, which the caller's arrays do not outlive: 0, else -2. */
+static int64_t own_pieces(int64_t count, const uint64_t *dst, const int64_t *src,
+                          const int64_t *len, uint64_t **d, int64_t **s, int64_t **n) {
+    size_t items = (size_t)(count > 0 ? count : 1);
+    *d = malloc(items * sizeof **d);
+    *s = malloc(items * sizeof **s);
+    *n = malloc(items * sizeof **n);
+    if (!*d || !*s || !*n) {
+        free(*d);
+        free(*s);
+        free(*n);
+        *d = NULL;
+        *s = NULL;
+        *n = NULL;
+        return -2;
+    }
+    memcpy(*d, dst, (size_t)count * sizeof **d);
+    memcpy(*s, src, (size_t)count * sizeof **s);
+    memcpy(*n, len, (size_t)count * sizeof **n);
+    return 0;
+}
+
+/* Why a submit now is refused (-1 stopped, -4 full), or 0. Under the lock. */
+static int64_t refused(const ring_t *r) {
+    return r->cancelled || r->copier_done || r->ended ? -1
+           : r->submitted - r->reported >= r->capacity ? -4 : 0;
+}
+
+/* The next chunk into its slot, the slot's pieces from its last use freed. Under the lock. */
+static int64_t place(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
+                     void *allocated, int64_t count, uint64_t *d, int64_t *s, int64_t *n) {
+    int64_t k = r->submitted;
+    slot_t *t = slot(r, k);
+    free(t->dst);
+    free(t->src);
+    free(t->len);
+    *t = (slot_t){fd, offset, length, needed, allocated, count, d, s, n,
+                  SUBMITTED, 0, OK, 0, NULL};
+    r->submitted = k + 1;
+    return k;
+}
+
 /* Hand over the next chunk: read `length` bytes of `fd` at `offset` (at least `needed` of
  * them), then copy each of the `count` pieces (device address, offset in the window, bytes).
  * While `capacity` chunks are submitted and not reported, returns -4 without `wait`; with it,
@@ -349,48 +403,77 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
 int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
                         void *allocated, int64_t count, const uint64_t *dst,
                         const int64_t *src, const int64_t *len, int wait) {
-    if (length < 0 || length > r->stride || needed > length || count < 0)
-        return -3;
-    for (int64_t i = 0; i < count; i++)
-        if (src[i] < 0 || len[i] < 0 || src[i] + len[i] > needed)
-            return -3;
-    uint64_t *d = malloc((size_t)(count > 0 ? count : 1) * sizeof *d);
-    int64_t *s = malloc((size_t)(count > 0 ? count : 1) * sizeof *s);
-    int64_t *n = malloc((size_t)(count > 0 ? count : 1) * sizeof *n);
-    if (!d || !s || !n) {
-        free(d);
-        free(s);
-        free(n);
-        return -2;
-    }
-    memcpy(d, dst, (size_t)count * sizeof *d);
-    memcpy(s, src, (size_t)count * sizeof *s);
-    memcpy(n, len, (size_t)count * sizeof *n);
+    uint64_t *d;
+    int64_t *s, *n;
+    int64_t code = fits(r, length, needed, count, src, len);
+    if (code || (code = own_pieces(count, dst, src, len, &d, &s, &n)))
+        return code;
     pthread_mutex_lock(&r->lock);
     while (wait && !r->cancelled && !r->copier_done &&
            r->submitted - r->reported > r->capacity - r->batch)
         pthread_cond_wait(&r->room, &r->lock);
-    int64_t refused = r->cancelled || r->copier_done || r->ended ? -1
-                      : r->submitted - r->reported >= r->capacity ? -4 : 0;
-    if (refused) {
+    if ((code = refused(r)) != 0) {
         pthread_mutex_unlock(&r->lock);
         free(d);
         free(s);
         free(n);
-        return refused;
+        return code;
     }
-    int64_t k = r->submitted;
-    slot_t *t = slot(r, k);
-    free(t->dst);
-    free(t->src);
-    free(t->len);
-    *t = (slot_t){fd, offset, length, needed, allocated, count, d, s, n,
-                  SUBMITTED, 0, OK, 0, NULL};
-    r->submitted = k + 1;
+    int64_t k = place(r, fd, offset, length, needed, allocated, count, d, s, n);
     pthread_cond_signal(&r->work);
     pthread_cond_signal(&r->read); /* a copier that failed to start waits for a chunk */
     pthread_mutex_unlock(&r->lock);
     return k;
+}
+
+/* Hand over up to `chunks` chunks at once, never waiting: chunk i is `head[6*i..6*i+5]`
+ * (fd, offset, length, needed, allocated event, piece count), its pieces the next `count` of
+ * `dst`, `src` and `len` (each chunk's after the last's). One call from Python for many chunks:
+ * each call is Python run under the GIL, which beside a thread running Python (transformers
+ * building the model) the planner gets only part of the time.
+ * Returns how many were taken, in order (fewer while the ring is full; the caller submits the
+ * rest with fst_ring_submit, waiting), or -1 once the ring stopped, -2 when memory for the
+ * pieces cannot be had, -3 when a chunk does not fit in a window (then none was taken). */
+int64_t fst_ring_submit_many(ring_t *r, int64_t chunks, const int64_t *head,
+                             const uint64_t *dst, const int64_t *src, const int64_t *len) {
+    if (chunks < 0)
+        return -3;
+    int64_t at = 0;
+    for (int64_t i = 0; i < chunks; i++) {
+        const int64_t *h = head + 6 * i;
+        int64_t code = fits(r, h[2], h[3], h[5], src + at, len + at);
+        if (code)
+            return code;
+        at += h[5];
+    }
+    pthread_mutex_lock(&r->lock);
+    int64_t code = refused(r), taken = 0;
+    if (code == -1) {
+        pthread_mutex_unlock(&r->lock);
+        return -1;
+    }
+    int64_t room = r->capacity - (r->submitted - r->reported);
+    at = 0;
+    for (; taken < chunks && taken < room; taken++) {
+        const int64_t *h = head + 6 * taken;
+        uint64_t *d;
+        int64_t *s, *n;
+        if (own_pieces(h[5], dst + at, src + at, len + at, &d, &s, &n)) {
+            if (taken == 0) {
+                pthread_mutex_unlock(&r->lock);
+                return -2;
+            }
+            break; /* those taken go; the caller's next submit says what is wrong */
+        }
+        place(r, h[0], h[1], h[2], h[3], (void *)(intptr_t)h[4], h[5], d, s, n);
+        at += h[5];
+    }
+    if (taken) {
+        pthread_cond_broadcast(&r->work);
+        pthread_cond_signal(&r->read);
+    }
+    pthread_mutex_unlock(&r->lock);
+    return taken;
 }
 
 /* No more chunks will be submitted. */

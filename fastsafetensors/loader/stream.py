@@ -78,6 +78,8 @@ WORKER_POLL = 0.1
 #: planner back. io="auto" looks up a chunk's page-cache residency when the chunk is submitted,
 #: so up to a whole load before its read: pages evicted or cached meanwhile only cost speed.
 RING_SLOTS = 4096
+#: Chunks the planner hands the ring in one call when the ring has a slot for each.
+SUBMIT_BATCH = 16
 #: Files the planner keeps open, read or not, before it waits for one to be done: a file is
 #: closed once its last chunk is reported, and with a reporter kept from the GIL a load of
 #: hundreds of small files could otherwise run out of descriptors (two a file with O_DIRECT).
@@ -510,23 +512,41 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                         _put(work, None, cancelled)
                 ready.put(None)
 
-    def hand(chunk: _Chunk) -> None:
-        """A planned chunk to the readers (blocks while they are busy)."""
+    # Chunks planned and not yet submitted: (chunk, where its read begins, direct, the
+    # ring's arguments). With a slot for every chunk of a load (keeps_all), SUBMIT_BATCH go in
+    # one call: each call is Python under the GIL, which beside transformers' thread the
+    # planner gets only part of the time (H200 run 8: the readers waited for chunks).
+    pending: list[tuple[_Chunk, int, bool, tuple[Any, ...]]] = []
+
+    def hand(chunk: _Chunk | None) -> None:
+        """A planned chunk to the readers (blocks while they are busy), or held back for the
+        next ones while the ring has a slot for each; None: those held back, now."""
         if ring is None:
-            _put(work, chunk, cancelled)
+            if chunk is not None:
+                _put(work, chunk, cancelled)
             return
-        fd, begin, length, direct = _chunk_read(chunk, policy)
-        skew = chunk.offset - begin
-        index = ring.submitted   # this thread is the only one submitting
-        inflight[index] = (chunk, begin, direct)   # before: its report may come at once
-        got = ring.submit(fd, begin, length, chunk.end - begin, chunk.allocated,
-                          [(p.tensor.flat.data_ptr() + p.tensor_offset,
-                            skew + p.file_offset - chunk.offset, p.length)
-                           for p in chunk.pieces])
-        if got is None:
-            inflight.pop(index, None)   # the ring stopped; report() says why
-        elif got != index:
-            raise RuntimeError(f"the ring numbered chunk {index} as {got}")
+        if chunk is not None:
+            fd, begin, length, direct = _chunk_read(chunk, policy)
+            skew = chunk.offset - begin
+            pending.append((chunk, begin, direct, (
+                fd, begin, length, chunk.end - begin, chunk.allocated,
+                [(p.tensor.flat.data_ptr() + p.tensor_offset, skew + p.file_offset - chunk.offset,
+                  p.length) for p in chunk.pieces])))
+            if options.keeps_all and len(pending) < SUBMIT_BATCH:
+                return
+        if not pending:
+            return
+        first = ring.submitted   # this thread is the only one submitting
+        for i, (held, begin, direct, _) in enumerate(pending):
+            inflight[first + i] = (held, begin, direct)   # before: reports may come at once
+        chunks = [args for _, _, _, args in pending]
+        pending.clear()
+        got = ring.submit_many(chunks)
+        if got is None:   # the ring stopped; report() says why
+            for i in range(ring.submitted - first, len(chunks)):
+                inflight.pop(first + i, None)
+        elif got != first:
+            raise RuntimeError(f"the ring numbered chunk {first} as {got}")
 
     def report() -> None:
         """Ring mode: pin the windows, open the ring, and take its reports, in chunk order:
@@ -774,13 +794,17 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     raise errors[0]
                 t1 = clock()
                 consumer["caller: wait for a tensor's reads"] += t1 - t0
+                # The ring queues every chunk's copies on one stream in chunk order, and
+                # reports come in that order: a tensor's last event marks all its pieces (a
+                # 64 MiB tensor has 8).
+                events = item.events[-1:] if ring is not None else item.events
                 if item.members is not None:
                     finish = sink.finisher(item.flat)
                     item.flat = None
                     for info, offset in item.members:
                         t1 = clock()
                         # Again for each: the consumer may switch streams between them.
-                        sink.consumer_wait(item.events)
+                        sink.consumer_wait(events)
                         tensor = finish(offset, info)
                         count += 1
                         consumer["caller: hand a tensor over"] += clock() - t1
@@ -788,7 +812,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                         del tensor
                     del finish
                     continue
-                sink.consumer_wait(item.events)
+                sink.consumer_wait(events)
                 tensor = sink.finish(item.flat, item.info)
                 item.flat = None
                 count += 1
@@ -929,7 +953,7 @@ def _file_done(f: _File, *, planned: bool = False) -> None:
 
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
-               budget: _Budget, hand: Callable[[_Chunk], None],
+               budget: _Budget, hand: Callable[[_Chunk | None], None],
                ready: queue.Queue[list[_Tensor] | BaseException | None],
                cancelled: threading.Event, completion: _Completion) -> None:
     """Allocate the file's wanted tensors in order, queue chunks covering their bytes, and
@@ -945,11 +969,19 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
 
     spent: dict[str, float] = defaultdict(float)
     clock = time.perf_counter
+    # The last alloc_event(), and whether a tensor was allocated after it: a chunk whose
+    # tensors all came before it waits on that one. A 64 MiB tensor spans 8 chunks, and each
+    # event is driver calls from Python, which beside transformers' thread wait for the GIL.
+    event: Any = None
+    fresh = True
 
     def flush() -> None:
-        nonlocal chunk, batch, flushes
+        nonlocal chunk, batch, flushes, event, fresh
         if chunk is not None and chunk.pieces:
-            chunk.allocated = sink.alloc_event()  # every tensor of the chunk is allocated by now
+            if fresh:
+                event = sink.alloc_event()   # every tensor of the chunk is allocated by now
+                fresh = False
+            chunk.allocated = event
             with f.lock:
                 f.pending += 1
             t0 = clock()
@@ -961,6 +993,13 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             # After their chunk: the caller waits on the tensors' reads first thing.
             ready.put(batch)
             batch = []
+
+    def submit_held() -> None:
+        """The chunks hand() held back, to the readers: before the planner may wait (for
+        budget, or for a file to close), and once the file is planned."""
+        t0 = clock()
+        hand(None)
+        spent["planner: wait for a free reader"] += clock() - t0
 
     bounded = budget.limit is not None
     paged = f.mapped
@@ -995,11 +1034,13 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                 footprint = device_bytes(nbytes)
                 if budget.would_block(footprint):
                     flush()  # the tensors already planned complete; the consumer frees budget
+                    submit_held()
                     t0 = clock()
                 if not budget.acquire(footprint):
                     return
             t1 = clock()
             t = _Tensor(info, sink.alloc(info) if nbytes else None, members=members)
+            fresh = fresh or nbytes > 0
             spent["planner: wait for budget"] += t1 - t0
             spent["planner: allocate"] += clock() - t1
             start = header.data_start + begin
@@ -1027,6 +1068,7 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
             completion.planned(t, pieces, seen=flushes != before)
             batch.append(t)
         flush()
+        submit_held()
     finally:
         PHASES.add(spent)
 

@@ -69,22 +69,30 @@ def slow_copies(monkeypatch):
     # before that chunk's copies (the ring queues them once the chunk was read).
     from fastsafetensors.loader import ring
 
-    open_ring, submit = ring.Ring.open, ring.Ring.submit
+    open_ring, submit, submit_many = ring.Ring.open, ring.Ring.submit, ring.Ring.submit_many
 
     def opened(self, stream, address):
         self.test_stream = torch.cuda.ExternalStream(stream,
                                                      device=torch.device("cuda", self.device))
         open_ring(self, stream, address)
 
-    def late_submit(self, *args):
+    def sleep_on_the_rings_stream(self):
         stream = getattr(self, "test_stream", None)
         if stream is not None:
             with torch.cuda.stream(stream):
                 torch.cuda._sleep(2_000_000)
+
+    def late_submit(self, *args):
+        sleep_on_the_rings_stream(self)
         return submit(self, *args)
+
+    def late_submit_many(self, chunks):   # the engine submits SUBMIT_BATCH chunks a call
+        sleep_on_the_rings_stream(self)
+        return submit_many(self, chunks)
 
     monkeypatch.setattr(ring.Ring, "open", opened)
     monkeypatch.setattr(ring.Ring, "submit", late_submit)
+    monkeypatch.setattr(ring.Ring, "submit_many", late_submit_many)
 
 
 class DriverCounts:
@@ -142,19 +150,19 @@ def cuda_calls(request, monkeypatch):
         monkeypatch.setattr(native, "read_copy", counted_chunk)
     if request.param == "ring":
         assert ring.available() is None, ring.available()
-        made, submit = ring.Ring.__init__, ring.Ring.submit
+        made, submit_many = ring.Ring.__init__, ring.Ring.submit_many
 
         def init(self, device, **kw):
             counts.blocking.append(kw.get("blocking", False))   # its events' flag
             made(self, device, **kw)
 
-        def counted_submit(self, fd, offset, length, needed, allocated, copies):
-            counts.chunks += 1
-            counts.copies += len(copies)
-            return submit(self, fd, offset, length, needed, allocated, copies)
+        def counted_submit_many(self, chunks):   # the engine's one way in (SUBMIT_BATCH)
+            counts.chunks += len(chunks)
+            counts.copies += sum(len(chunk[5]) for chunk in chunks)
+            return submit_many(self, chunks)
 
         monkeypatch.setattr(ring.Ring, "__init__", init)
-        monkeypatch.setattr(ring.Ring, "submit", counted_submit)
+        monkeypatch.setattr(ring.Ring, "submit_many", counted_submit_many)
     yield counts
     if request.param == "driver":
         assert counts.blocking, "no event went through the driver"
