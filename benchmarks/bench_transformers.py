@@ -58,10 +58,13 @@ import _common as C  # noqa: E402
 #: eighteenth session, whose ``-torch`` is the default before (``cuda_calls="torch"``);
 #: ``-switch-off`` with ``switch_interval_us=0``, the interpreter's switch interval left as it
 #: is while the batch reads; ``-few-slots`` with the ring's slots as before the nineteenth
-#: session (``stream.RING_SLOTS = 0``: the planner waits for reports) (``--modes``).
+#: session (``stream.RING_SLOTS = 0``: the planner waits for reports); ``-s128`` with 128 MiB
+#: of staging (32 windows of 4 MiB; H200 runs 8 and 10 loaded faster so without transformers)
+#: (``--modes``).
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
-         "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots")
+         "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots",
+         "fastsafetensors-s128")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -80,6 +83,8 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "fastsafetensors-switch-off": {"loader": "fastsafetensors",
                                    "loader_options": {"switch_interval_us": 0}},
     "fastsafetensors-few-slots": {"loader": "fastsafetensors"},
+    "fastsafetensors-s128": {"loader": "fastsafetensors",
+                             "loader_options": {"staging_bytes": 128 << 20}},
 }
 
 
@@ -149,6 +154,9 @@ def child(args: argparse.Namespace) -> None:
         torch.empty(1, device=args.device)
         torch.cuda.synchronize()
         cuda_init = time.perf_counter() - started
+    from fastsafetensors.loader.stream import PHASES
+
+    PHASES.reset()   # where our engine's threads spent this load (empty for stock)
     with AnonPeak() as anon:
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
@@ -174,7 +182,7 @@ def child(args: argparse.Namespace) -> None:
               anon.peak - base_anon, "peak_rss_after_touch_above_base":
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss,
               "checksum": checksum, "loadavg_1min": os.getloadavg()[0],
-              "loader_log": said, **state}
+              "loader_log": said, "phases": PHASES.snapshot(), **state}
     if args.device.startswith("cuda"):
         result["peak_cuda"] = torch.cuda.max_memory_allocated()
         result["cuda_init_seconds"] = cuda_init
@@ -269,6 +277,9 @@ def main() -> None:
                     if "one engine run per device" in line:   # when it read, when asked
                         print("      " + line.split("one engine run per device: ")[-1]
                               .rstrip(")"), flush=True)
+                if row.get("phases"):   # seconds summed over threads, as bench_load prints
+                    print("      threads: " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in sorted(row["phases"].items())), flush=True)
     if skipped:
         print(f"deadline of {args.deadline:g} s passed: {skipped} runs skipped", flush=True)
     # The same model both ways: one checksum for the checkpoint's runs, one for the floor's.

@@ -32,6 +32,9 @@ work=$(mktemp -d)           # checkpoint, peers, the children's logs: on the mac
 ckpt=$work/llama-${size}gb  # built once, shared by both benchmarks
 started=$SECONDS
 step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
+# SKIP="tests load beside transformers floor": those steps left out (a second call of a session
+# that has their figures already).
+wanted() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max \
@@ -103,50 +106,66 @@ timeout -k 5 15 python3 -c 'from fastsafetensors.loader import native, ring
 print("native chunk calls:", native.build(), native.available() or "available")
 print("ring:", native.build(source=ring.SOURCE), ring.available() or "available")' || true
 
+if wanted tests; then
 step "GPU tests"
 timeout -k 5 80 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu \
     tests/test_transformers.py tests/test_transformers_ahead.py tests/test_accelerate.py \
     tests/test_compat.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+fi
 
 step "checkpoint: $size GB in $ckpt"
 timeout -k 5 35 python3 -c 'import sys; sys.path.insert(0, "benchmarks"); import _common as C, pathlib;
 print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"])' "$ckpt" "$size"
 
+if wanted load; then
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_nohuge|_noreserve|_t16ring|_t16ring_c4|_t16ring_s512)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_noreserve|_t16ring)?\$|^fst_load_cuda\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 85 --timeout 60 \
     --skip-many \
     --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
+fi
+
+# A load on a thread beside the main thread's Python, regular expressions or GIL-holding
+# sorts (new in the twentieth session: under from_pretrained, H200 run 8's reads ran at
+# 15-16 GB/s, against 34-37 alone).
+if wanted beside; then
+step "probe_beside_gpu: a load beside the main thread's work"
+timeout -k 5 60 python3 benchmarks/probe_beside_gpu.py --dir "$ckpt" --rounds 3
+fi
 
 if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured it already)
     step "probe: registering the cached files (a copy without staging), and new pinned memory"
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
-# few-slots: the ring with the slots of H200 runs 6 and 7 (twice its windows' chunks and one
-# per reader, so the planner waits for the reporter, which needs the GIL beside transformers'
-# thread); the default since the nineteenth session has slots for a whole load
-# (stream.RING_SLOTS). (torch's calls, cuda_calls="torch", were measured in H200 runs 6 and 7:
-# 0.80-0.82 s; on-demand, read_ahead="off", in runs 3 and 4; switch-off, the interpreter's
+# s128: 128 MiB of staging (32 windows of 4 MiB), faster than the default without transformers
+# in H200 runs 8 and 10, but with twice the chunks, each some Python of the planner's, which
+# beside transformers' thread waits for the GIL. (few-slots, the ring's slots of H200 runs 6
+# and 7, ran at 0.94x the default in run 8; torch's calls, cuda_calls="torch", 0.80-0.82 s in
+# runs 6 and 7; on-demand, read_ahead="off", in runs 3 and 4; switch-off, the interpreter's
 # switch interval left alone, in run 6: 0.98x.)
+if wanted transformers; then
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 170 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 150 --run-timeout 30 --cache warm \
-    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-few-slots}" \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-s128}" \
     --json "$OUT/bench-transformers.json"
+fi
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under
 # cProfile; new in the seventeenth session (on the H100 machine the twin took 0.39-0.41 s, on
 # the 2-core CPU VM 0.19).
+if wanted floor; then
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
 timeout -k 5 75 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
     --modes stock,fastsafetensors --repeat 3 --profile 25 --deadline 65 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
+fi
 
 if [ "${PER_TENSOR:-1}" != 0 ]; then   # PER_TENSOR=0: left out (measured in this session)
 step "per-tensor cost: 20,000 small tensors, to the CPU and to cuda:0"
