@@ -143,6 +143,9 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
+# quiet: read_ahead="quiet" (twentieth session): transformers' thread waits until the planner
+# has submitted every chunk, and the load's Python waits for transformers' first request; in
+# H200 runs 9 and 10 the ring's readers waited for chunks while the planner waited for the GIL.
 # s128: 128 MiB of staging (32 windows of 4 MiB), faster than the default without transformers
 # in H200 runs 8 and 10, but with twice the chunks, each some Python of the planner's, which
 # beside transformers' thread waits for the GIL. (few-slots, the ring's slots of H200 runs 6
@@ -153,7 +156,7 @@ if wanted transformers; then
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 170 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 150 --run-timeout 30 --cache warm \
-    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-s128}" \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-quiet,fastsafetensors-s128}" \
     --json "$OUT/bench-transformers.json"
 fi
 

@@ -124,14 +124,17 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "Off by default: on the H100 machine CUDA registered pages no faster from 8 "
                 "threads than from 1 and stalled the other readers' copies meanwhile, so "
                 "loads ran slower (docs/benchmarks.md)"),
-    Option("read_ahead", lambda: "on", ("off", "on"),
+    Option("read_ahead", lambda: "on", ("off", "on", "quiet"),
            help="transformers loads whose device_map is one batched device (CUDA): on (the "
                 "default) starts reading every tensor of the checkpoint as soon as its files "
                 "are known, while transformers builds the model, when all floating-point "
                 "tensors have the model's dtype, nothing is quantized or split, and the device "
                 "has room for them all plus 1 GiB (8 GB to an H200: 0.79 s against 0.98 s in "
                 "one run, 0.89 s against 0.87 s in another, docs/transformers.md); off reads "
-                "them once transformers asks"),
+                "them once transformers asks; quiet (to a GPU through the ring, not yet timed "
+                "on a GPU) reads ahead too, but transformers' thread first waits until every "
+                "chunk is submitted, and the load's Python then waits for transformers' first "
+                "request, so that none of it competes for the GIL meanwhile"),
     Option("reserve_memory", lambda: "on", ("off", "on"),
            help="on: a load to a GPU that keeps every tensor (load and load_file without a "
                 "dtype cast, from_pretrained reading ahead) has torch's caching allocator take "

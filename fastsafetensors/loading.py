@@ -195,11 +195,12 @@ def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,
 def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: str, *,
                   threads: int | None = None, io: str | None = None,
                   backend: str | None = None, staging_bytes: int | None = None,
-                  max_device_bytes: int | None = None, keeps_all: bool = False
-                  ) -> Iterator[tuple[str, Any]]:
+                  max_device_bytes: int | None = None, keeps_all: bool = False,
+                  gate: Any = None) -> Iterator[tuple[str, Any]]:
     """``(path, header or None, names or None)`` sources to a resolved CUDA ``device``, with
     the engine (or GDS); options not given come from the configuration. ``keeps_all``: the
-    caller keeps every tensor until the load ends (StreamOptions.keeps_all)."""
+    caller keeps every tensor until the load ends (StreamOptions.keeps_all); ``gate``: a
+    stream.AheadGate (GDS has nothing to hold back)."""
     from .loader import cuda
     from .loader.gds import select_backend, stream_gds
     from .loader.stream import StreamOptions, stream_tensors
@@ -224,11 +225,13 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
                               driver=calls == "driver", native=calls == "native",
                               ring=calls == "ring")
     if gds:
+        if gate is not None:
+            gate.not_needed()
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     if getattr(sink, "ring", None) is not None and not options.mapped_readers:
         # C readers never wait for the GIL: more of them by default than of Python readers.
         options = dataclasses.replace(options, threads=config.device_threads(threads, ring=True))
-    return stream_tensors(files, sink, options)
+    return stream_tensors(files, sink, options, gate)
 
 
 def _budget(max_device_bytes: int | None) -> int | None:

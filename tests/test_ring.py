@@ -235,6 +235,90 @@ def test_a_planner_with_a_slot_for_every_chunk_submits_them_in_batches(calls, tm
     assert len(waited) == 12 and set(waited) == {1}
 
 
+def test_a_gate_holds_the_reports_until_released_and_says_when_all_is_planned(calls, tmp_path,
+                                                                              monkeypatch):
+    # read_ahead="quiet": the caller learns when every chunk is submitted, and until it lets
+    # the reports go no Python takes one, while the C threads read and copy every chunk.
+    g = torch.Generator().manual_seed(9)
+    path = tmp_path / "a.safetensors"
+    tensors = {f"w{i}": torch.randn(12000 + 5 * i, generator=g) for i in range(30)}
+    save_file(tensors, str(path))
+    reports: list[int] = []
+    real_next = ring.Ring.next
+
+    def next_(self: ring.Ring) -> Any:
+        reports.append(1)
+        return real_next(self)
+
+    monkeypatch.setattr(ring.Ring, "next", next_)
+    sink = RingHostSink()
+    destinations: list[tuple[str, torch.Tensor]] = []
+    real_alloc = sink.alloc
+    sink.alloc = lambda info: destinations.append(   # type: ignore[method-assign]
+        (info.name, real_alloc(info))) or destinations[-1][1]
+    gate = stream.AheadGate()
+    got: dict[str, torch.Tensor] = {}
+    options = StreamOptions(threads=3, staging_bytes=48 * 16384, io="buffered",
+                            chunk_bytes=16384, keeps_all=True)
+    loader = threading.Thread(target=lambda: got.update(
+        stream_tensors([(str(path), None, None)], sink, options, gate)))
+    loader.start()
+    try:
+        assert gate.wait_planned(10)
+        (made,) = sink.rings
+        assert made.submitted > 3 * made.windows   # every chunk, in windows reused
+        deadline = time.monotonic() + 10
+        while not all(torch.equal(d.view(torch.float32), tensors[n]) for n, d in destinations):
+            assert time.monotonic() < deadline, "the ring's threads stopped without reports"
+            time.sleep(0.01)
+        loader.join(0.1)
+        assert loader.is_alive() and not reports and not got
+    finally:
+        gate.release()
+        loader.join(10)
+    assert not loader.is_alive() and reports
+    assert_same(got, [path])
+
+
+@pytest.mark.parametrize("why", ["ring full", "files open"])
+def test_a_gate_lets_the_reports_go_before_the_planner_would_wait_for_one(calls, tmp_path,
+                                                                          monkeypatch, why):
+    # A planner that would wait for a report (no slot left, or too many files open, each
+    # closed once its reports are taken) lets the reports go first: never a deadlock with a
+    # caller that waits for the planning to end.
+    g = torch.Generator().manual_seed(10)
+    paths = [tmp_path / f"{k}.safetensors" for k in range(3)]
+    for k, path in enumerate(paths):
+        save_file({f"w{k}.{i}": torch.randn(12000, generator=g) for i in range(12)}, str(path))
+    if why == "ring full":
+        monkeypatch.setattr(stream, "RING_SLOTS", 0)   # twice the windows and one a reader
+    else:
+        monkeypatch.setattr(stream, "OPEN_FILES", 1)
+    gate = stream.AheadGate()
+    got: dict[str, torch.Tensor] = {}
+    options = StreamOptions(threads=3, staging_bytes=8 * 16384, io="buffered",
+                            chunk_bytes=16384, keeps_all=True)
+    loader = threading.Thread(target=lambda: got.update(stream_tensors(
+        [(str(p), None, None) for p in paths], RingHostSink(), options, gate)))
+    loader.start()
+    gate.wait_planned(20)   # returns once the reports go, before the planning ends
+    loader.join(20)
+    assert not loader.is_alive() and gate.released and gate.planned
+    assert_same(got, paths)
+
+
+def test_a_gate_without_a_ring_has_nothing_to_hold(calls, tmp_path):
+    g = torch.Generator().manual_seed(11)
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.randn(1000, generator=g)}, str(path))
+    gate = stream.AheadGate()
+    got = dict(stream_tensors([(str(path), None, None)], DriverHostSink(),
+                              StreamOptions(threads=2, staging_bytes=4 * 16384, io="buffered",
+                                            keeps_all=True), gate))
+    assert gate.planned and gate.released
+    assert_same(got, [path])
+
+
 def test_submit_many_takes_what_fits_and_the_rest_as_room_frees(calls, tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(range(256)) * 64)

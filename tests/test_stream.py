@@ -626,7 +626,8 @@ def test_a_load_to_a_gpu_takes_8_threads_unless_told_otherwise(monkeypatch):
     monkeypatch.setattr(cuda_module, "ring_usable", lambda: False)
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
     monkeypatch.setattr(stream_module, "stream_tensors",
-                        lambda files, sink, options: asked.append(options.threads) or iter(()))
+                        lambda files, sink, options, gate=None:
+                        asked.append(options.threads) or iter(()))
     monkeypatch.delenv("FASTSAFETENSORS_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert config.get("threads") == 16   # to the CPU: unchanged
@@ -665,8 +666,9 @@ def test_a_load_through_the_ring_takes_12_threads_unless_told_otherwise(monkeypa
                         _RingFakeSink() if ring else FakeSink())
     monkeypatch.setattr(cuda_module, "ring_usable", lambda: usable[0])
     monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
-    monkeypatch.setattr(stream_module, "stream_tensors", lambda files, sink, options: asked.append(
-        (options.threads, isinstance(sink, _RingFakeSink))) or iter(()))
+    monkeypatch.setattr(stream_module, "stream_tensors",
+                        lambda files, sink, options, gate=None: asked.append(
+                            (options.threads, isinstance(sink, _RingFakeSink))) or iter(()))
     monkeypatch.delenv("FASTSAFETENSORS_THREADS", raising=False)
     monkeypatch.delenv("FASTSAFETENSORS_CUDA_CALLS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)

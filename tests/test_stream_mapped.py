@@ -177,7 +177,7 @@ def test_mapped_readers_option():
 def test_device_stream_passes_the_option_on(monkeypatch):
     seen = {}
 
-    def fake_stream(files, sink, options):
+    def fake_stream(files, sink, options, gate=None):
         seen["options"] = options
         return iter(())
 

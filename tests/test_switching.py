@@ -113,7 +113,7 @@ def test_the_option_reaches_the_engine_of_a_gpu_load(shard: str, monkeypatch: An
     options: list[StreamOptions] = []
     run = stream_module.stream_tensors
 
-    def recorded(sources: Any, sink: Any, opts: StreamOptions) -> Any:
+    def recorded(sources: Any, sink: Any, opts: StreamOptions, gate: Any = None) -> Any:
         options.append(opts)
         return run(sources, sink, opts)
 

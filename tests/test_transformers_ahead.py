@@ -14,6 +14,7 @@ import logging
 import re
 import shutil
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -459,7 +460,7 @@ def test_a_batch_reading_ahead_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_a
     batch = load.batch("cuda:0")
     batch.read_ahead(handles)
     read_through(batch)
-    assert asked == [("cuda:0", {"keeps_all": True})]
+    assert asked == [("cuda:0", {"keeps_all": True, "gate": None})]
     future = batch.add(handles[1].get_slice("w"), None)
     assert future is not None and future.result(timeout=5).tolist() == [1.0] * 4
     load.close()
@@ -471,8 +472,69 @@ def test_a_batch_reading_ahead_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_a
     cast = batch.add(handles[0].get_slice("w"), torch.float16)
     batch.start()
     read_through(batch)
-    assert asked[1:] == [("cuda:0", {"keeps_all": False})]
+    assert asked[1:] == [("cuda:0", {"keeps_all": False, "gate": None})]
     assert cast is not None and cast.result(timeout=5).dtype == torch.float16
+    load.close()
+
+
+def test_a_quiet_read_ahead_returns_once_planned_and_holds_its_reports_until_asked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # read_ahead="quiet": transformers' thread waits in read_ahead() until the engine has
+    # planned every chunk, and the engine's reports (so the hand-overs) wait until
+    # transformers first waits, or the load stops.
+    from safetensors.torch import load_file
+
+    import fastsafetensors.loading as loading
+
+    events: list[str] = []
+
+    def device_stream(sources: list[Any], device: str, *, keeps_all: bool,
+                      gate: Any) -> Iterator[Any]:
+        time.sleep(0.05)   # planning
+        events.append("planned")
+        gate.set_planned()
+        gate.wait_released(threading.Event())
+        events.append("released")
+        for source, _, names in sources:
+            tensors = load_file(source)
+            for name in sorted(names, key=lambda n: list(tensors).index(n)):
+                yield name, tensors[name]
+
+    monkeypatch.setattr(loading, "device_stream", device_stream)
+    monkeypatch.setattr(batching, "complete", lambda device: None)   # no CUDA stream here
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cuda:0")
+    batch.read_ahead(handles, quiet=True)
+    assert events == ["planned"] and batch.gate.planned and "planned" in batch.times
+    future = batch.add(handles[1].get_slice("w"), None)
+    assert future is not None
+    batch.thread.join(0.1)
+    assert batch.thread.is_alive() and not future.done()
+    assert events == ["planned"] and not batch.ready   # nothing handed over while held
+    assert future.result(timeout=5).tolist() == [1.0] * 4   # the first wait lets them go
+    read_through(batch)
+    assert events == ["planned", "released"]
+    load.close()
+    # Closed without a request (the model failed to build): the held run ends, no hang.
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cuda:0")
+    batch.read_ahead(handles, quiet=True)
+    load.close()
+    assert batch.thread is not None and not batch.thread.is_alive()
+    assert batch.gate.released
+
+
+def test_a_quiet_read_ahead_to_the_cpu_does_not_wait(tmp_path: Path) -> None:
+    # Python readers to the CPU have nothing to hold: read_ahead() returns at once, planned.
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    batch = load.batch("cpu")
+    batch.read_ahead(handles, quiet=True)
+    assert batch.gate.planned and batch.gate.released
+    future = batch.add(handles[0].get_slice("w"), None)
+    assert future is not None and future.result(timeout=10).tolist() == [0.0] * 4
     load.close()
 
 
@@ -565,7 +627,9 @@ def test_reading_ahead_to_cuda_keeps_the_device_peak(tmp_path: Path, calls: Coun
     for way, kwargs in (("stock", {}),
                         ("on demand", {"loader": "fastsafetensors",
                                        "loader_options": {"read_ahead": "off"}}),
-                        ("ahead", {"loader": "fastsafetensors"})):
+                        ("ahead", {"loader": "fastsafetensors"}),
+                        ("quiet", {"loader": "fastsafetensors",
+                                   "loader_options": {"read_ahead": "quiet"}})):
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -574,8 +638,14 @@ def test_reading_ahead_to_cuda_keeps_the_device_peak(tmp_path: Path, calls: Coun
         peaks[way] = torch.cuda.max_memory_allocated() - before
     assert assert_same(loaded["ahead"], loaded["stock"]) > 0
     assert assert_same(loaded["on demand"], loaded["stock"]) > 0
-    assert [b.ahead for b in seen["batches"]] == [False, True]
+    assert assert_same(loaded["quiet"], loaded["stock"]) > 0
+    assert [b.ahead for b in seen["batches"]] == [False, True, True]
+    # read_ahead="quiet": transformers waited for the planning, the reports for its request.
+    quiet = seen["batches"][2]
+    assert quiet.gate is not None and quiet.gate.planned and quiet.gate.released
+    assert "planned" in quiet.times
     assert peaks["ahead"] <= peaks["on demand"] + (1 << 20), peaks
+    assert peaks["quiet"] <= peaks["on demand"] + (1 << 20), peaks
 
 
 @pytest.mark.parametrize("ran", [True, False])

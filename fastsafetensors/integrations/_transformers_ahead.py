@@ -76,8 +76,9 @@ def start_reading_ahead(load: Load, device: str, files: Any, dtype: Any, state_d
     import torch
 
     with load.configured():
-        if config.get("read_ahead") != "on":
-            return "read_ahead='off'"
+        mode = config.get("read_ahead")
+    if mode == "off":
+        return "read_ahead='off'"
     if state_dict is not None or hf_quantizer is not None or not isinstance(dtype, torch.dtype):
         return "a state_dict, a quantizer or no single dtype"
     if not files or not all(str(f).endswith(".safetensors") for f in files):
@@ -99,7 +100,7 @@ def start_reading_ahead(load: Load, device: str, files: Any, dtype: Any, state_d
         free, _ = torch.cuda.mem_get_info(device)
         if free < nbytes + AHEAD_HEADROOM:
             return f"{human_size(nbytes)} of tensors and {human_size(free)} free on {device}"
-    load.batch(device).read_ahead(handles)
+    load.batch(device).read_ahead(handles, quiet=cuda and mode == "quiet")
     if cuda:
         load.devices.add(device)
     return f"reading {human_size(nbytes)} ahead to {device}"

@@ -19,6 +19,10 @@ A batch starts in one of two ways:
   arrives. A request the batch cannot serve (a key asked twice, a file that is not the one
   read, a stopped run) gets None, and the caller reads that tensor on its own; once a read has
   failed, a request for a tensor not read yet gets that error, as before the failure.
+  With ``read_ahead="quiet"`` (to a GPU through the ring), transformers' thread waits until
+  every chunk is submitted, and the load's Python (reports, hand-overs) waits for its first
+  wait, so that none of it competes for the GIL while transformers builds the model and the
+  ring's C threads read (stream.AheadGate).
 
 A batch keeps no tensor it has handed over: what transformers frees after converting it (fused
 experts, quantized weights) is freed.
@@ -49,6 +53,9 @@ IDLE_START = 0.05
 _Wanted = dict[str, list[tuple[Any, Future[Any]]]]
 
 _ENDED = "fastsafetensors: the load ended before this tensor was read"
+
+#: Seconds transformers' thread waits at most for a quiet batch's planner (read_ahead="quiet").
+PLAN_WAIT = 5.0
 
 
 def complete(device: Any) -> None:
@@ -97,6 +104,7 @@ class Batch:
         self.ready: dict[tuple[str, str], Any] = {}   # read ahead, not asked for yet
         self.same: dict[FastSafetensorsFile, bool] = {}   # a requester's handle reads our file?
         self.ahead = False          # reads every tensor of its files, from the start
+        self.gate: Any = None       # stream.AheadGate of a quiet read-ahead, else None
         self.asked = False          # transformers has made all its requests
         self.finished = False       # the engine run is over
         self.error: BaseException | None = None   # what ended it, if it failed
@@ -117,6 +125,8 @@ class Batch:
         reads = (f"read {t['started']:.2f}-{t['finished']:.2f} s" if "finished" in t
                  else f"read from {t['started']:.2f} s" if "started" in t else "not read")
         waited = f", first waited on at {t['asked']:.2f} s" if "asked" in t else ""
+        if "planned" in t:   # read_ahead="quiet": transformers' thread waited until then
+            waited = f", planned by {t['planned']:.2f} s{waited}"
         # The last tensor's reads landed then; after it the engine's threads are joined.
         last = f", last tensor at {t['last']:.2f} s" if "last" in t else ""
         return f"{self.device}: {reads}{waited}{last}"
@@ -175,15 +185,23 @@ class Batch:
                 self.times["asked"] = time.perf_counter()
             self.asked = True
             self.ready.clear()
+            gate = self.gate
+        if gate is not None:
+            gate.release()   # the reports, held while transformers built the model
 
     # -- the engine run ---------------------------------------------------------------------
 
-    def read_ahead(self, files: Sequence[FastSafetensorsFile]) -> None:
-        """Start reading every tensor of ``files`` now, before any request."""
+    def read_ahead(self, files: Sequence[FastSafetensorsFile], quiet: bool = False) -> None:
+        """Start reading every tensor of ``files`` now, before any request; ``quiet``: return
+        once every chunk is submitted, and hold the load's reports until transformers first
+        waits (stream.AheadGate)."""
+        from ..loader.stream import AheadGate
+
         with self.lock:
             if self.thread is not None or self.wanted:
                 return
             self.ahead = True
+            self.gate = AheadGate() if quiet else None
             for file in files:
                 self.wanted[file.path] = (file, {name: [] for name in file.keys()})
         try:
@@ -192,7 +210,11 @@ class Batch:
             with self.lock:   # requests then collect on demand, as without reading ahead
                 self.ahead = False
                 self.wanted.clear()
+                self.gate = None
             raise
+        if self.gate is not None:
+            self.gate.wait_planned(PLAN_WAIT)
+            self.times["planned"] = time.perf_counter()
 
     def _start_when_idle(self) -> None:
         while not self.stopped.wait(IDLE_START / 2):
@@ -223,6 +245,9 @@ class Batch:
         with self.lock:   # under the lock: start() either ran before or starts nothing
             self.stopped.set()
             watchdog = self.watchdog
+            gate = self.gate
+        if gate is not None:
+            gate.release()
         if watchdog is not None:
             watchdog.join()
         with self.lock:
@@ -248,6 +273,8 @@ class Batch:
                     sources.append((source, file.header, list(names)))
                 self._read(sources, files)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on a future
+            if self.gate is not None:
+                self.gate.release()   # transformers' thread waits no more
             with self.lock:
                 self.finished = True
                 self.error = exc
@@ -275,8 +302,10 @@ class Batch:
             # Read ahead, every tensor is held until transformers takes it: the engine may
             # allocate them all ahead of their reads. On demand, transformers may convert and
             # free each as it comes (a cast here, fused experts): not then.
-            stream = device_stream(sources, self.device, keeps_all=self.ahead)
+            stream = device_stream(sources, self.device, keeps_all=self.ahead, gate=self.gate)
         else:
+            if self.gate is not None:   # Python readers: nothing to hold back
+                self.gate.not_needed()
             stream = _host_stream(sources, files[sources[0][0]][0]._framework, threads=None,
                                   io=None)
         try:

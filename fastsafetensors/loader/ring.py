@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ class Ring:
         self._ended = self._cancelled = self._closed = False
         self.submitted = 0
         self.room_waits = 0           # submits that found every slot taken and waited
+        # Called before a submit waits for room (stream.AheadGate lets the reports go then).
+        self.on_full: Callable[[], None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +198,8 @@ class Ring:
             index = self._held.fst_ring_submit(*args, 0)   # keeps the GIL: never waits
             if index == -4:   # full: wait for room without the GIL
                 self.room_waits += 1
+                if self.on_full is not None:
+                    self.on_full()
                 index = self._lib.fst_ring_submit(*args, 1)
         finally:
             self._leave()

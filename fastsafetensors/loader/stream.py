@@ -416,10 +416,53 @@ class _Completion:
                 self.cond.wait(0.05)
 
 
-def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
-                   ) -> Iterator[tuple[str, Any]]:
+class AheadGate:
+    """For a load read ahead of a thread that runs Python meanwhile (transformers building the
+    model): its caller waits until every chunk is submitted (:meth:`wait_planned`), and the
+    ring's reports wait until the caller lets them go (:meth:`release`), so that while the
+    C threads read and copy, none of the load's Python competes for the GIL. The load lets
+    them go itself before its planner would wait on a report (the ring full, too many files
+    open); without a ring there is nothing to hold."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.planned = False
+        self.released = False
+
+    def set_planned(self) -> None:
+        with self._cond:
+            self.planned = True
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self.released = True
+            self._cond.notify_all()
+
+    def not_needed(self) -> None:
+        """Nothing to hold back (no ring): planned and released at once."""
+        with self._cond:
+            self.planned = self.released = True
+            self._cond.notify_all()
+
+    def wait_planned(self, timeout: float) -> bool:
+        """Until every chunk is submitted (True), or the reports were let go or ``timeout``
+        seconds passed (False)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.planned or self.released, timeout)
+            return self.planned
+
+    def wait_released(self, cancelled: threading.Event) -> None:
+        with self._cond:
+            while not self.released and not cancelled.is_set():
+                self._cond.wait(WORKER_POLL)
+
+
+def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions,
+                   gate: AheadGate | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, tensor)`` for every wanted tensor of ``sources``, in file order, each one
-    complete and ordered before later work on the consumer's current stream."""
+    complete and ordered before later work on the consumer's current stream. ``gate``: see
+    :class:`AheadGate`."""
     cancelled = threading.Event()
     budget = _Budget(options.max_device_bytes, cancelled)
     work: queue.Queue[_Chunk | None] = queue.Queue(maxsize=4 * options.threads)
@@ -452,6 +495,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                          capacity=max(2 * windows + options.threads,
                                       RING_SLOTS if options.keeps_all else 0),
                          batch=max(1, windows // 4))
+    if gate is not None and ring is not None:
+        ring.on_full = gate.release   # the planner would wait for reports
+    elif gate is not None:   # Python readers: nothing to hold back
+        gate.not_needed()
     # Chunks submitted to the ring and not reported yet: (chunk, where its read begins, direct)
     inflight: dict[int, tuple[_Chunk, int, bool]] = {}
     open_files = threading.Semaphore(OPEN_FILES)   # released as each file is shut
@@ -480,8 +527,12 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if cancelled.is_set():
                     break
                 t0 = time.perf_counter()
-                while not open_files.acquire(timeout=WORKER_POLL):
-                    if cancelled.is_set():
+                opened = open_files.acquire(blocking=False)
+                if not opened and gate is not None:
+                    gate.release()   # files close as their reports are taken
+                while not opened:
+                    opened = open_files.acquire(timeout=WORKER_POLL)
+                    if not opened and cancelled.is_set():
                         return
                 t1 = time.perf_counter()
                 try:
@@ -511,6 +562,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     for _ in range(options.threads):
                         _put(work, None, cancelled)
                 ready.put(None)
+                if gate is not None:
+                    gate.set_planned()
 
     # Chunks planned and not yet submitted: (chunk, where its read begins, direct, the
     # ring's arguments). With a slot for every chunk of a load (keeps_all), SUBMIT_BATCH go in
@@ -562,6 +615,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             t1 = time.perf_counter()
             ring.open(getattr(stream, "cuda_stream", stream), buffer[0].data_ptr())
             PHASES.add({"ring: pin staging": t1 - t0, "ring: open": time.perf_counter() - t1})
+            if gate is not None:
+                t0 = time.perf_counter()
+                gate.wait_released(cancelled)
+                PHASES.add({"ring: reports held": time.perf_counter() - t0})
             while (done := ring.next()) is not None:
                 for index, got, event in done:
                     chunk, _, direct = inflight.pop(index)
