@@ -17,7 +17,9 @@ and over until the load ends instead: each sort is one C call that keeps the GIL
 (75-115 ms for 300,000 on the 2-core VM), as a long torch call or a C extension would; the
 Python around the ring waits for each. ``ring_few_slots`` (as ``iter_tensors`` runs the ring)
 against ``ring`` (as ``load()`` does) shows what the ring's slots for a whole load
-(``stream.RING_SLOTS``) change then.
+(``stream.RING_SLOTS``) change then. ``ring_quiet`` runs beside the work as a transformers batch
+with ``read_ahead="quiet"`` does: the work waits until every chunk is planned, and the load's
+reports wait until the work is done; its row gives the seconds until the load ended.
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ from bench_engine_overhead import HostSink  # noqa: E402
 
 from fastsafetensors.format import TensorInfo  # noqa: E402
 from fastsafetensors.loader import cuda, driver, native, ring  # noqa: E402
-from fastsafetensors.loader.stream import StreamOptions, stream_tensors  # noqa: E402
+from fastsafetensors.loader.stream import (  # noqa: E402
+    AheadGate,
+    StreamOptions,
+    stream_tensors,
+)
 
 STAND_IN = Path(__file__).resolve().parent.parent / "tests" / "fake_libcuda.c"
 
@@ -154,6 +160,34 @@ def load(path: str, mode: str, threads: int, staging: int, chunk: int = 0) -> fl
     return time.perf_counter() - t0
 
 
+def quiet_beside(path: str, threads: int, staging: int, chunk: int, steps: int
+                 ) -> tuple[float, float]:
+    """``ring`` as a transformers batch with ``read_ahead="quiet"`` runs it beside the model's
+    build: the load on a thread with a stream.AheadGate, this thread waiting until every chunk
+    is planned, then doing the work, then letting the reports go. (Seconds from the start
+    until the load ended, the work's own seconds.)"""
+    options = StreamOptions(threads=threads, staging_bytes=staging, io="buffered",
+                            switch_interval=500e-6, chunk_bytes=chunk, keeps_all=True)
+    gate = AheadGate()
+    ended: list[float] = []
+    t0 = time.perf_counter()
+
+    def run() -> None:
+        for _ in stream_tensors([(path, None, None)], StandInSink("ring"), options, gate):
+            pass
+        ended.append(time.perf_counter() - t0)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    gate.wait_planned(60)
+    t1 = time.perf_counter()
+    python_work(steps)
+    work = time.perf_counter() - t1
+    gate.release()
+    thread.join()
+    return ended[0], work
+
+
 def beside_sorts(run: Callable[[], float], steps: int) -> tuple[float, float]:
     """(``run()``'s seconds, 0) with another thread sorting ``steps // 10`` floats over and
     over meanwhile: each sort keeps the GIL for all of its C call."""
@@ -178,7 +212,8 @@ def beside_sorts(run: Callable[[], float], steps: int) -> tuple[float, float]:
 def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--modes", default="driver,native,ring",
-                    help="of driver, native, ring, ring_few_slots")
+                    help="of driver, native, ring, ring_few_slots, ring_quiet (with --work "
+                         "python)")
     ap.add_argument("--chunk-mib", type=int, default=0,
                     help="chunk_bytes: the largest chunk, so the ring's windows (0: the share of "
                          "staging a buffer gets)")
@@ -195,13 +230,18 @@ def main() -> None:
     chunk = args.chunk_mib << 20
     modes = args.modes.split(",")
     for mode in modes:
-        load(path, mode, args.threads, staging, chunk)   # staging made, C built, code warm
+        if mode != "ring_quiet":
+            load(path, mode, args.threads, staging, chunk)   # staging made, C built, warm
     t0 = time.perf_counter()
     python_work(args.steps)
     alone_work = time.perf_counter() - t0
     rows: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.rounds):
         for mode in modes:
+            if mode == "ring_quiet":   # only beside the work: alone it is ring
+                rows.setdefault(f"{mode}, beside {args.work} (load ends)", []).append(
+                    quiet_beside(path, args.threads, staging, chunk, args.steps))
+                continue
             rows.setdefault(f"{mode}, alone", []).append(
                 (load(path, mode, args.threads, staging, chunk), 0.0))
             run = lambda: load(path, mode, args.threads, staging, chunk)  # noqa: B023, E731
