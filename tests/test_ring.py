@@ -307,6 +307,49 @@ def test_a_gate_lets_the_reports_go_before_the_planner_would_wait_for_one(calls,
     assert_same(got, paths)
 
 
+def test_a_ring_that_fails_while_its_reports_are_held_fails_the_load_at_once(calls, tmp_path):
+    # A copy fails while the gate holds the reports: the load must not wait for the caller's
+    # release to say so (found by a review: the planner went on into a dead ring, and the
+    # caller, told "planned", went on building a model for a failed load).
+    paths = [tmp_path / f"{k}.safetensors" for k in range(3)]
+    for k, path in enumerate(paths):
+        save_file({f"w{k}.{i}": torch.full((12000,), float(i)) for i in range(20)}, str(path))
+    calls.set("fail_copy", 3)
+    gate = stream.AheadGate()
+    out: list[Any] = []
+    options = StreamOptions(threads=3, staging_bytes=48 * 16384, io="buffered",
+                            chunk_bytes=16384, keeps_all=True)
+
+    def run() -> None:
+        try:
+            out.append(dict(stream_tensors([(str(p), None, None) for p in paths],
+                                           RingHostSink(), options, gate)))
+        except BaseException as exc:  # noqa: BLE001 - what the test looks at
+            out.append(exc)
+
+    loader = threading.Thread(target=run)
+    loader.start()
+    loader.join(20)   # no release from here
+    assert not loader.is_alive() and gate.released
+    assert len(out) == 1 and isinstance(out[0], CudaError), out
+
+
+def test_a_planner_waiting_for_budget_lets_the_reports_go(calls, tmp_path):
+    # Under a memory budget the planner waits for the consumer, which waits for reports.
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.full((12000,), float(i)) for i in range(20)}, str(path))
+    gate = stream.AheadGate()
+    got: dict[str, torch.Tensor] = {}
+    options = StreamOptions(threads=3, staging_bytes=48 * 16384, io="buffered",
+                            chunk_bytes=16384, keeps_all=True, max_device_bytes=100_000)
+    loader = threading.Thread(target=lambda: got.update(stream_tensors(
+        [(str(path), None, None)], RingHostSink(), options, gate)))
+    loader.start()
+    loader.join(20)
+    assert not loader.is_alive() and gate.released and gate.planned
+    assert_same(got, [path])
+
+
 def test_a_gate_without_a_ring_has_nothing_to_hold(calls, tmp_path):
     g = torch.Generator().manual_seed(11)
     path = tmp_path / "a.safetensors"

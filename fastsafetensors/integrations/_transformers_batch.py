@@ -212,8 +212,7 @@ class Batch:
                 self.wanted.clear()
                 self.gate = None
             raise
-        if self.gate is not None:
-            self.gate.wait_planned(PLAN_WAIT)
+        if self.gate is not None and self.gate.wait_planned(PLAN_WAIT):
             self.times["planned"] = time.perf_counter()
 
     def _start_when_idle(self) -> None:

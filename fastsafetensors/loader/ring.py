@@ -229,7 +229,9 @@ class Ring:
             head = array("q")
             dst, src, lengths = array("Q"), array("q"), array("q")
             for fd, offset, length, needed, allocated, copies in chunks:
-                event = 0 if allocated is None else allocated.handle.value or 0
+                # As int64 bits: an address with its top bit set must not overflow "q".
+                event = 0 if allocated is None else ctypes.c_int64(
+                    allocated.handle.value or 0).value
                 head.extend((fd, offset, length, needed, event, len(copies)))
                 for address, at, nbytes in copies:
                     dst.append(address)

@@ -544,7 +544,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 PHASES.add({"planner: wait for a file to close": t1 - t0,
                             "planner: open files": time.perf_counter() - t1})
                 files.append(f)
-                _plan_file(f, sink, options, budget, hand, ready, cancelled, completion)
+                _plan_file(f, sink, options, budget, hand, ready, cancelled, completion, gate)
                 _file_done(f, planned=True)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
@@ -598,6 +598,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         if got is None:   # the ring stopped; report() says why
             for i in range(ring.submitted - first, len(chunks)):
                 inflight.pop(first + i, None)
+            if gate is not None:
+                gate.release()   # a report() held back would not say it
         elif got != first:
             raise RuntimeError(f"the ring numbered chunk {first} as {got}")
 
@@ -1012,7 +1014,8 @@ def _file_done(f: _File, *, planned: bool = False) -> None:
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                budget: _Budget, hand: Callable[[_Chunk | None], None],
                ready: queue.Queue[list[_Tensor] | BaseException | None],
-               cancelled: threading.Event, completion: _Completion) -> None:
+               cancelled: threading.Event, completion: _Completion,
+               gate: AheadGate | None = None) -> None:
     """Allocate the file's wanted tensors in order, queue chunks covering their bytes, and
     hand the planned tensors to the caller, a batch per chunk."""
     header = f.header
@@ -1092,6 +1095,8 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                 if budget.would_block(footprint):
                     flush()  # the tensors already planned complete; the consumer frees budget
                     submit_held()
+                    if gate is not None:
+                        gate.release()   # the consumer frees budget once reports come
                     t0 = clock()
                 if not budget.acquire(footprint):
                     return
