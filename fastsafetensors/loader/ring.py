@@ -130,6 +130,11 @@ class Ring:
         self.on_full: Callable[[], None] | None = None
 
     @property
+    def opened(self) -> bool:
+        """Whether :meth:`open` started the threads (a submit before then waits for it)."""
+        return self._handle is not None
+
+    @property
     def nbytes(self) -> int:
         """Pinned bytes :meth:`open` needs at its address."""
         return self.windows * self.stride

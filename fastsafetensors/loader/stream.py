@@ -568,7 +568,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     # Chunks planned and not yet submitted: (chunk, where its read begins, direct, the
     # ring's arguments). With a slot for every chunk of a load (keeps_all), SUBMIT_BATCH go in
     # one call: each call is Python under the GIL, which beside transformers' thread the
-    # planner gets only part of the time (H200 run 8: the readers waited for chunks).
+    # planner gets only part of the time (H200 run 9: the readers waited for chunks). Until
+    # the ring is open (its staging pinned: 0.04-0.06 s in a process's first load) they all
+    # wait here, so that the planner goes on planning meanwhile.
     pending: list[tuple[_Chunk, int, bool, tuple[Any, ...]]] = []
 
     def hand(chunk: _Chunk | None) -> None:
@@ -585,7 +587,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 fd, begin, length, chunk.end - begin, chunk.allocated,
                 [(p.tensor.flat.data_ptr() + p.tensor_offset, skew + p.file_offset - chunk.offset,
                   p.length) for p in chunk.pieces])))
-            if options.keeps_all and len(pending) < SUBMIT_BATCH:
+            if options.keeps_all and (len(pending) < SUBMIT_BATCH or not ring.opened):
                 return
         if not pending:
             return
