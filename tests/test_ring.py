@@ -57,6 +57,16 @@ def load(paths: list[Path], sink: Any, **options: Any) -> dict[str, torch.Tensor
                                StreamOptions(**shape)))
 
 
+def wait_until_copied(destinations: list[tuple[str, torch.Tensor]],
+                      tensors: dict[str, torch.Tensor]) -> None:
+    """Until every destination holds its tensor: the ring's C threads copy without a report
+    taken (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while not all(torch.equal(d, tensors[n]) for n, d in destinations):
+        assert time.monotonic() < deadline, "the ring's threads stopped without reports"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("io", ["buffered", "direct"])
 def test_the_engine_through_the_ring_equals_safetensors(calls, tmp_path, io):
     # Real files through the engine: O_DIRECT's widening and skew, misaligned tensors and
@@ -172,10 +182,7 @@ def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_
     def late_next(self: ring.Ring) -> Any:
         assert planned.wait(10)
         # Every chunk was read and copied before the first report is taken.
-        deadline = time.monotonic() + 10
-        while not all(torch.equal(d, tensors[n]) for n, d in destinations):
-            assert time.monotonic() < deadline, "the ring's threads stopped without reports"
-            time.sleep(0.01)
+        wait_until_copied(destinations, tensors)
         return real_next(self)
 
     monkeypatch.setattr(ring.Ring, "end", end)
@@ -256,7 +263,7 @@ def test_a_gate_holds_the_reports_until_released_and_says_when_all_is_planned(ca
     destinations: list[tuple[str, torch.Tensor]] = []
     real_alloc = sink.alloc
     sink.alloc = lambda info: destinations.append(   # type: ignore[method-assign]
-        (info.name, real_alloc(info))) or destinations[-1][1]
+        (info.name, real_alloc(info).view(torch.float32))) or destinations[-1][1]
     gate = stream.AheadGate()
     got: dict[str, torch.Tensor] = {}
     options = StreamOptions(threads=3, staging_bytes=48 * 16384, io="buffered",
@@ -268,10 +275,7 @@ def test_a_gate_holds_the_reports_until_released_and_says_when_all_is_planned(ca
         assert gate.wait_planned(10)
         (made,) = sink.rings
         assert made.submitted > 3 * made.windows   # every chunk, in windows reused
-        deadline = time.monotonic() + 10
-        while not all(torch.equal(d.view(torch.float32), tensors[n]) for n, d in destinations):
-            assert time.monotonic() < deadline, "the ring's threads stopped without reports"
-            time.sleep(0.01)
+        wait_until_copied(destinations, tensors)
         loader.join(0.1)
         assert loader.is_alive() and not reports and not got
     finally:

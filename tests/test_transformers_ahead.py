@@ -434,30 +434,42 @@ def test_a_cast_that_fails_fails_its_future(tmp_path: Path) -> None:
     load.close()
 
 
+def gpu_batch_of(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_stream: Any
+                 ) -> tuple[Any, list[Any], Any]:
+    """A load of two files and its batch to cuda:0, whose engine run is ``device_stream``
+    (there is no CUDA here)."""
+    import fastsafetensors.loading as loading
+
+    monkeypatch.setattr(loading, "device_stream", device_stream)
+    monkeypatch.setattr(batching, "complete", lambda device: None)   # no CUDA stream here
+    load = seam.Load({})
+    handles = [load.open(p) for p in two_files(tmp_path)]
+    return load, handles, load.batch("cuda:0")
+
+
+def read_in_file_order(sources: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """What the engine yields for ``sources`` (a fake device_stream's), read by safetensors."""
+    from safetensors.torch import load_file
+
+    for source, _, names in sources:
+        tensors = load_file(source)
+        for name in sorted(names, key=lambda n: list(tensors).index(n)):
+            yield name, tensors[name]
+
+
 def test_a_batch_reading_ahead_to_a_gpu_keeps_every_tensor_so_its_ring_may_run_ahead(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Read ahead, the batch holds each tensor until transformers takes it: the engine may
     # allocate them all ahead of their reads (StreamOptions.keeps_all), and its ring need not
     # wait for its reports, which need the GIL that transformers' thread holds while it
     # builds the model.
-    from safetensors.torch import load_file
-
-    import fastsafetensors.loading as loading
-
     asked: list[tuple[str, dict[str, Any]]] = []
 
     def device_stream(sources: list[Any], device: str, **options: Any) -> Iterator[Any]:
         asked.append((device, options))
-        for source, _, names in sources:
-            tensors = load_file(source)
-            for name in sorted(names, key=lambda n: list(tensors).index(n)):
-                yield name, tensors[name]
+        yield from read_in_file_order(sources)
 
-    monkeypatch.setattr(loading, "device_stream", device_stream)
-    monkeypatch.setattr(batching, "complete", lambda device: None)   # no CUDA stream here
-    load = seam.Load({})
-    handles = [load.open(p) for p in two_files(tmp_path)]
-    batch = load.batch("cuda:0")
+    load, handles, batch = gpu_batch_of(tmp_path, monkeypatch, device_stream)
     batch.read_ahead(handles)
     read_through(batch)
     assert asked == [("cuda:0", {"keeps_all": True, "gate": None})]
@@ -482,10 +494,6 @@ def test_a_quiet_read_ahead_returns_once_planned_and_holds_its_reports_until_ask
     # read_ahead="quiet": transformers' thread waits in read_ahead() until the engine has
     # planned every chunk, and the engine's reports (so the hand-overs) wait until
     # transformers first waits, or the load stops.
-    from safetensors.torch import load_file
-
-    import fastsafetensors.loading as loading
-
     events: list[str] = []
 
     def device_stream(sources: list[Any], device: str, *, keeps_all: bool,
@@ -495,16 +503,9 @@ def test_a_quiet_read_ahead_returns_once_planned_and_holds_its_reports_until_ask
         gate.set_planned()
         gate.wait_released(threading.Event())
         events.append("released")
-        for source, _, names in sources:
-            tensors = load_file(source)
-            for name in sorted(names, key=lambda n: list(tensors).index(n)):
-                yield name, tensors[name]
+        yield from read_in_file_order(sources)
 
-    monkeypatch.setattr(loading, "device_stream", device_stream)
-    monkeypatch.setattr(batching, "complete", lambda device: None)   # no CUDA stream here
-    load = seam.Load({})
-    handles = [load.open(p) for p in two_files(tmp_path)]
-    batch = load.batch("cuda:0")
+    load, handles, batch = gpu_batch_of(tmp_path, monkeypatch, device_stream)
     batch.read_ahead(handles, quiet=True)
     assert events == ["planned"] and batch.gate.planned and "planned" in batch.times
     future = batch.add(handles[1].get_slice("w"), None)
@@ -517,9 +518,7 @@ def test_a_quiet_read_ahead_returns_once_planned_and_holds_its_reports_until_ask
     assert events == ["planned", "released"]
     load.close()
     # Closed without a request (the model failed to build): the held run ends, no hang.
-    load = seam.Load({})
-    handles = [load.open(p) for p in two_files(tmp_path)]
-    batch = load.batch("cuda:0")
+    load, handles, batch = gpu_batch_of(tmp_path, monkeypatch, device_stream)
     batch.read_ahead(handles, quiet=True)
     load.close()
     assert batch.thread is not None and not batch.thread.is_alive()
