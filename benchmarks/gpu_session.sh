@@ -15,10 +15,11 @@
 # which now has 170 s for 9; a call's timeout_s of 590 leaves room; the most wanted figures
 # come first). Rows and cold runs that earlier runs settled are left out (the cold runs: H200 run 3,
 # ours 1.04x the raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
-# native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6 and 7); the
-# rows now check the default since the eighteenth session, cuda_calls="ring" with 12 C
-# readers, against the default before it (cuda_calls="torch", 8 Python readers), 16 readers
-# and InstantTensor. LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
+# native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6-8); the
+# rows now check the default, cuda_calls="ring" with 12 C readers, against the default before
+# the eighteenth session (cuda_calls="torch"), 128 and 64 MiB of staging (128 beat the default
+# in H200 runs 8 and 10), reservations off, one load() of every file, and InstantTensor.
+# LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
 # regexes) bring any row back; the benchmarks also stop starting timed runs at a deadline
 # inside their limit, so that their checks, summaries and JSON are written whatever the
 # machine's speed.
@@ -121,7 +122,7 @@ if wanted load; then
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_noreserve|_t16ring)?\$|^fst_load_cuda\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_s64|_noreserve)?\$|^fst_load_cuda(_s128)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 85 --timeout 60 \
     --skip-many \
