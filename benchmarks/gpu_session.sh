@@ -163,11 +163,14 @@ fi
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under
 # cProfile; new in the seventeenth session (on the H100 machine the twin took 0.39-0.41 s, on
-# the 2-core CPU VM 0.19).
+# the 2-core CPU VM 0.19). In H200 run 8 ours spent 0.19 s in get_model_conversion_mapping
+# (0.02 s on the CPU VM) with its load's threads beside it: does read_ahead="quiet" take that
+# away?
 if wanted floor; then
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
 timeout -k 5 75 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
-    --modes stock,fastsafetensors --repeat 3 --profile 25 --deadline 65 \
+    --modes "${FLOOR_MODES:-stock,fastsafetensors,fastsafetensors-quiet}" --repeat 3 \
+    --profile 25 --deadline 65 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 fi
 
