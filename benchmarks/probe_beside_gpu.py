@@ -72,6 +72,7 @@ def main() -> None:
 
     def load_beside(work: Callable[[threading.Event], None]) -> tuple[float, dict[str, float]]:
         result: dict[str, float] = {}
+        failed: list[BaseException] = []
         done = threading.Event()
 
         def run() -> None:
@@ -82,6 +83,8 @@ def main() -> None:
                     torch.cuda.synchronize()
                 result["seconds"] = time.perf_counter() - started
                 del tensors
+            except BaseException as exc:  # noqa: BLE001 - raised again on the main thread
+                failed.append(exc)
             finally:
                 done.set()
 
@@ -90,6 +93,8 @@ def main() -> None:
         thread.start()
         work(done)
         thread.join()
+        if failed:
+            raise failed[0]
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         return result["seconds"], PHASES.snapshot()
