@@ -24,7 +24,7 @@ typedef struct { int magic; unsigned flags; int recorded; long upto; } event_t;
 /* Counters. */
 int fake_devices = 2;
 long fake_retains, fake_copies, fake_copied_bytes, fake_records, fake_waits, fake_syncs;
-long fake_events_live, fake_pushes, fake_pops, fake_push_calls;
+long fake_events_live, fake_events_created, fake_pushes, fake_pops, fake_push_calls;
 uintptr_t fake_last_stream, fake_last_context;
 unsigned fake_last_flags;
 /* Knobs: the copy and the context push numbers that fail (0: none), and how long a copy or a
@@ -133,6 +133,7 @@ int cuEventCreate(void **event, unsigned flags) {
     e->upto = 0;
     fake_last_flags = flags;
     COUNT(fake_events_live, 1);
+    COUNT(fake_events_created, 1);
     *event = e;
     return SUCCESS;
 }

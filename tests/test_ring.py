@@ -57,6 +57,14 @@ def load(paths: list[Path], sink: Any, **options: Any) -> dict[str, torch.Tensor
                                StreamOptions(**shape)))
 
 
+def reported_chunks(report: tuple[int, list[int], Any] | None) -> list[tuple[int, int]]:
+    """(number, bytes read) of each chunk of one Ring.next() report."""
+    if report is None:
+        return []
+    first, got, _ = report
+    return [(first + i, n) for i, n in enumerate(got)]
+
+
 def wait_until_copied(destinations: list[tuple[str, torch.Tensor]],
                       tensors: dict[str, torch.Tensor]) -> None:
     """Until every destination holds its tensor: the ring's C threads copy without a report
@@ -423,9 +431,9 @@ def test_submit_many_takes_what_fits_and_the_rest_as_room_frees(calls, tmp_path)
         submitter.start()
         submitter.join(0.3)
         assert submitter.is_alive() and made.submitted == 3   # 3 slots: 3 taken at once
-        reported = [r[0] for r in made.next() or []]
+        reported = [k for k, _ in reported_chunks(made.next())]
         while len(reported) < 5:
-            reported += [r[0] for r in made.next() or []]
+            reported += [k for k, _ in reported_chunks(made.next())]
         submitter.join(5)
         assert result == [0] and reported == [0, 1, 2, 3, 4]
         assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
@@ -496,12 +504,13 @@ def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
 
     try:
         assert submit(0) == 0
-        assert [r[0] for r in made.next() or []] == [0]   # one submitted: one is enough
+        assert reported_chunks(made.next()) == [(0, 100)]   # one submitted: one is enough
         assert [submit(k) for k in (1, 2)] == [1, 2]
-        assert [r[0] for r in made.next() or []] == [1, 2]   # both, in one report
+        assert reported_chunks(made.next()) == [(1, 100), (2, 100)]   # both, in one report
         assert [submit(k) for k in (3, 4)] == [3, 4]
         made.end()
-        assert [r[0] for batch in iter(made.next, None) for r in batch] == [3, 4]
+        assert [r for report in iter(made.next, None) for r in reported_chunks(report)] == [
+            (3, 100), (4, 100)]
         assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
                                                  dtype=torch.uint8))
     finally:
@@ -509,6 +518,67 @@ def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
         os.close(fd)
     assert made.batch == 3 and ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2,
                                          batch=9).batch == 2
+
+
+def test_a_report_hands_over_one_event_and_its_chunks_events_are_recorded_again(calls,
+                                                                               tmp_path):
+    # One stream, chunk order: the event after a report's last chunk marks the end of all of
+    # its chunks. The others' events go back to the ring for later chunks instead of to Python,
+    # which would wrap and destroy each one.
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(500, dtype=torch.uint8)
+    live = calls.events_live
+    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=8, batch=3)
+    made.open(7, windows.data_ptr())
+    fd = os.open(path, os.O_RDONLY)
+    created = calls.events_created   # the windows' own
+    try:
+        assert made.submit_many([(fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 100)])
+                                 for k in range(3)]) == 0
+        first = made.next()
+        assert reported_chunks(first) == [(0, 100), (1, 100), (2, 100)]
+        assert calls.events_created - created == 3
+        assert made.submit_many([(fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 100)])
+                                 for k in (3, 4)]) == 3
+        made.end()
+        second = made.next()
+        assert reported_chunks(second) == [(3, 100), (4, 100)]
+        assert calls.events_created - created == 3   # 3 and 4 took the spares of 0 and 1
+        assert first is not None and second is not None
+        assert first[2].handle.value != second[2].handle.value
+        assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
+                                                 dtype=torch.uint8))
+    finally:
+        made.close()
+        os.close(fd)
+    del first, second
+    gc.collect()
+    assert calls.events_live == live   # the spare one too, with the ring
+
+
+def test_the_engine_wraps_one_event_per_report(calls, tmp_path, monkeypatch):
+    first, second = two_files(tmp_path, seed=9)
+    reports, adopted = [], []
+    real_next, real_adopt = ring.Ring.next, driver.Event.adopt
+
+    def next_report(self: ring.Ring) -> Any:
+        time.sleep(0.05)   # a reporter kept from the GIL: chunks queue up meanwhile
+        report = real_next(self)
+        if report is not None:
+            reports.append(len(report[1]))
+        return report
+
+    monkeypatch.setattr(ring.Ring, "next", next_report)
+    monkeypatch.setattr(driver.Event, "adopt",
+                        lambda *a: adopted.append(1) or real_adopt(*a))   # type: ignore
+    sink = RingHostSink()
+    got = load([first, second], sink, keeps_all=True)
+    assert_same(got, [first, second])
+    (made,) = sink.rings
+    assert sum(reports) == made.submitted and len(adopted) == len(reports)
+    assert len(reports) < made.submitted > 3   # some report held several chunks
 
 
 def test_a_file_cut_short_while_loading_fails_the_load_with_a_read_error(calls, tmp_path,
@@ -608,11 +678,12 @@ def test_submit_waits_for_room_and_a_cancel_frees_it(calls, tmp_path):
         waiter.join(0.3)
         assert waiter.is_alive()   # no room until a report is taken
         # Both loaded by now: one call reports them all, in order.
-        assert [r[:2] for r in made.next() or []] == [(0, 100), (1, 100)]
+        assert reported_chunks(made.next()) == [(0, 100), (1, 100)]
         waiter.join(5)
         assert result == [2]
         made.end()
-        assert [r[:2] for batch in iter(made.next, None) for r in batch] == [(2, 100)]
+        assert [r for report in iter(made.next, None) for r in reported_chunks(report)] == [
+            (2, 100)]
         assert made.submit(fd, 0, 1, 1, None, []) is None   # after end(): refused
         assert torch.equal(dst[:300], torch.frombuffer(bytearray(path.read_bytes()[:300]),
                                                        dtype=torch.uint8))

@@ -7,12 +7,14 @@
  *
  * Python's part: one thread submits the chunks (fst_ring_submit, keeping the GIL unless the ring
  * is full and it must wait), one takes the reports (fst_ring_next, without the GIL: these
- * chunks' copies are queued, here are the events after them, owned by the caller from then
- * on).
+ * chunks' copies are queued, here is the event after the last of them, owned by the caller
+ * from then on).
  *
  * Every chunk's copies go on one stream in chunk order, so an event recorded after chunk k marks
- * the end of every chunk up to k. The CUDA driver's functions are handed in as addresses
- * (driver_calls.h): no CUDA headers or libraries are needed to build this. */
+ * the end of every chunk up to k: a report hands over one event for all its chunks, and the
+ * others' events are recorded again for later chunks (Python would wrap and destroy each one).
+ * The CUDA driver's functions are handed in as addresses (driver_calls.h): no CUDA headers or
+ * libraries are needed to build this. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -34,7 +36,7 @@ typedef struct {
     int64_t *src, *len;
     int state, code, step;
     int64_t got;
-    void *event; /* recorded after its copies; the caller's once reported */
+    void *event; /* recorded after its copies; a spare again once reported, unless last */
 } slot_t;
 
 typedef struct {
@@ -50,6 +52,10 @@ typedef struct {
     unsigned flags;
     slot_t *slots; /* chunk k in slots[k % capacity] */
     void **marks;  /* per window: recorded after the copies of the chunk that used it last */
+    /* Events of reported chunks that no report handed over, to record again (at most
+     * `capacity`: each one left a slot, and a slot takes one only when none is left). */
+    void **spare;
+    int64_t spares;
     int64_t submitted, claimed, freed, queued, reported;
     int ended, cancelled, copier_done;
     /* One lock; a condition per kind of waiter, so that a chunk's progress wakes the one thread
@@ -150,7 +156,7 @@ static int queue_copies(ring_t *r, int64_t k, slot_t *s, int *code) {
     for (int64_t i = 0; i < s->count; i++)
         if ((*code = c->copy(s->dst[i], window + s->src[i], (size_t)s->len[i], r->stream)))
             return COPY;
-    if ((*code = c->create(&s->event, r->flags)) != 0) {
+    if (!s->event && (*code = c->create(&s->event, r->flags)) != 0) {
         s->event = NULL;
         return CREATE;
     }
@@ -191,6 +197,8 @@ static void *copier(void *arg) {
         if (r->cancelled || k >= r->submitted)
             break;
         slot_t *s = slot(r, k);
+        if (r->spares)
+            s->event = r->spare[--r->spares];
         pthread_mutex_unlock(&r->lock);
         double t1 = now();
         int step = s->step;
@@ -246,6 +254,7 @@ static void release(ring_t *r) {
     }
     free(r->slots);
     free(r->marks);
+    free(r->spare);
     pthread_mutex_destroy(&r->lock);
     pthread_cond_destroy(&r->work);
     pthread_cond_destroy(&r->read);
@@ -289,7 +298,8 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
     pthread_cond_init(&r->room, NULL);
     r->slots = calloc((size_t)capacity, sizeof(slot_t));
     r->marks = calloc((size_t)windows, sizeof(void *));
-    if (!r->slots || !r->marks) {
+    r->spare = calloc((size_t)capacity, sizeof(void *));
+    if (!r->slots || !r->marks || !r->spare) {
         release(r);
         *code = ENOMEM;
         return NULL;
@@ -494,16 +504,18 @@ void fst_ring_cancel(ring_t *r) {
 
 /* The next chunks' reports, in chunk order: 0 once the copies of `batch` of them are queued
  * (or of every chunk submitted, if fewer), with *count (at most `most`) chunks from *first,
- * each one's bytes read in got[] and the event after its copies in events[] (the caller's to
- * destroy). All that are ready at once: the caller needs Python's GIL back for each call, and a
- * thread running Python meanwhile keeps it for up to a switch interval. 1 when every submitted
+ * each one's bytes read in got[], and in *event the event after the last one's copies, so
+ * after all of theirs (the caller's to destroy). All that are ready at once: the caller needs
+ * Python's GIL back for each call, and a thread running Python meanwhile keeps it for up to a
+ * switch interval. 1 when every submitted
  * chunk was reported after fst_ring_end, or the ring was cancelled; else the failed chunk's
  * errno or CUDA code, with *first, *step and got[0] set (chunks before it come in a call of
  * their own first; a failure ends the copier, so no report waits for a batch past it). */
 int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64_t *got,
-                  void **events, int *step) {
+                  void **event, int *step) {
     int result = 1;
     *count = 0;
+    *event = NULL;
     *step = OK;
     pthread_mutex_lock(&r->lock);
     /* At most `most` at once: waiting for more would hold back the first ones. */
@@ -523,7 +535,9 @@ int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64
                 if (s->state == FAILED)
                     break; /* reported by the next call */
                 got[*count] = s->got;
-                events[*count] = s->event;
+                if (*event)
+                    r->spare[r->spares++] = *event;
+                *event = s->event;
                 s->event = NULL;
             }
             result = 0;
@@ -570,10 +584,13 @@ int fst_ring_close(ring_t *r, int *step) {
     if (!code) {
         for (int64_t w = 0; w < r->windows; w++)
             c->destroy(r->marks[w]);
-        /* Events of chunks queued but never reported (a cancelled load). */
+        /* Events of chunks queued but never reported (a cancelled load), and those no report
+         * handed over. */
         for (int64_t i = 0; i < r->capacity; i++)
             if (r->slots[i].event)
                 c->destroy(r->slots[i].event);
+        for (int64_t i = 0; i < r->spares; i++)
+            c->destroy(r->spare[i]);
     }
     c->pop(&popped);
     if (code)

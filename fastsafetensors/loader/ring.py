@@ -56,7 +56,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "fst_ring_end": (None, [_P]),
     "fst_ring_cancel": (None, [_P]),
     "fst_ring_next": (ctypes.c_int, [_P, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
-                                     _P, _P, ctypes.POINTER(ctypes.c_int)]),
+                                     _P, ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
     "fst_ring_spent": (None, [_P, ctypes.POINTER(ctypes.c_double)]),
     "fst_ring_close": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
 }
@@ -275,19 +275,20 @@ class Ring:
                 self._lib.fst_ring_cancel(self._handle)
             self._cond.notify_all()
 
-    def next(self) -> list[tuple[int, int, driver.Event]] | None:
+    def next(self) -> tuple[int, list[int], driver.Event] | None:
         """The next chunks whose copies are queued, in order, all that are ready once
-        :attr:`batch` are (or every chunk submitted, if fewer): ``(number, bytes read, the
-        event after its copies)`` each; None at the end or once cancelled. Raises
-        RingFailure."""
+        :attr:`batch` are (or every chunk submitted, if fewer): ``(the first one's number, the
+        bytes read of each, the event after the last one's copies)``, that event marking the end
+        of every one's copies (one stream, chunk order); None at the end or once cancelled.
+        Raises RingFailure."""
         handle = self._enter(wait=False)
         if handle is None:
             return None
         try:
-            first, count, step = _I64(), _I64(), ctypes.c_int()
-            got, events = (_I64 * REPORT)(), (_P * REPORT)()
+            first, count, step, event = _I64(), _I64(), ctypes.c_int(), _P()
+            got = (_I64 * REPORT)()
             code = self._lib.fst_ring_next(handle, REPORT, ctypes.byref(first),
-                                           ctypes.byref(count), got, events,
+                                           ctypes.byref(count), got, ctypes.byref(event),
                                            ctypes.byref(step))
         finally:
             self._leave()
@@ -295,15 +296,11 @@ class Ring:
             return None
         if code:
             raise RingFailure(first.value, step.value, code, got[0])
-        # Each adopted (destroyed with its object) before anything is raised.
-        adopted = [driver.Event.adopt(self.device, ctypes.c_void_p(event)) if event else None
-                   for event in events[:count.value]]
-        if None in adopted:   # reported done, yet no event after its copies
-            missing = adopted.index(None)
-            raise RingFailure(first.value + missing, STEPS.index("cuEventRecord"), 1,
-                              got[missing])
-        return [(first.value + i, got[i], event) for i, event in enumerate(adopted)
-                if event is not None]
+        if not event.value:   # reported done, yet no event after its copies
+            raise RingFailure(first.value + count.value - 1, STEPS.index("cuEventRecord"), 1,
+                              got[count.value - 1])
+        # Adopted (destroyed with its object) before anything else can raise.
+        return first.value, got[:count.value], driver.Event.adopt(self.device, event)
 
     def close(self) -> dict[str, float]:
         """Stop the threads and wait until no copy can touch the windows or the tensors any

@@ -400,12 +400,14 @@ class _Completion:
             # to the readers after this.
             t.pieces += pieces - UNCOUNTED
 
-    def queued(self, pieces: list[_Piece], event: Any) -> None:
-        """A worker queued the copies of one chunk, ``event`` marking their end."""
+    def queued(self, chunks: list[list[_Piece]], event: Any) -> None:
+        """The copies of ``chunks`` (their pieces each) are queued, ``event`` marking the end
+        of all of them."""
         with self.cond:
-            for piece in pieces:
-                piece.tensor.events.append(event)
-                piece.tensor.pieces -= 1
+            for pieces in chunks:
+                for piece in pieces:
+                    piece.tensor.events.append(event)
+                    piece.tensor.pieces -= 1
             self.cond.notify_all()
 
     def wait(self, t: _Tensor, errors: list[BaseException]) -> None:
@@ -624,15 +626,23 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 gate.wait_released(cancelled)
                 PHASES.add({"ring: reports held": time.perf_counter() - t0})
             while (done := ring.next()) is not None:
-                for index, got, event in done:
-                    chunk, _, direct = inflight.pop(index)
-                    _file_done(chunk.file)
-                    STATS.add(got, direct=direct)
-                    with stats_lock:
-                        stats["bytes"] += got
-                        stats["direct"] += direct
-                        stats["chunks"] += 1
-                    completion.queued(chunk.pieces, event)
+                # One report's chunks at once: each lock taken once, not once a chunk.
+                first, gots, event = done
+                chunks = [inflight.pop(first + i) for i in range(len(gots))]
+                nbytes = sum(gots)
+                direct_chunks = sum(direct for _, _, direct in chunks)
+                direct_bytes = sum(got for (_, _, direct), got in zip(chunks, gots) if direct)
+                if direct_chunks < len(chunks):
+                    STATS.add(nbytes - direct_bytes, direct=False,
+                              reads=len(chunks) - direct_chunks)
+                if direct_chunks:
+                    STATS.add(direct_bytes, direct=True, reads=direct_chunks)
+                with stats_lock:
+                    stats["bytes"] += nbytes
+                    stats["direct"] += direct_chunks
+                    stats["chunks"] += len(chunks)
+                completion.queued([c.pieces for c, _, _ in chunks], event)
+                _files_done([c.file for c, _, _ in chunks])
             if inflight and not cancelled.is_set():
                 # Ended with chunks unreported and no error said: their tensors' waits would
                 # never end.
@@ -681,7 +691,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 stats["bytes"] += got
                 stats["direct"] += direct
                 stats["chunks"] += 1
-            completion.queued(chunk.pieces, event)
+            completion.queued([chunk.pieces], event)
 
         stream = None
         spent: dict[str, float] = defaultdict(float)   # this reader's time, by what it waited on
@@ -733,7 +743,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                         stats["bytes"] += chunk.end - chunk.offset
                         stats["mapped"] += 1
                         stats["chunks"] += 1
-                    completion.queued(chunk.pieces, event)
+                    completion.queued([chunk.pieces], event)
                     t3 = clock()
                     spent["reader: queue copies"] += t3 - t2
                     if len(sources) > 2:
@@ -1001,16 +1011,26 @@ def _shut(f: _File) -> None:
             gate.release()   # the planner may open another file
 
 
-def _file_done(f: _File, *, planned: bool = False) -> None:
-    """One queued chunk of ``f`` was read (or, with ``planned``, the planner queued its last):
-    close the file once nothing more will be read from it."""
+def _file_done(f: _File, *, planned: bool = False, chunks: int = 1) -> None:
+    """``chunks`` queued chunks of ``f`` were read (or, with ``planned``, the planner queued
+    its last): close the file once nothing more will be read from it."""
     with f.lock:
         if planned:
             f.planned = True
         else:
-            f.pending -= 1
+            f.pending -= chunks
         if f.planned and f.pending == 0:
             _shut(f)
+
+
+def _files_done(chunks_of: list[_File]) -> None:
+    """:func:`_file_done` for the chunks of one report, whose files are ``chunks_of``: each
+    file's lock taken once."""
+    counts: dict[int, list[Any]] = {}
+    for f in chunks_of:
+        counts.setdefault(id(f), [f, 0])[1] += 1
+    for f, chunks in counts.values():
+        _file_done(f, chunks=chunks)
 
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
