@@ -52,8 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 MARK = "@@bench@@ "
-# fastsafetensors' default staging_bytes (config.py). The parent process never imports the
-# package: upstream, a peer, has the same import name.
+# fastsafetensors' largest default staging_bytes (config.py: Python readers; the ring's is
+# 128 MiB). The parent process never imports the package: upstream, a peer, has the same
+# import name.
 STAGING_DEFAULT = 256 * C.MiB
 HERE = Path(__file__).resolve()
 
@@ -131,7 +132,9 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                               "ours", "fst", {"device": dev, "io": io}))
         # Warm-only tuning rows: would another setting than the defaults (the ring's 12 C
         # readers to a GPU since the eighteenth session, 8 Python readers with torch's calls
-        # before; 256 MiB of staging, no mapped readers) be faster on this machine? The first run of
+        # before; 128 MiB of staging through the ring since the twenty-first session, 256
+        # before and for Python readers; no mapped readers) be faster on this machine? Rows
+        # that name their windows set the staging they were first measured with. The first run of
         # each is a fresh process's first load (pinned staging allocated); a second reuses
         # what torch's pinned-memory cache kept. Rows earlier runs settled are gone, to leave
         # the time to new ones: blocking event waits, 16 threads and 1 GiB of staging (two
@@ -202,28 +205,26 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 # staging_bytes), one C thread queues their copies in order on one stream,
                 # InstantTensor's shape; the sketch rows below are the same with no engine.
                 ("ring", "threads=8, cuda_calls=ring (8 C readers, 16 windows of 16 MiB)",
-                 env(8, "ring")),
+                 env(8, "ring", 256)),
                 ("ring_s128", "threads=8, cuda_calls=ring, staging_bytes=128 MiB (8 C "
                  "readers, 16 windows of 8 MiB)", env(8, "ring", 128)),
                 # Windows of chunk_bytes (eighteenth session): on the H200 machine 8 MiB
                 # windows (ring_s128, t12ring) ran faster than 16 MiB ones (ring).
                 ("ring_c8", "threads=8, cuda_calls=ring, chunk_bytes=8 MiB (8 C readers, 32 "
-                 "windows of 8 MiB)", env(8, "ring", chunk_bytes=str(8 << 20))),
+                 "windows of 8 MiB)", env(8, "ring", 256, chunk_bytes=str(8 << 20))),
                 ("ring_c4", "threads=8, cuda_calls=ring, chunk_bytes=4 MiB (8 C readers, 64 "
-                 "windows of 4 MiB)", env(8, "ring", chunk_bytes=str(4 << 20))),
+                 "windows of 4 MiB)", env(8, "ring", 256, chunk_bytes=str(4 << 20))),
                 ("ring_s128_c4", "threads=8, cuda_calls=ring, staging_bytes=128 MiB, "
                  "chunk_bytes=4 MiB (8 C readers, 32 windows of 4 MiB)",
                  env(8, "ring", 128, chunk_bytes=str(4 << 20))),
                 # The default before the eighteenth session: 8 Python readers, torch's calls
                 # (the default row is the ring with 12 C readers since).
                 ("torch", "cuda_calls=torch (8 Python readers)", env(calls="torch")),
-                # A process's first load pins the ring's whole staging before its first read:
-                # in H200 runs 6 and 7 it ran at 25-27 GB/s, the later ones at 36-38. Less
-                # staging, or torch's pinned memory instead of registered huge pages?
-                ("s128", "staging_bytes=128 MiB (12 C readers, 32 windows of 4 MiB)",
-                 env(staging_mib=128)),
-                # 128 MiB beat the default in H200 runs 8 and 10 (1.07x, 1.23x): do windows
-                # of 2 MiB, which the copy engine may read from the CPU's cache, do better?
+                # The ring's default before the twenty-first session; 128 MiB (the default
+                # since) beat it in H200 runs 8 and 10 (1.07x, 1.23x).
+                ("s256", "staging_bytes=256 MiB (12 C readers, 32 windows of 8 MiB)",
+                 env(staging_mib=256)),
+                # Do windows of 2 MiB, which stay in the CPU's cache longer, do better still?
                 ("s64", "staging_bytes=64 MiB (12 C readers, 32 windows of 2 MiB)",
                  env(staging_mib=64)),
                 ("nohuge", "huge_pages=off (the ring's staging from torch's pinned memory)",
@@ -233,24 +234,25 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
                 ("noreserve", "reserve_memory=off (a driver allocation per tensor in a first "
                  "load)", env(reserve_memory="off")),
                 ("t12ring", "threads=12, cuda_calls=ring (12 C readers, 32 windows of 8 MiB)",
-                 env(12, "ring")),
+                 env(12, "ring", 256)),
                 ("t16ring", "threads=16, cuda_calls=ring (16 C readers, 32 windows of 8 MiB)",
-                 env(16, "ring")),
+                 env(16, "ring", 256)),
                 # 16 readers waited for a chunk or a free window 1.2 thread-seconds of a 0.31 s
                 # load in H200 run 6, with 2 windows each: with 4 each, do they reach the
                 # 16-thread raw read (44 GB/s there)?
                 ("t16ring_c4", "threads=16, cuda_calls=ring, chunk_bytes=4 MiB (16 C readers, "
-                 "64 windows of 4 MiB)", env(16, "ring", chunk_bytes=str(4 << 20))),
+                 "64 windows of 4 MiB)", env(16, "ring", 256, chunk_bytes=str(4 << 20))),
                 ("t16ring_s512", "threads=16, cuda_calls=ring, staging_bytes=512 MiB (16 C "
                  "readers, 64 windows of 8 MiB)", env(16, "ring", 512, chunk_bytes=str(8 << 20)))):
             cases.append(Case(f"fst_cuda_{key}", f"fastsafetensors.load_file(cuda:0) {label}",
                               "ours", "fst", {"device": dev}, env=options, modes=("warm",)))
         cases.append(Case("fst_load_cuda", "fastsafetensors.load(device=cuda:0)", "ours",
                           "fst_load", {"device": dev}))
-        # One load() of every file, as InstantTensor opens them, with 128 MiB of staging.
-        cases.append(Case("fst_load_cuda_s128", "fastsafetensors.load(device=cuda:0) "
-                          "staging_bytes=128 MiB", "ours", "fst_load", {"device": dev},
-                          env=env(staging_mib=128), modes=("warm",)))
+        # One load() of every file, as InstantTensor opens them, with the ring's staging of
+        # before the twenty-first session.
+        cases.append(Case("fst_load_cuda_s256", "fastsafetensors.load(device=cuda:0) "
+                          "staging_bytes=256 MiB", "ours", "fst_load", {"device": dev},
+                          env=env(staging_mib=256), modes=("warm",)))
         # A plain-Python pipeline of the engine's shape (benchmarks/sketch_pipeline.py): what
         # Python alone reaches here, pinning its staging in the timed load or before it.
         for key, label, params in (

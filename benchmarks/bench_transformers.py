@@ -58,14 +58,15 @@ import _common as C  # noqa: E402
 #: eighteenth session, whose ``-torch`` is the default before (``cuda_calls="torch"``);
 #: ``-switch-off`` with ``switch_interval_us=0``, the interpreter's switch interval left as it
 #: is while the batch reads; ``-few-slots`` with the ring's slots as before the nineteenth
-#: session (``stream.RING_SLOTS = 0``: the planner waits for reports); ``-s128`` with 128 MiB
-#: of staging (32 windows of 4 MiB; H200 runs 8 and 10 loaded faster so without transformers);
+#: session (``stream.RING_SLOTS = 0``: the planner waits for reports); ``-s256`` with 256 MiB
+#: of staging (32 windows of 8 MiB), the ring's default before the twenty-first session (128
+#: MiB since: H200 runs 8 and 10 loaded faster so without transformers);
 #: ``-quiet`` with ``read_ahead="quiet"`` (transformers' thread waits until every chunk is
 #: submitted, and the load's Python then waits for its first request) (``--modes``).
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
          "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots",
-         "fastsafetensors-s128", "fastsafetensors-quiet")
+         "fastsafetensors-s256", "fastsafetensors-quiet")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -84,8 +85,8 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "fastsafetensors-switch-off": {"loader": "fastsafetensors",
                                    "loader_options": {"switch_interval_us": 0}},
     "fastsafetensors-few-slots": {"loader": "fastsafetensors"},
-    "fastsafetensors-s128": {"loader": "fastsafetensors",
-                             "loader_options": {"staging_bytes": 128 << 20}},
+    "fastsafetensors-s256": {"loader": "fastsafetensors",
+                             "loader_options": {"staging_bytes": 256 << 20}},
     "fastsafetensors-quiet": {"loader": "fastsafetensors",
                               "loader_options": {"read_ahead": "quiet"}},
 }

@@ -17,8 +17,9 @@
 # ours 1.04x the raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
 # native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6-8); the
 # rows now check the default, cuda_calls="ring" with 12 C readers, against the default before
-# the eighteenth session (cuda_calls="torch"), 128 and 64 MiB of staging (128 beat the default
-# in H200 runs 8 and 10), reservations off, one load() of every file, and InstantTensor.
+# the eighteenth session (cuda_calls="torch"), 256 and 64 MiB of staging (the ring's default is
+# 128 MiB since the twenty-first session: it beat 256 in H200 runs 8 and 10), reservations off,
+# one load() of every file, and InstantTensor.
 # LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
 # regexes) bring any row back; the benchmarks also stop starting timed runs at a deadline
 # inside their limit, so that their checks, summaries and JSON are written whatever the
@@ -122,7 +123,7 @@ if wanted load; then
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s128|_s64|_noreserve)?\$|^fst_load_cuda(_s128)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s256|_s64|_noreserve)?\$|^fst_load_cuda(_s256)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 85 --timeout 60 \
     --skip-many \
@@ -147,9 +148,10 @@ fi
 # quiet: read_ahead="quiet" (twentieth session): transformers' thread waits until the planner
 # has submitted every chunk, and the load's Python waits for transformers' first request; in
 # H200 runs 9 and 10 the ring's readers waited for chunks while the planner waited for the GIL.
-# s128: 128 MiB of staging (32 windows of 4 MiB), faster than the default without transformers
-# in H200 runs 8 and 10, but with twice the chunks, each some Python of the planner's, which
-# beside transformers' thread waits for the GIL. (few-slots, the ring's slots of H200 runs 6
+# s256: 256 MiB of staging (32 windows of 8 MiB), the ring's default before the twenty-first
+# session; 128 MiB (the default since) loaded faster without transformers in H200 runs 8 and
+# 10, with twice the chunks, each some Python of the planner's, which beside transformers'
+# thread waits for the GIL (the reporter's Python per chunk was halved to make up for it). (few-slots, the ring's slots of H200 runs 6
 # and 7, ran at 0.94x the default in run 8; torch's calls, cuda_calls="torch", 0.80-0.82 s in
 # runs 6 and 7; on-demand, read_ahead="off", in runs 3 and 4; switch-off, the interpreter's
 # switch interval left alone, in run 6: 0.98x.)
@@ -157,7 +159,7 @@ if wanted transformers; then
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 170 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 150 --run-timeout 30 --cache warm \
-    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-quiet,fastsafetensors-s128}" \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-quiet,fastsafetensors-s256}" \
     --json "$OUT/bench-transformers.json"
 fi
 

@@ -76,7 +76,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("chunk_bytes", lambda: 16 * MiB, help="largest single read"),
     Option("staging_bytes", lambda: 256 * MiB,
            help="pinned host staging in total, for device loads: at most this, but at least "
-                "64 KiB per reader thread"),
+                "64 KiB per reader thread (through the ring, unless set, 128 MiB: "
+                "device_staging)"),
     Option("direct_threads", lambda: 8,
            help="reader threads when most reads bypass the page cache (a disk serves more "
                 "requests in flight; cached data does not need them)"),
@@ -188,6 +189,22 @@ DEVICE_THREADS = 8
 #: on the H200 machine 12 of them loaded 8 GB at 36.9 GB/s, 8 at 30.2 (32 windows of 8 MiB
 #: each; medians of 4 in one run, docs/benchmarks.md section 2).
 RING_THREADS = 12
+
+
+#: staging_bytes through the ring while the option is left to its default: 32 windows of 4 MiB
+#: for 12 readers. On the H200 machine its readers read the same bytes in 0.6-0.7x the
+#: thread-seconds they took with 256 MiB (32 windows of 8 MiB), and 8 GB loaded 1.07x and 1.23x
+#: faster (runs 8 and 10, medians of 4 and 3; docs/benchmarks.md section 2): less staging stays
+#: in the CPU's cache between a read and its copy.
+RING_STAGING = 128 * MiB
+
+
+def device_staging(explicit: int | None = None, *, ring: bool = False) -> int:
+    """The ``staging_bytes`` option for a load to a GPU: as given or set, else the default,
+    or ``RING_STAGING`` for the ring."""
+    if explicit is not None or is_set("staging_bytes") or not ring:
+        return int(get("staging_bytes", explicit))
+    return RING_STAGING
 
 
 def device_threads(explicit: int | None = None, *, ring: bool = False) -> int:

@@ -229,8 +229,11 @@ def device_stream(files: Iterable[tuple[str, Any, list[str] | None]], device: st
             gate.not_needed()
         return stream_gds(files, sink, max_device_bytes=max_device_bytes)
     if getattr(sink, "ring", None) is not None and not options.mapped_readers:
-        # C readers never wait for the GIL: more of them by default than of Python readers.
-        options = dataclasses.replace(options, threads=config.device_threads(threads, ring=True))
+        # C readers never wait for the GIL: more of them by default than of Python readers,
+        # and less staging (config.RING_STAGING).
+        options = dataclasses.replace(options, threads=config.device_threads(threads, ring=True),
+                                      staging_bytes=config.device_staging(staging_bytes,
+                                                                          ring=True))
     return stream_tensors(files, sink, options, gate)
 
 

@@ -689,6 +689,37 @@ def test_a_load_through_the_ring_takes_12_threads_unless_told_otherwise(monkeypa
                      (12, True)]
 
 
+def test_a_load_through_the_ring_takes_128_mib_of_staging_unless_told_otherwise(monkeypatch):
+    # On the H200 machine the ring's readers read faster out of less staging (config.
+    # RING_STAGING); Python readers keep the option's default, and a value given or set wins.
+    import fastsafetensors.loader.cuda as cuda_module
+    import fastsafetensors.loader.gds as gds_module
+    import fastsafetensors.loader.stream as stream_module
+    from fastsafetensors import config
+    from fastsafetensors.loading import device_stream
+
+    asked: list[tuple[int, bool]] = []
+    monkeypatch.setattr(cuda_module, "TorchCudaSink", lambda device, *, ring=False, **_:
+                        _RingFakeSink() if ring else FakeSink())
+    monkeypatch.setattr(cuda_module, "ring_usable", lambda: True)
+    monkeypatch.setattr(gds_module, "select_backend", lambda backend, device: "posix")
+    monkeypatch.setattr(stream_module, "stream_tensors",
+                        lambda files, sink, options, gate=None: asked.append(
+                            (options.staging_bytes >> 20, isinstance(sink, _RingFakeSink)))
+                        or iter(()))
+    monkeypatch.delenv("FASTSAFETENSORS_STAGING_BYTES", raising=False)
+    monkeypatch.delenv("FASTSAFETENSORS_CUDA_CALLS", raising=False)
+    device_stream([], "cuda:0")
+    device_stream([], "cuda:0", staging_bytes=64 << 20)
+    with config.configure(staging_bytes=256 << 20):
+        device_stream([], "cuda:0")
+    with config.configure(cuda_calls="native"):
+        device_stream([], "cuda:0")
+    monkeypatch.setenv("FASTSAFETENSORS_STAGING_BYTES", str(32 << 20))
+    device_stream([], "cuda:0")
+    assert asked == [(128, True), (64, True), (256, True), (256, False), (32, True)]
+
+
 def test_a_gds_load_neither_builds_nor_asks_for_the_ring(monkeypatch):
     # GDS reads straight to the device: the default takes torch's calls there, without
     # building ring.c to find out whether it could run; a mode asked for by name is kept.
