@@ -193,8 +193,13 @@ class UnsupportedDTypeError(FastSafetensorsError, TypeError):
         self.framework = framework
         self.tensor = tensor
         subject = f"tensor {tensor!r} has dtype" if tensor else "dtype"
+        # Imported here: format.py imports this module.
+        from .format import DTYPES
+
+        known = DTYPES.get(dtype)
         remedy = ("read its raw bytes instead (FastSafetensorsFile.read_bytes, or a "
-                  "LazyTensorFactory creator)" if framework.startswith("pt")
+                  "LazyTensorFactory creator)"
+                  if framework.startswith("pt") or (known is not None and known.torch is None)
                   else "load it with framework='pt' (PyTorch) instead")
         self.message = (f"{subject} {dtype} which framework={framework!r} cannot represent; "
                         f"{remedy}")

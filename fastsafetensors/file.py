@@ -222,10 +222,13 @@ class FastSafetensorsFile:
             if self._closed and not self._slices and not self._users:
                 self._close_fds()
 
-    def read_bytes(self, info: TensorInfo) -> memoryview:
-        """The raw little-endian bytes of one tensor, in fresh host memory."""
+    def read_bytes(self, info: TensorInfo | str) -> memoryview:
+        """The raw little-endian bytes of one tensor (its name, or its :class:`TensorInfo`), in
+        fresh host memory: for a dtype the framework cannot represent."""
         if self._closed:
             raise ClosedFileError(self._path)
+        if isinstance(info, str):
+            info = self._info(info)
         buffer = self._read_range(info.data_offsets[0], info.nbytes)
         array = buffer.numpy() if self._framework.name == "pt" else buffer
         return memoryview(array).cast("B")

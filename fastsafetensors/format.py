@@ -59,6 +59,10 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("F8_E8M0", 8, "float8_e8m0fnu", None),
     # Two 4-bit values a byte; torch's float4_e2m1fn_x2 holds a pair, so its last dim is halved.
     DType("F4", 4, "float4_e2m1fn_x2", None),
+    # Four 6-bit values in three bytes. safetensors reads their headers but no framework has
+    # them: the file opens, and such a tensor is raw bytes (FastSafetensorsFile.read_bytes).
+    DType("F6_E2M3", 6, None, None),
+    DType("F6_E3M2", 6, None, None),
 )}
 
 

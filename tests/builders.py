@@ -28,6 +28,9 @@ ALL_DTYPES: tuple[str, ...] = (
     "BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "BF16", "F32", "F64",
     "C64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0", "F4",
 )
+#: Dtypes safetensors 0.8 reads in a header but no framework has (6-bit floats): such a
+#: tensor is read as raw bytes.
+RAW_DTYPES: tuple[str, ...] = ("F6_E2M3", "F6_E3M2")
 #: Those numpy can represent (the rest raise UnsupportedDTypeError under framework="np").
 NUMPY_DTYPES: tuple[str, ...] = tuple(d for d in ALL_DTYPES if DTYPES[d].numpy is not None)
 

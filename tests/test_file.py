@@ -834,6 +834,43 @@ def test_f4_with_an_odd_last_dimension_says_what_to_do_under_torch(tmp_path: Pat
         assert bytes(f.read_bytes(f.get_tensors()["q"])) == b"\x12\x34\x56"
 
 
+@pytest.mark.parametrize("dtype", ["F6_E2M3", "F6_E3M2"])
+def test_a_6_bit_tensor_leaves_the_rest_of_its_file_readable(tmp_path: Path, dtype: str) -> None:
+    # safetensors 0.8 opens such a file, reads its other tensors and refuses the 6-bit one
+    # (no framework has the type); refusing the whole header would refuse the file.
+    import json
+    import pickle
+    import struct
+
+    from safetensors import SafetensorError, safe_open
+
+    from fastsafetensors.errors import UnsupportedDTypeError
+
+    header = {"x": {"dtype": dtype, "shape": [2, 4], "data_offsets": [0, 6]},
+              "y": {"dtype": "F32", "shape": [2], "data_offsets": [6, 14]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "f6.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(range(1, 7))
+                     + struct.pack("<2f", 1.5, -2.0))
+    with safe_open(str(path), "pt") as theirs:
+        want = theirs.get_tensor("y")
+        with pytest.raises(SafetensorError):
+            theirs.get_tensor("x")
+    for framework in ("pt", "np"):
+        with FastSafetensorsFile(path, framework=framework) as f:
+            assert f.get_tensors()["x"].shape == (2, 4) and f.get_tensors()["x"].nbytes == 6
+            assert torch.equal(torch.as_tensor(f["y"]), want)
+            with pytest.raises(UnsupportedDTypeError, match="raw bytes") as info:
+                f["x"]
+            assert "framework='pt' (PyTorch) instead" not in str(info.value)
+            assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+            assert bytes(f.read_bytes("x")) == bytes(range(1, 7))
+            with pytest.raises(TensorNotFoundError):
+                f.read_bytes("z")
+    with pytest.raises(UnsupportedDTypeError, match=f"'x' has dtype {dtype}"):
+        fastsafetensors.load_file(path)
+
+
 @pytest.mark.parametrize("replacement", ["other file", "fifo"])
 def test_direct_reads_come_from_the_file_opened(tmp_path: Path, replacement: str) -> None:
     # The O_DIRECT descriptor was opened again by path on first use: a checkpoint replaced

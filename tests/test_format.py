@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import safetensors
-from builders import ALL_DTYPES, header_bytes, layout
+from builders import ALL_DTYPES, RAW_DTYPES, header_bytes, layout
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -37,10 +37,11 @@ SETTINGS = settings(max_examples=120, deadline=None,
 # -- dtypes and TensorInfo ------------------------------------------------------------------
 
 def test_every_safetensors_dtype_is_known() -> None:
-    assert set(DTYPES) == set(ALL_DTYPES)
+    assert set(DTYPES) == set(ALL_DTYPES) | set(RAW_DTYPES)
     bits = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "U32": 32, "I32": 32, "U64": 64,
             "I64": 64, "F16": 16, "BF16": 16, "F32": 32, "F64": 64, "C64": 64, "F8_E4M3": 8,
-            "F8_E5M2": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4}
+            "F8_E5M2": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4,
+            "F6_E2M3": 6, "F6_E3M2": 6}
     assert {name: d.bits for name, d in DTYPES.items()} == bits
 
 
