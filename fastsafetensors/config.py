@@ -174,7 +174,10 @@ def get(name: str, explicit: Any = None) -> Any:
         return overrides[name]
     env = os.environ.get(option.env)
     if env:
-        return option.check(env)
+        try:
+            return option.check(env)
+        except ConfigError as exc:   # the caller never passed it: say where it comes from
+            raise ConfigError(f"environment variable {option.env}", env, exc.valid) from None
     return option.default()
 
 

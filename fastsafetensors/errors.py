@@ -8,6 +8,8 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     FastSafetensorsError(safetensors.SafetensorError)
     ├── HeaderError(ValueError)                 the file breaks the safetensors format, or
     │                                           changed after its header was read
+    │   ├── NotAFileError(IsADirectoryError)    a folder where a file was expected (an
+    │   │                                       OSError too, as safetensors raises there)
     │   └── CheckpointIndexError                a sharded index or weight map is unsafe or wrong
     │                                           (.path: the index, .shard: the shard)
     ├── TensorNotFoundError(KeyError)           no tensor of that name (close matches listed)
@@ -45,6 +47,7 @@ from safetensors import SafetensorError
 __all__ = [
     "FastSafetensorsError",
     "HeaderError",
+    "NotAFileError",
     "CheckpointIndexError",
     "TensorNotFoundError",
     "CheckpointNotFoundError",
@@ -115,6 +118,22 @@ class HeaderError(FastSafetensorsError, ValueError):
         subject = f"tensor {tensor!r}: " if tensor is not None else ""
         self.message = f"{where}: {subject}{reason}"
         super().__init__(self.message)
+
+
+class NotAFileError(HeaderError, IsADirectoryError):
+    """A folder where a .safetensors file was expected (a HeaderError, and an OSError as
+    safetensors raises there)."""
+
+    _fields = ("path",)
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(path, "is a folder, not a .safetensors file: pass one of its files, "
+                               "or the folder itself (not in a list) to fastsafetensors.load, "
+                               "which reads every shard")
+        self.errno, self.strerror, self.filename = errno.EISDIR, self.message, self.path
+
+    def __str__(self) -> str:
+        return self.message   # not OSError's "[Errno 21] ..." form
 
 
 class CheckpointIndexError(HeaderError):

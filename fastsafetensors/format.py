@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CheckpointNotFoundError, HeaderError, TensorNotFoundError
+from .errors import CheckpointNotFoundError, HeaderError, NotAFileError, TensorNotFoundError
 
 __all__ = ["DType", "DTYPES", "TensorInfo", "Header", "parse_header", "read_header",
            "MAX_HEADER_SIZE"]
@@ -214,7 +214,8 @@ def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
         raise HeaderError(path, f"entry lacks {', '.join(missing)}", name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise HeaderError(path, f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}", name)
+        raise HeaderError(path, f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)} (a newer "
+                                f"safetensors may have written it: upgrade fastsafetensors)", name)
     if not _int_list(shape) or any(d < 0 for d in shape):
         raise HeaderError(path, f"shape must be a list of non-negative integers, got {shape!r}",
                           name)
@@ -242,10 +243,31 @@ def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
     return TensorInfo(name, dtype, tuple(shape), (begin, end))
 
 
+#: What a HeaderError of a broken rule says to do, unless its reason says something better.
+REMEDY = ("; the file is damaged or is not a safetensors file: download it again, or save it "
+          "again with safetensors")
+#: Words of a reason that already says what to do.
+_REMEDIES = ("re-download", "download it again", "upgrade", "save it again")
+
+
+def _with_remedy(exc: HeaderError) -> HeaderError:
+    if any(word in exc.reason for word in _REMEDIES):
+        return exc
+    return HeaderError(exc.path, exc.reason + REMEDY, exc.tensor)
+
+
 def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | None = None
                  ) -> Header:
     """Parse and validate the JSON header bytes (without the 8-byte length) of a file whose total
-    size is ``file_size``. Raises :class:`HeaderError` naming the rule broken."""
+    size is ``file_size``. Raises :class:`HeaderError` naming the rule broken and what to do."""
+    try:
+        return _parse_header(raw, file_size=file_size, path=path)
+    except HeaderError as exc:
+        raise _with_remedy(exc) from None
+
+
+def _parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | None = None
+                  ) -> Header:
     spath = None if path is None else os.fspath(path)
     data_size = file_size - 8 - len(raw)
     if data_size < 0:
@@ -265,10 +287,15 @@ def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | N
     except json.JSONDecodeError as exc:
         raise HeaderError(spath, f"header is not valid JSON ({exc.msg} at char {exc.pos})"
                           ) from None
-    except (_NotJSON, ValueError, RecursionError) as exc:
-        # NaN/Infinity, and Python's own limits: integers of more than 4300 digits, nesting
-        # deeper than the stack.
-        raise HeaderError(spath, f"header is not valid JSON ({str(exc)[:120]})") from None
+    except _NotJSON as exc:   # NaN or Infinity
+        raise HeaderError(spath, f"header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise HeaderError(spath, "header nests JSON deeper than Python's stack allows") from None
+    except ValueError as exc:
+        # Python's own limit on integers (4300 digits). Its advice to raise the limit is
+        # not for a corrupt file: only its first clause is kept.
+        raise HeaderError(spath, f"header holds a number Python refuses to read "
+                                 f"({str(exc).split(';')[0][:120]})") from None
     if not isinstance(obj, dict):
         raise HeaderError(spath, f"header must be a JSON object, got {type(obj).__name__}")
     metadata = obj.pop(METADATA_KEY, None)
@@ -300,14 +327,21 @@ def parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | N
 def header_size_from_prefix(prefix: bytes, *, file_size: int,
                             path: str | os.PathLike[str] | None = None) -> int:
     """Decode and bound-check the 8-byte little-endian header length."""
+    try:
+        return _header_size(prefix, file_size=file_size, path=path)
+    except HeaderError as exc:
+        raise _with_remedy(exc) from None
+
+
+def _header_size(prefix: bytes, *, file_size: int, path: str | os.PathLike[str] | None) -> int:
     spath = None if path is None else os.fspath(path)
     if len(prefix) < 8:
         raise HeaderError(spath, f"file has {file_size} bytes; a safetensors file starts with an "
                                  f"8-byte header length")
     size = int.from_bytes(prefix[:8], "little")
     if size > MAX_HEADER_SIZE:
-        raise HeaderError(spath, f"header length {size} exceeds the {MAX_HEADER_SIZE}-byte limit "
-                                 f"(not a safetensors file, or a corrupt one)")
+        raise HeaderError(spath, f"header length {size} exceeds the {MAX_HEADER_SIZE}-byte "
+                                 f"limit")
     if 8 + size > file_size:
         raise HeaderError(spath, f"header length {size} runs past the end of the file "
                                  f"({file_size} bytes; truncated file?)")
@@ -376,8 +410,7 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         if os.path.isdir(path):
-            raise HeaderError(path, "is a folder, not a .safetensors file (pass a folder "
-                                    "itself, not in a list, to fastsafetensors.load)")
+            raise NotAFileError(path)
         raise HeaderError(path, "is not a regular file (a pipe or device?), so not a "
                                 ".safetensors file")
     return fd

@@ -4,6 +4,7 @@ to safetensors', and the precedence explicit > configure block > environment > d
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 from pathlib import Path
 
@@ -216,12 +217,22 @@ def test_configure_rejects_unknown(options: dict[str, object], fragments: list[s
         assert fragment in str(excinfo.value)
 
 
-def test_bad_environment_value(clean_env: pytest.MonkeyPatch) -> None:
+def test_bad_environment_value(clean_env: pytest.MonkeyPatch,
+                               ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    # Named by its variable: the caller never passed io= or threads=.
     clean_env.setenv("FASTSAFETENSORS_IO", "turbo")
-    with pytest.raises(ConfigError, match="buffered"):
+    with pytest.raises(ConfigError, match="environment variable FASTSAFETENSORS_IO='turbo' is "
+                                          "not valid; expected one of: auto, buffered"):
         config.get("io")
     with pytest.raises(ConfigError, match="valid"):
         config.get("no_such_option")
+    clean_env.delenv("FASTSAFETENSORS_IO")
+    clean_env.setenv("FASTSAFETENSORS_THREADS", "0")
+    with pytest.raises(ConfigError, match="environment variable FASTSAFETENSORS_THREADS='0'"):
+        fastsafetensors.load_file(ckpt[0])
+    with pytest.raises(ConfigError) as excinfo:
+        config.get("threads")
+    assert str(pickle.loads(pickle.dumps(excinfo.value))) == str(excinfo.value)
 
 
 def test_bad_arguments_release_everything(ckpt: tuple[Path, dict[str, torch.Tensor]],

@@ -30,6 +30,7 @@ from fastsafetensors import (
     HeaderError,
     LazyTensorFactory,
     NoGPUError,
+    NotAFileError,
     PeerLoadError,
     ReadError,
     TensorNotFoundError,
@@ -38,6 +39,7 @@ from fastsafetensors import (
 
 BUILTIN_BASES = {
     HeaderError: ValueError, CheckpointIndexError: ValueError, TensorNotFoundError: KeyError,
+    NotAFileError: IsADirectoryError,
     CheckpointNotFoundError: FileNotFoundError, FrameworkNotInstalledError: ModuleNotFoundError,
     UnsupportedDTypeError: TypeError, ClosedFileError: ValueError, ConfigError: ValueError,
     ReadError: OSError, NoGPUError: RuntimeError, BackendUnavailableError: RuntimeError,
@@ -50,6 +52,7 @@ def _examples() -> list[FastSafetensorsError]:
         FastSafetensorsError("something went wrong"),
         HeaderError("/ckpt/model.safetensors", "data_offsets [0, 4] leave a gap", "w"),
         HeaderError(None, "header is not valid JSON"),
+        NotAFileError("/ckpt"),
         CheckpointIndexError("/ckpt/model.safetensors.index.json", "names a missing shard", "w"),
         TensorNotFoundError("lm_head.weigth", "/ckpt/m.safetensors",
                             ["lm_head.weight", "model.norm.weight"]),

@@ -191,8 +191,9 @@ def test_folder_without_weights(tmp_path: Path) -> None:
         fastsafetensors.resolve(tmp_path)
     # The folder exists: the message must not say it does not.
     assert "No such file" not in str(info.value) and "holds no checkpoint" in str(info.value)
-    with pytest.raises(HeaderError, match="not in a list"):
+    with pytest.raises(HeaderError, match="not in a list") as folder:
         fastsafetensors.load([tmp_path])
+    assert isinstance(folder.value, IsADirectoryError)   # safetensors raises an OSError there
 
 
 def test_a_lone_shard_or_variant_file_is_not_the_checkpoint(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from fastsafetensors import (
     FastSafetensorsFile,
     HeaderError,
     LazyTensorFactory,
+    NotAFileError,
 )
 from fastsafetensors.format import read_header
 
@@ -63,10 +64,14 @@ CASES: dict[str, tuple[bytes, type[Exception], str]] = {
     "utf8_bom": (raw_bytes(b'\xef\xbb\xbf{}'), HeaderError, "not valid JSON"),
     "invalid_json": (_text('{"t": {"dtype": "F32",'), HeaderError, "not valid JSON"),
     "nan_in_json": (_text('{"t": NaN}'), HeaderError, "NaN is not a JSON value"),
-    "deeply_nested_json": (_text("[" * 100_000 + "]" * 100_000), HeaderError, "not valid JSON"),
+    "deeply_nested_json": (_text("[" * 100_000 + "]" * 100_000), HeaderError,
+                           "nests JSON deeper than Python's stack allows"),
+    # Valid JSON; Python's limit, whose advice to raise it is left out.
     "int_too_long_for_python": (_text('{"t":{"dtype":"U8","shape":[' + "9" * 5000
                                       + '],"data_offsets":[0,0]}}'), HeaderError,
-                                "not valid JSON"),
+                                "a number Python refuses to read (Exceeds the limit (4300 "
+                                "digits) for integer string conversion: value has 5000 digits)"
+                                "; the file is damaged"),
     "top_level_array": (_text("[]"), HeaderError, "must be a JSON object, got list"),
     "top_level_number": (_text("42"), HeaderError, "must be a JSON object, got int"),
     "top_level_string": (_text('"model"'), HeaderError, "must be a JSON object, got str"),
@@ -165,6 +170,10 @@ def _entry_points(path: Path) -> dict[str, Callable[[], Any]]:
     }
 
 
+#: How a malformed file's message says to fix it (format.REMEDY, or its own advice).
+FIXES = ("download it again", "re-download", "upgrade fastsafetensors")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_malformed_file(case: str, tmp_path: Path) -> None:
     content, error, fragment = CASES[case]
@@ -177,6 +186,7 @@ def test_malformed_file(case: str, tmp_path: Path) -> None:
         assert excinfo.type is error, entry
         message = str(excinfo.value)
         assert fragment in message, (entry, message)
+        assert any(fix in message for fix in FIXES), (entry, message)   # and what to do
         # the message names the file, and the error carries it
         assert message.startswith(path.name), (entry, message)
         assert excinfo.value.path == str(path)
@@ -224,7 +234,7 @@ def _dangling_link(tmp_path: Path) -> Path:
 
 
 SPECIAL: dict[str, tuple[Callable[[Path], Path], type[Exception], str]] = {
-    "folder": (_folder, HeaderError, "is a folder"),
+    "folder": (_folder, NotAFileError, "is a folder"),
     "fifo": (_fifo, HeaderError, "not a regular file"),
     "missing": (_missing, CheckpointNotFoundError, "No such file or directory"),
     "dangling_symlink": (_dangling_link, CheckpointNotFoundError, "No such file or directory"),
