@@ -89,8 +89,9 @@ def choose_weights(names: Collection[str], *, variant: str | None, where: str) -
     else:
         wanted = variant_name("model.safetensors", variant)
         hint = (f"no {wanted} or {variant_name('model.safetensors.index.json', variant)} here"
-                f" (found: {', '.join(weights[:8]) or 'no weights'}); pass subfolder= for a "
-                f"diffusers pipeline (unet, text_encoder, ...) or the right variant=")
+                f" (found: {', '.join(weights[:8]) or 'no weights'}); pass subfolder= "
+                f"(--subfolder on the command line) for a diffusers pipeline (unet, "
+                f"text_encoder, ...) or the right variant= (--variant)")
     raise CheckpointNotFoundError(where, hint)
 
 

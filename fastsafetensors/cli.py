@@ -90,16 +90,33 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO = """Make a synthetic checkpoint in a temporary folder, load it with fastsafetensors and
+with safetensors, check that the tensors are equal bit for bit, and print GB/s for both. No
+network or GPU needed; the folder is removed afterwards."""
+
+INSPECT = """List the tensors of a .safetensors file, a checkpoint folder or a Hugging Face Hub
+repo id, reading headers only. One line per tensor goes to stdout (name, dtype, shape, bytes,
+tab-separated, for other tools); the summary goes to stderr."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastsafetensors", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fastsafetensors",
+        description="Load safetensors checkpoints fast. Try 'fastsafetensors demo', or "
+                    "'fastsafetensors inspect PATH' to list a checkpoint's tensors.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="load a synthetic checkpoint both ways and compare")
+    raw = argparse.RawDescriptionHelpFormatter   # the descriptions are wrapped already
+    demo = sub.add_parser("demo", help="load a synthetic checkpoint both ways and compare",
+                          description=DEMO, formatter_class=raw)
     demo.add_argument("--size-mb", type=_positive, default=256,
                       help="checkpoint size (default 256)")
     demo.set_defaults(run=_demo)
     inspect = sub.add_parser("inspect", help="list the tensors of a file, folder or Hub repo "
-                                             "(headers only)")
+                                             "(headers only)", description=INSPECT,
+                          formatter_class=raw)
     inspect.add_argument("path", help="a .safetensors file, a folder or a Hub repo id")
     inspect.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     inspect.add_argument("--subfolder", help="e.g. unet for a diffusers pipeline")
@@ -110,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
+    except BrokenPipeError:
+        # The reader went away (| head): no error to report. Python would print one more
+        # when it flushes stdout at exit, so stdout points at /dev/null from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141   # as a tool killed by SIGPIPE
     except (OSError, ValueError, KeyError, RuntimeError, FastSafetensorsError) as exc:
         print(f"fastsafetensors: {exc}", file=sys.stderr)
         return 2

@@ -82,3 +82,31 @@ def test_usage_errors() -> None:
         with pytest.raises(SystemExit) as excinfo:
             main(["demo", "--size-mb", size])
         assert excinfo.value.code == 2
+
+
+def test_help_version_and_a_folder_without_weights(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import fastsafetensors
+
+    for argv in (["--help"], ["demo", "--help"], ["inspect", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as excinfo:
+            main(argv)
+        assert excinfo.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out   # no reST markup in plain text
+    assert "bit for bit" in out and "stdout" in out and "stderr" in out   # what each one does
+    assert out.rstrip().endswith(f"fastsafetensors {fastsafetensors.__version__}")
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "--subfolder" in capsys.readouterr().err   # the flag, not only the keyword
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path: Path) -> None:
+    # fastsafetensors inspect ... | head -1: the rest of the lines meet a closed pipe.
+    path = write_file(tmp_path / "m.safetensors",
+                      {f"t{i}": torch.zeros(1) for i in range(20000)})
+    proc = subprocess.run(f"{' '.join(_command())} inspect {path} | head -1", shell=True,
+                          capture_output=True, text=True, timeout=300,
+                          executable="/bin/bash")
+    assert proc.stdout.count("\n") == 1
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
