@@ -45,7 +45,7 @@ from .checkpoint import (
     requested,
 )
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError
-from .format import Header, header_size_from_prefix, parse_header, read_header
+from .format import REMEDY, Header, header_size_from_prefix, parse_header, read_header
 
 __all__ = ["Checkpoint", "CheckpointSummary", "resolve", "stream", "inspect"]
 
@@ -505,12 +505,27 @@ def _checked(plan: _Plan, name: str, path: str) -> Header:
     except HeaderError as exc:
         if plan.commit is None or type(exc) is not HeaderError:
             raise
-        raise HeaderError(path, f"{exc.reason}; this copy in the Hugging Face cache "
-                                f"({os.path.realpath(path)}) is damaged: pass "
-                                f"force_download=True, or delete it, to download it again",
-                          exc.tensor) from exc
+        raise damaged_in_cache(path, exc) from exc
     plan.check(name, header)
     return header
+
+
+def in_hub_cache(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file of a Hugging Face cache's snapshot
+    (``.../models--org--name/snapshots/<commit>/...``)."""
+    parts = Path(path).parts
+    return any(part == "snapshots" and parts[i - 1].startswith(("models--", "datasets--"))
+               for i, part in enumerate(parts) if i)
+
+
+def damaged_in_cache(path: str | os.PathLike[str], exc: HeaderError) -> HeaderError:
+    """``exc`` (a broken header of ``path``, a copy in the Hugging Face cache) saying how to get
+    a good copy (huggingface_hub keeps a blob once its size matched, so every later load fails
+    the same way)."""
+    reason = exc.reason.removesuffix(REMEDY)
+    return HeaderError(path, f"{reason}; this copy in the Hugging Face cache "
+                             f"({os.path.realpath(path)}) is damaged: pass force_download=True, "
+                             f"or delete it, to download it again", exc.tensor)
 
 
 class _Cancelled(Exception):

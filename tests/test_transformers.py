@@ -36,7 +36,7 @@ import tf_models  # noqa: E402  (tests/ is on sys.path via conftest)
 from builders import require_o_direct  # noqa: E402
 
 import fastsafetensors.integrations.transformers as ft  # noqa: E402
-from fastsafetensors.errors import ConfigError  # noqa: E402
+from fastsafetensors.errors import ConfigError, HeaderError  # noqa: E402
 from fastsafetensors.integrations import _transformers_ahead as ahead  # noqa: E402
 from fastsafetensors.integrations import _transformers_batch as batching  # noqa: E402
 from fastsafetensors.integrations import _transformers_seam as seam  # noqa: E402
@@ -365,6 +365,26 @@ def test_hub_repo_id(models: dict[str, Path], hub_server: Any, tmp_path: Path,
     assert set(names) | {"config.json", "model.safetensors.index.json"} <= set(
         hub_server.fetched())
     assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models["llama"])
+    assert_same(model, AutoModelForCausalLM.from_pretrained(models["llama"]))
+
+
+def test_a_damaged_cached_shard_says_how_to_recover(models: dict[str, Path], hub_server: Any,
+                                                    tmp_path: Path) -> None:
+    # huggingface_hub keeps a blob once its size matched: every later load would fail the same
+    # way without the advice it takes (force_download=True).
+    from transformers import AutoModelForCausalLM
+
+    hub_server.add_folder("org/tiny-llama", models["llama"])
+    AutoModelForCausalLM.from_pretrained("org/tiny-llama", loader="fastsafetensors")
+    cached = sorted((tmp_path / "hf").rglob("snapshots/*/model-00001-of-*.safetensors"))
+    assert len(cached) == 1
+    blob = os.path.realpath(cached[0])
+    Path(blob).write_bytes(b"\xff" * os.path.getsize(blob))
+    with pytest.raises(HeaderError, match="force_download=True") as info:
+        AutoModelForCausalLM.from_pretrained("org/tiny-llama", loader="fastsafetensors")
+    assert blob in str(info.value)
+    model = AutoModelForCausalLM.from_pretrained("org/tiny-llama", loader="fastsafetensors",
+                                                 force_download=True)
     assert_same(model, AutoModelForCausalLM.from_pretrained(models["llama"]))
 
 

@@ -58,8 +58,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import config
-from ..errors import ConfigError, FrameworkNotInstalledError, IncompatibleVersionError
+from .. import config, hub
+from ..errors import (
+    ConfigError,
+    FrameworkNotInstalledError,
+    HeaderError,
+    IncompatibleVersionError,
+)
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
 from . import _transformers_ahead as ahead
@@ -127,7 +132,13 @@ class TransformersFile(FastSafetensorsFile):
     """What ``safe_open`` returns to transformers during a fastsafetensors load."""
 
     def __init__(self, path: str | os.PathLike[str], load: Load):
-        super().__init__(path, device="cpu", framework="pt")
+        try:
+            super().__init__(path, device="cpu", framework="pt")
+        except HeaderError as exc:
+            # A repo id's shards come from the Hugging Face cache, where a damaged copy stays.
+            if type(exc) is not HeaderError or not hub.in_hub_cache(path):
+                raise
+            raise hub.damaged_in_cache(path, exc) from exc
         self._load = load
 
     def get_slice(self, name: str) -> TransformersSlice:
