@@ -620,17 +620,33 @@ def test_a_read_error_is_an_os_error_naming_the_file(calls, tmp_path, monkeypatc
     assert calls.copies == 0 and calls.pushes == calls.pops
 
 
-def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path):
-    # The third copy fails: the error reaches the caller, the ring's threads end (no hang),
-    # every context pushed was popped and every event destroyed.
+@pytest.mark.parametrize("fail_at", [3, 20])
+def test_a_cuda_error_in_the_middle_of_a_load_fails_it(calls, tmp_path, monkeypatch, fail_at):
+    # A copy fails: the error reaches the caller, the ring's threads end (no hang), every
+    # context pushed was popped and every event destroyed. The 20th fails after reports of
+    # several chunks gave events back to the ring to record again (a slow reporter).
     path = tmp_path / "a.safetensors"
     save_file({f"w{i}": torch.full((8192,), float(i)) for i in range(16)}, str(path))
+    real_next = ring.Ring.next
+    reports: list[int] = []
+
+    def slow_next(self: ring.Ring) -> Any:
+        time.sleep(0.02)
+        report = real_next(self)
+        if report is not None:
+            reports.append(len(report[1]))
+        return report
+
+    monkeypatch.setattr(ring.Ring, "next", slow_next)
     events = calls.events_live
-    calls.set("fail_copy", 3)
+    calls.set("fail_copy", fail_at)
     with pytest.raises(CudaError, match="cuMemcpyHtoDAsync") as info:
         load([path], RingHostSink(), threads=2, staging_bytes=4 * 16384)
     assert "CUDA_ERROR_ILLEGAL_ADDRESS" in str(info.value)
     assert calls.pushes == calls.pops
+    if fail_at > 3:
+        assert calls.copies == fail_at - 1   # the copies before the failing one ran
+        assert max(reports) > 1   # a report gave events back before the failure
     del info   # its traceback holds the load's frames, and their events
     gc.collect()
     assert calls.events_live == events

@@ -375,9 +375,11 @@ static int64_t own_pieces(int64_t count, const uint64_t *dst, const int64_t *src
         *n = NULL;
         return -2;
     }
-    memcpy(*d, dst, (size_t)count * sizeof **d);
-    memcpy(*s, src, (size_t)count * sizeof **s);
-    memcpy(*n, len, (size_t)count * sizeof **n);
+    if (count > 0) { /* a chunk without pieces may come with NULL arrays */
+        memcpy(*d, dst, (size_t)count * sizeof **d);
+        memcpy(*s, src, (size_t)count * sizeof **s);
+        memcpy(*n, len, (size_t)count * sizeof **n);
+    }
     return 0;
 }
 
