@@ -134,9 +134,9 @@ def make_cases(args: argparse.Namespace, cuda: bool) -> list[Case]:
         # readers to a GPU since the eighteenth session, 8 Python readers with torch's calls
         # before; 128 MiB of staging through the ring since the twenty-first session, 256
         # before and for Python readers; no mapped readers) be faster on this machine? Rows
-        # that name their windows set the staging they were first measured with. The first run of
-        # each is a fresh process's first load (pinned staging allocated); a second reuses
-        # what torch's pinned-memory cache kept. Rows earlier runs settled are gone, to leave
+        # that name their windows set the staging they were first measured with. The first
+        # run of each is a fresh process's first load (pinned staging allocated); a second
+        # reuses what torch's pinned-memory cache kept. Rows earlier runs settled are gone, to leave
         # the time to new ones: blocking event waits, 16 threads and 1 GiB of staging (two
         # H200 runs), 4 threads and 128 MiB of staging (slower than the default on the H100
         # machine: 12.92 and 16.34 against 19.20 GB/s), 16 threads with 8 or 16 mapped readers

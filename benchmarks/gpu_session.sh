@@ -151,8 +151,8 @@ fi
 # s256: 256 MiB of staging (32 windows of 8 MiB), the ring's default before the twenty-first
 # session; 128 MiB (the default since) loaded faster without transformers in H200 runs 8 and
 # 10, with twice the chunks, each some Python of the planner's, which beside transformers'
-# thread waits for the GIL (the reporter's Python per chunk was halved to make up for it). (few-slots, the ring's slots of H200 runs 6
-# and 7, ran at 0.94x the default in run 8; torch's calls, cuda_calls="torch", 0.80-0.82 s in
+# thread waits for the GIL (the reporter's Python per chunk was halved to make up for it).
+# (few-slots, the ring's slots of H200 runs 6 and 7, ran at 0.94x the default in run 8; torch's calls, cuda_calls="torch", 0.80-0.82 s in
 # runs 6 and 7; on-demand, read_ahead="off", in runs 3 and 4; switch-off, the interpreter's
 # switch interval left alone, in run 6: 0.98x.)
 if wanted transformers; then
