@@ -197,8 +197,8 @@ RING_THREADS = 12
 #: staging_bytes through the ring while the option is left to its default: 32 windows of 4 MiB
 #: for 12 readers. On the H200 machine its readers read the same bytes in 0.6-0.8x the
 #: thread-seconds they took with 256 MiB (32 windows of 8 MiB), and 8 GB loaded 1.07x and 1.23x
-#: faster (runs 8 and 10, medians of 4 and 3; docs/benchmarks.md section 2): less staging stays
-#: in the CPU's cache between a read and its copy.
+#: faster (runs 8 and 10, medians of 4 and 3; docs/benchmarks.md section 2); likely because
+#: more of less staging stays in the CPU's cache between a read and its copy (not measured).
 RING_STAGING = 128 * MiB
 
 
