@@ -509,10 +509,10 @@ void fst_ring_cancel(ring_t *r) {
  * each one's bytes read in got[], and in *event the event after the last one's copies, so
  * after all of theirs (the caller's to destroy). All that are ready at once: the caller needs
  * Python's GIL back for each call, and a thread running Python meanwhile keeps it for up to a
- * switch interval. 1 when every submitted
- * chunk was reported after fst_ring_end, or the ring was cancelled; else the failed chunk's
- * errno or CUDA code, with *first, *step and got[0] set (chunks before it come in a call of
- * their own first; a failure ends the copier, so no report waits for a batch past it). */
+ * switch interval. 1 when every submitted chunk was reported after fst_ring_end, or the ring
+ * was cancelled; else the failed chunk's errno or CUDA code, with *first, *step and got[0] set
+ * (chunks before it come in a call of their own first; a failure ends the copier, so no report
+ * waits for a batch past it). */
 int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64_t *got,
                   void **event, int *step) {
     int result = 1;
