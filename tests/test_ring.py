@@ -9,6 +9,7 @@ import gc
 import os
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,36 @@ def load(paths: list[Path], sink: Any, **options: Any) -> dict[str, torch.Tensor
                                StreamOptions(**shape)))
 
 
-def reported_chunks(report: tuple[int, list[int], Any] | None) -> list[tuple[int, int]]:
+def reported_chunks(report: ring.Report | None) -> list[tuple[int, int]]:
     """(number, bytes read) of each chunk of one Ring.next() report."""
     if report is None:
         return []
-    first, got, _ = report
-    return [(first + i, n) for i, n in enumerate(got)]
+    return [(report.first + i, n) for i, n in enumerate(report.got)]
+
+
+def submit(made: ring.Ring, fd: int, spans: list[tuple[int, int]], dst: torch.Tensor, *,
+           limit: int = 100, first: int = 0) -> int | None:
+    """Ring.submit_file of bytes ``spans`` ((begin, end) each, in file order) of ``fd``, read
+    buffered, each into ``dst`` at its own offset: chunks of at most ``limit`` bytes, none
+    across a gap. Tensor i of them is number ``first + i``."""
+    return made.submit_file((0, fd, None, None, "buffered"), array("q", [b for b, _ in spans]),
+                            array("q", [e for _, e in spans]),
+                            array("Q", [dst.data_ptr() + b for b, _ in spans]), None, limit, 0,
+                            first, align=512, cached=0.5)
+
+
+def count_submits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int | None]]:
+    """(tensors, chunks) of each Ring.submit_file call from now on."""
+    calls: list[tuple[int, int | None]] = []
+    real = ring.Ring.submit_file
+
+    def counted(self: ring.Ring, file: Any, begin: Any, *args: Any, **kw: Any) -> int | None:
+        chunks = real(self, file, begin, *args, **kw)
+        calls.append((len(begin), chunks))
+        return chunks
+
+    monkeypatch.setattr(ring.Ring, "submit_file", counted)
+    return calls
 
 
 def wait_until_copied(destinations: list[tuple[str, torch.Tensor]],
@@ -107,6 +132,65 @@ def test_the_engine_through_the_ring_equals_safetensors(calls, tmp_path, io):
     del got
     gc.collect()
     assert calls.events_live == events
+
+
+@pytest.mark.parametrize("evicted", ["nothing", "the second half", "everything"])
+def test_auto_reads_each_chunk_by_the_share_of_its_pages_cached(calls, tmp_path, monkeypatch,
+                                                                 evicted):
+    # io="auto" through the ring: each reader looks at its chunk's pages as it starts
+    # (mincore on the file's mapping) and reads with O_DIRECT when fewer than half are cached:
+    # a file half evicted is read half each way.
+    from fastsafetensors.format import read_header
+    from fastsafetensors.loader.pagecache import resident_map
+
+    tensors = {f"w{i}": torch.full((65536,), float(i)) for i in range(8)}   # 256 KiB each
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    require_o_direct(path)
+    header = read_header(path)
+    middle = header.data_start + header.tensors["w4"].data_offsets[0]
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.pread(fd, size, 0)
+        if evicted != "nothing":
+            start = 0 if evicted == "everything" else middle - middle % 4096
+            os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
+        pages = resident_map(fd, 0, size)
+    finally:
+        os.close(fd)
+    if pages is None:
+        pytest.skip("mincore cannot be used here")
+    page = os.sysconf("SC_PAGE_SIZE")
+    cached = [bool(b & 1) for b in pages]
+    want = {"nothing": [True] * len(cached), "everything": [False] * len(cached),
+            "the second half": [i * page < middle - middle % 4096 for i in range(len(cached))]}
+    if cached != want[evicted]:
+        pytest.skip("the page cache does not keep or drop pages as asked here")
+    reports: list[ring.Report] = []
+    real_next = ring.Ring.next
+
+    def keep(self: ring.Ring) -> ring.Report | None:
+        report = real_next(self)
+        if report is not None:
+            reports.append(report)
+        return report
+
+    monkeypatch.setattr(ring.Ring, "next", keep)
+    sink = RingHostSink()
+    # Staging of 3 x 2 x 256 KiB: chunks of 256 KiB less the O_DIRECT slack; 7 for the
+    # first 6 tensors (a group reaches the staging's 1.5 MiB there), 3 for the last 2.
+    got = load([path], sink, io="auto", staging_bytes=6 * 262144)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+    direct = [d for r in reports for d in r.direct]
+    assert len(direct) == sink.rings[0].submitted == 10
+    if evicted == "nothing":
+        assert not any(direct)
+    elif evicted == "everything":
+        assert all(direct)
+    else:   # those before the middle buffered; after it, direct (a read ahead aside)
+        assert direct[:4] == [0] * 4 and direct[-1] == 1
 
 
 def test_chunk_bytes_makes_more_and_smaller_windows(calls, tmp_path):
@@ -212,26 +296,18 @@ def test_the_planner_submits_every_chunk_without_waiting_for_reports(calls, tmp_
 
 
 @pytest.mark.parametrize("keeps_all", [True, False])
-def test_a_planner_with_a_slot_for_every_chunk_submits_them_in_batches(calls, tmp_path,
-                                                                        monkeypatch, keeps_all):
-    # Each submit is Python under the GIL, which beside transformers' thread the planner has
-    # only part of the time: with a slot for every chunk, SUBMIT_BATCH chunks go in one call
-    # (and the last of each file at its end). Each allocation event serves every chunk
-    # planned after it, and the consumer waits on a tensor's last chunk only (one stream,
-    # chunk order). Without keeps_all, one chunk a call, as the ring's room frees.
+def test_the_planner_hands_the_ring_a_group_of_tensors_a_call(calls, tmp_path, monkeypatch,
+                                                             keeps_all):
+    # Python's work is per tensor, none per chunk: the planner hands ring.c a file's tensors
+    # in one call (at most a staging's worth), which cuts them into chunks, with one
+    # allocation event for the group; the consumer waits on one event per tensor, the one
+    # after the report that completed it (one stream, chunk order).
     g = torch.Generator().manual_seed(8)
     paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     for k, path in enumerate(paths):
         save_file({f"w{k}.{i}": torch.randn(20000 + 7 * i, generator=g) for i in range(6)},
                   str(path))
-    sizes: list[int] = []
-    real_many = ring.Ring.submit_many
-
-    def submit_many(self: ring.Ring, chunks: list[Any]) -> int | None:
-        sizes.append(len(chunks))
-        return real_many(self, chunks)
-
-    monkeypatch.setattr(ring.Ring, "submit_many", submit_many)
+    submits = count_submits(monkeypatch)
     sink = RingHostSink()
     events, waited = [], []
     real_event, real_wait = sink.alloc_event, sink.consumer_wait
@@ -240,15 +316,28 @@ def test_a_planner_with_a_slot_for_every_chunk_submits_them_in_batches(calls, tm
     assert_same(load(paths, sink, staging_bytes=48 * 16384, chunk_bytes=16384,
                      keeps_all=keeps_all), paths)
     (made,) = sink.rings
-    assert sum(sizes) == made.submitted and made.submitted > 12 * len(paths)
-    if keeps_all:   # the first call: all that was planned before the ring opened
-        assert sizes[0] >= stream.SUBMIT_BATCH and max(sizes[1:]) == stream.SUBMIT_BATCH
-        assert len(sizes) < made.submitted / 4
-    else:
-        assert set(sizes) == {1}
-    # 80 KB tensors in 16 KiB chunks: an event per tensor at most, not per chunk.
-    assert len(events) <= 12 < made.submitted
+    # 6 tensors of 80 KB a file, within the 768 KiB of staging: one call a file, and each
+    # 80 KB tensor in 5 or 6 chunks of at most 16 KiB less the O_DIRECT slack.
+    assert [tensors for tensors, _ in submits] == [6, 6]
+    assert sum(chunks or 0 for _, chunks in submits) == made.submitted > 5 * 12
+    assert len(events) == 2
     assert len(waited) == 12 and set(waited) == {1}
+
+
+@pytest.mark.parametrize("keeps_all", [True, False])
+def test_a_group_goes_to_the_ring_once_its_tensors_reach_the_staging(calls, tmp_path,
+                                                                    monkeypatch, keeps_all):
+    # The readers start on the first tensors of a large file while the planner allocates
+    # the rest: a group is handed over once it holds staging_bytes.
+    g = torch.Generator().manual_seed(10)
+    path = tmp_path / "a.safetensors"
+    save_file({f"w{i}": torch.randn(12000, generator=g) for i in range(40)}, str(path))
+    submits = count_submits(monkeypatch)
+    sink = RingHostSink()
+    assert_same(load([path], sink, staging_bytes=4 * 16384, chunk_bytes=8192,
+                     keeps_all=keeps_all), [path])
+    # 48 KB tensors, 64 KiB of staging: a group every second tensor, the last one alone.
+    assert [tensors for tensors, _ in submits] == [2] * 20
 
 
 def test_a_gate_holds_the_reports_until_released_and_says_when_all_is_planned(calls, tmp_path,
@@ -378,35 +467,38 @@ def test_a_gate_without_a_ring_has_nothing_to_hold(calls, tmp_path):
 def test_a_planner_with_a_slot_for_every_chunk_plans_on_while_the_ring_opens(calls, tmp_path,
                                                                             monkeypatch):
     # The ring opens once its staging is pinned (0.04-0.06 s in a process's first load on the
-    # H200 machine): until then the planner goes on planning and holds its chunks, and
-    # submits them in one call once it must (here: the file is planned, and the ring opens
-    # only when the planner waits for it).
+    # H200 machine): until then the planner goes on planning and holds its groups, and
+    # submits them once it must (here: the file is planned, and the ring opens only when the
+    # planner waits for it).
     g = torch.Generator().manual_seed(12)
     path = tmp_path / "a.safetensors"
     save_file({f"w{i}": torch.randn(12000, generator=g) for i in range(30)}, str(path))
-    sizes: list[int] = []
+    allocated: list[int] = []
+    at_submit: list[int] = []
     waiting = threading.Event()
-    real_many, real_open = ring.Ring.submit_many, ring.Ring.open
+    real_submit, real_open = ring.Ring.submit_file, ring.Ring.open
 
-    def submit_many(self: ring.Ring, chunks: list[Any]) -> int | None:
-        sizes.append(len(chunks))
+    def submit_file(self: ring.Ring, *args: Any, **kw: Any) -> int | None:
+        at_submit.append(len(allocated))
         waiting.set()
-        return real_many(self, chunks)
+        return real_submit(self, *args, **kw)
 
     def open_late(self: ring.Ring, stream: int, address: int) -> None:
         assert waiting.wait(10)   # the planner waits for the ring now
         real_open(self, stream, address)
 
-    monkeypatch.setattr(ring.Ring, "submit_many", submit_many)
+    monkeypatch.setattr(ring.Ring, "submit_file", submit_file)
     monkeypatch.setattr(ring.Ring, "open", open_late)
     sink = RingHostSink()
-    assert_same(load([path], sink, staging_bytes=48 * 16384, chunk_bytes=16384,
+    real_alloc = sink.alloc
+    sink.alloc = lambda info: allocated.append(1) or real_alloc(info)  # type: ignore
+    assert_same(load([path], sink, staging_bytes=8 * 16384, chunk_bytes=16384,
                      keeps_all=True), [path])
-    (made,) = sink.rings
-    assert made.submitted > stream.SUBMIT_BATCH and sizes == [made.submitted]
+    # 48 KB tensors, 128 KiB of staging: a group every third tensor, all planned first.
+    assert at_submit == [30] * 10
 
 
-def test_submit_many_takes_what_fits_and_the_rest_as_room_frees(calls, tmp_path):
+def test_submit_file_cuts_chunks_and_places_them_as_room_frees(calls, tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(range(256)) * 64)
     windows = torch.zeros(2 * 4096, dtype=torch.uint8)
@@ -414,38 +506,79 @@ def test_submit_many_takes_what_fits_and_the_rest_as_room_frees(calls, tmp_path)
     made = ring.Ring(0, readers=2, windows=2, stride=4096, capacity=3)
     made.open(7, windows.data_ptr())
     fd = os.open(path, os.O_RDONLY)
-
-    def chunk(k: int) -> tuple[Any, ...]:
-        return (fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 60),
-                                             (dst.data_ptr() + 100 * k + 60, 60, 40)])
-
     try:
-        # A chunk that does not fit: an error, and none of the others taken either.
-        too_big = (fd, 0, 4097, 4097, None, [])
-        with pytest.raises(ValueError, match="does not fit in the ring's windows"):
-            made.submit_many([chunk(0), too_big])
+        # Chunks that would not fit, or tensors out of file order: an error, none taken.
+        with pytest.raises(ValueError, match="do not fit in the ring's windows"):
+            submit(made, fd, [(0, 100)], dst, limit=4096 - 1023)
+        with pytest.raises(ValueError, match="out of file order"):
+            submit(made, fd, [(100, 200), (0, 100)], dst)
         assert made.submitted == 0
         result: list[Any] = []
+        # Five tensors of 100 bytes; chunks of at most 160: the second tensor spans two
+        # chunks, and so on (0-160, 160-320, 320-480, 480-500).
         submitter = threading.Thread(target=lambda: result.append(
-            made.submit_many([chunk(k) for k in range(5)])))
+            submit(made, fd, [(100 * k, 100 * k + 100) for k in range(5)], dst, limit=160,
+                   first=7)))
         submitter.start()
+        data = torch.frombuffer(bytearray(path.read_bytes()[:500]), dtype=torch.uint8)
+        wait_until_copied([("first 3 chunks", dst[:480])], {"first 3 chunks": data[:480]})
         submitter.join(0.3)
-        assert submitter.is_alive() and made.submitted == 3   # 3 slots: 3 taken at once
-        reported = [k for k, _ in reported_chunks(made.next())]
-        while len(reported) < 5:
-            reported += [k for k, _ in reported_chunks(made.next())]
+        assert submitter.is_alive()   # 3 slots: 3 placed, the fourth waits for room
+        assert not bool(dst[480:].any())
+        reports = [made.next()]
+        while sum(len(r.got) for r in reports if r is not None) < 4:
+            reports.append(made.next())
         submitter.join(5)
-        assert result == [0] and reported == [0, 1, 2, 3, 4]
-        assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
-                                                 dtype=torch.uint8))
-        assert made.submit_many([]) == 5
+        assert result == [4] and made.submitted == 4
+        chunks = [c for r in reports for c in reported_chunks(r)]
+        assert chunks == [(0, 160), (1, 160), (2, 160), (3, 20)]
+        # Tensors 7.. are complete: after chunk 0 one, after 1 three, after 2 four, then all.
+        dones = [r.done for r in reports if r is not None]
+        assert dones == sorted(dones) and dones[-1] == 12 and set(dones) <= {8, 10, 11, 12}
+        assert all(r is not None and r.files == [0] * len(r.got) and not any(r.direct)
+                   for r in reports)
+        assert torch.equal(dst, data)
+        assert submit(made, fd, [], dst) == 0 and submit(made, fd, [(5, 5)], dst) == 0
         made.end()
-        assert made.submit_many([chunk(0)]) is None   # after end(): refused
+        assert submit(made, fd, [(0, 100)], dst) is None   # after end(): refused
     finally:
         made.close()
         os.close(fd)
-    assert made.submit_many([chunk(0)]) is None
+    assert submit(made, fd, [(0, 100)], dst) is None
     assert calls.pushes == calls.pops
+
+
+def test_tensors_join_a_chunk_across_small_gaps(calls, tmp_path):
+    # ring.c's cut: a tensor joins the chunk before it when at most `gap` bytes lie between
+    # them (read and dropped: one read instead of two) and the chunk has room.
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(4096, dtype=torch.uint8)
+    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=16)
+    made.open(7, windows.data_ptr())
+    fd = os.open(path, os.O_RDONLY)
+    spans = [(0, 100), (110, 200), (300, 400), (400, 2000), (2000, 2100)]
+    try:
+        assert made.submit_file((3, fd, None, None, "buffered"),
+                                array("q", [b for b, _ in spans]),
+                                array("q", [e for _, e in spans]),
+                                array("Q", [dst.data_ptr() + b for b, _ in spans]), None,
+                                1024, 50, 0, align=512, cached=0.5) == 3
+        made.end()
+        reports = [r for r in iter(made.next, None)]
+        # 0-200 (the gap of 10 read too), 300-1324 (a gap of 100 starts a chunk, which tensor
+        # 3 fills), then 1324-2100: the rest of tensor 3 and tensor 4.
+        assert [c for r in reports for c in reported_chunks(r)] == [
+            (0, 200), (1, 1024), (2, 776)]
+        assert reports[-1].done == 5 and {n for r in reports for n in r.files} == {3}
+        data = torch.frombuffer(bytearray(path.read_bytes()[:4096]), dtype=torch.uint8)
+        for b, e in spans:
+            assert torch.equal(dst[b:e], data[b:e])
+        assert not bool(dst[100:110].any()) and not bool(dst[200:300].any())
+    finally:
+        made.close()
+        os.close(fd)
 
 
 def test_a_planner_ahead_of_the_reports_keeps_few_files_open(calls, tmp_path, monkeypatch):
@@ -499,15 +632,15 @@ def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
     made.open(7, windows.data_ptr())
     fd = os.open(path, os.O_RDONLY)
 
-    def submit(k: int) -> int | None:
-        return made.submit(fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 100)])
+    def chunks(*ks: int) -> int | None:
+        return submit(made, fd, [(100 * k, 100 * k + 100) for k in ks], dst, first=ks[0])
 
     try:
-        assert submit(0) == 0
+        assert chunks(0) == 1
         assert reported_chunks(made.next()) == [(0, 100)]   # one submitted: one is enough
-        assert [submit(k) for k in (1, 2)] == [1, 2]
+        assert chunks(1, 2) == 2
         assert reported_chunks(made.next()) == [(1, 100), (2, 100)]   # both, in one report
-        assert [submit(k) for k in (3, 4)] == [3, 4]
+        assert chunks(3, 4) == 2
         made.end()
         assert [r for report in iter(made.next, None) for r in reported_chunks(report)] == [
             (3, 100), (4, 100)]
@@ -535,19 +668,18 @@ def test_a_report_hands_over_one_event_and_its_chunks_events_are_recorded_again(
     fd = os.open(path, os.O_RDONLY)
     created = calls.events_created   # the windows' own
     try:
-        assert made.submit_many([(fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 100)])
-                                 for k in range(3)]) == 0
+        assert submit(made, fd, [(100 * k, 100 * k + 100) for k in range(3)], dst) == 3
         first = made.next()
         assert reported_chunks(first) == [(0, 100), (1, 100), (2, 100)]
         assert calls.events_created - created == 3
-        assert made.submit_many([(fd, 100 * k, 100, 100, None, [(dst.data_ptr() + 100 * k, 0, 100)])
-                                 for k in (3, 4)]) == 3
+        assert submit(made, fd, [(100 * k, 100 * k + 100) for k in (3, 4)], dst, first=3) == 2
         made.end()
         second = made.next()
         assert reported_chunks(second) == [(3, 100), (4, 100)]
         assert calls.events_created - created == 3   # 3 and 4 took the spares of 0 and 1
         assert first is not None and second is not None
-        assert first[2].handle.value != second[2].handle.value
+        assert first.event.handle.value != second.event.handle.value
+        assert (first.done, second.done) == (3, 5)
         assert torch.equal(dst, torch.frombuffer(bytearray(path.read_bytes()[:500]),
                                                  dtype=torch.uint8))
     finally:
@@ -587,13 +719,14 @@ def test_a_file_cut_short_while_loading_fails_the_load_with_a_read_error(calls, 
 
     path = tmp_path / "a.safetensors"
     save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
-    plan = stream._chunk_read
+    real_open = stream._open
 
-    def cut_first(chunk: Any, policy: Any) -> Any:
+    def open_then_cut(*args: Any, **kwargs: Any) -> Any:
+        f = real_open(*args, **kwargs)
         os.truncate(path, 1000)   # after the header was read and checked
-        return plan(chunk, policy)
+        return f
 
-    monkeypatch.setattr(stream, "_chunk_read", cut_first)
+    monkeypatch.setattr(stream, "_open", open_then_cut)
     with pytest.raises(ReadError, match="a.safetensors"):
         load([path], RingHostSink(), threads=2, staging_bytes=4 * 16384)
     assert calls.copies == 0 and calls.pushes == calls.pops   # nothing of a short read copied
@@ -604,14 +737,16 @@ def test_a_read_error_is_an_os_error_naming_the_file(calls, tmp_path, monkeypatc
 
     path = tmp_path / "a.safetensors"
     save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(path))
-    plan = stream._chunk_read
+    real_open = stream._open
     folder = os.open(tmp_path, os.O_RDONLY)   # pread() there fails with EISDIR
 
-    def from_a_folder(chunk: Any, policy: Any) -> Any:
-        _, begin, length, direct = plan(chunk, policy)
-        return folder, begin, length, direct
+    def open_a_folder(*args: Any, **kwargs: Any) -> Any:
+        f = real_open(*args, **kwargs)
+        os.close(f.fd)
+        f.fd = os.dup(folder)   # closed with the file
+        return f
 
-    monkeypatch.setattr(stream, "_chunk_read", from_a_folder)
+    monkeypatch.setattr(stream, "_open", open_a_folder)
     try:
         with pytest.raises(IsADirectoryError, match=str(tmp_path)):
             load([path], RingHostSink(), threads=2, staging_bytes=4 * 16384)
@@ -684,29 +819,27 @@ def test_submit_waits_for_room_and_a_cancel_frees_it(calls, tmp_path):
     made.open(7, windows.data_ptr())
     fd = os.open(path, os.O_RDONLY)
     try:
-        for k in range(2):
-            assert made.submit(fd, 100 * k, 100, 100, None,
-                               [(dst.data_ptr() + 100 * k, 0, 100)]) == k
+        assert submit(made, fd, [(0, 100), (100, 200)], dst) == 2
         result: list[Any] = []
         waiter = threading.Thread(target=lambda: result.append(
-            made.submit(fd, 200, 100, 100, None, [(dst.data_ptr() + 200, 0, 100)])))
+            submit(made, fd, [(200, 300)], dst, first=2)))
         waiter.start()
         waiter.join(0.3)
         assert waiter.is_alive()   # no room until a report is taken
         # Both loaded by now: one call reports them all, in order.
         assert reported_chunks(made.next()) == [(0, 100), (1, 100)]
         waiter.join(5)
-        assert result == [2]
+        assert result == [1]
         made.end()
         assert [r for report in iter(made.next, None) for r in reported_chunks(report)] == [
             (2, 100)]
-        assert made.submit(fd, 0, 1, 1, None, []) is None   # after end(): refused
+        assert submit(made, fd, [(0, 1)], dst) is None   # after end(): refused
         assert torch.equal(dst[:300], torch.frombuffer(bytearray(path.read_bytes()[:300]),
                                                        dtype=torch.uint8))
     finally:
         made.close()
         os.close(fd)
-    assert made.next() is None and made.submit(fd, 0, 1, 1, None, []) is None
+    assert made.next() is None and submit(made, fd, [(0, 1)], dst) is None
     assert calls.pushes == calls.pops
 
 
@@ -714,15 +847,15 @@ def test_a_cancel_wakes_a_submit_waiting_for_room(calls, tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(8192))
     windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    dst = torch.zeros(64, dtype=torch.uint8)
     made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2)
     made.open(7, windows.data_ptr())
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert made.submit(fd, 0, 10, 10, None, []) == 0
-        assert made.submit(fd, 0, 10, 10, None, []) == 1
+        assert submit(made, fd, [(0, 10), (20, 30)], dst) == 2
         result: list[Any] = []
         waiter = threading.Thread(target=lambda: result.append(
-            made.submit(fd, 0, 10, 10, None, [])))
+            submit(made, fd, [(40, 50)], dst)))
         waiter.start()
         waiter.join(0.2)
         assert waiter.is_alive()
@@ -745,7 +878,7 @@ def test_a_submit_before_the_ring_opens_waits_for_it(calls, tmp_path):
     result: list[Any] = []
     try:
         waiter = threading.Thread(target=lambda: result.append(
-            made.submit(fd, 8, 8, 8, None, [(dst.data_ptr(), 0, 8)])))
+            submit(made, fd, [(0, 8)], dst)))
         waiter.start()
         waiter.join(0.2)
         assert waiter.is_alive() and made.next() is None   # nothing to report: not open
@@ -766,19 +899,20 @@ def test_a_copier_that_cannot_push_the_context_fails_the_first_chunk(calls, tmp_
     path = tmp_path / "data.bin"
     path.write_bytes(bytes(4 << 20))
     windows = torch.zeros(2 * (4 << 20), dtype=torch.uint8)
-    dst = torch.zeros(10, dtype=torch.uint8)
+    dst = torch.zeros(4 << 20, dtype=torch.uint8)
     for _ in range(10):
         calls.set("push_calls", 0)
         calls.set("fail_push", 2)   # open()'s is the first, the copier's the second
-        made = ring.Ring(0, readers=2, windows=2, stride=4 << 20, capacity=4)
+        made = ring.Ring(0, readers=2, windows=2, stride=(4 << 20) + 1024, capacity=4)
         made.open(7, windows.data_ptr())
         fd = os.open(path, os.O_RDONLY)
         try:
-            made.submit(fd, 0, 4 << 20, 4 << 20, None, [(dst.data_ptr(), 0, 10)])
+            assert submit(made, fd, [(0, 4 << 20)], dst, limit=4 << 20) == 1
             time.sleep(0.02)   # the read is over by now
             with pytest.raises(ring.RingFailure) as info:
                 made.next()
             assert (info.value.index, ring.STEPS[info.value.step]) == (0, "cuCtxPushCurrent")
+            assert (info.value.file_no, info.value.begin, info.value.end) == (0, 0, 4 << 20)
         finally:
             made.close()
             os.close(fd)
@@ -789,10 +923,10 @@ def test_close_twice_and_a_read_larger_than_a_window(calls, tmp_path):
     windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2)
     made.open(7, windows.data_ptr())
-    with pytest.raises(ValueError, match="does not fit in the ring's windows of 4096 bytes"):
-        made.submit(0, 0, 4097, 4097, None, [])
-    with pytest.raises(ValueError, match="does not fit"):
-        made.submit(0, 0, 100, 100, None, [(windows.data_ptr(), 90, 20)])
+    with pytest.raises(ValueError, match="do not fit in the ring's windows of 4096 bytes"):
+        submit(made, 0, [(0, 100)], windows, limit=3073)   # with 512 more at each end
+    with pytest.raises(ValueError, match="out of file order"):
+        submit(made, 0, [(0, 100), (50, 150)], windows)   # overlapping
     assert made.close() is not None and made.close() == {}   # the second finds nothing
     assert calls.pushes == calls.pops
 

@@ -5,10 +5,12 @@
  * chunk half a ring behind the one it just queued, so the readers have free windows ahead of
  * them while the copy engine works.
  *
- * Python's part: one thread submits the chunks (fst_ring_submit, keeping the GIL unless the ring
- * is full and it must wait), one takes the reports (fst_ring_next, without the GIL: these
- * chunks' copies are queued, here is the event after the last of them, owned by the caller
- * from then on).
+ * Python's part: one thread submits a file's tensors at a time (fst_ring_submit_file, keeping
+ * the GIL unless the ring is full and it must wait), which are cut into chunks here, and one
+ * takes the reports (fst_ring_next, without the GIL: these chunks' copies are queued, so many
+ * tensors are complete, here is the event after the last of them, owned by the caller from then
+ * on). Python's work is per tensor and per report, none per chunk: beside transformers' thread
+ * (H200 runs 8-10) a Python planner fed the readers too slowly, and they waited for chunks.
  *
  * Every chunk's copies go on one stream in chunk order, so an event recorded after chunk k marks
  * the end of every chunk up to k: a report hands over one event for all its chunks, and the
@@ -20,20 +22,38 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "driver_calls.h"
 
 enum { SUBMITTED, READ_DONE, QUEUED, FAILED };
+/* How a chunk is read (the io option): through the page cache, with O_DIRECT, or chosen by its
+ * reader from the share of its pages cached. */
+enum { BUFFERED, DIRECT, AUTO };
 
 #define MAX_READERS 64
 
+/* One file's part of a chunk, as fst_ring_submit_file was given it. */
 typedef struct {
-    int64_t fd, offset, length, needed;
+    int64_t file_no;  /* the caller's number for the file */
+    int64_t fd, dfd;  /* descriptors, buffered and O_DIRECT (-1: none) */
+    const char *mapping; /* AUTO: a mapping of the whole file, for mincore (NULL: none) */
+    int64_t mode, align, cached; /* `cached`: per mille of pages that make AUTO read buffered */
+} file_t;
+
+typedef struct {
+    file_t file;
+    int64_t begin, end; /* the file's bytes wanted */
+    int64_t done;       /* tensors (the caller's count) complete once its copies are queued */
+    /* Set by its reader: where the read began, the bytes that must come, and whether it
+     * bypassed the page cache (an O_DIRECT read is widened to whole blocks at both ends). */
+    int64_t offset, needed;
+    int direct;
     void *allocated; /* the copies wait for it on the stream (NULL: nothing) */
     int64_t count;
     uint64_t *dst;
-    int64_t *src, *len;
+    int64_t *src, *len; /* src: from `begin` */
     int state, code, step;
     int64_t got;
     void *event; /* recorded after its copies; a spare again once reported, unless last */
@@ -49,6 +69,7 @@ typedef struct {
      * are free. Each wake needs Python's GIL back, which a thread running Python meanwhile
      * (transformers building the model) keeps for up to a switch interval. */
     int64_t batch;
+    int64_t most; /* chunks the waiting report takes at most (fst_ring_next's `most`) */
     unsigned flags;
     slot_t *slots; /* chunk k in slots[k % capacity] */
     void **marks;  /* per window: recorded after the copies of the chunk that used it last */
@@ -75,11 +96,27 @@ typedef struct {
 
 static slot_t *slot(ring_t *r, int64_t k) { return &r->slots[k % r->capacity]; }
 
+static void free_pieces(slot_t *t) {
+    free(t->dst);
+    free(t->src);
+    free(t->len);
+    t->dst = NULL;
+    t->src = t->len = NULL;
+}
+
 /* Chunks a report waits for: `batch`, or every chunk submitted and not reported if fewer (at
  * least one). */
 static int64_t wanted(ring_t *r) {
     int64_t pending = r->submitted - r->reported;
     return pending >= r->batch ? r->batch : pending > 1 ? pending : 1;
+}
+
+/* A report waiting may go: enough chunks are queued for it (the caller holds the lock). Only
+ * then is it woken, not once a chunk: on the 2-core VM those wakes took some 3 ms of CPU in a
+ * load of 0.8 GB. */
+static int reportable(ring_t *r) {
+    int64_t want = wanted(r) < r->most ? wanted(r) : r->most;
+    return r->queued - r->reported >= want;
 }
 
 /* A reader may take the next chunk: it was submitted, and the chunk a ring before it, which
@@ -94,6 +131,31 @@ static void wake_all(ring_t *r) {
     pthread_cond_broadcast(&r->read);
     pthread_cond_broadcast(&r->copied);
     pthread_cond_broadcast(&r->room);
+}
+
+/* Whether to read file bytes [begin, end) with O_DIRECT. AUTO looks, as it reads, at how many
+ * of their pages are cached: mincore costs some 40 ns a page, 40 us for 4 MiB, on the reader's
+ * own thread. Read buffered where that cannot be known, as Python's policy does (cpu.py). */
+static int read_direct(const file_t *f, int64_t begin, int64_t end) {
+    if (f->dfd < 0 || f->mode == BUFFERED)
+        return 0;
+    if (f->mode == DIRECT)
+        return 1;
+    if (!f->mapping)
+        return 0;
+    int64_t page = sysconf(_SC_PAGESIZE);
+    int64_t first = begin - begin % page;
+    size_t pages = (size_t)((end - first + page - 1) / page);
+    unsigned char *vec = malloc(pages);
+    int direct = 0;
+    if (vec && mincore((void *)(f->mapping + first), (size_t)(end - first), vec) == 0) {
+        size_t cached = 0;
+        for (size_t i = 0; i < pages; i++)
+            cached += vec[i] & 1;
+        direct = cached * 1000 < pages * (size_t)f->cached;
+    }
+    free(vec);
+    return direct;
 }
 
 static void *reader(void *arg) {
@@ -111,12 +173,19 @@ static void *reader(void *arg) {
         if (claimable(r)) /* each wake-up lets one reader in: pass it on */
             pthread_cond_signal(&r->work);
         slot_t *s = slot(r, k);
-        int fd = (int)s->fd;
-        int64_t offset = s->offset, length = s->length, done = 0;
         char *dest = r->base + (k % r->windows) * r->stride;
         int code = 0;
         pthread_mutex_unlock(&r->lock);
         t0 = now();
+        /* What the slot was given stays as it is until the slot is reported. */
+        int direct = read_direct(&s->file, s->begin, s->end);
+        int64_t offset = s->begin, end = s->end, done = 0;
+        if (direct) {
+            offset -= offset % s->file.align;
+            end += (s->file.align - end % s->file.align) % s->file.align;
+        }
+        int fd = (int)(direct ? s->file.dfd : s->file.fd);
+        int64_t length = end - offset;
         while (done < length) {
             int64_t want = length - done < MAX_READ ? length - done : MAX_READ;
             ssize_t n = pread(fd, dest + done, (size_t)want, (off_t)(offset + done));
@@ -134,6 +203,9 @@ static void *reader(void *arg) {
         pthread_mutex_lock(&r->lock);
         r->spent[0] += t1 - t0;
         s->got = done;
+        s->direct = direct;
+        s->offset = offset;
+        s->needed = s->end - offset; /* a widened read may end past the end of the file */
         if (s->state == SUBMITTED) { /* not failed meanwhile by a copier that cannot start */
             if (code) {
                 s->code = code;
@@ -153,6 +225,7 @@ static int queue_copies(ring_t *r, int64_t k, slot_t *s, int *code) {
     const char *window = r->base + (k % r->windows) * r->stride;
     if (s->allocated && (*code = c->wait(r->stream, s->allocated, 0)) != 0)
         return WAIT;
+    window += s->begin - s->offset; /* where the first byte wanted landed */
     for (int64_t i = 0; i < s->count; i++)
         if ((*code = c->copy(s->dst[i], window + s->src[i], (size_t)s->len[i], r->stream)))
             return COPY;
@@ -211,11 +284,7 @@ static void *copier(void *arg) {
         /* The pieces are not needed once queued: freed now, not when the slot is reused, which
          * with a slot per chunk of the load (stream.RING_SLOTS) would be at the end. No other
          * thread touches a slot between its read and its report. */
-        free(s->dst);
-        free(s->src);
-        free(s->len);
-        s->dst = NULL;
-        s->src = s->len = NULL;
+        free_pieces(s);
         s->count = 0;
         double t2 = now();
         /* The window of the chunk `lag` behind this one is free once its copies ran. */
@@ -235,7 +304,8 @@ static void *copier(void *arg) {
             r->freed = behind + 1;
             pthread_cond_signal(&r->work); /* one more window free: one more read */
         }
-        pthread_cond_signal(&r->copied);
+        if (step != OK || reportable(r))
+            pthread_cond_signal(&r->copied);
         if (step != OK)
             break;
     }
@@ -247,11 +317,8 @@ static void *copier(void *arg) {
 }
 
 static void release(ring_t *r) {
-    for (int64_t i = 0; r->slots && i < r->capacity; i++) {
-        free(r->slots[i].dst);
-        free(r->slots[i].src);
-        free(r->slots[i].len);
-    }
+    for (int64_t i = 0; r->slots && i < r->capacity; i++)
+        free_pieces(&r->slots[i]);
     free(r->slots);
     free(r->marks);
     free(r->spare);
@@ -289,6 +356,7 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
     r->windows = windows;
     r->capacity = capacity;
     r->batch = batch;
+    r->most = batch;
     r->lag = windows / 2;
     r->flags = flags;
     pthread_mutex_init(&r->lock, NULL);
@@ -348,144 +416,180 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
     return r;
 }
 
-/* A chunk's read and pieces fit in a window: 0, else -3. */
-static int64_t fits(const ring_t *r, int64_t length, int64_t needed, int64_t count,
-                    const int64_t *src, const int64_t *len) {
-    if (length < 0 || length > r->stride || needed > length || count < 0)
+/* One chunk as planned: file bytes [begin, end), pieces [first, first + count) of the plan's
+ * arrays, and the caller's tensors complete once its copies are queued. */
+typedef struct {
+    int64_t begin, end, first, count, done;
+} planned_t;
+
+/* Cut tensors [begin[i], end[i]) (file offsets, in file order) into chunks of at most `limit`
+ * bytes, a tensor sharing its chunk with the next one when at most `gap` bytes lie between
+ * them; a tensor larger than what is left of a chunk goes on in the next. Fills `chunks` and
+ * the pieces' tensor numbers, offsets in their tensor, offsets from the chunk's first byte and
+ * lengths (at most n + chunks of them); returns the number of chunks. */
+static int64_t plan(int64_t n, const int64_t *begin, const int64_t *end, int64_t limit,
+                    int64_t gap, int64_t done_before, planned_t *chunks, int64_t *tensor,
+                    int64_t *at, int64_t *src, int64_t *len) {
+    int64_t count = 0, pieces = 0;
+    planned_t *c = NULL;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t position = begin[i]; position < end[i];) {
+            if (c && (position - c->end > gap || position >= c->begin + limit)) {
+                c->done = done_before + i; /* every tensor before this one has all its bytes */
+                c = NULL;
+            }
+            if (!c) {
+                c = &chunks[count++];
+                *c = (planned_t){position, position, pieces, 0, 0};
+            }
+            int64_t cap = c->begin + limit;
+            int64_t take = end[i] - position < cap - position ? end[i] - position : cap - position;
+            tensor[pieces] = i;
+            at[pieces] = position - begin[i];
+            src[pieces] = position - c->begin;
+            len[pieces] = take;
+            pieces++;
+            c->count++;
+            c->end = position + take;
+            position += take;
+        }
+    }
+    if (c)
+        c->done = done_before + n;
+    return count;
+}
+
+/* Chunks the same tensors make, without filling anything: what plan() needs room for. */
+static int64_t count_chunks(int64_t n, const int64_t *begin, const int64_t *end, int64_t limit,
+                            int64_t gap) {
+    int64_t count = 0, first = 0, last = 0;
+    int open = 0;
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t position = begin[i]; position < end[i];) {
+            if (open && (position - last > gap || position >= first + limit))
+                open = 0;
+            if (!open) {
+                open = 1;
+                count++;
+                first = last = position;
+            }
+            int64_t cap = first + limit;
+            last = end[i] < cap ? end[i] : cap;
+            position = last;
+        }
+    return count;
+}
+
+/* Why a submit now is refused (-1 stopped), or 0. Under the lock. */
+static int64_t stopped(const ring_t *r) {
+    return r->cancelled || r->copier_done || r->ended ? -1 : 0;
+}
+
+/* Hand over the `n` tensors of one file whose bytes [begin[i], end[i]) (file offsets, in file
+ * order, not overlapping) go to device addresses dst[i]: cut into chunks of at most `limit`
+ * bytes (see plan()), each read as `file` says into a window, then its pieces copied after
+ * `allocated` (an event, or NULL). Tensor i is the caller's number `done_before + i`, and a
+ * chunk's report says how many of the caller's tensors are complete.
+ * While the chunks do not all fit in the free slots, returns -4 without `wait`, placing none;
+ * with it, places them as slots come free, waiting for `batch` at a time.
+ * Returns the chunks placed (*placed too), or -1 once the ring stopped (*placed: those placed
+ * before), -2 without memory for the pieces, -3 when the tensors are not in order or a chunk
+ * would not fit in a window. Without `wait` it never blocks, so Python calls it keeping the
+ * GIL: a call that gave it away would wait to get it back behind any thread running Python. */
+int64_t fst_ring_submit_file(ring_t *r, const int64_t *file, int64_t n, const int64_t *begin,
+                             const int64_t *end, const uint64_t *dst, void *allocated,
+                             int64_t limit, int64_t gap, int64_t done_before, int wait,
+                             int64_t *placed) {
+    *placed = 0;
+    file_t f = {file[0], file[1], file[2], (const char *)(intptr_t)file[3],
+                file[4], file[5], file[6]};
+    if (n < 0 || limit < 1 || gap < 0 || f.align < 1 || limit + 2 * f.align > r->stride ||
+        f.mode < BUFFERED || f.mode > AUTO)
         return -3;
-    for (int64_t i = 0; i < count; i++)
-        if (src[i] < 0 || len[i] < 0 || src[i] + len[i] > needed)
+    for (int64_t i = 0; i < n; i++)
+        if (begin[i] < 0 || end[i] < begin[i] || (i && begin[i] < end[i - 1]))
             return -3;
-    return 0;
-}
-
-/* The chunk's own copy of its pieces, which the caller's arrays do not outlive: 0, else -2. */
-static int64_t own_pieces(int64_t count, const uint64_t *dst, const int64_t *src,
-                          const int64_t *len, uint64_t **d, int64_t **s, int64_t **n) {
-    size_t items = (size_t)(count > 0 ? count : 1);
-    *d = malloc(items * sizeof **d);
-    *s = malloc(items * sizeof **s);
-    *n = malloc(items * sizeof **n);
-    if (!*d || !*s || !*n) {
-        free(*d);
-        free(*s);
-        free(*n);
-        *d = NULL;
-        *s = NULL;
-        *n = NULL;
-        return -2;
-    }
-    if (count > 0) { /* a chunk without pieces may come with NULL arrays */
-        memcpy(*d, dst, (size_t)count * sizeof **d);
-        memcpy(*s, src, (size_t)count * sizeof **s);
-        memcpy(*n, len, (size_t)count * sizeof **n);
-    }
-    return 0;
-}
-
-/* Why a submit now is refused (-1 stopped, -4 full), or 0. Under the lock. */
-static int64_t refused(const ring_t *r) {
-    return r->cancelled || r->copier_done || r->ended ? -1
-           : r->submitted - r->reported >= r->capacity ? -4 : 0;
-}
-
-/* The next chunk into its slot, the slot's pieces from its last use freed. Under the lock. */
-static int64_t place(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
-                     void *allocated, int64_t count, uint64_t *d, int64_t *s, int64_t *n) {
-    int64_t k = r->submitted;
-    slot_t *t = slot(r, k);
-    free(t->dst);
-    free(t->src);
-    free(t->len);
-    *t = (slot_t){fd, offset, length, needed, allocated, count, d, s, n,
-                  SUBMITTED, 0, OK, 0, NULL};
-    r->submitted = k + 1;
-    return k;
-}
-
-/* Hand over the next chunk: read `length` bytes of `fd` at `offset` (at least `needed` of
- * them), then copy each of the `count` pieces (device address, offset in the window, bytes).
- * While `capacity` chunks are submitted and not reported, returns -4 without `wait`; with it,
- * blocks until `batch` slots are free.
- * Returns the chunk's number, or -1 once the ring stopped (cancelled, or the copier ended on an
- * error), -2 when memory for the pieces cannot be had, or -3 when the read or a piece does not
- * fit in a window. Without `wait` it never blocks, so Python calls it keeping the GIL: a call
- * that gave it away would wait to get it back behind any thread running Python, once per
- * chunk. */
-int64_t fst_ring_submit(ring_t *r, int64_t fd, int64_t offset, int64_t length, int64_t needed,
-                        void *allocated, int64_t count, const uint64_t *dst,
-                        const int64_t *src, const int64_t *len, int wait) {
-    uint64_t *d;
-    int64_t *s, *n;
-    int64_t code = fits(r, length, needed, count, src, len);
-    if (code || (code = own_pieces(count, dst, src, len, &d, &s, &n)))
-        return code;
-    pthread_mutex_lock(&r->lock);
-    while (wait && !r->cancelled && !r->copier_done &&
-           r->submitted - r->reported > r->capacity - r->batch)
-        pthread_cond_wait(&r->room, &r->lock);
-    if ((code = refused(r)) != 0) {
+    int64_t count = count_chunks(n, begin, end, limit, gap);
+    if (count == 0)
+        return 0;
+    if (!wait) {
+        pthread_mutex_lock(&r->lock);
+        int64_t code = stopped(r);
+        if (!code && r->capacity - (r->submitted - r->reported) < count)
+            code = -4;
         pthread_mutex_unlock(&r->lock);
-        free(d);
-        free(s);
-        free(n);
-        return code;
-    }
-    int64_t k = place(r, fd, offset, length, needed, allocated, count, d, s, n);
-    pthread_cond_signal(&r->work);
-    pthread_cond_signal(&r->read); /* a copier that failed to start waits for a chunk */
-    pthread_mutex_unlock(&r->lock);
-    return k;
-}
-
-/* Hand over up to `chunks` chunks at once, never waiting: chunk i is `head[6*i..6*i+5]`
- * (fd, offset, length, needed, allocated event, piece count), its pieces the next `count` of
- * `dst`, `src` and `len` (each chunk's after the last's). One call from Python for many chunks:
- * each call is Python run under the GIL, which beside a thread running Python (transformers
- * building the model) the planner gets only part of the time.
- * Returns how many were taken, in order (fewer while the ring is full; the caller submits the
- * rest with fst_ring_submit, waiting), or -1 once the ring stopped, -2 when memory for the
- * pieces cannot be had, -3 when a chunk does not fit in a window (then none was taken). */
-int64_t fst_ring_submit_many(ring_t *r, int64_t chunks, const int64_t *head,
-                             const uint64_t *dst, const int64_t *src, const int64_t *len) {
-    if (chunks < 0)
-        return -3;
-    int64_t at = 0;
-    for (int64_t i = 0; i < chunks; i++) {
-        const int64_t *h = head + 6 * i;
-        int64_t code = fits(r, h[2], h[3], h[5], src + at, len + at);
         if (code)
             return code;
-        at += h[5];
+    }
+    int64_t items = n + count;
+    planned_t *chunks = malloc((size_t)count * sizeof *chunks);
+    int64_t *tensor = malloc((size_t)items * sizeof *tensor);
+    int64_t *at = malloc((size_t)items * sizeof *at);
+    int64_t *src = malloc((size_t)items * sizeof *src);
+    int64_t *len = malloc((size_t)items * sizeof *len);
+    slot_t *made = calloc((size_t)count, sizeof *made);
+    int64_t result = -2;
+    if (!chunks || !tensor || !at || !src || !len || !made)
+        goto out;
+    plan(n, begin, end, limit, gap, done_before, chunks, tensor, at, src, len);
+    /* Each chunk's own pieces, made before the lock is taken. */
+    for (int64_t k = 0; k < count; k++) {
+        planned_t *c = &chunks[k];
+        slot_t *t = &made[k];
+        size_t size = (size_t)c->count;
+        t->dst = malloc(size * sizeof *t->dst);
+        t->src = malloc(size * sizeof *t->src);
+        t->len = malloc(size * sizeof *t->len);
+        if (!t->dst || !t->src || !t->len)
+            goto out;
+        for (int64_t p = 0; p < c->count; p++) {
+            int64_t q = c->first + p;
+            t->dst[p] = dst[tensor[q]] + (uint64_t)at[q];
+            t->src[p] = src[q];
+            t->len[p] = len[q];
+        }
+        t->file = f;
+        t->begin = t->offset = c->begin;
+        t->end = c->end;
+        t->needed = c->end - c->begin;
+        t->done = c->done;
+        t->allocated = allocated;
+        t->count = c->count;
+        t->state = SUBMITTED;
     }
     pthread_mutex_lock(&r->lock);
-    int64_t code = refused(r), taken = 0;
-    if (code == -1) {
-        pthread_mutex_unlock(&r->lock);
-        return -1;
-    }
-    int64_t room = r->capacity - (r->submitted - r->reported);
-    at = 0;
-    for (; taken < chunks && taken < room; taken++) {
-        const int64_t *h = head + 6 * taken;
-        uint64_t *d;
-        int64_t *s, *n;
-        if (own_pieces(h[5], dst + at, src + at, len + at, &d, &s, &n)) {
-            if (taken == 0) {
-                pthread_mutex_unlock(&r->lock);
-                return -2;
-            }
-            break; /* those taken go; the caller's next submit says what is wrong */
+    for (result = 0; result < count; result++) {
+        if (r->submitted - r->reported >= r->capacity)
+            while (!stopped(r) && r->submitted - r->reported > r->capacity - r->batch)
+                pthread_cond_wait(&r->room, &r->lock);
+        if (stopped(r)) {
+            *placed = result;
+            result = -1;
+            break;
         }
-        place(r, h[0], h[1], h[2], h[3], (void *)(intptr_t)h[4], h[5], d, s, n);
-        at += h[5];
+        slot_t *t = slot(r, r->submitted);
+        free_pieces(t); /* from its last use */
+        *t = made[result];
+        made[result].dst = NULL;
+        made[result].src = made[result].len = NULL;
+        r->submitted++;
+        /* Each chunk at once: a reader may start on it while the next ones are placed. */
+        pthread_cond_signal(&r->work);
+        pthread_cond_signal(&r->read); /* a copier that failed to start waits for a chunk */
     }
-    if (taken) {
-        pthread_cond_broadcast(&r->work);
-        pthread_cond_signal(&r->read);
-    }
+    if (result >= 0)
+        *placed = result;
     pthread_mutex_unlock(&r->lock);
-    return taken;
+out:
+    for (int64_t k = 0; made && k < count; k++)
+        free_pieces(&made[k]);
+    free(made);
+    free(chunks);
+    free(tensor);
+    free(at);
+    free(src);
+    free(len);
+    return result;
 }
 
 /* No more chunks will be submitted. */
@@ -504,25 +608,37 @@ void fst_ring_cancel(ring_t *r) {
     pthread_mutex_unlock(&r->lock);
 }
 
+/* What a report says of chunk s: the caller's file number, the caller's tensors complete,
+ * whether it was read with O_DIRECT, where its read began, and the end of the bytes wanted. */
+enum { INFO = 5 };
+static void describe(const slot_t *s, int64_t *info) {
+    info[0] = s->file.file_no;
+    info[1] = s->done;
+    info[2] = s->direct;
+    info[3] = s->offset;
+    info[4] = s->end;
+}
+
 /* The next chunks' reports, in chunk order: 0 once the copies of `batch` of them are queued
  * (or of every chunk submitted, if fewer), with *count (at most `most`) chunks from *first,
- * each one's bytes read in got[], and in *event the event after the last one's copies, so
- * after all of theirs (the caller's to destroy). All that are ready at once: the caller needs
+ * each one's bytes read in got[] and what describe() says of it in info[INFO * i...], and in
+ * *event the event after the last one's copies, so after all of theirs (the caller's to
+ * destroy). All that are ready at once: the caller needs
  * Python's GIL back for each call, and a thread running Python meanwhile keeps it for up to a
  * switch interval. 1 when every submitted chunk was reported after fst_ring_end, or the ring
- * was cancelled; else the failed chunk's errno or CUDA code, with *first, *step and got[0] set
- * (chunks before it come in a call of their own first; a failure ends the copier, so no report
- * waits for a batch past it). */
+ * was cancelled; else the failed chunk's errno or CUDA code, with *first, *step, got[0] and
+ * info[0...] set (chunks before it come in a call of their own first; a failure ends the
+ * copier, so no report waits for a batch past it). */
 int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64_t *got,
-                  void **event, int *step) {
+                  int64_t *info, void **event, int *step) {
     int result = 1;
     *count = 0;
     *event = NULL;
     *step = OK;
     pthread_mutex_lock(&r->lock);
     /* At most `most` at once: waiting for more would hold back the first ones. */
-    while (!r->cancelled && !r->copier_done &&
-           r->queued - r->reported < (wanted(r) < most ? wanted(r) : most))
+    r->most = most;
+    while (!r->cancelled && !r->copier_done && !reportable(r))
         pthread_cond_wait(&r->copied, &r->lock);
     if (!r->cancelled && r->reported < r->queued) {
         *first = r->reported;
@@ -530,6 +646,7 @@ int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64
         if (s->state == FAILED) {
             *step = s->step;
             got[0] = s->got;
+            describe(s, info);
             result = s->code ? s->code : EIO;
         } else {
             for (; *count < most && r->reported < r->queued; ++*count, r->reported++) {
@@ -537,6 +654,7 @@ int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64
                 if (s->state == FAILED)
                     break; /* reported by the next call */
                 got[*count] = s->got;
+                describe(s, info + INFO * *count);
                 if (*event)
                     r->spare[r->spares++] = *event;
                 *event = s->event;

@@ -6,11 +6,16 @@ pinned windows and one stream copying them in file order; more Python readers he
 more pinned staging, which slowed a process's first load (docs/benchmarks.md, section 2). Here
 ``ring.c`` has that shape with threads: ``readers`` C threads read the chunks, in order, into a
 ring of pinned windows, and one C thread queues each chunk's copies on one stream as soon as
-its read is done. The engine's planner submits the chunks (:meth:`Ring.submit_many`, many in
-one call where the ring has a slot for each) and one Python thread takes the reports
-(:meth:`Ring.next`); nothing else of Python runs per chunk. Timed there
-in the eighteenth session: 12 readers with 32 windows of 8 MiB moved 36.9 GB/s, the Python
-readers 25.7 and InstantTensor 37.2 in the same run, so it is the default since.
+its read is done. Timed there in the eighteenth session: 12 readers with 32 windows of 8 MiB
+moved 36.9 GB/s, the Python readers 25.7 and InstantTensor 37.2 in the same run, so it is the
+default since.
+
+The engine's planner hands over a file's tensors at a time (:meth:`Ring.submit_file`), which
+``ring.c`` cuts into chunks, and one Python thread takes the reports (:meth:`Ring.next`), each
+saying how many tensors are complete: the Python is per tensor and per report, none per chunk.
+(Until the twenty-second session the planner cut the chunks in Python, some 20 us each on the
+2-core VM: beside transformers' thread, which holds the GIL half the time or more, it fed the
+readers too slowly, and on the H200 machine they waited for chunks, runs 8-10.)
 
 Built and loaded as ``readcopy.c`` is (loader/native.py): compiled on first use with the
 system's C compiler into the cache folder, the CUDA driver's functions handed in as addresses.
@@ -25,11 +30,11 @@ import threading
 from array import array
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import driver, native
 
-__all__ = ["Ring", "RingFailure", "available"]
+__all__ = ["Report", "Ring", "RingFailure", "available"]
 
 SOURCE = Path(__file__).with_name("ring.c")
 #: ring.c's failed steps, by number (driver_calls.h's enum).
@@ -39,6 +44,9 @@ READ, SHORT = STEPS.index("pread"), STEPS.index("short read")
 MAX_READERS = 64
 #: The most chunks one report hands over.
 REPORT = 64
+#: ring.c's numbers for the io option, and what it says of each chunk reported (describe()).
+MODES = {"buffered": 0, "direct": 1, "auto": 2}
+INFO = 5
 #: What ring.c's spent[] counts, as PHASES names it (seconds, summed over threads).
 SPENT = ("ring: readers reading", "ring: readers waiting for a chunk or a free window",
          "ring: copier waiting for a read", "ring: copier queuing copies",
@@ -51,12 +59,12 @@ _I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "fst_ring_open": (_P, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_uint,
                            ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)]),
-    "fst_ring_submit": (_I64, [_P, _I64, _I64, _I64, _I64, _P, _I64, _P, _P, _P, ctypes.c_int]),
-    "fst_ring_submit_many": (_I64, [_P, _I64, _P, _P, _P, _P]),
+    "fst_ring_submit_file": (_I64, [_P, _P, _I64, _P, _P, _P, _P, _I64, _I64, _I64,
+                                    ctypes.c_int, ctypes.POINTER(_I64)]),
     "fst_ring_end": (None, [_P]),
     "fst_ring_cancel": (None, [_P]),
     "fst_ring_next": (ctypes.c_int, [_P, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
-                                     _P, ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
+                                     _P, _P, ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
     "fst_ring_spent": (None, [_P, ctypes.POINTER(ctypes.c_double)]),
     "fst_ring_close": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
 }
@@ -67,9 +75,8 @@ def _load() -> dict[str, Any]:
     if "lib" in state and "held" not in state:
         # The same library called keeping the GIL, for a submit that does not wait.
         held = ctypes.PyDLL(state["lib"]._name)
-        for name in ("fst_ring_submit", "fst_ring_submit_many"):
-            function = getattr(held, name)
-            function.restype, function.argtypes = _SIGNATURES[name]
+        function = held.fst_ring_submit_file
+        function.restype, function.argtypes = _SIGNATURES["fst_ring_submit_file"]
         state["held"] = held
     return state
 
@@ -93,16 +100,33 @@ def _not_here() -> None:
 
 class RingFailure(Exception):
     """Chunk ``index`` failed at ``step`` (STEPS) with ``code`` (an errno for a read, else a
-    CUDA code) after ``got`` bytes were read; the engine turns it into its public error."""
+    CUDA code) after ``got`` bytes were read from ``begin`` of file ``file_no`` (the bytes
+    wanted ending at ``end``); the engine turns it into its public error."""
 
-    def __init__(self, index: int, step: int, code: int, got: int):
-        super().__init__(index, step, code, got)
+    def __init__(self, index: int, step: int, code: int, got: int, file_no: int = -1,
+                 begin: int = 0, end: int = 0):
+        super().__init__(index, step, code, got, file_no, begin, end)
         self.index, self.step, self.code, self.got = index, step, code, got
+        self.file_no, self.begin, self.end = file_no, begin, end
+
+
+class Report(NamedTuple):
+    """Chunks whose copies are queued, from number ``first``: the bytes read of each, the
+    event after the last one's copies (so after all of theirs: one stream, chunk order), each
+    one's file number, whether each was read with O_DIRECT, and how many of the submitted
+    tensors are complete once those copies ran."""
+
+    first: int
+    got: list[int]
+    event: driver.Event
+    files: list[int]
+    direct: list[int]
+    done: int
 
 
 class Ring:
     """One load's ring. Made unopened; :meth:`open` starts its threads on pinned memory, and
-    until then :meth:`submit` waits for it. Thread-safe: :meth:`cancel` may come from any
+    until then :meth:`submit_file` waits for it. Thread-safe: :meth:`cancel` may come from any
     thread at any time, and :meth:`close` waits for calls still inside the C code."""
 
     def __init__(self, device: int, *, readers: int, windows: int, stride: int,
@@ -183,82 +207,48 @@ class Ring:
             self._inside -= 1
             self._cond.notify_all()
 
-    def submit(self, fd: int, offset: int, length: int, needed: int, allocated: Any,
-               copies: list[tuple[int, int, int]]) -> int | None:
-        """Read ``length`` bytes of ``fd`` at ``offset`` (at least ``needed``) into the next
-        window, then copy each ``(device address, offset in the window, bytes)`` after
-        ``allocated`` (a driver event, or None). With :attr:`capacity` chunks submitted and
-        not reported, waits until :attr:`batch` are. Returns the chunk's number, in submission
-        order, or None once the ring stopped (the reason comes from :meth:`next`)."""
+    def submit_file(self, file: tuple[int, int, int | None, int | None, str],
+                    begin: array[int], end: array[int], dst: array[int], allocated: Any,
+                    limit: int, gap: int, done_before: int, *, align: int,
+                    cached: float) -> int | None:
+        """Read tensors ``[begin[i], end[i])`` (file offsets, in file order) of ``file``,
+        ``(number, descriptor, O_DIRECT descriptor or None, address of a mapping of the whole
+        file or None, io mode)``, into device addresses ``dst[i]``, after ``allocated`` (a
+        driver event, or None), in chunks of at most ``limit`` bytes, a tensor joining the one
+        before when at most ``gap`` bytes lie between them. Under io "auto" a chunk is read
+        with O_DIRECT when less than ``cached`` of its pages are in the page cache as its
+        reader starts; an O_DIRECT read is widened to multiples of ``align``. Tensor i is
+        number ``done_before + i`` of the load, as reports count them. With the chunks not
+        fitting in the free slots, calls :attr:`on_full` and waits for room. Returns the
+        number of chunks, or None once the ring stopped (the reason comes from
+        :meth:`next`)."""
         handle = self._enter(wait=True)
         if handle is None:
             return None
+        number, fd, direct_fd, mapping, mode = file
+        head = array("q", (number, fd, -1 if direct_fd is None else direct_fd, mapping or 0,
+                           MODES[mode], align, int(cached * 1000)))
+        event = None if allocated is None else allocated.handle
+        placed = _I64()
         try:
-            dst = array("Q", [c[0] for c in copies])
-            src = array("q", [c[1] for c in copies])
-            lengths = array("q", [c[2] for c in copies])
-            args = (handle, fd, offset, length, needed,
-                    None if allocated is None else allocated.handle, len(copies),
-                    dst.buffer_info()[0], src.buffer_info()[0], lengths.buffer_info()[0])
-            index = self._held.fst_ring_submit(*args, 0)   # keeps the GIL: never waits
-            if index == -4:   # full: wait for room without the GIL
+            args = (handle, head.buffer_info()[0], len(begin), begin.buffer_info()[0],
+                    end.buffer_info()[0], dst.buffer_info()[0], event, limit, gap, done_before)
+            taken = self._held.fst_ring_submit_file(*args, 0, ctypes.byref(placed))
+            if taken == -4:   # full: wait for room without the GIL
                 self.room_waits += 1
                 if self.on_full is not None:
                     self.on_full()
-                index = self._lib.fst_ring_submit(*args, 1)
+                taken = self._lib.fst_ring_submit_file(*args, 1, ctypes.byref(placed))
         finally:
             self._leave()
-        if index == -2:
-            raise MemoryError("no memory for a chunk's pieces")
-        if index == -3:
-            raise ValueError(f"a read of {length} bytes (or a piece of it) does not fit in the "
-                             f"ring's windows of {self.stride} bytes")
-        if index < 0:
-            return None
-        self.submitted += 1
-        return int(index)
-
-    def submit_many(self, chunks: list[tuple[int, int, int, int, Any,
-                                             list[tuple[int, int, int]]]]) -> int | None:
-        """:meth:`submit` for each ``(fd, offset, length, needed, allocated, copies)`` of
-        ``chunks`` in order, the most that fit in one call keeping the GIL (the rest one at a
-        time, waiting for room). Returns the first chunk's number (the others follow it), or
-        None once the ring stopped."""
-        if not chunks:
-            return self.submitted
-        handle = self._enter(wait=True)
-        if handle is None:
-            return None
-        first = self.submitted   # this thread is the only one submitting
-        try:
-            head = array("q")
-            dst, src, lengths = array("Q"), array("q"), array("q")
-            for fd, offset, length, needed, allocated, copies in chunks:
-                # As int64 bits: an address with its top bit set must not overflow "q".
-                event = 0 if allocated is None else ctypes.c_int64(
-                    allocated.handle.value or 0).value
-                head.extend((fd, offset, length, needed, event, len(copies)))
-                for address, at, nbytes in copies:
-                    dst.append(address)
-                    src.append(at)
-                    lengths.append(nbytes)
-            taken = self._held.fst_ring_submit_many(
-                handle, len(chunks), head.buffer_info()[0], dst.buffer_info()[0],
-                src.buffer_info()[0], lengths.buffer_info()[0])
-        finally:
-            self._leave()
-        if taken == -3:
-            raise ValueError(f"a read of up to {max(c[2] for c in chunks)} bytes (or a piece "
-                             f"of it) does not fit in the ring's windows of {self.stride} bytes")
+        self.submitted += placed.value
         if taken == -2:
             raise MemoryError("no memory for a chunk's pieces")
-        if taken < 0:
-            return None
-        self.submitted += taken
-        for chunk in chunks[taken:]:   # the ring was full: the rest as it makes room
-            if self.submit(*chunk) is None:
-                return None
-        return first
+        if taken == -3:
+            raise ValueError(f"tensors out of file order, or chunks of {limit} bytes (with "
+                             f"{align} more at each end) that do not fit in the ring's "
+                             f"windows of {self.stride} bytes")
+        return None if taken < 0 else int(taken)
 
     def end(self) -> None:
         """No more chunks: :meth:`next` ends once every one was reported."""
@@ -275,32 +265,37 @@ class Ring:
                 self._lib.fst_ring_cancel(self._handle)
             self._cond.notify_all()
 
-    def next(self) -> tuple[int, list[int], driver.Event] | None:
+    def next(self) -> Report | None:
         """The next chunks whose copies are queued, in order, all that are ready once
-        :attr:`batch` are (or every chunk submitted, if fewer): ``(the first one's number, the
-        bytes read of each, the event after the last one's copies)``, that event marking the end
-        of every one's copies (one stream, chunk order); None at the end or once cancelled.
-        Raises RingFailure."""
+        :attr:`batch` are (or every chunk submitted, if fewer); None at the end or once
+        cancelled. Raises RingFailure."""
         handle = self._enter(wait=False)
         if handle is None:
             return None
         try:
             first, count, step, event = _I64(), _I64(), ctypes.c_int(), _P()
             got = (_I64 * REPORT)()
+            info = (_I64 * (INFO * REPORT))()
             code = self._lib.fst_ring_next(handle, REPORT, ctypes.byref(first),
-                                           ctypes.byref(count), got, ctypes.byref(event),
-                                           ctypes.byref(step))
+                                           ctypes.byref(count), got, info,
+                                           ctypes.byref(event), ctypes.byref(step))
         finally:
             self._leave()
         if code == 1 and step.value == 0:
             return None
         if code:
-            raise RingFailure(first.value, step.value, code, got[0])
+            raise RingFailure(first.value, step.value, code, got[0], info[0], info[3],
+                              info[4])
+        n = count.value
         if not event.value:   # reported done, yet no event after its copies
-            raise RingFailure(first.value + count.value - 1, STEPS.index("cuEventRecord"), 1,
-                              got[count.value - 1])
+            last = INFO * (n - 1)
+            raise RingFailure(first.value + n - 1, STEPS.index("cuEventRecord"), 1,
+                              got[n - 1], info[last], info[last + 3], info[last + 4])
         # Adopted (destroyed with its object) before anything else can raise.
-        return first.value, got[:count.value], driver.Event.adopt(self.device, event)
+        adopted = driver.Event.adopt(self.device, event)
+        described = info[:INFO * n]
+        return Report(first.value, got[:n], adopted, described[0::INFO], described[2::INFO],
+                      described[INFO * (n - 1) + 1])
 
     def close(self) -> dict[str, float]:
         """Stop the threads and wait until no copy can touch the windows or the tensors any

@@ -41,16 +41,18 @@ import queue
 import sys
 import threading
 import time
+from array import array
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import compress
 from typing import Any, Protocol
 
 from ..format import Header, TensorInfo, header_of, open_readonly
 from . import switching
 from . import threads as pool
-from .cpu import PAGE, IOPolicy
+from .cpu import CACHED_ENOUGH, PAGE, IOPolicy
 from .pagecache import map_file, resident_map, unmap
 from .posix import DIRECT_ALIGN, STATS, close_fds, open_direct, pread_into
 from .ring import RingFailure
@@ -67,19 +69,15 @@ Source = tuple[str, "Header | None", "list[str] | None"]
 WORKER_POLL = 0.1
 #: Chunks the planner may submit to the ring (``cuda_calls="ring"``) before their reports are
 #: taken, for a load whose caller keeps every tensor (``StreamOptions.keeps_all``): ring.c's
-#: slots, some 100 bytes each; 4096 chunks of 8 MiB are 32 GiB. Once submitted, a chunk is read
+#: slots, some 150 bytes each; 4096 chunks of 4 MiB are 16 GiB. Once submitted, a chunk is read
 #: and its copies queued by C threads alone; only taking its report needs Python's GIL. With a
 #: few slots over the windows' count, a reporter kept from the GIL (by transformers building
 #: the model while a batch reads ahead) holds up the reads once the slots are full: on the H200
 #: machine, with 76 slots, they moved 14.9 GB/s beside transformers and 36.9 alone (eighteenth
-#: session; not yet timed with this). The planner allocates each chunk's tensors before it
-#: submits it, so only a caller that keeps them all gets this: for the others the tensors
-#: allocated ahead of the reads stay a few windows' worth. A memory budget still holds the
-#: planner back. io="auto" looks up a chunk's page-cache residency when the chunk is submitted,
-#: so up to a whole load before its read: pages evicted or cached meanwhile only cost speed.
+#: session). The planner allocates a group's tensors before it submits them, so only a caller
+#: that keeps them all gets this: for the others the tensors allocated ahead of the reads stay
+#: a staging's worth and a few windows'. A memory budget still holds the planner back.
 RING_SLOTS = 4096
-#: Chunks the planner hands the ring in one call when the ring has a slot for each.
-SUBMIT_BATCH = 16
 #: Files the planner keeps open, read or not, before it waits for one to be done: a file is
 #: closed once its last chunk is reported, and with a reporter kept from the GIL a load of
 #: hundreds of small files could otherwise run out of descriptors (two a file with O_DIRECT).
@@ -410,6 +408,19 @@ class _Completion:
                     piece.tensor.pieces -= 1
             self.cond.notify_all()
 
+    def reported(self, tensors: list[_Tensor | None], start: int, stop: int,
+                 event: Any) -> None:
+        """Ring mode: ``tensors[start:stop]`` are complete once ``event`` is (dropped from
+        the list: the caller holds them)."""
+        with self.cond:
+            for i in range(start, stop):
+                t = tensors[i]
+                tensors[i] = None
+                if t is not None and t.pieces:
+                    t.events = [event]
+                    t.pieces = 0
+            self.cond.notify_all()
+
     def wait(self, t: _Tensor, errors: list[BaseException]) -> None:
         if t.pieces == 0:   # 0 once it is final, so no lock is needed to see it reach 0
             return
@@ -460,6 +471,181 @@ class AheadGate:
                 self._cond.wait(WORKER_POLL)
 
 
+class _RingPlan:
+    """Ring mode's planning and reports. The planner allocates each file's wanted tensors in
+    order and hands their bytes to the ring a group at a time (:meth:`plan_file`), which
+    ring.c cuts into chunks; the reporter takes each report (:meth:`take`), which says how many
+    of those tensors are complete. Python's work is per tensor and per report: cutting chunks
+    in Python took some 20 us each on the 2-core VM, 2,000 of them for 8 GB, and beside
+    transformers' thread, which holds the GIL half the time or more, the readers then waited
+    for chunks (H200 runs 8-10)."""
+
+    def __init__(self, ring: Any, sink: Sink, options: StreamOptions, policy: IOPolicy,
+                 completion: _Completion, ready: queue.Queue[Any], files: list[_File],
+                 gate: AheadGate | None) -> None:
+        self.ring, self.sink, self.options, self.policy = ring, sink, options, policy
+        self.completion, self.ready, self.files, self.gate = completion, ready, files, gate
+        # Tensors handed to the ring, in order (None once complete), and the events after
+        # their allocations, which the ring's copies wait on: kept until the ring is closed.
+        self.tensors: list[_Tensor | None] = []
+        self.events: list[Any] = []
+        # Submissions planned while the ring opens (its staging pinned: 0.04-0.06 s in a
+        # process's first load), so that the planner plans on meanwhile.
+        self.held: deque[Callable[[], None]] = deque()
+        self.done = 0        # tensors complete, as the reports count them
+        self.reported = 0    # chunks reported
+
+    def plan_file(self, f: _File, number: int, budget: _Budget,
+                  cancelled: threading.Event) -> None:
+        """Allocate ``f``'s wanted tensors (file ``number`` of the load) and hand them to
+        the ring and to the caller: a group once its tensors reach ``staging_bytes`` (the
+        readers start on the first ones while the rest are allocated), before the planner
+        waits for budget, and at the file's end."""
+        options, sink = self.options, self.sink
+        infos = f.infos
+        spent: dict[str, float] = defaultdict(float)
+        clock = time.perf_counter
+        bounded = budget.limit is not None
+        reserve = getattr(sink, "reserve", None) if options.keeps_all and not bounded else None
+        if reserve is not None and infos:
+            t0 = clock()
+            reserve(sum(device_bytes(info.nbytes) for info in infos))
+            spent["planner: reserve"] += clock() - t0
+        grouping = (options.small_tensor_groups and not bounded
+                    and getattr(sink, "finisher", None) is not None)
+        start = f.header.data_start
+        group: list[_Tensor] = []
+        begin, end, dst = array("q"), array("q"), array("Q")
+        nbytes = 0
+
+        def hand_over() -> None:
+            nonlocal group, begin, end, dst, nbytes
+            if not group:
+                return
+            t0 = clock()
+            event = sink.alloc_event() if nbytes else None
+            spent["planner: allocate"] += clock() - t0
+            self._hand(f, number, begin, end, dst, event, group)
+            group, begin, end, dst = [], array("q"), array("q"), array("Q")
+            nbytes = 0
+
+        i = 0
+        try:
+            while i < len(infos):
+                if cancelled.is_set():
+                    return
+                info = infos[i]
+                i += 1
+                first, last = info.data_offsets
+                members = None
+                if grouping and 0 < last - first < GROUP_MEMBER:
+                    stop = _group_end(infos, i - 1)
+                    if stop > i:
+                        members = [(m, m.data_offsets[0] - first) for m in infos[i - 1:stop]]
+                        last = infos[stop - 1].data_offsets[1]
+                        info = TensorInfo(f"{info.name} and the {stop - i} tensors after it",
+                                          "U8", (last - first,), (first, last))
+                        i = stop
+                size = last - first
+                t0 = clock()
+                if bounded:
+                    footprint = device_bytes(size)
+                    if budget.would_block(footprint):
+                        # The consumer frees budget once these are complete.
+                        hand_over()
+                        self.submit_held()
+                        if self.gate is not None:
+                            self.gate.release()
+                        t0 = clock()
+                    if not budget.acquire(footprint):
+                        return
+                t1 = clock()
+                flat = sink.alloc(info) if size else None
+                spent["planner: wait for budget"] += t1 - t0
+                spent["planner: allocate"] += clock() - t1
+                group.append(_Tensor(info, flat, pieces=1 if size else 0, members=members))
+                begin.append(start + first)
+                end.append(start + last)
+                dst.append(flat.data_ptr() if flat is not None else 0)
+                nbytes += size
+                if nbytes >= options.staging_bytes:
+                    hand_over()
+            hand_over()
+        finally:
+            PHASES.add(spent)
+
+    def _hand(self, f: _File, number: int, begin: array[int], end: array[int],
+              dst: array[int], event: Any, group: list[_Tensor]) -> None:
+        """One group of ``f``'s tensors to the ring (held while it opens) and to the caller."""
+        first = len(self.tensors)
+        self.tensors.extend(group)   # before: their reports may come at once
+        if event is not None:
+            self.events.append(event)
+        file = (number, f.fd, f.direct_fd, f.mapping, self.policy.mode)
+        self.after_held(partial(self._submit, f, file, begin, end, dst, event, first))
+        self.ready.put(group)
+
+    def _submit(self, f: _File, file: tuple[Any, ...], begin: array[int], end: array[int],
+                dst: array[int], event: Any, first: int) -> None:
+        t0 = time.perf_counter()
+        chunks = self.ring.submit_file(file, begin, end, dst, event, self.options.buffer_bytes,
+                                       self.options.max_gap, first, align=DIRECT_ALIGN,
+                                       cached=CACHED_ENOUGH)
+        PHASES.add({"planner: wait for a free reader": time.perf_counter() - t0})
+        if chunks is None:   # the ring stopped; the reporter says why
+            if self.gate is not None:
+                self.gate.release()   # a report held back would not say it
+            return
+        with f.lock:
+            # Its reports may have come first: the count went below 0 meanwhile, and the file
+            # stays open, since it is closed only once planned.
+            f.pending += chunks
+
+    def after_held(self, job: Callable[[], None]) -> None:
+        """``job`` now, or after the submissions held until the ring opens."""
+        if self.held or (self.options.keeps_all and not self.ring.opened):
+            self.held.append(job)
+            if self.ring.opened:
+                self.submit_held()
+        else:
+            job()
+
+    def submit_held(self) -> None:
+        """What was held until the ring opened, now (waiting for it to open)."""
+        while self.held:
+            self.held.popleft()()
+
+    def take(self, report: Any, stats: dict[str, int], lock: threading.Lock) -> None:
+        """A report of the ring: its chunks' bytes counted, its complete tensors to the
+        caller, and the files read to the end closed."""
+        got, direct = report.got, report.direct
+        nbytes = sum(got)
+        direct_chunks = sum(direct)
+        direct_bytes = sum(compress(got, direct)) if direct_chunks else 0
+        if direct_chunks < len(got):
+            STATS.add(nbytes - direct_bytes, direct=False, reads=len(got) - direct_chunks)
+        if direct_chunks:
+            STATS.add(direct_bytes, direct=True, reads=direct_chunks)
+        with lock:
+            stats["bytes"] += nbytes
+            stats["direct"] += direct_chunks
+            stats["chunks"] += len(got)
+        self.reported += len(got)
+        if report.done > self.done:
+            self.completion.reported(self.tensors, self.done, report.done, report.event)
+            self.done = report.done
+        _files_done([self.files[n] for n in report.files])
+
+    def unreported(self) -> list[Any]:
+        """The tensors and events the ring may still have written or waited on (once it is
+        closed: nothing), no longer held here."""
+        kept = [t for t in self.tensors[self.done:] if t is not None] + self.events
+        self.tensors[:] = []
+        self.events = []
+        self.done = 0
+        return kept
+
+
 def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions,
                    gate: AheadGate | None = None) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, tensor)`` for every wanted tensor of ``sources``, in file order, each one
@@ -501,8 +687,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         ring.on_full = gate.release   # the planner would wait for reports
     elif gate is not None:   # Python readers: nothing to hold back
         gate.not_needed()
-    # Chunks submitted to the ring and not reported yet: (chunk, where its read begins, direct)
-    inflight: dict[int, tuple[_Chunk, int, bool]] = {}
+    ringed = None if ring is None else _RingPlan(ring, sink, options, policy, completion,
+                                                 ready, files, gate)
     open_files = threading.Semaphore(OPEN_FILES)   # released as each file is shut
 
     def fail(exc: BaseException) -> None:
@@ -530,8 +716,10 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     break
                 t0 = time.perf_counter()
                 opened = open_files.acquire(blocking=False)
+                if not opened and ringed is not None:
+                    ringed.submit_held()   # files close as their reports are taken
                 if not opened and gate is not None:
-                    gate.release()   # files close as their reports are taken
+                    gate.release()
                 while not opened:
                     opened = open_files.acquire(timeout=WORKER_POLL)
                     if not opened and cancelled.is_set():
@@ -546,8 +734,15 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 PHASES.add({"planner: wait for a file to close": t1 - t0,
                             "planner: open files": time.perf_counter() - t1})
                 files.append(f)
+                if ringed is not None:
+                    ringed.plan_file(f, len(files) - 1, budget, cancelled)
+                    # Once its chunks are submitted: with none yet, it would be closed now.
+                    ringed.after_held(partial(_file_done, f, planned=True))
+                    continue
                 _plan_file(f, sink, options, budget, hand, ready, cancelled, completion, gate)
                 _file_done(f, planned=True)
+            if ringed is not None:
+                ringed.submit_held()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
         finally:
@@ -567,50 +762,15 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if gate is not None:
                     gate.set_planned()
 
-    # Chunks planned and not yet submitted: (chunk, where its read begins, direct, the
-    # ring's arguments). With a slot for every chunk of a load (keeps_all), SUBMIT_BATCH go in
-    # one call: each call is Python under the GIL, which beside transformers' thread the
-    # planner gets only part of the time (H200 run 9: the readers waited for chunks). Until
-    # the ring is open (its staging pinned: 0.04-0.06 s in a process's first load) they all
-    # wait here, so that the planner goes on planning meanwhile.
-    pending: list[tuple[_Chunk, int, bool, tuple[Any, ...]]] = []
-
     def hand(chunk: _Chunk | None) -> None:
-        """A planned chunk to the readers (blocks while they are busy), or held back for the
-        next ones while the ring has a slot for each; None: those held back, now."""
-        if ring is None:
-            if chunk is not None:
-                _put(work, chunk, cancelled)
-            return
+        """A planned chunk to the readers (blocks while they are busy)."""
         if chunk is not None:
-            fd, begin, length, direct = _chunk_read(chunk, policy)
-            skew = chunk.offset - begin
-            pending.append((chunk, begin, direct, (
-                fd, begin, length, chunk.end - begin, chunk.allocated,
-                [(p.tensor.flat.data_ptr() + p.tensor_offset, skew + p.file_offset - chunk.offset,
-                  p.length) for p in chunk.pieces])))
-            if options.keeps_all and (len(pending) < SUBMIT_BATCH or not ring.opened):
-                return
-        if not pending:
-            return
-        first = ring.submitted   # this thread is the only one submitting
-        for i, (held, begin, direct, _) in enumerate(pending):
-            inflight[first + i] = (held, begin, direct)   # before: reports may come at once
-        chunks = [args for _, _, _, args in pending]
-        pending.clear()
-        got = ring.submit_many(chunks)
-        if got is None:   # the ring stopped; report() says why
-            for i in range(ring.submitted - first, len(chunks)):
-                inflight.pop(first + i, None)
-            if gate is not None:
-                gate.release()   # a report() held back would not say it
-        elif got != first:
-            raise RuntimeError(f"the ring numbered chunk {first} as {got}")
+            _put(work, chunk, cancelled)
 
     def report() -> None:
         """Ring mode: pin the windows, open the ring, and take its reports, in chunk order:
-        each chunk read and its copies queued goes to the caller."""
-        assert ring is not None
+        the tensors each one completes go to the caller."""
+        assert ring is not None and ringed is not None
         idents.add(threading.get_ident())
         buffer = None
         t0 = time.perf_counter()
@@ -626,30 +786,14 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 gate.wait_released(cancelled)
                 PHASES.add({"ring: reports held": time.perf_counter() - t0})
             while (done := ring.next()) is not None:
-                # One report's chunks at once: each lock taken once, not once a chunk.
-                first, gots, event = done
-                chunks = [inflight.pop(first + i) for i in range(len(gots))]
-                nbytes = sum(gots)
-                direct_chunks = sum(direct for _, _, direct in chunks)
-                direct_bytes = sum(got for (_, _, direct), got in zip(chunks, gots) if direct)
-                if direct_chunks < len(chunks):
-                    STATS.add(nbytes - direct_bytes, direct=False,
-                              reads=len(chunks) - direct_chunks)
-                if direct_chunks:
-                    STATS.add(direct_bytes, direct=True, reads=direct_chunks)
-                with stats_lock:
-                    stats["bytes"] += nbytes
-                    stats["direct"] += direct_chunks
-                    stats["chunks"] += len(chunks)
-                completion.queued([c.pieces for c, _, _ in chunks], event)
-                _files_done([c.file for c, _, _ in chunks])
-            if inflight and not cancelled.is_set():
+                ringed.take(done, stats, stats_lock)
+            if ringed.reported < ring.submitted and not cancelled.is_set():
                 # Ended with chunks unreported and no error said: their tensors' waits would
                 # never end.
-                raise RuntimeError(f"the ring ended with {len(inflight)} chunks not loaded")
+                raise RuntimeError(f"the ring ended with {ring.submitted - ringed.reported} "
+                                   f"chunks not loaded")
         except RingFailure as exc:
-            where = inflight.get(exc.index)
-            fail(exc if where is None else _ring_error(exc, where[0], where[1]))
+            fail(_ring_error(exc, files))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             fail(exc)
         finally:
@@ -657,16 +801,15 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             try:
                 PHASES.add(ring.close())
             except BaseException as exc:
-                # Copies may still run: the windows and the chunks' tensors are kept for the
-                # process, never handed back to an allocator.
-                ABANDONED.extend([buffer, dict(inflight)] if buffer is not None else
-                                 [dict(inflight)])
-                inflight.clear()
+                # Copies may still run: the windows and the tensors not reported are kept for
+                # the process, never handed back to an allocator.
+                ABANDONED.extend([buffer, ringed.unreported()] if buffer is not None else
+                                 [ringed.unreported()])
                 fail(exc)   # the load must not pass for done
                 raise
-            # Chunks never reported (a failed or stopped load): their tensors go now, not
-            # whenever an error that holds this frame's traceback goes.
-            inflight.clear()
+            # Tensors never reported (a failed or stopped load) go now, not whenever an error
+            # that holds this frame's traceback goes.
+            ringed.unreported()
             if buffer is not None:
                 sink.release_staging(buffer[0])
 
@@ -1216,16 +1359,16 @@ def _read_chunk(chunk: _Chunk, view: memoryview, policy: IOPolicy) -> tuple[int,
     return chunk.offset - begin, got, direct
 
 
-def _ring_error(failure: RingFailure, chunk: _Chunk, begin: int) -> BaseException:
+def _ring_error(failure: RingFailure, files: list[_File]) -> BaseException:
     """The public error for a chunk the ring could not load."""
     from ..errors import CudaError, ReadError
     from . import driver, ring
 
-    f = chunk.file
+    path = files[failure.file_no].path if 0 <= failure.file_no < len(files) else "?"
     if failure.step == ring.SHORT:
-        return ReadError(f.path, begin, chunk.end - begin, failure.got)
+        return ReadError(path, failure.begin, failure.end - failure.begin, failure.got)
     if failure.step == ring.READ:
-        return OSError(failure.code, os.strerror(failure.code), f.path)
+        return OSError(failure.code, os.strerror(failure.code), path)
     step = ring.STEPS[failure.step] if failure.step < len(ring.STEPS) else "ring"
     return CudaError(step, failure.code, driver._name(failure.code))
 
