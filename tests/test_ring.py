@@ -134,14 +134,18 @@ def test_the_engine_through_the_ring_equals_safetensors(calls, tmp_path, io):
     assert calls.events_live == events
 
 
+@pytest.mark.parametrize("count", ["cachestat", "mincore"])
 @pytest.mark.parametrize("evicted", ["nothing", "the second half", "everything"])
 def test_auto_reads_each_chunk_by_the_share_of_its_pages_cached(calls, tmp_path, monkeypatch,
-                                                                 evicted):
-    # io="auto" through the ring: each reader looks at its chunk's pages as it starts
-    # (mincore on the file's mapping) and reads with O_DIRECT when fewer than half are cached:
-    # a file half evicted is read half each way.
+                                                                 evicted, count):
+    # io="auto" through the ring: each reader counts its chunk's pages in the page cache as it
+    # starts (cachestat, or mincore on the file's mapping where the kernel has no cachestat)
+    # and reads with O_DIRECT when fewer than half are: a file half evicted is read half each
+    # way.
     from fastsafetensors.format import read_header
     from fastsafetensors.loader.pagecache import resident_map
+
+    count_with_mincore = ring._load()["lib"].fst_ring_count_with_mincore
 
     tensors = {f"w{i}": torch.full((65536,), float(i)) for i in range(8)}   # 256 KiB each
     path = tmp_path / "m.safetensors"
@@ -181,7 +185,11 @@ def test_auto_reads_each_chunk_by_the_share_of_its_pages_cached(calls, tmp_path,
     sink = RingHostSink()
     # Staging of 3 x 2 x 256 KiB: chunks of 256 KiB less the O_DIRECT slack; 7 for the
     # first 6 tensors (a group reaches the staging's 1.5 MiB there), 3 for the last 2.
-    got = load([path], sink, io="auto", staging_bytes=6 * 262144)
+    count_with_mincore(count == "mincore")
+    try:
+        got = load([path], sink, io="auto", staging_bytes=6 * 262144)
+    finally:
+        count_with_mincore(0)
     assert all(torch.equal(got[k], v) for k, v in tensors.items())
     direct = [d for r in reports for d in r.direct]
     assert len(direct) == sink.rings[0].submitted == 10

@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "driver_calls.h"
@@ -79,6 +80,7 @@ typedef struct {
     int64_t spares;
     int64_t submitted, claimed, freed, queued, reported;
     int ended, cancelled, copier_done;
+    int failed; /* a chunk failed: its report says why */
     /* One lock; a condition per kind of waiter, so that a chunk's progress wakes the one thread
      * that waits for it rather than every thread: readers wait for a chunk to read (`work`),
      * the copier for a read (`read`), the reporting caller for queued copies (`copied`), the
@@ -133,29 +135,60 @@ static void wake_all(ring_t *r) {
     pthread_cond_broadcast(&r->room);
 }
 
-/* Whether to read file bytes [begin, end) with O_DIRECT. AUTO looks, as it reads, at how many
- * of their pages are cached: mincore costs some 40 ns a page, 40 us for 4 MiB, on the reader's
- * own thread. Read buffered where that cannot be known, as Python's policy does (cpu.py). */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451 /* Linux 6.5 and later, the same number on every architecture but alpha */
+#endif
+
+/* Set once cachestat is refused as unknown (an older kernel, or a sandbox's filter). */
+static int no_cachestat;
+
+/* Count with mincore alone (1) or cachestat first (0): tests run both ways. */
+void fst_ring_count_with_mincore(int on) { __atomic_store_n(&no_cachestat, on, __ATOMIC_RELAXED); }
+
+/* Pages of file bytes [first, end) in the page cache (`first` on a page), or -1 when that cannot
+ * be known. cachestat counts them in the kernel: some 30 ns a page on the 2-core VM, where
+ * mincore on the file's mapping, the fallback, took 80-100. */
+static int64_t cached_pages(const file_t *f, int64_t first, int64_t end, int64_t page) {
+    if (!__atomic_load_n(&no_cachestat, __ATOMIC_RELAXED)) {
+        struct {
+            uint64_t off, len;
+        } range = {(uint64_t)first, (uint64_t)(end - first)};
+        uint64_t stat[5]; /* cached, dirty, under writeback, evicted, recently evicted */
+        if (syscall(SYS_cachestat, (int)f->fd, &range, stat, 0) == 0)
+            return (int64_t)stat[0];
+        if (errno == ENOSYS || errno == EPERM)
+            __atomic_store_n(&no_cachestat, 1, __ATOMIC_RELAXED);
+    }
+    if (!f->mapping)
+        return -1;
+    size_t pages = (size_t)((end - first + page - 1) / page);
+    unsigned char *vec = malloc(pages);
+    int64_t cached = -1;
+    if (vec && mincore((void *)(f->mapping + first), (size_t)(end - first), vec) == 0) {
+        cached = 0;
+        for (size_t i = 0; i < pages; i++)
+            cached += vec[i] & 1;
+    }
+    free(vec);
+    return cached;
+}
+
+/* Whether to read file bytes [begin, end) with O_DIRECT. AUTO counts, as it reads, how many of
+ * their pages are cached, on the reader's own thread (in parallel, and just before the read:
+ * pages cached or evicted since the load began count). Read buffered where that cannot be
+ * known, as Python's policy does (cpu.py). */
 static int read_direct(const file_t *f, int64_t begin, int64_t end) {
     if (f->dfd < 0 || f->mode == BUFFERED)
         return 0;
     if (f->mode == DIRECT)
         return 1;
-    if (!f->mapping)
+    if (!f->mapping) /* Python maps the file where it can see the page cache */
         return 0;
     int64_t page = sysconf(_SC_PAGESIZE);
     int64_t first = begin - begin % page;
-    size_t pages = (size_t)((end - first + page - 1) / page);
-    unsigned char *vec = malloc(pages);
-    int direct = 0;
-    if (vec && mincore((void *)(f->mapping + first), (size_t)(end - first), vec) == 0) {
-        size_t cached = 0;
-        for (size_t i = 0; i < pages; i++)
-            cached += vec[i] & 1;
-        direct = cached * 1000 < pages * (size_t)f->cached;
-    }
-    free(vec);
-    return direct;
+    int64_t pages = (end - first + page - 1) / page;
+    int64_t cached = cached_pages(f, first, end, page);
+    return cached >= 0 && cached * 1000 < pages * f->cached;
 }
 
 static void *reader(void *arg) {
@@ -256,6 +289,7 @@ static void *copier(void *arg) {
             slot(r, 0)->code = code;
             slot(r, 0)->step = PUSH;
             r->queued = 1;
+            r->failed = 1;
         }
         r->copier_done = 1;
         wake_all(r);
@@ -306,8 +340,10 @@ static void *copier(void *arg) {
         }
         if (step != OK || reportable(r))
             pthread_cond_signal(&r->copied);
-        if (step != OK)
+        if (step != OK) {
+            r->failed = 1;
             break;
+        }
     }
     r->copier_done = 1;
     wake_all(r);
@@ -666,6 +702,15 @@ int fst_ring_next(ring_t *r, int64_t most, int64_t *first, int64_t *count, int64
     }
     pthread_mutex_unlock(&r->lock);
     return result;
+}
+
+/* Whether a chunk failed (the next reports end with it): a caller holding the reports back
+ * looks, so that a failed load does not wait for it to let them go. */
+int fst_ring_failed(ring_t *r) {
+    pthread_mutex_lock(&r->lock);
+    int failed = r->failed;
+    pthread_mutex_unlock(&r->lock);
+    return failed;
 }
 
 /* Seconds spent so far, as named in ring_t. */

@@ -65,6 +65,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "fst_ring_cancel": (None, [_P]),
     "fst_ring_next": (ctypes.c_int, [_P, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64),
                                      _P, _P, ctypes.POINTER(_P), ctypes.POINTER(ctypes.c_int)]),
+    "fst_ring_failed": (ctypes.c_int, [_P]),
+    "fst_ring_count_with_mincore": (None, [ctypes.c_int]),
     "fst_ring_spent": (None, [_P, ctypes.POINTER(ctypes.c_double)]),
     "fst_ring_close": (ctypes.c_int, [_P, ctypes.POINTER(ctypes.c_int)]),
 }
@@ -264,6 +266,16 @@ class Ring:
             if self._handle is not None and not self._closed:
                 self._lib.fst_ring_cancel(self._handle)
             self._cond.notify_all()
+
+    def failed(self) -> bool:
+        """Whether a chunk failed (:meth:`next` raises once it reaches it)."""
+        handle = self._enter(wait=False)
+        if handle is None:
+            return False
+        try:
+            return bool(self._lib.fst_ring_failed(handle))
+        finally:
+            self._leave()
 
     def next(self) -> Report | None:
         """The next chunks whose copies are queued, in order, all that are ready once

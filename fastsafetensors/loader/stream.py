@@ -465,9 +465,13 @@ class AheadGate:
             self._cond.wait_for(lambda: self.planned or self.released, timeout)
             return self.planned
 
-    def wait_released(self, cancelled: threading.Event) -> None:
+    def wait_released(self, cancelled: threading.Event,
+                      failed: Callable[[], bool] = lambda: False) -> None:
+        """Until the caller lets the reports go, the load stops, or ``failed()`` says the
+        ring failed (asked every WORKER_POLL): a failed load must not wait for the caller,
+        who would meanwhile go on building a model for it."""
         with self._cond:
-            while not self.released and not cancelled.is_set():
+            while not self.released and not cancelled.is_set() and not failed():
                 self._cond.wait(WORKER_POLL)
 
 
@@ -695,6 +699,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         errors.append(exc)
         cancelled.set()
         ready.put(exc)
+        if gate is not None:
+            gate.release()   # nothing more to hold back, and a caller waiting for it goes on
 
     def plan() -> None:
         idents.add(threading.get_ident())
@@ -783,7 +789,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             PHASES.add({"ring: pin staging": t1 - t0, "ring: open": time.perf_counter() - t1})
             if gate is not None:
                 t0 = time.perf_counter()
-                gate.wait_released(cancelled)
+                gate.wait_released(cancelled, ring.failed)
                 PHASES.add({"ring: reports held": time.perf_counter() - t0})
             while (done := ring.next()) is not None:
                 ringed.take(done, stats, stats_lock)
