@@ -417,14 +417,19 @@ def test_a_gate_lets_the_reports_go_before_the_planner_would_wait_for_one(calls,
     assert_same(got, paths)
 
 
-def test_a_ring_that_fails_while_its_reports_are_held_fails_the_load_at_once(calls, tmp_path):
+@pytest.mark.parametrize("copy_ms", [0, 20])
+def test_a_ring_that_fails_while_its_reports_are_held_fails_the_load_at_once(calls, tmp_path,
+                                                                            copy_ms):
     # A copy fails while the gate holds the reports: the load must not wait for the caller's
     # release to say so (found by a review: the planner went on into a dead ring, and the
-    # caller, told "planned", went on building a model for a failed load).
+    # caller, told "planned", went on building a model for a failed load). With slow copies
+    # the failure comes after the planner submitted everything: then only the reporter can
+    # notice it (found by another review; the load waited for ever).
     paths = [tmp_path / f"{k}.safetensors" for k in range(3)]
     for k, path in enumerate(paths):
         save_file({f"w{k}.{i}": torch.full((12000,), float(i)) for i in range(20)}, str(path))
     calls.set("fail_copy", 3)
+    calls.set("copy_ms", copy_ms)
     gate = stream.AheadGate()
     out: list[Any] = []
     options = StreamOptions(threads=3, staging_bytes=48 * 16384, io="buffered",
@@ -437,10 +442,13 @@ def test_a_ring_that_fails_while_its_reports_are_held_fails_the_load_at_once(cal
         except BaseException as exc:  # noqa: BLE001 - what the test looks at
             out.append(exc)
 
-    loader = threading.Thread(target=run)
+    loader = threading.Thread(target=run, daemon=True)
     loader.start()
     loader.join(20)   # no release from here
-    assert not loader.is_alive() and gate.released
+    alive = loader.is_alive()
+    gate.release()   # a load left waiting ends, and so does the test process
+    loader.join(20)
+    assert not alive and gate.released
     assert len(out) == 1 and isinstance(out[0], CudaError), out
 
 

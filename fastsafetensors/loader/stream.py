@@ -592,18 +592,18 @@ class _RingPlan:
     def _submit(self, f: _File, file: tuple[Any, ...], begin: array[int], end: array[int],
                 dst: array[int], event: Any, first: int) -> None:
         t0 = time.perf_counter()
+        before = self.ring.submitted   # this thread is the only one submitting
         chunks = self.ring.submit_file(file, begin, end, dst, event, self.options.buffer_bytes,
                                        self.options.max_gap, first, align=DIRECT_ALIGN,
                                        cached=CACHED_ENOUGH)
         PHASES.add({"planner: wait for a free reader": time.perf_counter() - t0})
-        if chunks is None:   # the ring stopped; the reporter says why
-            if self.gate is not None:
-                self.gate.release()   # a report held back would not say it
-            return
         with f.lock:
-            # Its reports may have come first: the count went below 0 meanwhile, and the file
-            # stays open, since it is closed only once planned.
-            f.pending += chunks
+            # Those placed, also when the ring stopped meanwhile. Their reports may have come
+            # first: the count went below 0 meanwhile, and the file stays open, since it is
+            # closed only once planned.
+            f.pending += self.ring.submitted - before
+        if chunks is None and self.gate is not None:   # the ring stopped; the reporter says why
+            self.gate.release()
 
     def after_held(self, job: Callable[[], None]) -> None:
         """``job`` now, or after the submissions held until the ring opens."""
