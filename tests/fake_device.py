@@ -227,16 +227,16 @@ def as_bytes(t: Any) -> torch.Tensor:
 
 def record_lookups(monkeypatch: Any) -> list[tuple[int, int]]:
     """``(offset, end)`` of every page-cache residency lookup the engine makes from here on."""
-    import fastsafetensors.loader.stream as stream_module
+    import fastsafetensors.loader.streamparts as parts
 
     asked: list[tuple[int, int]] = []
-    real = stream_module.resident_map
+    real = parts.resident_map
 
     def recorded(fd: int, offset: int, length: int, **kw: Any) -> bytes | None:
         asked.append((offset, offset + length))
         return real(fd, offset, length, **kw)
 
-    monkeypatch.setattr(stream_module, "resident_map", recorded)
+    monkeypatch.setattr(parts, "resident_map", recorded)
     return asked
 
 

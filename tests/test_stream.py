@@ -14,6 +14,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from fastsafetensors.errors import HeaderError, ReadError, TensorNotFoundError
+from fastsafetensors.loader import streamparts
 from fastsafetensors.loader import threads as pool
 from fastsafetensors.loader.posix import DIRECT_ALIGN, STATS
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
@@ -199,7 +200,6 @@ def test_truncated_file_raises_read_error_without_partial_result(tmp_path, monke
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.ones(4096), "b": torch.ones(4096)}, str(path))
     from fastsafetensors.format import read_header
-    from fastsafetensors.loader import stream
 
     header = read_header(path)  # validated while whole; the file then shrinks under us
     os.truncate(path, os.path.getsize(path) - 100)
@@ -209,7 +209,7 @@ def test_truncated_file_raises_read_error_without_partial_result(tmp_path, monke
     with pytest.raises(HeaderError, match="changed after its header was read"):
         list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     # or, shrinking after that open, by the reads.
-    monkeypatch.setattr(stream, "header_of", lambda fd, path, header: header)
+    monkeypatch.setattr(streamparts, "header_of", lambda fd, path, header: header)
     with pytest.raises(ReadError):
         list(stream_tensors([(str(path), header, None)], FakeSink(delay=0), options))
     assert _fd_count() == before
@@ -988,10 +988,10 @@ def test_an_interrupted_close_is_not_repeated(checkpoint, monkeypatch):
         closed.extend(fd for fd in fds if fd is not None)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream, "close_fds", interrupted)
+    monkeypatch.setattr(streamparts, "close_fds", interrupted)
     with pytest.raises(KeyboardInterrupt):
         stream._close(f)
-    monkeypatch.setattr(stream, "close_fds", lambda *fds: closed.extend(
+    monkeypatch.setattr(streamparts, "close_fds", lambda *fds: closed.extend(
         fd for fd in fds if fd is not None and fd >= 0))
     stream._close(f)   # the retry
     assert len(closed) == 1 and f.fd == -1   # asked once, never again
@@ -1120,7 +1120,6 @@ def test_auto_looks_up_each_segment_once_and_reads_cached_ones_buffered(tmp_path
     # buffered and its cold half with O_DIRECT.
     from builders import opens_direct
 
-    import fastsafetensors.loader.stream as stream_module
     from fastsafetensors.format import read_header
     from fastsafetensors.loader.pagecache import resident_fraction
 
@@ -1142,7 +1141,7 @@ def test_auto_looks_up_each_segment_once_and_reads_cached_ones_buffered(tmp_path
         os.close(fd)
     if first is None or first < 1.0 or second > 0.1:
         pytest.skip(f"page-cache state not observable here ({first}, {second})")
-    monkeypatch.setattr(stream_module, "SEGMENT", 256 << 10)
+    monkeypatch.setattr(streamparts, "SEGMENT", 256 << 10)
     lookups = record_lookups(monkeypatch)
     before = STATS.snapshot()
     got = _run([str(path)], FakeSink(delay=0), io="auto", threads=4, staging_bytes=8 * (128 << 10))

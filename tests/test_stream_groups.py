@@ -17,7 +17,7 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
 from fastsafetensors.format import TensorInfo, read_header
-from fastsafetensors.loader import stream
+from fastsafetensors.loader import streamparts
 from fastsafetensors.loader.stream import GROUP_BYTES, GROUP_MEMBER, StreamOptions, stream_tensors
 
 
@@ -167,7 +167,7 @@ def test_the_engine_lets_a_group_go_once_its_tensors_are_handed_over(tmp_path, m
     # Two groups of 64 tensors, then a large tensor, all in one chunk (one batch): once the
     # consumer has dropped the tensors of both groups, neither group's memory may be held by
     # the engine while it hands the large one over.
-    monkeypatch.setattr(stream, "GROUP_BYTES", 1024)
+    monkeypatch.setattr(streamparts, "GROUP_BYTES", 1024)
     tensors = {f"t{i:03d}": torch.full((4,), float(i)) for i in range(128)}
     tensors["zbig"] = torch.ones(GROUP_MEMBER // 4)
     path = tmp_path / "two.safetensors"
@@ -200,7 +200,7 @@ def test_groups_take_only_adjacent_wanted_tensors(mixed):
 
 
 def test_a_group_holds_at_most_group_bytes(tmp_path, monkeypatch):
-    monkeypatch.setattr(stream, "GROUP_BYTES", 4096)
+    monkeypatch.setattr(streamparts, "GROUP_BYTES", 4096)
     tensors, path = _small_file(tmp_path, 200, 100)   # 400 B each
     sink = GroupingFakeSink(delay=0)
     got = dict(_load([str(path)], sink))

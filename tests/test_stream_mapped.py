@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from fastsafetensors import config
 from fastsafetensors.errors import ConfigError
 from fastsafetensors.loader import cuda as cuda_loader
-from fastsafetensors.loader import hostpool, pagecache
+from fastsafetensors.loader import hostpool, pagecache, streamparts
 from fastsafetensors.loader import stream as stream_mod
 from fastsafetensors.loader.posix import STATS
 from fastsafetensors.loader.stream import StreamOptions, stream_tensors
@@ -124,7 +124,7 @@ def test_only_io_auto_maps(shards, io):
 def test_chunks_not_in_the_page_cache_are_staged(shards, monkeypatch):
     # Registering would fault uncached pages in one by one: such chunks are read instead.
     cold = shards[1]
-    real = stream_mod.resident_map
+    real = streamparts.resident_map
 
     def resident(fd, offset, length, **kw):
         pages = real(fd, offset, length, **kw)
@@ -132,7 +132,7 @@ def test_chunks_not_in_the_page_cache_are_staged(shards, monkeypatch):
             return bytes(len(pages))   # nothing of this file cached
         return pages
 
-    monkeypatch.setattr(stream_mod, "resident_map", resident)
+    monkeypatch.setattr(streamparts, "resident_map", resident)
     sink = FakeSink()
     registered: list[int] = []
     host_source = sink.host_source
@@ -254,7 +254,7 @@ def test_io_auto_maps_each_file_once_for_its_residency_lookups(shards, monkeypat
     # A mapping made and dropped per 32 MiB segment costs an munmap each, which interrupts
     # every core running the load's threads; one mapping per file serves every lookup.
     _require_mincore()
-    monkeypatch.setattr(stream_mod, "SEGMENT", 64 << 10)   # many segments per file
+    monkeypatch.setattr(streamparts, "SEGMENT", 64 << 10)   # many segments per file
     made: list[int] = []
     mmap_call = pagecache._libc.mmap
 
