@@ -19,7 +19,8 @@
 # rows now check the default, cuda_calls="ring" with 12 C readers, against the default before
 # the eighteenth session (cuda_calls="torch"), 256 and 64 MiB of staging (the ring's default is
 # 128 MiB since the twenty-first session: it beat 256 in H200 runs 8 and 10), reservations off,
-# one load() of every file, and InstantTensor.
+# io="buffered" (since the twenty-second session the ring's readers count their chunks' cached
+# pages themselves under the default io="auto"), one load() of every file, and InstantTensor.
 # LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
 # regexes) bring any row back; the benchmarks also stop starting timed runs at a deadline
 # inside their limit, so that their checks, summaries and JSON are written whatever the
@@ -123,7 +124,7 @@ if wanted load; then
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_torch|_s256|_s64|_noreserve)?\$|^fst_load_cuda(_s256)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_buffered|_torch|_s256|_s64|_noreserve)?\$|^fst_load_cuda(_s256)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline 85 --timeout 60 \
     --skip-many \
