@@ -175,8 +175,10 @@ static int64_t cached_pages(const file_t *f, int64_t first, int64_t end, int64_t
 
 /* Whether to read file bytes [begin, end) with O_DIRECT. AUTO counts, as it reads, how many of
  * their pages are cached, on the reader's own thread (in parallel, and just before the read:
- * pages cached or evicted since the load began count). Read buffered where that cannot be
- * known, as Python's policy does (cpu.py). */
+ * pages cached or evicted since the load began count). A buffered read of the chunk before may
+ * have read ahead into this one's first pages; with half the pages needed to read buffered,
+ * that takes far more than the kernel's read-ahead window (128 KiB by default) of a 4 MiB
+ * chunk. Read buffered where the count cannot be had, as Python's policy does (cpu.py). */
 static int read_direct(const file_t *f, int64_t begin, int64_t end) {
     if (f->dfd < 0 || f->mode == BUFFERED)
         return 0;

@@ -99,8 +99,9 @@ class Sink(Protocol):
 
     Optional, not declared here: ``ring(readers=, windows=, stride=, capacity=, batch=)``, an
     attribute that may be None, returning an unopened ``loader.ring.Ring``. A sink that has it
-    gets no reader threads of Python: the planner submits each chunk to the ring (device
-    addresses from ``data_ptr()``), one thread opens it on a stream of ``new_stream`` and on
+    gets no reader threads of Python: the planner hands the ring groups of tensors (device
+    addresses from ``data_ptr()``), which it cuts into chunks (ringplan.py), one thread opens
+    it on a stream of ``new_stream`` and on
     ``staging``, and takes its reports; ``alloc_event`` and ``consumer_wait`` then deal in the
     ring's driver events.
 
@@ -275,7 +276,8 @@ class _File:
     planned: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # io="auto": page-cache residency per segment of the wanted bytes, looked up once each,
-    # by the first reader that needs it (see _resident).
+    # by the first Python reader that needs it (see _resident; the ring's C readers count
+    # their own chunks' cached pages).
     segments: dict[int, bytes | None] = field(default_factory=dict, repr=False)
     looking: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Address of a read-only mapping of the whole file (None: none), made once under io="auto"
@@ -570,7 +572,8 @@ def _resident(f: _File, begin: int, end: int) -> tuple[bytes | None, int]:
     Taken for a whole file by the planner, before planning it, the lookup cost some 20 ms per
     2 GB file in series with the reads: on the H200 machine io="auto" ran 10% slower than
     io="buffered" warm (15.09 against 16.72 GB/s, first loads). Readers look segments up in
-    parallel (ctypes releases the GIL).
+    parallel (ctypes releases the GIL). The ring's readers count their own chunk's cached
+    pages instead, in C, as each read starts (ring.c, read_direct).
     """
     low, high = f.span
     parts: list[bytes] = []
