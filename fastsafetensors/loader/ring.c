@@ -462,59 +462,43 @@ typedef struct {
 
 /* Cut tensors [begin[i], end[i]) (file offsets, in file order) into chunks of at most `limit`
  * bytes, a tensor sharing its chunk with the next one when at most `gap` bytes lie between
- * them; a tensor larger than what is left of a chunk goes on in the next. Fills `chunks` and
- * the pieces' tensor numbers, offsets in their tensor, offsets from the chunk's first byte and
- * lengths (at most n + chunks of them); returns the number of chunks. */
+ * them; a tensor larger than what is left of a chunk goes on in the next. Returns the number of
+ * chunks; unless `chunks` is NULL (a count only), fills them and their pieces' tensor numbers,
+ * offsets in their tensor, offsets from the chunk's first byte and lengths (at most n + chunks
+ * of them). */
 static int64_t plan(int64_t n, const int64_t *begin, const int64_t *end, int64_t limit,
                     int64_t gap, int64_t done_before, planned_t *chunks, int64_t *tensor,
                     int64_t *at, int64_t *src, int64_t *len) {
-    int64_t count = 0, pieces = 0;
-    planned_t *c = NULL;
-    for (int64_t i = 0; i < n; i++) {
-        for (int64_t position = begin[i]; position < end[i];) {
-            if (c && (position - c->end > gap || position >= c->begin + limit)) {
-                c->done = done_before + i; /* every tensor before this one has all its bytes */
-                c = NULL;
-            }
-            if (!c) {
-                c = &chunks[count++];
-                *c = (planned_t){position, position, pieces, 0, 0};
-            }
-            int64_t cap = c->begin + limit;
-            int64_t take = end[i] - position < cap - position ? end[i] - position : cap - position;
-            tensor[pieces] = i;
-            at[pieces] = position - begin[i];
-            src[pieces] = position - c->begin;
-            len[pieces] = take;
-            pieces++;
-            c->count++;
-            c->end = position + take;
-            position += take;
-        }
-    }
-    if (c)
-        c->done = done_before + n;
-    return count;
-}
-
-/* Chunks the same tensors make, without filling anything: what plan() needs room for. */
-static int64_t count_chunks(int64_t n, const int64_t *begin, const int64_t *end, int64_t limit,
-                            int64_t gap) {
-    int64_t count = 0, first = 0, last = 0;
+    int64_t count = 0, pieces = 0, first = 0, last = 0; /* the open chunk: [first, last) */
     int open = 0;
     for (int64_t i = 0; i < n; i++)
         for (int64_t position = begin[i]; position < end[i];) {
-            if (open && (position - last > gap || position >= first + limit))
+            if (open && (position - last > gap || position >= first + limit)) {
+                if (chunks) /* every tensor before this one has all its bytes */
+                    chunks[count - 1].done = done_before + i;
                 open = 0;
+            }
             if (!open) {
                 open = 1;
-                count++;
                 first = last = position;
+                if (chunks)
+                    chunks[count] = (planned_t){position, position, pieces, 0, 0};
+                count++;
             }
-            int64_t cap = first + limit;
-            last = end[i] < cap ? end[i] : cap;
-            position = last;
+            int64_t stop = end[i] < first + limit ? end[i] : first + limit;
+            if (chunks) {
+                tensor[pieces] = i;
+                at[pieces] = position - begin[i];
+                src[pieces] = position - first;
+                len[pieces] = stop - position;
+                chunks[count - 1].count++;
+                chunks[count - 1].end = stop;
+            }
+            pieces++;
+            position = last = stop;
         }
+    if (open && chunks)
+        chunks[count - 1].done = done_before + n;
     return count;
 }
 
@@ -547,7 +531,7 @@ int64_t fst_ring_submit_file(ring_t *r, const int64_t *file, int64_t n, const in
     for (int64_t i = 0; i < n; i++)
         if (begin[i] < 0 || end[i] < begin[i] || (i && begin[i] < end[i - 1]))
             return -3;
-    int64_t count = count_chunks(n, begin, end, limit, gap);
+    int64_t count = plan(n, begin, end, limit, gap, 0, NULL, NULL, NULL, NULL, NULL);
     if (count == 0)
         return 0;
     if (!wait) {
