@@ -76,6 +76,18 @@ def submit(made: ring.Ring, fd: int, spans: list[tuple[int, int]], dst: torch.Te
                             first, align=512, cached=0.5)
 
 
+def ring_on_a_file(tmp_path: Path, **shape: int) -> tuple[ring.Ring, int, Path, torch.Tensor]:
+    """A ring of 2 windows of 4096 bytes (``shape``: Ring's other keywords), opened, and a
+    descriptor of a 16 KiB file of the bytes 0-255 over and over: ``(ring, descriptor, path,
+    the windows' memory, to keep until the ring is closed)``."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
+    made = ring.Ring(0, windows=2, stride=4096, **shape)
+    made.open(7, windows.data_ptr())
+    return made, os.open(path, os.O_RDONLY), path, windows
+
+
 def count_submits(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int | None]]:
     """(tensors, chunks) of each Ring.submit_file call from now on."""
     calls: list[tuple[int, int | None]] = []
@@ -515,13 +527,8 @@ def test_a_planner_with_a_slot_for_every_chunk_plans_on_while_the_ring_opens(cal
 
 
 def test_submit_file_cuts_chunks_and_places_them_as_room_frees(calls, tmp_path):
-    path = tmp_path / "data.bin"
-    path.write_bytes(bytes(range(256)) * 64)
-    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     dst = torch.zeros(500, dtype=torch.uint8)
-    made = ring.Ring(0, readers=2, windows=2, stride=4096, capacity=3)
-    made.open(7, windows.data_ptr())
-    fd = os.open(path, os.O_RDONLY)
+    made, fd, path, _windows = ring_on_a_file(tmp_path, readers=2, capacity=3)
     try:
         # Chunks that would not fit, or tensors out of file order: an error, none taken.
         with pytest.raises(ValueError, match="do not fit in the ring's windows"):
@@ -567,13 +574,8 @@ def test_submit_file_cuts_chunks_and_places_them_as_room_frees(calls, tmp_path):
 def test_tensors_join_a_chunk_across_small_gaps(calls, tmp_path):
     # ring.c's cut: a tensor joins the chunk before it when at most `gap` bytes lie between
     # them (read and dropped: one read instead of two) and the chunk has room.
-    path = tmp_path / "data.bin"
-    path.write_bytes(bytes(range(256)) * 64)
-    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     dst = torch.zeros(4096, dtype=torch.uint8)
-    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=16)
-    made.open(7, windows.data_ptr())
-    fd = os.open(path, os.O_RDONLY)
+    made, fd, path, _windows = ring_on_a_file(tmp_path, readers=1, capacity=16)
     spans = [(0, 100), (110, 200), (300, 400), (400, 2000), (2000, 2100)]
     try:
         assert made.submit_file((3, fd, None, None, "buffered"),
@@ -640,13 +642,8 @@ def test_a_planner_ahead_of_the_reports_keeps_few_files_open(calls, tmp_path, mo
 
 
 def test_a_report_waits_for_a_batch_or_every_chunk_submitted(calls, tmp_path):
-    path = tmp_path / "data.bin"
-    path.write_bytes(bytes(range(256)) * 64)
-    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     dst = torch.zeros(500, dtype=torch.uint8)
-    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=4, batch=3)
-    made.open(7, windows.data_ptr())
-    fd = os.open(path, os.O_RDONLY)
+    made, fd, path, _windows = ring_on_a_file(tmp_path, readers=1, capacity=4, batch=3)
 
     def chunks(*ks: int) -> int | None:
         return submit(made, fd, [(100 * k, 100 * k + 100) for k in ks], dst, first=ks[0])
@@ -674,14 +671,9 @@ def test_a_report_hands_over_one_event_and_its_chunks_events_are_recorded_again(
     # One stream, chunk order: the event after a report's last chunk marks the end of all of
     # its chunks. The others' events go back to the ring for later chunks instead of to Python,
     # which would wrap and destroy each one.
-    path = tmp_path / "data.bin"
-    path.write_bytes(bytes(range(256)) * 64)
-    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     dst = torch.zeros(500, dtype=torch.uint8)
     live = calls.events_live
-    made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=8, batch=3)
-    made.open(7, windows.data_ptr())
-    fd = os.open(path, os.O_RDONLY)
+    made, fd, path, _windows = ring_on_a_file(tmp_path, readers=1, capacity=8, batch=3)
     created = calls.events_created   # the windows' own
     try:
         assert submit(made, fd, [(100 * k, 100 * k + 100) for k in range(3)], dst) == 3
@@ -827,13 +819,8 @@ def test_a_consumer_that_stops_early_ends_the_ring(calls, tmp_path):
 def test_submit_waits_for_room_and_a_cancel_frees_it(calls, tmp_path):
     # The ring itself: with `capacity` chunks submitted and none reported, a submit waits
     # (without the GIL) until cancel() comes from another thread, then says the ring stopped.
-    path = tmp_path / "data.bin"
-    path.write_bytes(bytes(range(256)) * 64)
-    windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     dst = torch.zeros(4 * 100, dtype=torch.uint8)
-    made = ring.Ring(0, readers=2, windows=2, stride=4096, capacity=2)
-    made.open(7, windows.data_ptr())
-    fd = os.open(path, os.O_RDONLY)
+    made, fd, path, _windows = ring_on_a_file(tmp_path, readers=2, capacity=2)
     try:
         assert submit(made, fd, [(0, 100), (100, 200)], dst) == 2
         result: list[Any] = []
