@@ -35,7 +35,7 @@ work=$(mktemp -d)           # checkpoint, peers, the children's logs: on the mac
 ckpt=$work/llama-${size}gb  # built once, shared by both benchmarks
 started=$SECONDS
 step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
-# SKIP="tests load beside transformers floor": those steps left out (a second call of a session
+# SKIP="tests load beside transformers gil floor": those steps left out (a second call of a session
 # that has their figures already).
 wanted() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
 
@@ -162,6 +162,18 @@ timeout -k 5 170 python3 benchmarks/bench_transformers.py --size-gb "$size" --re
     --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 150 --run-timeout 30 --cache warm \
     --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-quiet,fastsafetensors-s256}" \
     --json "$OUT/bench-transformers.json"
+fi
+
+# Who holds the GIL during from_pretrained (new in the twenty-third session): py-spy samples
+# the thread holding it, 1,000 times a second, one load per mode in a fresh process. From
+# .whl/ (gpu_wheels.sh); left out without it.
+if wanted gil && ls .whl/py_spy-*.whl >/dev/null 2>&1; then
+step "gil_profile: who holds the GIL in from_pretrained, device_map=${TF_DEVICE:-cuda}"
+timeout -k 5 30 python3 -m pip install -q --no-index --no-deps --no-cache-dir \
+    --target "$work/pyspy" .whl/py_spy-*.whl
+timeout -k 5 70 python3 benchmarks/gil_profile.py --dir "$ckpt" --device "${TF_DEVICE:-cuda}" \
+    --modes "${GIL_MODES:-stock,fastsafetensors,fastsafetensors-quiet}" --py-spy "$work/pyspy/bin/py-spy" \
+    --timeout 30 --out "$work/gil" --json "$OUT/gil-profile.json"
 fi
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Download, on a machine with network, the wheels that benchmarks/gpu_session.sh needs on a GPU
-# machine that has none: the peers of bench_load.py and the transformers release CI pins.
-# They land in .whl/ (ignored by git), which the device call carries. About 24 MB.
+# machine that has none: the peers of bench_load.py, the transformers release CI pins, and
+# py-spy (gil_profile.py).
+# They land in .whl/ (ignored by git), which the device call carries. About 27 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
@@ -12,7 +13,7 @@ for tag in manylinux_2_17 manylinux_2_24 manylinux_2_27 manylinux_2_28 manylinux
 done
 # The GPU image runs CPython 3.12; the peers' versions are the ones in docs/benchmarks.md.
 for spec in fastsafetensors==0.5.0 instanttensor==0.2.2 runai-model-streamer==0.17.0 \
-            humanize typer transformers==5.23.0; do
+            humanize typer transformers==5.23.0 py-spy==0.4.3; do
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp "${platforms[@]}" -d .whl "$spec"
 done
