@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointIndexError, CheckpointNotFoundError, ConfigError, TensorNotFoundError
-from .format import MAX_HEADER_SIZE, DuplicateKey, Header, TensorInfo, reject_duplicate_keys
+from .format import (
+    MAX_HEADER_SIZE,
+    DuplicateKey,
+    Header,
+    TensorInfo,
+    reject_duplicate_keys,
+    unusable_path,
+)
 
 __all__ = ["Checkpoint", "CheckpointSummary", "WeightFiles", "choose_weights", "parse_index",
            "check_inside", "variant_name"]
@@ -58,6 +65,24 @@ def is_index_name(name: str) -> bool:
     """Whether ``name`` is a sharded checkpoint's index: ``<stem>.safetensors.index.json``,
     or ``<stem>.safetensors.index.<variant>.json`` (a ``.json`` file may be weights too)."""
     return re.fullmatch(r".+\.safetensors\.index(\.[^.]+)?\.json", name) is not None
+
+
+def is_index_file(path: str | os.PathLike[str]) -> bool:
+    """Whether the file ``path``, given by name, is an index: named as one (is_index_name), or
+    a ``.json`` file that does not start as a safetensors file does (an 8-byte header length
+    under 100 MB, so zero in its upper four bytes; JSON text is not). Weights saved under a
+    ``.json`` name load as weights, and ``weights.json`` holding a weight map is an index."""
+    name = os.path.basename(os.fsdecode(path))
+    if is_index_name(name):
+        return True
+    if not name.endswith(".json"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+    except OSError:
+        return False   # opened again later, which says what is wrong
+    return len(prefix) < 8 or prefix[4:] != bytes(4)
 
 
 def choose_weights(names: Collection[str], *, variant: str | None, where: str) -> WeightFiles:
@@ -167,6 +192,11 @@ def check_inside(path: str, root: str, *, index: str | None, shard: str, hint: s
         mode = os.stat(real).st_mode
     except FileNotFoundError:
         raise CheckpointNotFoundError(path, hint) from None
+    except (OSError, ValueError) as exc:
+        unusable = unusable_path(path, exc)
+        if unusable is None:
+            raise
+        raise unusable from None
     if not stat.S_ISREG(mode):
         raise CheckpointIndexError(index or path, f"{shard} is not a regular file (a folder, "
                                                   f"FIFO or device)", shard=shard)
@@ -198,7 +228,11 @@ def requested(tensors: Iterable[str] | None) -> list[str] | None:
         return None
     if isinstance(tensors, str):
         raise ConfigError("tensors", tensors, [f"a list of tensor names, such as [{tensors!r}]"])
-    return list(dict.fromkeys(tensors))
+    names = list(tensors)
+    try:
+        return list(dict.fromkeys(names))
+    except TypeError:   # a list in the list: no name at all (a name not found is a KeyError)
+        raise ConfigError("tensors", tensors, ["a list of tensor names (strings)"]) from None
 
 
 def check_requested(names: Sequence[str], available: Collection[str], where: str) -> None:

@@ -19,6 +19,7 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     ├── ClosedFileError(ValueError)             use after close()
     ├── ConfigError(ValueError)                 unknown option name or value; lists the valid ones
     ├── ReadError(OSError)                      a read came back short (file changed under us)
+    ├── HostMemoryError(MemoryError)            host memory for the bytes read ran out
     ├── NoGPUError(RuntimeError)                "No CUDA GPUs are available", with what to do
     ├── BackendUnavailableError(RuntimeError)   e.g. backend="gds" where GDS cannot run
     ├── CudaError(RuntimeError)                 a CUDA driver call failed (cuda_calls="driver",
@@ -56,6 +57,7 @@ __all__ = [
     "ClosedFileError",
     "ConfigError",
     "ReadError",
+    "HostMemoryError",
     "NoGPUError",
     "BackendUnavailableError",
     "CudaError",
@@ -205,13 +207,16 @@ class FrameworkNotInstalledError(FastSafetensorsError, ModuleNotFoundError):
 class UnsupportedDTypeError(FastSafetensorsError, TypeError):
     """The chosen framework cannot represent a dtype stored in the file."""
 
-    _fields = ("dtype", "framework", "tensor")
+    _fields = ("dtype", "framework", "tensor", "path")
 
-    def __init__(self, dtype: str, framework: str, tensor: str | None = None):
+    def __init__(self, dtype: str, framework: str, tensor: str | None = None,
+                 path: str | os.PathLike[str] | None = None):
         self.dtype = dtype
         self.framework = framework
         self.tensor = tensor
-        subject = f"tensor {tensor!r} has dtype" if tensor else "dtype"
+        self.path = None if path is None else os.fspath(path)
+        where = f"{os.path.basename(self.path)}: " if self.path else ""
+        subject = f"{where}tensor {tensor!r} has dtype" if tensor else f"{where}dtype"
         # Imported here: format.py imports this module.
         from .format import DTYPES
 
@@ -223,6 +228,13 @@ class UnsupportedDTypeError(FastSafetensorsError, TypeError):
         self.message = (f"{subject} {dtype} which framework={framework!r} cannot represent; "
                         f"{remedy}")
         super().__init__(self.message)
+
+    def in_file(self, path: str | os.PathLike[str] | None) -> UnsupportedDTypeError:
+        """This error naming the file the tensor is in (the frameworks, which raise it, do not
+        know it); itself when it names one already or ``path`` is None."""
+        if self.path is not None or path is None:
+            return self
+        return UnsupportedDTypeError(self.dtype, self.framework, self.tensor, path)
 
 
 class ClosedFileError(FastSafetensorsError, ValueError):
@@ -265,6 +277,21 @@ class ReadError(FastSafetensorsError, OSError):
                         f"{offset} returned {got}; the file was truncated or changed while it "
                         f"was being loaded (re-download or re-save it)")
         super().__init__(errno.EIO, self.message)
+
+
+class HostMemoryError(FastSafetensorsError, MemoryError):
+    """Host memory for ``nbytes`` could not be allocated (a header may claim tensors larger
+    than the machine's memory; the frameworks say so in their own words)."""
+
+    _fields = ("nbytes",)
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.message = (f"{nbytes} bytes ({nbytes / 2**30:.2f} GiB) of host memory could not "
+                        f"be allocated; free memory, or read less at once: some tensors "
+                        f"(tensors=[...]), one tensor (FastSafetensorsFile(path)[name]) or part "
+                        f"of one (get_slice(name)[rows])")
+        super().__init__(self.message)
 
 
 class NoGPUError(FastSafetensorsError, RuntimeError):

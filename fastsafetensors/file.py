@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import config
-from .errors import ClosedFileError, HeaderError, ReadError, TensorNotFoundError
+from .errors import (
+    ClosedFileError,
+    HeaderError,
+    ReadError,
+    TensorNotFoundError,
+    UnsupportedDTypeError,
+)
 from .format import DTYPES, Header, TensorInfo, open_readonly, read_header_fd
 from .frameworks import get_framework, resolve_device
 from .lazy_tensor_factory import LazyTensor, is_basic_index, plan_index, row_bytes, rows_for_index
@@ -149,7 +155,10 @@ class FastSafetensorsFile:
             raise TensorNotFoundError(name, self._path, self._header.tensors) from None
 
     def _dtype_of(self, info: TensorInfo) -> Any:
-        return self._framework.dtype(info.dtype, info.name)
+        try:
+            return self._framework.dtype(info.dtype, info.name)
+        except UnsupportedDTypeError as exc:
+            raise exc.in_file(self._path) from None
 
     # -- data -----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
@@ -161,7 +170,10 @@ class FastSafetensorsFile:
         info = self._info(name)
         if self._closed:
             raise ClosedFileError(self._path)
-        return self._get(info, device, dtype)
+        try:
+            return self._get(info, device, dtype)
+        except UnsupportedDTypeError as exc:
+            raise exc.in_file(self._path) from None
 
     def _get(self, info: TensorInfo, device: str | None, dtype: Any) -> Any:
         name = info.name
@@ -234,6 +246,12 @@ class FastSafetensorsFile:
         return memoryview(array).cast("B")
 
     def _read_index(self, info: TensorInfo, index: Any) -> Any:
+        try:
+            return self._index(info, index)
+        except UnsupportedDTypeError as exc:
+            raise exc.in_file(self._path) from None
+
+    def _index(self, info: TensorInfo, index: Any) -> Any:
         if index is Ellipsis or (type(index) is tuple and not index):
             # The whole tensor (``slice[...]``, how transformers reads): no plan to make.
             return self._finish(self._framework.view(

@@ -206,6 +206,10 @@ def _tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
 
 
 def _checked_tensor(path: str | None, name: str, entry: Any) -> TensorInfo:
+    if type(entry) is list and len(entry) == 3:
+        # safetensors' JSON reader (serde) also takes an entry as the array of its three
+        # fields in order; no writer makes one, but a file safetensors loads loads here too.
+        entry = dict(zip(("dtype", "shape", "data_offsets"), entry))
     if not isinstance(entry, dict):
         raise HeaderError(path, f"entry must be an object with dtype, shape and data_offsets, "
                                 f"got {type(entry).__name__}", name)
@@ -298,6 +302,8 @@ def _parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | 
                                  f"({str(exc).split(';')[0][:120]})") from None
     if not isinstance(obj, dict):
         raise HeaderError(spath, f"header must be a JSON object, got {type(obj).__name__}")
+    if "\\ud" in text or "\\uD" in text:
+        _check_surrogates(spath, obj)
     metadata = obj.pop(METADATA_KEY, None)
     if metadata is not None and not (isinstance(metadata, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
@@ -322,6 +328,22 @@ def _parse_header(raw: bytes, *, file_size: int, path: str | os.PathLike[str] | 
         raise HeaderError(spath, f"tensors cover {position} bytes but the file has {data_size} "
                                  f"data bytes (trailing bytes after the last tensor)")
     return Header(spath, len(raw), file_size, {t.name: t for t in infos}, metadata)
+
+
+def _check_surrogates(path: str | None, obj: dict[str, Any]) -> None:
+    """JSON escapes a UTF-16 surrogate alone (``"\\ud800"``), which Python reads into a
+    string that is not Unicode: such a tensor name could not be written back or compared with
+    safetensors', which refuses the header. Checked only when the text holds such an escape."""
+    strings = [*obj]
+    metadata = obj.get(METADATA_KEY)
+    if isinstance(metadata, dict):
+        strings += [s for pair in metadata.items() for s in pair if isinstance(s, str)]
+    for value in strings:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise HeaderError(path, f"the name or metadata {value!r} holds an unpaired UTF-16 "
+                                    f"surrogate escape, which is not a character") from None
 
 
 def header_size_from_prefix(prefix: bytes, *, file_size: int,
@@ -402,11 +424,11 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
     except FileNotFoundError:
         raise CheckpointNotFoundError(path, "check the path; a safetensors file was expected "
                                             "there") from None
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
+    except (OSError, ValueError) as exc:
+        unusable = unusable_path(path, exc)
+        if unusable is None:
             raise
-        raise CheckpointNotFoundError(path, "its symbolic links form a loop; point it at the "
-                                            "file itself") from None
+        raise unusable from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         if os.path.isdir(path):
@@ -414,6 +436,21 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
         raise HeaderError(path, "is not a regular file (a pipe or device?), so not a "
                                 ".safetensors file")
     return fd
+
+
+def unusable_path(path: str | os.PathLike[str], exc: BaseException
+                  ) -> CheckpointNotFoundError | None:
+    """The error for a path that names no file it could: a loop of symbolic links, a name too
+    long, a NUL character; None for any other error of opening it (a permission refused)."""
+    if isinstance(exc, ValueError):   # what os.open says of a NUL in the path
+        hint = "the path holds a NUL character; no file name can"
+    elif isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        hint = "its symbolic links form a loop; point it at the file itself"
+    elif isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        hint = "a name in the path is longer than the file system allows; check the path"
+    else:
+        return None
+    return CheckpointNotFoundError(path, hint)
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:

@@ -41,6 +41,7 @@ from .checkpoint import (
     check_shard,
     choose_weights,
     human_bytes,
+    is_index_file,
     read_index,
     requested,
 )
@@ -307,7 +308,7 @@ def _local_plan(path: str, subfolder: str | None, variant: str | None,
                               [f"None: {given}= applies to folders and repo ids, not to the "
                                f"file {path!r}"])
         folder, name = os.path.split(path)
-        is_index = name.endswith(".json")
+        is_index = is_index_file(path)
 
         def fetch_file(name: str, bar: Any = None) -> str:
             return path if name == os.path.basename(path) else os.path.join(folder, name)

@@ -16,8 +16,8 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import config
-from .checkpoint import is_index_name, requested
-from .errors import CheckpointIndexError, ConfigError, TensorNotFoundError
+from .checkpoint import is_index_file, requested
+from .errors import CheckpointIndexError, CheckpointNotFoundError, ConfigError, TensorNotFoundError
 from .format import read_header
 from .frameworks import get_framework, resolve_device
 from .gcpause import paused
@@ -76,10 +76,14 @@ def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_optio
                         f"of files or a resolved Checkpoint; got {type(source).__name__} "
                         f"{source!r:.80}")
     tensors = requested(tensors)   # a string is one name, not a list of letters
+    if isinstance(source, str) and not source:
+        # os.path reads "" as the current folder: a load of whatever lies there.
+        raise CheckpointNotFoundError(source, "the path is empty; name a file, a folder or a "
+                                              "Hub repo id")
     # An index file goes the way of a folder (hub.stream), which reads its shards.
     local = isinstance(source, (list, tuple)) or (
         isinstance(source, (str, os.PathLike)) and os.path.isfile(source)
-        and not is_index_name(os.path.basename(os.fsdecode(source))))
+        and not is_index_file(source))
     if local:
         unknown = sorted(set(hub_options) - HUB_OPTIONS)
         if unknown:   # for a folder or repo id, hub.stream() refuses them the same way

@@ -28,6 +28,7 @@ from fastsafetensors import (
     FastSafetensorsFile,
     FrameworkNotInstalledError,
     HeaderError,
+    HostMemoryError,
     LazyTensorFactory,
     NoGPUError,
     NotAFileError,
@@ -43,7 +44,7 @@ BUILTIN_BASES = {
     CheckpointNotFoundError: FileNotFoundError, FrameworkNotInstalledError: ModuleNotFoundError,
     UnsupportedDTypeError: TypeError, ClosedFileError: ValueError, ConfigError: ValueError,
     ReadError: OSError, NoGPUError: RuntimeError, BackendUnavailableError: RuntimeError,
-    CudaError: RuntimeError, BudgetInfeasibleError: ValueError,
+    CudaError: RuntimeError, BudgetInfeasibleError: ValueError, HostMemoryError: MemoryError,
 }
 
 
@@ -62,9 +63,11 @@ def _examples() -> list[FastSafetensorsError]:
         FrameworkNotInstalledError("torch", "pt", "pip install torch"),
         UnsupportedDTypeError("BF16", "np", "w"),
         UnsupportedDTypeError("F8_E4M3", "np"),
+        UnsupportedDTypeError("BF16", "np", "w", "/ckpt/m.safetensors"),
         ClosedFileError("/ckpt/m.safetensors"),
         ConfigError("io", "fast", ["auto", "buffered", "direct"]),
         ReadError("/ckpt/m.safetensors", 4096, 8192, 100),
+        HostMemoryError(68_719_476_736),
         NoGPUError("cuda:1", "only 1 GPU(s) are visible"),
         NoGPUError("cuda"),
         BackendUnavailableError("gds", "kvikio is not installed"),

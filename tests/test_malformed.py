@@ -4,23 +4,30 @@ through every entry point, and leaves no file descriptor open.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from builders import layout, open_fds, raw_bytes
+import safetensors.torch
+import torch
+from builders import layout, open_fds, raw_bytes, write_file
 
 import fastsafetensors
 from fastsafetensors import (
     CheckpointNotFoundError,
     FastSafetensorsFile,
     HeaderError,
+    HostMemoryError,
     LazyTensorFactory,
     NotAFileError,
+    UnsupportedDTypeError,
 )
 from fastsafetensors.format import read_header
 
@@ -126,9 +133,15 @@ CASES: dict[str, tuple[bytes, type[Exception], str]] = {
                            "__metadata__ must map strings to strings"),
     "metadata_nested_value": (raw_bytes({"__metadata__": {"a": {"b": "c"}}}), HeaderError,
                               "__metadata__ must map strings to strings"),
-    "entry_not_object": (raw_bytes({"t": ["F32", [2], [0, 8]]}, b"\0" * 8), HeaderError,
-                         "entry must be an object"),
+    # Three fields in an array load, as safetensors' reader takes them (test below).
+    "entry_short_array": (raw_bytes({"t": ["F32", [2]]}, b"\0" * 8), HeaderError,
+                          "entry must be an object"),
     "entry_is_string": (raw_bytes({"t": "F32"}), HeaderError, "entry must be an object"),
+    "unpaired_surrogate_name": (_text('{"\\ud800":{"dtype":"U8","shape":[1],'
+                                      '"data_offsets":[0,1]}}', b"\x07"), HeaderError,
+                                "unpaired UTF-16 surrogate"),
+    "unpaired_surrogate_metadata": (_text('{"__metadata__":{"a":"\\uDC00"}}'), HeaderError,
+                                    "unpaired UTF-16 surrogate"),
     "missing_dtype": (_one(_entry(dtype=_DROP)), HeaderError, "entry lacks dtype"),
     "missing_shape": (_one(_entry(shape=_DROP)), HeaderError, "entry lacks shape"),
     "missing_data_offsets": (_one(_entry(data_offsets=_DROP)), HeaderError,
@@ -274,3 +287,117 @@ def test_not_a_regular_file(case: str, tmp_path: Path) -> None:
     if error is CheckpointNotFoundError:
         assert all(isinstance(e, FileNotFoundError) for e in results.values())
     assert open_fds() == before
+
+
+# -- what safetensors reads, and what the frameworks cannot hold -----------------------------
+
+def test_entry_as_an_array_of_its_fields_loads_as_safetensors_loads_it(tmp_path: Path) -> None:
+    path = tmp_path / "array.safetensors"
+    path.write_bytes(raw_bytes({"t": ["F32", [2], [0, 8]]}, struct.pack("<2f", 1.5, 2.5)))
+    expected = safetensors.torch.load_file(path)
+    assert torch.equal(fastsafetensors.load_file(path)["t"], expected["t"])
+    with FastSafetensorsFile(path) as fsf:
+        assert fsf.get_tensors()["t"].shape == (2,)
+
+
+def test_escaped_surrogate_pair_is_one_character(tmp_path: Path) -> None:
+    path = tmp_path / "pair.safetensors"
+    path.write_bytes(_text('{"w\\ud83d\\ude00":{"dtype":"U8","shape":[1],'
+                           '"data_offsets":[0,1]}}', b"\x07"))
+    assert list(fastsafetensors.load_file(path)) == list(safetensors.torch.load_file(path))
+    assert list(fastsafetensors.load_file(path)) == ["w\N{GRINNING FACE}"]
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]},        # numpy: 64 at most
+    {"dtype": "F64", "shape": [2 ** 60, 0], "data_offsets": [0, 0]},    # 2**63 bytes, empty
+])
+def test_shapes_numpy_cannot_hold(entry: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "shape.safetensors"
+    path.write_bytes(_one(entry, b"\0" * entry["data_offsets"][1]))
+    assert tuple(fastsafetensors.load_file(path)["t"].shape) == tuple(entry["shape"])   # torch
+    attempts = {"load_file": lambda: fastsafetensors.load_file(path, framework="np"),
+                "FastSafetensorsFile": lambda: FastSafetensorsFile(path, framework="np")["t"],
+                "load": lambda: fastsafetensors.load(path, framework="np")}
+    for entry_point, attempt in attempts.items():
+        with pytest.raises(UnsupportedDTypeError, match="framework='pt'") as excinfo:
+            attempt()
+        assert str(excinfo.value).startswith("shape.safetensors: tensor 't'"), entry_point
+        assert excinfo.value.path == str(path)
+        assert str(pickle.loads(pickle.dumps(excinfo.value))) == str(excinfo.value)
+    with pytest.raises(UnsupportedDTypeError, match="^<bytes>: tensor 't'"):
+        fastsafetensors.loads(path.read_bytes(), framework="np")
+
+
+def test_symlink_loop_in_a_folder(tmp_path: Path) -> None:
+    os.symlink("model.safetensors", tmp_path / "model.safetensors")   # links to itself
+    attempts = {"load": lambda: fastsafetensors.load(tmp_path),
+                "iter_tensors": lambda: list(fastsafetensors.iter_tensors(tmp_path)),
+                "inspect": lambda: fastsafetensors.inspect(tmp_path),
+                "resolve": lambda: fastsafetensors.resolve(tmp_path),
+                "load_file": lambda: fastsafetensors.load_file(tmp_path / "model.safetensors")}
+    for entry_point, attempt in attempts.items():
+        with pytest.raises(CheckpointNotFoundError, match="symbolic links form a loop") as raised:
+            attempt()
+        assert isinstance(raised.value, FileNotFoundError), entry_point
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("x\0y.safetensors", "NUL character"),
+    ("a" * 300 + ".safetensors", "longer than the file system allows"),
+])
+def test_paths_no_file_can_have(name: str, fragment: str, tmp_path: Path) -> None:
+    path = os.path.join(tmp_path, name)
+    for attempt in (lambda: FastSafetensorsFile(path), lambda: fastsafetensors.load_file(path),
+                    lambda: fastsafetensors.load(path)):
+        with pytest.raises(CheckpointNotFoundError) as excinfo:
+            attempt()
+        assert isinstance(excinfo.value, FileNotFoundError)
+        assert fragment in str(excinfo.value) or "no such file or folder" in str(excinfo.value)
+
+
+def test_empty_path_is_not_the_current_folder(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    write_file(tmp_path / "model.safetensors", {"w": torch.ones(1)})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointNotFoundError, match="the path is empty"):
+        fastsafetensors.load("")
+    with pytest.raises(CheckpointNotFoundError):
+        FastSafetensorsFile("")
+
+
+def test_a_json_file_is_read_as_what_it_holds(tmp_path: Path) -> None:
+    """An index under any .json name is an index, and weights under one are weights, for
+    load, resolve and inspect alike (test_errors.py has the weights)."""
+    write_file(tmp_path / "a.safetensors", {"x": torch.arange(3.0)})
+    (tmp_path / "weights.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors"}}))
+    assert torch.equal(fastsafetensors.load(tmp_path / "weights.json")["x"], torch.arange(3.0))
+    assert list(fastsafetensors.inspect(tmp_path / "weights.json").tensors) == ["x"]
+    write_file(tmp_path / "odd.json", {"y": torch.ones(2)})
+    assert list(fastsafetensors.load(tmp_path / "odd.json")) == ["y"]
+    assert list(fastsafetensors.inspect(tmp_path / "odd.json").tensors) == ["y"]
+    assert fastsafetensors.resolve(tmp_path / "odd.json").files == [str(tmp_path / "odd.json")]
+
+
+@pytest.mark.parametrize("framework", ["pt", "np"])
+def test_host_memory_running_out_is_a_typed_error(framework: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header may claim more bytes than the machine has: torch says so with a RuntimeError,
+    numpy with its own MemoryError; both become HostMemoryError."""
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.ones(4)})
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        if framework == "pt":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 80 bytes.")
+        raise MemoryError("Unable to allocate 80 B for an array")
+
+    monkeypatch.setattr(torch if framework == "pt" else np, "empty", refuse)
+    for attempt in (lambda: fastsafetensors.load_file(path, framework=framework),
+                    lambda: FastSafetensorsFile(path, framework=framework)["w"]):
+        with pytest.raises(HostMemoryError, match="of host memory could not be allocated"
+                           ) as excinfo:
+            attempt()
+        assert isinstance(excinfo.value, MemoryError)
+        again = pickle.loads(pickle.dumps(excinfo.value))
+        assert type(again) is HostMemoryError and str(again) == str(excinfo.value)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, UnsupportedDTypeError
+from ..errors import ConfigError, HostMemoryError, UnsupportedDTypeError
 from ..format import DTYPES, TensorInfo
 from .memory import advise_huge_pages
 
@@ -26,7 +26,10 @@ class NumpyFramework:
     name = "np"
 
     def alloc(self, nbytes: int, *, align: int = 64) -> tuple[np.ndarray, memoryview]:
-        raw = np.empty(nbytes + align, dtype=np.uint8)
+        try:
+            raw = np.empty(nbytes + align, dtype=np.uint8)
+        except MemoryError:
+            raise HostMemoryError(nbytes) from None
         advise_huge_pages(raw.ctypes.data, nbytes + align)
         skip = -raw.ctypes.data % align
         buffer = raw[skip:skip + nbytes]
@@ -38,9 +41,16 @@ class NumpyFramework:
 
     def view(self, buffer: np.ndarray, start: int, info: TensorInfo) -> np.ndarray:
         dtype = numpy_dtype(info.dtype, info.name)
-        if info.nbytes == 0:
-            return np.empty(info.shape, dtype=dtype)
-        return buffer[start:start + info.nbytes].view(dtype).reshape(info.shape)
+        try:
+            if info.nbytes == 0:
+                return np.empty(info.shape, dtype=dtype)
+            return buffer[start:start + info.nbytes].view(dtype).reshape(info.shape)
+        except ValueError:
+            # Shapes a valid header may hold and numpy refuses: more than 64 dimensions, or
+            # an empty one whose other dimensions' bytes pass 2**63 (torch takes both).
+            shape = (f"in {len(info.shape)} dimensions" if len(info.shape) > 64
+                     else f"of shape {list(info.shape)}")
+            raise UnsupportedDTypeError(f"{info.dtype} {shape}", "np", info.name) from None
 
     def viewer(self, buffer: np.ndarray) -> Callable[[int, TensorInfo], np.ndarray]:
         return lambda start, info: self.view(buffer, start, info)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, UnsupportedDTypeError
+from ..errors import ConfigError, HostMemoryError, UnsupportedDTypeError
 from ..format import DTYPES, TensorInfo
 from .memory import advise_huge_pages
 
@@ -35,7 +35,13 @@ class TorchFramework:
     name = "pt"
 
     def alloc(self, nbytes: int, *, align: int = 64) -> tuple[torch.Tensor, memoryview]:
-        raw = torch.empty(nbytes + align, dtype=torch.uint8)
+        try:
+            raw = torch.empty(nbytes + align, dtype=torch.uint8)
+        except (RuntimeError, MemoryError) as exc:
+            # torch says "DefaultCPUAllocator: can't allocate memory" as a RuntimeError.
+            if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+                raise
+            raise HostMemoryError(nbytes) from None
         advise_huge_pages(raw.data_ptr(), nbytes + align)
         skip = -raw.data_ptr() % align
         buffer = raw[skip:skip + nbytes]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config
+from ..errors import UnsupportedDTypeError
 from ..format import Header, TensorInfo, header_of, open_readonly
 from ..frameworks import Framework
 from .pagecache import resident_map
@@ -124,16 +125,19 @@ def tensors_from_buffer(framework: Framework, buffer: Any, job: FileJob) -> dict
     out: dict[str, Any] = {}
     source: memoryview | None = None
     view_of = framework.viewer(buffer)
-    for info in job.wanted():
-        start = base + info.data_offsets[0]
-        if start % info.itemsize:
-            if source is None:
-                source = _byte_view(framework, buffer)
-            fresh, view = framework.alloc(info.nbytes)
-            view[:] = source[start:start + info.nbytes]
-            out[info.name] = framework.view(fresh, 0, info)
-        else:
-            out[info.name] = view_of(start, info)
+    try:
+        for info in job.wanted():
+            start = base + info.data_offsets[0]
+            if start % info.itemsize:
+                if source is None:
+                    source = _byte_view(framework, buffer)
+                fresh, view = framework.alloc(info.nbytes)
+                view[:] = source[start:start + info.nbytes]
+                out[info.name] = framework.view(fresh, 0, info)
+            else:
+                out[info.name] = view_of(start, info)
+    except UnsupportedDTypeError as exc:
+        raise exc.in_file(job.path) from None
     return out
 
 
