@@ -900,6 +900,41 @@ def test_staging_whose_copies_cannot_be_waited_for_is_never_lent_again(tmp_path,
     assert {id(buffer[0]) for buffer in abandoned} == {id(b) for b in sink.staged}
 
 
+@pytest.mark.parametrize("step", ["last_wait", "release_staging"])
+def test_a_reader_failing_after_its_last_chunk_fails_the_load(tmp_path, monkeypatch, step):
+    # A reader's last wait for its copies is where an asynchronous copy error shows, often
+    # after the caller had every tensor; raised in the pool's thread it was only logged, and
+    # the load passed for done. Handing its staging back failing is the same.
+    import fastsafetensors.loader.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "ABANDONED", [])
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": torch.full((30000,), float(i)) for i in range(8)}, str(path))
+
+    class FailingLast(FakeSink):
+        def __init__(self):
+            super().__init__(delay=0)
+            self.last = threading.local()
+
+        def record(self, stream):
+            event = super().record(stream)
+            self.last.event = event
+            return event
+
+        def host_wait(self, event):
+            if step == "last_wait" and event is getattr(self.last, "event", None):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            super().host_wait(event)
+
+        def release_staging(self, buffer):
+            if step == "release_staging":
+                raise RuntimeError("the pinned allocator refused the buffer back")
+            super().release_staging(buffer)
+
+    with pytest.raises(RuntimeError, match="illegal memory access|refused the buffer"):
+        _run([str(path)], FailingLast(), threads=2, staging_bytes=1 << 20, io="buffered")
+
+
 def test_a_source_that_fails_to_close_does_not_hang_the_load(checkpoint):
     class Source:
         def __init__(self):

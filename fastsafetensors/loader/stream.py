@@ -255,7 +255,11 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             # that holds this frame's traceback goes.
             ringed.unreported()
             if buffer is not None:
-                sink.release_staging(buffer[0])
+                try:
+                    sink.release_staging(buffer[0])
+                except BaseException as exc:
+                    fail(exc)
+                    raise
 
     def worker(index: int) -> None:
         pending: list[Any] = [None, None]
@@ -405,26 +409,35 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 for event in pending:
                     if event is not None:
                         sink.host_wait(event)
-            except BaseException:
+            except BaseException as exc:
                 # Copies out of these buffers may still run (a CUDA error): kept for the
                 # process, never handed back to an allocator that would lend them again (torch's
                 # pinned cache knows nothing of copies queued through the driver).
                 ABANDONED.extend(buffer for buffer in buffers if buffer is not None)
+                # An asynchronous copy error shows here, possibly after the caller had every
+                # tensor: the load must not pass for done (raised by the pool, it would only
+                # be logged).
+                fail(exc)
                 raise
             spent["reader: wait for its last copies"] += clock() - t0
             PHASES.add(spent)
-            while sources:   # their copies completed: the whole stream was waited for
-                sink.release_source(sources.popleft()[1])
-            # Reached only when the waits above returned: a buffer whose copies may still run
-            # (a CUDA error) is never given back for another load to overwrite.
-            for buffer in buffers:
-                if buffer is not None:
-                    sink.release_staging(buffer[0])
+            try:
+                while sources:   # their copies completed: the whole stream was waited for
+                    sink.release_source(sources.popleft()[1])
+                # Reached only when the waits above returned: a buffer whose copies may still
+                # run (a CUDA error) is never given back for another load to overwrite.
+                for buffer in buffers:
+                    if buffer is not None:
+                        sink.release_staging(buffer[0])
+            except BaseException as exc:
+                fail(exc)
+                raise
 
     started = time.perf_counter()
     consumer: dict[str, float] = defaultdict(float)
     finished: list[threading.Event] = []
     count = 0
+    completed = False   # the caller had every tensor and no thread had failed
     tracked = pool.track(cancelled, finished)
     # Readers get the GIL back sooner from threads running Python (switching.py).
     switched = switching.shorten(options.switch_interval)
@@ -484,6 +497,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     budget.release(device_bytes(item.info.nbytes))
         if errors:
             raise errors[0]
+        completed = True
     finally:
         # First: what follows may be interrupted. Not in a forked child, whose count started
         # again from 0 (switching._after_fork): this load was counted in the parent.
@@ -517,6 +531,11 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             except BaseException:
                 pool.in_background(end)   # interrupted again: the files still get closed
                 raise
+            if completed and errors:
+                # A thread failed after the caller had every tensor: a reader's or the ring's
+                # last wait for its copies (where a CUDA error of an asynchronous copy shows),
+                # or the release of its staging. The load must not pass for done.
+                raise errors[0]
         seconds = time.perf_counter() - started
         PHASES.add({**consumer, "load: wall time": seconds})
         logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
