@@ -338,9 +338,8 @@ class FastSafetensorsFile:
         when the io option asks for it (``direct``, or ``auto`` and mostly not cached); None
         when they should go through the page cache instead. The block-aligned reads land in a
         buffer whose start sits at the same offset within a block as the file's bytes, so the
-        returned view is the tensor's bytes with no second copy: its storage is less than
-        three blocks larger (the widening at both ends, and the allocator's alignment slack),
-        and its data is aligned to 8 bytes (not 64), which every dtype's elements need."""
+        returned view is the tensor's bytes with no second copy, and its data is aligned to 8
+        bytes (not 64), which every dtype's elements need."""
         # An element must not straddle its natural alignment (8 covers every dtype).
         if length < DIRECT_MIN_BYTES or offset % 8:
             return None
@@ -374,8 +373,8 @@ class FastSafetensorsFile:
             _each(split_range(first, end, chunk, align=DIRECT_ALIGN), read)
         with self._lock:
             self.bytes_read += length
-        skew = offset - first
-        return raw[skew:skew + length]
+        # The tensor's bytes alone, as its storage (frameworks' exact()).
+        return self._framework.exact(raw, offset - first, length)
 
     # -- lifetime -------------------------------------------------------------------------
     def _in_use(self) -> _InUse:

@@ -26,6 +26,10 @@ class Framework(Protocol):
         """A fresh 1-D uint8 array of ``nbytes`` whose first byte is ``align``-aligned, and a
         writable memoryview of it."""
 
+    def exact(self, raw: Any, start: int, nbytes: int) -> Any:
+        """Bytes ``[start, start + nbytes)`` of the 1-D uint8 array ``raw``, sharing its memory,
+        as an array whose storage holds those bytes only (where the framework has storages)."""
+
     def dtype(self, dtype: str, tensor: str | None = None) -> Any:
         """The framework's dtype object for a file dtype string; UnsupportedDTypeError if none."""
 

@@ -36,6 +36,11 @@ class NumpyFramework:
         # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
         return buffer, buffer.data.cast("B")
 
+    @staticmethod
+    def exact(raw: np.ndarray, start: int, nbytes: int) -> np.ndarray:
+        """Bytes ``[start, start + nbytes)`` of ``raw`` (numpy has no storage to trim)."""
+        return raw[start:start + nbytes]
+
     def dtype(self, dtype: str, tensor: str | None = None) -> Any:
         return numpy_dtype(dtype, tensor)
 

@@ -43,10 +43,22 @@ class TorchFramework:
                 raise
             raise HostMemoryError(nbytes) from None
         advise_huge_pages(raw.data_ptr(), nbytes + align)
-        skip = -raw.data_ptr() % align
-        buffer = raw[skip:skip + nbytes]
+        buffer = self.exact(raw, -raw.data_ptr() % align, nbytes)
         # .data is memoryview(array); numpy's stubs give ndarray no __buffer__ before Python 3.12
         return buffer, buffer.numpy().data.cast("B")
+
+    @staticmethod
+    def exact(raw: torch.Tensor, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes ``[start, start + nbytes)`` of the 1-D uint8 tensor ``raw``, as a tensor whose
+        storage is exactly those bytes (the same memory, kept alive with it). A plain slice
+        keeps ``raw``'s storage, larger than the tensor: safetensors' ``save_model`` then finds
+        no tied weight that covers its whole storage and refuses the model, and
+        ``save_pretrained`` sizes its shards by storage."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if start == 0 and nbytes == raw.numel():
+            return raw
+        return torch.frombuffer(raw.numpy().data[start:start + nbytes], dtype=torch.uint8)
 
     def dtype(self, dtype: str, tensor: str | None = None) -> Any:
         return torch_dtype(dtype, tensor)
