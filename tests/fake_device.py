@@ -208,7 +208,7 @@ class GroupingFakeSink(FakeSink):
     def finisher(self, block: torch.Tensor) -> Any:
         with self.lock:  # as finish(): every copy into the group ordered after its allocation
             self._check_ordered(block, max(self.host_ordered, *self.ordered.values(), 0))
-        view = TORCH.viewer(block)
+        view = TORCH.strided_viewer(block)   # as on a device: the group's one storage
         group = [block.numel(), 0]
         self.groups.append(group)
 

@@ -173,10 +173,18 @@ def test_many_threads_and_small_chunks(ckpt: tuple[Path, dict[str, torch.Tensor]
 
 def test_aligned_tensors_are_views_of_one_buffer(
         ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """No copy: each tensor lies at its offset in the one buffer the file was read into. Yet
+    each storage is its own bytes only, as safetensors' are: torch.save of one tensor writes
+    that tensor, not the file."""
     path, _ = ckpt
     ours = fastsafetensors.load_file(path)
-    storages = {t.untyped_storage().data_ptr() for t in ours.values() if t.numel()}
-    assert len(storages) == 1
+    offsets = {name: info.data_offsets[0] for name, info in read_header(path).tensors.items()}
+    bases = {t.data_ptr() - offsets[name] for name, t in ours.items() if t.numel()}
+    assert len(bases) == 1
+    for name, tensor in ours.items():
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes, name
+        if tensor.numel():
+            assert tensor.untyped_storage().data_ptr() == tensor.data_ptr(), name
 
 
 def test_misaligned_tensors_are_copied_to_aligned_memory(tmp_path: Path) -> None:
@@ -184,13 +192,13 @@ def test_misaligned_tensors_are_copied_to_aligned_memory(tmp_path: Path) -> None
     path = write_raw(tmp_path / "mis.safetensors", entries, data)
     for io in ("buffered", "direct", "auto"):
         ours = fastsafetensors.load_file(path, io=io)
-        shared = ours["a.u8"].untyped_storage().data_ptr()
+        base = ours["a.u8"].data_ptr() - entries["a.u8"]["data_offsets"][0]
         for name, tensor in expected.items():
             assert_bitwise_equal(ours[name], tensor)
             assert_aligned(ours[name])
         # a misaligned F32 cannot be a view of the file buffer; a U8 can
-        assert ours["b.f32"].untyped_storage().data_ptr() != shared
-        assert ours["d.u8"].untyped_storage().data_ptr() == shared
+        assert ours["b.f32"].data_ptr() != base + entries["b.f32"]["data_offsets"][0]
+        assert ours["d.u8"].data_ptr() == base + entries["d.u8"]["data_offsets"][0]
 
 
 def test_subset_of_tensors_reads_only_their_range(

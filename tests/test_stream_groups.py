@@ -255,7 +255,7 @@ def test_the_cuda_sink_records_a_group_on_the_stream_its_tensor_is_handed_to(mon
 
     class Viewer:
         @staticmethod
-        def viewer(block: Block):
+        def strided_viewer(block: Block):
             return lambda offset, info: (offset, info.name)
 
     monkeypatch.setattr(cuda, "TORCH", Viewer)

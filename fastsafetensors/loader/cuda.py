@@ -460,7 +460,7 @@ class TorchCudaSink:
     def finisher(self, block: torch.Tensor) -> Callable[[int, TensorInfo], torch.Tensor]:
         """Tensors of a group (stream.py): one ``as_strided`` each on a typed view of the
         group's memory."""
-        view = TORCH.viewer(block)
+        view = TORCH.strided_viewer(block)
 
         def finish(offset: int, info: TensorInfo) -> torch.Tensor:
             current, self._current = self._current, None
