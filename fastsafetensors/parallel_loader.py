@@ -13,6 +13,7 @@ every collective runs on the caller's thread, in the same order on every rank.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import weakref
 from collections import deque
@@ -36,18 +37,31 @@ _MIB = 1 << 20
 
 
 def _bytes_option(option: str, value: Any) -> int | None:
-    """A budget as an int (numpy ints and 0-d tensors, as a MIN all_reduce returns, too)."""
+    """A budget as an int (numpy ints and 0-d tensors, as a MIN all_reduce returns, too; a
+    float, as upstream takes one, rounded down)."""
     if value is None:
         return None
     try:
         if isinstance(value, bool):
             raise TypeError
-        number = operator.index(value)
+        number = int(value) if isinstance(value, float) and math.isfinite(value) \
+            else operator.index(value)
     except TypeError:
         number = -1
     if number < 0:   # 0 is what vLLM passes for a checkpoint of empty tensors (2 x largest)
         raise ConfigError(option, value, ["None (no bound)", "a number of bytes"])
     return number
+
+
+class _Files:
+    """Files and the names wanted of each (None: all), read as given, for iter_tensors."""
+
+    def __init__(self, wanted: dict[str, list[str] | None]):
+        self._wanted = wanted
+        self.headers: dict[str, Any] = {}   # none read yet: each is read as its file opens
+
+    def wanted(self) -> dict[str, list[str] | None]:
+        return self._wanted
 
 
 class ParallelLoader:
@@ -367,7 +381,12 @@ class ParallelLoader:
             # budget counts, or than a filter keeps. Here each tensor gets memory of its own.
             stream = self._owned_host_tensors(kept)
         else:
-            stream = iter_tensors([path for path, _ in kept], device=device, tensors=names,
+            # The files as a resolved source (iter_tensors takes what a Checkpoint says): a name
+            # in two files comes from each, as upstream and vLLM's safetensors iterator yield
+            # it; a list of files would refuse it (which copy load() should keep is a guess).
+            wanted = {path: None if names is None else [i.name for i in infos]
+                      for path, infos in kept}
+            stream = iter_tensors(_Files(wanted), device=device,
                                   threads=self.loader.max_threads,
                                   backend="posix" if self.loader.nogds else None,
                                   max_device_bytes=self._read_ahead if device != "cpu" else None)

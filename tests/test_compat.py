@@ -186,6 +186,28 @@ def test_newest_vllm_sequence_with_a_budget(mib_checkpoint: list[str],
     assert_same(dict(newest_vllm_weights_iterator(mib_checkpoint, budget=None)), mib_checkpoint)
 
 
+def test_a_float_budget_is_taken_as_upstream_takes_it(mib_checkpoint: list[str]) -> None:
+    got = dict(newest_vllm_weights_iterator(mib_checkpoint, budget=float(64 << 20)))
+    assert_same(got, mib_checkpoint)
+    from fastsafetensors.parallel_loader import ParallelLoader as PL
+
+    for bad in (float("nan"), float("inf"), -1.0, "64"):
+        with pytest.raises(ConfigError, match="device_memory_budget"):
+            PL(pg=SingleGroup(), hf_weights_files=mib_checkpoint, use_tqdm_on_load=False,
+               device="cpu", device_memory_budget=bad)
+
+
+@pytest.mark.parametrize("budget", [None, 64 << 20])
+def test_one_rank_yields_a_name_stored_in_two_files_from_each(tmp_path: Path,
+                                                              budget: int | None) -> None:
+    # As upstream and vLLM's own safetensors iterator do: vLLM's single-GPU path reads so.
+    a = write_file(tmp_path / "a.safetensors", {"w": torch.ones(2)})
+    b = write_file(tmp_path / "b.safetensors", {"w": torch.full((2,), 2.0), "b": torch.ones(1)})
+    got = list(newest_vllm_weights_iterator([str(a), str(b)], budget=budget))
+    assert [(name, t.tolist()) for name, t in got] == [
+        ("w", [1.0, 1.0]), ("b", [1.0]), ("w", [2.0, 2.0])]
+
+
 @pytest.mark.parametrize("accumulate_resident, budget", [
     (True, 5 << 20),    # every tensor kept: 5.5 MiB needed
     (False, 3 << 20),   # the tensor held and the next one read: 2 x 2 MiB needed
