@@ -9,11 +9,12 @@
 #   device call: PROBE=0 bash benchmarks/gpu_session.sh   (carry: .whl; timeout_s 590)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 650 s, 625 with PROBE=0, plus up to 5 s of grace each and the unlimited
-# imports and nvidia-smi; the steps take far less: the eighteenth session's runs on an H200 took
-# 308 and 276 s in all, their transformers step 87 s of its 105 for 5 loads of some 17 s each,
-# which now has 170 s for 9; a call's timeout_s of 590 leaves room; the most wanted figures
-# come first). Rows and cold runs that earlier runs settled are left out (the cold runs: H200 run 3,
+# (the limits add up to 810 s, 785 with PROBE=0, 685 without py-spy and the transformers wheel
+# in .whl/, plus up to 5 s of grace each and the unlimited imports and nvidia-smi: more than a
+# call's timeout_s of 590, but the steps take far less: the eighteenth session's runs on an H200
+# took 308 and 276 s in all, their transformers step 87 s of its 105 for 5 loads of some 17 s
+# each, which now has 170 s for 9; the most wanted figures come first, so a call cut short
+# loses the last steps only). Rows and cold runs that earlier runs settled are left out (the cold runs: H200 run 3,
 # ours 1.04x the raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
 # native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6-8); the
 # rows now check the default, cuda_calls="ring" with 12 C readers, against the default before

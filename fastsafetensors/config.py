@@ -15,14 +15,15 @@ import contextlib
 import contextvars
 import operator
 import os
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["configure", "get", "is_set", "OPTIONS"]
+__all__ = ["configure", "Configured", "get", "is_set", "OPTIONS"]
 
 MiB = 1 << 20
 
@@ -87,7 +88,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "(frees the core for other readers, costs a wake-up)"),
     Option("cuda_calls", lambda: "ring", ("torch", "driver", "native", "ring"),
            help="how a GPU load reads and queues its copies: ring (the default: no Python "
-                "reader threads; C threads, 12 unless threads is set, read the chunks in order "
+                "reader threads; C threads, 12 (at most 2 per core) unless threads is set, read "
+                "the chunks in order "
                 "into a ring of pinned windows within staging_bytes, and one C thread queues "
                 "their copies on one stream, the shape InstantTensor has with io_uring; built "
                 "on first use with the system's C compiler, loader/ring.py; not with "
@@ -224,12 +226,34 @@ def is_set(name: str) -> bool:
     return name in _overrides.get() or bool(os.environ.get(_option(name).env))
 
 
-@contextlib.contextmanager
-def configure(**options: Any) -> Iterator[None]:
-    """Set options for the code inside the ``with`` block (this thread and context only)."""
-    checked = {name: _option(name).check(value) for name, value in options.items()}
-    token = _overrides.set({**_overrides.get(), **checked})
-    try:
-        yield
-    finally:
-        _overrides.reset(token)
+class Configured(contextlib.ContextDecorator):
+    """What :func:`configure` returns: its options, checked, set while it is entered."""
+
+    def __init__(self, checked: dict[str, Any]):
+        self._checked = checked
+        self._tokens: list[contextvars.Token[Mapping[str, Any]]] = []
+        self._entered = False
+
+    def __enter__(self) -> None:
+        self._entered = True
+        self._tokens.append(_overrides.set({**_overrides.get(), **self._checked}))
+
+    def __exit__(self, *exc: object) -> None:
+        _overrides.reset(self._tokens.pop())
+
+    def __del__(self) -> None:
+        if not self._entered:
+            # ``fastsafetensors.configure(threads=8)`` as a statement: nothing is set, which
+            # nothing else would tell (the options were checked, and were valid).
+            warnings.warn("fastsafetensors.configure(...) sets options only inside a `with` "
+                          "block (with fastsafetensors.configure(...): ...); for the whole "
+                          "process set FASTSAFETENSORS_* environment variables instead",
+                          RuntimeWarning, stacklevel=2)
+
+
+def configure(**options: Any) -> Configured:
+    """Set options for the code inside the ``with`` block (this thread and context only); also
+    a decorator. The names and values are checked here, on the call: ConfigError for an
+    unknown name or a bad value. A call alone, outside ``with``, sets nothing (a warning says
+    so); for the whole process, set the ``FASTSAFETENSORS_*`` environment variables."""
+    return Configured({name: _option(name).check(value) for name, value in options.items()})

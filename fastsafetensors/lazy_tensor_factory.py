@@ -182,8 +182,10 @@ def plan_index(shape: tuple[int, ...], itemsize: int,
     tensor-parallel rank reads only its columns; runs closer than :data:`MERGE_GAP` are merged by
     reading the whole of the innermost partly-selected dimension instead.
 
-    >>> plan_index((4, 8), 4, (slice(None), slice(4, 8)))[0]     # 4 rows of 4 F32 values each
-    [(16, 16), (48, 16), (80, 16), (112, 16)]
+    >>> plan_index((4, 256), 4, (slice(None), slice(128, 256)))[0]   # half of each F32 row
+    [(512, 512), (1536, 512), (2560, 512), (3584, 512)]
+    >>> plan_index((4, 8), 4, (slice(None), slice(4, 8)))[0]   # 16-byte gaps: read whole
+    [(0, 128)]
     """
     sel = _normalize_index(shape, index)
     ndim = len(shape)

@@ -117,19 +117,24 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     ...         "model.safetensors", device="cuda:0"):
     ...     model.load_param(name, t)
     """
-    return _checked(False, source, device=device, dtype=dtype, framework=framework,
-                    tensors=tensors, threads=threads, io=io, backend=backend,
+    return _checked(False, "iter_tensors", source, device=device, dtype=dtype,
+                    framework=framework, tensors=tensors, threads=threads, io=io, backend=backend,
                     staging_bytes=staging_bytes, max_device_bytes=max_device_bytes,
                     **hub_options)
 
 
-def _checked(keeps_all: bool, source: Any, /, *, device: str = "cpu", dtype: Any = None,
+def _checked(keeps_all: bool, caller: str, source: Any, /, *, device: str = "cpu",
+             dtype: Any = None,
              framework: str = "pt", tensors: Sequence[str] | None = None,
              threads: int | None = None, io: str | None = None, backend: str | None = None,
              staging_bytes: int | None = None, max_device_bytes: int | None = None,
              **hub_options: Any) -> Generator[tuple[str, Any], None, None]:
-    """iter_tensors, and for a caller that keeps every tensor (load()) with ``keeps_all``."""
+    """iter_tensors, and for a caller that keeps every tensor (load()) with ``keeps_all``;
+    ``caller`` names the public function in errors."""
     # Checked when called, not at the first next(): a missing GPU or a typo shows where it is.
+    unknown = sorted(set(hub_options) - HUB_OPTIONS)
+    if unknown:
+        raise TypeError(_unexpected(unknown[0], caller))
     fw = get_framework(framework)
     target = resolve_device(device, framework)
     for option, value in (("threads", threads), ("io", io), ("backend", backend),
@@ -139,6 +144,22 @@ def _checked(keeps_all: bool, source: Any, /, *, device: str = "cpu", dtype: Any
     return _iter_tensors(source, fw, target, dtype, tensors, hub_options, threads=threads,
                          io=io, backend=backend, staging_bytes=staging_bytes,
                          max_device_bytes=max_device_bytes, keeps_all=keeps_all)
+
+
+#: What load() and iter_tensors() take besides the Hub's options.
+OPTIONS = ("device", "dtype", "framework", "tensors", "threads", "io", "backend", "staging_bytes",
+           "max_device_bytes")
+
+
+def _unexpected(name: str, caller: str) -> str:
+    """The message of a keyword neither load() nor iter_tensors() takes, as Python words it,
+    with what they take."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [*OPTIONS, *sorted(HUB_OPTIONS)], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"{caller}() got an unexpected keyword argument {name!r}{hint}; it takes "
+            f"{', '.join(OPTIONS)}, and for a Hub repo id {', '.join(sorted(HUB_OPTIONS))}")
 
 
 def _iter_tensors(source: Any, fw: Any, target: str, dtype: Any,
@@ -180,7 +201,8 @@ def load(source: Any, *, device: str = "cpu", dtype: Any = None, **options: Any
     # Each tensor is kept, unless cast: then its original is dropped once cast (and the engine
     # must not allocate all the originals ahead of their reads).
     with contextlib.nullcontext() if hub else paused():
-        return dict(_checked(dtype is None, source, device=device, dtype=dtype, **options))
+        return dict(_checked(dtype is None, "load", source, device=device, dtype=dtype,
+                             **options))
 
 
 def _host_stream(files: Iterable[tuple[str, Any, list[str] | None]], fw: Any, *,

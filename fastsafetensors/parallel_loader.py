@@ -90,9 +90,9 @@ class ParallelLoader:
       no whole file, parts of files cut to fit the budget.
 
     >>> loader = ParallelLoader(None, ["model.safetensors"], device="cpu")   # doctest: +SKIP
-    >>> for name, tensor in loader.iterate_weights():
+    >>> for name, tensor in loader.iterate_weights():   # doctest: +SKIP
     ...     model.load_param(name, tensor)
-    >>> loader.close()
+    >>> loader.close()   # doctest: +SKIP
     """
 
     def __init__(self, pg: Any, hf_weights_files: Sequence[str], max_concurrent_producers: int = 1,

@@ -3,6 +3,7 @@ to safetensors', and the precedence explicit > configure block > environment > d
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 import threading
@@ -197,6 +198,46 @@ def test_configure_is_local_to_its_thread(clean_env: pytest.MonkeyPatch) -> None
         worker.start()
         worker.join()
     assert seen == ["auto"]
+
+
+def test_configure_outside_a_with_block_sets_nothing_and_says_so(
+        clean_env: pytest.MonkeyPatch) -> None:
+    # configure() reads like a setter; called alone it sets nothing, which only a warning tells.
+    with pytest.warns(RuntimeWarning, match="only inside a `with` block.*FASTSAFETENSORS_"):
+        configure(threads=3)
+        gc.collect()
+    assert not config.is_set("threads")
+    with pytest.raises(ConfigError, match="io='bogus'"):
+        configure(io="bogus")   # checked on the call, with or without a with block
+
+
+def test_configure_nests_reenters_and_decorates(clean_env: pytest.MonkeyPatch) -> None:
+    block = configure(threads=7)
+    with block:
+        with configure(threads=5):
+            assert config.get("threads") == 5
+        with block:
+            assert config.get("threads") == 7
+        assert config.get("threads") == 7
+    assert not config.is_set("threads")
+
+    @configure(threads=6)
+    def threads() -> int:
+        return int(config.get("threads"))
+
+    assert threads() == threads() == 6 and not config.is_set("threads")
+
+
+@pytest.mark.parametrize("call", ["load", "iter_tensors"])
+def test_a_mistyped_keyword_names_the_function_and_the_likely_one(
+        call: str, ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = ckpt
+    for source in (path, path.parent):   # a file, and a folder (which goes the Hub's way)
+        for typo, meant in (("thread", "threads"), ("revison", "revision")):
+            with pytest.raises(TypeError, match=f"^{call}\\(\\) got an unexpected keyword "
+                                                f"argument '{typo}' \\(did you mean "
+                                                f"'{meant}'\\?\\); it takes device"):
+                getattr(fastsafetensors, call)(source, **{typo: 1})
 
 
 @pytest.mark.parametrize("options,fragments", [
