@@ -273,6 +273,28 @@ def test_pread_into_short_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_a_direct_read_stops_at_a_part_block(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # An O_DIRECT read widened past the end of the file comes back less than whole blocks:
+    # no read follows from that unaligned offset, which some file systems refuse (EINVAL)
+    # instead of answering 0. Emulated: the first read returns a part block, a second raises.
+    import fastsafetensors.loader.posix as posix
+
+    calls: list[int] = []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:
+            raise OSError(22, "Invalid argument")
+        buffers[0][:5000] = b"x" * 5000
+        return 5000   # one block and 904 bytes: the file's end
+
+    monkeypatch.setattr(posix.os, "preadv", preadv)
+    dest = memoryview(bytearray(8192))
+    assert pread_into(0, dest, 0, path="f", direct=True, allow_eof=True) == 5000
+    assert calls == [0]
+
+
 def test_huge_page_advice_is_opt_in(monkeypatch):
     from fastsafetensors.frameworks import get_framework, memory
 

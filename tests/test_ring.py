@@ -940,6 +940,21 @@ def test_a_copier_that_cannot_push_the_context_fails_the_first_chunk(calls, tmp_
     calls.set("fail_push", 0)
 
 
+@pytest.mark.parametrize("blocking", [False, True])
+def test_the_copier_sleeps_on_its_window_marks(calls, tmp_path, blocking):
+    # The copier alone waits for the marks, with copies still queued behind them: a spinning
+    # wait would take a core from the readers (event_wait="spin", the default, is for events
+    # the caller's threads wait for).
+    made, fd, _, windows = ring_on_a_file(tmp_path, readers=1, capacity=2, blocking=blocking)
+    try:
+        # The windows' marks are the last events open() makes.
+        assert calls.last_flags == driver.DISABLE_TIMING | driver.BLOCKING_SYNC
+    finally:
+        made.close()
+        os.close(fd)
+    del windows
+
+
 def test_close_twice_and_a_read_larger_than_a_window(calls, tmp_path):
     windows = torch.zeros(2 * 4096, dtype=torch.uint8)
     made = ring.Ring(0, readers=1, windows=2, stride=4096, capacity=2)

@@ -64,6 +64,10 @@ def pread_into(fd: int, dest: memoryview, offset: int, *, path: str, direct: boo
                 break
             raise ReadError(path, offset, size, done)
         done += got
+        if direct and allow_eof and got % DIRECT_ALIGN:
+            # Less than whole blocks: the end of the file. Another read from that unaligned
+            # offset would be refused (EINVAL) by some file systems, not answered with 0.
+            break
     STATS.add(done, direct=direct)
     return done
 

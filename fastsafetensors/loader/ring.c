@@ -233,6 +233,10 @@ static void *reader(void *arg) {
             if (n == 0)
                 break; /* end of file: the copier decides whether that is short */
             done += n;
+            /* An O_DIRECT read returns less than whole blocks only at the end of the file; one
+             * more from that unaligned offset would be refused (EINVAL) by some file systems. */
+            if (direct && n % s->file.align)
+                break;
         }
         double t1 = now();
         pthread_mutex_lock(&r->lock);
@@ -416,8 +420,12 @@ ring_t *fst_ring_open(const calls_t *calls, void *context, void *stream, char *b
         release(r);
         return NULL;
     }
+    /* Only the copier waits for the marks on the host, with half the windows' copies still
+     * queued behind the one it waits for: it sleeps (CU_EVENT_BLOCKING_SYNC, 0x1) rather than
+     * spin on a core the readers and the caller's thread could use; waking later costs no
+     * copy time, since the copy engine has those queued copies to run meanwhile. */
     for (int64_t w = 0; w < windows && !*code; w++)
-        if ((*code = calls->create(&r->marks[w], flags)) != 0) {
+        if ((*code = calls->create(&r->marks[w], flags | 0x1u)) != 0) {
             r->marks[w] = NULL;
             *step = CREATE;
         }
