@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -547,6 +547,10 @@ def _stoppable_bar(stop: threading.Event) -> type:
     return StoppableBar
 
 
+#: How long closing the downloads waits for a running one to stop (seconds).
+CLOSE_WAIT = 2.0
+
+
 class _Downloads:
     """Shards downloading ``workers`` at a time, handed out as each completes."""
 
@@ -582,12 +586,25 @@ class _Downloads:
             yield self._futures[future], future.result()
 
     def close(self) -> None:
-        """Stop queued and running downloads and wait for the workers: once this returns no
-        thread writes into the cache on our behalf."""
+        """Stop queued and running downloads, and wait for the workers: a running download
+        stops at its next chunk. One that cannot see the stop (waiting for another process's
+        lock on its file, or for a stalled connection) would hold up closing the stream, a
+        Ctrl-C or the first error for as long as it waits: after ``CLOSE_WAIT`` seconds it is
+        left to end in the background. huggingface_hub writes a download into an
+        ``.incomplete`` file and renames it only when whole, so no partial file is ever taken
+        as done."""
         self._stop.set()
         for future in self._futures:
             future.cancel()
-        self._pool.shutdown(wait=True)
+        running = [future for future in self._futures if not future.done()]
+        _, late = wait(running, timeout=CLOSE_WAIT) if running else ((), ())
+        if late:
+            self._pool.shutdown(wait=False)
+            logger.info("%s: %d download(s) still running after the stream closed: left to end "
+                        "in the background (%s)", self._plan.source, len(late),
+                        ", ".join(sorted(self._futures[f] for f in late)))
+        else:
+            self._pool.shutdown(wait=True)   # the workers are done: their threads end now
 
     def __enter__(self) -> _Downloads:
         return self

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -670,6 +671,35 @@ def test_stream_yields_while_later_shards_download(hub_server: Any, slow_repo: i
     assert sent < slow_repo / 2  # most of the checkpoint is still on the server
     rest = list(shards)
     assert len(rest) == 7 and len({p for p, _, _ in rest} | {path}) == 8
+
+
+def test_a_download_that_cannot_stop_does_not_hold_up_closing(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: Any) -> None:
+    # A download waiting for another process's lock on its file, or for a stalled connection,
+    # never sees the stop: closing the stream (and a Ctrl-C, and the first error) waited for it,
+    # 20-65 s against the helper's loopback server. Now at most CLOSE_WAIT.
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(hub, "CLOSE_WAIT", 0.2)
+    stuck, release = threading.Event(), threading.Event()
+
+    def path(name: str, bar: Any = None) -> str:
+        if name == "b.safetensors":
+            stuck.set()
+            release.wait(30)   # deaf to the stop, as a download inside huggingface_hub is
+        return str(tmp_path / name)
+
+    plan = SimpleNamespace(shards=["a.safetensors", "b.safetensors"], folder=str(tmp_path),
+                           path=path, source="org/model")
+    downloads = hub._Downloads(plan, 2)  # type: ignore[arg-type]
+    assert stuck.wait(10)
+    with caplog.at_level("INFO", logger="fastsafetensors.hub"):
+        started = time.monotonic()
+        downloads.close()
+        assert time.monotonic() - started < 5
+    assert "still running after the stream closed" in caplog.text and "b.safetensors" in caplog.text
+    release.set()
 
 
 def test_closing_the_stream_stops_the_downloads(hub_server: Any, slow_repo: int) -> None:
