@@ -344,7 +344,12 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
     cache = str(Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve())
     storage = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
     api = HfApi()
-    commit, present, why = _ask_hub(api, repo_id, revision, subfolder, storage, offline, token)
+    if offline and force_download:
+        # huggingface_hub refuses the pair too: the cached files would be used as they are.
+        raise ConfigError("force_download", True, ["False while downloads are off "
+                                                   "(local_files_only=True or HF_HUB_OFFLINE=1)"])
+    commit, present, why = _ask_hub(api, repo_id, revision, subfolder, storage, offline, token,
+                                    keep_errors=force_download)
     where = f"{repo_id}@{commit[:12]}" + (f"/{subfolder}" if subfolder else "")
     parts = subfolder.split("/") if subfolder else []
     folder = os.path.join(storage, "snapshots", commit, *parts)
@@ -389,12 +394,13 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
 
 
 def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None,
-             storage: str, offline: bool, token: str | bool | None
-             ) -> tuple[str, list[str] | None, str]:
+             storage: str, offline: bool, token: str | bool | None, *,
+             keep_errors: bool = False) -> tuple[str, list[str] | None, str]:
     """``(commit, file names in the folder, why offline)``: the revision pinned to a commit and
     the folder listed in one request, with huggingface_hub's metadata timeout. Offline, or when
     the Hub cannot answer (no connection, a timeout, a 5xx), the commit comes from the cache's
-    ``refs`` and the listing is None."""
+    ``refs`` and the listing is None; with ``keep_errors`` (force_download=True, which the
+    cached files cannot honour) the Hub's error is raised instead."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -412,10 +418,12 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
             return commit, _listing(api, info, repo_id, subfolder, commit, token), why
         except HfHubHTTPError as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status is None or status < 500:
+            if status is None or status < 500 or keep_errors:
                 raise   # the Hub answered: no such repo or revision, no access, ...
             why = f"the Hub could not answer ({exc})"
         except _network_errors() as exc:
+            if keep_errors:
+                raise
             why = f"the Hub could not be reached ({type(exc).__name__}: {exc})"
         logger.warning("%s: %s; using the cached snapshot", repo_id, why)
     if revision is not None and _COMMIT.fullmatch(revision):

@@ -456,6 +456,20 @@ def test_hub_unreachable_falls_back_to_the_cache(hub_server: Any, repo: Any,
         fastsafetensors.resolve("org/never-downloaded")
 
 
+def test_force_download_is_never_served_from_the_cache(hub_server: Any, repo: Any) -> None:
+    # The cached copy is what force_download=True is for replacing (a damaged shard): offline,
+    # or with the Hub down, it was used anyway, and its error asked for force_download=True.
+    from huggingface_hub.errors import HfHubHTTPError
+
+    fastsafetensors.resolve(repo[0])
+    with pytest.raises(ConfigError, match="force_download=True .*downloads are off"):
+        fastsafetensors.resolve(repo[0], force_download=True, local_files_only=True)
+    hub_server.fail("^/api/", 503)
+    with pytest.raises(HfHubHTTPError):
+        fastsafetensors.resolve(repo[0], force_download=True)
+    assert fastsafetensors.resolve(repo[0]).files   # without it, the cache still serves
+
+
 def test_hub_down_falls_back_to_the_cache(hub_server: Any, repo: Any,
                                           caplog: pytest.LogCaptureFixture) -> None:
     # A 5xx from the Hub is the Hub being down, as huggingface_hub and transformers treat it:
