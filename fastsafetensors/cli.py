@@ -135,6 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError, FastSafetensorsError) as exc:
         print(f"fastsafetensors: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from .hub import _network_errors
+
+        if not isinstance(exc, _network_errors()):   # the HTTP client's own, no OSError
+            raise
+        print(f"fastsafetensors: the Hub could not be reached: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -639,9 +639,27 @@ def _remote_header(repo_id: str, filename: str, commit: str, token: str | bool |
     return parse_header(raw, file_size=size, path=filename)
 
 
+#: Tries of a header's range read when the connection fails (huggingface_hub resumes a
+#: download so; one dropped connection failed inspect() where load() went on).
+RANGE_TRIES = 3
+
+
 def _get_range(url: str, headers: dict[str, str], start: int, length: int) -> tuple[bytes, int]:
     """``length`` bytes from ``start`` and the file's size, through huggingface_hub's session
-    (which follows the Hub's redirect to its CDN)."""
+    (which follows the Hub's redirect to its CDN), tried again after a connection error."""
+    for attempt in range(RANGE_TRIES):
+        try:
+            return _get_range_once(url, headers, start, length)
+        except _network_errors() as exc:
+            if attempt + 1 == RANGE_TRIES:
+                raise
+            logger.info("%s: %s; trying again", url, exc)
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _get_range_once(url: str, headers: dict[str, str], start: int, length: int
+                    ) -> tuple[bytes, int]:
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session, hf_raise_for_status
 

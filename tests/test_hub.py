@@ -456,6 +456,55 @@ def test_hub_unreachable_falls_back_to_the_cache(hub_server: Any, repo: Any,
         fastsafetensors.resolve("org/never-downloaded")
 
 
+def test_a_header_read_is_tried_again_after_a_dropped_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # inspect() reads headers with HTTP range requests of its own: one dropped connection
+    # failed it, where load() went on (huggingface_hub resumes a download).
+    from huggingface_hub.utils import get_session
+
+    get_session()   # its HTTP client imported, whose errors hub._network_errors lists
+    transport = hub._network_errors()[-1]
+    attempts: list[int] = []
+
+    def flaky(url: str, headers: Any, start: int, length: int) -> tuple[bytes, int]:
+        attempts.append(start)
+        if len(attempts) < hub.RANGE_TRIES:
+            raise transport("peer closed connection")
+        return b"x" * length, 100
+
+    monkeypatch.setattr(hub, "_get_range_once", flaky)
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    assert hub._get_range("http://h/f", {}, 0, 8) == (b"x" * 8, 100)
+    assert len(attempts) == hub.RANGE_TRIES
+
+    def dropped(url: str, headers: Any, start: int, length: int) -> tuple[bytes, int]:
+        attempts.append(start)
+        raise transport("peer closed connection")
+
+    attempts.clear()
+    monkeypatch.setattr(hub, "_get_range_once", dropped)
+    with pytest.raises(transport):   # as huggingface_hub raises it once its own tries are spent
+        hub._get_range("http://h/f", {}, 0, 8)
+    assert len(attempts) == hub.RANGE_TRIES
+
+
+def test_the_cli_says_the_hub_could_not_be_reached(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from huggingface_hub.utils import get_session
+
+    get_session()
+    transport = hub._network_errors()[-1]
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise transport("timed out")
+
+    monkeypatch.setattr(hub, "inspect", unreachable)
+    assert cli_main(["inspect", "org/model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastsafetensors: the Hub could not be reached: ") and "timed out" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_force_download_is_never_served_from_the_cache(hub_server: Any, repo: Any) -> None:
     # The cached copy is what force_download=True is for replacing (a damaged shard): offline,
     # or with the Hub down, it was used anyway, and its error asked for force_download=True.
