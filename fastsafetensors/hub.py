@@ -390,6 +390,12 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
         plan.remote_header = lambda name: _remote_header(repo_id, path_in_repo + name, commit,
                                                          token)
     plan.follow_index(None if offline else names)
+    if offline:
+        # The shards needed, all in the cached snapshot, before any is loaded: else a stream
+        # hands out part of the checkpoint, then fails (a folder is checked so, above).
+        for shard in plan.shards or ():
+            if not os.path.isfile(os.path.join(folder, shard)):
+                raise CheckpointNotFoundError(os.path.join(folder, shard), missing)
     return plan
 
 

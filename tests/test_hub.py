@@ -505,6 +505,20 @@ def test_the_cli_says_the_hub_could_not_be_reached(monkeypatch: pytest.MonkeyPat
     assert len(err.strip().splitlines()) == 1
 
 
+def test_offline_a_shard_missing_from_the_cache_fails_before_any_tensor(hub_server: Any,
+                                                                        repo: Any) -> None:
+    # As a folder is checked: a stream handed out part of the checkpoint, then failed.
+    files = fastsafetensors.resolve(repo[0]).files
+    os.unlink(files[-1])   # the snapshot's link to the last shard
+    stream = fastsafetensors.iter_tensors(repo[0], local_files_only=True)
+    with pytest.raises(CheckpointNotFoundError, match="in the cache without this file"):
+        next(stream)
+    # Only the shards needed count: the tensors of the others still load offline.
+    some = fastsafetensors.load(repo[0], local_files_only=True,
+                                tensors=[n for n in repo[2] if n.startswith("layers.0.")])
+    assert all(torch.equal(t, repo[2][n]) for n, t in some.items()) and some
+
+
 def test_force_download_is_never_served_from_the_cache(hub_server: Any, repo: Any) -> None:
     # The cached copy is what force_download=True is for replacing (a damaged shard): offline,
     # or with the Hub down, it was used anyway, and its error asked for force_download=True.
