@@ -1073,7 +1073,7 @@ def test_max_threads_left_out_means_this_packages_default(tmp_path: Path,
     save_file({"w": torch.ones(4)}, str(path))
     asked: list[Any] = []
 
-    def checked(keeps_all: bool, paths: Any, **options: Any) -> Any:
+    def checked(keeps_all: bool, caller: str, paths: Any, **options: Any) -> Any:
         asked.append((keeps_all, options["threads"]))
         return iter([("w", torch.ones(4))])
 

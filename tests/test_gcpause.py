@@ -84,7 +84,8 @@ def test_a_hub_repo_id_loads_without_pausing(monkeypatch, many):
 
     seen: list[bool] = []
 
-    def recorded(keeps_all: bool, source: Any, **options: Any) -> Iterator[tuple[str, Any]]:
+    def recorded(keeps_all: bool, caller: str, source: Any,
+                 **options: Any) -> Iterator[tuple[str, Any]]:
         seen.append(gc.isenabled())
         return iter([])
 
