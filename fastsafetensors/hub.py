@@ -653,15 +653,13 @@ RANGE_TRIES = 3
 def _get_range(url: str, headers: dict[str, str], start: int, length: int) -> tuple[bytes, int]:
     """``length`` bytes from ``start`` and the file's size, through huggingface_hub's session
     (which follows the Hub's redirect to its CDN), tried again after a connection error."""
-    for attempt in range(RANGE_TRIES):
+    for attempt in range(RANGE_TRIES - 1):
         try:
             return _get_range_once(url, headers, start, length)
         except _network_errors() as exc:
-            if attempt + 1 == RANGE_TRIES:
-                raise
             logger.info("%s: %s; trying again", url, exc)
             time.sleep(0.5 * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return _get_range_once(url, headers, start, length)   # the last try's error goes out
 
 
 def _get_range_once(url: str, headers: dict[str, str], start: int, length: int

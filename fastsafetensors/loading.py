@@ -146,20 +146,18 @@ def _checked(keeps_all: bool, caller: str, source: Any, /, *, device: str = "cpu
                          max_device_bytes=max_device_bytes, keeps_all=keeps_all)
 
 
-#: What load() and iter_tensors() take besides the Hub's options.
-OPTIONS = ("device", "dtype", "framework", "tensors", "threads", "io", "backend", "staging_bytes",
-           "max_device_bytes")
-
-
 def _unexpected(name: str, caller: str) -> str:
     """The message of a keyword neither load() nor iter_tensors() takes, as Python words it,
-    with what they take."""
+    with what they take (iter_tensors' keywords, which load() passes on)."""
     import difflib
+    import inspect
 
-    close = difflib.get_close_matches(name, [*OPTIONS, *sorted(HUB_OPTIONS)], n=1)
+    options = [p.name for p in inspect.signature(iter_tensors).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    close = difflib.get_close_matches(name, [*options, *sorted(HUB_OPTIONS)], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return (f"{caller}() got an unexpected keyword argument {name!r}{hint}; it takes "
-            f"{', '.join(OPTIONS)}, and for a Hub repo id {', '.join(sorted(HUB_OPTIONS))}")
+            f"{', '.join(options)}, and for a Hub repo id {', '.join(sorted(HUB_OPTIONS))}")
 
 
 def _iter_tensors(source: Any, fw: Any, target: str, dtype: Any,
