@@ -35,6 +35,7 @@ GB = 1e9 bytes. Medians of ``--repeat`` rounds are printed; nothing here asserts
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -62,11 +63,16 @@ import _common as C  # noqa: E402
 #: of staging (32 windows of 8 MiB), the ring's default before the twenty-first session (128
 #: MiB since: H200 runs 8 and 10 loaded faster so without transformers);
 #: ``-quiet`` with ``read_ahead="quiet"`` (transformers' thread waits until every chunk is
-#: submitted, and the load's Python then waits for its first request) (``--modes``).
+#: submitted, and the load's Python then waits for its first request); ``-s64`` with 64 MiB of
+#: staging (32 windows of 2 MiB: faster than 128 MiB without transformers in H200 run 11);
+#: ``-nogc`` (and ``stock-nogc``) with Python's garbage collector off during the load (H200 run
+#: 11: transformers' table of renamings took 0.27 s there, 0.04 s on the CPU VM; is it the
+#: collector?) (``--modes``).
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
          "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots",
-         "fastsafetensors-s256", "fastsafetensors-quiet")
+         "fastsafetensors-s256", "fastsafetensors-quiet", "fastsafetensors-s64", "stock-nogc",
+         "fastsafetensors-nogc")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -89,6 +95,10 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
                              "loader_options": {"staging_bytes": 256 << 20}},
     "fastsafetensors-quiet": {"loader": "fastsafetensors",
                               "loader_options": {"read_ahead": "quiet"}},
+    "fastsafetensors-s64": {"loader": "fastsafetensors",
+                            "loader_options": {"staging_bytes": 64 << 20}},
+    "stock-nogc": {},
+    "fastsafetensors-nogc": {"loader": "fastsafetensors"},
 }
 
 
@@ -161,6 +171,8 @@ def child(args: argparse.Namespace) -> None:
     from fastsafetensors.loader.stream import PHASES
 
     PHASES.reset()   # where our engine's threads spent this load (empty for stock)
+    if args.mode.endswith("-nogc"):
+        gc.disable()
     with AnonPeak() as anon:
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
@@ -168,6 +180,7 @@ def child(args: argparse.Namespace) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+    gc.enable()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # First touch: one element per 4 KiB page of every parameter. The stock CPU path returns
     # tensors that still point into its memory map, so its reads happen here.

@@ -36,7 +36,7 @@ work=$(mktemp -d)           # checkpoint, peers, the children's logs: on the mac
 ckpt=$work/llama-${size}gb  # built once, shared by both benchmarks
 started=$SECONDS
 step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
-# SKIP="tests load beside transformers gil floor": those steps left out (a second call of a session
+# SKIP="tests load mapping beside transformers gil floor": those steps left out (a second call of a session
 # that has their figures already).
 wanted() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
 
@@ -123,15 +123,25 @@ print(C.build_checkpoint(pathlib.Path(sys.argv[1]), float(sys.argv[2]))["files"]
 
 if wanted load; then
 step "bench_load: $size GB, warm and cold, peers"
-timeout -k 5 110 python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
+timeout -k 5 "$(( ${LOAD_DEADLINE:-85} + 25 ))" python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
     --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_buffered|_torch|_s256|_s64|_noreserve)?\$|^fst_load_cuda(_s256)?\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
-    --deadline 85 --timeout 60 \
+    --deadline "${LOAD_DEADLINE:-85}" --timeout 60 \
     --skip-many \
     --json "$OUT/bench-load.json"
 # The children's stderr, in one file ($OUT brings back at most 8).
 tail -n 20 "$work"/logs/*.log > "$OUT/bench-load-children.log" 2>/dev/null
+fi
+
+# Why transformers' table of renamings took 0.27 s on the H200 machine, 0.04 s on the CPU VM
+# (new in the twenty-fourth session): CPU time, page faults, switches and the collector's passes
+# of the build, in fresh processes, with CUDA, lazy expressions and a load beside it or not.
+if wanted mapping; then
+step "probe_mapping: transformers' table of renamings"
+timeout -k 5 60 python3 benchmarks/probe_mapping.py --dir "$ckpt" --timeout 25 \
+    --cases "${MAPPING_CASES:-plain,lazy,cuda,cuda-lazy,cuda-lazy-nogc,cuda-lazy-load,cuda-lazy-load-nogc}" \
+    --json "$OUT/probe-mapping.json"
 fi
 
 # A load on a thread beside the main thread's Python, regular expressions or GIL-holding
@@ -159,8 +169,9 @@ fi
 # switch interval left alone, in run 6: 0.98x.)
 if wanted transformers; then
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
-timeout -k 5 170 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 3 \
-    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 150 --run-timeout 30 --cache warm \
+timeout -k 5 "$(( ${TF_DEADLINE:-150} + 20 ))" python3 benchmarks/bench_transformers.py \
+    --size-gb "$size" --repeat "${TF_REPEAT:-3}" --device "${TF_DEVICE:-cuda}" --dir "$ckpt" \
+    --deadline "${TF_DEADLINE:-150}" --run-timeout 30 --cache warm \
     --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-quiet,fastsafetensors-s256}" \
     --json "$OUT/bench-transformers.json"
 fi
