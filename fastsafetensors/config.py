@@ -138,6 +138,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "on a GPU) reads ahead too, but transformers' thread first waits until every "
                 "chunk is submitted, and the load's Python then waits for transformers' first "
                 "request, so that none of it competes for the GIL meanwhile"),
+    Option("pause_gc", lambda: "on", ("off", "on"),
+           help="from_pretrained with loader='fastsafetensors': on (the default) turns Python's "
+                "garbage collector off for the call (process-wide; back on when the last such "
+                "call ends). transformers' new objects start a full pass of the collector "
+                "inside the call on Python 3.12, with the GIL held: 8 GB to an H200 took 0.41 s "
+                "with it, 0.25 s without (docs/transformers.md). The pass is put off to just "
+                "after the call, not saved. off: the collector left alone"),
     Option("reserve_memory", lambda: "on", ("off", "on"),
            help="on: a load to a GPU that keeps every tensor (load and load_file without a "
                 "dtype cast, from_pretrained reading ahead) has torch's caching allocator take "
