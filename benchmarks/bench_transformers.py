@@ -65,14 +65,15 @@ import _common as C  # noqa: E402
 #: ``-quiet`` with ``read_ahead="quiet"`` (transformers' thread waits until every chunk is
 #: submitted, and the load's Python then waits for its first request); ``-s64`` with 64 MiB of
 #: staging (32 windows of 2 MiB: faster than 128 MiB without transformers in H200 run 11);
-#: ``-nogc`` (and ``stock-nogc``) with Python's garbage collector off during the load (H200 run
-#: 11: transformers' table of renamings took 0.27 s there, 0.04 s on the CPU VM; is it the
-#: collector?) (``--modes``).
+#: ``stock-nogc`` and ``-nogc`` with Python's garbage collector turned off by the benchmark
+#: around the call (H200 run 12: ours 0.25 s against 0.41 with it on); ``-gc`` with
+#: ``pause_gc="off"``, the collector left alone (ours turns it off during the call since the
+#: twenty-fourth session) (``--modes``). Every row says the collector's passes inside the call.
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
          "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots",
          "fastsafetensors-s256", "fastsafetensors-quiet", "fastsafetensors-s64", "stock-nogc",
-         "fastsafetensors-nogc")
+         "fastsafetensors-nogc", "fastsafetensors-gc")
 LOADER_KWARGS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fastsafetensors": {"loader": "fastsafetensors"},
@@ -99,6 +100,7 @@ LOADER_KWARGS: dict[str, dict[str, Any]] = {
                             "loader_options": {"staging_bytes": 64 << 20}},
     "stock-nogc": {},
     "fastsafetensors-nogc": {"loader": "fastsafetensors"},
+    "fastsafetensors-gc": {"loader": "fastsafetensors", "loader_options": {"pause_gc": "off"}},
 }
 
 
@@ -171,8 +173,20 @@ def child(args: argparse.Namespace) -> None:
     from fastsafetensors.loader.stream import PHASES
 
     PHASES.reset()   # where our engine's threads spent this load (empty for stock)
+    passes: dict[str, list[float]] = {}   # the collector's passes in the call, by generation
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            entry = passes.setdefault(str(info["generation"]), [0, 0.0])
+            entry[0] += 1
+            entry[1] += time.perf_counter() - began[0]
+
     if args.mode.endswith("-nogc"):
         gc.disable()
+    gc.callbacks.append(on_gc)
     with AnonPeak() as anon:
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
@@ -180,6 +194,7 @@ def child(args: argparse.Namespace) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+    gc.callbacks.remove(on_gc)
     gc.enable()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # First touch: one element per 4 KiB page of every parameter. The stock CPU path returns
@@ -199,7 +214,7 @@ def child(args: argparse.Namespace) -> None:
               anon.peak - base_anon, "peak_rss_after_touch_above_base":
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss,
               "checksum": checksum, "loadavg_1min": os.getloadavg()[0],
-              "loader_log": said, "phases": PHASES.snapshot(), **state}
+              "loader_log": said, "phases": PHASES.snapshot(), "gc_passes": passes, **state}
     if args.device.startswith("cuda"):
         result["peak_cuda"] = torch.cuda.max_memory_allocated()
         result["cuda_init_seconds"] = cuda_init
@@ -289,7 +304,10 @@ def main() -> None:
                       f"  peak anon +{row['peak_anon_above_base'] / 1e9:.2f} GB"
                       + (f"  peak cuda {row['peak_cuda'] / 1e9:.2f} GB" if "peak_cuda" in row
                          else "")
-                      + f"  load {row['loadavg_1min']:.1f}", flush=True)
+                      + f"  load {row['loadavg_1min']:.1f}"
+                      + "  gc " + (", ".join(f"gen{g} {n}x {t:.3f} s" for g, (n, t)
+                                             in sorted(row.get("gc_passes", {}).items()))
+                                   or "none"), flush=True)
                 for line in row.get("loader_log", []):
                     if "one engine run per device" in line:   # when it read, when asked
                         print("      " + line.split("one engine run per device: ")[-1]

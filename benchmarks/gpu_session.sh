@@ -16,12 +16,12 @@
 # each, which now has 170 s for 9; the most wanted figures come first, so a call cut short
 # loses the last steps only). Rows and cold runs that earlier runs settled are left out (the cold runs: H200 run 3,
 # ours 1.04x the raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
-# native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6-8); the
-# rows now check the default, cuda_calls="ring" with 12 C readers, against the default before
-# the eighteenth session (cuda_calls="torch"), 256 and 64 MiB of staging (the ring's default is
-# 128 MiB since the twenty-first session: it beat 256 in H200 runs 8 and 10), reservations off,
-# io="buffered" (since the twenty-second session the ring's readers count their chunks' cached
-# pages themselves under the default io="auto"), one load() of every file, and InstantTensor.
+# native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6-8; torch's
+# calls, 256 MiB of staging and reservations off, settled by runs 8-11); the rows now check
+# the default, cuda_calls="ring" with 12 C readers and 128 MiB of staging, against 64 MiB
+# (faster in run 11, even in run 12), io="buffered" (the ring's readers count their chunks'
+# cached pages themselves under the default io="auto"), one load() of every file, and
+# InstantTensor.
 # LOAD_ROWS and WARM_ONLY_ROWS (bench_load.py's --only and --warm-only
 # regexes) bring any row back; the benchmarks also stop starting timed runs at a deadline
 # inside their limit, so that their checks, summaries and JSON are written whatever the
@@ -37,8 +37,11 @@ ckpt=$work/llama-${size}gb  # built once, shared by both benchmarks
 started=$SECONDS
 step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
 # SKIP="tests load mapping beside transformers gil floor": those steps left out (a second call of a session
-# that has their figures already).
-wanted() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
+# that has their figures already). Unset, it leaves out mapping and gil, whose questions H200
+# runs 11 and 12 answered (transformers' slow table was the garbage collector's full pass);
+# SKIP="" runs every step.
+skip=${SKIP-mapping gil}
+wanted() { [[ " $skip " != *" $1 "* ]]; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max \
@@ -125,7 +128,7 @@ if wanted load; then
 step "bench_load: $size GB, warm and cold, peers"
 timeout -k 5 "$(( ${LOAD_DEADLINE:-85} + 25 ))" python3 benchmarks/bench_load.py --size-gb "$size" --repeat "${LOAD_REPEAT:-4}" \
     --threads 8 --dir "$ckpt" --peers-dir "$work/peers" --logs "$work/logs" \
-    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_buffered|_torch|_s256|_s64|_noreserve)?\$|^fst_load_cuda(_s256)?\$|instanttensor_buffered}" \
+    --only "${LOAD_ROWS:-h2d_pinned|raw_reused_t16|^fst_cuda(_buffered|_s64)?\$|^fst_load_cuda\$|instanttensor_buffered}" \
     --warm-only "${WARM_ONLY_ROWS:-.}" \
     --deadline "${LOAD_DEADLINE:-85}" --timeout 60 \
     --skip-many \
@@ -157,46 +160,45 @@ if [ "${PROBE:-1}" != 0 ]; then   # PROBE=0: left out (a session that measured i
     timeout -k 5 25 python3 benchmarks/probe_register.py --dir "$ckpt" --json "$OUT/probe-register.json"
 fi
 
-# quiet: read_ahead="quiet" (twentieth session): transformers' thread waits until the planner
-# has submitted every chunk, and the load's Python waits for transformers' first request; in
-# H200 runs 9 and 10 the ring's readers waited for chunks while the planner waited for the GIL.
-# s256: 256 MiB of staging (32 windows of 8 MiB), the ring's default before the twenty-first
-# session; 128 MiB (the default since) loaded faster without transformers in H200 runs 8 and
-# 10, with twice the chunks, each some Python of the planner's, which beside transformers'
-# thread waits for the GIL (the reporter's Python per chunk was halved to make up for it).
-# (few-slots, the ring's slots of H200 runs 6 and 7, ran at 0.94x the default in run 8; torch's calls, cuda_calls="torch", 0.80-0.82 s in
-# runs 6 and 7; on-demand, read_ahead="off", in runs 3 and 4; switch-off, the interpreter's
-# switch interval left alone, in run 6: 0.98x.)
+# -gc: pause_gc="off", the collector left on, as every load before the twenty-fourth session
+# (H200 run 12: 0.41 s, against 0.25 with the collector off); stock-nogc: stock with the
+# collector off around the call, the same pass put off for stock too. Each row says the
+# collector's passes inside the call.
+# (quiet, read_ahead="quiet", ran at 0.95-1.05x the default in run 11; s256 at 0.87-1.14x;
+# few-slots, the ring's slots of H200 runs 6 and 7, ran at 0.94x the default in run 8; torch's
+# calls, cuda_calls="torch", 0.80-0.82 s in runs 6 and 7; on-demand, read_ahead="off", in runs
+# 3 and 4; switch-off, the interpreter's switch interval left alone, in run 6: 0.98x.)
 if wanted transformers; then
 step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, warm"
 timeout -k 5 "$(( ${TF_DEADLINE:-150} + 20 ))" python3 benchmarks/bench_transformers.py \
     --size-gb "$size" --repeat "${TF_REPEAT:-3}" --device "${TF_DEVICE:-cuda}" --dir "$ckpt" \
     --deadline "${TF_DEADLINE:-150}" --run-timeout 30 --cache warm \
-    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-quiet,fastsafetensors-s256}" \
+    --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-gc,stock-nogc}" \
     --json "$OUT/bench-transformers.json"
 fi
 
 # Who holds the GIL during from_pretrained (new in the twenty-third session): py-spy samples
 # the thread holding it, 1,000 times a second, one load per mode in a fresh process. From
-# .whl/ (gpu_wheels.sh); left out without it.
+# .whl/ (gpu_wheels.sh); left out without it, and unless SKIP leaves it in (run 11 has it:
+# transformers' thread held it 332 ms of our 495 ms load).
 if wanted gil && ls .whl/py_spy-*.whl >/dev/null 2>&1; then
 step "gil_profile: who holds the GIL in from_pretrained, device_map=${TF_DEVICE:-cuda}"
 timeout -k 5 30 python3 -m pip install -q --no-index --no-deps --no-cache-dir \
     --target "$work/pyspy" .whl/py_spy-*.whl
 timeout -k 5 70 python3 benchmarks/gil_profile.py --dir "$ckpt" --device "${TF_DEVICE:-cuda}" \
-    --modes "${GIL_MODES:-stock,fastsafetensors,fastsafetensors-quiet}" --py-spy "$work/pyspy/bin/py-spy" \
+    --modes "${GIL_MODES:-stock,fastsafetensors,fastsafetensors-gc}" --py-spy "$work/pyspy/bin/py-spy" \
     --timeout 30 --out "$work/gil" --json "$OUT/gil-profile.json"
 fi
 
 # Where from_pretrained's own time goes (the floor twin: no bytes to move), by step and under
 # cProfile; new in the seventeenth session (on the H100 machine the twin took 0.39-0.41 s, on
-# the 2-core CPU VM 0.19). In H200 run 8 ours spent 0.19 s in get_model_conversion_mapping
-# (0.02 s on the CPU VM) with its load's threads beside it: does read_ahead="quiet" take that
-# away?
+# the 2-core CPU VM 0.19). In H200 runs 8-11 ours spent 0.19-0.27 s in
+# get_model_conversion_mapping (0.02-0.04 s on the CPU VM): the collector's full pass, which
+# the -gc mode still pays.
 if wanted floor; then
 step "profile_floor: transformers' own time, device_map=${TF_DEVICE:-cuda}"
 timeout -k 5 75 python3 benchmarks/profile_floor.py --size-gb "$size" --device "${TF_DEVICE:-cuda}" \
-    --modes "${FLOOR_MODES:-stock,fastsafetensors,fastsafetensors-quiet}" --repeat 3 \
+    --modes "${FLOOR_MODES:-stock,fastsafetensors,fastsafetensors-gc}" --repeat 3 \
     --profile 25 --deadline 65 \
     --run-timeout 20 --dir "$work/floor" --json "$OUT/profile-floor.json"
 fi
