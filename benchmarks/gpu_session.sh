@@ -9,13 +9,13 @@
 #   device call: PROBE=0 bash benchmarks/gpu_session.sh   (carry: .whl; timeout_s 590)
 #
 # Each step has its own time limit, so one that hangs leaves time and output for the others
-# (the limits add up to 810 s, 785 with PROBE=0, 685 without py-spy and the transformers wheel
-# in .whl/, plus up to 5 s of grace each and the unlimited imports and nvidia-smi: more than a
-# call's timeout_s of 590, but the steps take far less: the eighteenth session's runs on an H200
-# took 308 and 276 s in all, their transformers step 87 s of its 105 for 5 loads of some 17 s
-# each, which now has 170 s for 9; the most wanted figures come first, so a call cut short
-# loses the last steps only). Rows and cold runs that earlier runs settled are left out (the cold runs: H200 run 3,
-# ours 1.04x the raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
+# (the limits of the steps run by default add up to 790 s, 765 with PROBE=0, plus up to 5 s of
+# grace each and the unlimited imports and nvidia-smi: more than a call's timeout_s of 590, but
+# the steps take far less: H200 run 11, the twenty-fourth session's first, took 476 s in all
+# with the GIL profile, which is now left out, and without the cold step, which is new; the
+# most wanted figures come first, so a call cut short loses the last steps only). Rows and
+# cold runs that earlier runs settled are left out (the cold loads: H200 run 3, ours 1.04x the
+# raw read, io="auto" 0.97x the better fixed mode; io="direct"; the driver,
 # native, huge-page and sketch rows; the ring's shapes measured in H200 runs 6-8; torch's
 # calls, 256 MiB of staging and reservations off, settled by runs 8-11); the rows now check
 # the default, cuda_calls="ring" with 12 C readers and 128 MiB of staging, against 64 MiB
@@ -36,7 +36,7 @@ work=$(mktemp -d)           # checkpoint, peers, the children's logs: on the mac
 ckpt=$work/llama-${size}gb  # built once, shared by both benchmarks
 started=$SECONDS
 step() { echo; echo "=== $1 (t=$((SECONDS - started)) s)"; }
-# SKIP="tests load mapping beside transformers gil floor": those steps left out (a second call of a session
+# SKIP="tests load mapping beside transformers cold gil floor": those steps left out (a second call of a session
 # that has their figures already). Unset, it leaves out mapping and gil, whose questions H200
 # runs 11 and 12 answered (transformers' slow table was the garbage collector's full pass);
 # SKIP="" runs every step.
@@ -175,6 +175,16 @@ timeout -k 5 "$(( ${TF_DEADLINE:-150} + 20 ))" python3 benchmarks/bench_transfor
     --deadline "${TF_DEADLINE:-150}" --run-timeout 30 --cache warm \
     --no-floor --modes "${TF_MODES:-stock,fastsafetensors,fastsafetensors-gc,stock-nogc}" \
     --json "$OUT/bench-transformers.json"
+fi
+
+# Cold (new in the twenty-fourth session; last timed in the first H200 runs, 1.14-1.16x
+# stock): one round each, the checkpoint's pages evicted before every load.
+if wanted cold; then
+step "bench_transformers: $size GB, device_map=${TF_DEVICE:-cuda}, cold"
+timeout -k 5 80 python3 benchmarks/bench_transformers.py --size-gb "$size" --repeat 1 \
+    --device "${TF_DEVICE:-cuda}" --dir "$ckpt" --deadline 60 --run-timeout 40 --cache cold \
+    --no-floor --modes "${TF_COLD_MODES:-stock,fastsafetensors}" \
+    --json "$OUT/bench-transformers-cold.json"
 fi
 
 # Who holds the GIL during from_pretrained (new in the twenty-third session): py-spy samples
