@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .checkpoint import (
     Checkpoint,
@@ -468,14 +469,39 @@ def _listing(api: Any, info: Any, repo_id: str, subfolder: str | None, commit: s
     """The file names in the folder at ``commit``, from the model info (every file in one
     request, without the tree API's retries of a dead connection)."""
     if info.siblings is None:  # a mirror without it: the tree API
-        from huggingface_hub.hf_api import RepoFile
-
-        return [entry.path.rsplit("/", 1)[-1] for entry in
-                api.list_repo_tree(repo_id, path_in_repo=subfolder, revision=commit, token=token)
-                if isinstance(entry, RepoFile)]
+        return _tree_listing(api.endpoint, repo_id, subfolder, commit, token)
     prefix = f"{subfolder}/" if subfolder else ""
     return [s.rfilename[len(prefix):] for s in info.siblings
             if s.rfilename.startswith(prefix) and "/" not in s.rfilename[len(prefix):]]
+
+
+def _tree_listing(endpoint: str, repo_id: str, subfolder: str | None, commit: str,
+                  token: str | bool | None) -> list[str]:
+    """The file names in the folder, from the Hub's tree API, page by page.
+
+    huggingface_hub's ``list_repo_tree`` sets no time limit on its requests, so a mirror that
+    stalls would hold ``resolve()`` up for good. Each page here is asked for once, with the
+    metadata timeout that the model info had. A failure falls back to the cache like any
+    other."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    import fastsafetensors
+
+    headers = build_hf_headers(token=token, library_name="fastsafetensors",
+                               library_version=fastsafetensors.__version__)
+    folder = f"/{quote(subfolder.strip('/'), safe='/')}" if subfolder else ""
+    url: str | None = (f"{endpoint}/api/models/{quote(repo_id, safe='/')}/tree/"
+                       f"{quote(commit, safe='')}{folder}")
+    names = []
+    while url:
+        response = get_session().get(url, headers=headers,
+                                     timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        hf_raise_for_status(response)
+        names += [entry["path"].rsplit("/", 1)[-1] for entry in response.json()
+                  if entry.get("type") == "file"]
+        url = response.links.get("next", {}).get("url")
+    return names
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -3,7 +3,9 @@
 It speaks what huggingface_hub 2.x sends (read from its file_download.py and hf_api.py):
 
 * ``GET /api/models/{repo}[/revision/{rev}]``: model info, with ``sha`` (the commit) and
-  ``siblings``; ``GET /api/models/{repo}/tree/{rev}[/{path}]``: the folder listing;
+  ``siblings`` (left out with ``siblings = False``, as some mirrors do);
+  ``GET /api/models/{repo}/tree/{rev}[/{path}]``: the folder listing (in pages of
+  ``tree_page`` entries, linked by ``Link: <...>; rel="next"``, when it is set);
 * ``HEAD``/``GET /{repo}/resolve/{rev}/{path}``: small files answer 200 with ``X-Repo-Commit``,
   a quoted ``ETag`` (git blob sha1) and Range support; ``.safetensors`` files are LFS files,
   answered like the Hub does with a 302 to a CDN (a second server on another host,
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 
@@ -199,6 +201,12 @@ class HubServer:
         self.url = self.cdn_url = ""
         self.faults: list[tuple[re.Pattern[str], int | None]] = []
         self._stopping = threading.Event()
+        #: False: model info without ``siblings``, as some mirrors answer (clients list the
+        #: folder with the tree API then).
+        self.siblings = True
+        #: Entries per page of the tree API (None: one page), the next page's URL in a
+        #: ``Link: <...>; rel="next"`` header, as the Hub paginates.
+        self.tree_page: int | None = None
 
     def fail(self, pattern: str, status: int | None) -> None:
         """Requests whose path matches ``pattern`` get ``status`` (a 5xx: the Hub is down) or,
@@ -348,10 +356,11 @@ class _Handler(BaseHTTPRequestHandler):
         if found:
             repo, commit = found
             repo_id = unquote(m["repo"])
-            self._json({"_id": commit[:24], "id": repo_id, "modelId": repo_id, "sha": commit,
-                        "private": False, "tags": [],
-                        "siblings": [{"rfilename": p} for p in sorted(repo.commits[commit])]},
-                       commit)
+            info: dict[str, Any] = {"_id": commit[:24], "id": repo_id, "modelId": repo_id,
+                                    "sha": commit, "private": False, "tags": []}
+            if self.server.hub.siblings:
+                info["siblings"] = [{"rfilename": p} for p in sorted(repo.commits[commit])]
+            self._json(info, commit)
 
     def _tree(self, m: re.Match[str], query: dict[str, list[str]]) -> None:
         found = self._repo(m)
@@ -380,7 +389,18 @@ class _Handler(BaseHTTPRequestHandler):
             if file.lfs:
                 entry["lfs"] = {"oid": file.sha256, "size": file.size, "pointerSize": 134}
             entries[path] = entry
-        self._json(list(entries.values()), commit)
+        listed = list(entries.values())
+        page = self.server.hub.tree_page
+        if page is None:
+            self._json(listed, commit)
+            return
+        start = int(query.get("cursor", ["0"])[0])
+        headers = {}
+        if start + page < len(listed):
+            rest = urlencode({**{k: v[0] for k, v in query.items()}, "cursor": start + page})
+            here = f"{self.server.hub.url}{urlsplit(self.path).path}"
+            headers["Link"] = f'<{here}?{rest}>; rel="next"'
+        self._json(listed[start:start + page], commit, headers)
 
     def _resolve(self, m: re.Match[str]) -> None:
         found = self._repo(m)
@@ -448,10 +468,10 @@ class _Handler(BaseHTTPRequestHandler):
                 offset += sent
                 self.req.sent += sent
 
-    def _json(self, obj: Any, commit: str) -> None:
+    def _json(self, obj: Any, commit: str, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(obj).encode()
         self._status(200, {"Content-Type": "application/json", "Content-Length": str(len(body)),
-                           "X-Repo-Commit": commit})
+                           "X-Repo-Commit": commit, **(headers or {})})
         if self.command != "HEAD":
             self.wfile.write(body)
             self.req.sent += len(body)

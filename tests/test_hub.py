@@ -640,6 +640,39 @@ def test_hub_subfolder_and_variant(hub_server: Any, tmp_path: Path) -> None:
          for i in range(2)])
 
 
+def test_hub_mirror_without_siblings_is_listed_page_by_page(hub_server: Any,
+                                                           tmp_path: Path) -> None:
+    """A mirror whose model info leaves out ``siblings``: the folder comes from the tree API,
+    every page of it, and the checkpoint is the one the Hub's own listing gives."""
+    write_sharded(tmp_path / "src" / "unet", 3, stem="diffusion_pytorch_model")
+    write_single(tmp_path / "src" / "vae", "diffusion_pytorch_model.safetensors")
+    hub_server.add_folder("org/pipe", tmp_path / "src")
+    expected = fastsafetensors.resolve("org/pipe", subfolder="unet").files
+    hub_server.siblings, hub_server.tree_page = False, 2
+    hub_server.clear()
+    ckpt = fastsafetensors.resolve("org/pipe", subfolder="unet")
+    assert ckpt.files == expected and len(expected) == 3
+    pages = [r for r in hub_server.requests if "/tree/" in r.path]
+    assert len(pages) == 2 and all(r.path.endswith("/unet") for r in pages)   # 4 files, 2 a page
+
+
+def test_hub_mirror_whose_tree_listing_stalls_falls_back_to_the_cache(
+        hub_server: Any, repo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # huggingface_hub's list_repo_tree has no time limit: a mirror that stalled there held
+    # resolve() up for good, where the model info gives up after HF_HUB_ETAG_TIMEOUT.
+    first = fastsafetensors.resolve(repo[0])
+    hub_server.siblings = False
+    hub_server.fail("/tree/", None)
+    monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(fastsafetensors.resolve(repo[0])),
+                              daemon=True)
+    thread.start()
+    thread.join(60)   # not a timing: a hang would otherwise stop the suite
+    assert not thread.is_alive(), "resolve() still waits for the tree listing"
+    assert box[0].files == first.files
+
+
 def test_hub_unsafe_index_is_refused_before_any_shard(hub_server: Any, tmp_path: Path) -> None:
     write_sharded(tmp_path / "src", 2)
     edit_index(tmp_path / "src", lambda wm: wm.update({"layers.0.bias": "../../x.safetensors"}))
