@@ -144,7 +144,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "garbage collector off for the call (process-wide; back on when the last such "
                 "call ends). transformers' new objects start a full pass of the collector "
                 "inside the call on Python 3.12, with the GIL held: 8 GB to an H200 took 0.41 s "
-                "with it, 0.25 s without (docs/transformers.md). The pass is put off to just "
+                "with it, 0.25 s without (docs/transformers.md). The pass is put off until "
                 "after the call, not saved. off: the collector left alone"),
     Option("reserve_memory", lambda: "on", ("off", "on"),
            help="on: a load to a GPU that keeps every tensor (load and load_file without a "

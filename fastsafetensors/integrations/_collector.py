@@ -9,9 +9,9 @@ pass took 0.25-0.33 s (docs/transformers.md, "The garbage collector").
 
 So a ``from_pretrained`` call with ``loader="fastsafetensors"`` turns the collector off, if it
 is on, and the last such call running turns it back on when it ends, unless something else
-turned it on meanwhile. The pass is put off, not saved: the collector runs it at one of the
-first allocations after the call, as stock would have run it inside. ``pause_gc="off"``
-leaves the collector alone.
+turned it on meanwhile. The pass is put off, not saved: the collector makes it as the program
+goes on making objects after the call, where stock makes it inside. ``pause_gc="off"`` leaves
+the collector alone.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import threading
 
 __all__ = ["pause", "resume"]
 
-# Reentrant: a finalizer that resumes may run on this thread inside the statements below.
-_lock = threading.RLock()
+_lock = threading.Lock()
 _depth = 0          # calls running that asked for a pause
 _paused = False     # whether the first of them turned the collector off
 
@@ -56,7 +55,7 @@ def resume() -> None:
 def _after_fork() -> None:
     # A child keeps the forking thread only: calls other threads were running never end there.
     global _lock, _depth, _paused
-    _lock = threading.RLock()
+    _lock = threading.Lock()
     if _depth and _paused and not gc.isenabled():
         gc.enable()
     _depth = 0
