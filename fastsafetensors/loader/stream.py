@@ -52,7 +52,7 @@ from typing import Any
 from . import switching
 from . import threads as pool
 from .cpu import PAGE, IOPolicy
-from .posix import DIRECT_ALIGN, STATS, pread_into
+from .posix import DIRECT_ALIGN, STATS, close_fds, pread_into
 from .ring import RingFailure
 from .ringplan import RingPlan, ring_error
 
@@ -499,50 +499,53 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             raise errors[0]
         completed = True
     finally:
-        # First: what follows may be interrupted. Not in a forked child, whose count started
-        # again from 0 (switching._after_fork): this load was counted in the parent.
-        if switched and os.getpid() == pid:
-            switching.restore()
-        cancelled.set()
-        if ring is not None and os.getpid() == pid:
-            ring.cancel()   # a planner waiting for room in the ring, or the reporter, returns
-        _drain(work)
-        # The drain may have taken the planner's stop markers: give each worker one back, or
-        # a worker waits out its 0.1 s poll before it notices (every load, not only stopped
-        # ones: per-tensor reads to a device run one load per tensor).
-        _wake(work, options.threads)
-        # _end untracks the load once its threads are done: a load ended in the background stays
-        # tracked until then, so that interpreter exit waits for its threads too.
-        end = partial(_end, finished, in_source, files, tracked)
         if os.getpid() != pid:
-            # Collected in a forked child: the parent's threads are not here to wait for.
+            # Collected in a forked child: the parent's threads are not here, and a lock one
+            # of them held when the process forked (the work queue's, a file's, an event's,
+            # the phases') stays held here for good. Only the descriptors are closed, without
+            # a lock; the count (switching, pool) started again from 0 in the child.
             for f in list(files):
-                _close(f)
-            pool.untrack(tracked)
-        elif sys.is_finalizing() or threading.get_ident() in idents or pool.collecting():
-            # Collected at interpreter exit (the pool's daemon threads are frozen then), on
-            # one of this load's own threads, or by the garbage collector anywhere (on a thread
-            # that may hold a lock the load's threads need to finish): waiting here could wait
-            # for ever, and nobody waits for a collected load.
-            pool.in_background(end)
+                close_fds(f.fd, f.direct_fd)
         else:
-            try:
-                end()
-            except BaseException:
-                pool.in_background(end)   # interrupted again: the files still get closed
-                raise
-            if completed and errors:
-                # A thread failed after the caller had every tensor: a reader's or the ring's
-                # last wait for its copies (where a CUDA error of an asynchronous copy shows),
-                # or the release of its staging. The load must not pass for done.
-                raise errors[0]
-        seconds = time.perf_counter() - started
-        PHASES.add({**consumer, "load: wall time": seconds})
-        logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
-                    "threads, io=%s, %d of %d chunks direct, %d copied from the page cache",
-                    count, stats["bytes"] / 1e6, len(files), seconds,
-                    stats["bytes"] / 1e9 / max(seconds, 1e-9), options.threads, options.io,
-                    stats["direct"], stats["chunks"], stats["mapped"])
+            # First: what follows may be interrupted.
+            if switched:
+                switching.restore()
+            cancelled.set()
+            if ring is not None:
+                ring.cancel()   # a planner waiting for room in the ring, or the reporter, ends
+            _drain(work)
+            # The drain may have taken the planner's stop markers: give each worker one back,
+            # or a worker waits out its 0.1 s poll before it notices (every load, not only
+            # stopped ones: per-tensor reads to a device run one load per tensor).
+            _wake(work, options.threads)
+            # _end untracks the load once its threads are done: a load ended in the background
+            # stays tracked until then, so that interpreter exit waits for its threads too.
+            end = partial(_end, finished, in_source, files, tracked)
+            if sys.is_finalizing() or threading.get_ident() in idents or pool.collecting():
+                # Collected at interpreter exit (the pool's daemon threads are frozen then), on
+                # one of this load's own threads, or by the garbage collector anywhere (on a
+                # thread that may hold a lock the load's threads need to finish): waiting here
+                # could wait for ever, and nobody waits for a collected load.
+                pool.in_background(end)
+            else:
+                try:
+                    end()
+                except BaseException:
+                    pool.in_background(end)   # interrupted again: the files still get closed
+                    raise
+                if completed and errors:
+                    # A thread failed after the caller had every tensor: a reader's or the
+                    # ring's last wait for its copies (where a CUDA error of an asynchronous
+                    # copy shows), or the release of its staging. The load must not pass for
+                    # done.
+                    raise errors[0]
+            seconds = time.perf_counter() - started
+            PHASES.add({**consumer, "load: wall time": seconds})
+            logger.info("streamed %d tensors, %.1f MB from %d files in %.3f s (%.2f GB/s), %d "
+                        "threads, io=%s, %d of %d chunks direct, %d copied from the page cache",
+                        count, stats["bytes"] / 1e6, len(files), seconds,
+                        stats["bytes"] / 1e9 / max(seconds, 1e-9), options.threads, options.io,
+                        stats["direct"], stats["chunks"], stats["mapped"])
 
 
 def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File],
