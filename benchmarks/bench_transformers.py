@@ -67,8 +67,9 @@ import _common as C  # noqa: E402
 #: staging (32 windows of 2 MiB: faster than 128 MiB without transformers in H200 run 11);
 #: ``stock-nogc`` and ``-nogc`` with Python's garbage collector turned off by the benchmark
 #: around the call (H200 run 12: ours 0.25 s against 0.41 with it on); ``-gc`` with
-#: ``pause_gc="off"``, the collector left alone (ours turns it off during the call since the
-#: twenty-fourth session) (``--modes``). Every row says the collector's passes inside the call.
+#: ``pause_gc="off"``, the collector left alone (ours turns it off once transformers has the
+#: files since the twenty-fourth session) (``--modes``). Every row says the collector's passes
+#: inside the call.
 MODES = ("stock", "fastsafetensors", "fastsafetensors-ahead", "fastsafetensors-on-demand",
          "fastsafetensors-native", "fastsafetensors-ring", "fastsafetensors-ring8",
          "fastsafetensors-torch", "fastsafetensors-switch-off", "fastsafetensors-few-slots",

@@ -140,12 +140,14 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
                 "for transformers' first request, so that none of it competes for the GIL "
                 "meanwhile"),
     Option("pause_gc", lambda: "on", ("off", "on"),
-           help="from_pretrained with loader='fastsafetensors': on (the default) turns Python's "
-                "garbage collector off for the call (process-wide; back on when the last such "
-                "call ends). transformers' new objects start a full pass of the collector "
-                "inside the call on Python 3.12, with the GIL held: 8 GB to an H200 took 0.41 s "
-                "with it, 0.25 s without (docs/transformers.md). The pass is put off until "
-                "after the call, not saved. off: the collector left alone"),
+           help="on (the default): Python's garbage collector is off while a call builds a "
+                "whole result from local files (load, load_file, upstream's "
+                "copy_files_to_device, and from_pretrained with loader='fastsafetensors' once "
+                "transformers has the files), back on when the last such call ends: full "
+                "passes over the whole process, with the GIL held, cost a third of a "
+                "20,000-tensor load on the CPU VM, and 8 GB from_pretrained to an H200 took "
+                "0.41 s with the collector on, 0.25 s off (fastsafetensors/gcpause.py). The "
+                "passes are put off, not saved. off: the collector left alone"),
     Option("reserve_memory", lambda: "on", ("off", "on"),
            help="on: a load to a GPU that keeps every tensor (load and load_file without a "
                 "dtype cast, from_pretrained reading ahead) has torch's caching allocator take "

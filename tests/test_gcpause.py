@@ -165,3 +165,27 @@ def test_a_failed_load_enables_the_collector_again(tmp_path: Path):
     with pytest.raises(fastsafetensors.HeaderError):
         fastsafetensors.load_file(str(path))
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("how", ["environment", "configure"])
+def test_pause_gc_off_leaves_the_collector_alone(many, collector_seen, monkeypatch, how):
+    if how == "environment":
+        monkeypatch.setenv("FASTSAFETENSORS_PAUSE_GC", "off")
+        got = fastsafetensors.load_file(many)
+    else:
+        with fastsafetensors.configure(pause_gc="off"):
+            got = fastsafetensors.load_file(many)
+    assert len(got) == 5_000 and collector_seen == [True]
+
+
+def test_a_bad_pause_gc_value_says_what_it_takes(many, monkeypatch):
+    from fastsafetensors.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pause_gc") as info:
+        with fastsafetensors.configure(pause_gc="sometimes"):
+            pass
+    assert "expected one of: off, on" in str(info.value)
+    monkeypatch.setenv("FASTSAFETENSORS_PAUSE_GC", "no")
+    with pytest.raises(ConfigError, match="FASTSAFETENSORS_PAUSE_GC"):
+        fastsafetensors.load_file(many)
+    assert gc.isenabled()

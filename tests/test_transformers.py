@@ -445,6 +445,8 @@ def test_the_collector_is_paused_for_our_loads_only(models: dict[str, Path], how
 
     from transformers import LlamaForCausalLM
 
+    from fastsafetensors import gcpause
+
     class Recording(LlamaForCausalLM):
         seen: list[bool] = []
 
@@ -466,7 +468,7 @@ def test_the_collector_is_paused_for_our_loads_only(models: dict[str, Path], how
         assert_same(Recording.from_pretrained(models["llama"], **kwargs),
                     LlamaForCausalLM.from_pretrained(models["llama"]))
     assert Recording.seen == [how in ("off", "stock")]
-    assert gc.isenabled() and seam.collector._depth == 0
+    assert gc.isenabled() and gcpause._depth == 0
 
 
 @pytest.mark.parametrize("kind", ["llama", "mixtral"])

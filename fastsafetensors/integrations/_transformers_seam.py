@@ -35,9 +35,10 @@ in a small thread pool. These replacements, made once at install time, route tho
    most never are (``_transformers_mapping.py``; the table took 0.08 s of a 0.2 s load on the
    CPU VM).
 
-The wrapper of 1. also turns Python's garbage collector off for the call (``_collector.py``,
-option ``pause_gc``): a full pass of it, which transformers' new objects start on Python 3.12,
-holds the GIL; 8 GB to the H200 machine took 0.41 s with it and 0.25 s without.
+The hook of 5. also turns Python's garbage collector off from there to the end of the call
+(``gcpause.py``, option ``pause_gc``): a full pass of it, which transformers' new objects start
+on Python 3.12, holds the GIL; 8 GB to the H200 machine took 0.41 s with it and 0.25 s
+without.
 
 transformers keeps its renaming, weight converters, sharding, quantization and dispatch: it only
 gets our lazy handles in place of safetensors' slices. Each ``[...]`` reads exactly the bytes of
@@ -62,7 +63,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import config, hub
+from .. import config, gcpause, hub
 from ..errors import (
     ConfigError,
     FrameworkNotInstalledError,
@@ -71,7 +72,6 @@ from ..errors import (
 )
 from ..file import FastSafetensorsFile
 from ..lazy_tensor_factory import LazyTensor
-from . import _collector as collector
 from . import _transformers_ahead as ahead
 from . import _transformers_mapping as mapping
 from . import human_size, major_version
@@ -169,6 +169,7 @@ class Load:
         self.ahead_device: str | None = None   # the one device of device_map, when batched
         self.started = time.perf_counter()
         self._lock = threading.Lock()
+        self._pause: contextlib.ExitStack | None = None   # the collector's, once files are known
 
     def configured(self) -> Any:
         # Entered for every tensor read: no options, nothing to set.
@@ -194,13 +195,26 @@ class Load:
     def reading_ahead(self) -> bool:
         return any(batch.ahead for batch in list(self.batches.values()))
 
+    def pause_collector(self) -> None:
+        """Python's garbage collector off from now until :meth:`close` (gcpause.py), unless
+        ``pause_gc`` is "off". On the caller's thread, once: a nested call shares the pause."""
+        if self._pause is None:
+            self._pause = contextlib.ExitStack()
+            with self.configured():
+                self._pause.enter_context(gcpause.paused())
+
     def close(self) -> None:
         """Stop the batches (a load that failed leaves their reads unused), then close every
-        handle (transformers closes the main ones; a few are only dropped)."""
-        for batch in list(self.batches.values()):
-            batch.stop()
-        for handle in self.files:
-            handle.close()
+        handle (transformers closes the main ones; a few are only dropped), then end the
+        collector's pause."""
+        try:
+            for batch in list(self.batches.values()):
+                batch.stop()
+            for handle in self.files:
+                handle.close()
+        finally:
+            if self._pause is not None:
+                self._pause.close()
 
     def summary(self) -> str:
         seconds = time.perf_counter() - self.started
@@ -332,6 +346,10 @@ def make_dtype_hook(original: Callable[..., Any]) -> Callable[..., Any]:
     def _get_dtype(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
         load = _ACTIVE.get()
+        if load is not None:
+            # The files are local by now (downloads done): the rest of the call makes the
+            # objects whose full collections held the GIL (gcpause.py).
+            load.pause_collector()
         device = load.ahead_device if load is not None else None
         if load is not None and device is not None and not load.batches:
             # Only the load's first dtype (its own files): a from_pretrained nested in building
@@ -442,20 +460,12 @@ def wrap_from_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
             kwargs["disable_mmap"] = False
         load = Load(options)
         load.ahead_device = ahead.ahead_device(kwargs)
-        with load.configured():
-            pause = config.get("pause_gc") == "on"
-        if pause:
-            collector.pause()
         token = _ACTIVE.set(load)
         try:
             model = original(cls, *args, **kwargs)
         finally:
             _ACTIVE.reset(token)
-            try:
-                load.close()
-            finally:
-                if pause:
-                    collector.resume()
+            load.close()
         if load.reads == 0:
             logger.info("%s: no safetensors weights were read through fastsafetensors (.bin "
                         "weights, an MPS device_map, or files transformers reads whole, e.g. on "
