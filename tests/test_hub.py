@@ -564,12 +564,16 @@ def test_hub_damaged_cached_shard_says_how_to_recover(hub_server: Any, repo: Any
     assert fastsafetensors.resolve(repo[0]).files == first.files
 
 
+@pytest.mark.parametrize("stalled", ["model info", "tree listing"])
 def test_hub_that_never_answers_falls_back_to_the_cache(
-        hub_server: Any, repo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        hub_server: Any, repo: Any, monkeypatch: pytest.MonkeyPatch, stalled: str) -> None:
     # Listing had no timeout: a Hub that accepted the connection and never answered hung the
-    # load for good, where huggingface_hub's downloads give up after HF_HUB_ETAG_TIMEOUT.
+    # load for good, where huggingface_hub's downloads give up after HF_HUB_ETAG_TIMEOUT. So
+    # did a mirror without siblings, listed with list_repo_tree, which has no time limit.
     first = fastsafetensors.resolve(repo[0])
-    hub_server.fail("^/api/", None)
+    if stalled == "tree listing":
+        hub_server.siblings = False
+    hub_server.fail("^/api/" if stalled == "model info" else "/tree/", None)
     monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
     box: list[Any] = []
     thread = threading.Thread(target=lambda: box.append(fastsafetensors.resolve(repo[0])),
@@ -655,22 +659,6 @@ def test_hub_mirror_without_siblings_is_listed_page_by_page(hub_server: Any,
     pages = [r for r in hub_server.requests if "/tree/" in r.path]
     assert len(pages) == 2 and all(r.path.endswith("/unet") for r in pages)   # 4 files, 2 a page
 
-
-def test_hub_mirror_whose_tree_listing_stalls_falls_back_to_the_cache(
-        hub_server: Any, repo: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    # huggingface_hub's list_repo_tree has no time limit: a mirror that stalled there held
-    # resolve() up for good, where the model info gives up after HF_HUB_ETAG_TIMEOUT.
-    first = fastsafetensors.resolve(repo[0])
-    hub_server.siblings = False
-    hub_server.fail("/tree/", None)
-    monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
-    box: list[Any] = []
-    thread = threading.Thread(target=lambda: box.append(fastsafetensors.resolve(repo[0])),
-                              daemon=True)
-    thread.start()
-    thread.join(60)   # not a timing: a hang would otherwise stop the suite
-    assert not thread.is_alive(), "resolve() still waits for the tree listing"
-    assert box[0].files == first.files
 
 
 def test_hub_unsafe_index_is_refused_before_any_shard(hub_server: Any, tmp_path: Path) -> None:
