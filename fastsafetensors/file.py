@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from .errors import (
     TensorNotFoundError,
     UnsupportedDTypeError,
 )
+from .forking import in_child
 from .format import DTYPES, Header, TensorInfo, open_readonly, read_header_fd
 from .frameworks import get_framework, resolve_device
 from .lazy_tensor_factory import LazyTensor, is_basic_index, plan_index, row_bytes, rows_for_index
@@ -80,6 +82,23 @@ class _DeviceReads:
 
 _DEVICE_READS = _DeviceReads()
 
+#: Every handle open in the process, for :func:`_after_fork`.
+_OPEN: weakref.WeakSet[FastSafetensorsFile] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # Reads in flight on the parent's other threads never end in the child: each handle, and
+    # the device reads' share, start there with no reader and a lock nobody holds (close()
+    # waited for ever for such a reader; one of them may have held the lock).
+    _DEVICE_READS._lock = threading.Lock()
+    _DEVICE_READS._active = 0
+    for handle in list(_OPEN):
+        handle._lock = threading.Condition()
+        handle._users = 0
+
+
+in_child(_after_fork)
+
 
 class FastSafetensorsFile:
     """One safetensors file: a mapping of names to tensors, read on access.
@@ -110,6 +129,7 @@ class FastSafetensorsFile:
             raise
         self._closed = False
         self.bytes_read = 0
+        _OPEN.add(self)
 
     # -- metadata -------------------------------------------------------------------------
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import os
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -324,6 +325,7 @@ class ParallelLoader:
         batches = self._batches()
         ahead = 0 if self.queue_size < 0 else max(1, self.queue_size)
         bar = self._progress(len(batches))
+        pid = os.getpid()
         try:
             if ahead == 0:
                 for batch in batches:
@@ -353,10 +355,12 @@ class ParallelLoader:
                                                        pending.popleft()[1].result,
                                                        FilesBufferOnDevice.layout), bar)
                 finally:
-                    # Stopped early or failed: drop reads not started, free those done.
+                    # Stopped early or failed: drop reads not started, free those done. Not
+                    # in a forked child (the stream closed there): the prefetch thread is not
+                    # there, and a read it had begun would be waited for for ever.
                     for _, future in pending:
                         future.cancel()
-                    for _, future in pending:
+                    for _, future in pending if os.getpid() == pid else ():
                         if not future.cancelled() and future.exception() is None:
                             future.result().close()
         finally:

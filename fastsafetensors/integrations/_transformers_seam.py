@@ -58,6 +58,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ from ..errors import (
     IncompatibleVersionError,
 )
 from ..file import FastSafetensorsFile
+from ..forking import renew_lock
 from ..lazy_tensor_factory import LazyTensor
 from . import _transformers_ahead as ahead
 from . import _transformers_mapping as mapping
@@ -545,7 +547,8 @@ def check_transformers() -> None:
 
 # -- install / uninstall -------------------------------------------------------------------------
 
-_install_lock = threading.Lock()
+_install_lock = threading.Lock()   # held through install()'s imports: renewed in a child
+renew_lock(sys.modules[__name__], "_install_lock")
 
 
 def _lazy_re(original: Any) -> Any:

@@ -33,6 +33,7 @@ import importlib
 import inspect
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ from typing import Any
 from .. import config
 from ..api import SafeOpenFile
 from ..errors import FrameworkNotInstalledError, IncompatibleVersionError
+from ..forking import renew_lock
 from . import human_size, major_version
 
 __all__ = ["install", "uninstall", "enabled", "is_installed", "SUPPORTED",
@@ -59,7 +61,8 @@ _BLOCK: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "fastsafetensors_accelerate_options", default=None)
 #: Options set by ``install()`` for every load; None when only blocks route.
 _GLOBAL: dict[str, Any] | None = None
-_lock = threading.Lock()
+_lock = threading.Lock()   # held through install()'s import of accelerate: renewed in a child
+renew_lock(sys.modules[__name__])
 
 
 def _options() -> dict[str, Any] | None:

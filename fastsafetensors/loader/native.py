@@ -30,6 +30,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from ..forking import renew_lock
 from . import driver
 
 __all__ = ["available", "read_copy"]
@@ -43,8 +44,9 @@ STEPS = ("", "cuCtxPushCurrent", "cuEventSynchronize", "pread", "cuStreamWaitEve
          "short read")
 _READ = STEPS.index("pread")
 
-_lock = threading.Lock()
+_lock = threading.Lock()   # held through a first build (a C compile): renewed in a child
 _state: dict[str, Any] = {}   # "lib" and "calls" once loaded, or "missing": why not
+renew_lock(sys.modules[__name__])
 
 
 class _Calls(ctypes.Structure):

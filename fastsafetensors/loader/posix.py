@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import ReadError
+from ..forking import renew_lock
 
 __all__ = ["IOStats", "STATS", "pread_into", "pread_runs", "open_direct", "close_fds",
            "DIRECT_ALIGN"]
@@ -49,6 +50,7 @@ class IOStats:
 
 
 STATS = IOStats()
+renew_lock(STATS)   # every read takes it: a forked child must not find it held
 
 
 def pread_into(fd: int, dest: memoryview, offset: int, *, path: str, direct: bool = False,

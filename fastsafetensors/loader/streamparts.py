@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..forking import renew_lock
 from ..format import Header, TensorInfo, header_of, open_readonly
 from .cpu import IOPolicy
 from .pagecache import map_file, resident_map, unmap
@@ -71,6 +72,7 @@ class PhaseStats:
 
 
 PHASES = PhaseStats()
+renew_lock(PHASES)   # every engine thread takes it: a forked child must not find it held
 #: Staging whose copies could not be waited for (a CUDA error): held until the process ends.
 ABANDONED: list[Any] = []
 
