@@ -28,6 +28,8 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     │                                           device_memory_budget (upstream's name)
     ├── PeerLoadError(RuntimeError)             another rank failed to read its files, so this
     │                                           one stops instead of waiting in a collective
+    ├── ForkedLoadError(RuntimeError)           a load went on in a forked child, where its
+    │                                           threads are not
     └── IncompatibleVersionError(ImportError)   an integration's library is outside its range
 
 All of them pickle (multi-GPU loads carry errors across processes): ``__reduce__`` rebuilds an
@@ -63,6 +65,7 @@ __all__ = [
     "CudaError",
     "BudgetInfeasibleError",
     "PeerLoadError",
+    "ForkedLoadError",
     "IncompatibleVersionError",
 ]
 
@@ -370,6 +373,22 @@ class PeerLoadError(FastSafetensorsError, RuntimeError):
                         f"to read their files ({names}); this rank stops instead of waiting for "
                         f"their tensors. The cause is in the error and log of those ranks; fix "
                         f"it there and load again")
+        super().__init__(self.message)
+
+
+class ForkedLoadError(FastSafetensorsError, RuntimeError):
+    """A load begun in one process was asked for its next tensor in a forked child, which has
+    none of its reader threads: the child would wait for ever."""
+
+    _fields = ("parent", "child")
+
+    def __init__(self, parent: int, child: int):
+        self.parent = parent
+        self.child = child
+        self.message = (f"this load was begun in process {parent} and cannot go on in its "
+                        f"forked child {child}: its reader threads stay in the parent. Start a "
+                        f"new load in the child (or fork before loading, or use the 'spawn' "
+                        f"start method)")
         super().__init__(self.message)
 
 

@@ -120,3 +120,24 @@ def test_a_file_closed_in_the_child_while_a_read_was_in_flight(shard: str) -> No
         assert torch.equal(handle["w3"], torch.full((4096,), 3.0))   # the parent's still reads
     finally:
         handle.close()
+
+
+def test_a_load_asked_for_more_in_the_child_says_it_cannot_go_on(shard: str) -> None:
+    from contextlib import nullcontext
+
+    from fastsafetensors.errors import ForkedLoadError
+
+    parents = stream_tensors([(shard, None, None)], FakeSink(delay=0),
+                             StreamOptions(threads=2, staging_bytes=4 * 16384))
+    first = next(parents)
+
+    def go_on() -> None:
+        with pytest.raises(ForkedLoadError, match="forked child") as info:
+            next(parents)
+        assert info.value.parent == os.getppid() and info.value.child == os.getpid()
+
+    try:
+        child_finishes(go_on, nullcontext)
+        assert len(dict([first, *parents])) == 12   # the parent's load goes on
+    finally:
+        parents.close()

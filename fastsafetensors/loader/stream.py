@@ -451,6 +451,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             finished.append(pool.start(partial(worker, i), f"fastsafetensors-io-{i}"))
         clock = time.perf_counter
         while True:
+            _same_process(pid)
             t0 = clock()
             batch = ready.get()
             consumer["caller: wait for the planner"] += clock() - t0
@@ -459,6 +460,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             if isinstance(batch, BaseException):
                 raise batch
             for item in batch:
+                _same_process(pid)
                 t0 = clock()
                 completion.wait(item, errors)
                 if errors:
@@ -546,6 +548,14 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                         count, stats["bytes"] / 1e6, len(files), seconds,
                         stats["bytes"] / 1e9 / max(seconds, 1e-9), options.threads, options.io,
                         stats["direct"], stats["chunks"], stats["mapped"])
+
+
+def _same_process(pid: int) -> None:
+    """Raise in a forked child: the threads whose answers the load waits for are not there."""
+    if os.getpid() != pid:
+        from ..errors import ForkedLoadError
+
+        raise ForkedLoadError(pid, os.getpid())
 
 
 def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File],
