@@ -81,6 +81,18 @@ def test_an_engine_load_in_the_child_while_the_phases_were_held(shard: str) -> N
     child_finishes(load, lambda: PHASES._lock)
 
 
+def test_a_parents_load_closed_in_the_child_while_its_work_queue_was_held(shard: str) -> None:
+    # Closing it there took the queue's lock to drain it, and in one CI run waited for ever.
+    parents = stream_tensors([(shard, None, None)], FakeSink(delay=0),
+                             StreamOptions(threads=2, staging_bytes=4 * 16384))
+    next(parents)
+    work = parents.gi_frame.f_locals["work"]
+    try:
+        child_finishes(parents.close, lambda: work.mutex)
+    finally:
+        parents.close()
+
+
 def test_the_native_calls_in_the_child_while_a_first_build_held_their_lock() -> None:
     # The build compiles C under this lock (some 0.2 s): a fork then left it held.
     child_finishes(lambda: native.load_into({}, Path(native.__file__), {}), lambda: native._lock)

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +15,7 @@ from safetensors.torch import save_file
 
 from fastsafetensors.errors import HeaderError
 from fastsafetensors.loader import switching
-from fastsafetensors.loader.stream import PHASES, StreamOptions, stream_tensors
+from fastsafetensors.loader.stream import StreamOptions, stream_tensors
 
 DEFAULT = 0.005
 
@@ -165,40 +162,3 @@ def test_a_parents_load_closed_in_a_forked_child_leaves_the_childs_alone(shard: 
     parents.close()
     assert os.WEXITSTATUS(status) == 0
     assert sys.getswitchinterval() == pytest.approx(DEFAULT)
-
-
-def test_a_parents_load_closed_in_a_forked_child_takes_no_lock_of_the_parents(
-        shard: str) -> None:
-    """A lock that another thread of the parent held when it forked stays held in the child
-    for good: the parent's load, closed there, must not wait for one. (Closing it there took
-    the work queue's lock, and in one CI run waited for ever; the phases' lock, held here,
-    shows the same.)"""
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork here")
-    parents = _stream(shard, 0.0005)
-    next(parents)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with PHASES._lock:
-            held.set()
-            release.wait()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait()
-    pid = os.fork()
-    if pid == 0:
-        parents.close()
-        os._exit(0)
-    release.set()
-    holder.join()
-    deadline = time.monotonic() + 30   # not a timing: a hung child would hang the suite
-    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the child waits for a lock of the parent's threads")
-        time.sleep(0.05)
-    parents.close()
-    assert os.waitstatus_to_exitcode(done[1]) == 0
