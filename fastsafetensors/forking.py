@@ -13,13 +13,25 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["in_child", "renew_lock"]
+__all__ = ["generation", "in_child", "renew_lock"]
+
+#: Forks between the first process and this one: a load begun under another number was begun
+#: in a parent (a global read, where ``os.getpid()`` is a system call, for a check per tensor).
+generation = 0
 
 
 def in_child(action: Callable[[], None]) -> None:
     """Run ``action`` in every child forked from now on (nothing where there is no fork)."""
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=action)
+
+
+def _count() -> None:
+    global generation
+    generation += 1
+
+
+in_child(_count)
 
 
 def renew_lock(owner: Any, name: str = "_lock",

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import threading
 from collections.abc import Iterator
 
 from . import config
+from .forking import in_child
 
 __all__ = ["paused"]
 
@@ -84,5 +84,4 @@ def _after_fork() -> None:
         gc.enable()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+in_child(_after_fork)

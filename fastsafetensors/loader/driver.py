@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import CudaError
+from ..forking import in_child
 
 __all__ = ["Event", "available", "copy_to_device", "stream_wait"]
 
@@ -215,5 +216,4 @@ def _after_fork() -> None:
     _contexts.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+in_child(_after_fork)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..forking import in_child
 
 __all__ = ["Block", "take", "give", "held", "register", "unregister"]
 
@@ -188,5 +189,4 @@ def _after_fork() -> None:
     _refused = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+in_child(_after_fork)

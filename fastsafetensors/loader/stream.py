@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
 
+from .. import forking
 from . import switching
 from . import threads as pool
 from .cpu import PAGE, IOPolicy
@@ -109,7 +110,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     # Whether mapped readers may copy cached chunks straight from a file's mapping.
     mapped = (policy.mode == "auto" and options.mapped_readers > 0
               and getattr(sink, "host_source", None) is not None)
-    pid = os.getpid()
+    pid, born = os.getpid(), forking.generation
     # cuda_calls="ring": C threads read and copy; the planner submits, report() takes reports.
     make_ring = None if mapped else getattr(sink, "ring", None)
     ring = None
@@ -451,7 +452,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             finished.append(pool.start(partial(worker, i), f"fastsafetensors-io-{i}"))
         clock = time.perf_counter
         while True:
-            _same_process(pid)
+            _same_process(pid, born)
             t0 = clock()
             batch = ready.get()
             consumer["caller: wait for the planner"] += clock() - t0
@@ -460,7 +461,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             if isinstance(batch, BaseException):
                 raise batch
             for item in batch:
-                _same_process(pid)
+                _same_process(pid, born)
                 t0 = clock()
                 completion.wait(item, errors)
                 if errors:
@@ -550,9 +551,9 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                         stats["direct"], stats["chunks"], stats["mapped"])
 
 
-def _same_process(pid: int) -> None:
+def _same_process(pid: int, born: int) -> None:
     """Raise in a forked child: the threads whose answers the load waits for are not there."""
-    if os.getpid() != pid:
+    if forking.generation != born:
         from ..errors import ForkedLoadError
 
         raise ForkedLoadError(pid, os.getpid())

@@ -19,9 +19,10 @@ more often meanwhile too. 0 leaves it alone.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
+
+from ..forking import in_child
 
 __all__ = ["shorten", "restore"]
 
@@ -76,5 +77,4 @@ def _after_fork() -> None:
     _saved = _set = None
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+in_child(_after_fork)

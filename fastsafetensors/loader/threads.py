@@ -14,12 +14,13 @@ from __future__ import annotations
 import atexit
 import gc
 import logging
-import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
+
+from ..forking import in_child
 
 __all__ = ["start", "busy", "started", "track", "untrack", "in_background", "collecting",
            "IDLE_SECONDS"]
@@ -198,5 +199,4 @@ def _after_fork() -> None:
     _running = {}
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
+in_child(_after_fork)
