@@ -502,7 +502,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             raise errors[0]
         completed = True
     finally:
-        if os.getpid() != pid:
+        if forking.generation != born:
             # Collected in a forked child: the parent's threads are not here, and a lock one
             # of them held when the process forked (the work queue's, a file's, an event's,
             # the phases') stays held here for good. Only the descriptors are closed, without
