@@ -494,6 +494,34 @@ def test_a_paused_load_leaves_no_tensor_to_the_collector(models: dict[str, Path]
     assert left == [] and assert_same(model, AutoModelForCausalLM.from_pretrained(models[kind]))
 
 
+
+@pytest.mark.parametrize("how", ["per tensor", "batched"])
+def test_a_load_leaves_nothing_of_ours_to_the_collector(models: dict[str, Path], how: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    """The load's handles and batches point back at it; once the call is over nothing of this
+    package is left in a reference cycle (headers, locks, futures), waiting for the collector."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    if how == "batched":
+        request.getfixturevalue("batched")
+    gc.collect()
+    gc.disable()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(models["mixtral"], device_map="cpu",
+                                                     loader="fastsafetensors")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = sorted({type(o).__qualname__ for o in gc.garbage
+                       if type(o).__module__.startswith("fastsafetensors")})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == [] and assert_same(model, AutoModelForCausalLM.from_pretrained(
+        models["mixtral"], device_map="cpu"))
+
 def test_device_map_cpu(models: dict[str, Path], calls: Counter[str]) -> None:
     from transformers import AutoModelForCausalLM
 

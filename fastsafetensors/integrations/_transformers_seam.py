@@ -218,6 +218,14 @@ class Load:
             if self._pause is not None:
                 self._pause.close()
 
+    def release(self) -> None:
+        """Drop the handles and batches once the call is over and summed up. Each points back
+        at this load: left in place, the cycle (headers, locks) would wait for the collector's
+        next pass."""
+        with self._lock:
+            self.files.clear()
+            self.batches.clear()
+
     def summary(self) -> str:
         seconds = time.perf_counter() - self.started
         nbytes = sum(f.bytes_read for f in self.files)
@@ -468,12 +476,14 @@ def wrap_from_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             _ACTIVE.reset(token)
             load.close()
-        if load.reads == 0:
+            summary = load.summary() if load.reads else None
+            load.release()
+        if summary is None:
             logger.info("%s: no safetensors weights were read through fastsafetensors (.bin "
                         "weights, an MPS device_map, or files transformers reads whole, e.g. on "
                         "hf-mount); transformers loaded them with its own loader", what)
         else:
-            logger.info("%s: %s", what, load.summary())
+            logger.info("%s: %s", what, summary)
         return model
 
     from_pretrained.__fastsafetensors_original__ = original  # type: ignore[attr-defined]
