@@ -166,6 +166,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 # Read-only, since the default is one object shared by every context; configure() sets a new one.
 _overrides: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
     "fastsafetensors_config", default=MappingProxyType({}))
+# The tokens of the blocks open in this context, innermost last: kept per context, not per
+# Configured, since one Configured (a decorator, a block object kept at module level) may be
+# open in several threads at once, each of which must reset its own token.
+_open: contextvars.ContextVar[tuple[contextvars.Token[Mapping[str, Any]], ...]] = \
+    contextvars.ContextVar("fastsafetensors_config_open", default=())
 
 
 def _option(name: str) -> Option:
@@ -241,15 +246,17 @@ class Configured(contextlib.ContextDecorator):
 
     def __init__(self, checked: dict[str, Any]):
         self._checked = checked
-        self._tokens: list[contextvars.Token[Mapping[str, Any]]] = []
         self._entered = False
 
     def __enter__(self) -> None:
         self._entered = True
-        self._tokens.append(_overrides.set({**_overrides.get(), **self._checked}))
+        token = _overrides.set({**_overrides.get(), **self._checked})
+        _open.set((*_open.get(), token))
 
     def __exit__(self, *exc: object) -> None:
-        _overrides.reset(self._tokens.pop())
+        *outer, token = _open.get()
+        _open.set(tuple(outer))
+        _overrides.reset(token)
 
     def __del__(self) -> None:
         if not self._entered:

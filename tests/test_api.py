@@ -228,6 +228,40 @@ def test_configure_nests_reenters_and_decorates(clean_env: pytest.MonkeyPatch) -
     assert threads() == threads() == 6 and not config.is_set("threads")
 
 
+def test_one_configure_object_serves_threads_at_once(clean_env: pytest.MonkeyPatch) -> None:
+    """A decorated function (or one block object) entered by two threads whose blocks overlap,
+    the first in leaving first: each thread leaves its own block, with nothing left set."""
+    entered = threading.Barrier(2)
+    first_left = threading.Event()
+    seen: dict[str, tuple[object, bool]] = {}
+    errors: list[BaseException] = []
+
+    @configure(threads=6)
+    def work() -> int:
+        entered.wait()
+        if threading.current_thread().name == "second":
+            first_left.wait()
+        return int(config.get("threads"))
+
+    def run() -> None:
+        try:
+            inside = work()
+            seen[threading.current_thread().name] = (inside, config.is_set("threads"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            if threading.current_thread().name == "first":
+                first_left.set()
+
+    threads = [threading.Thread(target=run, name=name) for name in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert seen == {"first": (6, False), "second": (6, False)}
+
+
 @pytest.mark.parametrize("call", ["load", "iter_tensors"])
 def test_a_mistyped_keyword_names_the_function_and_the_likely_one(
         call: str, ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
