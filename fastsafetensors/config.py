@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["configure", "Configured", "get", "is_set", "OPTIONS"]
+__all__ = ["configure", "Configured", "get", "is_set", "overrides", "OPTIONS"]
 
 MiB = 1 << 20
 
@@ -233,6 +233,12 @@ def device_threads(explicit: int | None = None, *, ring: bool = False) -> int:
     if explicit is not None or is_set("threads"):
         return int(get("threads", explicit))
     return min(RING_THREADS if ring else DEVICE_THREADS, int(get("threads")))
+
+
+def overrides() -> dict[str, Any]:
+    """The options set by the configure blocks open in this thread and context (the innermost
+    wins), for work handed to threads of their own, where those blocks are not open."""
+    return dict(_overrides.get())
 
 
 def is_set(name: str) -> bool:

@@ -36,6 +36,7 @@ import tf_models  # noqa: E402  (tests/ is on sys.path via conftest)
 from builders import require_o_direct  # noqa: E402
 
 import fastsafetensors.integrations.transformers as ft  # noqa: E402
+from fastsafetensors import configure  # noqa: E402
 from fastsafetensors.errors import ConfigError, HeaderError  # noqa: E402
 from fastsafetensors.integrations import _transformers_ahead as ahead  # noqa: E402
 from fastsafetensors.integrations import _transformers_batch as batching  # noqa: E402
@@ -712,6 +713,31 @@ def test_loader_options_apply_on_transformers_worker_threads(models: dict[str, P
     assert STATS.reads >= 2 * default_reads
     assert STATS.bytes_read == weight_bytes(models["llama"])
     assert_same(model, reference)
+
+
+def test_a_configure_block_around_the_call_reaches_transformers_worker_threads(
+        models: dict[str, Path], calls: Counter[str]) -> None:
+    """The caller's configure() goes with the load to transformers' pool, below loader_options
+    (the explicit ones), as every other option does."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(models["llama"])
+    STATS.reset()
+    AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
+    default_reads = STATS.reads
+    STATS.reset()
+    with configure(chunk_bytes=16384):
+        model = AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors")
+        assert STATS.reads >= 2 * default_reads
+        assert_same(model, reference)
+        STATS.reset()
+        AutoModelForCausalLM.from_pretrained(models["llama"], loader="fastsafetensors",
+                                             loader_options={"chunk_bytes": 16 << 20})
+        assert STATS.reads == default_reads
+        STATS.reset()
+        with ft.enabled(threads=2):
+            AutoModelForCausalLM.from_pretrained(models["llama"])
+        assert STATS.reads >= 2 * default_reads
 
 
 def test_disable_mmap_is_met_by_positioned_reads(models: dict[str, Path],

@@ -468,7 +468,9 @@ def wrap_from_pretrained(original: Callable[..., Any]) -> Callable[..., Any]:
             # transformers would read whole files into memory instead of mapping them; this
             # package never maps files, so the request is already met by positioned reads.
             kwargs["disable_mmap"] = False
-        load = Load(options)
+        # transformers reads on threads of its own, where the caller's configure() blocks are
+        # not open: they go with the load, below its own options.
+        load = Load({**config.overrides(), **options})
         load.ahead_device = ahead.ahead_device(kwargs)
         token = _ACTIVE.set(load)
         try:
