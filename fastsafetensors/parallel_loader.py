@@ -12,6 +12,7 @@ every collective runs on the caller's thread, in the same order on every rank.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import operator
@@ -345,7 +346,10 @@ class ParallelLoader:
                     while True:
                         while queued < len(batches) and len(pending) <= ahead:
                             batch = batches[queued]
-                            pending.append((batch, pool.submit(self._load, batch, stream)))
+                            # In the caller's context, as queue_size=-1 reads it: its
+                            # configure() blocks are not open on the prefetch thread.
+                            read = contextvars.copy_context().run
+                            pending.append((batch, pool.submit(read, self._load, batch, stream)))
                             queued += 1
                         if not pending:
                             break

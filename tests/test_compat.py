@@ -363,6 +363,28 @@ def test_prefetched_batches_are_read_on_the_callers_stream(
     assert sinks_made_on == ["caller's"] * len(shards)   # one batch per file, all prefetched
 
 
+@pytest.mark.parametrize("queue_size", [-1, 0, 1])
+def test_the_batch_pipeline_reads_under_the_callers_configure_block(mib_checkpoint: list[str],
+                                                                    queue_size: int) -> None:
+    # With queue_size >= 0 the batches are read on the prefetch thread, where the caller's
+    # block is not open: its options must go there with each batch.
+    from fastsafetensors.loader.posix import STATS
+
+    def reads(**options: Any) -> int:
+        loader = ParallelLoader(None, mib_checkpoint, queue_size=queue_size,
+                                use_tqdm_on_load=False)
+        loader._local = False   # the batch pipeline that several ranks run, here with one
+        STATS.reset()
+        with fastsafetensors.configure(io="buffered", **options):
+            got = dict(loader.iterate_weights())
+        loader.close()
+        assert_same(got, mib_checkpoint)
+        return STATS.reads
+
+    whole = reads()   # a read a file
+    assert reads(chunk_bytes=65536) > 10 * whole   # 5.5 MiB in chunks of 64 KiB
+
+
 @pytest.mark.parametrize("queue_size", [-1, 1])
 def test_a_failed_batch_leaves_no_reference_cycle(shards: list[str], queue_size: int,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
