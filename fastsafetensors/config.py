@@ -19,13 +19,14 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
 __all__ = ["configure", "Configured", "get", "is_set", "overrides", "OPTIONS"]
 
 MiB = 1 << 20
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _default_threads() -> int:
@@ -258,6 +259,10 @@ class Configured(contextlib.ContextDecorator):
         self._entered = True
         token = _overrides.set({**_overrides.get(), **self._checked})
         _open.set((*_open.get(), token))
+
+    def __call__(self, func: _F) -> _F:
+        self._entered = True   # a decorator: entered on each call, maybe never (not a mistake)
+        return super().__call__(func)
 
     def __exit__(self, *exc: object) -> None:
         *outer, token = _open.get()

@@ -7,6 +7,7 @@ import gc
 import logging
 import pickle
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +227,19 @@ def test_configure_nests_reenters_and_decorates(clean_env: pytest.MonkeyPatch) -
         return int(config.get("threads"))
 
     assert threads() == threads() == 6 and not config.is_set("threads")
+
+
+def test_a_decorated_function_never_called_does_not_warn(clean_env: pytest.MonkeyPatch) -> None:
+    # Decorating is using it (each call enters it): the warning is for a bare statement only.
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+
+        @configure(threads=6)
+        def unused() -> None: ...
+
+        del unused
+        gc.collect()
+    assert [str(w.message) for w in seen] == []
 
 
 def test_one_configure_object_serves_threads_at_once(clean_env: pytest.MonkeyPatch) -> None:
