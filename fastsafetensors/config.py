@@ -283,5 +283,9 @@ def configure(**options: Any) -> Configured:
     """Set options for the code inside the ``with`` block (this thread and context only); also
     a decorator. The names and values are checked here, on the call: ConfigError for an
     unknown name or a bad value. A call alone, outside ``with``, sets nothing (a warning says
-    so); for the whole process, set the ``FASTSAFETENSORS_*`` environment variables."""
+    so); for the whole process, set the ``FASTSAFETENSORS_*`` environment variables.
+    Work this package hands to threads of its own carries the caller's blocks there: an
+    ``iter_tensors`` stream keeps those of its call wherever it is consumed, and a
+    ``from_pretrained`` with ``loader="fastsafetensors"`` or upstream's ``ParallelLoader`` apply
+    them on their reading threads."""
     return Configured({name: _option(name).check(value) for name, value in options.items()})

@@ -10,6 +10,7 @@ streaming engine (pinned staging, per-worker copy streams) or GPUDirect Storage.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -141,9 +142,28 @@ def _checked(keeps_all: bool, caller: str, source: Any, /, *, device: str = "cpu
                           ("staging_bytes", staging_bytes)):   # on the CPU too
         config.get(option, value)
     _budget(max_device_bytes)
-    return _iter_tensors(source, fw, target, dtype, tensors, hub_options, threads=threads,
-                         io=io, backend=backend, staging_bytes=staging_bytes,
-                         max_device_bytes=max_device_bytes, keeps_all=keeps_all)
+    stream = _iter_tensors(source, fw, target, dtype, tensors, hub_options, threads=threads,
+                           io=io, backend=backend, staging_bytes=staging_bytes,
+                           max_device_bytes=max_device_bytes, keeps_all=keeps_all)
+    # load() consumes its stream at once, where it was made.
+    return stream if keeps_all else _in_context(contextvars.copy_context(), stream)
+
+
+def _in_context(context: contextvars.Context, stream: Generator[tuple[str, Any], None, None]
+                ) -> Generator[tuple[str, Any], None, None]:
+    """``stream`` run in ``context``, the one iter_tensors was called in: a generator reads
+    the options (configure blocks) of whoever calls next(), and a stream made in a block and
+    consumed after it, or on another thread, would read its first files with them and the rest
+    without."""
+    try:
+        while True:
+            try:
+                item = context.run(next, stream)
+            except StopIteration:
+                return
+            yield item
+    finally:
+        context.run(stream.close)
 
 
 def _unexpected(name: str, caller: str) -> str:

@@ -430,6 +430,39 @@ def test_unknown_keywords_and_backends_are_refused_for_files(
     assert fastsafetensors.load(path, revision="main").keys()   # a Hub keyword: ignored here
 
 
+
+@pytest.mark.parametrize("where", ["after the block", "on another thread"])
+def test_a_stream_reads_with_the_options_of_its_call(tmp_path: Path, where: str,
+                                                     clean_env: pytest.MonkeyPatch) -> None:
+    """The options in force where iter_tensors was called hold for its whole stream, wherever
+    and whenever it is consumed: not the first file with them and the next without."""
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"part{i}.safetensors")
+        safetensors.torch.save_file({f"w{i}": torch.arange(65536, dtype=torch.int32) + i},
+                                    str(paths[-1]))
+
+    def reads(stream: object, consume: object) -> int:
+        STATS.reset()
+        got: dict[str, torch.Tensor] = {}
+        consume(lambda: got.update(stream))   # type: ignore[operator]
+        assert torch.equal(got["w1"], torch.arange(65536, dtype=torch.int32) + 1)
+        return STATS.reads
+
+    def here(work: object) -> None:
+        work()   # type: ignore[operator]
+
+    def elsewhere(work: object) -> None:
+        thread = threading.Thread(target=work)   # type: ignore[arg-type]
+        thread.start()
+        thread.join()
+
+    consume = here if where == "after the block" else elsewhere
+    with configure(io="buffered", chunk_bytes=4096):
+        inside = reads(fastsafetensors.iter_tensors(paths), here)
+        stream = fastsafetensors.iter_tensors(paths)
+    assert reads(stream, consume) == inside >= 2 * 64   # 256 KiB a file, in 4 KiB reads
+
 def test_configured_threads_hold_for_direct_loads(ckpt: tuple[Path, dict[str, torch.Tensor]],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Only an explicit threads= argument stopped the switch to direct_threads (8).
