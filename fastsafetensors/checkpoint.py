@@ -77,11 +77,19 @@ def is_index_file(path: str | os.PathLike[str]) -> bool:
         return True
     if not name.endswith(".json"):
         return False
+    # O_NONBLOCK: a FIFO opened for reading would wait for a writer for ever.
     try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False   # opened again later, which says what is wrong
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False   # neither (a FIFO, a device): opened again later, and refused
+        prefix = os.pread(fd, 8, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return len(prefix) < 8 or prefix[4:] != bytes(4)
 
 

@@ -289,6 +289,43 @@ def test_not_a_regular_file(case: str, tmp_path: Path) -> None:
     assert open_fds() == before
 
 
+
+@pytest.mark.parametrize("entry", ["load", "iter_tensors", "resolve", "inspect"])
+def test_a_fifo_named_json_is_refused_not_waited_on(entry: str, tmp_path: Path) -> None:
+    # A .json path may be weights or an index: its first 8 bytes say which. That look opened
+    # the path for reading without O_NONBLOCK, which on a FIFO waits for a writer for ever.
+    path = tmp_path / "weights.json"
+    os.mkfifo(path)
+    calls: dict[str, Callable[[], Any]] = {
+        "load": lambda: fastsafetensors.load(path),
+        "iter_tensors": lambda: list(fastsafetensors.iter_tensors(path)),
+        "resolve": lambda: fastsafetensors.resolve(path),
+        "inspect": lambda: fastsafetensors.inspect(path),
+    }
+    before = open_fds()
+    result: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            calls[entry]()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            result.append(exc)
+        else:
+            result.append(None)
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(60)
+    if worker.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))   # a writer, to unblock it
+        worker.join(10)
+        pytest.fail(f"{entry} of a FIFO named .json hung")
+    (exc,) = result
+    assert isinstance(exc, HeaderError) and "not a regular file" in str(exc), repr(exc)
+    assert path.name in str(exc)
+    assert str(pickle.loads(pickle.dumps(exc))) == str(exc)
+    assert open_fds() == before
+
 # -- what safetensors reads, and what the frameworks cannot hold -----------------------------
 
 def test_entry_as_an_array_of_its_fields_loads_as_safetensors_loads_it(tmp_path: Path) -> None:
