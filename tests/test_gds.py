@@ -13,7 +13,8 @@ from fake_device import FakeSink, as_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file
 
-from fastsafetensors.errors import BackendUnavailableError, ConfigError
+from fastsafetensors.errors import BackendUnavailableError, ConfigError, HeaderError
+from fastsafetensors.format import read_header
 from fastsafetensors.loader import gds
 
 
@@ -175,6 +176,43 @@ def test_stream_gds_reads_every_tensor_bit_for_bit(tmp_path):
     for name in want:
         assert torch.equal(as_bytes(got[name]), as_bytes(want[name])), name
 
+
+
+def test_stream_gds_refuses_a_file_replaced_since_its_header_was_read(tmp_path):
+    # load([a, b]) and a resolved Checkpoint hand over headers read earlier; the other engines
+    # check the file they open against them (format.check_same_file). cuFile read the file now
+    # at that path at the old offsets: neither file's tensors, and no error.
+    path = tmp_path / "b.safetensors"
+    save_file({"p": torch.full((256,), 2.0), "q": torch.full((256,), 3.0)}, str(path))
+    header = read_header(path)
+    swapped = tmp_path / "c.safetensors"
+    save_file({"p": torch.ones(128, 2), "q": torch.full((256,), 5.0)}, str(swapped))
+    os.replace(swapped, path)
+    kvikio = types.SimpleNamespace(CuFile=_CuFile)
+    with pytest.raises(HeaderError, match="changed after its header was read"):
+        list(gds.stream_gds([(str(path), header, None)], FakeSink(delay=0), kvikio=kvikio))
+    # Read afresh (no header given), the new file loads whole.
+    got = dict(gds.stream_gds([(str(path), None, None)], FakeSink(delay=0), kvikio=kvikio))
+    assert torch.equal(got["q"], torch.full((256,), 5.0))
+
+
+def test_stream_gds_reads_the_file_whose_header_it_checked(tmp_path, monkeypatch):
+    # Checked through one open, read through another by path: a file replaced in between
+    # would be read unchecked. cuFile opens the checked file itself (/proc/self/fd/N).
+    path = tmp_path / "b.safetensors"
+    save_file({"p": torch.full((256,), 2.0)}, str(path))
+    header = read_header(path)
+
+    class ReplacedOnOpen(_CuFile):
+        def __init__(self, source, mode):
+            swapped = tmp_path / "c.safetensors"
+            save_file({"p": torch.full((256,), 9.0)}, str(swapped))
+            os.replace(swapped, path)   # after the check, before cuFile opens it
+            super().__init__(source, mode)
+
+    kvikio = types.SimpleNamespace(CuFile=ReplacedOnOpen)
+    got = dict(gds.stream_gds([(str(path), header, None)], FakeSink(delay=0), kvikio=kvikio))
+    assert torch.equal(got["p"], torch.full((256,), 2.0))
 
 def test_stream_gds_holds_no_more_than_the_budget(tmp_path):
     # Reads in flight are handed over before the next allocation would pass the budget.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -111,15 +112,23 @@ def stream_gds(sources: Iterable[Source], sink: Sink, *, kvikio: Any = None,
     stream, so before a read the host waits until work queued on the allocation stream (which may
     still read the memory's previous tensor) has finished.
     """
-    from ..format import read_header
+    from ..format import header_of, open_readonly
     from .stream import device_bytes
 
     if kvikio is None:
         kvikio = importlib.import_module("kvikio")
     for path, header, names in sources:
-        header = header or read_header(path)
-        infos = header.select(names)
-        handle = kvikio.CuFile(path, "r")
+        # A header read earlier (load([a, b]), a resolved Checkpoint) is checked against the
+        # file open now, and cuFile opens that same file through /proc: a file replaced since
+        # would otherwise be read at the old offsets, neither file's tensors and no error.
+        fd = open_readonly(path)
+        try:
+            header = header_of(fd, path, header)
+            infos = header.select(names)
+            proc = f"/proc/self/fd/{fd}"
+            handle = kvikio.CuFile(proc if os.path.exists(proc) else path, "r")
+        finally:
+            os.close(fd)
         batch: deque[tuple[TensorInfo, Any, Any]] = deque()
         try:
             held = 0
