@@ -418,7 +418,8 @@ def header_of(fd: int, path: str | os.PathLike[str], known: Header | None = None
 
 def open_readonly(path: str | os.PathLike[str]) -> int:
     """Open a regular file for reading. A missing path raises CheckpointNotFoundError; a folder,
-    FIFO or device raises HeaderError (O_NONBLOCK keeps a FIFO from hanging the open)."""
+    FIFO, socket or device raises HeaderError (O_NONBLOCK keeps a FIFO from hanging the
+    open)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -426,16 +427,31 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
                                             "there") from None
     except (OSError, ValueError) as exc:
         unusable = unusable_path(path, exc)
-        if unusable is None:
-            raise
-        raise unusable from None
+        if unusable is not None:
+            raise unusable from None
+        # A socket cannot be opened at all (ENXIO, "No such device or address"): say what it is.
+        if isinstance(exc, OSError) and exc.errno in (errno.ENXIO, errno.ENODEV) \
+                and _is_special(path):
+            raise HeaderError(path, _NOT_REGULAR) from None
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         if os.path.isdir(path):
             raise NotAFileError(path)
-        raise HeaderError(path, "is not a regular file (a pipe or device?), so not a "
-                                ".safetensors file")
+        raise HeaderError(path, _NOT_REGULAR)
     return fd
+
+
+_NOT_REGULAR = "is not a regular file (a pipe, socket or device?), so not a .safetensors file"
+
+
+def _is_special(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names something other than a regular file or a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def unusable_path(path: str | os.PathLike[str], exc: BaseException

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import struct
 import threading
 from collections.abc import Callable
@@ -246,9 +247,17 @@ def _dangling_link(tmp_path: Path) -> Path:
     return tmp_path / "link.safetensors"
 
 
+def _socket(tmp_path: Path) -> Path:
+    # The socket file stays once its socket is closed; opening it fails with ENXIO.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.safetensors"))
+    return tmp_path / "sock.safetensors"
+
+
 SPECIAL: dict[str, tuple[Callable[[Path], Path], type[Exception], str]] = {
     "folder": (_folder, NotAFileError, "is a folder"),
     "fifo": (_fifo, HeaderError, "not a regular file"),
+    "socket": (_socket, HeaderError, "not a regular file"),
     "missing": (_missing, CheckpointNotFoundError, "No such file or directory"),
     "dangling_symlink": (_dangling_link, CheckpointNotFoundError, "No such file or directory"),
 }
