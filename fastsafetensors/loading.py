@@ -89,6 +89,15 @@ def sources_of(source: Any, *, tensors: Sequence[str] | None = None, **hub_optio
         unknown = sorted(set(hub_options) - HUB_OPTIONS)
         if unknown:   # for a folder or repo id, hub.stream() refuses them the same way
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        for given in ("subfolder", "variant"):
+            # A file where a folder was meant: refused, as resolve() refuses it (not ignored).
+            if hub_options.get(given) is not None:
+                files = source if isinstance(source, (list, tuple)) else [source]
+                what = f"the file {', '.join(repr(os.fspath(f)) for f in files[:3])}" + (
+                    ", ..." if len(files) > 3 else "")
+                raise ConfigError(given, hub_options[given],
+                                  [f"None: {given}= applies to folders and repo ids, not to "
+                                   f"{what}"])
         return _local_files(source if isinstance(source, (list, tuple)) else [source], tensors)
     from . import hub
 

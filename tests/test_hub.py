@@ -163,6 +163,25 @@ def test_tensors_subset_reads_needed_shards_only(tmp_path: Path) -> None:
             fastsafetensors.resolve(tmp_path / shard_name(0, 3), **variant)
 
 
+
+@pytest.mark.parametrize("option", [{"subfolder": "unet"}, {"variant": "fp16"}])
+def test_a_file_given_subfolder_or_variant_is_refused_by_every_entry(tmp_path: Path,
+                                                                    option: dict[str, str]
+                                                                    ) -> None:
+    # A file where a folder was meant: resolve() and inspect() refused subfolder= and
+    # variant=, load() and iter_tensors() loaded the file as if neither had been given.
+    write_sharded(tmp_path, 2)
+    path = tmp_path / shard_name(0, 2)
+    calls = {"load": lambda: fastsafetensors.load(path, **option),
+             "iter_tensors": lambda: list(fastsafetensors.iter_tensors(path, **option)),
+             "load_list": lambda: fastsafetensors.load([path], **option),
+             "resolve": lambda: fastsafetensors.resolve(path, **option),
+             "inspect": lambda: fastsafetensors.inspect(path, **option)}
+    for entry, call in calls.items():
+        with pytest.raises(ConfigError, match="not to the file") as excinfo:
+            call()
+        assert path.name in str(excinfo.value), entry
+
 def test_stream_local_in_order(tmp_path: Path) -> None:
     write_sharded(tmp_path, 3)
     got = list(hub.stream(tmp_path, tensors=["layers.1.bias"]))
