@@ -163,7 +163,6 @@ def test_tensors_subset_reads_needed_shards_only(tmp_path: Path) -> None:
             fastsafetensors.resolve(tmp_path / shard_name(0, 3), **variant)
 
 
-
 @pytest.mark.parametrize("option", [{"subfolder": "unet"}, {"variant": "fp16"}])
 def test_a_file_given_subfolder_or_variant_is_refused_by_every_entry(tmp_path: Path,
                                                                     option: dict[str, str]
@@ -181,6 +180,7 @@ def test_a_file_given_subfolder_or_variant_is_refused_by_every_entry(tmp_path: P
         with pytest.raises(ConfigError, match="not to the file") as excinfo:
             call()
         assert path.name in str(excinfo.value), entry
+
 
 def test_stream_local_in_order(tmp_path: Path) -> None:
     write_sharded(tmp_path, 3)
@@ -677,7 +677,6 @@ def test_hub_mirror_without_siblings_is_listed_page_by_page(hub_server: Any,
     assert ckpt.files == expected and len(expected) == 3
     pages = [r for r in hub_server.requests if "/tree/" in r.path]
     assert len(pages) == 2 and all(r.path.endswith("/unet") for r in pages)   # 4 files, 2 a page
-
 
 
 def test_hub_unsafe_index_is_refused_before_any_shard(hub_server: Any, tmp_path: Path) -> None:

@@ -298,7 +298,6 @@ def test_not_a_regular_file(case: str, tmp_path: Path) -> None:
     assert open_fds() == before
 
 
-
 @pytest.mark.parametrize("entry", ["load", "iter_tensors", "resolve", "inspect"])
 def test_a_fifo_named_json_is_refused_not_waited_on(entry: str, tmp_path: Path) -> None:
     # A .json path may be weights or an index: its first 8 bytes say which. That look opened
