@@ -100,6 +100,40 @@ def test_direct_reads_bypass_the_cache(ckpt: tuple[Path, dict[str, torch.Tensor]
         assert_bitwise_equal(ours[name], tensors[name])
 
 
+
+@pytest.mark.parametrize("io", ["direct", "auto"])
+def test_a_file_system_that_refuses_direct_reads_is_read_through_the_cache(
+        ckpt: tuple[Path, dict[str, torch.Tensor]], io: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Some file systems (FUSE, network ones) open with O_DIRECT and refuse every read of it
+    (EINVAL). The load came out as a bare OSError; it falls back as where the open is refused."""
+    import errno
+    import fcntl
+
+    path, tensors = ckpt
+    if not _direct_ok(path):
+        pytest.skip("this filesystem refuses O_DIRECT at the open, the case tested elsewhere")
+    _evict(path)   # so that auto, too, reads directly
+    preadv = os.preadv
+
+    def refusing(fd: int, buffers: list, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", refusing)
+    before = STATS.snapshot()
+    with caplog.at_level("WARNING", logger="fastsafetensors"):
+        ours = fastsafetensors.load_file(path, io=io)
+    _, reads, direct = _delta(before)
+    assert reads > 0 and direct == 0
+    assert ("O_DIRECT is not supported here" in caplog.text) == (io == "direct")
+    for name in tensors:
+        assert_bitwise_equal(ours[name], tensors[name])
+    with fastsafetensors.configure(io=io), fastsafetensors.FastSafetensorsFile(path) as f:
+        for name in tensors:
+            assert_bitwise_equal(f[name], tensors[name])
+
 def test_auto_reads_a_cached_file_through_the_cache(
         ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, tensors = ckpt

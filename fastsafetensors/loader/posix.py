@@ -95,9 +95,10 @@ def pread_runs(fd: int, dest: memoryview, runs: list[tuple[int, int]], base: int
 
 def open_direct(fd: int, path: str) -> int | None:
     """An O_DIRECT descriptor of the file open as ``fd``, or None where the filesystem refuses
-    it (tmpfs, some FUSE). Reopened through /proc, not by path: the path may name another file
-    by now (a checkpoint replaced while it was open), whose bytes must not be read as this
-    one's; by path, the file it names is checked to be the same one (else None)."""
+    it (tmpfs, some FUSE), at the open or at a first read. Reopened through /proc, not by
+    path: the path may name another file by now (a checkpoint replaced while it was open),
+    whose bytes must not be read as this one's; by path, the file it names is checked to be
+    the same one (else None)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
@@ -108,10 +109,26 @@ def open_direct(fd: int, path: str) -> int | None:
         except OSError:
             continue
         mine, theirs = os.fstat(fd), os.fstat(direct)
-        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) and _reads(direct):
             return direct
         os.close(direct)
     return None
+
+
+def _reads(direct: int) -> bool:
+    """Whether an O_DIRECT descriptor reads: some file systems (FUSE, network ones) open with
+    O_DIRECT and then refuse every read (EINVAL). One aligned block from the start, where the
+    header lies."""
+    import mmap
+
+    block = mmap.mmap(-1, DIRECT_ALIGN)   # page-aligned, as O_DIRECT wants
+    try:
+        os.preadv(direct, [block], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        block.close()
 
 
 def close_fds(*fds: int | None) -> None:
