@@ -58,10 +58,16 @@ def paused() -> Iterator[None]:
     entered = False
     try:
         with _lock:
+            # The calls first, then the counts with no call among them: CPython runs a Ctrl-C
+            # handler only as a call returns or a function starts, and one between a count and
+            # `entered` left a pause that nothing ends (the collector then stayed off after
+            # every later load of the process).
+            enabled = gc.isenabled()
+            mine = getattr(_mine, "depth", 0) + 1
             if _depth == 0:
-                _was_enabled = gc.isenabled()
+                _was_enabled = enabled
             _depth += 1
-            _mine.depth = getattr(_mine, "depth", 0) + 1
+            _mine.depth = mine
             entered = True
             gc.disable()
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -189,3 +190,51 @@ def test_a_bad_pause_gc_value_says_what_it_takes(many, monkeypatch):
     with pytest.raises(ConfigError, match="FASTSAFETENSORS_PAUSE_GC"):
         fastsafetensors.load_file(many)
     assert gc.isenabled()
+
+
+def _interrupt_at(point: int, code: Any) -> tuple[Callable[..., None], list[int]]:
+    """A profile function raising KeyboardInterrupt at the ``point``-th place (from 1; 0: none)
+    where CPython would run a Ctrl-C handler inside ``code``: just after one of its C calls
+    returns, or as a function it calls starts. Also returns how many places it passed."""
+    passed = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        caller = frame.f_back.f_code if frame.f_back is not None else None
+        if (event == "c_return" and frame.f_code is code) or (event == "call"
+                                                               and caller is code):
+            passed[0] += 1
+            if passed[0] == point:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    return profile, passed
+
+
+def test_ctrl_c_anywhere_in_a_pause_leaves_the_collector_on():
+    # A Ctrl-C right after the pause counted itself, before it marked itself entered, left it
+    # counted for good: the collector then stayed off after every later load of the process.
+    from fastsafetensors import gcpause
+
+    code = paused.__wrapped__.__code__   # type: ignore[attr-defined]
+    profile, passed = _interrupt_at(0, code)
+    sys.setprofile(profile)
+    try:
+        with paused():
+            pass
+    finally:
+        sys.setprofile(None)
+    assert passed[0] > 3
+    for point in range(1, passed[0] + 1):
+        profile, _ = _interrupt_at(point, code)
+        sys.setprofile(profile)
+        try:
+            with paused():
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        assert gc.isenabled() and gcpause._depth == 0, point
+        with paused():
+            assert not gc.isenabled()
+        assert gc.isenabled(), point
