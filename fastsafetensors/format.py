@@ -434,7 +434,13 @@ def open_readonly(path: str | os.PathLike[str]) -> int:
                 and _is_special(path):
             raise HeaderError(path, _NOT_REGULAR) from None
         raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except BaseException:
+        # A Ctrl-C lands right after a call returns: the caller never gets the number to close.
+        os.close(fd)
+        raise
+    if not regular:
         os.close(fd)
         if os.path.isdir(path):
             raise NotAFileError(path)

@@ -434,3 +434,57 @@ def test_an_interrupted_load_stops_reading(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(KeyboardInterrupt), fastsafetensors.configure(chunk_bytes=1 << 16):
         fastsafetensors.load_file(path, threads=2, io="buffered")
     assert len(reads) < 64 // 2
+
+
+@pytest.mark.parametrize("opener", ["open_readonly", "open_direct"])
+def test_ctrl_c_while_a_file_opens_leaks_no_descriptor(tmp_path: Path, opener: str) -> None:
+    # CPython runs a Ctrl-C handler as a call returns: one right after the fstat that checks
+    # the new descriptor left it open, its number known to nobody. (Right after os.open itself
+    # returns, Python code cannot close that window: those points are not tried.)
+    import sys
+
+    from fastsafetensors import format as fmt
+    from fastsafetensors.loader import posix
+
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.ones(4)})
+    plain = fmt.open_readonly(path)
+    calls = {"open_readonly": lambda: fmt.open_readonly(path),
+             "open_direct": lambda: posix.open_direct(plain, str(path))}
+    code = getattr(fmt if opener == "open_readonly" else posix, opener).__code__
+
+    def interrupt_at(point: int) -> tuple[Any, list[int]]:
+        passed = [0]
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_return" and frame.f_code is code and arg is not os.open:
+                passed[0] += 1
+                if passed[0] == point:
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        return profile, passed
+
+    try:
+        profile, passed = interrupt_at(0)
+        sys.setprofile(profile)
+        try:
+            opened = calls[opener]()
+        finally:
+            sys.setprofile(None)
+        if opened is None:
+            pytest.skip("O_DIRECT is not supported on this filesystem")
+        os.close(opened)
+        assert passed[0] >= 2
+        before = open_fds()
+        for point in range(1, passed[0] + 1):
+            profile, _ = interrupt_at(point)
+            sys.setprofile(profile)
+            try:
+                os.close(calls[opener]())
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            assert open_fds() == before, point
+    finally:
+        os.close(plain)

@@ -108,8 +108,15 @@ def open_direct(fd: int, path: str) -> int | None:
             direct = os.open(source, flags)
         except OSError:
             continue
-        mine, theirs = os.fstat(fd), os.fstat(direct)
-        if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino) and _reads(direct):
+        try:
+            mine, theirs = os.fstat(fd), os.fstat(direct)
+            usable = ((mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+                      and _reads(direct))
+        except BaseException:
+            # A Ctrl-C lands right after a call returns: the caller never gets the number.
+            os.close(direct)
+            raise
+        if usable:
             return direct
         os.close(direct)
     return None
