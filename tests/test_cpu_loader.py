@@ -110,6 +110,8 @@ def test_a_file_system_that_refuses_direct_reads_is_read_through_the_cache(
     import errno
     import fcntl
 
+    from fastsafetensors.loader import posix
+
     path, tensors = ckpt
     if not _direct_ok(path):
         pytest.skip("this filesystem refuses O_DIRECT at the open, the case tested elsewhere")
@@ -122,12 +124,14 @@ def test_a_file_system_that_refuses_direct_reads_is_read_through_the_cache(
         return preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", refusing)
+    monkeypatch.setattr(posix, "_DIRECT_READS", {})   # asked once per file system: ask again
     before = STATS.snapshot()
     with caplog.at_level("WARNING", logger="fastsafetensors"):
         ours = fastsafetensors.load_file(path, io=io)
     _, reads, direct = _delta(before)
     assert reads > 0 and direct == 0
     assert ("O_DIRECT is not supported here" in caplog.text) == (io == "direct")
+    assert posix._DIRECT_READS == {os.stat(path).st_dev: False}   # the file system's answer
     for name in tensors:
         assert_bitwise_equal(ours[name], tensors[name])
     with fastsafetensors.configure(io=io), fastsafetensors.FastSafetensorsFile(path) as f:

@@ -6,6 +6,7 @@ requests), and only end of file makes a read legitimately short, which is then a
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def open_direct(fd: int, path: str) -> int | None:
         try:
             mine, theirs = os.fstat(fd), os.fstat(direct)
             usable = ((mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
-                      and _reads(direct))
+                      and _reads(direct, theirs.st_dev))
         except BaseException:
             # A Ctrl-C lands right after a call returns: the caller never gets the number.
             os.close(direct)
@@ -122,20 +123,32 @@ def open_direct(fd: int, path: str) -> int | None:
     return None
 
 
-def _reads(direct: int) -> bool:
+#: Whether O_DIRECT reads work, by file system (st_dev): asked once each, since a load to a
+#: GPU opens every file again, and a read with O_DIRECT goes to the disk (tens of us).
+_DIRECT_READS: dict[int, bool] = {}
+
+
+def _reads(direct: int, device: int) -> bool:
     """Whether an O_DIRECT descriptor reads: some file systems (FUSE, network ones) open with
     O_DIRECT and then refuse every read (EINVAL). One aligned block from the start, where the
-    header lies."""
+    header lies, once per file system."""
     import mmap
 
+    known = _DIRECT_READS.get(device)
+    if known is not None:
+        return known
     block = mmap.mmap(-1, DIRECT_ALIGN)   # page-aligned, as O_DIRECT wants
     try:
         os.preadv(direct, [block], 0)
-        return True
-    except OSError:
-        return False
+        works = True
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            return False   # this file's trouble (EIO, ...), not the file system's answer
+        works = False
     finally:
         block.close()
+    _DIRECT_READS[device] = works
+    return works
 
 
 def close_fds(*fds: int | None) -> None:
