@@ -121,7 +121,8 @@ def iter_tensors(source: Any, *, device: str = "cpu", dtype: Any = None, framewo
     files are read one whole file at a time and ``max_device_bytes`` is checked but bounds
     nothing more.
     ``hub_options`` (revision, subfolder, variant, cache_dir, token, local_files_only,
-    max_downloads, force_download) apply to Hub repo ids.
+    max_downloads, force_download) apply to Hub repo ids. The options in force where it is
+    called (``configure`` blocks) hold for the whole stream, wherever it is consumed.
 
     >>> for name, t in fastsafetensors.iter_tensors(  # doctest: +SKIP
     ...         "model.safetensors", device="cuda:0"):
