@@ -3,8 +3,12 @@ loads, every task of a load runs at once however many there are, and idle thread
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -168,3 +172,61 @@ def test_an_idle_thread_that_loses_a_task_to_another_stays_counted_right(
     monkeypatch.setattr(pool, "_idle", 1)
     assert pool._next() is None
     assert pool._idle == 0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _garbage(on_finalize: Callable[[], None], objects: int) -> None:
+    """Leave a cycle for the collector: a finalizer, then ``objects`` lists to delete after it."""
+    class Finalized:
+        def __del__(self) -> None:
+            on_finalize()
+
+    cycle: list[object] = [Finalized(), [[i] for i in range(objects)]]
+    cycle.append(cycle)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs signal.setitimer")
+def test_a_signal_during_a_collection_reaches_the_program() -> None:
+    # The timer fires while the collector deletes the cycle's lists, after the finalizer ran:
+    # CPython runs the handler at the first Python code after that. Our gc callbacks run no
+    # Python code, so that is the caller's (the collector drops what its callbacks raise).
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _garbage(lambda: signal.setitimer(signal.ITIMER_REAL, 0.001), 300_000)
+        with pytest.raises(_Interrupted):
+            gc.collect()
+            for _ in range(1000):   # where the handler runs, if it did not run in the collector
+                time.sleep(0.001)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if was_enabled:
+            gc.enable()
+
+
+def test_only_the_collecting_thread_counts_as_collecting() -> None:
+    seen: dict[str, bool] = {}
+
+    def on_other_thread() -> None:
+        seen["other thread, during"] = pool.collecting()
+
+    def in_finalizer() -> None:
+        seen["collecting thread, during"] = pool.collecting()
+        other = threading.Thread(target=on_other_thread)
+        other.start()
+        other.join()   # the collecting thread waits; the other one runs
+
+    seen["before"] = pool.collecting()
+    _garbage(in_finalizer, 0)
+    gc.collect()
+    seen["after"] = pool.collecting()
+    assert seen == {"before": False, "collecting thread, during": True,
+                    "other thread, during": False, "after": False}

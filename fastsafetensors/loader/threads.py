@@ -18,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ..forking import in_child
@@ -116,20 +117,25 @@ def _stop_running_loads() -> None:
             done.wait(max(0.0, deadline - time.monotonic()))
 
 
-_gc = threading.local()
-
-
-def _on_collection(phase: str, info: dict[str, int]) -> None:
-    _gc.running = phase == "start"
-
-
-gc.callbacks.append(_on_collection)
+# Which thread is collecting, noted by callbacks that are C methods. A Python function there is
+# where CPython runs the signal handlers of signals that came during the collection, and the
+# collector prints and drops what a callback raises: a Ctrl-C pressed during any collection, in
+# any program that imported this package, was lost.
+_phases = OrderedDict(start=None, stop=None)   # the last key: the last phase anywhere
+_last_start: dict[str, object] = {}            # "start": the info of the last collection
+_this_thread = threading.local()                # .start: the info of this thread's last one
+_callbacks: list[Callable[..., object]] = [
+    _phases.move_to_end,   # move_to_end(phase, info): info, a dict with keys, counts as True
+    _last_start.__setitem__, _this_thread.__setattr__]
+gc.callbacks.extend(_callbacks)
 
 
 def collecting() -> bool:
     """Whether this thread is running a garbage collection (finalizers run inside it, wherever
     the thread happened to allocate, whatever locks it holds)."""
-    return getattr(_gc, "running", False)
+    # Another thread can run during a collection, while a finalizer waits: it is not collecting.
+    return (next(reversed(_phases)) == "start"
+            and getattr(_this_thread, "start", None) is _last_start.get("start"))
 
 
 def in_background(task: Callable[[], None]) -> None:
