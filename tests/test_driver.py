@@ -4,6 +4,7 @@ whose "device" memory is host memory. tests/gpu runs the real driver."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import pickle
 import shutil
@@ -295,3 +296,93 @@ def test_the_engine_through_driver_calls_equals_safetensors(fake, tmp_path, monk
     assert fake.waits > 0 and fake.pushes == fake.pops
     if small_piece == 64:
         assert fake.copies > len(want)   # tensors split across chunks, copied by the driver
+
+
+class _Interrupted:
+    """Raise KeyboardInterrupt at the ``at``-th point where CPython could run a Ctrl-C's
+    handler in loader/driver.py: as one of the driver's calls returns, or as a function of the
+    module starts."""
+
+    def __init__(self, at: int):
+        self.at, self.points = at, 0
+        self.held, self.released = driver._libs
+
+    def _point(self) -> None:
+        self.points += 1
+        if self.points == self.at:
+            raise KeyboardInterrupt
+
+    def wrap(self, lib: Any) -> Any:
+        interrupted = self
+
+        class Calls:
+            def __getattr__(self, name: str) -> Any:
+                function = getattr(lib, name)
+
+                def call(*args: Any) -> Any:
+                    result = function(*args)
+                    interrupted._point()
+                    return result
+
+                return call
+
+        return Calls()
+
+    def profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename == driver.__file__:
+            self._point()
+
+
+# A finalizer's interrupt is printed and dropped by Python (the "destroy" case).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("call", ["copy", "wait", "event", "synchronize", "destroy"])
+def test_a_ctrl_c_anywhere_in_a_driver_call_leaves_no_context_pushed(fake, monkeypatch, call):
+    dst = torch.zeros(8, dtype=torch.uint8)
+    src = torch.ones(8, dtype=torch.uint8)
+    event = driver.Event(0, 1)
+    made: list[driver.Event] = []
+    calls = {
+        "copy": lambda: driver.copy_to_device(
+            0, 1, cuda.addresses(src, [(dst, 0, 0, 4), (dst, 4, 4, 4)])),
+        "wait": lambda: driver.stream_wait(0, 1, event),
+        "event": lambda: made.append(driver.Event(0, 1)),
+        "synchronize": event.synchronize,
+        "destroy": lambda: driver.Event(0, 1).__del__(),
+    }
+    at = 0
+    while True:
+        at += 1
+        interrupted = _Interrupted(at)
+        monkeypatch.setattr(driver, "_libs", (interrupted.wrap(interrupted.held),
+                                              interrupted.wrap(interrupted.released)))
+        sys.setprofile(interrupted.profile)
+        try:
+            calls[call]()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+            monkeypatch.setattr(driver, "_libs", (interrupted.held, interrupted.released))
+        made.clear()
+        assert fake.pushes == fake.pops, f"a context left pushed at point {at}"
+        if call != "destroy":   # a finalizer interrupted may leave its event (not its context)
+            assert fake.events_live == 1, f"an event left alive at point {at}"
+        if interrupted.points < at:   # not interrupted: every point was tried
+            break
+    assert at > 3
+
+
+def test_a_failed_push_interrupted_as_it_returns_pops_nothing_of_the_callers(fake, monkeypatch):
+    theirs = ctypes.c_void_p(0x5000)
+    held = driver._libs[0]
+    driver._context(0)   # retained now: the push is the first call below
+    assert held.cuCtxPushCurrent_v2(theirs) == 0   # the caller's context, current
+    fake.set("fail_push", fake.push_calls + 1)
+    interrupted = _Interrupted(1)
+    monkeypatch.setattr(driver, "_libs", (interrupted.wrap(held), driver._libs[1]))
+    with pytest.raises(KeyboardInterrupt):
+        driver.stream_wait(0, 1, driver.Event.adopt(0, ctypes.c_void_p()))
+    monkeypatch.setattr(driver, "_libs", (held, driver._libs[1]))
+    popped = ctypes.c_void_p()
+    assert held.cuCtxPopCurrent_v2(ctypes.byref(popped)) == 0 and popped.value == 0x5000
+    assert held.cuCtxPopCurrent_v2(ctypes.byref(popped)) != 0   # nothing under it

@@ -31,8 +31,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from ..errors import CudaError
 from ..forking import in_child
@@ -49,6 +49,7 @@ _missing: str | None = None              # why the driver cannot be used, once k
 _contexts: dict[int, ctypes.c_void_p] = {}   # device ordinal -> its primary context
 
 _HANDLE = ctypes.c_void_p
+T = TypeVar("T")
 #: (name, argument types) of the calls made with the GIL held.
 _HELD = (
     ("cuDeviceGet", [ctypes.POINTER(ctypes.c_int), ctypes.c_int]),
@@ -128,38 +129,49 @@ def _libs_or_raise() -> tuple[Any, Any]:
     return libs
 
 
-class _Pushed:
-    """``with _Pushed(device):`` the device's primary context is current on this thread."""
-
-    __slots__ = ("held", "context")
-
-    def __init__(self, device: int):
-        self.held = _libs_or_raise()[0]
-        self.context = _context(device)
-
-    def __enter__(self) -> Any:
-        _check(self.held.cuCtxPushCurrent_v2(self.context), "cuCtxPushCurrent")
-        return self.held
-
-    def __exit__(self, *exc: object) -> None:
-        popped = ctypes.c_void_p()
-        code = self.held.cuCtxPopCurrent_v2(ctypes.byref(popped))
-        if exc[0] is None:   # an error of the call itself says more than one popping after it
-            _check(code, "cuCtxPopCurrent")
+def _in_context(device: int, work: Callable[[Any], T]) -> T:
+    """``work(calls)``, the device's primary context pushed on this thread meanwhile and popped
+    after, whatever happens. A Ctrl-C raises where a call returns (or a Python function starts):
+    so the push is the first call in the ``try``, and nothing is called between the work and
+    the pop."""
+    held = _libs_or_raise()[0]
+    context = _context(device)
+    popped = ctypes.c_void_p()
+    into = ctypes.byref(popped)
+    code = None
+    try:
+        code = held.cuCtxPushCurrent_v2(context)
+        if code == 0:
+            result = work(held)
+    except BaseException:
+        if code is None or code == 0:   # None: interrupted as the push returned
+            # What comes off is ours unless that push failed: then it was the caller's, and
+            # goes back. (If the caller's was this same context, one too many is popped; a push
+            # of a retained primary context does not fail.)
+            if held.cuCtxPopCurrent_v2(into) == 0 and popped.value != context.value:
+                held.cuCtxPushCurrent_v2(popped)
+        raise
+    if code != 0:
+        _check(code, "cuCtxPushCurrent")   # nothing was pushed
+    code = held.cuCtxPopCurrent_v2(into)
+    _check(code, "cuCtxPopCurrent")
+    return result
 
 
 def copy_to_device(device: int, stream: int, copies: Iterable[tuple[int, int, int]]) -> None:
     """Queue ``(device address, host address, bytes)`` copies on ``stream`` (a handle; 0: the
     device's default stream). The host memory must be pinned."""
-    with _Pushed(device) as held:
+    def copy(held: Any) -> None:
         for dst, src, nbytes in copies:
             _check(held.cuMemcpyHtoDAsync_v2(dst, src, nbytes, stream), "cuMemcpyHtoDAsync")
+
+    _in_context(device, copy)
 
 
 def stream_wait(device: int, stream: int, event: Event) -> None:
     """Work queued on ``stream`` from now on waits for ``event``."""
-    with _Pushed(device) as held:
-        _check(held.cuStreamWaitEvent(stream, event.handle, 0), "cuStreamWaitEvent")
+    _in_context(device, lambda held: _check(held.cuStreamWaitEvent(stream, event.handle, 0),
+                                            "cuStreamWaitEvent"))
 
 
 class Event:
@@ -170,14 +182,18 @@ class Event:
 
     def __init__(self, device: int, stream: int, *, blocking: bool = False):
         self.device = device
-        self.handle: ctypes.c_void_p | None = None
         self.pid = os.getpid()
+        # Kept before the call fills it: an event made is destroyed with this object, even if
+        # a Ctrl-C lands as the call returns.
+        handle = ctypes.c_void_p()
+        self.handle: ctypes.c_void_p | None = handle
         flags = DISABLE_TIMING | (BLOCKING_SYNC if blocking else 0)
-        with _Pushed(device) as held:
-            handle = ctypes.c_void_p()
+
+        def make(held: Any) -> None:
             _check(held.cuEventCreate(ctypes.byref(handle), flags), "cuEventCreate")
-            self.handle = handle
             _check(held.cuEventRecord(handle, stream), "cuEventRecord")
+
+        _in_context(device, make)
 
     @classmethod
     def adopt(cls, device: int, handle: ctypes.c_void_p) -> Event:
@@ -192,19 +208,18 @@ class Event:
     def synchronize(self) -> None:
         """Wait until the work before the event has run (the GIL released meanwhile)."""
         released = _libs_or_raise()[1]
-        with _Pushed(self.device):
-            _check(released.cuEventSynchronize(self.handle), "cuEventSynchronize")
+        _in_context(self.device, lambda held: _check(released.cuEventSynchronize(self.handle),
+                                                     "cuEventSynchronize"))
 
     def __del__(self) -> None:
         # The driver frees a destroyed event's resources once its work completed. A forked
         # child inherits the object but not the driver's state: it must not call the driver.
         # At interpreter exit, errors are moot.
-        handle, self.handle = self.handle, None
-        if handle is None or self.pid != os.getpid():
+        handle, self.handle = getattr(self, "handle", None), None   # None: __init__ interrupted
+        if handle is None or not handle.value or self.pid != os.getpid():
             return
         try:
-            with _Pushed(self.device) as held:
-                held.cuEventDestroy_v2(handle)
+            _in_context(self.device, lambda held: held.cuEventDestroy_v2(handle))
         except Exception:  # noqa: BLE001 - a finalizer must not raise
             pass
 
