@@ -11,7 +11,7 @@ hold the requested tensors. :func:`stream` hands out each shard as soon as it is
 the next ones download (``max_downloads`` at a time), so loading overlaps the download. Offline
 (``local_files_only=True`` or ``HF_HUB_OFFLINE=1``) the cached snapshot is read as a local
 folder and nothing touches the network; so it is, with a warning, when the Hub cannot be
-reached (no connection, no answer in time, a 5xx).
+reached (no connection, no answer in time, a 5xx, a 408 or 429: down or busy).
 
 >>> ckpt = fastsafetensors.resolve("org/model", revision="v1.0")      # doctest: +SKIP
 >>> print(fastsafetensors.inspect("org/model"))  # headers only       # doctest: +SKIP
@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 Fetch = Callable[[str, Any], str]
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+#: Answers that say the Hub cannot serve now (a request timeout, a rate limit), not that the repo
+#: is missing or closed: like a 5xx, huggingface_hub retries them and then serves its cache.
+_BUSY = (408, 429)
 
 
 @dataclass
@@ -405,9 +408,9 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
              keep_errors: bool = False) -> tuple[str, list[str] | None, str]:
     """``(commit, file names in the folder, why offline)``: the revision pinned to a commit and
     the folder listed in one request, with huggingface_hub's metadata timeout. Offline, or when
-    the Hub cannot answer (no connection, a timeout, a 5xx), the commit comes from the cache's
-    ``refs`` and the listing is None; with ``keep_errors`` (force_download=True, which the
-    cached files cannot honour) the Hub's error is raised instead."""
+    the Hub cannot answer (no connection, a timeout, a 5xx, a 408 or 429), the commit comes from
+    the cache's ``refs`` and the listing is None; with ``keep_errors`` (force_download=True,
+    which the cached files cannot honour) the Hub's error is raised instead."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -425,7 +428,7 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
             return commit, _listing(api, info, repo_id, subfolder, commit, token), why
         except HfHubHTTPError as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status is None or status < 500 or keep_errors:
+            if status is None or not (status >= 500 or status in _BUSY) or keep_errors:
                 raise   # the Hub answered: no such repo or revision, no access, ...
             why = f"the Hub could not answer ({exc})"
         except _network_errors() as exc:

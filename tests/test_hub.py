@@ -567,6 +567,21 @@ def test_hub_down_falls_back_to_the_cache(hub_server: Any, repo: Any,
     assert "local_files_only" not in str(info.value)
 
 
+@pytest.mark.parametrize("status", [429, 408])
+def test_hub_rate_limited_falls_back_to_the_cache(hub_server: Any, repo: Any, status: int,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # A rate limit (429) or a request timeout (408) is the Hub busy, not an answer about the
+    # repo: huggingface_hub's hf_hub_download and snapshot_download serve a cached repo then,
+    # where resolve() raised HfHubHTTPError.
+    first = fastsafetensors.resolve(repo[0])
+    hub_server.fail("^/", status)
+    again = fastsafetensors.resolve(repo[0])
+    assert (again.files, again.commit) == (first.files, first.commit)
+    assert "could not answer" in caplog.text
+    with pytest.raises(CheckpointNotFoundError, match="could not answer"):
+        fastsafetensors.resolve("org/never-downloaded")
+
+
 def test_hub_damaged_cached_shard_says_how_to_recover(hub_server: Any, repo: Any) -> None:
     # huggingface_hub keeps a blob whose size matched; a damaged one failed every later load
     # with only the shard's name, and force_download= (its own advice) was refused.
