@@ -368,7 +368,16 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
     else:
         names = present
         missing = "huggingface_hub returned a path that does not exist (cache changed?)"
-    weights = choose_weights(names, variant=variant, where=where)
+    try:
+        weights = choose_weights(names, variant=variant, where=where)
+    except CheckpointNotFoundError as exc:
+        if not offline:
+            raise
+        # The snapshot holds what was downloaded (often a config alone, from AutoConfig), not
+        # the repo: its weights may well be on the Hub.
+        raise CheckpointNotFoundError(exc.path, f"{exc.hint}; that is the cached snapshot, "
+                                                f"which holds only the files downloaded so far, "
+                                                f"and {why}: load it once online") from None
     if offline and not weights.standard:
         # A cached snapshot holds what was downloaded, not the repo: its only weights file may
         # not be the repo's (shards and variant files are never taken, see choose_weights).

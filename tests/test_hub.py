@@ -632,6 +632,19 @@ def test_hub_partial_cache_offline_is_not_the_model(hub_server: Any, tmp_path: P
         "org/v", local_files_only=True).files] == ["model.safetensors"]
 
 
+def test_hub_offline_snapshot_without_weights_says_to_load_online(hub_server: Any,
+                                                                  repo: Any) -> None:
+    # A snapshot holding only config.json (AutoConfig ran online) was reported as a repo
+    # without weights, with advice to pass subfolder= or variant=, never to go online.
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(repo[0], "config.json")
+    with pytest.raises(CheckpointNotFoundError, match="load it once online") as info:
+        fastsafetensors.resolve(repo[0], local_files_only=True)
+    assert "downloads are off" in str(info.value) and "config.json" in str(info.value)
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+
+
 def test_hub_lone_weights_file_loads_offline_too(hub_server: Any, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     # A repo whose only weights file has another name loads online; offline (or with the Hub
