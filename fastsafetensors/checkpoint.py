@@ -188,12 +188,16 @@ def read_index(path: str) -> dict[str, str]:
     return parse_index(raw, path)
 
 
-def check_inside(path: str, root: str, *, index: str | None, shard: str, hint: str) -> str:
+def check_inside(path: str, root: str | tuple[str, ...], *, index: str | None, shard: str,
+                 hint: str) -> str:
     """``path`` if it is a regular file whose real location (symlinks followed) is inside
-    ``root``; else CheckpointIndexError (escapes, not a file) or CheckpointNotFoundError."""
-    real, real_root = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([real, real_root]) != real_root:
-        raise CheckpointIndexError(index or path, f"{shard} leads to {real}, outside {root} "
+    ``root`` (or one of the folders of a tuple); else CheckpointIndexError (escapes, not a
+    file) or CheckpointNotFoundError."""
+    roots = (root,) if isinstance(root, str) else root
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, r]) == r for r in map(os.path.realpath, roots)):
+        raise CheckpointIndexError(index or path, f"{shard} leads to {real}, outside "
+                                                  f"{' and '.join(roots)} "
                                                   f"(a symlink out of the checkpoint folder is "
                                                   f"refused)", shard=shard)
     try:

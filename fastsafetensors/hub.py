@@ -69,7 +69,7 @@ class _Plan:
     source: str
     commit: str | None
     folder: str                            # where the weights are (or will be) on disk
-    root: str | None                       # files must stay inside it (None: the user's file)
+    root: str | tuple[str, ...] | None     # files must stay inside (None: the user's file)
     fetch: Fetch
     remote: bool                           # fetch downloads (worth doing in parallel)
     missing: str                           # hint for a file that is not there
@@ -285,15 +285,22 @@ def _offline(local_files_only: bool | None) -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
-def _root_of(folder: str) -> str:
-    """The folder a checkpoint's files must stay in: the folder itself, or for a snapshot in the
-    Hugging Face cache (whose files are symlinks to ``../../blobs``) the repo's cache folder."""
+def _cache_roots(repo: str) -> tuple[str, str]:
+    """Where the files of a repo's folder in the Hugging Face cache may lead: the folder (its
+    snapshots link to ``../../blobs``) and the cache's shared blob store, ``<cache>/blobs``,
+    where huggingface_hub 2.x moves each Xet download, the repo's blob becoming a link to it."""
+    return repo, os.path.join(os.path.dirname(repo), "blobs")
+
+
+def _root_of(folder: str) -> str | tuple[str, ...]:
+    """The folders a checkpoint's files must stay in: the folder itself, or for a snapshot in
+    the Hugging Face cache, those of :func:`_cache_roots`."""
     head = folder
     while (parent := os.path.dirname(head)) != head:
         repo = os.path.dirname(parent)
         if (os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(repo, "blobs"))
                 and os.path.basename(repo).startswith(("models--", "datasets--", "spaces--"))):
-            return repo
+            return _cache_roots(repo)
         head = parent
     return folder
 
@@ -396,8 +403,8 @@ def _hub_plan(repo_id: str, *, revision: str | None, subfolder: str | None, vari
     def cached(name: str, bar: Any = None) -> str:
         return os.path.join(folder, name)
 
-    plan = _Plan(repo_id, commit, folder, storage, cached if offline else download, not offline,
-                 missing, weights, tensors)
+    plan = _Plan(repo_id, commit, folder, _cache_roots(storage), cached if offline else download,
+                 not offline, missing, weights, tensors)
     if header_only and not offline:
         path_in_repo = f"{subfolder}/" if subfolder else ""
         plan.remote_header = lambda name: _remote_header(repo_id, path_in_repo + name, commit,

@@ -404,6 +404,34 @@ def test_cache_snapshot_by_index_file_or_symlink(hub_server: Any, repo: Any,
         os.path.basename(f) for f in ckpt.files]
 
 
+def test_hub_cache_shared_blob_store(hub_server: Any, repo: Any) -> None:
+    # huggingface_hub 2.x moves each Xet download (most Hub files) into the cache's shared
+    # store, <cache>/blobs/<2 hex>/<xet hash>, and makes the repo's blob a link to it
+    # (utils/_shared_blobs.py, publish_blob_to_shared_store): every load of such a repo was
+    # refused as "a symlink out of the checkpoint folder".
+    first = fastsafetensors.resolve(repo[0])
+    cache = Path(hf_constants.HF_HUB_CACHE)
+    for path in first.files:
+        blob = Path(os.path.realpath(path))
+        digest = blob.name
+        shared = cache / "blobs" / digest[:2] / digest
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        blob.rename(shared)
+        blob.symlink_to(Path("..", "..", "blobs", digest[:2], digest))
+    for source, options in ((repo[0], {}), (repo[0], {"local_files_only": True}),
+                            (first.folder, {})):
+        state = fastsafetensors.load(source, **options)
+        assert state.keys() == repo[2].keys()
+        assert all(torch.equal(state[k], v) for k, v in repo[2].items())
+    # Only the store: a link elsewhere in the cache is still refused.
+    blob = Path(os.path.realpath(first.files[0]))
+    elsewhere = cache / "elsewhere.safetensors"
+    blob.rename(elsewhere)
+    blob.symlink_to(elsewhere)
+    with pytest.raises(CheckpointIndexError, match="outside"):
+        fastsafetensors.resolve(repo[0])
+
+
 def test_hub_no_tensors_wanted_downloads_nothing(hub_server: Any, repo: Any,
                                                  tmp_path: Path) -> None:
     write_single(tmp_path / "one")
