@@ -424,13 +424,16 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
              keep_errors: bool = False) -> tuple[str, list[str] | None, str]:
     """``(commit, file names in the folder, why offline)``: the revision pinned to a commit and
     the folder listed in one request, with huggingface_hub's metadata timeout. Offline, or when
-    the Hub cannot answer (no connection, a timeout, a 5xx, a 408 or 429), the commit comes from
-    the cache's ``refs`` and the listing is None; with ``keep_errors`` (force_download=True,
-    which the cached files cannot honour) the Hub's error is raised instead."""
+    the Hub cannot answer (no connection, a timeout, a 5xx, a 408 or 429) or refuses (no such
+    repo, no access: its error is raised if nothing is cached), the commit comes from the
+    cache's ``refs`` and the listing is None; with ``keep_errors`` (force_download=True, which
+    the cached files cannot honour) the Hub's error is raised instead. A revision the Hub does
+    not have is never served from the cache."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
     why = "downloads are off (local_files_only=True or HF_HUB_OFFLINE=1)"
+    refused: HfHubHTTPError | None = None   # the Hub's answer, raised if nothing is cached
     if not offline:
         try:
             info = api.model_info(repo_id, revision=revision, token=token,
@@ -444,9 +447,15 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
             return commit, _listing(api, info, repo_id, subfolder, commit, token), why
         except HfHubHTTPError as exc:
             status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status is None or not (status >= 500 or status in _BUSY) or keep_errors:
-                raise   # the Hub answered: no such repo or revision, no access, ...
-            why = f"the Hub could not answer ({exc})"
+            if status is None or keep_errors or isinstance(exc, RevisionNotFoundError):
+                raise
+            if status >= 500 or status in _BUSY:
+                why = f"the Hub could not answer ({exc})"
+            else:
+                # No such repo, no access (gated, a token expired or missing): as
+                # huggingface_hub does, a cached snapshot still serves, and the Hub's own error
+                # is raised when none is cached.
+                why, refused = f"the Hub refused the request ({exc})", exc
         except _network_errors() as exc:
             if keep_errors:
                 raise
@@ -460,6 +469,8 @@ def _ask_hub(api: Any, repo_id: str, revision: str | None, subfolder: str | None
         with contextlib.suppress(OSError), open(ref, encoding="utf-8") as f:
             commit = f.read().strip()
     if not _COMMIT.fullmatch(commit):
+        if refused is not None:
+            raise refused
         raise CheckpointNotFoundError(f"{repo_id}@{revision or 'main'}",
                                       f"not in the Hugging Face cache ({ref} is missing or "
                                       f"holds no commit) and {why}")

@@ -885,3 +885,34 @@ def test_closing_the_stream_stops_the_downloads(hub_server: Any, slow_repo: int)
     assert 1 <= len(complete) <= 4
     started = {r.file for r in hub_server.requests if r.server == "cdn"}
     assert len(started) <= 4
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_hub_refusing_a_cached_repo_serves_the_cache(hub_server: Any, repo: Any, status: int,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    # A token expired, a repo made gated or taken down: huggingface_hub's hf_hub_download and
+    # snapshot_download serve what is cached, and raise the Hub's error when nothing is.
+    from huggingface_hub.errors import HfHubHTTPError
+
+    first = fastsafetensors.resolve(repo[0])
+    hub_server.fail("^/api/", status)
+    again = fastsafetensors.resolve(repo[0])
+    assert (again.files, again.commit) == (first.files, first.commit)
+    assert "refused" in caplog.text and str(status) in caplog.text
+    state = fastsafetensors.load(repo[0])
+    assert set(state) == set(repo[2]) and all(torch.equal(state[k], v) for k, v in repo[2].items())
+    with pytest.raises(HfHubHTTPError) as info:
+        fastsafetensors.resolve("org/never-downloaded")
+    assert info.value.response.status_code == status
+
+
+def test_hub_a_revision_it_no_longer_has_is_not_served_from_the_cache(hub_server: Any,
+                                                                         tmp_path: Path) -> None:
+    # A deleted branch or tag is an answer about the revision, not a refusal: as in
+    # huggingface_hub, the cached commit it used to name is not loaded in its place.
+    write_single(tmp_path / "src")
+    hub_server.add_folder("org/m", tmp_path / "src", tags=("v1.0",))
+    fastsafetensors.resolve("org/m", revision="v1.0")
+    del hub_server.repos["org/m"].refs["v1.0"]
+    with pytest.raises(RevisionNotFoundError):
+        fastsafetensors.resolve("org/m", revision="v1.0")
