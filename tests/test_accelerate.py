@@ -270,6 +270,27 @@ def test_devices_this_package_reads_to(device: Any, routed: str | None) -> None:
         assert fa._target(torch.device(device)) == routed
 
 
+def test_bare_indices_of_another_accelerator_go_to_accelerate(
+        saved: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an Intel GPU (or MLU, MUSA) machine accelerate's "auto" maps hold ints, which it passes
+    # on to safetensors, and torch reads them as the current accelerator's (xpu:N), not cuda:N.
+    if not hasattr(torch, "accelerator"):
+        pytest.skip("torch.accelerator needs torch 2.6")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator",
+                        lambda *args, **kwargs: torch.device("xpu"))
+    assert fa._target(0) is None and fa._target("cuda:0") == "cuda:0"
+    folder, _ = saved
+    calls: list[tuple[Any, ...]] = []
+    dispatch = fa._make_safe_open(lambda f, framework, device: calls.append((framework, device)))
+    load = fa._make_load_file(lambda f, device: calls.append(("load", device)))
+    shard = str(next(folder.glob("*.safetensors")))
+    with fa.enabled():
+        dispatch(shard, framework="pt", device=1)
+        load(shard, device=0)
+    assert calls == [("pt", 1), ("load", 0)]
+    assert STATS.bytes_read == 0
+
+
 def test_other_devices_and_frameworks_go_to_accelerate(saved: tuple[Path, dict[str, Any]]) -> None:
     folder, _ = saved
     calls: list[tuple[Any, ...]] = []

@@ -73,11 +73,24 @@ def _options() -> dict[str, Any] | None:
 def _target(device: Any) -> str | None:
     """The device name this package reads to, or None for one it leaves to accelerate."""
     if isinstance(device, int) and not isinstance(device, bool):
-        return f"cuda:{device}"
+        # accelerate passes a bare index on to safetensors as it is (it names only NPU and HPU
+        # devices itself), and torch reads it as one of the current accelerator's: xpu:N on an
+        # Intel GPU, whose "auto" device maps hold ints too. Only CUDA's indices are ours.
+        return f"cuda:{device}" if _index_type() == "cuda" else None
     name = str(device)
     if name == "cpu" or name == "cuda" or name.startswith("cuda:"):
         return name
     return None
+
+
+def _index_type() -> str:
+    """The device type torch gives a bare index: the current accelerator's (CUDA before torch
+    2.6, which has no torch.accelerator, and where there is none: a read then says no GPU)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    return "cuda" if current is None else current.type
 
 
 class _File(SafeOpenFile):
