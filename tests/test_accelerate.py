@@ -9,6 +9,7 @@ to load would not pass), and counts the bytes that went through this package
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import pickle
@@ -307,6 +308,22 @@ def test_other_devices_and_frameworks_go_to_accelerate(saved: tuple[Path, dict[s
     handle.close()
     dispatch(shard, framework="pt", device="cpu")   # outside any block
     assert calls[-1] == ("pt", "cpu")
+
+
+def test_safetensors_keywords_go_to_safetensors(saved: tuple[Path, dict[str, Any]]) -> None:
+    # The dispatchers stay in accelerate's module after a block: safetensors' own keywords
+    # (backend=, safetensors 0.8) must still reach it, inside a block or after one.
+    folder, state = saved
+    shard = str(next(folder.glob("*.safetensors")))
+    if "backend" not in inspect.signature(safetensors.torch.load_file).parameters:
+        pytest.skip("backend= needs safetensors 0.8")
+    want = safetensors.torch.load_file(shard, backend="pread")
+    with fa.enabled():
+        inside = modeling.safe_load_file(shard, backend="pread")
+    after = modeling.safe_load_file(shard, device="cpu", backend="pread")
+    for got in (inside, after):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert STATS.bytes_read == 0
 
 
 def test_unknown_options_raise() -> None:

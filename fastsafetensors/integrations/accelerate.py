@@ -140,11 +140,13 @@ def _make_safe_open(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _make_load_file(original: Callable[..., Any]) -> Callable[..., Any]:
-    def safe_load_file(filename: Any, device: Any = "cpu") -> Any:
+    def safe_load_file(filename: Any, device: Any = "cpu", **kwargs: Any) -> Any:
+        # safetensors' own keywords (backend=, 0.8) go to it, as in safe_open above: the
+        # dispatcher stays in accelerate's module after a block, for any caller to reach.
         options = _options()
         target = _target(device)
-        if options is None or target is None:
-            return original(filename, device=device)
+        if options is None or target is None or kwargs:
+            return original(filename, device=device, **kwargs)
         if target == "cpu":
             # One read per tensor, into memory of its own, as safetensors returns them: views
             # of one file buffer would tie every parameter to the whole shard (saving one
