@@ -454,3 +454,22 @@ def test_missing_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FrameworkNotInstalledError, match="pip install numpy") as excinfo:
         fastsafetensors.load_file(path, framework="np")
     assert excinfo.value.name == "numpy"
+
+
+def test_missing_numpy_with_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch runs without numpy, but the torch adapter reads through tensors' numpy views: the
+    # error must name numpy and how to install it before any file is opened (torch's own,
+    # "Numpy is not available", a RuntimeError, came at the first read).
+    import fastsafetensors.frameworks as frameworks
+
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    monkeypatch.delitem(sys.modules, "fastsafetensors.frameworks.torch", raising=False)
+    monkeypatch.delattr(frameworks, "torch", raising=False)
+    before = open_fds()
+    for attempt in (lambda: FastSafetensorsFile(path), lambda: fastsafetensors.load_file(path),
+                    lambda: fastsafetensors.safe_open(path, "pt").get_tensor("a")):
+        with pytest.raises(FrameworkNotInstalledError, match="pip install numpy") as excinfo:
+            attempt()
+        assert excinfo.value.name == "numpy"
+    assert open_fds() == before

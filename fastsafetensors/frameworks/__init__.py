@@ -59,7 +59,11 @@ def get_framework(name: str) -> Framework:
     try:
         module = importlib.import_module(f"{__name__}.{library}")
     except ModuleNotFoundError as exc:
-        if exc.name != library:   # a broken install is a bug to see, not a missing library
+        # The torch adapter needs numpy too (the loaders write into host memory through a
+        # tensor's numpy view); numpy is a dependency of this package, but can be uninstalled.
+        if exc.name == "numpy" and library != "numpy":
+            library, install = _ADAPTERS["np"]
+        elif exc.name != library:   # a broken install is a bug to see, not a missing library
             raise
         raise FrameworkNotInstalledError(library, name, install) from None
     framework: Framework = module.TORCH if canonical == "pt" else module.NUMPY

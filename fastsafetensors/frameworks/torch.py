@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+# tensor.numpy() below needs numpy: imported here, a missing numpy is named with how to
+# install it by get_framework (torch alone says "Numpy is not available" at the first read).
+import numpy  # noqa: F401
 import torch
 
 from ..errors import ConfigError, HostMemoryError, UnsupportedDTypeError
