@@ -524,7 +524,14 @@ def _tree_listing(endpoint: str, repo_id: str, subfolder: str | None, commit: st
     url: str | None = (f"{endpoint}/api/models/{quote(repo_id, safe='/')}/tree/"
                        f"{quote(commit, safe='')}{folder}")
     names = []
+    seen = set()
     while url:
+        if url in seen:   # a next page already read: the listing would never end
+            raise CheckpointNotFoundError(f"{repo_id}@{commit}", f"the Hub's file listing "
+                                          f"leads back to a page it sent before ({url}): is "
+                                          f"{endpoint} a mirror with broken paging? Pass "
+                                          f"local_files_only=True to use the cache")
+        seen.add(url)
         response = get_session().get(url, headers=headers,
                                      timeout=constants.HF_HUB_ETAG_TIMEOUT)
         hf_raise_for_status(response)

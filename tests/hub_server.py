@@ -207,6 +207,8 @@ class HubServer:
         #: Entries per page of the tree API (None: one page), the next page's URL in a
         #: ``Link: <...>; rel="next"`` header, as the Hub paginates.
         self.tree_page: int | None = None
+        #: True: every page's next link leads back to the first page (a broken mirror).
+        self.tree_loops = False
 
     def fail(self, pattern: str, status: int | None) -> None:
         """Requests whose path matches ``pattern`` get ``status`` (a 5xx: the Hub is down) or,
@@ -397,7 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(query.get("cursor", ["0"])[0])
         headers = {}
         if start + page < len(listed):
-            rest = urlencode({**{k: v[0] for k, v in query.items()}, "cursor": start + page})
+            cursor = 0 if self.server.hub.tree_loops else start + page
+            rest = urlencode({**{k: v[0] for k, v in query.items()}, "cursor": cursor})
             here = f"{self.server.hub.url}{urlsplit(self.path).path}"
             headers["Link"] = f'<{here}?{rest}>; rel="next"'
         self._json(listed[start:start + page], commit, headers)

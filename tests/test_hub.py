@@ -735,6 +735,17 @@ def test_hub_mirror_without_siblings_is_listed_page_by_page(hub_server: Any,
     assert len(pages) == 2 and all(r.path.endswith("/unet") for r in pages)   # 4 files, 2 a page
 
 
+def test_hub_mirror_whose_pages_loop_says_so(hub_server: Any, tmp_path: Path) -> None:
+    # A next link back to a page already read listed the same files for ever.
+    write_sharded(tmp_path / "src", 3)
+    hub_server.add_folder("org/m", tmp_path / "src")
+    hub_server.siblings, hub_server.tree_page, hub_server.tree_loops = False, 2, True
+    with pytest.raises(CheckpointNotFoundError, match="leads back to a page") as info:
+        fastsafetensors.resolve("org/m")
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+    assert len([r for r in hub_server.requests if "/tree/" in r.path]) == 2
+
+
 def test_hub_unsafe_index_is_refused_before_any_shard(hub_server: Any, tmp_path: Path) -> None:
     write_sharded(tmp_path / "src", 2)
     edit_index(tmp_path / "src", lambda wm: wm.update({"layers.0.bias": "../../x.safetensors"}))
