@@ -218,7 +218,7 @@ def inspect(repo_or_path: str | os.PathLike[str], *, revision: str | None = None
         cached = os.path.join(plan.folder, name)
         if plan.remote_header is not None and not os.path.isfile(cached):
             return plan.remote_header(name)
-        return read_header(plan.path(name))
+        return _checked(plan, name, plan.path(name))
 
     workers = max(1, min(8, len(plan.shards)))
     with ThreadPoolExecutor(workers, thread_name_prefix="fastsafetensors-inspect") as pool:
@@ -602,8 +602,8 @@ def damaged_in_cache(path: str | os.PathLike[str], exc: HeaderError) -> HeaderEr
     the same way)."""
     reason = exc.reason.removesuffix(REMEDY)
     return HeaderError(path, f"{reason}; this copy in the Hugging Face cache "
-                             f"({os.path.realpath(path)}) is damaged: pass force_download=True, "
-                             f"or delete it, to download it again", exc.tensor)
+                             f"({os.path.realpath(path)}) is damaged: load it with "
+                             f"force_download=True, or delete it, to download it again", exc.tensor)
 
 
 class _Cancelled(Exception):

@@ -621,6 +621,8 @@ def test_hub_damaged_cached_shard_says_how_to_recover(hub_server: Any, repo: Any
         fastsafetensors.resolve(repo[0])
     assert blob in str(info.value)
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
+    with pytest.raises(HeaderError, match="force_download=True"):   # headers only: the same
+        fastsafetensors.inspect(repo[0])
     state = fastsafetensors.load(repo[0], force_download=True)
     assert set(state) == set(repo[2]) and all(torch.equal(state[k], v) for k, v in repo[2].items())
     assert fastsafetensors.resolve(repo[0]).files == first.files
