@@ -11,11 +11,12 @@ when the last of them is collected.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from . import config
 from .errors import (
@@ -82,6 +83,34 @@ class _DeviceReads:
 
 _DEVICE_READS = _DeviceReads()
 
+_Read = TypeVar("_Read", bound=Callable[..., Any])
+
+
+def _restores_readers(read: _Read) -> _Read:
+    """A read method that leaves no read of its own counted in flight, however it ends. A read
+    counts itself in ``_InUse.__enter__`` and counts itself done in ``__exit__``, but a Ctrl-C
+    as ``__exit__`` starts (CPython runs its handler as a function starts) skipped that:
+    close() then waited for ever for a read that was over, and the descriptors stayed open."""
+
+    @functools.wraps(read)
+    def restoring(self: FastSafetensorsFile, *args: Any, **kwargs: Any) -> Any:
+        ident = threading.get_ident()
+        # Reads in flight on this thread already are not this call's (a finalizer can read
+        # inside a read).
+        before = set(self._readers)
+        try:
+            return read(self, *args, **kwargs)
+        except BaseException:
+            with self._lock:
+                for use, thread in list(self._readers.items()):
+                    if thread == ident and use not in before:
+                        del self._readers[use]
+                self._read_done()
+            raise
+
+    return restoring  # type: ignore[return-value]
+
+
 #: Every handle open in the process, for :func:`_after_fork`.
 _OPEN: weakref.WeakSet[FastSafetensorsFile] = weakref.WeakSet()
 
@@ -93,8 +122,9 @@ def _after_fork() -> None:
     _DEVICE_READS._lock = threading.Lock()
     _DEVICE_READS._active = 0
     for handle in list(_OPEN):
-        handle._lock = threading.Condition()
-        handle._users = 0
+        handle._lock = threading.RLock()
+        handle._idle = threading.Condition(handle._lock)
+        handle._readers = {}
 
 
 in_child(_after_fork)
@@ -115,17 +145,23 @@ class FastSafetensorsFile:
         self._path = os.fspath(path)
         self._framework = get_framework(framework)
         self._device = resolve_device(device, framework)
-        self._lock = threading.Condition()
-        self._users = 0
+        # `with` on a C lock runs no Python between taking it and the block, nor between the
+        # block and releasing it; a Condition's __enter__ and __exit__ are Python functions, and
+        # a Ctrl-C at the start of one of them (or as the lock call inside returns) left the lock
+        # held for good, or a count changed inside undone.
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)   # notified as reads end, for close()
+        self._readers: dict[_InUse, int] = {}   # reads in flight, with their threads' idents
         self._slices = 0                     # LazyTensors alive: they keep the descriptors open
         self._closed = True
-        self._fds_closed = False
-        self._fd = open_readonly(self._path)
+        self._fds_closed = True              # nothing open yet: nothing for __del__ to close
         self._direct_fd: int | None = None   # O_DIRECT, opened on first use (-1: refused)
+        self._fd = open_readonly(self._path)
+        self._fds_closed = False
         try:
             self._header = read_header_fd(self._fd, self._path)
         except BaseException:
-            os.close(self._fd)
+            self._close_fds()
             raise
         self._closed = False
         self.bytes_read = 0
@@ -195,6 +231,7 @@ class FastSafetensorsFile:
         except UnsupportedDTypeError as exc:
             raise exc.in_file(self._path) from None
 
+    @_restores_readers
     def _get(self, info: TensorInfo, device: str | None, dtype: Any) -> Any:
         name = info.name
         target = self._device if device is None else resolve_device(device, self._framework.name)
@@ -241,19 +278,23 @@ class FastSafetensorsFile:
         until it is collected)."""
         return LazyTensor(self, self._info(name))
 
-    def _slice_born(self) -> None:
+    def _slice_born(self, piece: LazyTensor) -> None:
         """A LazyTensor of this file is made (in its __init__, however it is made)."""
         with self._lock:
             if self._closed:
                 raise ClosedFileError(self._path)
             self._slices += 1
+            # Counted and known to the slice together: a Ctrl-C as this returned (before the
+            # slice kept the file) left a count that no collected slice took back.
+            piece._file = self
 
     def _slice_gone(self) -> None:
         with self._lock:
             self._slices -= 1
-            if self._closed and not self._slices and not self._users:
+            if self._closed and not self._slices and not self._readers:
                 self._close_fds()
 
+    @_restores_readers
     def read_bytes(self, info: TensorInfo | str) -> memoryview:
         """The raw little-endian bytes of one tensor (its name, or its :class:`TensorInfo`), in
         fresh host memory: for a dtype the framework cannot represent."""
@@ -265,6 +306,7 @@ class FastSafetensorsFile:
         array = buffer.numpy() if self._framework.name == "pt" else buffer
         return memoryview(array).cast("B")
 
+    @_restores_readers
     def _read_index(self, info: TensorInfo, index: Any) -> Any:
         try:
             return self._index(info, index)
@@ -404,13 +446,20 @@ class FastSafetensorsFile:
         """Close the file. Idempotent; waits for reads in flight on other threads. Slices taken
         before keep the descriptors open until the last of them is collected."""
         with self._lock:
-            if self._closed:
-                return
+            # No early return once closed: a close() that a Ctrl-C stopped half-way (closed,
+            # descriptors still open) is finished by the next one.
             self._closed = True
-            while self._users:
-                self._lock.wait()
+            while self._readers:
+                self._idle.wait()
             if not self._slices:
                 self._close_fds()
+
+    def _read_done(self) -> None:
+        """Under the lock, as a read ends: wake close(), and be the one that closes the
+        descriptors if close() came meanwhile."""
+        self._idle.notify_all()
+        if self._closed and not self._slices and not self._readers:
+            self._close_fds()
 
     def _close_fds(self) -> None:
         """Under the lock. Once only, even when a slice collected during close() gets here
@@ -418,9 +467,11 @@ class FastSafetensorsFile:
         if self._fds_closed:
             return
         self._fds_closed = True
-        os.close(self._fd)
-        if self._direct_fd is not None and self._direct_fd >= 0:
-            os.close(self._direct_fd)
+        try:
+            os.close(self._fd)
+        finally:   # also after a Ctrl-C as the first close returns
+            if self._direct_fd is not None and self._direct_fd >= 0:
+                os.close(self._direct_fd)
 
     def __enter__(self) -> FastSafetensorsFile:
         return self
@@ -429,8 +480,11 @@ class FastSafetensorsFile:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_closed", True) is False:
-            self.close()
+        # Collected: no read or slice of it is left, whatever a count that a Ctrl-C stopped
+        # says, so nothing to wait for.
+        if getattr(self, "_fds_closed", True) is False:
+            self._closed = True
+            self._close_fds()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} tensors"
@@ -458,16 +512,18 @@ class _InUse:
     def __enter__(self) -> int:
         # The handle's own methods refuse a closed file before they get here; a slice taken
         # before close() reads until the descriptors are gone.
-        with self.owner._lock:
-            if self.owner._fds_closed:
-                raise ClosedFileError(self.owner._path)
-            self.owner._users += 1
-        return self.owner._fd
+        owner = self.owner
+        ident = threading.get_ident()
+        with owner._lock:
+            if owner._fds_closed:
+                raise ClosedFileError(owner._path)
+            owner._readers[self] = ident
+        return owner._fd
 
     def __exit__(self, *exc: object) -> None:
         owner = self.owner
         with owner._lock:
-            owner._users -= 1
-            owner._lock.notify_all()
-            if owner._closed and not owner._slices and not owner._users:
-                owner._close_fds()
+            # Gone already when _restores_readers took it out after a Ctrl-C, and this runs
+            # late (a generator's, as it is collected).
+            owner._readers.pop(self, None)
+            owner._read_done()

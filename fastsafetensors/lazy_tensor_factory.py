@@ -42,11 +42,11 @@ class LazyTensor:
     applies to the packed shape (the last dimension halved), as on the loaded tensor."""
 
     __slots__ = ("_file", "info")
+    _file: FastSafetensorsFile   # set by the file as it counts the slice (_slice_born)
 
     def __init__(self, file: FastSafetensorsFile, info: TensorInfo):
-        file._slice_born()   # counted, so that close() leaves the descriptor to the slices
-        self._file = file
         self.info = info
+        file._slice_born(self)   # counts it and sets _file: close() leaves the descriptor to it
 
     @property
     def name(self) -> str:
@@ -84,9 +84,11 @@ class LazyTensor:
         return self._file._read_index(self.info, index)
 
     def __del__(self) -> None:
-        file = getattr(self, "_file", None)   # unset when __init__ failed: never counted
-        if file is not None:
-            file._slice_gone()
+        try:
+            file = self._file
+        except AttributeError:   # unset when __init__ failed: never counted
+            return
+        file._slice_gone()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A copy would skip __init__ and not be counted (as safetensors' slices, these do not

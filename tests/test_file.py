@@ -530,6 +530,148 @@ def test_close_during_many_reads(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> 
             assert_bitwise_equal(tensor, tensors["big"])
 
 
+# -- Ctrl-C -----------------------------------------------------------------------------------
+
+def _ctrl_c_at(point: int) -> tuple[Any, list[int]]:
+    """A profile function raising KeyboardInterrupt at the ``point``-th place where CPython
+    would run a Ctrl-C handler on this thread (as a function starts, or as a C call returns;
+    none in this file), and the count of places it passed."""
+    import sys
+
+    passed = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event in ("call", "c_return") and frame.f_code.co_filename != __file__:
+            passed[0] += 1
+            if passed[0] == point:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    return profile, passed
+
+
+def _each_ctrl_c(action: Any) -> Any:
+    """Runs ``action`` once for each such place, interrupted there, and yields after each run;
+    the last run is not interrupted."""
+    import sys
+
+    point = 0
+    while True:
+        point += 1
+        profile, passed = _ctrl_c_at(point)
+        sys.setprofile(profile)
+        try:
+            action()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        yield point
+        if passed[0] < point:   # ran to its end
+            return
+
+
+def _closes_from_another_thread(fsf: FastSafetensorsFile) -> None:
+    """Another thread can take the handle's lock, and close() there returns (the join's timeout
+    only keeps a hang from hanging the suite)."""
+    taken = []
+
+    def take() -> None:
+        taken.append(fsf._lock.acquire(blocking=False))
+        if taken[-1]:
+            fsf._lock.release()
+
+    checker = threading.Thread(target=take)
+    checker.start()
+    checker.join()
+    assert taken == [True], "the lock is held by the thread that a Ctrl-C stopped"
+    closer = threading.Thread(target=fsf.close, daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close() waits for a read that a Ctrl-C ended"
+
+
+def test_a_handle_read_when_a_ctrl_c_came_still_reads_and_closes(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    # A Ctrl-C at the start of a Condition's __enter__ or __exit__ (Python functions: CPython
+    # runs its handler as one starts) left the handle's lock held by the interrupted thread, and
+    # one as a read ended left the read counted: close() then waited for ever.
+    from builders import open_fds
+
+    path, tensors = ckpt
+    before = open_fds()
+    handles = [FastSafetensorsFile(path)]
+    for point in _each_ctrl_c(lambda: handles[-1]["cube"]):
+        fsf = handles.pop()
+        assert_bitwise_equal(fsf["model.norm.weight"], tensors["model.norm.weight"])
+        _closes_from_another_thread(fsf)
+        assert open_fds() == before, point
+        handles.append(FastSafetensorsFile(path))
+    handles.pop().close()
+    assert point > 20
+
+
+def test_a_slice_taken_when_a_ctrl_c_came_leaves_no_descriptor_open(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    # A Ctrl-C as a slice was counted, before it knew its file, left a count that no collected
+    # slice took back: close() then left the descriptor open for good.
+    from builders import open_fds
+
+    path, tensors = ckpt
+    before = open_fds()
+    handles = [FastSafetensorsFile(path)]
+    held: list[LazyTensor] = []
+
+    def take() -> None:
+        # Kept: a slice collected in here would have its __del__ interrupted too, where no code
+        # can make up for it.
+        held.append(handles[-1].get_slice("big"))
+        held[-1][1:3, 8:16]
+
+    for point in _each_ctrl_c(take):
+        if held:
+            assert_bitwise_equal(held[-1][1:3, 8:16], tensors["big"][1:3, 8:16])
+        held.clear()
+        _closes_from_another_thread(handles.pop())
+        assert open_fds() == before, point
+        handles.append(FastSafetensorsFile(path))
+    handles.pop().close()
+    assert point > 20
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_close_stopped_by_a_ctrl_c_is_finished_by_the_next(mib_file: Any, direct: bool
+                                                             ) -> None:
+    # A close() stopped half-way (the handle marked closed, its descriptors open) made the next
+    # close() return at once, and __del__ do nothing: the descriptors stayed open for good. With
+    # the O_DIRECT descriptor open, a Ctrl-C as the first one closed left the second open.
+    from builders import open_fds
+
+    path, _ = mib_file
+    before = open_fds()
+
+    def opened() -> FastSafetensorsFile:
+        handle = FastSafetensorsFile(path)
+        if direct:
+            with fastsafetensors.configure(io="direct"):
+                handle["a"]
+            assert len(open_fds() - before) == 2
+        return handle
+
+    points = 0
+    handles: list[FastSafetensorsFile] = []
+    for closed_again in (True, False):
+        handles.append(opened())
+        for points in _each_ctrl_c(lambda: handles[-1].close()):
+            if closed_again:
+                handles[-1].close()
+            handles.clear()   # collected: __del__
+            assert open_fds() == before, points
+            handles.append(opened())
+        handles.clear()
+    assert points > 3
+
+
 # -- get_slice against torch indexing, property-based -------------------------------------------
 
 SHAPES_FOR_SLICING = {"v": (7,), "m": (5, 6), "c": (3, 4, 5), "h": (2, 1, 3, 4), "z": (0, 3),
