@@ -21,7 +21,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -414,14 +413,18 @@ class ParallelLoader:
                             ) -> Generator[tuple[str, Any], None, None]:
         from .file import FastSafetensorsFile
 
+        threads = self.loader.max_threads
         for path, infos in kept:
             with FastSafetensorsFile(path) as f:
+                # Not around the yield: a generator runs in its caller's context, so a
+                # configure() block held open across yields would apply to the caller too. And
+                # in a copy of that context: a Ctrl-C as the block's __enter__ or __exit__ ran
+                # (Python functions, where CPython runs its handler) left the option set there
+                # for good.
+                read = f.get_tensor if threads is None else configure(threads=threads)(
+                    f.get_tensor)
                 for info in infos:
-                    # Not around the yield: a generator runs in its caller's context, so a
-                    # configure() block held open across yields would apply to the caller too.
-                    threads = self.loader.max_threads
-                    with configure(threads=threads) if threads is not None else nullcontext():
-                        tensor = f.get_tensor(info.name)
+                    tensor = contextvars.copy_context().run(read, info.name)
                     yield info.name, tensor
 
     def _drain(self, fb: FilesBufferOnDevice, bar: Any) -> Iterator[tuple[str, Any]]:
