@@ -439,6 +439,12 @@ class FastSafetensorsFile:
         return self._framework.exact(raw, offset - first, length)
 
     # -- lifetime -------------------------------------------------------------------------
+    @_restores_readers
+    def _fstat(self) -> os.stat_result:
+        """The open file's status (whose ``st_dev`` and ``st_ino`` tell which file it is)."""
+        with self._in_use() as fd:
+            return os.fstat(fd)
+
     def _in_use(self) -> _InUse:
         return _InUse(self)
 

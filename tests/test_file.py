@@ -672,6 +672,21 @@ def test_a_close_stopped_by_a_ctrl_c_is_finished_by_the_next(mib_file: Any, dire
     assert points > 3
 
 
+def test_two_handles_compared_when_a_ctrl_c_came_leave_no_read_counted(
+        ckpt: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    # from_pretrained asks whether a requester's handle reads the batch's file: a Ctrl-C as
+    # that check's reads ended left one counted, and close() waited for it for ever.
+    from fastsafetensors.integrations._transformers_batch import same_file
+
+    path, _ = ckpt
+    a, b = FastSafetensorsFile(path), FastSafetensorsFile(path)
+    for point in _each_ctrl_c(lambda: same_file(a, b)):
+        assert not a._readers and not b._readers, point
+    assert same_file(a, b) and point > 5
+    _closes_from_another_thread(a)
+    _closes_from_another_thread(b)
+
+
 # -- get_slice against torch indexing, property-based -------------------------------------------
 
 SHAPES_FOR_SLICING = {"v": (7,), "m": (5, 6), "c": (3, 4, 5), "h": (2, 1, 3, 4), "z": (0, 3),

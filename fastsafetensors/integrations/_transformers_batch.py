@@ -88,10 +88,7 @@ class _Pending(Future[Any]):
 
 def same_file(a: FastSafetensorsFile, b: FastSafetensorsFile) -> bool:
     """Whether two handles read the same file (not just the same path)."""
-    if a is b:
-        return True
-    with a._in_use() as fd_a, b._in_use() as fd_b:
-        return os.path.samestat(os.fstat(fd_a), os.fstat(fd_b))
+    return a is b or os.path.samestat(a._fstat(), b._fstat())
 
 
 class Batch:
