@@ -309,8 +309,8 @@ def _local_plan(path: str, subfolder: str | None, variant: str | None,
                 tensors: list[str] | None) -> _Plan:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise CheckpointNotFoundError(path, "no such file or folder (a Hub repo id looks like "
-                                            "'org/name')")
+        raise CheckpointNotFoundError(path, "check the path; a Hub repo id looks like "
+                                            "'org/name'")
     missing = "the checkpoint lists it but it is not there (incomplete copy?)"
     if not os.path.isdir(path):
         if subfolder is not None or variant is not None:

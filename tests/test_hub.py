@@ -197,8 +197,13 @@ def test_stream_local_in_order(tmp_path: Path) -> None:
 def test_missing_path_is_not_a_repo_id(tmp_path: Path, source: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointNotFoundError):
+    with pytest.raises(CheckpointNotFoundError) as info:
         fastsafetensors.resolve(source)
+    # Said once, then what to do: it read "No such file or directory: ... (no such file or
+    # folder (a Hub repo id looks like 'org/name'))".
+    message = str(info.value)
+    assert message.startswith("[Errno 2] No such file or directory: ")
+    assert message.endswith("(check the path; a Hub repo id looks like 'org/name')")
 
 
 def test_folder_without_weights(tmp_path: Path) -> None:

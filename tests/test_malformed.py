@@ -398,7 +398,7 @@ def test_paths_no_file_can_have(name: str, fragment: str, tmp_path: Path) -> Non
         with pytest.raises(CheckpointNotFoundError) as excinfo:
             attempt()
         assert isinstance(excinfo.value, FileNotFoundError)
-        assert fragment in str(excinfo.value) or "no such file or folder" in str(excinfo.value)
+        assert fragment in str(excinfo.value) or "check the path" in str(excinfo.value)
 
 
 def test_empty_path_is_not_the_current_folder(tmp_path: Path,
