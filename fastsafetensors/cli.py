@@ -57,7 +57,10 @@ def _demo(args: argparse.Namespace) -> int:
         save_file(tensors, path)
         del tensors
         nbytes = os.path.getsize(path)
-        print(f"made {path} ({nbytes / 1e6:.1f} MB, {2 * layer} tensors)")
+        # Not the path: the folder is removed when the demo ends, so a path to try again with
+        # (fastsafetensors inspect ...) would name a file that is gone.
+        print(f"made a synthetic checkpoint in a temporary folder, removed at the end: "
+              f"model.safetensors, {nbytes / 1e6:.1f} MB, {2 * layer} tensors")
 
         start = time.perf_counter()
         ours = load_file(path)

@@ -32,6 +32,8 @@ def test_demo(tmp_path: Path) -> None:
     assert "equal bit for bit: True" in proc.stdout
     assert proc.stdout.count("GB/s") >= 2  # for this package and for safetensors
     assert list(tmp_path.iterdir()) == []  # the temporary checkpoint is cleaned up
+    # so its path is not printed: a user who tried it next found no such file
+    assert str(tmp_path) not in proc.stdout
 
 
 def test_inspect_lists_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
