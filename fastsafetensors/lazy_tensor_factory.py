@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointIndexError, TensorNotFoundError
+from .errors import CheckpointIndexError, ConfigError, TensorNotFoundError
 from .format import DTYPES, TensorInfo
 
 if TYPE_CHECKING:
@@ -332,6 +332,13 @@ class LazyTensorFactory:
         f = self._file(name)
         if self.creator is None:
             return f.get_tensor(name, device=device, dtype=dtype)
+        # The creator gets the bytes as stored and decides what it builds: a device or dtype
+        # asked for here would be ignored without a word.
+        for option, value in (("device", device), ("dtype", dtype)):
+            if value is not None:
+                raise ConfigError(option, value, ["None with a creator (it gets the stored "
+                                                  "bytes: move or cast in it), or a factory "
+                                                  "without one"])
         info = f.header.tensors[name]
         return self.creator(f.read_bytes(info), info)
 

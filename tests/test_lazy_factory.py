@@ -21,6 +21,7 @@ from builders import (
 from fastsafetensors import (
     CheckpointIndexError,
     CheckpointNotFoundError,
+    ConfigError,
     FastSafetensorsFile,
     HeaderError,
     LazyTensor,
@@ -148,6 +149,20 @@ def test_creator_builds_numpy(tmp_path: Path, tensors: dict[str, torch.Tensor]) 
     with LazyTensorFactory(path, creator=to_numpy) as factory:
         got = factory.create("big")
     np.testing.assert_array_equal(got, tensors["big"].numpy())
+
+
+def test_a_creator_with_a_device_or_dtype_asked_for_refuses(tmp_path: Path,
+                                                            tensors: dict[str, torch.Tensor]
+                                                            ) -> None:
+    # The creator builds from the stored bytes: a device or dtype passed to create() was
+    # dropped without a word (a float16 asked for, float32 given).
+    path = write_file(tmp_path / "m.safetensors", tensors)
+    with LazyTensorFactory(path, creator=lambda data, info: bytes(data)) as factory:
+        for option, value in (("device", "cpu"), ("dtype", torch.float16)):
+            with pytest.raises(ConfigError, match=f"{option}=.*None with a creator") as info:
+                factory.create("big", **{option: value})
+            assert isinstance(info.value, ValueError)
+        assert factory.create("big") == tensors["big"].numpy().tobytes()
 
 
 def test_numpy_framework(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> None:
