@@ -120,6 +120,63 @@ def test_our_load_compiles_only_what_it_uses(mixtral: Path, fresh_table: None,
     assert others and not any(p._compiled is not None for p in others)
 
 
+def two_block_dory(folder: Path) -> Path:
+    """A tiny Dory checkpoint in the layout of Dory's own releases: each decoder layer ``i``
+    stored as an attention block ``layers.{2i}.mixer`` and an mlp block ``layers.{2i+1}.mixer``,
+    with their scales as ``attn_alpha`` and ``mlp_alpha``."""
+    import safetensors.torch
+    from transformers import DoryConfig, DoryForCausalLM
+
+    torch.manual_seed(0)
+    config = DoryConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, max_position_embeddings=64, n_input_layers=1,
+                        n_output_layers=1, n_recurrent_loops=1)
+    DoryForCausalLM(config).eval().save_pretrained(folder)
+
+    def block(match: re.Match[str]) -> str:
+        layer, rest = int(match[1]), match[2]
+        if rest in ("lambda_1", "lambda_2"):
+            return (f"layers.{2 * layer}.attn_alpha" if rest == "lambda_1"
+                    else f"layers.{2 * layer + 1}.mlp_alpha")
+        part, _, name = rest.partition(".")
+        name = name.replace("gate_proj.", "g_proj.") if part == "self_attn" else name
+        return f"layers.{2 * layer + (part == 'mlp')}.mixer.{name}"
+
+    path = folder / "model.safetensors"
+    saved = safetensors.torch.load_file(path)
+    renamed = {re.sub(r"layers\.(\d+)\.(.+)$", block, name): tensor
+               for name, tensor in saved.items()}
+    assert any(".mixer." in name for name in renamed) and len(renamed) == len(saved)
+    safetensors.torch.save_file(renamed, path, metadata={"format": "pt"})
+    return folder
+
+
+def test_a_renaming_with_its_own_rule_loads_as_stock(tmp_path: Path, fresh_table: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.24's LayerPairCollapse (Dory) renames keys with a pattern of its class,
+    compiled when transformers is imported, not through the table's patterns: the one renaming
+    of the table that a lazy pattern does not reach. Two source layers become one."""
+    from transformers import core_model_loading
+
+    if not hasattr(core_model_loading, "LayerPairCollapse"):
+        pytest.skip("LayerPairCollapse and Dory came with transformers 5.24")
+    from transformers import DoryForCausalLM
+
+    folder = two_block_dory(tmp_path / "dory")
+    reference, info = DoryForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info   # every key renamed onto a parameter, none left over
+
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    taken = handed_out(monkeypatch)
+    model, info = DoryForCausalLM.from_pretrained(folder, loader="fastsafetensors",
+                                                  output_loading_info=True)
+    assert not any(info.values()), info
+    assert any(isinstance(t, core_model_loading.LayerPairCollapse) for t in taken)
+    assert assert_same(model, reference) > 0
+    assert isinstance(core_model_loading.LayerPairCollapse.pattern, re.Pattern)
+
+
 def test_stock_loads_compile_as_before(mixtral: Path, fresh_table: None,
                                       made: list[Any]) -> None:
     from transformers import MixtralForCausalLM
