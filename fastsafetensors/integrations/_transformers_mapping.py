@@ -94,7 +94,7 @@ def lazy_re(ours: Callable[[], bool]) -> types.ModuleType:
 
 def fits() -> bool:
     """Whether this transformers compiles through ``core_model_loading``'s ``re`` global (5.0
-    to 5.23 do); where not, nothing is replaced and loads compile as stock."""
+    to 5.24 do); where not, nothing is replaced and loads compile as stock."""
     try:
         from transformers import core_model_loading
     except ImportError:
