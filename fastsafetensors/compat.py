@@ -379,14 +379,24 @@ class SafeTensorsFileLoader:
 
     # -- reading --------------------------------------------------------------------------
     def copy_files_to_device(self, dtype: Any = None, use_buf_register: bool = True,
-                             max_copy_block_size: int = 16 * _GIB) -> FilesBufferOnDevice:
+                             max_copy_block_size: int = 16 * _GIB, allow_inflight: bool = False,
+                             borrowed_tensors: bool = False) -> FilesBufferOnDevice:
         """Read this rank's files onto the device, then check with one all_reduce that every
         rank did: where one failed, it raises its own error and every other rank
         :class:`~fastsafetensors.PeerLoadError` (instead of waiting in ``get_tensor``).
 
         ``dtype`` casts every tensor as upstream does (None or ``DType.AUTO``: keep the file's
         dtype). ``use_buf_register`` and ``max_copy_block_size`` are accepted and ignored: our
-        engine bounds its pinned staging itself."""
+        engine bounds its pinned staging itself. So are upstream's ``allow_inflight`` and
+        ``borrowed_tensors``: tensors here are complete when this returns and own their memory,
+        which is what either asks for at the least. As upstream, ``borrowed_tensors=True`` is
+        refused under several ranks."""
+        if borrowed_tensors and self._group.size > 1:
+            # Refused before any collective, and every rank passes the same arguments: all
+            # ranks raise, none waits.
+            raise ConfigError("borrowed_tensors", borrowed_tensors,
+                              ["False under several ranks (a borrowed tensor is not broadcast;"
+                               " upstream refuses it too)"])
         return checked(self._group, self.device, self._files_by_rank(),
                        lambda: self._copy(dtype), FilesBufferOnDevice.layout)
 

@@ -612,6 +612,22 @@ def test_dtype_auto_keeps_file_dtype(shards: list[str]) -> None:
         loader.copy_files_to_device(dtype="float42")
 
 
+def test_copy_files_to_device_takes_upstreams_keywords(shards: list[str]) -> None:
+    # Upstream 0.5.0: copy_files_to_device(dtype, use_buf_register, max_copy_block_size,
+    # allow_inflight, borrowed_tensors); its own ParallelLoader passes the last two. They raised
+    # TypeError here. Tensors here are complete when it returns and own their memory, which
+    # satisfies both.
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu", nogds=True)
+    loader.add_filenames({0: shards})
+    fb = loader.copy_files_to_device(None, True, 16 << 30, True, True)
+    got = {name: fb.get_tensor(name) for name in fb.keys()}
+    fb.close()
+    fb = loader.copy_files_to_device(allow_inflight=False, borrowed_tensors=False)
+    assert fb.keys() == list(got)
+    loader.close()
+    assert_same(got, shards)
+
+
 # -- errors and lifetime ----------------------------------------------------------------------
 
 def test_unknown_key_is_tensor_not_found(shards: list[str]) -> None:
@@ -700,6 +716,9 @@ def _rank_main(rank: int, store: str, files: list[str]) -> None:
         pg = dist.group.WORLD
         loader = SafeTensorsFileLoader(pg, torch.device("cpu"), nogds=True)
         loader.add_filenames({0: [a], 1: [b]})
+        # As upstream refuses it (ValueError): a borrowed tensor cannot be broadcast.
+        with pytest.raises(ConfigError, match="borrowed_tensors"):
+            loader.copy_files_to_device(borrowed_tensors=True)
         STATS.reset()
         fb = loader.copy_files_to_device()
         read = STATS.snapshot()[0]
