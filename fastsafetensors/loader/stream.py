@@ -440,9 +440,11 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     count = 0
     completed = False   # the caller had every tensor and no thread had failed
     tracked = pool.track(cancelled, finished)
-    # Readers get the GIL back sooner from threads running Python (switching.py).
-    switched = switching.shorten(options.switch_interval)
+    # Readers get the GIL back sooner from threads running Python (switching.py). In the try,
+    # marked in a list: a Ctrl-C inside shorten() left the interval shortened for good.
+    switched: list[bool] = []
     try:
+        switching.shorten(options.switch_interval, switched)
         # Started inside the try: if a thread cannot start, the cleanup below still stops
         # the ones that did and closes their files.
         finished.append(pool.start(plan, "fastsafetensors-plan"))

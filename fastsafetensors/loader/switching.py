@@ -34,21 +34,27 @@ _saved: float | None = None   # the interval before the first of them, if it was
 _set: float | None = None     # what it was changed to
 
 
-def shorten(seconds: float) -> bool:
+def shorten(seconds: float, due: list[bool] | None = None) -> bool:
     """Shorten the interval to ``seconds`` (if it is longer) until :func:`restore`; returns
-    whether a matching :func:`restore` is due (False for 0: nothing was done)."""
+    whether a matching :func:`restore` is due (False for 0: nothing was done). ``due`` gets
+    True appended as soon as it is: a Ctrl-C (which CPython raises as a call returns) anywhere
+    in here after that still leaves the caller knowing that it must restore."""
     global _depth, _saved, _set
     if seconds <= 0:
         return False
     with _lock:
-        if _depth == 0:
+        _depth += 1
+        if due is not None:
+            due.append(True)
+        if _depth == 1:
+            _saved = _set = None
             current = sys.getswitchinterval()
             if seconds < current:
+                # Saved before the call: interrupted as it returns, _set stays None and
+                # restore() sets the interval back all the same.
+                _saved = current
                 sys.setswitchinterval(seconds)
-                _saved, _set = current, sys.getswitchinterval()
-            else:
-                _saved = _set = None
-        _depth += 1
+                _set = sys.getswitchinterval()
     return True
 
 
@@ -60,8 +66,8 @@ def restore() -> None:
         if _depth == 0:   # a forked child's reset came in between
             return
         _depth -= 1
-        if _depth == 0 and _set is not None:
-            if sys.getswitchinterval() == _set and _saved is not None:
+        if _depth == 0 and _saved is not None:
+            if _set is None or sys.getswitchinterval() == _set:
                 sys.setswitchinterval(_saved)
             _saved = _set = None
 
@@ -70,8 +76,7 @@ def _after_fork() -> None:
     # A child keeps the forking thread only: loads other threads were running never end there.
     global _lock, _depth, _saved, _set
     _lock = threading.RLock()
-    if _depth and _set is not None and _saved is not None \
-            and sys.getswitchinterval() == _set:
+    if _depth and _saved is not None and (_set is None or sys.getswitchinterval() == _set):
         sys.setswitchinterval(_saved)
     _depth = 0
     _saved = _set = None
