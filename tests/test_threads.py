@@ -234,3 +234,50 @@ def test_only_the_collecting_thread_counts_as_collecting() -> None:
     seen["after"] = pool.collecting()
     assert seen == {"before": False, "collecting thread, during": True,
                     "other thread, during": False, "after": False}
+
+
+def test_a_ctrl_c_as_a_thread_starts_leaves_it_counted_right(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPython raises a Ctrl-C as a call returns or a function starts: one as the pool's lock
+    # was let go after counting the task left it counted busy for good; one inside
+    # Thread.start, after the thread had started, uncounted a task that its thread counted
+    # off again when done (busy() -1).
+    import sys
+
+    monkeypatch.setattr(pool, "IDLE_SECONDS", 0.01)   # no idle thread left between tries
+    # In threading.py only Thread.start and the start of the wait for the thread: deeper, a
+    # Ctrl-C breaks CPython's own Condition ("release unlocked lock").
+    starting = (threading.Thread.start.__code__, threading.Event.wait.__code__)
+    point = 0
+    while True:
+        point += 1
+        passed = [0]
+
+        def profile(frame, event, arg, passed=passed, point=point) -> None:
+            inside = frame.f_code.co_filename == pool.__file__ or (
+                frame.f_code is starting[0] or (frame.f_code is starting[1] and event == "call"))
+            if event in ("call", "c_return") and inside:
+                passed[0] += 1
+                if passed[0] == point:
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        release = threading.Event()
+        deadline = time.monotonic() + 20
+        while pool._idle and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert pool._idle == 0
+        sys.setprofile(profile)
+        try:
+            pool.start(release.wait, "fastsafetensors-test")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        release.set()
+        while pool.busy() > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert pool.busy() == 0, point
+        if passed[0] < point:   # ran to its end
+            break
+    assert point > 5

@@ -72,19 +72,28 @@ def start(task: Callable[[], None], name: str) -> threading.Event:
             done.set()
 
     with _lock:
-        _busy += 1
         if _idle:
+            _busy += 1
             _idle -= 1
             _tasks.put(run)   # under the lock: a thread timing out sees it (see _serve)
             return done
-        _started += 1
-        number = _started
+    # Taken out by the new thread, or by the cleanup below if it never did: a Ctrl-C (raised as
+    # a call returns, as the lock is let go too) can come before or after the thread started.
+    box = [run]
+    counted = False
     try:
-        threading.Thread(target=_serve, args=([run],), name=f"{IDLE_NAME}-{number}",
+        with _lock:
+            _busy += 1
+            counted = True
+            _started += 1
+            number = _started
+        threading.Thread(target=_serve, args=(box,), name=f"{IDLE_NAME}-{number}",
                          daemon=True).start()
     except BaseException:
         with _lock:   # no thread will run it: not busy (the caller gets the error)
-            _busy -= 1
+            if counted and box:
+                box.clear()
+                _busy -= 1
         raise
     return done
 
@@ -166,7 +175,8 @@ def _serve(box: list[Callable[[], None]]) -> None:
     # The first task comes in a list emptied here: a Thread keeps its args until its target
     # returns, so a task passed directly (its closure holding the finished load's state, the
     # device tensors of a load stopped early) would live as long as the thread.
-    run: Callable[[], None] | None = box.pop()
+    with _lock:   # empty if start() gave the task up (a Ctrl-C as this thread started)
+        run: Callable[[], None] | None = box.pop() if box else None
     while run is not None:
         run()
         run = None   # its closure holds the finished load's state: not kept while idle
