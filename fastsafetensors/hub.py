@@ -570,9 +570,14 @@ def _shards(plan: _Plan, max_downloads: int) -> Generator[tuple[str, str, Header
             path = plan.path(name)
             yield name, path, _checked(plan, name, path)
         return
-    with _Downloads(plan, max_downloads) as downloads:
+    downloads = _Downloads(plan, max_downloads)
+    # Not a with block: a Ctrl-C as its __enter__ starts (a Python function, where CPython
+    # raises it) skips __exit__, and the downloads ran on.
+    try:
         for name, path in downloads:
             yield name, path, _checked(plan, name, path)
+    finally:
+        downloads.close()
 
 
 def _checked(plan: _Plan, name: str, path: str) -> Header:
@@ -636,15 +641,21 @@ class _Downloads:
         self._plan = plan
         self._stop = threading.Event()
         self._bar = _stoppable_bar(self._stop)
+        self._futures: dict[Future[str], str] = {}
         self._pool = ThreadPoolExecutor(min(workers, len(plan.shards)),
                                         thread_name_prefix="fastsafetensors-download")
-        # Cached shards are submitted first and handed out in order, so a fully cached repo
-        # loads in the same order every time (their fetch is a cache hit, nothing to wait for).
-        cached = [n for n in plan.shards if os.path.isfile(os.path.join(plan.folder, n))]
-        self._cached = len(cached)
-        order = cached + [n for n in plan.shards if n not in cached]
-        self._futures: dict[Future[str], str] = {
-            self._pool.submit(self._fetch, name): name for name in order}
+        try:
+            # Cached shards are submitted first and handed out in order, so a fully cached
+            # repo loads in the same order every time (their fetch is a cache hit).
+            cached = [n for n in plan.shards if os.path.isfile(os.path.join(plan.folder, n))]
+            self._cached = len(cached)
+            for name in cached + [n for n in plan.shards if n not in cached]:
+                self._futures[self._pool.submit(self._fetch, name)] = name
+        except BaseException:
+            # A Ctrl-C between two submits: nobody holds this object to close it, and the
+            # downloads already started ran on to their end.
+            self.close()
+            raise
 
     def _fetch(self, name: str) -> str:
         if self._stop.is_set():

@@ -934,3 +934,38 @@ def test_hub_a_revision_it_no_longer_has_is_not_served_from_the_cache(hub_server
     del hub_server.repos["org/m"].refs["v1.0"]
     with pytest.raises(RevisionNotFoundError):
         fastsafetensors.resolve("org/m", revision="v1.0")
+
+
+@pytest.mark.parametrize("at", ["second submit", "third submit", "after init"])
+def test_a_ctrl_c_as_downloads_start_stops_them(hub_server: Any, slow_repo: int, at: str) -> None:
+    # CPython raises a Ctrl-C as a Python function starts: one as the second download was
+    # submitted, or as the next function started once they all were (a with block's
+    # __enter__), left the ones already started running on to their end, in threads nobody
+    # waited for.
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    init, submit = hub._Downloads.__init__.__code__, ThreadPoolExecutor.submit.__code__
+    nth = {"second submit": 2, "third submit": 3}.get(at)
+    seen, made = [0], [False]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_code is init:
+            made[0] = True
+        elif event == "call" and (frame.f_code is submit if nth else made[0]):
+            seen[0] += 1
+            if seen[0] == (nth or 1):
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    stream = hub.stream("org/big", max_downloads=2)
+    sys.setprofile(profile)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(stream)
+    finally:
+        sys.setprofile(None)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fastsafetensors-download")]
+    blobs = Path(hf_constants.HF_HUB_CACHE) / "models--org--big" / "blobs"
+    assert not list(blobs.glob("*.incomplete"))
+    assert len(list(hub.stream("org/big"))) == 8   # the next call works
