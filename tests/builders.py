@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +293,35 @@ def llama_specs(*, layers: int = 32, hidden: int = 4096, intermediate: int = 110
 def open_fds() -> set[str]:
     """This process's open descriptors (Linux), to prove that nothing leaks."""
     return set(os.listdir("/proc/self/fd"))
+
+
+def each_ctrl_c(action: Callable[[], Any], counted: Callable[[Any], bool]) -> Iterator[int]:
+    """Run ``action`` once for each place where CPython would run a Ctrl-C handler on this
+    thread (a Python function starting, a C call returning) in a frame ``counted`` accepts,
+    with KeyboardInterrupt raised there; yield the place's number after each run. The last run
+    goes to its end uninterrupted."""
+    import sys
+
+    point = 0
+    while True:
+        point += 1
+        passed = [0]
+
+        def profile(frame: Any, event: str, arg: Any, passed: list[int] = passed,
+                    point: int = point) -> None:
+            if event in ("call", "c_return") and counted(frame):
+                passed[0] += 1
+                if passed[0] == point:
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        sys.setprofile(profile)
+        try:
+            action()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        yield point
+        if passed[0] < point:   # ran to its end
+            return

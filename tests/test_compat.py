@@ -1005,32 +1005,14 @@ def test_a_ctrl_c_in_cpu_owned_reads_leaves_the_callers_configuration_alone(
     # Each read ran in a configure(threads=...) block in the caller's context: a Ctrl-C as the
     # block's __enter__ or __exit__ ran (Python functions, where CPython runs its handler) left
     # that option set there, for every later load of the caller.
-    import sys
+    from builders import each_ctrl_c
 
     import fastsafetensors
 
     loader = ParallelLoader(None, mib_checkpoint[:1], use_tqdm_on_load=False, max_threads=3,
                             tensor_filter=lambda name: name == "norm", all_local=True)
-    point, passed = 0, [0]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        # Where CPython runs a Ctrl-C handler: as a function starts, as a C call returns.
-        if event in ("call", "c_return") and frame.f_code.co_filename != __file__:
-            passed[0] += 1
-            if passed[0] == point:
-                sys.setprofile(None)
-                raise KeyboardInterrupt
-
-    while point <= passed[0]:
-        point, passed[0] = point + 1, 0
-        sys.setprofile(profile)
-        try:
-            for _ in loader.iterate_weights():
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.setprofile(None)
+    for point in each_ctrl_c(lambda: list(loader.iterate_weights()),
+                             lambda frame: frame.f_code.co_filename != __file__):
         assert fastsafetensors.config.overrides() == {}, point
     loader.close()
     assert point > 20

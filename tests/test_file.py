@@ -532,43 +532,12 @@ def test_close_during_many_reads(ckpt: tuple[Path, dict[str, torch.Tensor]]) -> 
 
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
-def _ctrl_c_at(point: int) -> tuple[Any, list[int]]:
-    """A profile function raising KeyboardInterrupt at the ``point``-th place where CPython
-    would run a Ctrl-C handler on this thread (as a function starts, or as a C call returns;
-    none in this file), and the count of places it passed."""
-    import sys
-
-    passed = [0]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event in ("call", "c_return") and frame.f_code.co_filename != __file__:
-            passed[0] += 1
-            if passed[0] == point:
-                sys.setprofile(None)
-                raise KeyboardInterrupt
-
-    return profile, passed
-
-
 def _each_ctrl_c(action: Any) -> Any:
-    """Runs ``action`` once for each such place, interrupted there, and yields after each run;
-    the last run is not interrupted."""
-    import sys
+    """``action`` interrupted at each place where CPython would run a Ctrl-C handler, outside
+    this file (builders.each_ctrl_c)."""
+    from builders import each_ctrl_c
 
-    point = 0
-    while True:
-        point += 1
-        profile, passed = _ctrl_c_at(point)
-        sys.setprofile(profile)
-        try:
-            action()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.setprofile(None)
-        yield point
-        if passed[0] < point:   # ran to its end
-            return
+    return each_ctrl_c(action, lambda frame: frame.f_code.co_filename != __file__)
 
 
 def _closes_from_another_thread(fsf: FastSafetensorsFile) -> None:

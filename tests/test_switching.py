@@ -167,29 +167,11 @@ def test_a_parents_load_closed_in_a_forked_child_leaves_the_childs_alone(shard: 
 def test_a_ctrl_c_as_a_load_shortens_it_leaves_it_set_back(shard: str) -> None:
     # CPython raises a Ctrl-C as a call returns: one as sys.setswitchinterval returned (or as
     # shorten's lock was let go) left the interval shortened, and counted, for good.
+    from builders import each_ctrl_c
+
     code = switching.shorten.__code__
-    point = 0
-    while True:
-        point += 1
-        passed = [0]
-
-        def profile(frame: Any, event: str, arg: Any, passed: list[int] = passed,
-                    point: int = point) -> None:
-            if event in ("call", "c_return") and frame.f_code is code:
-                passed[0] += 1
-                if passed[0] == point:
-                    sys.setprofile(None)
-                    raise KeyboardInterrupt
-
-        sys.setprofile(profile)
-        try:
-            assert len(list(_stream(shard, 0.0005))) == 12
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.setprofile(None)
+    for point in each_ctrl_c(lambda: list(_stream(shard, 0.0005)),
+                             lambda frame: frame.f_code is code):
         assert sys.getswitchinterval() == pytest.approx(DEFAULT), point
         assert switching._depth == 0, point
-        if passed[0] < point:   # ran to its end
-            break
-    assert point > 4
+    assert point > 4 and len(list(_stream(shard, 0.0005))) == 12
