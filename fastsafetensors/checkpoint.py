@@ -240,6 +240,8 @@ def requested(tensors: Iterable[str] | None) -> list[str] | None:
         return None
     if isinstance(tensors, str):
         raise ConfigError("tensors", tensors, [f"a list of tensor names, such as [{tensors!r}]"])
+    if not isinstance(tensors, Iterable):   # tensors=3: list() would say only "not iterable"
+        raise ConfigError("tensors", tensors, ["a list of tensor names (strings)"])
     names = list(tensors)
     try:
         return list(dict.fromkeys(names))

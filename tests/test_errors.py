@@ -473,3 +473,12 @@ def test_missing_numpy_with_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             attempt()
         assert excinfo.value.name == "numpy"
     assert open_fds() == before
+
+
+def test_tensors_that_is_not_a_list_is_a_config_error(tmp_path: Path) -> None:
+    # tensors=3 said only "'int' object is not iterable", from list(), naming no argument.
+    path = write_file(tmp_path / "m.safetensors", {"a": torch.arange(3.0)})
+    for call in (lambda: fastsafetensors.load(path, tensors=3),
+                 lambda: fastsafetensors.resolve(path, tensors=3)):
+        with pytest.raises(ConfigError, match="^tensors=3 .*a list of tensor names"):
+            call()
