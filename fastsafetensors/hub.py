@@ -236,6 +236,10 @@ def _plan(source: str | os.PathLike[str], *, revision: str | None, subfolder: st
           token: str | bool | None, local_files_only: bool | None,
           tensors: Iterable[str] | None, header_only: bool = False,
           force_download: bool = False) -> _Plan:
+    if not isinstance(source, (str, os.PathLike)):
+        # resolve(None) or inspect(3) failed deep in os.path or on str.startswith.
+        raise TypeError(f"expected a file, folder or Hub repo id (a str or os.PathLike); got "
+                        f"{type(source).__name__} {source!r:.80}")
     names = requested(tensors)
     sub = _subfolder(subfolder)
     if isinstance(source, os.PathLike) or not _is_repo_id(source):

@@ -482,3 +482,12 @@ def test_tensors_that_is_not_a_list_is_a_config_error(tmp_path: Path) -> None:
                  lambda: fastsafetensors.resolve(path, tensors=3)):
         with pytest.raises(ConfigError, match="^tensors=3 .*a list of tensor names"):
             call()
+
+
+def test_resolve_and_inspect_of_the_wrong_type(tmp_path: Path) -> None:
+    # resolve(3) raised AttributeError ('int' object has no attribute 'startswith'), and
+    # resolve(None) a TypeError from os.stat that named neither the call nor the argument.
+    for call in (fastsafetensors.resolve, fastsafetensors.inspect):
+        for source in (None, 3, b"/x", [str(tmp_path)]):
+            with pytest.raises(TypeError, match="expected a file, folder or Hub repo id"):
+                call(source)
