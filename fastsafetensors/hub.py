@@ -242,6 +242,10 @@ def _plan(source: str | os.PathLike[str], *, revision: str | None, subfolder: st
                         f"{type(source).__name__} {source!r:.80}")
     names = requested(tensors)
     sub = _subfolder(subfolder)
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        # cache_dir=3 failed in pathlib, with a TypeError that named no argument.
+        raise ConfigError("cache_dir", cache_dir, ["None (the Hugging Face cache)",
+                                                   "a folder (a str or os.PathLike)"])
     if isinstance(source, os.PathLike) or not _is_repo_id(source):
         # Like transformers, a local path ignores revision= (callers pass revision="main").
         return _local_plan(os.fspath(source), sub, variant, names)
@@ -269,6 +273,9 @@ def _is_repo_id(source: str) -> bool:
 def _subfolder(value: str | None) -> str | None:
     if not value:
         return None
+    if not isinstance(value, str):   # subfolder=3 failed on value.rstrip, an AttributeError
+        raise ConfigError("subfolder", value, ["a relative folder inside the checkpoint, such "
+                                               "as 'unet' or 'text_encoder'"])
     value = value.rstrip("/")
     parts = value.split("/")
     if value.startswith("/") or "\\" in value or ":" in value or any(

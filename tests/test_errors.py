@@ -491,3 +491,14 @@ def test_resolve_and_inspect_of_the_wrong_type(tmp_path: Path) -> None:
         for source in (None, 3, b"/x", [str(tmp_path)]):
             with pytest.raises(TypeError, match="expected a file, folder or Hub repo id"):
                 call(source)
+
+
+def test_hub_folder_options_of_the_wrong_type(tmp_path: Path) -> None:
+    # subfolder=3 raised AttributeError ('int' object has no attribute 'rstrip'); cache_dir=3
+    # a TypeError from pathlib that named no argument.
+    write_file(tmp_path / "model.safetensors", {"a": torch.arange(3.0)})
+    for call in (fastsafetensors.load, fastsafetensors.resolve, fastsafetensors.inspect):
+        with pytest.raises(ConfigError, match="^subfolder=3 "):
+            call(str(tmp_path), subfolder=3)
+        with pytest.raises(ConfigError, match="^cache_dir=3 "):
+            call("org/model", cache_dir=3, local_files_only=True)
