@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from . import config
 from .errors import (
     ClosedFileError,
+    ConfigError,
     HeaderError,
     ReadError,
     TensorNotFoundError,
@@ -300,8 +301,13 @@ class FastSafetensorsFile:
         fresh host memory: for a dtype the framework cannot represent."""
         if self._closed:
             raise ClosedFileError(self._path)
-        if isinstance(info, str):
-            info = self._info(info)
+        if not isinstance(info, TensorInfo):
+            info = self._info(info)   # read_bytes(3): TensorNotFoundError, not AttributeError
+        elif self._header.tensors.get(info.name) != info:
+            # Another file's TensorInfo read at its offsets here: wrong bytes, or a ReadError
+            # that blamed this file for being truncated.
+            raise ConfigError("info", info, [f"a tensor name, or a TensorInfo from the "
+                                             f"get_tensors() of {self._path}"])
         buffer = self._read_range(info.data_offsets[0], info.nbytes)
         array = buffer.numpy() if self._framework.name == "pt" else buffer
         return memoryview(array).cast("B")

@@ -502,3 +502,17 @@ def test_hub_folder_options_of_the_wrong_type(tmp_path: Path) -> None:
             call(str(tmp_path), subfolder=3)
         with pytest.raises(ConfigError, match="^cache_dir=3 "):
             call("org/model", cache_dir=3, local_files_only=True)
+
+
+def test_read_bytes_of_a_non_name_or_another_files_info(tmp_path: Path) -> None:
+    # read_bytes(3) raised AttributeError ('int' object has no attribute 'data_offsets'); a
+    # TensorInfo of another file read at its offsets here: wrong bytes, or a ReadError.
+    big = write_file(tmp_path / "big.safetensors", {"a": torch.arange(4.0), "z": torch.ones(100)})
+    small = write_file(tmp_path / "small.safetensors", {"a": torch.arange(2.0)})
+    with FastSafetensorsFile(big) as b, FastSafetensorsFile(small) as s:
+        with pytest.raises(TensorNotFoundError, match="^3 is not in small.safetensors"):
+            s.read_bytes(3)   # type: ignore[arg-type]
+        for info in (b.get_tensors()["z"], b.get_tensors()["a"]):
+            with pytest.raises(ConfigError, match="^info=.*get_tensors\\(\\) of .*small"):
+                s.read_bytes(info)
+        assert bytes(s.read_bytes(s.get_tensors()["a"])) == bytes(s.read_bytes("a"))
