@@ -578,9 +578,14 @@ class FilesBufferOnDevice:
         info, owner = self._info(name)
         g = self._group
         shape = _native_shape(info)
-        axis = dim + len(shape) if dim < 0 else dim
-        if not 0 <= axis < len(shape):
-            raise ConfigError("dim", dim, [str(d) for d in range(-len(shape), len(shape))])
+        valid = range(-len(shape), len(shape))
+        try:   # numpy ints too; dim="1" failed on "<", dim=1.0 as a tuple index (TypeErrors)
+            number = None if isinstance(dim, bool) else operator.index(dim)
+        except TypeError:
+            number = None
+        if number is None or number not in valid:
+            raise ConfigError("dim", dim, [str(d) for d in valid])
+        axis = number + len(shape) if number < 0 else number
         block = math.ceil(shape[axis] / g.size)
         spans = [(min(r * block, shape[axis]), min((r + 1) * block, shape[axis]))
                  for r in range(g.size)]

@@ -1149,3 +1149,21 @@ def test_max_threads_left_out_means_this_packages_default(tmp_path: Path,
                                           {"max_threads": max_threads}))
         assert loader._read([str(path)])["w"].sum() == 4
     assert asked == [(True, None), (True, 5)]   # a dict of every tensor: all kept
+
+
+def test_get_sharded_dim_of_the_wrong_type(tmp_path: Path) -> None:
+    # dim="1" raised TypeError ("'<' not supported between instances of 'str' and 'int'"),
+    # dim=1.0 one from the tuple index; numpy ints still work.
+    import numpy
+
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.arange(12.0).reshape(3, 4)})
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: [str(path)]})
+    fb = loader.copy_files_to_device()
+    for dim in ("1", 1.0, True, None):
+        with pytest.raises(ConfigError, match=f"^dim={dim!r} .*-2, -1, 0, 1"):
+            fb.get_sharded("w", dim)
+        with pytest.raises(ConfigError, match=f"^dim={dim!r} "):
+            fb.get_multi_cols(["w"], dim)
+    assert fb.get_sharded("w", numpy.int64(1)).shape == (3, 4)
+    loader.close()
