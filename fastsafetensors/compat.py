@@ -622,8 +622,13 @@ class FilesBufferOnDevice:
         (ordered by owner rank and file) as upstream does."""
         import torch
 
+        # A string was read letter by letter as names; an empty list failed in torch.cat.
+        names = [] if isinstance(tensor_names, str) else list(tensor_names)
+        if not names:
+            raise ConfigError("tensor_names", tensor_names,
+                              ["a non-empty list of tensor names, such as ['q_proj.weight']"])
         groups: dict[tuple[int, int], list[str]] = {}
-        for name in tensor_names:
+        for name in names:
             self._info(name)
             groups.setdefault(self.key_to_rank_lidx[name], []).append(name)
         parts = [self._shard(name, dim) for key in sorted(groups) for name in groups[key]]
@@ -634,13 +639,17 @@ class FilesBufferOnDevice:
             try:   # torch's type promotion, as upstream's torch.cat gives
                 joined = torch.cat(parts, dim=dim)
             except (RuntimeError, TypeError) as exc:
-                raise ConfigError("tensor_names", list(tensor_names),
+                raise ConfigError("tensor_names", names,
                                   [f"tensors whose dtypes torch.cat can combine ({exc})"]
                                   ) from None
         return self._finish(joined, device, dtype)
 
     def as_dict(self, tensor_shard_dim: Mapping[str, int]) -> dict[str, Any]:
         """``{name: get_sharded(name, dim)}`` for each ``name: dim`` given."""
+        if not isinstance(tensor_shard_dim, Mapping):   # a list failed on .items()
+            raise TypeError(f"as_dict takes {{tensor name: dim}}, got "
+                            f"{type(tensor_shard_dim).__name__} {tensor_shard_dim!r:.80}; "
+                            f"for whole tensors: {{name: -1}}")
         return {name: self.get_sharded(name, dim) for name, dim in tensor_shard_dim.items()}
 
     # -- lifetime -------------------------------------------------------------------------

@@ -1167,3 +1167,22 @@ def test_get_sharded_dim_of_the_wrong_type(tmp_path: Path) -> None:
             fb.get_multi_cols(["w"], dim)
     assert fb.get_sharded("w", numpy.int64(1)).shape == (3, 4)
     loader.close()
+
+
+def test_multi_cols_and_as_dict_of_the_wrong_shape(tmp_path: Path) -> None:
+    # get_multi_cols("ab") read the names "a" and "b", [] raised torch.cat's ValueError;
+    # as_dict(["w"]) raised AttributeError ('list' object has no attribute 'items').
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.arange(12.0).reshape(3, 4),
+                                                  "a": torch.ones(3, 1), "b": torch.ones(3, 1)})
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: [str(path)]})
+    fb = loader.copy_files_to_device()
+    for names in ("ab", "w", []):
+        with pytest.raises(ConfigError, match="^tensor_names=.*a non-empty list of tensor"):
+            fb.get_multi_cols(names, 1)
+    assert fb.get_multi_cols(["a", "b"], 1).shape == (3, 2)
+    for given in (["w"], "w"):
+        with pytest.raises(TypeError, match="as_dict takes {tensor name: dim}"):
+            fb.as_dict(given)   # type: ignore[arg-type]
+    assert list(fb.as_dict({"w": -1})) == ["w"]
+    loader.close()
