@@ -105,6 +105,14 @@ class ParallelLoader:
                  accumulate_resident: bool = True, **kwargs: Any):
         if max_concurrent_producers != 1:
             raise ConfigError("max_concurrent_producers", max_concurrent_producers, ["1"])
+        try:   # queue_size="2" failed on "<" while planning; 1.5 made a fractional read-ahead
+            ahead = None if isinstance(queue_size, bool) else operator.index(queue_size)
+        except TypeError:
+            ahead = None
+        if ahead is None:
+            raise ConfigError("queue_size", queue_size, ["-1 (no reading ahead)", "0",
+                                                         "n (batches read ahead)"])
+        queue_size = ahead
         device_memory_budget = _bytes_option("device_memory_budget", device_memory_budget)
         max_batch_bytes = _bytes_option("max_batch_bytes", max_batch_bytes)
         self.pg: Any = SingleGroup() if pg is None else pg

@@ -1186,3 +1186,11 @@ def test_multi_cols_and_as_dict_of_the_wrong_shape(tmp_path: Path) -> None:
             fb.as_dict(given)   # type: ignore[arg-type]
     assert list(fb.as_dict({"w": -1})) == ["w"]
     loader.close()
+
+
+def test_queue_size_of_the_wrong_type(shards: list[str]) -> None:
+    # queue_size="2" raised TypeError ("'<' not supported between instances of 'str' and
+    # 'int'"), naming no argument.
+    for queue_size in ("2", 1.5, None, True):
+        with pytest.raises(ConfigError, match=f"^queue_size={queue_size!r} "):
+            ParallelLoader(SingleGroup(), shards, queue_size=queue_size)
