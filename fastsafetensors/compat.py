@@ -324,6 +324,15 @@ class SafeTensorsFileLoader:
         self._group = _Group(pg)
         # ParallelLoader reads batches on a thread of its own: "cuda" must mean the caller's GPU.
         self.device = resolve_device(_device_name(device), "pt", pin_index=True)
+        if max_threads is not None:
+            # Checked now: at copy_files_to_device it failed as "threads=-1", an option the
+            # caller never passed, after every rank had registered its files.
+            from . import config
+
+            try:
+                config.get("threads", max_threads)
+            except ConfigError as exc:
+                raise ConfigError("max_threads", max_threads, ["None", *exc.valid]) from None
         self.max_threads = max_threads
         self.nogds = nogds
         if kwargs:

@@ -1194,3 +1194,13 @@ def test_queue_size_of_the_wrong_type(shards: list[str]) -> None:
     for queue_size in ("2", 1.5, None, True):
         with pytest.raises(ConfigError, match=f"^queue_size={queue_size!r} "):
             ParallelLoader(SingleGroup(), shards, queue_size=queue_size)
+
+
+def test_max_threads_is_checked_when_the_loader_is_made(shards: list[str]) -> None:
+    # max_threads=-1 was taken, then copy_files_to_device refused "threads=-1".
+    for max_threads in (-1, 0, 1.5, "x"):
+        for make in (lambda: SafeTensorsFileLoader(SingleGroup(), "cpu", max_threads=max_threads),
+                     lambda: ParallelLoader(SingleGroup(), shards, max_threads=max_threads)):
+            with pytest.raises(ConfigError, match=f"^max_threads={max_threads!r} .*positive"):
+                make()
+    assert SafeTensorsFileLoader(SingleGroup(), "cpu", max_threads=2).max_threads == 2
