@@ -240,6 +240,10 @@ def _plan(source: str | os.PathLike[str], *, revision: str | None, subfolder: st
         # resolve(None) or inspect(3) failed deep in os.path or on str.startswith.
         raise TypeError(f"expected a file, folder or Hub repo id (a str or os.PathLike); got "
                         f"{type(source).__name__} {source!r:.80}")
+    if isinstance(source, str) and not source:
+        # os.path reads "" as the current folder: load("") refuses it, resolve("") read it.
+        raise CheckpointNotFoundError(source, "the path is empty; name a file, a folder or a "
+                                              "Hub repo id")
     names = requested(tensors)
     sub = _subfolder(subfolder)
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):

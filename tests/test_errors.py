@@ -516,3 +516,13 @@ def test_read_bytes_of_a_non_name_or_another_files_info(tmp_path: Path) -> None:
             with pytest.raises(ConfigError, match="^info=.*get_tensors\\(\\) of .*small"):
                 s.read_bytes(info)
         assert bytes(s.read_bytes(s.get_tensors()["a"])) == bytes(s.read_bytes("a"))
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # load("") refused it, but resolve("") and inspect("") read the current folder.
+    write_file(tmp_path / "model.safetensors", {"a": torch.arange(3.0)})
+    monkeypatch.chdir(tmp_path)
+    for call in (fastsafetensors.load, fastsafetensors.resolve, fastsafetensors.inspect):
+        with pytest.raises(CheckpointNotFoundError, match="the path is empty"):
+            call("")
