@@ -278,6 +278,9 @@ class LazyTensorFactory:
         if isinstance(sources, (str, os.PathLike, FastSafetensorsFile)):
             # one source, not an iterable of them (iterating a file would yield tensor names)
             sources = [sources]
+        elif not isinstance(sources, Iterable):   # LazyTensorFactory(3): "not iterable" only
+            raise TypeError(f"LazyTensorFactory takes a file path or a list of them, got "
+                            f"{type(sources).__name__} {sources!r:.80}")
         self.creator = creator
         self._files: list[FastSafetensorsFile] = []
         self._owned: list[FastSafetensorsFile] = []

@@ -526,3 +526,10 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(
     for call in (fastsafetensors.load, fastsafetensors.resolve, fastsafetensors.inspect):
         with pytest.raises(CheckpointNotFoundError, match="the path is empty"):
             call("")
+
+
+def test_lazy_tensor_factory_of_the_wrong_type() -> None:
+    # LazyTensorFactory(3) said only "'int' object is not iterable".
+    for sources in (3, None):
+        with pytest.raises(TypeError, match="LazyTensorFactory takes a file path or a list"):
+            LazyTensorFactory(sources)   # type: ignore[arg-type]
