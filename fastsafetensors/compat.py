@@ -560,6 +560,16 @@ class FilesBufferOnDevice:
         """Send the tensor to ``dst_rank`` only; there it is returned, elsewhere None."""
         info, owner = self._info(tensor_name)
         g = self._group
+        try:   # numpy ints too
+            dst = None if isinstance(dst_rank, bool) else operator.index(dst_rank)
+        except TypeError:
+            dst = None
+        if dst is None or not 0 <= dst < g.size:
+            # One rank returned the tensor for any dst_rank; several sent it to a rank that
+            # does not exist (torch's error on the owner, None everywhere else).
+            raise ConfigError("dst_rank", dst_rank,
+                              [f"a rank of the process group (0 to {g.size - 1})"])
+        dst_rank = dst
         if g.size == 1:
             return self._finish(self._tensors[tensor_name], device, dtype)
         if g.rank not in (owner, dst_rank):

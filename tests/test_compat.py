@@ -1204,3 +1204,17 @@ def test_max_threads_is_checked_when_the_loader_is_made(shards: list[str]) -> No
             with pytest.raises(ConfigError, match=f"^max_threads={max_threads!r} .*positive"):
                 make()
     assert SafeTensorsFileLoader(SingleGroup(), "cpu", max_threads=2).max_threads == 2
+
+
+def test_push_tensor_to_a_rank_outside_the_group(tmp_path: Path) -> None:
+    # One rank returned the tensor for dst_rank=5 (or "x"); under several ranks the owner
+    # sent it to a rank that does not exist.
+    path = write_file(tmp_path / "m.safetensors", {"w": torch.arange(3.0)})
+    loader = SafeTensorsFileLoader(SingleGroup(), "cpu")
+    loader.add_filenames({0: [str(path)]})
+    fb = loader.copy_files_to_device()
+    for dst in (5, 1, -1, "0", None):
+        with pytest.raises(ConfigError, match=f"^dst_rank={dst!r} .*0 to 0"):
+            fb.push_tensor("w", dst)
+    assert fb.push_tensor("w", 0).tolist() == [0.0, 1.0, 2.0]
+    loader.close()
