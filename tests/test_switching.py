@@ -175,3 +175,23 @@ def test_a_ctrl_c_as_a_load_shortens_it_leaves_it_set_back(shard: str) -> None:
         assert sys.getswitchinterval() == pytest.approx(DEFAULT), point
         assert switching._depth == 0, point
     assert point > 4 and len(list(_stream(shard, 0.0005))) == 12
+
+
+def test_a_ctrl_c_as_a_load_restores_it_leaves_it_set_back(shard: str) -> None:
+    # A Ctrl-C as restore() started (from a stream's close), or as its read of the interval
+    # returned (the load's count already gone), left the interval shortened for good.
+    from builders import each_ctrl_c
+
+    code = switching.restore.__code__
+    streams = []
+
+    def close_one() -> None:
+        streams.append(_stream(shard, 0.0005))
+        next(streams[-1])   # outside the restore: counted places are in it only
+        streams[-1].close()
+
+    for point in each_ctrl_c(close_one, lambda frame: frame.f_code is code):
+        streams.clear()
+        assert sys.getswitchinterval() == pytest.approx(DEFAULT), point
+        assert switching._depth == 0, point
+    assert point > 3

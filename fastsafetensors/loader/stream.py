@@ -514,7 +514,13 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         else:
             # First: what follows may be interrupted.
             if switched:
-                switching.restore()
+                try:
+                    switching.restore(switched)
+                except BaseException:
+                    # A Ctrl-C as it started, or inside: the mark says whether it is still
+                    # due. It left the interval shortened for good.
+                    switching.restore(switched)
+                    raise
             cancelled.set()
             if ring is not None:
                 ring.cancel()   # a planner waiting for room in the ring, or the reporter, ends

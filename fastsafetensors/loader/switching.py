@@ -58,18 +58,24 @@ def shorten(seconds: float, due: list[bool] | None = None) -> bool:
     return True
 
 
-def restore() -> None:
+def restore(due: list[bool] | None = None) -> None:
     """One load that :func:`shorten` ed ended: the last one sets the interval back, unless it was
-    changed meanwhile."""
+    changed meanwhile. ``due``: the list shorten() marked, unmarked here as the load's count
+    goes: a restore cut short by a Ctrl-C can be called again, and does nothing once done."""
     global _depth, _saved, _set
     with _lock:
-        if _depth == 0:   # a forked child's reset came in between
+        if _depth == 0 or (due is not None and not due):   # a fork's reset, or done already
             return
-        _depth -= 1
-        if _depth == 0 and _saved is not None:
+        # Set back before the count goes: a Ctrl-C as a call below returns leaves the count
+        # (and the mark) as they were, and the next call finishes. It left the interval short
+        # and _saved for good when the count had gone first.
+        if _depth == 1 and _saved is not None:
             if _set is None or sys.getswitchinterval() == _set:
                 sys.setswitchinterval(_saved)
             _saved = _set = None
+        _depth -= 1   # and the mark, with no call in between
+        if due is not None:
+            del due[:]
 
 
 def _after_fork() -> None:
