@@ -512,26 +512,27 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             for f in list(files):
                 close_fds(f.fd, f.direct_fd)
         else:
-            # First: what follows may be interrupted.
-            if switched:
-                try:
-                    switching.restore(switched)
-                except BaseException:
-                    # A Ctrl-C as it started, or inside: the mark says whether it is still
-                    # due. It left the interval shortened for good.
-                    switching.restore(switched)
-                    raise
-            cancelled.set()
-            if ring is not None:
-                ring.cancel()   # a planner waiting for room in the ring, or the reporter, ends
-            _drain(work)
-            # The drain may have taken the planner's stop markers: give each worker one back,
-            # or a worker waits out its 0.1 s poll before it notices (every load, not only
-            # stopped ones: per-tensor reads to a device run one load per tensor).
-            _wake(work, options.threads)
+            stop = partial(_stop, cancelled, ring, work, options.threads)
             # _end untracks the load once its threads are done: a load ended in the background
             # stays tracked until then, so that interpreter exit waits for its threads too.
             end = partial(_end, finished, in_source, files, tracked)
+            try:
+                if switched:   # first: what follows may be interrupted
+                    switching.restore(switched)
+                stop()
+            except BaseException:
+                # A Ctrl-C in there: restored again (the mark says whether it is still due),
+                # stopped and ended in the background. It skipped the rest, leaving the
+                # interval shortened, a planner that waited for budget, and the files, for good.
+                if switched:
+                    switching.restore(switched)
+
+                def stop_and_end() -> None:
+                    stop()
+                    end()
+
+                pool.in_background(stop_and_end)
+                raise
             if sys.is_finalizing() or threading.get_ident() in idents or pool.collecting():
                 # Collected at interpreter exit (the pool's daemon threads are frozen then), on
                 # one of this load's own threads, or by the garbage collector anywhere (on a
@@ -578,6 +579,18 @@ def _end(finished: list[threading.Event], in_source: threading.Event, files: lis
     for f in list(files):
         _close(f)
     pool.untrack(tracked)
+
+
+def _stop(cancelled: threading.Event, ring: Any, work: queue.Queue[Any], workers: int) -> None:
+    """Tell a load's threads to stop, and wake the ones that wait."""
+    cancelled.set()
+    if ring is not None:
+        ring.cancel()   # a planner waiting for room in the ring, or the reporter, ends
+    _drain(work)
+    # The drain may have taken the planner's stop markers: give each worker one back, or a
+    # worker waits out its 0.1 s poll before it notices (every load, not only stopped ones:
+    # per-tensor reads to a device run one load per tensor).
+    _wake(work, workers)
 
 
 def _drain(work: queue.Queue[Any]) -> None:
