@@ -512,14 +512,14 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
             for f in list(files):
                 close_fds(f.fd, f.direct_fd)
         else:
-            stop = partial(_stop, cancelled, ring, work, options.threads)
-            # _end untracks the load once its threads are done: a load ended in the background
-            # stays tracked until then, so that interpreter exit waits for its threads too.
-            end = partial(_end, finished, in_source, files, tracked)
             try:
                 if switched:   # first: what follows may be interrupted
                     switching.restore(switched)
-                stop()
+                # _end untracks the load once its threads are done: a load ended in the
+                # background stays tracked until then, so that interpreter exit waits for its
+                # threads too.
+                end = partial(_end, finished, in_source, files, tracked)
+                _stop(cancelled, ring, work, options.threads)
             except BaseException:
                 # A Ctrl-C in there: restored again (the mark says whether it is still due),
                 # stopped and ended in the background. It skipped the rest, leaving the
@@ -528,8 +528,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                     switching.restore(switched)
 
                 def stop_and_end() -> None:
-                    stop()
-                    end()
+                    _stop(cancelled, ring, work, options.threads)
+                    _end(finished, in_source, files, tracked)
 
                 pool.in_background(stop_and_end)
                 raise
