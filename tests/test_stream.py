@@ -1427,9 +1427,7 @@ def test_a_ctrl_c_as_a_stopped_stream_tells_its_threads_still_ends_them(tmp_path
     # A Ctrl-C inside close()'s cancelled.set() (threading's Python code), or inside its
     # restore of the switch interval, skipped the rest of the cleanup: the planner, waiting for
     # budget, waited for good, and the files stayed open.
-    import sys
-
-    from builders import open_fds
+    from builders import each_ctrl_c, open_fds
 
     from fastsafetensors.loader import switching
 
@@ -1437,32 +1435,21 @@ def test_a_ctrl_c_as_a_stopped_stream_tells_its_threads_still_ends_them(tmp_path
     save_file({f"w{i}": torch.full((1 << 16,), float(i)) for i in range(6)}, str(path))
     before = open_fds()
     code = (threading.Event.set if where == "Event.set" else switching.restore).__code__
-    point = 0
-    while True:
-        point += 1
-        passed = [0]
+    sinks: list[FakeSink] = []
+    closing = [False]   # only the close is interrupted
 
-        def profile(frame: Any, event: str, arg: Any, passed: list[int] = passed,
-                    point: int = point) -> None:
-            if event == "call" and frame.f_code is code:
-                passed[0] += 1
-                if passed[0] == point:
-                    sys.setprofile(None)
-                    raise KeyboardInterrupt
-
-        sink = FakeSink(delay=0)
-        stream = stream_tensors([(str(path), None, None)], sink, StreamOptions(
+    def close_one() -> None:
+        sinks.append(FakeSink(delay=0))
+        stream = stream_tensors([(str(path), None, None)], sinks[-1], StreamOptions(
             threads=2, staging_bytes=4 * 16384, max_device_bytes=3 << 18,
             switch_interval=0.0005))
         next(stream)   # the planner waits for budget
-        sys.setprofile(profile)
-        try:
-            stream.close()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.setprofile(None)
-        del stream
+        closing[0] = True
+        stream.close()
+
+    for point in each_ctrl_c(close_one, lambda frame: closing[0] and frame.f_code is code):
+        closing[0] = False
+        sink = sinks.pop()
         for _ in range(100):   # ended in the background
             if pool.busy() == 0 and open_fds() == before:
                 break
@@ -1470,6 +1457,4 @@ def test_a_ctrl_c_as_a_stopped_stream_tells_its_threads_still_ends_them(tmp_path
         assert pool.busy() == 0 and open_fds() == before, point
         assert len(sink.staged) == len(sink.released), point
         assert switching._depth == 0, point
-        if passed[0] < point:   # ran to its end
-            break
     assert point > 1
