@@ -188,12 +188,11 @@ def read_index(path: str) -> dict[str, str]:
     return parse_index(raw, path)
 
 
-def check_inside(path: str, root: str | tuple[str, ...], *, index: str | None, shard: str,
+def check_inside(path: str, roots: tuple[str, ...], *, index: str | None, shard: str,
                  hint: str) -> str:
-    """``path`` if it is a regular file whose real location (symlinks followed) is inside
-    ``root`` (or one of the folders of a tuple); else CheckpointIndexError (escapes, not a
-    file) or CheckpointNotFoundError."""
-    roots = (root,) if isinstance(root, str) else root
+    """``path`` if it is a regular file whose real location (symlinks followed) is inside one
+    of the folders ``roots``; else CheckpointIndexError (escapes, not a file) or
+    CheckpointNotFoundError."""
     real = os.path.realpath(path)
     if not any(os.path.commonpath([real, r]) == r for r in map(os.path.realpath, roots)):
         raise CheckpointIndexError(index or path, f"{shard} leads to {real}, outside "

@@ -69,7 +69,7 @@ class _Plan:
     source: str
     commit: str | None
     folder: str                            # where the weights are (or will be) on disk
-    root: str | tuple[str, ...] | None     # files must stay inside (None: the user's file)
+    root: tuple[str, ...] | None           # files must stay inside one (None: the user's file)
     fetch: Fetch
     remote: bool                           # fetch downloads (worth doing in parallel)
     missing: str                           # hint for a file that is not there
@@ -307,7 +307,7 @@ def _cache_roots(repo: str) -> tuple[str, str]:
     return repo, os.path.join(os.path.dirname(repo), "blobs")
 
 
-def _root_of(folder: str) -> str | tuple[str, ...]:
+def _root_of(folder: str) -> tuple[str, ...]:
     """The folders a checkpoint's files must stay in: the folder itself, or for a snapshot in
     the Hugging Face cache, those of :func:`_cache_roots`."""
     head = folder
@@ -317,7 +317,7 @@ def _root_of(folder: str) -> str | tuple[str, ...]:
                 and os.path.basename(repo).startswith(("models--", "datasets--", "spaces--"))):
             return _cache_roots(repo)
         head = parent
-    return folder
+    return (folder,)
 
 
 def _local_plan(path: str, subfolder: str | None, variant: str | None,
