@@ -534,6 +534,48 @@ def test_device_map_cpu(models: dict[str, Path], calls: Counter[str]) -> None:
     assert calls["stock"] == 0 and STATS.bytes_read == weight_bytes(models["llama"])
 
 
+@pytest.fixture
+def few_descriptors() -> Iterator[int]:
+    """The soft limit of open files lowered to 64 for the test (the hard one left as it is)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip(f"the hard limit of open files is {hard}: too low to test raising to it")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        yield 64
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("how", ["per tensor", "batched"])
+def test_more_shards_than_the_soft_limit_of_open_files(tmp_path: Path, few_descriptors: int,
+                                                       how: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    """safetensors maps a shard and closes it: transformers' stock loader holds no descriptor
+    however many shards a checkpoint has. Each of ours holds one until the load ends (two
+    while a batch reads ahead): a checkpoint of more shards than the soft limit of open files
+    failed with EMFILE where stock loaded it. The load raises the soft limit meanwhile (up to
+    the hard one), and puts it back after."""
+    import resource
+
+    from transformers import LlamaForCausalLM
+
+    counts = request.getfixturevalue("batched") if how == "batched" else None
+    torch.manual_seed(0)
+    folder = tmp_path / "many"
+    LlamaForCausalLM(tf_models.llama_config(num_hidden_layers=12, hidden_size=64,
+                                            intermediate_size=64)).save_pretrained(
+        folder, max_shard_size="10KB")
+    assert len(shards(folder)) > few_descriptors
+    reference = LlamaForCausalLM.from_pretrained(folder, device_map="cpu")
+    model = LlamaForCausalLM.from_pretrained(folder, device_map="cpu", loader="fastsafetensors")
+    assert assert_same(model, reference) > 0
+    assert counts is None or counts["batch"] == 1   # the engine opened them all again
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == few_descriptors
+
+
 def test_device_map_auto_with_disk_offload(models: dict[str, Path], tmp_path: Path,
                                            calls: Counter[str]) -> None:
     """Everything offloaded: the fused expert tensors are converted, then written to the

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import importlib
 import inspect
@@ -64,7 +65,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import config, gcpause, hub
+from .. import config, fdlimit, gcpause, hub
 from ..errors import (
     ConfigError,
     FrameworkNotInstalledError,
@@ -172,16 +173,35 @@ class Load:
         self.started = time.perf_counter()
         self._lock = threading.Lock()
         self._pause: contextlib.ExitStack | None = None   # the collector's, once files are known
+        self._widened = 0   # fdlimit.widen() calls of this load, each undone by close()
 
     def configured(self) -> Any:
         # Entered for every tensor read: no options, nothing to set.
         return config.configure(**self.options) if self.options else contextlib.nullcontext()
 
     def open(self, path: str | os.PathLike[str]) -> TransformersFile:
-        handle = TransformersFile(path, self)
+        # Each handle holds a descriptor until the load ends, where safetensors' hold none (it
+        # maps the file and closes it): a checkpoint of hundreds of shards would run out of
+        # the soft limit of open files where the stock loader did not (fdlimit.py).
+        while True:
+            try:
+                handle = TransformersFile(path, self)
+                break
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or not self._widen():
+                    raise
+        if fdlimit.near(handle._fd):
+            self._widen()
         with self._lock:
             self.files.append(handle)
         return handle
+
+    def _widen(self) -> bool:
+        if not fdlimit.widen():
+            return False
+        with self._lock:
+            self._widened += 1
+        return True
 
     def count_read(self) -> None:
         with self._lock:
@@ -208,15 +228,21 @@ class Load:
     def close(self) -> None:
         """Stop the batches (a load that failed leaves their reads unused), then close every
         handle (transformers closes the main ones; a few are only dropped), then end the
-        collector's pause."""
+        collector's pause and put back the limit of open files."""
         try:
             for batch in list(self.batches.values()):
                 batch.stop()
             for handle in self.files:
                 handle.close()
         finally:
-            if self._pause is not None:
-                self._pause.close()
+            try:
+                if self._pause is not None:
+                    self._pause.close()
+            finally:
+                with self._lock:
+                    widened, self._widened = self._widened, 0
+                for _ in range(widened):
+                    fdlimit.restore()
 
     def release(self) -> None:
         """Drop the handles and batches once the call is over and summed up. Each points back
