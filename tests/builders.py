@@ -295,11 +295,29 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def _resumed(frame: Any, starts: dict[Any, int] = {}) -> bool:  # noqa: B006 - a cache
+    """Whether ``frame`` is a generator's (or coroutine's) going on after a yield, or thrown
+    into, rather than starting. A profile function that raises at that "call" unwinds the frame
+    without its ``finally`` blocks, which CPython never does: its handler runs there inside the
+    frame, where they see the exception (after ``next``), or not at all (``close``, ``throw``)."""
+    import dis
+    import inspect
+
+    code = frame.f_code
+    if not code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE
+                            | inspect.CO_ASYNC_GENERATOR):
+        return False
+    if code not in starts:   # the offset of its first RESUME (none before Python 3.11)
+        starts[code] = next((i.offset for i in dis.get_instructions(code)
+                             if i.opname == "RESUME"), -1)
+    return bool(frame.f_lasti > starts[code])
+
+
 def each_ctrl_c(action: Callable[[], Any], counted: Callable[[Any], bool]) -> Iterator[int]:
     """Run ``action`` once for each place where CPython would run a Ctrl-C handler on this
     thread (a Python function starting, a C call returning) in a frame ``counted`` accepts,
     with KeyboardInterrupt raised there; yield the place's number after each run. The last run
-    goes to its end uninterrupted."""
+    goes to its end uninterrupted. A generator resumed is not such a place (see _resumed)."""
     import sys
 
     point = 0
@@ -309,6 +327,8 @@ def each_ctrl_c(action: Callable[[], Any], counted: Callable[[Any], bool]) -> It
 
         def profile(frame: Any, event: str, arg: Any, passed: list[int] = passed,
                     point: int = point) -> None:
+            if event == "call" and _resumed(frame):
+                return
             if event in ("call", "c_return") and counted(frame):
                 passed[0] += 1
                 if passed[0] == point:
