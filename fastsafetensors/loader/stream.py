@@ -520,6 +520,16 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 # threads too.
                 end = partial(_end, finished, in_source, files, tracked)
                 _stop(cancelled, ring, work, options.threads)
+                # Collected at interpreter exit (the pool's daemon threads are frozen then), on
+                # one of this load's own threads, or by the garbage collector anywhere (on a
+                # thread that may hold a lock the load's threads need to finish): waiting here
+                # could wait for ever, and nobody waits for a collected load. Decided in the
+                # try: a Ctrl-C as one of these calls returned skipped the end, and a stopped
+                # ring's files stayed open.
+                elsewhere = (sys.is_finalizing() or threading.get_ident() in idents
+                             or pool.collecting())
+                if elsewhere:
+                    pool.in_background(end)
             except BaseException:
                 # A Ctrl-C in there: restored again (the mark says whether it is still due),
                 # stopped and ended in the background. It skipped the rest, leaving the
@@ -533,13 +543,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
 
                 pool.in_background(stop_and_end)
                 raise
-            if sys.is_finalizing() or threading.get_ident() in idents or pool.collecting():
-                # Collected at interpreter exit (the pool's daemon threads are frozen then), on
-                # one of this load's own threads, or by the garbage collector anywhere (on a
-                # thread that may hold a lock the load's threads need to finish): waiting here
-                # could wait for ever, and nobody waits for a collected load.
-                pool.in_background(end)
-            else:
+            if not elsewhere:
                 try:
                     end()
                 except BaseException:
