@@ -81,14 +81,15 @@ def test_an_engine_load_in_the_child_while_the_phases_were_held(shard: str) -> N
     child_finishes(load, lambda: PHASES._lock)
 
 
-def test_a_parents_load_closed_in_the_child_while_its_work_queue_was_held(shard: str) -> None:
-    # Closing it there took the queue's lock to drain it, and in one CI run waited for ever.
+def test_a_parents_load_closed_in_the_child_while_a_files_lock_was_held(shard: str) -> None:
+    # Closing it there took the work queue's lock to drain it (a queue.Queue then), and in one
+    # CI run waited for ever; a file's lock is what a close takes now, outside a child.
     parents = stream_tensors([(shard, None, None)], FakeSink(delay=0),
                              StreamOptions(threads=2, staging_bytes=4 * 16384))
     next(parents)
-    work = parents.gi_frame.f_locals["work"]
+    (opened,) = parents.gi_frame.f_locals["files"]
     try:
-        child_finishes(parents.close, lambda: work.mutex)
+        child_finishes(parents.close, lambda: opened.lock)
     finally:
         parents.close()
 

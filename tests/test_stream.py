@@ -1340,14 +1340,14 @@ def test_planned_tensors_reach_the_caller_a_batch_per_chunk(tmp_path, monkeypatc
 
     batches: list[int] = []
 
-    class Counting(queue_module.Queue):
+    class Counting(queue_module.SimpleQueue):
         def put(self, item, *args, **kwargs):
             if isinstance(item, list):
                 batches.append(len(item))
             super().put(item, *args, **kwargs)
 
     monkeypatch.setattr(stream_module, "queue", types.SimpleNamespace(
-        Queue=Counting, Empty=queue_module.Empty, Full=queue_module.Full))
+        SimpleQueue=Counting, Empty=queue_module.Empty))
     tensors = {f"t{i:04d}": torch.full((64,), float(i)) for i in range(1000)}   # 256 B each
     path = tmp_path / "many.safetensors"
     save_file(tensors, str(path))
@@ -1422,19 +1422,19 @@ def test_the_cuda_sink_allocates_without_stream_blocks_only_on_entered_threads(m
     assert calls == [("device block", "cuda:0"), ("stream block", "consumer-stream")]
 
 
-@pytest.mark.parametrize("where", ["Event.set", "restore"])
+@pytest.mark.parametrize("where", ["Latch.set", "restore"])
 def test_a_ctrl_c_as_a_stopped_stream_tells_its_threads_still_ends_them(tmp_path, where):
-    # A Ctrl-C inside close()'s cancelled.set() (threading's Python code), or inside its
-    # restore of the switch interval, skipped the rest of the cleanup: the planner, waiting for
-    # budget, waited for good, and the files stayed open.
+    # A Ctrl-C inside close()'s cancelled.set() (threading.Event's Python code before it was a
+    # latch), or inside its restore of the switch interval, skipped the rest of the cleanup:
+    # the planner, waiting for budget, waited for good, and the files stayed open.
     from builders import each_ctrl_c, open_fds
 
-    from fastsafetensors.loader import switching
+    from fastsafetensors.loader import switching, waiting
 
     path = tmp_path / "b.safetensors"
     save_file({f"w{i}": torch.full((1 << 16,), float(i)) for i in range(6)}, str(path))
     before = open_fds()
-    code = (threading.Event.set if where == "Event.set" else switching.restore).__code__
+    code = (waiting.Latch.set if where == "Latch.set" else switching.restore).__code__
     sinks: list[FakeSink] = []
     closing = [False]   # only the close is interrupted
 

@@ -140,7 +140,10 @@ class Ring:
         # each wake of the caller's threads needs the GIL back.
         self.batch = max(1, min(batch, capacity))
         self.flags = driver.DISABLE_TIMING | (driver.BLOCKING_SYNC if blocking else 0)
-        self._cond = threading.Condition()
+        # cancel() takes the lock alone, with `with` (see cancel); the rest wait on the
+        # Condition, polling.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._handle: int | None = None
         # The library (twice: calls that release the GIL, and that keep it) and the driver's
         # addresses the C side holds: kept with the ring, so that a forget() meanwhile does not
@@ -261,11 +264,14 @@ class Ring:
             self._cond.notify_all()
 
     def cancel(self) -> None:
-        with self._cond:
+        # The caller of a load cancels in its cleanup, where a Ctrl-C can come: the C lock
+        # taken by `with` cannot be left held (loader/waiting.py), a Condition's could. Nobody
+        # is notified (notify is Python code too): a submit waiting for the ring to open
+        # looks again within 0.1 s, and the C ring wakes its own waiters.
+        with self._lock:
             self._cancelled = True
             if self._handle is not None and not self._closed:
                 self._lib.fst_ring_cancel(self._handle)
-            self._cond.notify_all()
 
     def failed(self) -> bool:
         """Whether a chunk failed (:meth:`next` raises once it reaches it)."""

@@ -30,6 +30,7 @@ from .streamparts import (
     _files_done,
     _Tensor,
 )
+from .waiting import Latch
 
 
 class RingPlan:
@@ -42,7 +43,7 @@ class RingPlan:
     for chunks (H200 runs 8-10)."""
 
     def __init__(self, ring: Any, sink: Sink, options: StreamOptions, policy: IOPolicy,
-                 completion: _Completion, ready: queue.Queue[Any], files: list[_File],
+                 completion: _Completion, ready: queue.SimpleQueue[Any], files: list[_File],
                  gate: AheadGate | None) -> None:
         self.ring, self.sink, self.options, self.policy = ring, sink, options, policy
         self.completion, self.ready, self.files, self.gate = completion, ready, files, gate
@@ -57,7 +58,7 @@ class RingPlan:
         self.reported = 0    # chunks reported
 
     def plan_file(self, f: _File, number: int, budget: _Budget,
-                  cancelled: threading.Event) -> None:
+                  cancelled: Latch) -> None:
         """Allocate ``f``'s wanted tensors (file ``number`` of the load) and hand them to
         the ring and to the caller: a group once its tensors reach ``staging_bytes`` (the
         readers start on the first ones while the rest are allocated), before the planner

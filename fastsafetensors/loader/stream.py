@@ -84,6 +84,7 @@ from .streamparts import (  # noqa: F401
     _Tensor,
     device_bytes,
 )
+from .waiting import Handoff, Latch, Tokens
 
 __all__ = ["Sink", "StreamOptions", "stream_tensors", "Source", "device_bytes", "PHASES"]
 
@@ -94,18 +95,21 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     """Yield ``(name, tensor)`` for every wanted tensor of ``sources``, in file order, each one
     complete and ordered before later work on the consumer's current stream. ``gate``: see
     :class:`AheadGate`."""
-    cancelled = threading.Event()
+    # What the caller waits on, or sets, in its loop and its cleanup cannot be left locked by a
+    # Ctrl-C there (waiting.py): queue.Queue, Event and Semaphore could, and the load's threads
+    # then waited for good, its files open.
+    cancelled = Latch()
     budget = _Budget(options.max_device_bytes, cancelled)
-    work: queue.Queue[_Chunk | None] = queue.Queue(maxsize=4 * options.threads)
+    work: Handoff[_Chunk] = Handoff(4 * options.threads)
     # Planned tensors go to the caller in batches, one per chunk handed to the readers.
-    ready: queue.Queue[list[_Tensor] | BaseException | None] = queue.Queue()
+    ready: queue.SimpleQueue[list[_Tensor] | BaseException | None] = queue.SimpleQueue()
     errors: list[BaseException] = []
     files: list[_File] = []
     stats = {"bytes": 0, "direct": 0, "chunks": 0, "mapped": 0}
     stats_lock = threading.Lock()
     policy = IOPolicy(options.io)
     completion = _Completion()
-    in_source = threading.Event()
+    in_source = threading.Event()   # set and cleared by the planner; is_set() takes no lock
     idents: set[int] = set()   # threads that ran this load's tasks
     # Whether mapped readers may copy cached chunks straight from a file's mapping.
     mapped = (policy.mode == "auto" and options.mapped_readers > 0
@@ -132,7 +136,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         gate.not_needed()
     ringed = None if ring is None else RingPlan(ring, sink, options, policy, completion,
                                                  ready, files, gate)
-    open_files = threading.Semaphore(OPEN_FILES)   # released as each file is shut
+    open_files = Tokens(OPEN_FILES)   # given back as each file is shut
 
     def fail(exc: BaseException) -> None:
         errors.append(exc)
@@ -160,20 +164,20 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if cancelled.is_set():
                     break
                 t0 = time.perf_counter()
-                opened = open_files.acquire(blocking=False)
+                opened = open_files.take(0)
                 if not opened and ringed is not None:
                     ringed.submit_held()   # files close as their reports are taken
                 if not opened and gate is not None:
                     gate.release()
                 while not opened:
-                    opened = open_files.acquire(timeout=WORKER_POLL)
+                    opened = open_files.take(WORKER_POLL)
                     if not opened and cancelled.is_set():
                         return
                 t1 = time.perf_counter()
                 try:
                     f = _open(path, header, policy, names, mapped)
                 except BaseException:
-                    open_files.release()
+                    open_files.give()
                     raise
                 f.gate = open_files
                 PHASES.add({"planner: wait for a file to close": t1 - t0,
@@ -201,8 +205,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 if ring is not None:
                     ring.end()
                 else:
-                    for _ in range(options.threads):
-                        _put(work, None, cancelled)
+                    work.end(options.threads)
                 ready.put(None)
                 if gate is not None:
                     gate.set_planned()
@@ -210,7 +213,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     def hand(chunk: _Chunk | None) -> None:
         """A planned chunk to the readers (blocks while they are busy)."""
         if chunk is not None:
-            _put(work, chunk, cancelled)
+            work.put(chunk, cancelled)
 
     def report() -> None:
         """Ring mode: pin the windows, open the ring, and take its reports, in chunk order:
@@ -436,7 +439,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
 
     started = time.perf_counter()
     consumer: dict[str, float] = defaultdict(float)
-    finished: list[threading.Event] = []
+    finished: list[Latch] = []
     count = 0
     completed = False   # the caller had every tensor and no thread had failed
     tracked = pool.track(cancelled, finished)
@@ -572,7 +575,7 @@ def _same_process(pid: int, born: int) -> None:
         raise ForkedLoadError(pid, os.getpid())
 
 
-def _end(finished: list[threading.Event], in_source: threading.Event, files: list[_File],
+def _end(finished: list[Latch], in_source: threading.Event, files: list[_File],
          tracked: int) -> None:
     """Wait for a cancelled load's threads (not for a planner blocked in its source, see
     plan()), then close its files and untrack it."""
@@ -585,41 +588,21 @@ def _end(finished: list[threading.Event], in_source: threading.Event, files: lis
     pool.untrack(tracked)
 
 
-def _stop(cancelled: threading.Event, ring: Any, work: queue.Queue[Any], workers: int) -> None:
+def _stop(cancelled: Latch, ring: Any, work: Handoff[_Chunk], workers: int) -> None:
     """Tell a load's threads to stop, and wake the ones that wait."""
     cancelled.set()
     if ring is not None:
         ring.cancel()   # a planner waiting for room in the ring, or the reporter, ends
-    _drain(work)
-    # The drain may have taken the planner's stop markers: give each worker one back, or a
-    # worker waits out its 0.1 s poll before it notices (every load, not only stopped ones:
-    # per-tensor reads to a device run one load per tensor).
-    _wake(work, workers)
-
-
-def _drain(work: queue.Queue[Any]) -> None:
-    # Unblock a planner waiting on a full queue; workers see `cancelled` and leave.
-    try:
-        while True:
-            work.get_nowait()
-    except queue.Empty:
-        pass
-
-
-def _wake(work: queue.Queue[Any], workers: int) -> None:
-    """Put up to ``workers`` stop markers without blocking (a planner still running may have
-    filled the queue again; the workers then notice ``cancelled`` on their next poll)."""
-    for _ in range(workers):
-        try:
-            work.put_nowait(None)
-        except queue.Full:
-            return
+    # A planner waiting for room drops its chunk; a worker waiting for a chunk ends now rather
+    # than at its next 0.1 s poll (every load, not only stopped ones: per-tensor reads to a
+    # device run one load per tensor), one with chunks before it ends at the first.
+    work.end(workers)
 
 
 def _plan_file(f: _File, sink: Sink, options: StreamOptions,
                budget: _Budget, hand: Callable[[_Chunk | None], None],
-               ready: queue.Queue[list[_Tensor] | BaseException | None],
-               cancelled: threading.Event, completion: _Completion,
+               ready: queue.SimpleQueue[list[_Tensor] | BaseException | None],
+               cancelled: Latch, completion: _Completion,
                gate: AheadGate | None = None) -> None:
     """Allocate the file's wanted tensors in order, queue chunks covering their bytes, and
     hand the planned tensors to the caller, a batch per chunk."""
@@ -709,16 +692,6 @@ def _plan_file(f: _File, sink: Sink, options: StreamOptions,
         submit_held()
     finally:
         PHASES.add(spent)
-
-
-def _put(work: queue.Queue[_Chunk | None], chunk: _Chunk | None, cancelled: threading.Event
-         ) -> None:
-    while not cancelled.is_set():
-        try:
-            work.put(chunk, timeout=0.1)
-            return
-        except queue.Full:
-            continue
 
 
 def _chunk_read(chunk: _Chunk, policy: IOPolicy) -> tuple[int, int, int, bool]:

@@ -20,6 +20,7 @@ from ..format import Header, TensorInfo, header_of, open_readonly
 from .cpu import IOPolicy
 from .pagecache import map_file, resident_map, unmap
 from .posix import DIRECT_ALIGN, close_fds, open_direct
+from .waiting import Latch, Tokens, Wakeups
 
 #: (path, header or None to read it here, tensor names wanted or None for all)
 Source = tuple[str, "Header | None", "list[str] | None"]
@@ -287,8 +288,8 @@ class _File:
     # done, since copies out of it may still run after the last chunk was taken.
     mapping: int | None = None
     mapped: bool = False          # mapped readers may copy from it
-    # The planner's bound on open files (OPEN_FILES), released once when the file is shut.
-    gate: threading.Semaphore | None = field(default=None, repr=False)
+    # The planner's bound on open files (OPEN_FILES), given back once when the file is shut.
+    gate: Tokens | None = field(default=None, repr=False)
 
     @property
     def span(self) -> tuple[int, int]:
@@ -303,18 +304,20 @@ SEGMENT = 32 << 20
 
 class _Budget:
     """Device bytes allocated and not yet given up, held under ``limit`` (None: unbounded).
-    A yielded tensor counts until the consumer asks for the next one."""
+    A yielded tensor counts until the consumer asks for the next one. The caller releases,
+    so no Condition (waiting.py): a C lock for the count, and wake-ups for the planner."""
 
-    def __init__(self, limit: int | None, cancelled: threading.Event):
+    def __init__(self, limit: int | None, cancelled: Latch):
         self.limit = limit
         self.used = 0
         self.cancelled = cancelled
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.freed = Wakeups()
 
     def would_block(self, nbytes: int) -> bool:
         if self.limit is None:
             return False
-        with self.cond:
+        with self.lock:
             return self.used > 0 and self.used + nbytes > self.limit
 
     def acquire(self, nbytes: int) -> bool:
@@ -322,31 +325,33 @@ class _Budget:
         waiting: the tensor must not be allocated past the budget then."""
         if self.limit is None:   # nothing to hold to: no lock per tensor
             return True
-        with self.cond:
-            # A tensor larger than the whole budget still goes when nothing else is held.
-            while (self.limit is not None and self.used > 0 and self.used + nbytes > self.limit
-                   and not self.cancelled.is_set()):
-                self.cond.wait(0.1)
-            if self.cancelled.is_set():
-                return False
-            self.used += nbytes
-            return True
+        while True:
+            with self.lock:
+                if self.cancelled.is_set():
+                    return False
+                # A tensor larger than the whole budget still goes when nothing else is held.
+                if not (self.used > 0 and self.used + nbytes > self.limit):
+                    self.used += nbytes
+                    return True
+            self.freed.wait(0.1)
 
     def release(self, nbytes: int) -> None:
         if self.limit is None:
             return
-        with self.cond:
+        with self.lock:
             self.used -= nbytes
-            self.cond.notify_all()
+        self.freed.notify()
 
 
 class _Completion:
-    """When each tensor of one load has all its pieces queued for copy: one condition for every
-    tensor, notified once per chunk. (An Event per tensor costs more to create than planning
-    the tensor does, which shows with tens of thousands of small tensors.)"""
+    """When each tensor of one load has all its pieces queued for copy: one lock for every
+    tensor's count, and the caller woken once per chunk. (An Event per tensor costs more to
+    create than planning the tensor does, which shows with tens of thousands of small
+    tensors.) No Condition: the caller waits here (waiting.py)."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.progress = Wakeups()
 
     def planned(self, t: _Tensor, pieces: int, seen: bool) -> None:
         """The planner made all ``pieces`` of ``t``. ``seen``: some may be queued already
@@ -356,40 +361,39 @@ class _Completion:
         if not seen:
             t.pieces = pieces
             return
-        with self.cond:
-            # Not 0 yet (no notify): the last piece is in the chunk being filled, which goes
+        with self.lock:
+            # Not 0 yet (no wake-up): the last piece is in the chunk being filled, which goes
             # to the readers after this.
             t.pieces += pieces - UNCOUNTED
 
     def queued(self, chunks: list[list[_Piece]], event: Any) -> None:
         """The copies of ``chunks`` (their pieces each) are queued, ``event`` marking the end
         of all of them."""
-        with self.cond:
+        with self.lock:
             for pieces in chunks:
                 for piece in pieces:
                     piece.tensor.events.append(event)
                     piece.tensor.pieces -= 1
-            self.cond.notify_all()
+        self.progress.notify()
 
     def reported(self, tensors: list[_Tensor | None], start: int, stop: int,
                  event: Any) -> None:
         """Ring mode: ``tensors[start:stop]`` are complete once ``event`` is (dropped from
         the list: the caller holds them)."""
-        with self.cond:
+        with self.lock:
             for i in range(start, stop):
                 t = tensors[i]
                 tensors[i] = None
                 if t is not None and t.pieces:
                     t.events = [event]
                     t.pieces = 0
-            self.cond.notify_all()
+        self.progress.notify()
 
     def wait(self, t: _Tensor, errors: list[BaseException]) -> None:
-        if t.pieces == 0:   # 0 once it is final, so no lock is needed to see it reach 0
-            return
-        with self.cond:
-            while t.pieces and not errors:
-                self.cond.wait(0.05)
+        # 0 once it is final (its events appended before), so no lock is needed to see it
+        # reach 0; a failed thread wakes nobody: looked at every 0.05 s.
+        while t.pieces and not errors:
+            self.progress.wait(0.05)
 
 
 class AheadGate:
@@ -398,44 +402,49 @@ class AheadGate:
     ring's reports wait until the caller lets them go (:meth:`release`), so that while the
     C threads read and copy, none of the load's Python competes for the GIL. The load lets
     them go itself before its planner would wait on a report (the ring full, too many files
-    open); without a ring there is nothing to hold."""
+    open); without a ring there is nothing to hold. The caller waits and releases here, so
+    latches rather than a Condition (waiting.py)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self.planned = False
-        self.released = False
+        self._planned = Latch()
+        self._released = Latch()
+        self._either = Latch()   # planned or released: what wait_planned() waits for
+
+    @property
+    def planned(self) -> bool:
+        return self._planned.is_set()
+
+    @property
+    def released(self) -> bool:
+        return self._released.is_set()
 
     def set_planned(self) -> None:
-        with self._cond:
-            self.planned = True
-            self._cond.notify_all()
+        self._planned.set()
+        self._either.set()
 
     def release(self) -> None:
-        with self._cond:
-            self.released = True
-            self._cond.notify_all()
+        self._released.set()
+        self._either.set()
 
     def not_needed(self) -> None:
         """Nothing to hold back (no ring): planned and released at once."""
-        with self._cond:
-            self.planned = self.released = True
-            self._cond.notify_all()
+        self._planned.set()
+        self._released.set()
+        self._either.set()
 
     def wait_planned(self, timeout: float) -> bool:
         """Until every chunk is submitted (True), or the reports were let go or ``timeout``
         seconds passed (False)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.planned or self.released, timeout)
-            return self.planned
+        self._either.wait(timeout)
+        return self.planned
 
-    def wait_released(self, cancelled: threading.Event,
+    def wait_released(self, cancelled: Latch,
                       failed: Callable[[], bool] = lambda: False) -> None:
         """Until the caller lets the reports go, the load stops, or ``failed()`` says the
         ring failed (asked every WORKER_POLL): a failed load must not wait for the caller,
         who would meanwhile go on building a model for it."""
-        with self._cond:
-            while not self.released and not cancelled.is_set() and not failed():
-                self._cond.wait(WORKER_POLL)
+        while not self._released.is_set() and not cancelled.is_set() and not failed():
+            self._released.wait(WORKER_POLL)
 
 
 def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] | None,
@@ -475,7 +484,7 @@ def _shut(f: _File) -> None:
         close_fds(*fds)
     finally:
         if gate is not None:
-            gate.release()   # the planner may open another file
+            gate.give()   # the planner may open another file
 
 
 def _file_done(f: _File, *, planned: bool = False, chunks: int = 1) -> None:
@@ -501,7 +510,7 @@ def _files_done(chunks_of: list[_File]) -> None:
 
 
 def _allocated(f: _File, sink: Sink, options: StreamOptions, budget: _Budget,
-               cancelled: threading.Event, before_wait: Callable[[], None],
+               cancelled: Latch, before_wait: Callable[[], None],
                spent: dict[str, float]
                ) -> Iterator[tuple[TensorInfo, list[tuple[TensorInfo, int]] | None, Any]]:
     """A planner's walk of ``f``'s wanted tensors in file order: ``(info, members, memory)``

@@ -7,6 +7,10 @@ threads come from this pool: a thread that finished its task waits ``IDLE_SECOND
 one and then ends. The pool is unbounded, because a load's planner and readers must all run at
 once (a reader waits for its planner's chunks), so a bounded pool shared by concurrent loads
 could deadlock.
+
+A load's caller waits for these threads with latches (waiting.py), which a Ctrl-C cannot leave
+locked. Starting a new one still goes through ``Thread.start``, which waits on an Event: a
+Ctrl-C there leaves that thread blocked for good before it runs anything (see :func:`start`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ..forking import in_child
+from .waiting import Latch
 
 __all__ = ["start", "busy", "started", "track", "untrack", "in_background", "collecting",
            "IDLE_SECONDS"]
@@ -43,19 +48,21 @@ _lock = threading.Lock()
 # Loads running, for the exit handler. A lock of their own, reentrant: the garbage collector can
 # finalize an abandoned load (which untracks itself) inside any allocation, this lock held.
 _running_lock = threading.RLock()
-_running: dict[int, tuple[threading.Event, list[threading.Event]]] = {}
+_running: dict[int, tuple[Latch, list[Latch]]] = {}
 _tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 _idle = 0        # threads waiting in _tasks.get(), each owed at most one task
 _busy = 0        # threads running a task
 _started = 0
 
 
-def start(task: Callable[[], None], name: str) -> threading.Event:
-    """Run ``task`` on a pooled thread (renamed ``name`` while it runs); the event is set when
-    it returned. The engine's tasks report their errors themselves; anything else a task raises
-    is logged, so that the thread stays in the pool."""
+def start(task: Callable[[], None], name: str) -> Latch:
+    """Run ``task`` on a pooled thread (renamed ``name`` while it runs); the latch is set when
+    it returned (a latch, not an Event: a Ctrl-C in the caller's wait for it cannot leave a
+    lock held that this thread then waits for in set()). The engine's tasks report their
+    errors themselves; anything else a task raises is logged, so that the thread stays in the
+    pool."""
     global _idle, _busy, _started
-    done = threading.Event()
+    done = Latch()
 
     def run() -> None:
         global _busy, _idle
@@ -98,7 +105,7 @@ def start(task: Callable[[], None], name: str) -> threading.Event:
     return done
 
 
-def track(cancelled: threading.Event, finished: list[threading.Event]) -> int:
+def track(cancelled: Latch, finished: list[Latch]) -> int:
     """Register a running load: at interpreter exit it is cancelled, and its tasks (``finished``
     lists their events) get a moment to end while they still can."""
     entry = (cancelled, finished)
