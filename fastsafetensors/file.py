@@ -508,11 +508,12 @@ def _each(pieces: list[tuple[int, int]], read: Any) -> None:
     if len(pieces) == 1:
         read(pieces[0])
         return
-    from concurrent.futures import ThreadPoolExecutor
+    from .loader import threads
 
-    threads = min(config.get("threads"), len(pieces))
-    with ThreadPoolExecutor(threads, thread_name_prefix="fastsafetensors-read") as pool:
-        list(pool.map(read, pieces))
+    # Not ThreadPoolExecutor: a Ctrl-C in its locking could leave a lock held that its threads
+    # need, and the caller waited for them for good (threads.run_all).
+    threads.run_all([functools.partial(read, piece) for piece in pieces],
+                    config.get("threads"), "fastsafetensors-read")
 
 
 class _InUse:

@@ -416,9 +416,12 @@ def test_an_interrupted_load_stops_reading(tmp_path: Path, monkeypatch: pytest.M
                                            ) -> None:
     # Ctrl-C in the wait skipped the cancelling of queued reads, and leaving the thread pool
     # then ran all of them: the whole file was read before the KeyboardInterrupt came out.
+    import queue
     import time
+    import types
 
     import fastsafetensors.loader.cpu as cpu
+    from fastsafetensors.loader import threads
 
     path = write_file(tmp_path / "m.safetensors", {f"w{i}": torch.zeros(1 << 16)
                                                    for i in range(64)})   # 16 MiB
@@ -430,11 +433,14 @@ def test_an_interrupted_load_stops_reading(tmp_path: Path, monkeypatch: pytest.M
         time.sleep(0.01)
         return real_read(*args)
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        raise KeyboardInterrupt
+    class Interrupted(queue.SimpleQueue):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            # The caller's wait for results (readers take reads with get_nowait, in C).
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(cpu, "_read_one", slow_read)
-    monkeypatch.setattr(cpu, "wait", interrupted)
+    monkeypatch.setattr(threads, "queue", types.SimpleNamespace(SimpleQueue=Interrupted,
+                                                                Empty=queue.Empty))
     with pytest.raises(KeyboardInterrupt), fastsafetensors.configure(chunk_bytes=1 << 16):
         fastsafetensors.load_file(path, threads=2, io="buffered")
     assert len(reads) < 64 // 2

@@ -14,14 +14,15 @@ import mmap
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from .. import config
 from ..errors import UnsupportedDTypeError
 from ..format import Header, TensorInfo, header_of, open_readonly
 from ..frameworks import Framework
+from . import threads as pool
 from .pagecache import resident_map
 from .plan import Extent, Read, group_tensors, plan_extent, plan_reads
 from .posix import DIRECT_ALIGN, close_fds, open_direct, pread_into
@@ -213,23 +214,7 @@ def _read_one(job: FileJob, read: Read, dest: memoryview, direct: bool) -> int:
 def _run(work: list[tuple[FileJob, Read, memoryview, bool]], threads: int) -> int:
     if len(work) <= 1 or threads <= 1:
         return sum(_read_one(*w) for w in work)
-    with ThreadPoolExecutor(max_workers=min(threads, len(work)),
-                            thread_name_prefix="fastsafetensors-read") as pool:
-        futures: list[Future[int]] = []
-        try:
-            futures.extend(pool.submit(_read_one, *w) for w in work)
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        except BaseException:
-            # Ctrl-C: leaving the with-block would otherwise run every queued read first
-            # (the whole file, on a cold disk many seconds).
-            for future in futures:
-                future.cancel()
-            raise
-        for future in pending:
-            future.cancel()
-        # Leaving the with-block waits for reads already running, so no thread writes into a
-        # buffer (or uses a descriptor) after we return or raise.
-        errors = [f.exception() for f in done if f.exception() is not None]
-    if errors:
-        raise errors[0]  # type: ignore[misc]
-    return sum(f.result() for f in futures)
+    # On pooled threads, with nothing a Ctrl-C in the caller's waits can leave locked
+    # (threads.run_all).
+    return sum(pool.run_all([partial(_read_one, *w) for w in work], threads,
+                            "fastsafetensors-read"))

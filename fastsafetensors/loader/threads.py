@@ -1,4 +1,5 @@
-"""Threads kept across loads for the streaming engine.
+"""Threads kept across loads for the streaming engine, and for the reads of the CPU engine and of
+a file handle (:func:`run_all`).
 
 Starting a Python thread waits until the new thread runs, about 60 us here, and a load starts a
 planner and up to 16 readers. A load to a device of a single tensor, which is what
@@ -23,13 +24,16 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..forking import in_child
 from .waiting import Latch
 
-__all__ = ["start", "busy", "started", "track", "untrack", "in_background", "collecting",
-           "IDLE_SECONDS"]
+__all__ = ["start", "run_all", "busy", "started", "track", "untrack", "in_background",
+           "collecting", "IDLE_SECONDS"]
+
+T = TypeVar("T")
 
 #: How long an idle thread waits for another task before it ends.
 IDLE_SECONDS = 10.0
@@ -103,6 +107,50 @@ def start(task: Callable[[], None], name: str) -> Latch:
                 _busy -= 1
         raise
     return done
+
+
+def run_all(calls: Sequence[Callable[[], T]], threads: int, name: str) -> list[T]:
+    """Each of ``calls`` on up to ``threads`` pooled threads (named ``name-0``, ...); their
+    results in order. The first error one raises is raised here, once the calls already
+    running returned (the others are dropped: on a cold disk the rest of a file can take many
+    seconds), so that none runs after this returns or raises.
+
+    ThreadPoolExecutor did this before, but a Ctrl-C in the caller's use of its semaphore or of
+    its futures' conditions could leave their lock held, and the caller then waited for good
+    for its threads as it left. Here the caller and the threads share only queues of single C
+    calls and latches (waiting.py)."""
+    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for i in range(len(calls)):
+        todo.put(i)
+    results: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+    stop = Latch()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((i, calls[i](), None))
+            except BaseException as exc:  # noqa: BLE001 - raised on the caller's thread
+                results.put((i, None, exc))
+
+    out: list[Any] = [None] * len(calls)
+    finished: list[Latch] = []
+    try:
+        for n in range(min(threads, len(calls))):
+            finished.append(start(work, f"{name}-{n}"))
+        for _ in calls:
+            i, value, error = results.get()
+            if error is not None:
+                raise error
+            out[i] = value
+    finally:
+        stop.set()
+        for done in finished:
+            done.wait()
+    return out
 
 
 def track(cancelled: Latch, finished: list[Latch]) -> int:
