@@ -21,6 +21,7 @@ gloo as well as NCCL. See docs/compat.md for what is supported, ignored and miss
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -34,6 +35,7 @@ from .errors import (
     ConfigError,
     HeaderError,
     PeerLoadError,
+    RankMismatchError,
     TensorNotFoundError,
 )
 from .format import DTYPES, Header, TensorInfo, read_header
@@ -152,6 +154,24 @@ class _Group:
         values = flags.tolist()
         return [rank for rank in range(self.size) if values[rank]], values[-2] != -values[-1]
 
+    def calls(self, failed: bool, digest: int, device: str) -> tuple[list[int], list[int]]:
+        """Every rank says whether it could make a call and the digest of the call it makes;
+        all learn which ranks could not and which made another call than this one (one
+        all_reduce, which every rank must reach)."""
+        import torch
+        import torch.distributed as dist
+
+        # Built on the host and moved in one copy: on CUDA an indexed write is a copy each.
+        mine = [0] * (2 * self.size)
+        mine[self.rank], mine[self.size + self.rank] = int(failed), digest
+        flags = torch.tensor(mine, dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.pg)   # one slot per rank
+        values = flags.tolist()
+        failed_ranks = [rank for rank in range(self.size) if values[rank]]
+        other = [rank for rank in range(self.size) if rank not in failed_ranks
+                 and values[self.size + rank] != digest]
+        return failed_ranks, other
+
 
 def layout_digest(tensors: Iterable[tuple[TensorInfo, int]]) -> int:
     """62 bits that differ when the tensors' names, dtypes, shapes, offsets or owning ranks do
@@ -185,6 +205,13 @@ def check_peers(group: _Group, device: str, files_by_rank: Mapping[int, Sequence
                       f"({', '.join(os.path.basename(f) for f in dict.fromkeys(files))}): a "
                       f"shard differs between nodes. Give every node the same copy of the "
                       f"checkpoint")
+
+
+def call_digest(call: tuple[Any, ...]) -> int:
+    """62 bits (positive, so that ranks' digests sum without overflow) that differ when the
+    calls do."""
+    raw = hashlib.blake2b(repr(call).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little") >> 2
 
 
 def _raw(tensor: Any) -> Any:
@@ -534,6 +561,31 @@ class FilesBufferOnDevice:
             raise ClosedFileError(self._label)
         return found[0], self.key_to_rank_lidx[name][0]
 
+    def _agree(self, call: str, check: Callable[[], tuple[_T, tuple[Any, ...]]]) -> _T:
+        """``check()`` validates this rank's call (the name, ``dim``, ``dst_rank``) and returns
+        what the call needs and the call in a normal form. Under several ranks, one all_reduce
+        then tells every rank whether each rank could make the call and made the same one: the
+        collectives that follow pair up only then. Without it, a rank that asked for another
+        tensor of the same owner and size got that tensor's bytes silently; another owner or
+        dim waited until the group's timeout, or gloo aborted the process on a size mismatch.
+        Now a rank whose check failed raises its own error, and every other rank
+        RankMismatchError."""
+        g = self._group
+        try:
+            value, key = check()
+        except Exception:
+            if g.size > 1:
+                # The others wait for this rank's word. A group already destroyed (a buffer
+                # used after the load) must not hide this rank's own error.
+                with contextlib.suppress(Exception):
+                    g.calls(True, 0, self._device)
+            raise
+        if g.size > 1:
+            failed, other = g.calls(False, call_digest(key), self._device)
+            if failed or other:
+                raise RankMismatchError(g.rank, call, other, failed)
+        return value
+
     def _finish(self, tensor: Any, device: Any, dtype: Any) -> Any:
         target = None if device is None else resolve_device(_device_name(device), "pt")
         cast = _torch_dtype(dtype)
@@ -545,6 +597,16 @@ class FilesBufferOnDevice:
     # -- whole tensors --------------------------------------------------------------------
     def get_tensor(self, tensor_name: str, device: Any = None, dtype: Any = None) -> Any:
         """The whole tensor on every rank (broadcast from the rank that read it)."""
+        self._agree(f"get_tensor({tensor_name!r})", lambda: self._whole_call(tensor_name))
+        return self._finish(self._whole(tensor_name), device, dtype)
+
+    def _whole_call(self, tensor_name: str) -> tuple[None, tuple[str, str]]:
+        # get_tensor(name) and get_sharded(name, -1): the same collective, the same call.
+        return None, ("whole", self._info(tensor_name)[0].name)
+
+    def _whole(self, tensor_name: str) -> Any:
+        """get_tensor without the check that every rank asks for it (ParallelLoader, which
+        orders the calls itself)."""
         info, owner = self._info(tensor_name)
         g = self._group
         if g.size == 1 or g.rank == owner:
@@ -553,23 +615,27 @@ class FilesBufferOnDevice:
             tensor = _empty(_native_shape(info), info, self._device)
         if g.size > 1 and info.nbytes:
             g.broadcast(tensor, owner)
-        return self._finish(tensor, device, dtype)
+        return tensor
 
     def push_tensor(self, tensor_name: str, dst_rank: int, device: Any = None,
                     dtype: Any = None) -> Any | None:
         """Send the tensor to ``dst_rank`` only; there it is returned, elsewhere None."""
-        info, owner = self._info(tensor_name)
         g = self._group
-        try:   # numpy ints too
-            dst = None if isinstance(dst_rank, bool) else operator.index(dst_rank)
-        except TypeError:
-            dst = None
-        if dst is None or not 0 <= dst < g.size:
-            # One rank returned the tensor for any dst_rank; several sent it to a rank that
-            # does not exist (torch's error on the owner, None everywhere else).
-            raise ConfigError("dst_rank", dst_rank,
-                              [f"a rank of the process group (0 to {g.size - 1})"])
-        dst_rank = dst
+
+        def check() -> tuple[tuple[TensorInfo, int, int], tuple[Any, ...]]:
+            info, owner = self._info(tensor_name)
+            try:   # numpy ints too
+                dst = None if isinstance(dst_rank, bool) else operator.index(dst_rank)
+            except TypeError:
+                dst = None
+            if dst is None or not 0 <= dst < g.size:
+                # One rank returned the tensor for any dst_rank; several sent it to a rank
+                # that does not exist (torch's error on the owner, None everywhere else).
+                raise ConfigError("dst_rank", dst_rank,
+                                  [f"a rank of the process group (0 to {g.size - 1})"])
+            return (info, owner, dst), ("push", info.name, dst)
+
+        info, owner, dst_rank = self._agree(f"push_tensor({tensor_name!r}, {dst_rank!r})", check)
         if g.size == 1:
             return self._finish(self._tensors[tensor_name], device, dtype)
         if g.rank not in (owner, dst_rank):
@@ -590,13 +656,19 @@ class FilesBufferOnDevice:
                     dtype: Any = None) -> Any:
         """This rank's block of ``dim`` (``dim=-1``: the whole tensor, like get_tensor)."""
         if dim == -1:
-            return self.get_tensor(tensor_name, device, dtype)
-        return self._finish(self._shard(tensor_name, dim), device, dtype)
+            self._agree(f"get_sharded({tensor_name!r}, -1)", lambda: self._whole_call(tensor_name))
+            return self._finish(self._whole(tensor_name), device, dtype)
+        axis = self._agree(f"get_sharded({tensor_name!r}, {dim!r})",
+                           lambda: self._shard_call(tensor_name, dim))
+        return self._finish(self._shard(tensor_name, axis), device, dtype)
 
-    def _shard(self, name: str, dim: int) -> Any:
-        info, owner = self._info(name)
-        g = self._group
-        shape = _native_shape(info)
+    def _shard_call(self, name: str, dim: Any) -> tuple[int, tuple[str, str, int]]:
+        axis = self._axis(name, dim)
+        return axis, ("shard", name, axis)
+
+    def _axis(self, name: str, dim: Any) -> int:
+        """``dim`` of tensor ``name`` counted from 0 (a negative ``dim`` counts from the end)."""
+        shape = _native_shape(self._info(name)[0])
         valid = range(-len(shape), len(shape))
         try:   # numpy ints too; dim="1" failed on "<", dim=1.0 as a tuple index (TypeErrors)
             number = None if isinstance(dim, bool) else operator.index(dim)
@@ -604,7 +676,12 @@ class FilesBufferOnDevice:
             number = None
         if number is None or number not in valid:
             raise ConfigError("dim", dim, [str(d) for d in valid])
-        axis = number + len(shape) if number < 0 else number
+        return number + len(shape) if number < 0 else number
+
+    def _shard(self, name: str, axis: int) -> Any:
+        info, owner = self._info(name)
+        g = self._group
+        shape = _native_shape(info)
         block = math.ceil(shape[axis] / g.size)
         spans = [(min(r * block, shape[axis]), min((r + 1) * block, shape[axis]))
                  for r in range(g.size)]
@@ -641,16 +718,25 @@ class FilesBufferOnDevice:
         (ordered by owner rank and file) as upstream does."""
         import torch
 
-        # A string was read letter by letter as names; an empty list failed in torch.cat.
-        names = [] if isinstance(tensor_names, str) else list(tensor_names)
-        if not names:
-            raise ConfigError("tensor_names", tensor_names,
-                              ["a non-empty list of tensor names, such as ['q_proj.weight']"])
-        groups: dict[tuple[int, int], list[str]] = {}
-        for name in names:
-            self._info(name)
-            groups.setdefault(self.key_to_rank_lidx[name], []).append(name)
-        parts = [self._shard(name, dim) for key in sorted(groups) for name in groups[key]]
+        def check() -> tuple[list[tuple[str, int]], tuple[Any, ...]]:
+            # A string was read letter by letter as names; an empty list failed in torch.cat.
+            names = [] if isinstance(tensor_names, str) else list(tensor_names)
+            if not names:
+                raise ConfigError("tensor_names", tensor_names,
+                                  ["a non-empty list of tensor names, such as ['q_proj.weight']"])
+            groups: dict[tuple[int, int], list[tuple[str, int]]] = {}
+            for name in names:
+                axis = self._axis(name, dim)
+                groups.setdefault(self.key_to_rank_lidx[name], []).append((name, axis))
+            # Upstream's order: by owning rank and file, then the order given. The order
+            # decides which block lands where: the ranks must agree on it too.
+            ordered = [part for key in sorted(groups) for part in groups[key]]
+            return ordered, ("multi", tuple(ordered))
+
+        names = list(tensor_names) if isinstance(tensor_names, (list, tuple)) else tensor_names
+        ordered = self._agree(f"get_multi_cols({names!r:.200}, {dim!r})", check)
+        names = [name for name, _ in ordered]
+        parts = [self._shard(name, axis) for name, axis in ordered]
         if len({p.dtype for p in parts}) == 1:
             # As bytes: torch.cat has no kernel for some dtypes (float4)
             joined = torch.cat([_as_bytes(p) for p in parts], dim=dim).view(parts[0].dtype)

@@ -28,6 +28,8 @@ It is itself a ``safetensors.SafetensorError``, so code written for safetensors'
     │                                           device_memory_budget (upstream's name)
     ├── PeerLoadError(RuntimeError)             another rank failed to read its files, so this
     │                                           one stops instead of waiting in a collective
+    ├── RankMismatchError(RuntimeError)         the ranks called a compat buffer with different
+    │                                           arguments (another tensor, dim or rank)
     ├── ForkedLoadError(RuntimeError)           a load went on in a forked child, where its
     │                                           threads are not
     └── IncompatibleVersionError(ImportError)   an integration's library is outside its range
@@ -65,6 +67,7 @@ __all__ = [
     "CudaError",
     "BudgetInfeasibleError",
     "PeerLoadError",
+    "RankMismatchError",
     "ForkedLoadError",
     "IncompatibleVersionError",
 ]
@@ -373,6 +376,38 @@ class PeerLoadError(FastSafetensorsError, RuntimeError):
                         f"to read their files ({names}); this rank stops instead of waiting for "
                         f"their tensors. The cause is in the error and log of those ranks; fix "
                         f"it there and load again")
+        super().__init__(self.message)
+
+
+class RankMismatchError(FastSafetensorsError, RuntimeError):
+    """Raised on every rank of a process group whose ranks called a compat buffer's method
+    (``get_tensor``, ``get_sharded``, ``push_tensor``, ``get_multi_cols``) with different
+    arguments, or where another rank could not make the call (its own error says why). The
+    collectives that would follow do not pair up: a rank would receive another tensor's bytes,
+    wait until the group's timeout, or be aborted by gloo."""
+
+    _fields = ("rank", "call", "differ", "failed")
+
+    def __init__(self, rank: int, call: str, differ: Iterable[int] = (),
+                 failed: Iterable[int] = ()):
+        self.rank = rank
+        self.call = call
+        self.differ = tuple(differ)
+        self.failed = tuple(failed)
+
+        def ranks(numbers: tuple[int, ...]) -> str:
+            return f"rank{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+
+        others = []
+        if self.differ:
+            others.append(f"{ranks(self.differ)} called it with other arguments")
+        if self.failed:
+            others.append(f"{ranks(self.failed)} could not make the call (the error there says "
+                          f"why)")
+        differs = " and ".join(others) or "not every rank did"
+        self.message = (f"rank {rank} called {call}, but {differs}; every rank must call the "
+                        f"buffer's methods with the same arguments in the same order (they run "
+                        f"collectives), so every rank stops here")
         super().__init__(self.message)
 
 

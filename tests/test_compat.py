@@ -28,6 +28,7 @@ from fastsafetensors import (
     ClosedFileError,
     ConfigError,
     HeaderError,
+    RankMismatchError,
     SafeTensorsFileLoader,
     SingleGroup,
     TensorNotFoundError,
@@ -1218,3 +1219,66 @@ def test_push_tensor_to_a_rank_outside_the_group(tmp_path: Path) -> None:
             fb.push_tensor("w", dst)
     assert fb.push_tensor("w", 0).tolist() == [0.0, 1.0, 2.0]
     loader.close()
+
+
+def _mismatched_calls_rank_main(rank: int, store: str, files: list[str]) -> None:
+    """The ranks call the buffer with different arguments: every rank raises at once, and the
+    group is still in step afterwards. Before, rank 1 asking for another tensor of rank 0's
+    file of the same size got rank 0's tensor's bytes silently, another owner or dim waited
+    until the group's timeout, and another dim of an uneven tensor made gloo abort rank 1's
+    process (a size mismatch)."""
+    import torch.distributed as dist
+
+    # Short: a regression fails with gloo's timeout error instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    try:
+        want = expected(files)
+        loader = SafeTensorsFileLoader(dist.group.WORLD, "cpu", nogds=True)
+        loader.add_filenames({0: [files[0]], 1: [files[1]]})
+        fb = loader.copy_files_to_device()
+        mismatched = [
+            lambda: fb.get_tensor(["a", "a2"][rank]),            # one owner, one size
+            lambda: fb.get_tensor(["a", "b"][rank]),             # two owners
+            lambda: fb.get_sharded("a", [0, 1][rank]),
+            lambda: fb.get_sharded(["a", "a2"][rank], 0),
+            lambda: fb.get_sharded("odd", [0, 1][rank]),         # 5 x 3: uneven blocks
+            lambda: fb.get_sharded("a", 0) if rank else fb.get_tensor("a"),
+            lambda: fb.push_tensor("a", [0, 1][rank]),
+            lambda: fb.get_multi_cols([["a", "b"], ["a"]][rank], 0),
+            lambda: fb.get_multi_cols([["a", "a2"], ["a2", "a"]][rank], 0),   # another order
+        ]
+        for call in mismatched:
+            with pytest.raises(RankMismatchError, match=f"rank {rank} called .*rank {1 - rank}"):
+                call()
+            # still in step: the next call pairs up
+            assert_bitwise_equal(fb.get_tensor("b"), want["b"])
+        # A call that one rank cannot make (an unknown name, a dim the tensor lacks): that rank
+        # raises its own error, the other does not wait for it.
+        with pytest.raises(TensorNotFoundError if rank == 0 else RankMismatchError) as info:
+            fb.get_tensor(["nope", "a"][rank])
+        del info   # its traceback holds the process group: see _failing_rank_main
+        with pytest.raises(ConfigError if rank == 1 else RankMismatchError):
+            fb.get_sharded("a", [0, 2][rank])
+        # The same call written two ways is the same call.
+        got = fb.get_sharded("a", -1) if rank else fb.get_tensor("a")
+        assert_bitwise_equal(got, want["a"])
+        assert_bitwise_equal(fb.get_sharded("a", [-2, 0][rank]), want["a"].narrow(0, 2 * rank, 2))
+        fb.close()
+        fb.close()
+        with pytest.raises(ClosedFileError):   # on both ranks
+            fb.get_tensor("a")
+        loader.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_call_the_buffer_differently_all_raise(tmp_path: Path) -> None:
+    a = write_file(tmp_path / "a.safetensors", {"a": torch.arange(12.0).reshape(4, 3),
+                                                "a2": torch.ones(4, 3),
+                                                "odd": torch.arange(15.0).reshape(5, 3)})
+    b = write_file(tmp_path / "b.safetensors", {"b": torch.arange(12.0).reshape(4, 3) + 100})
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_mismatched_calls_rank_main, args=(store, [str(a), str(b)]),
+                                nprocs=2, join=True)

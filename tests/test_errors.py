@@ -33,6 +33,7 @@ from fastsafetensors import (
     NoGPUError,
     NotAFileError,
     PeerLoadError,
+    RankMismatchError,
     ReadError,
     TensorNotFoundError,
     UnsupportedDTypeError,
@@ -75,6 +76,7 @@ def _examples() -> list[FastSafetensorsError]:
         BudgetInfeasibleError("device_memory_budget=1 MiB is too small", 1 << 20, 3 << 20),
         BudgetInfeasibleError("raised by vLLM with a message alone"),
         PeerLoadError([1, 3], ["/ckpt/b.safetensors", "/ckpt/d.safetensors"]),
+        RankMismatchError(1, "get_tensor('w')", [0], [2]),
     ]
 
 
