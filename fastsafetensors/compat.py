@@ -137,39 +137,29 @@ class _Group:
         agreed = int(mine.item())
         return None if agreed == no_bound else agreed
 
-    def failed_ranks(self, failed: bool, device: str, digest: int = 0
-                     ) -> tuple[list[int], bool]:
-        """Every rank says whether it failed, and the digest of the headers it read; all learn
-        which ranks failed and whether the digests differ (one all_reduce, on the device: NCCL
-        moves device memory only)."""
+    def exchange(self, failed: bool, digest: int, device: str
+                 ) -> tuple[list[int], dict[int, int]]:
+        """Every rank says whether it failed and the digest of what it did (the headers it read,
+        or the buffer call it makes); all learn which ranks failed, and the digest of each rank
+        whose digest differs from this rank's (one all_reduce, which every rank must reach, on
+        the device: NCCL moves device memory only). The load checks and the buffer calls send
+        this same tensor, so ranks a step apart (one taking a tensor, another already checking
+        its next load) pair up and raise: tensors of different sizes made gloo abort them."""
         if self.pg is None:
-            return [], False
+            return [], {}
         import torch
         import torch.distributed as dist
 
-        flags = torch.zeros(self.size + 2, dtype=torch.int64, device=device)
-        flags[self.rank] = int(failed)
-        flags[self.size:] = torch.tensor([digest, -digest])   # MAX: the largest, -the smallest
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.pg)
-        values = flags.tolist()
-        return [rank for rank in range(self.size) if values[rank]], values[-2] != -values[-1]
-
-    def calls(self, failed: bool, digest: int, device: str) -> tuple[list[int], list[int]]:
-        """Every rank says whether it could make a call and the digest of the call it makes;
-        all learn which ranks could not and which made another call than this one (one
-        all_reduce, which every rank must reach)."""
-        import torch
-        import torch.distributed as dist
-
-        # Built on the host and moved in one copy: on CUDA an indexed write is a copy each.
+        # One slot per rank, summed. Built on the host and moved in one copy: on CUDA an
+        # indexed write is a copy each.
         mine = [0] * (2 * self.size)
         mine[self.rank], mine[self.size + self.rank] = int(failed), digest
         flags = torch.tensor(mine, dtype=torch.int64, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.pg)   # one slot per rank
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.pg)
         values = flags.tolist()
         failed_ranks = [rank for rank in range(self.size) if values[rank]]
-        other = [rank for rank in range(self.size) if rank not in failed_ranks
-                 and values[self.size + rank] != digest]
+        other = {rank: values[self.size + rank] for rank in range(self.size)
+                 if rank not in failed_ranks and values[self.size + rank] != digest}
         return failed_ranks, other
 
 
@@ -179,7 +169,7 @@ def layout_digest(tensors: Iterable[tuple[TensorInfo, int]]) -> int:
     layout = sorted((i.name, i.dtype, tuple(i.shape), tuple(i.data_offsets), owner)
                     for i, owner in tensors)
     raw = hashlib.blake2b(repr(layout).encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "little") >> 2
+    return (int.from_bytes(raw, "little") >> 2) & ~1   # even: a load step (call_digest: odd)
 
 
 def check_peers(group: _Group, device: str, files_by_rank: Mapping[int, Sequence[str]], *,
@@ -191,14 +181,18 @@ def check_peers(group: _Group, device: str, files_by_rank: Mapping[int, Sequence
     tensors that never come, until the group's timeout. Where none failed but their headers
     differ (a shard whose copy differs between nodes), every rank raises HeaderError: a rank
     would size what it receives from its own copy, and get part of a tensor, or wait."""
-    ranks, differ = group.failed_ranks(failed, device, digest)
-    if failed or not (ranks or differ):
+    ranks, other = group.exchange(failed, digest, device)
+    if failed or not (ranks or other):
         return
     if fb is not None:
         fb.close()
     if ranks:
         raise PeerLoadError(ranks,
                             [path for rank in ranks for path in files_by_rank.get(rank, ())])
+    ahead = sorted(rank for rank, theirs in other.items() if theirs & 1)
+    if ahead:   # they are taking tensors from a buffer: not a header that differs
+        raise RankMismatchError(group.rank, "a load step (add_filenames, copy_files_to_device "
+                                "or a ParallelLoader batch)", ahead)
     files = [path for paths in files_by_rank.values() for path in paths]
     raise HeaderError(files[0] if files else None,
                       f"the ranks read different headers for the same files "
@@ -209,9 +203,9 @@ def check_peers(group: _Group, device: str, files_by_rank: Mapping[int, Sequence
 
 def call_digest(call: tuple[Any, ...]) -> int:
     """62 bits (positive, so that ranks' digests sum without overflow) that differ when the
-    calls do."""
+    buffer calls do; odd, so that a rank checking a load step can tell it from a layout."""
     raw = hashlib.blake2b(repr(call).encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "little") >> 2
+    return (int.from_bytes(raw, "little") >> 2) | 1
 
 
 def _raw(tensor: Any) -> Any:
@@ -578,12 +572,12 @@ class FilesBufferOnDevice:
                 # The others wait for this rank's word. A group already destroyed (a buffer
                 # used after the load) must not hide this rank's own error.
                 with contextlib.suppress(Exception):
-                    g.calls(True, 0, self._device)
+                    g.exchange(True, 0, self._device)
             raise
         if g.size > 1:
-            failed, other = g.calls(False, call_digest(key), self._device)
+            failed, other = g.exchange(False, call_digest(key), self._device)
             if failed or other:
-                raise RankMismatchError(g.rank, call, other, failed)
+                raise RankMismatchError(g.rank, call, sorted(other), failed)
         return value
 
     def _finish(self, tensor: Any, device: Any, dtype: Any) -> Any:

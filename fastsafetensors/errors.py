@@ -400,7 +400,7 @@ class RankMismatchError(FastSafetensorsError, RuntimeError):
 
         others = []
         if self.differ:
-            others.append(f"{ranks(self.differ)} called it with other arguments")
+            others.append(f"{ranks(self.differ)} made another call")
         if self.failed:
             others.append(f"{ranks(self.failed)} could not make the call (the error there says "
                           f"why)")

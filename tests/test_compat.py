@@ -1282,3 +1282,42 @@ def test_ranks_that_call_the_buffer_differently_all_raise(tmp_path: Path) -> Non
     store = f"file://{tmp_path / 'store'}"
     torch.multiprocessing.spawn(_mismatched_calls_rank_main, args=(store, [str(a), str(b)]),
                                 nprocs=2, join=True)
+
+
+def _steps_apart_rank_main(rank: int, store: str, files: list[str]) -> None:
+    """Three ranks, rank 2 a step ahead: it goes on to the next loader while ranks 0 and 1
+    still take a tensor. Every rank raises; before, the check that every rank could read its
+    files and the check of a buffer call sent tensors of different sizes (5 and 6 int64), and
+    gloo aborted the processes."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=3,
+                            timeout=timedelta(seconds=20))
+    try:
+        pg = dist.group.WORLD
+        loader = SafeTensorsFileLoader(pg, "cpu", nogds=True)
+        loader.add_filenames({0: [files[0]], 1: [files[1]]})
+        fb = loader.copy_files_to_device()
+        with pytest.raises(RankMismatchError, match="rank 2"):
+            if rank < 2:
+                fb.get_tensor("a")
+            else:
+                SafeTensorsFileLoader(pg, "cpu", nogds=True).add_filenames({0: [files[1]]})
+        with pytest.raises(RankMismatchError, match="rank 2"):
+            if rank < 2:
+                fb.push_tensor("b", 0)
+            else:
+                fb.close()
+                loader.copy_files_to_device()
+        loader.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_a_step_ahead_stops_every_rank(tmp_path: Path) -> None:
+    a = write_file(tmp_path / "a.safetensors", {"a": torch.arange(12.0).reshape(4, 3)})
+    b = write_file(tmp_path / "b.safetensors", {"b": torch.arange(4.0)})
+    store = f"file://{tmp_path / 'store'}"
+    torch.multiprocessing.spawn(_steps_apart_rank_main, args=(store, [str(a), str(b)]),
+                                nprocs=3, join=True)
