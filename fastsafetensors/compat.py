@@ -719,9 +719,20 @@ class FilesBufferOnDevice:
                 raise ConfigError("tensor_names", tensor_names,
                                   ["a non-empty list of tensor names, such as ['q_proj.weight']"])
             groups: dict[tuple[int, int], list[tuple[str, int]]] = {}
+            others: dict[tuple[int, ...], str] = {}   # each shape without dim: a name of it
             for name in names:
                 axis = self._axis(name, dim)
                 groups.setdefault(self.key_to_rank_lidx[name], []).append((name, axis))
+                shape = _native_shape(self._info(name)[0])
+                others.setdefault((len(shape), *shape[:axis], *shape[axis + 1:]), name)
+            if len(others) > 1:
+                # Checked before any block moves: torch.cat raised a bare RuntimeError on
+                # every rank after the collectives.
+                shapes = ", ".join(f"{name}: {tuple(self.get_shape(name))}"
+                                   for name in others.values())
+                raise ConfigError("tensor_names", names,
+                                  [f"tensors whose shapes differ only along dim {dim} "
+                                   f"({shapes})"])
             # Upstream's order: by owning rank and file, then the order given. The order
             # decides which block lands where: the ranks must agree on it too.
             ordered = [part for key in sorted(groups) for part in groups[key]]

@@ -1182,6 +1182,12 @@ def test_multi_cols_and_as_dict_of_the_wrong_shape(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="^tensor_names=.*a non-empty list of tensor"):
             fb.get_multi_cols(names, 1)
     assert fb.get_multi_cols(["a", "b"], 1).shape == (3, 2)
+    # Shapes that torch.cat cannot join are refused before any block moves between ranks
+    # (torch's RuntimeError came after them, on every rank).
+    for names, dim in ((["w", "a"], 0), (["w", "a"], -2)):
+        with pytest.raises(ConfigError, match=r"differ only along dim .*w: \(3, 4\), a: \(3, 1\)"):
+            fb.get_multi_cols(names, dim)
+    assert fb.get_multi_cols(["w", "a"], -1).shape == (3, 5)
     for given in (["w"], "w"):
         with pytest.raises(TypeError, match="as_dict takes {tensor name: dim}"):
             fb.as_dict(given)   # type: ignore[arg-type]
