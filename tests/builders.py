@@ -313,16 +313,18 @@ def _resumed(frame: Any, starts: dict[Any, int] = {}) -> bool:  # noqa: B006 - a
     return bool(frame.f_lasti > starts[code])
 
 
-def each_ctrl_c(action: Callable[[], Any], counted: Callable[[Any], bool]) -> Iterator[int]:
+def each_ctrl_c(action: Callable[[], Any], counted: Callable[[Any], bool], *, step: int = 1
+                ) -> Iterator[int]:
     """Run ``action`` once for each place where CPython would run a Ctrl-C handler on this
     thread (a Python function starting, a C call returning) in a frame ``counted`` accepts,
     with KeyboardInterrupt raised there; yield the place's number after each run. The last run
-    goes to its end uninterrupted. A generator resumed is not such a place (see _resumed)."""
+    goes to its end uninterrupted. ``step``: only every step-th place (1, 1 + step, ...), for
+    actions with many places. A generator resumed is not such a place (see _resumed)."""
     import sys
 
-    point = 0
+    point = 1 - step
     while True:
-        point += 1
+        point += step
         passed = [0]
 
         def profile(frame: Any, event: str, arg: Any, passed: list[int] = passed,
@@ -345,3 +347,4 @@ def each_ctrl_c(action: Callable[[], Any], counted: Callable[[Any], bool]) -> It
         yield point
         if passed[0] < point:   # ran to its end
             return
+
