@@ -442,11 +442,12 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
     finished: list[Latch] = []
     count = 0
     completed = False   # the caller had every tensor and no thread had failed
-    tracked = pool.track(cancelled, finished)
     # Readers get the GIL back sooner from threads running Python (switching.py). In the try,
     # marked in a list: a Ctrl-C inside shorten() left the interval shortened for good.
     switched: list[bool] = []
     try:
+        # In the try too: a Ctrl-C as track() returned left the load tracked for good.
+        pool.track(cancelled, finished)
         switching.shorten(options.switch_interval, switched)
         # Started inside the try: if a thread cannot start, the cleanup below still stops
         # the ones that did and closes their files.
@@ -521,7 +522,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 # _end untracks the load once its threads are done: a load ended in the
                 # background stays tracked until then, so that interpreter exit waits for its
                 # threads too.
-                end = partial(_end, finished, in_source, files, tracked)
+                end = partial(_end, finished, in_source, files, cancelled)
                 _stop(cancelled, ring, work, options.threads)
                 # Collected at interpreter exit (the pool's daemon threads are frozen then), on
                 # one of this load's own threads, or by the garbage collector anywhere (on a
@@ -542,7 +543,7 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
 
                 def stop_and_end() -> None:
                     _stop(cancelled, ring, work, options.threads)
-                    _end(finished, in_source, files, tracked)
+                    _end(finished, in_source, files, cancelled)
 
                 pool.in_background(stop_and_end)
                 raise
@@ -576,7 +577,7 @@ def _same_process(pid: int, born: int) -> None:
 
 
 def _end(finished: list[Latch], in_source: threading.Event, files: list[_File],
-         tracked: int) -> None:
+         cancelled: Latch) -> None:
     """Wait for a cancelled load's threads (not for a planner blocked in its source, see
     plan()), then close its files and untrack it."""
     for i, done in enumerate(finished):
@@ -585,7 +586,7 @@ def _end(finished: list[Latch], in_source: threading.Event, files: list[_File],
                 break
     for f in list(files):
         _close(f)
-    pool.untrack(tracked)
+    pool.untrack(cancelled)
 
 
 def _stop(cancelled: Latch, ring: Any, work: Handoff[_Chunk], workers: int) -> None:

@@ -153,18 +153,20 @@ def run_all(calls: Sequence[Callable[[], T]], threads: int, name: str) -> list[T
     return out
 
 
-def track(cancelled: Latch, finished: list[Latch]) -> int:
+def track(cancelled: Latch, finished: list[Latch]) -> None:
     """Register a running load: at interpreter exit it is cancelled, and its tasks (``finished``
     lists their events) get a moment to end while they still can."""
     entry = (cancelled, finished)
     with _running_lock:
         _running[id(cancelled)] = entry
-    return id(cancelled)
 
 
-def untrack(key: int) -> None:
+def untrack(cancelled: Latch) -> None:
+    """The load of ``cancelled`` ended (nothing happens if it was not tracked): known by the
+    latch the caller holds from the start, not by what track() returned, which a Ctrl-C as it
+    returned would have lost."""
     with _running_lock:
-        _running.pop(key, None)
+        _running.pop(id(cancelled), None)
 
 
 @atexit.register
