@@ -12,8 +12,9 @@ import ctypes.util
 import mmap
 import os
 import sys
+from typing import Any
 
-__all__ = ["resident_fraction", "resident_map", "map_file", "unmap"]
+__all__ = ["resident_fraction", "resident_map", "map_file", "unmap", "munmap"]
 
 _PAGE = mmap.PAGESIZE
 _libc = None
@@ -28,6 +29,10 @@ if sys.platform.startswith("linux"):
     except (OSError, AttributeError):
         _libc = None
 _MAP_FAILED = ctypes.c_void_p(-1).value
+#: munmap(address, length) itself, for a caller that must not start a Python function between
+#: taking a mapping off its holder and dropping it (where a Ctrl-C could come); None without
+#: libc (then nothing is ever mapped).
+munmap: Any = None if _libc is None else _libc.munmap
 
 
 def resident_map(fd: int, offset: int, length: int, *, mapping: int | None = None

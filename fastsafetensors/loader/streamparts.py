@@ -18,8 +18,8 @@ from typing import Any, Protocol
 from ..forking import renew_lock
 from ..format import Header, TensorInfo, header_of, open_readonly
 from .cpu import IOPolicy
-from .pagecache import map_file, resident_map, unmap
-from .posix import DIRECT_ALIGN, close_fds, open_direct
+from .pagecache import map_file, munmap, resident_map
+from .posix import DIRECT_ALIGN, open_direct
 from .waiting import Latch, Tokens, Wakeups
 
 #: (path, header or None to read it here, tensor names wanted or None for all)
@@ -467,24 +467,36 @@ def _open(path: str, header: Header | None, policy: IOPolicy, names: list[str] |
 
 def _close(f: _File) -> None:
     """Close the file and drop its mapping: only once no copy can read from it any more."""
+    size = f.header.file_size
     with f.lock:
         _shut(f)
+        # As in _shut: taken off the file first (a retry must not unmap an address given to
+        # another mapping since), then unmapped by the C function itself, no Python function
+        # starting in between: a Ctrl-C as unmap() started lost the mapping for good.
         address, f.mapping = f.mapping, None
-    if address is not None:
-        unmap(address, f.header.file_size)
+        if address is not None:
+            munmap(address, size)
 
 
 def _shut(f: _File) -> None:
     """Close the file's descriptors (the caller holds ``f.lock``); idempotent, even when a
     close is interrupted (the fields are cleared first: a retry must not close numbers that
     another file may have been given since)."""
-    fds, gate = (f.fd, f.direct_fd), f.gate
+    fd, direct_fd, gate = f.fd, f.direct_fd, f.gate
     f.fd, f.direct_fd, f.gate = -1, None, None
+    # Closed by os.close itself, with no Python function starting between the fields' clearing
+    # and the closes (CPython runs a Ctrl-C's handler as one starts, or as a C call returns):
+    # a Ctrl-C as close_fds() started lost both descriptors for good.
     try:
-        close_fds(*fds)
+        if fd >= 0:
+            os.close(fd)
     finally:
-        if gate is not None:
-            gate.give()   # the planner may open another file
+        try:
+            if direct_fd is not None and direct_fd >= 0:
+                os.close(direct_fd)
+        finally:
+            if gate is not None:
+                gate.give()   # the planner may open another file
 
 
 def _file_done(f: _File, *, planned: bool = False, chunks: int = 1) -> None:
