@@ -790,11 +790,11 @@ def test_a_thread_that_cannot_start_stops_the_load_cleanly(checkpoint, monkeypat
     real_start = pool.start
     calls = []
 
-    def start(task, name):
+    def start(task, name, finished=None):
         calls.append(name)
         if len(calls) == 3:
             raise RuntimeError("can't start new thread")
-        return real_start(task, name)
+        return real_start(task, name, finished)
 
     monkeypatch.setattr(pool, "start", start)
     before = _fd_count()

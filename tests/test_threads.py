@@ -281,3 +281,42 @@ def test_a_ctrl_c_as_a_thread_starts_leaves_it_counted_right(
         if passed[0] < point:   # ran to its end
             break
     assert point > 5
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_ctrl_c_in_start_leaves_every_task_that_runs_known(idle: bool,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    # A Ctrl-C as start() returned, its task handed to an idle thread, lost the task's event:
+    # a load's cleanup then did not wait for that thread. With `finished` the event is the
+    # caller's before the task is handed over, and set at once if the task never runs.
+    from builders import each_ctrl_c
+
+    if not idle:
+        monkeypatch.setattr(pool, "IDLE_SECONDS", 0.01)   # no idle thread left between tries
+    # As above: in threading.py only Thread.start and the start of the wait for the thread.
+    counted = (pool.start.__code__, threading.Thread.start.__code__)
+    ran: list[threading.Event] = []
+    finished: list[threading.Event] = []
+
+    def start_one() -> None:
+        finished.clear()
+        ran.clear()
+        deadline = time.monotonic() + 20
+        while (pool._idle > 0) != idle and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert (pool._idle > 0) == idle
+        pool.start(lambda: ran.append(finished[0]), "fastsafetensors-test", finished)
+
+    if idle:
+        _run_all(1, lambda: None)   # a thread to hand the tasks to, idle after each
+    for point in each_ctrl_c(start_one, lambda frame: frame.f_code in counted or (
+            frame.f_code is threading.Event.wait.__code__ and frame.f_lasti <= 0)):
+        assert len(finished) <= 1, point
+        assert all(event.wait(5) for event in finished), (point, "an event never set")
+        assert not ran or ran == finished, (point, "a task ran that the caller cannot wait for")
+        deadline = time.monotonic() + 5
+        while pool.busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.busy() == 0, point
+    assert point > 3

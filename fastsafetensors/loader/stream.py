@@ -450,12 +450,15 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
         pool.track(cancelled, finished)
         switching.shorten(options.switch_interval, switched)
         # Started inside the try: if a thread cannot start, the cleanup below still stops
-        # the ones that did and closes their files.
-        finished.append(pool.start(plan, "fastsafetensors-plan"))
+        # the ones that did and closes their files. Each one's event goes to `finished` before
+        # its task is handed over: the cleanup waits for every thread that may run, also after
+        # a Ctrl-C as start() returned (a planner not waited for could open a file once the
+        # cleanup had closed the load's files).
+        pool.start(plan, "fastsafetensors-plan", finished)
         if ring is not None:
-            finished.append(pool.start(report, "fastsafetensors-ring"))
+            pool.start(report, "fastsafetensors-ring", finished)
         for i in range(0 if ring is not None else options.threads):
-            finished.append(pool.start(partial(worker, i), f"fastsafetensors-io-{i}"))
+            pool.start(partial(worker, i), f"fastsafetensors-io-{i}", finished)
         clock = time.perf_counter
         while True:
             _same_process(pid, born)

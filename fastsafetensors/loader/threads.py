@@ -59,12 +59,14 @@ _busy = 0        # threads running a task
 _started = 0
 
 
-def start(task: Callable[[], None], name: str) -> Latch:
+def start(task: Callable[[], None], name: str, finished: list[Latch] | None = None) -> Latch:
     """Run ``task`` on a pooled thread (renamed ``name`` while it runs); the latch is set when
     it returned (a latch, not an Event: a Ctrl-C in the caller's wait for it cannot leave a
     lock held that this thread then waits for in set()). The engine's tasks report their
     errors themselves; anything else a task raises is logged, so that the thread stays in the
-    pool."""
+    pool. ``finished``: the latch is appended to it before the task is handed over, so that a
+    caller interrupted (a Ctrl-C) as this returns still has the latch of every task that may
+    run; one given up is set at once."""
     global _idle, _busy, _started
     done = Latch()
 
@@ -82,17 +84,21 @@ def start(task: Callable[[], None], name: str) -> Latch:
                 _idle += 1   # before done: whoever waits for it may hand this thread more
             done.set()
 
-    with _lock:
-        if _idle:
-            _busy += 1
-            _idle -= 1
-            _tasks.put(run)   # under the lock: a thread timing out sees it (see _serve)
-            return done
-    # Taken out by the new thread, or by the cleanup below if it never did: a Ctrl-C (raised as
-    # a call returns, as the lock is let go too) can come before or after the thread started.
+    # A new thread takes the task out of the box, or the cleanup below does if it never did: a
+    # Ctrl-C (raised as a call returns, as the lock is let go too) can come before or after
+    # the thread started. One handed to an idle thread runs whatever comes after.
     box = [run]
-    counted = False
+    handed = counted = False
     try:
+        if finished is not None:
+            finished.append(done)
+        with _lock:
+            if _idle:
+                _busy += 1
+                _idle -= 1
+                handed = True   # no call before the put: set, the put has been made
+                _tasks.put(run)   # under the lock: a thread timing out sees it (see _serve)
+                return done
         with _lock:
             _busy += 1
             counted = True
@@ -101,10 +107,13 @@ def start(task: Callable[[], None], name: str) -> Latch:
         threading.Thread(target=_serve, args=(box,), name=f"{IDLE_NAME}-{number}",
                          daemon=True).start()
     except BaseException:
-        with _lock:   # no thread will run it: not busy (the caller gets the error)
-            if counted and box:
+        with _lock:
+            runs = handed or (counted and not box)
+            if counted and box:   # no thread will run it: not busy (the caller gets the error)
                 box.clear()
                 _busy -= 1
+        if not runs:
+            done.set()   # nothing to wait for
         raise
     return done
 
@@ -140,7 +149,7 @@ def run_all(calls: Sequence[Callable[[], T]], threads: int, name: str) -> list[T
     finished: list[Latch] = []
     try:
         for n in range(min(threads, len(calls))):
-            finished.append(start(work, f"{name}-{n}"))
+            start(work, f"{name}-{n}", finished)
         for _ in calls:
             i, value, error = results.get()
             if error is not None:
