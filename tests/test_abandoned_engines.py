@@ -361,6 +361,25 @@ def test_a_ctrl_c_as_an_abandoned_stream_closes_leaves_nothing(engines, checkpoi
     assert point > 5
 
 
+def _interrupt_the_close(device: Any, checkpoint: Any, before: Any, mode: str,
+                         codes: set[Any]) -> int:
+    """A Ctrl-C at each place in ``codes`` while a stream that yielded one tensor is closed,
+    with ``before``'s checks after each; the number of places."""
+    closing = [False]
+
+    def close_one() -> None:
+        closing[0] = False
+        stream = device.stream(checkpoint)
+        next(stream)
+        closing[0] = True
+        stream.close()
+
+    for point in each_ctrl_c(close_one, lambda frame: closing[0] and frame.f_code in codes):
+        closing[0] = False
+        before.check((mode, point))
+    return point
+
+
 @pytest.mark.parametrize("mode", ["native", "ring"])
 def test_a_ctrl_c_as_a_stopped_stream_asks_how_to_end_still_closes_its_files(
         engines, checkpoint, monkeypatch, mode):
@@ -374,19 +393,7 @@ def test_a_ctrl_c_as_a_stopped_stream_asks_how_to_end_still_closes_its_files(
     before = Before(device)
     engines.set("copy_ms", 20)   # slow copies: chunks still queued or unreported at the close
     codes = {stream_module.stream_tensors.__code__, pool.collecting.__code__}
-    closing = [False]
-
-    def close_one() -> None:
-        closing[0] = False
-        stream = device.stream(checkpoint)
-        next(stream)
-        closing[0] = True
-        stream.close()
-
-    for point in each_ctrl_c(close_one, lambda frame: closing[0] and frame.f_code in codes):
-        closing[0] = False
-        before.check((mode, point))
-    assert point > 3
+    assert _interrupt_the_close(device, checkpoint, before, mode, codes) > 3
 
 
 @pytest.mark.parametrize("mode", ["native", "ring"])
@@ -417,19 +424,7 @@ def test_a_ctrl_c_as_a_stopped_streams_files_close_leaves_none_open(engines, che
     engines.set("copy_ms", 20)   # slow copies: files still open at the close
     codes = {streamparts._close.__code__, streamparts._shut.__code__,
              posix.close_fds.__code__, pagecache.unmap.__code__}
-    closing = [False]
-
-    def close_one() -> None:
-        closing[0] = False
-        stream = device.stream(checkpoint)
-        next(stream)
-        closing[0] = True
-        stream.close()
-
-    for point in each_ctrl_c(close_one, lambda frame: closing[0] and frame.f_code in codes):
-        closing[0] = False
-        before.check((mode, point))
-    assert point > 5
+    assert _interrupt_the_close(device, checkpoint, before, mode, codes) > 5
 
 
 @pytest.mark.parametrize("mode", ["native", "ring"])
