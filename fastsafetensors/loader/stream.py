@@ -308,8 +308,8 @@ def stream_tensors(sources: Iterable[Source], sink: Sink, options: StreamOptions
                 try:
                     chunk = work.get(timeout=WORKER_POLL)
                 except queue.Empty:
-                    # The consumer may have drained the queue (stop markers included) when it
-                    # cancelled, so an idle worker must notice cancellation by itself.
+                    # An idle worker notices cancellation by itself too: the stop markers
+                    # come after the chunks already handed over, which other workers may hold.
                     spent["reader: wait for a chunk"] += clock() - t0
                     if cancelled.is_set():
                         return
