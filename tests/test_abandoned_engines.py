@@ -417,13 +417,13 @@ def test_a_ctrl_c_as_a_stopped_streams_files_close_leaves_none_open(engines, che
     # (a retry must not close numbers, or unmap addresses, given to another file since). They
     # were then closed by close_fds() and unmap(): a Ctrl-C as either function started lost
     # them for good, the retry finding nothing to close.
-    from fastsafetensors.loader import pagecache, posix, streamparts
+    from fastsafetensors.loader import posix, streamparts
 
     device = Device(mode, monkeypatch, engines)
     before = Before(device)
     engines.set("copy_ms", 20)   # slow copies: files still open at the close
     codes = {streamparts._close.__code__, streamparts._shut.__code__,
-             posix.close_fds.__code__, pagecache.unmap.__code__}
+             posix.close_fds.__code__}
     assert _interrupt_the_close(device, checkpoint, before, mode, codes) > 5
 
 

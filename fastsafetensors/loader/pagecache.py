@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["resident_fraction", "resident_map", "map_file", "unmap", "munmap"]
+__all__ = ["resident_fraction", "resident_map", "map_file", "munmap"]
 
 _PAGE = mmap.PAGESIZE
 _libc = None
@@ -78,13 +78,10 @@ def resident_fraction(fd: int, offset: int = 0, length: int | None = None) -> fl
 
 def map_file(fd: int, length: int) -> int | None:
     """The address of a read-only shared mapping of the file's first ``length`` bytes, or None
-    where it cannot be made. Mapping faults nothing in; the caller unmaps it (:func:`unmap`)."""
+    where it cannot be made. Mapping faults nothing in; the caller unmaps it (:data:`munmap`)."""
     if _libc is None or length <= 0:
         return None
     addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
     return None if addr in (None, _MAP_FAILED) else int(addr)
 
 
-def unmap(address: int, length: int) -> None:
-    if _libc is not None:
-        _libc.munmap(ctypes.c_void_p(address), length)
